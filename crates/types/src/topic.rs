@@ -98,6 +98,15 @@ impl TopicName {
         Ok(TopicName(Arc::from(s)))
     }
 
+    /// Validates a shared string as a topic name without copying it.
+    pub fn from_arc(s: Arc<str>, limits: &TopicLimits) -> Result<TopicName, TopicError> {
+        limits.check_common(&s)?;
+        if s.bytes().any(|b| b == b'+' || b == b'#') {
+            return Err(TopicError::WildcardInName);
+        }
+        Ok(TopicName(s))
+    }
+
     /// Validates with the default limits.
     pub fn parse(s: &str) -> Result<TopicName, TopicError> {
         Self::new(s, &TopicLimits::default())
@@ -105,6 +114,11 @@ impl TopicName {
 
     /// The topic as a string.
     pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The shared string (cloning it is a reference-count increment).
+    pub fn as_arc(&self) -> &Arc<str> {
         &self.0
     }
 

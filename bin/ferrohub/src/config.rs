@@ -1,0 +1,202 @@
+//! The hub's configuration: `ferrohub.toml`, overridden by `FERROHUB_*` environment variables,
+//! overridden by command-line flags. Every key is documented in `docs/configuration.md`, and
+//! `ferrohub config` prints the effective configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use ferrohub_adapters::mqtt::MqttConfig;
+use serde::{Deserialize, Serialize};
+
+/// Everything `ferrohub serve` reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HubConfig {
+    /// Where durable state lives.
+    pub data_dir: PathBuf,
+    /// Development mode: any client may connect without credentials.
+    pub allow_anonymous: bool,
+    /// Listener addresses.
+    pub listeners: Listeners,
+    /// TLS certificate and key (enables the `mqtts` listener).
+    pub tls: TlsConfig,
+    /// MQTT limits and behaviour.
+    pub mqtt: MqttConfig,
+    /// Durable storage.
+    pub storage: StorageConfig,
+    /// Username/password list checked when anonymous access is off (until the registry lands).
+    pub users: Vec<UserEntry>,
+    /// Logging.
+    pub log: LogConfig,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            data_dir: PathBuf::from("./data"),
+            allow_anonymous: false,
+            listeners: Listeners::default(),
+            tls: TlsConfig::default(),
+            mqtt: MqttConfig::default(),
+            storage: StorageConfig::default(),
+            users: Vec::new(),
+            log: LogConfig::default(),
+        }
+    }
+}
+
+/// Listener addresses; an empty string disables a listener.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Listeners {
+    /// MQTT over TCP.
+    pub mqtt: String,
+    /// MQTT over TLS (only when `tls.cert_file` and `tls.key_file` are set).
+    pub mqtts: String,
+    /// MQTT over WebSocket (`ws://host:port/mqtt`).
+    pub ws: String,
+    /// HTTP: health, readiness, metrics (and the API later).
+    pub http: String,
+}
+
+impl Default for Listeners {
+    fn default() -> Self {
+        Listeners {
+            mqtt: "0.0.0.0:1883".into(),
+            mqtts: "0.0.0.0:8883".into(),
+            ws: "0.0.0.0:8083".into(),
+            http: "0.0.0.0:8080".into(),
+        }
+    }
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key.
+    pub key_file: Option<PathBuf>,
+    /// PEM bundle of CAs whose client certificates are accepted (mTLS).
+    pub client_ca_file: Option<PathBuf>,
+    /// Refuse TLS clients without a valid certificate (needs `client_ca_file`).
+    pub require_client_cert: bool,
+}
+
+/// Storage settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Persist sessions, queued QoS 1/2 messages and retained messages in `data_dir`.
+    pub persistence: bool,
+    /// `always`: fdatasync every group commit before acknowledging (survives power loss);
+    /// `never`: acknowledge once written to the OS (survives a hub crash, not a power loss).
+    pub fsync: FsyncMode,
+    /// Compact the broker log once it exceeds this many bytes.
+    pub compact_after_bytes: u64,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            persistence: true,
+            fsync: FsyncMode::Always,
+            compact_after_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// fsync policy names.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncMode {
+    /// fdatasync each group commit.
+    Always,
+    /// Leave flushing to the OS.
+    Never,
+}
+
+/// A username and its password.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    /// User name.
+    pub username: String,
+    /// Password.
+    pub password: String,
+}
+
+/// Logging settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `ferrohub_adapters=debug,info` (`RUST_LOG` wins).
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+/// Log output formats.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl HubConfig {
+    /// Loads defaults < file < `FERROHUB_*` environment. A missing file is an error only when it
+    /// was named explicitly.
+    pub fn load(path: Option<&Path>) -> Result<HubConfig> {
+        let defaults = config::Config::try_from(&HubConfig::default())
+            .context("internal error: default configuration does not serialise")?;
+        let mut builder = config::Config::builder().add_source(defaults);
+        match path {
+            Some(p) => {
+                anyhow::ensure!(p.exists(), "config file {} does not exist", p.display());
+                builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+            }
+            None => {
+                builder = builder.add_source(
+                    config::File::with_name("ferrohub.toml")
+                        .format(config::FileFormat::Toml)
+                        .required(false),
+                );
+            }
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix("FERROHUB")
+                .prefix_separator("_")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let merged = builder.build().context("reading configuration")?;
+        merged.try_deserialize().context(
+            "invalid configuration (check key names and types against docs/configuration.md; \
+             environment variables are FERROHUB_<SECTION>__<KEY>, e.g. FERROHUB_MQTT__MAX_PACKET_SIZE)",
+        )
+    }
+
+    /// Parses a listener address, where empty means disabled.
+    pub fn addr(what: &str, s: &str) -> Result<Option<SocketAddr>> {
+        if s.trim().is_empty() {
+            return Ok(None);
+        }
+        s.parse()
+            .map(Some)
+            .with_context(|| format!("listener {what} = {s:?} is not an address like 0.0.0.0:1883"))
+    }
+}

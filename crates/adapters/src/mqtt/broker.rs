@@ -1,0 +1,632 @@
+//! The broker core: the session registry, the publish path and session lifecycle (attach,
+//! detach, takeover, expiry, wills, shared-subscription redispatch).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use ferrohub_router::{Match, Router, Subscriber, SubscriberId, Subscription, TenantRouter};
+use ferrohub_store::{
+    BrokerStore, Commit, QueuedFor, RecoveredState, SessionRecord, StoreOp, SubscriptionRecord,
+};
+use ferrohub_types::{Message, QoS, TenantId, TopicFilter, TopicName, parse_shared};
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+use tokio::sync::{Semaphore, oneshot};
+
+use super::auth::AuthConfig;
+use super::config::MqttConfig;
+use super::metrics::{BrokerMetrics, DropReason};
+use super::session::{Attachment, Inflight, InflightState, Kick, Outgoing, PushOutcome, Session};
+use crate::shutdown::Shutdown;
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn now_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+type SessionKey = (TenantId, Arc<str>);
+
+/// Outcome of routing one publication.
+#[derive(Default)]
+pub(crate) struct Published {
+    /// At least one subscriber matched.
+    pub matched: bool,
+    /// At least one QoS 1/2 recipient could not queue it.
+    pub refused: bool,
+    /// Resolves when the persisted part (queued copies for persistent sessions, retained
+    /// message, extra ops) is durable; `None` when nothing had to be persisted.
+    pub commit: Option<Commit>,
+}
+
+/// A Will Message waiting for its connection to end.
+#[derive(Clone, Debug)]
+pub(crate) struct PendingWill {
+    pub message: Message,
+    pub delay_secs: u32,
+}
+
+/// What a connection gets back from [`Broker::attach`].
+pub(crate) struct Attached {
+    pub session: Arc<Session>,
+    pub session_present: bool,
+    pub kicked: oneshot::Receiver<Kick>,
+    pub release: oneshot::Sender<()>,
+    pub generation: u64,
+}
+
+/// Shared state of the MQTT broker; one per hub, shared by every listener and connection.
+pub struct Broker {
+    pub(crate) config: MqttConfig,
+    pub(crate) router: Router<Session>,
+    sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    pub(crate) store: BrokerStore,
+    next_message_id: AtomicU64,
+    next_subscriber_id: AtomicU64,
+    next_assigned_id: AtomicU64,
+    /// Counters and gauges.
+    pub metrics: Arc<BrokerMetrics>,
+    pub(crate) auth: AuthConfig,
+    pub(crate) started: Instant,
+    pub(crate) connection_slots: Arc<Semaphore>,
+    pub(crate) shutdown: Shutdown,
+}
+
+impl Broker {
+    /// Builds the broker and restores the persisted state recovered from `store`.
+    pub fn new(
+        config: MqttConfig,
+        auth: AuthConfig,
+        store: BrokerStore,
+        recovered: RecoveredState,
+        shutdown: Shutdown,
+    ) -> Arc<Broker> {
+        let broker = Arc::new(Broker {
+            connection_slots: Arc::new(Semaphore::new(config.max_connections)),
+            config,
+            router: Router::new(),
+            sessions: Mutex::new(HashMap::new()),
+            store,
+            next_message_id: AtomicU64::new(recovered.next_message_id.max(1)),
+            next_subscriber_id: AtomicU64::new(1),
+            next_assigned_id: AtomicU64::new(now_millis()),
+            metrics: Arc::new(BrokerMetrics::default()),
+            auth,
+            started: Instant::now(),
+            shutdown,
+        });
+        broker.restore(recovered);
+        broker
+    }
+
+    fn restore(self: &Arc<Self>, recovered: RecoveredState) {
+        for (tenant, message) in recovered.retained {
+            let count = self.router.tenant(&tenant).retain(Arc::new(message));
+            let _ = count;
+        }
+        self.metrics
+            .retained
+            .store(self.router.retained_count() as i64, Relaxed);
+        let now = now_millis();
+        for rs in recovered.sessions {
+            let session = self.new_session(rs.session.tenant.clone(), rs.session.client_id.clone());
+            session.expiry_secs.store(rs.session.expiry_secs, Relaxed);
+            let tenant_router = self.router.tenant(&session.tenant);
+            {
+                let mut control = session.control.lock();
+                control.disconnected_at = Some(rs.session.disconnected_at.unwrap_or(now));
+                control.inbound_qos2.extend(rs.inbound_qos2);
+                for sub in rs.subscriptions {
+                    if let Some(s) = self.router_subscription(&sub) {
+                        tenant_router.subscribe(&session, s);
+                        control.subscriptions.insert(sub.filter.clone(), sub);
+                    }
+                }
+            }
+            {
+                let mut ob = session.outbox.lock();
+                for d in rs.pending {
+                    let out = Outgoing {
+                        message: Arc::new(d.message),
+                        qos: d.qos,
+                        retain: d.retain,
+                        subscription_ids: d.subscription_ids.into_iter().collect(),
+                        message_id: d.message_id,
+                        share: None,
+                    };
+                    match (d.packet_id, d.released) {
+                        (Some(pid), released) if d.qos == QoS::ExactlyOnce => {
+                            let state = if released {
+                                InflightState::AwaitingComp
+                            } else {
+                                InflightState::AwaitingAck
+                            };
+                            ob.inflight.insert(pid, Inflight { out, state });
+                            self.metrics.inflight.fetch_add(1, Relaxed);
+                        }
+                        _ => {
+                            ob.queue.push_back(out);
+                            self.metrics.queued.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            }
+            let elapsed = now.saturating_sub(rs.session.disconnected_at.unwrap_or(now)) / 1000;
+            let remaining = u64::from(rs.session.expiry_secs).saturating_sub(elapsed);
+            self.sessions.lock().insert(
+                (session.tenant.clone(), session.client_id.clone()),
+                session.clone(),
+            );
+            self.metrics.persistent_sessions.fetch_add(1, Relaxed);
+            self.schedule_expiry(&session, 0, Duration::from_secs(remaining));
+        }
+    }
+
+    fn new_session(&self, tenant: TenantId, client_id: Arc<str>) -> Arc<Session> {
+        self.metrics.sessions.fetch_add(1, Relaxed);
+        Arc::new(Session::new(
+            self.next_subscriber_id.fetch_add(1, Relaxed),
+            tenant,
+            client_id,
+            self.config.max_queued_messages,
+            self.config.queue_qos0_offline,
+            self.metrics.clone(),
+        ))
+    }
+
+    /// The router subscription for a stored/requested subscription, or `None` if its filter is invalid.
+    pub(crate) fn router_subscription(&self, sub: &SubscriptionRecord) -> Option<Subscription> {
+        let parsed = parse_shared(&sub.filter, &self.config.topic_limits()).ok()?;
+        Some(Subscription {
+            filter: parsed.filter,
+            share_group: parsed.group,
+            qos: sub.qos,
+            no_local: sub.no_local,
+            retain_as_published: sub.retain_as_published,
+            subscription_id: sub.subscription_id,
+        })
+    }
+
+    /// A fresh client identifier for clients that connect with an empty one.
+    pub(crate) fn assign_client_id(&self) -> String {
+        format!("ferrohub-{:x}", self.next_assigned_id.fetch_add(1, Relaxed))
+    }
+
+    /// Number of sessions (online and offline).
+    pub fn session_count(&self) -> usize {
+        self.sessions.lock().len()
+    }
+
+    /// Attaches a connection to the session of `client_id`, taking it over from any connection
+    /// that holds it, and creating a fresh session when asked to (`clean_start`) or when none
+    /// survives.
+    pub(crate) async fn attach(
+        self: &Arc<Self>,
+        tenant: &TenantId,
+        client_id: &Arc<str>,
+        clean_start: bool,
+        expiry_secs: u32,
+    ) -> Attached {
+        let key = (tenant.clone(), client_id.clone());
+        loop {
+            let existing = self.sessions.lock().get(&key).cloned();
+            if let Some(old) = &existing {
+                let attachment = old.control.lock().attachment.take();
+                if let Some(att) = attachment {
+                    let _ = att.kick.send(Kick::TakenOver);
+                    // A connection that does not let go within the grace period is abandoned.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), att.released).await;
+                    continue;
+                }
+            }
+            let (kick_tx, kick_rx) = oneshot::channel();
+            let (release_tx, release_rx) = oneshot::channel();
+            let attachment = Attachment {
+                kick: kick_tx,
+                released: release_rx,
+            };
+            let resumable = existing
+                .as_ref()
+                .is_some_and(|s| !clean_start && s.is_persistent());
+            let session = match existing {
+                Some(old) if resumable => old,
+                other => {
+                    if let Some(old) = other {
+                        self.end_session(&old).await;
+                    }
+                    let s = self.new_session(tenant.clone(), client_id.clone());
+                    let mut map = self.sessions.lock();
+                    if map.contains_key(&key) {
+                        // Another connection attached meanwhile; take it over in the next round.
+                        drop(map);
+                        self.metrics.sessions.fetch_sub(1, Relaxed);
+                        continue;
+                    }
+                    map.insert(key.clone(), s.clone());
+                    s
+                }
+            };
+            let was_persistent = session.is_persistent();
+            session.expiry_secs.store(expiry_secs, Relaxed);
+            let generation = session.generation.fetch_add(1, Relaxed) + 1;
+            {
+                let mut control = session.control.lock();
+                if control.attachment.is_some() {
+                    continue;
+                }
+                control.attachment = Some(attachment);
+                control.disconnected_at = None;
+            }
+            session.online.store(true, Relaxed);
+            match (was_persistent, expiry_secs > 0) {
+                (false, true) => {
+                    self.metrics.persistent_sessions.fetch_add(1, Relaxed);
+                }
+                (true, false) => {
+                    self.metrics.persistent_sessions.fetch_sub(1, Relaxed);
+                }
+                _ => {}
+            }
+            if expiry_secs > 0 {
+                self.persist_session(&session, None).await;
+            } else if was_persistent {
+                self.submit(vec![StoreOp::DeleteSession {
+                    tenant: tenant.clone(),
+                    client_id: client_id.clone(),
+                }])
+                .await;
+            }
+            return Attached {
+                session,
+                session_present: resumable,
+                kicked: kick_rx,
+                release: release_tx,
+                generation,
+            };
+        }
+    }
+
+    async fn persist_session(&self, session: &Session, disconnected_at: Option<u64>) {
+        self.submit(vec![StoreOp::PutSession(SessionRecord {
+            tenant: session.tenant.clone(),
+            client_id: session.client_id.clone(),
+            expiry_secs: session.expiry_secs.load(Relaxed),
+            disconnected_at,
+        })])
+        .await;
+    }
+
+    /// Submits ops whose durability nobody waits for (the order still holds).
+    pub(crate) async fn submit(&self, ops: Vec<StoreOp>) {
+        if ops.is_empty() || !self.store.is_persistent() {
+            return;
+        }
+        if let Err(e) = self.store.submit(ops).await {
+            tracing::error!(error = %e, "persisting broker state failed");
+        }
+    }
+
+    /// Called by a connection when it ends. `will` is the Will Message still armed (cleared by a
+    /// normal DISCONNECT). Ends the session if it does not outlive its connection.
+    pub(crate) async fn detach(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        generation: u64,
+        kicked: Option<Kick>,
+        will: Option<PendingWill>,
+        release: oneshot::Sender<()>,
+    ) {
+        let current = session.generation.load(Relaxed) == generation;
+        if current {
+            session.online.store(false, Relaxed);
+        }
+        let expiry = session.expiry_secs.load(Relaxed);
+        if let Some(will) = will {
+            let delay = will.delay_secs.min(expiry);
+            if delay == 0 {
+                self.publish_will(&session.tenant, will.message).await;
+            } else {
+                let broker = self.clone();
+                let s = session.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(delay.into())).await;
+                    if s.generation.load(Relaxed) == generation && !s.online.load(Relaxed) {
+                        broker.publish_will(&s.tenant, will.message).await;
+                    }
+                });
+            }
+        }
+        // A session taken over lives on with the new connection, which decides its fate.
+        if current && kicked != Some(Kick::TakenOver) {
+            let now = now_millis();
+            session.control.lock().attachment = None;
+            if expiry == 0 {
+                self.end_session(session).await;
+            } else {
+                session.control.lock().disconnected_at = Some(now);
+                self.persist_session(session, Some(now)).await;
+                self.redispatch_shared(session, false).await;
+                self.schedule_expiry(session, generation, Duration::from_secs(expiry.into()));
+            }
+        }
+        let _ = release.send(());
+    }
+
+    fn schedule_expiry(self: &Arc<Self>, session: &Arc<Session>, generation: u64, after: Duration) {
+        let broker = self.clone();
+        let s = session.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            if s.generation.load(Relaxed) == generation && !s.online.load(Relaxed) {
+                broker.end_session(&s).await;
+            }
+        });
+    }
+
+    /// Ends a session: removes it and its subscriptions, hands shared-subscription messages to
+    /// the rest of their groups and forgets the rest.
+    async fn end_session(self: &Arc<Self>, session: &Arc<Session>) {
+        let key = (session.tenant.clone(), session.client_id.clone());
+        {
+            let mut map = self.sessions.lock();
+            match map.get(&key) {
+                Some(s) if Arc::ptr_eq(s, session) => {
+                    map.remove(&key);
+                }
+                _ => return,
+            }
+        }
+        self.metrics.sessions.fetch_sub(1, Relaxed);
+        let was_persistent = session.is_persistent();
+        if was_persistent {
+            self.metrics.persistent_sessions.fetch_sub(1, Relaxed);
+        }
+        let tenant_router = self.router.tenant(&session.tenant);
+        let subs: Vec<_> = session.control.lock().subscriptions.drain().collect();
+        for (filter, _) in subs {
+            if let Ok(parsed) = parse_shared(&filter, &self.config.topic_limits()) {
+                tenant_router.unsubscribe(session.id(), parsed.filter.as_str(), parsed.group.as_deref());
+            }
+        }
+        self.redispatch_shared(session, true).await;
+        for _ in session.drain_all() {
+            self.metrics.drop_message(DropReason::SessionEnded);
+        }
+        if was_persistent {
+            self.submit(vec![StoreOp::DeleteSession {
+                tenant: session.tenant.clone(),
+                client_id: session.client_id.clone(),
+            }])
+            .await;
+        }
+    }
+
+    /// Moves messages a session received through shared subscriptions (queued, and in flight when
+    /// the session is ending) to other members of their groups.
+    async fn redispatch_shared(self: &Arc<Self>, session: &Arc<Session>, include_inflight: bool) {
+        let moved: Vec<Outgoing> = {
+            let mut ob = session.outbox.lock();
+            let mut moved = Vec::new();
+            let mut kept = std::collections::VecDeque::with_capacity(ob.queue.len());
+            for out in ob.queue.drain(..) {
+                if out.share.is_some() {
+                    moved.push(out);
+                } else {
+                    kept.push_back(out);
+                }
+            }
+            ob.queue = kept;
+            ob.qos0_queued = ob.queue.iter().filter(|o| o.qos == QoS::AtMostOnce).count();
+            self.metrics.queued.fetch_sub(moved.len() as i64, Relaxed);
+            if include_inflight {
+                let pids: Vec<u16> = ob
+                    .inflight
+                    .iter()
+                    .filter(|(_, i)| i.out.share.is_some() && i.state == InflightState::AwaitingAck)
+                    .map(|(pid, _)| *pid)
+                    .collect();
+                for pid in pids {
+                    if let Some(i) = ob.inflight.shift_remove(&pid) {
+                        self.metrics.inflight.fetch_sub(1, Relaxed);
+                        moved.push(i.out);
+                    }
+                }
+            }
+            moved
+        };
+        if moved.is_empty() {
+            return;
+        }
+        let tenant_router = self.router.tenant(&session.tenant);
+        let mut ops = Vec::new();
+        for out in moved {
+            let Some(share) = out.share.clone() else { continue };
+            if out.message_id != 0 {
+                ops.push(StoreOp::Dequeue {
+                    tenant: session.tenant.clone(),
+                    client_id: session.client_id.clone(),
+                    message_id: out.message_id,
+                });
+            }
+            match tenant_router.redispatch(&share, session.id()) {
+                Some((member, qos)) => {
+                    let mut out = out;
+                    out.qos = qos.min(out.message.qos);
+                    out.message_id = 0;
+                    if member.is_persistent() && out.qos != QoS::AtMostOnce {
+                        out.message_id = self.next_message_id.fetch_add(1, Relaxed);
+                        ops.push(StoreOp::Enqueue {
+                            tenant: session.tenant.clone(),
+                            message_id: out.message_id,
+                            message: (*out.message).clone(),
+                            recipients: vec![QueuedFor {
+                                client_id: member.client_id.clone(),
+                                qos: out.qos,
+                                retain: out.retain,
+                                subscription_ids: out.subscription_ids.to_vec(),
+                            }],
+                        });
+                    }
+                    if member.push(out) == PushOutcome::Refused {
+                        self.metrics.drop_message(DropReason::QuotaRefused);
+                    }
+                }
+                None if !include_inflight => {
+                    // Nobody else can take it: it stays with this (persistent) session.
+                    let _ = session.push(out);
+                }
+                None => self.metrics.drop_message(DropReason::SessionEnded),
+            }
+        }
+        self.submit(ops).await;
+    }
+
+    async fn publish_will(self: &Arc<Self>, tenant: &TenantId, mut message: Message) {
+        message.received_at = now_millis();
+        let tenant_router = self.router.tenant(tenant);
+        let mut scratch = Vec::new();
+        let _ = self
+            .publish(&tenant_router, 0, Arc::new(message), Vec::new(), &mut scratch)
+            .await;
+    }
+
+    /// Routes a message: updates the retained store, queues it for every matching session,
+    /// persists what persistent sessions must not lose, and reports what the publisher should be
+    /// told. `extra_ops` are persisted in the same commit (e.g. inbound QoS 2 state).
+    pub(crate) async fn publish(
+        &self,
+        tenant_router: &TenantRouter<Session>,
+        publisher: SubscriberId,
+        message: Arc<Message>,
+        mut ops: Vec<StoreOp>,
+        scratch: &mut Vec<Match<Session>>,
+    ) -> Published {
+        let persistent_store = self.store.is_persistent();
+        let tenant = tenant_router.tenant();
+        if message.retain {
+            let count = tenant_router.retain(message.clone());
+            self.metrics.retained.store(count as i64, Relaxed);
+            // `$SYS` statistics are re-published after a restart anyway; persisting them is waste.
+            if persistent_store && !message.topic.starts_with("$SYS/") {
+                ops.push(if message.payload.is_empty() {
+                    StoreOp::DeleteRetained {
+                        tenant: tenant.clone(),
+                        topic: message.topic.clone(),
+                    }
+                } else {
+                    StoreOp::PutRetained {
+                        tenant: tenant.clone(),
+                        message: (*message).clone(),
+                    }
+                });
+            }
+        }
+        tenant_router.route(publisher, &message, scratch);
+        let mut result = Published {
+            matched: !scratch.is_empty(),
+            ..Published::default()
+        };
+        let mut message_id = 0;
+        if persistent_store && message.qos != QoS::AtMostOnce {
+            let mut recipients = Vec::new();
+            for m in scratch.iter() {
+                if m.qos != QoS::AtMostOnce && m.subscriber.is_persistent() {
+                    recipients.push(QueuedFor {
+                        client_id: m.subscriber.client_id.clone(),
+                        qos: m.qos,
+                        retain: m.retain,
+                        subscription_ids: m.subscription_ids.to_vec(),
+                    });
+                }
+            }
+            if !recipients.is_empty() {
+                message_id = self.next_message_id.fetch_add(1, Relaxed);
+                ops.push(StoreOp::Enqueue {
+                    tenant: tenant.clone(),
+                    message_id,
+                    message: (*message).clone(),
+                    recipients,
+                });
+            }
+        }
+        // Persist before queueing, so that a subscriber's acknowledgement (which dequeues) is
+        // always logged after the enqueue it refers to.
+        if !ops.is_empty() && persistent_store {
+            match self.store.submit(ops).await {
+                Ok(commit) => result.commit = Some(commit),
+                Err(e) => {
+                    tracing::error!(error = %e, "persisting a publication failed");
+                    result.refused = true;
+                    scratch.clear();
+                    return result;
+                }
+            }
+        }
+        let mut undo = Vec::new();
+        for m in scratch.drain(..) {
+            let persisted = message_id != 0 && m.qos != QoS::AtMostOnce && m.subscriber.is_persistent();
+            let client_id = persisted.then(|| m.subscriber.client_id.clone());
+            let outcome = m.subscriber.push(Outgoing {
+                message: message.clone(),
+                qos: m.qos,
+                retain: m.retain,
+                subscription_ids: m.subscription_ids,
+                message_id: if persisted { message_id } else { 0 },
+                share: m.share,
+            });
+            if outcome == PushOutcome::Refused {
+                result.refused = true;
+                if let Some(client_id) = client_id {
+                    undo.push(StoreOp::Dequeue {
+                        tenant: tenant.clone(),
+                        client_id,
+                        message_id,
+                    });
+                }
+            }
+        }
+        self.submit(undo).await;
+        result
+    }
+
+    /// Publishes a message from the hub itself (`$SYS`, services) to a tenant.
+    pub async fn publish_internal(&self, tenant: &TenantId, topic: &str, payload: Bytes, retain: bool) {
+        let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
+            return;
+        };
+        let message = Arc::new(Message {
+            topic,
+            payload,
+            qos: QoS::AtMostOnce,
+            retain,
+            received_at: now_millis(),
+            properties: None,
+        });
+        let tenant_router = self.router.tenant(tenant);
+        let mut scratch = Vec::new();
+        let _ = self.publish(&tenant_router, 0, message, Vec::new(), &mut scratch).await;
+    }
+
+    /// Tells every connected client to disconnect (server shutdown).
+    pub(crate) fn kick_all(&self, kick: Kick) {
+        let sessions: Vec<Arc<Session>> = self.sessions.lock().values().cloned().collect();
+        for s in sessions {
+            if let Some(att) = s.control.lock().attachment.take() {
+                let _ = att.kick.send(kick);
+                // The connection task releases on its own; nobody waits for `released` here.
+                drop(att.released);
+            }
+        }
+    }
+
+    /// Validates a subscription filter (plain or shared).
+    pub(crate) fn check_filter(&self, filter: &str) -> Option<(Option<Arc<str>>, TopicFilter)> {
+        parse_shared(filter, &self.config.topic_limits())
+            .ok()
+            .map(|p| (p.group, p.filter))
+    }
+}

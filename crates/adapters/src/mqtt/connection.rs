@@ -1,0 +1,1223 @@
+//! One client connection: the CONNECT handshake, then a single task that reads packets, drains
+//! the session's queue into the socket and enforces keep-alive, flow control and limits.
+//!
+//! The task never blocks on a slow client: writes go through a buffer flushed by its own
+//! `select!` branch, and reading pauses while that buffer is above its high-water mark, so a
+//! client that does not read cannot make the hub buffer without bound.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use ferrohub_proto::mqtt::{
+    self, AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect, DecodeError,
+    Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubResponse, Publish,
+    PublishProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, reason,
+};
+use ferrohub_router::{Match, Subscriber, TenantRouter};
+use ferrohub_store::{Commit, StoreOp, SubscriptionRecord};
+use ferrohub_types::{Message, MessageProperties, QoS, TopicName};
+use futures_util::FutureExt;
+use hashbrown::HashMap;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::time::{Instant, sleep_until, timeout};
+
+use super::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
+use super::broker::{Broker, PendingWill, now_millis};
+use super::metrics::DropReason;
+use super::session::{Inflight, InflightState, Kick, Outgoing, Session};
+
+/// Stop reading from a client while this much output is waiting for it.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Most queued messages moved into the write buffer per pass.
+const PUMP_BATCH: usize = 256;
+/// Acknowledgements waiting for durability before reading pauses.
+const MAX_PENDING_ACKS: usize = 4096;
+
+/// Facts about the transport a connection arrived on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// Remote address.
+    pub peer: SocketAddr,
+    /// Subject CN of a verified TLS client certificate.
+    pub tls_identity: Option<String>,
+}
+
+/// Why a connection ends.
+#[derive(Debug)]
+enum Close {
+    /// The peer closed the socket or an I/O error occurred.
+    Io,
+    /// Normal DISCONNECT from the client.
+    ClientDisconnect,
+    /// We close with this reason code (sent as DISCONNECT to v5 clients).
+    Reason(u8, &'static str),
+    /// Another party told us to close.
+    Kicked(Kick),
+}
+
+/// Runs a connection to completion.
+pub async fn serve<R, W>(broker: Arc<Broker>, mut reader: R, mut writer: W, info: ConnInfo)
+where
+    R: AsyncRead + Unpin + Send,
+    W: AsyncWrite + Unpin + Send,
+{
+    let Ok(_permit) = broker.connection_slots.clone().try_acquire_owned() else {
+        broker.metrics.connections_refused.fetch_add(1, Relaxed);
+        tracing::warn!(peer = %info.peer, "connection refused: max_connections reached");
+        return;
+    };
+    let mut rbuf = BytesMut::new();
+    let deadline = Duration::from_secs(broker.config.connect_timeout_secs);
+    let max = broker.config.max_packet_size as usize;
+    let connect = match timeout(deadline, read_connect(&mut reader, &mut rbuf, max, &broker)).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(err)) => {
+            broker.metrics.connections_refused.fetch_add(1, Relaxed);
+            refuse_undecodable(&mut writer, &rbuf, err, &info).await;
+            return;
+        }
+        Err(_) => {
+            broker.metrics.connections_refused.fetch_add(1, Relaxed);
+            tracing::debug!(peer = %info.peer, "closing: no CONNECT within connect_timeout");
+            return;
+        }
+    };
+    let mut conn = match Connection::handshake(&broker, connect, &mut reader, &mut writer, rbuf, &info).await {
+        Some(c) => c,
+        None => {
+            broker.metrics.connections_refused.fetch_add(1, Relaxed);
+            return;
+        }
+    };
+    broker.metrics.connections.fetch_add(1, Relaxed);
+    broker.metrics.connections_total.fetch_add(1, Relaxed);
+    let close = conn.run(&mut reader, &mut writer).await;
+    broker.metrics.connections.fetch_sub(1, Relaxed);
+    conn.finish(&mut writer, close).await;
+}
+
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    rbuf: &mut BytesMut,
+    max: usize,
+    broker: &Broker,
+) -> Result<Box<Connect>, Option<DecodeError>> {
+    loop {
+        match mqtt::decode(rbuf, ProtocolVersion::V311, max) {
+            Ok(Some(Packet::Connect(c))) => return Ok(c),
+            Ok(Some(_)) => return Err(Some(DecodeError::Protocol("first packet must be CONNECT"))),
+            Ok(None) => {}
+            Err(e) => return Err(Some(e)),
+        }
+        rbuf.reserve(512);
+        match reader.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(n) => {
+                broker.metrics.bytes_received.fetch_add(n as u64, Relaxed);
+            }
+        }
+    }
+}
+
+/// The protocol level of a CONNECT at the front of `buf`, if it can be read.
+fn peek_connect_level(buf: &[u8]) -> Option<u8> {
+    let mut i = 1;
+    while *buf.get(i)? & 0x80 != 0 {
+        i += 1;
+    }
+    let name_len = u16::from_be_bytes([*buf.get(i + 1)?, *buf.get(i + 2)?]) as usize;
+    buf.get(i + 3 + name_len).copied()
+}
+
+async fn refuse_undecodable<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    rbuf: &BytesMut,
+    err: Option<DecodeError>,
+    info: &ConnInfo,
+) {
+    let Some(err) = err else { return };
+    tracing::debug!(peer = %info.peer, error = %err, "refusing connection");
+    let (version, code) = match (&err, peek_connect_level(rbuf)) {
+        (DecodeError::UnsupportedProtocol { .. }, _) => {
+            (ProtocolVersion::V311, reason::V3_UNACCEPTABLE_PROTOCOL_VERSION)
+        }
+        (_, Some(5)) => (ProtocolVersion::V5, err.reason_code()),
+        _ => return,
+    };
+    let mut buf = BytesMut::new();
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties: ConnAckProperties::default(),
+    });
+    if mqtt::encode(&ack, version, &mut buf).is_ok() {
+        let _ = writer.write_all(&buf).await;
+        let _ = writer.flush().await;
+    }
+}
+
+/// Per-connection state after a successful CONNECT.
+struct Connection {
+    broker: Arc<Broker>,
+    session: Arc<Session>,
+    router: Arc<TenantRouter<Session>>,
+    generation: u64,
+    kicked: Option<oneshot::Receiver<Kick>>,
+    release: Option<oneshot::Sender<()>>,
+    version: ProtocolVersion,
+    peer: SocketAddr,
+    keep_alive: Option<Duration>,
+    /// Client's Receive Maximum (capped by the server's outbound window).
+    send_window: usize,
+    /// Client's Maximum Packet Size.
+    client_max_packet: usize,
+    client_alias_max: u16,
+    out_aliases: HashMap<Arc<str>, u16>,
+    in_aliases: HashMap<u16, Arc<str>>,
+    will: Option<PendingWill>,
+    auth_method: Option<String>,
+    reauth: Option<Box<dyn AuthExchange>>,
+    problem_info: bool,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    /// Acknowledgements in the order they must be sent, some waiting for a store commit.
+    pending_acks: VecDeque<(Packet, Option<Commit>)>,
+    /// Inbound QoS 1/2 PUBLISHes not yet fully acknowledged (Receive Maximum enforcement).
+    inbound_unacked: usize,
+    store_ops: Vec<StoreOp>,
+    scratch: Vec<Match<Session>>,
+    batch: Vec<(Outgoing, u16)>,
+}
+
+impl Connection {
+    async fn handshake<R, W>(
+        broker: &Arc<Broker>,
+        connect: Box<Connect>,
+        reader: &mut R,
+        writer: &mut W,
+        mut rbuf: BytesMut,
+        info: &ConnInfo,
+    ) -> Option<Connection>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let connect = *connect;
+        let version = connect.protocol;
+        let v5 = version.is_v5();
+        let cfg = &broker.config;
+        // Client identifier.
+        let mut assigned = None;
+        let client_id: Arc<str> = if connect.client_id.is_empty() {
+            if !v5 && !connect.clean_start {
+                refuse(writer, version, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
+                return None;
+            }
+            let id = broker.assign_client_id();
+            assigned = Some(id.clone());
+            Arc::from(id)
+        } else if cfg.client_id_ok(&connect.client_id) {
+            Arc::from(connect.client_id.as_str())
+        } else {
+            tracing::debug!(peer = %info.peer, "refusing connection: client id not valid");
+            refuse(writer, version, reason::CLIENT_IDENTIFIER_NOT_VALID).await;
+            return None;
+        };
+        // Will.
+        let will = match &connect.will {
+            None => None,
+            Some(w) => {
+                let Ok(topic) = TopicName::new(&w.topic, &cfg.topic_limits()) else {
+                    refuse(writer, version, reason::TOPIC_NAME_INVALID).await;
+                    return None;
+                };
+                if w.retain && !cfg.retain_available {
+                    refuse(writer, version, reason::RETAIN_NOT_SUPPORTED).await;
+                    return None;
+                }
+                if w.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&w.payload).is_err() {
+                    refuse(writer, version, reason::PAYLOAD_FORMAT_INVALID).await;
+                    return None;
+                }
+                let p = &w.properties;
+                let props = MessageProperties {
+                    payload_is_utf8: p.payload_format_indicator == Some(1),
+                    expires_at: None,
+                    content_type: p.content_type.clone(),
+                    response_topic: p.response_topic.clone(),
+                    correlation_data: p.correlation_data.clone(),
+                    user_properties: p.user_properties.clone(),
+                };
+                Some((topic, w.clone(), props))
+            }
+        };
+        // Authentication: enhanced (AUTH exchange) or credentials.
+        let props = &connect.properties;
+        let mut auth_data_out = None;
+        let tenant = if let Some(method_name) = props.authentication_method.as_deref().filter(|_| v5) {
+            let Some(method) = broker.auth.method(method_name).cloned() else {
+                refuse(writer, version, reason::BAD_AUTHENTICATION_METHOD).await;
+                return None;
+            };
+            let (mut step, mut exchange) = method.start(&client_id, props.authentication_data.as_deref());
+            loop {
+                match step {
+                    AuthStep::Success(tenant, data) => {
+                        auth_data_out = data;
+                        break tenant;
+                    }
+                    AuthStep::Failure => {
+                        refuse(writer, version, reason::NOT_AUTHORIZED).await;
+                        return None;
+                    }
+                    AuthStep::Continue(data) => {
+                        let mut buf = BytesMut::new();
+                        let auth = Packet::Auth(Auth {
+                            code: reason::CONTINUE_AUTHENTICATION,
+                            properties: AuthProperties {
+                                authentication_method: Some(method_name.to_string()),
+                                authentication_data: Some(data),
+                                ..AuthProperties::default()
+                            },
+                        });
+                        if mqtt::encode(&auth, version, &mut buf).is_err() || writer.write_all(&buf).await.is_err() {
+                            return None;
+                        }
+                        let next = timeout(
+                            Duration::from_secs(cfg.connect_timeout_secs),
+                            read_packet(reader, &mut rbuf, version, cfg.max_packet_size as usize),
+                        )
+                        .await;
+                        match next {
+                            Ok(Some(Packet::Auth(a)))
+                                if a.code == reason::CONTINUE_AUTHENTICATION
+                                    && a.properties.authentication_method.as_deref() == Some(method_name) =>
+                            {
+                                step = exchange.step(a.properties.authentication_data.as_deref());
+                            }
+                            _ => {
+                                refuse(writer, version, reason::PROTOCOL_ERROR).await;
+                                return None;
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            let creds = Credentials {
+                client_id: &client_id,
+                username: connect.username.as_deref(),
+                password: connect.password.as_deref(),
+                peer: info.peer,
+                tls_identity: info.tls_identity.as_deref(),
+            };
+            match broker.auth.authenticator.authenticate(&creds) {
+                AuthDecision::Allow(t) => t,
+                AuthDecision::BadCredentials => {
+                    tracing::info!(peer = %info.peer, client_id = %client_id, "refusing connection: bad user name or password");
+                    refuse(writer, version, reason::BAD_USER_NAME_OR_PASSWORD).await;
+                    return None;
+                }
+                AuthDecision::NotAuthorized => {
+                    tracing::info!(peer = %info.peer, client_id = %client_id, "refusing connection: not authorized");
+                    refuse(writer, version, reason::NOT_AUTHORIZED).await;
+                    return None;
+                }
+            }
+        };
+        if broker.shutdown.is_triggered() {
+            refuse(writer, version, reason::SERVER_SHUTTING_DOWN).await;
+            return None;
+        }
+        // Session expiry and keep-alive.
+        let requested_expiry = if v5 {
+            props.session_expiry_interval.unwrap_or(0)
+        } else if connect.clean_start {
+            0
+        } else {
+            cfg.v3_persistent_session_expiry_secs
+        };
+        let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
+        let mut keep_alive = connect.keep_alive;
+        let mut server_keep_alive = None;
+        if v5 && cfg.max_keep_alive_secs > 0 && (keep_alive == 0 || keep_alive > cfg.max_keep_alive_secs) {
+            keep_alive = cfg.max_keep_alive_secs;
+            server_keep_alive = Some(keep_alive);
+        }
+        let attached = broker.attach(&tenant, &client_id, connect.clean_start, expiry).await;
+        let session = attached.session;
+        let ack = ConnAck {
+            session_present: attached.session_present,
+            code: reason::SUCCESS,
+            properties: if v5 {
+                ConnAckProperties {
+                    session_expiry_interval: (expiry != requested_expiry).then_some(expiry),
+                    receive_maximum: Some(cfg.max_inflight),
+                    maximum_packet_size: Some(cfg.max_packet_size),
+                    assigned_client_identifier: assigned,
+                    topic_alias_maximum: (cfg.topic_alias_maximum > 0).then_some(cfg.topic_alias_maximum),
+                    retain_available: (!cfg.retain_available).then_some(0),
+                    server_keep_alive,
+                    authentication_method: props.authentication_method.clone(),
+                    authentication_data: auth_data_out,
+                    ..ConnAckProperties::default()
+                }
+            } else {
+                ConnAckProperties::default()
+            },
+        };
+        let will = will.map(|(topic, w, props)| PendingWill {
+            delay_secs: w.properties.delay_interval.unwrap_or(0),
+            message: Message {
+                topic,
+                payload: w.payload,
+                qos: w.qos,
+                retain: w.retain,
+                received_at: 0,
+                properties: if props.is_empty() && w.properties.message_expiry_interval.is_none() {
+                    None
+                } else {
+                    let mut props = props;
+                    // The expiry of a will counts from its publication; stored relative here.
+                    props.expires_at = w.properties.message_expiry_interval.map(u64::from);
+                    Some(Arc::new(props))
+                },
+            },
+        });
+        let router = broker.router.tenant(&session.tenant);
+        let mut conn = Connection {
+            broker: broker.clone(),
+            router,
+            generation: attached.generation,
+            kicked: Some(attached.kicked),
+            release: Some(attached.release),
+            version,
+            peer: info.peer,
+            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            send_window: usize::from(props.receive_maximum.unwrap_or(u16::MAX).min(cfg.max_outbound_inflight)),
+            client_max_packet: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
+            client_alias_max: if v5 { props.topic_alias_maximum.unwrap_or(0) } else { 0 },
+            out_aliases: HashMap::new(),
+            in_aliases: HashMap::new(),
+            will,
+            auth_method: props.authentication_method.clone(),
+            reauth: None,
+            problem_info: props.request_problem_information != Some(0),
+            rbuf,
+            wbuf: BytesMut::new(),
+            pending_acks: VecDeque::new(),
+            inbound_unacked: 0,
+            store_ops: Vec::new(),
+            scratch: Vec::new(),
+            batch: Vec::new(),
+            session,
+        };
+        conn.write(&Packet::ConnAck(ack));
+        // Resume: resend what was in flight (DUP set) before anything new.
+        if attached.session_present {
+            conn.resend_inflight();
+        }
+        tracing::debug!(peer = %info.peer, client_id = %conn.session.client_id, version = ?version, "client connected");
+        Some(conn)
+    }
+
+    fn write(&mut self, packet: &Packet) {
+        if let Err(e) = mqtt::encode(packet, self.version, &mut self.wbuf) {
+            tracing::warn!(error = %e, packet = packet.name(), "could not encode packet");
+        }
+    }
+
+    fn resend_inflight(&mut self) {
+        let ob = self.session.outbox.lock();
+        let mut packets = Vec::with_capacity(ob.inflight.len());
+        for (pid, inflight) in ob.inflight.iter() {
+            packets.push(match inflight.state {
+                InflightState::AwaitingAck => {
+                    Packet::Publish(self.publish_packet(&inflight.out, *pid, true, false))
+                }
+                InflightState::AwaitingComp => Packet::PubRel(PubResponse { packet_id: *pid, ..Default::default() }),
+            });
+        }
+        drop(ob);
+        for p in packets {
+            self.write(&p);
+        }
+    }
+
+    /// The PUBLISH for a delivery. Topic aliases are only used for fresh sends (`use_alias`),
+    /// because a resend may go to a new connection whose alias table is empty.
+    fn publish_packet(&self, out: &Outgoing, packet_id: u16, dup: bool, use_alias: bool) -> Publish {
+        let _ = use_alias;
+        let m = &out.message;
+        let mut properties = PublishProperties::default();
+        if self.version.is_v5() {
+            if let Some(p) = m.properties.as_deref() {
+                properties.payload_format_indicator = p.payload_is_utf8.then_some(1);
+                properties.message_expiry_interval = m.remaining_expiry_secs(now_millis());
+                properties.content_type = p.content_type.clone();
+                properties.response_topic = p.response_topic.clone();
+                properties.correlation_data = p.correlation_data.clone();
+                properties.user_properties = p.user_properties.clone();
+            }
+            properties.subscription_identifiers = out.subscription_ids.to_vec();
+        }
+        Publish {
+            dup,
+            qos: out.qos,
+            retain: out.retain,
+            topic: m.topic.as_arc().clone(),
+            packet_id,
+            properties,
+            payload: m.payload.clone(),
+        }
+    }
+
+    async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W) -> Close
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut shutdown = self.broker.shutdown.clone();
+        let mut kicked = match self.kicked.take() {
+            Some(k) => k,
+            None => return Close::Io,
+        };
+        let mut last_read = Instant::now();
+        // Packets that arrived together with CONNECT.
+        if let Err(close) = self.process_input().await {
+            return close;
+        }
+        loop {
+            self.pump();
+            if !self.store_ops.is_empty() {
+                let ops = std::mem::take(&mut self.store_ops);
+                self.broker.submit(ops).await;
+            }
+            self.flush_ready_acks();
+            let commit_waiting = matches!(self.pending_acks.front(), Some((_, Some(_))));
+            let can_read = self.wbuf.len() < WRITE_HIGH_WATER && self.pending_acks.len() < MAX_PENDING_ACKS;
+            let keep_alive_deadline = self.keep_alive.map(|ka| last_read + ka);
+            if self.rbuf.capacity() - self.rbuf.len() < 512 {
+                self.rbuf.reserve(4096);
+            }
+            tokio::select! {
+                biased;
+                k = &mut kicked => {
+                    return Close::Kicked(k.unwrap_or(Kick::TakenOver));
+                }
+                _ = shutdown.wait() => {
+                    return Close::Kicked(Kick::Shutdown);
+                }
+                res = async {
+                    match self.pending_acks.front_mut() {
+                        Some((_, Some(commit))) => commit.await,
+                        _ => std::future::pending().await,
+                    }
+                }, if commit_waiting => {
+                    if let Err(e) = res {
+                        tracing::error!(error = %e, "store commit failed; closing connection so the client retries");
+                        return Close::Reason(reason::UNSPECIFIED_ERROR, "message could not be persisted");
+                    }
+                    if let Some((_, commit)) = self.pending_acks.front_mut() {
+                        *commit = None;
+                    }
+                }
+                res = writer.write(&self.wbuf), if !self.wbuf.is_empty() => {
+                    match res {
+                        Ok(0) | Err(_) => return Close::Io,
+                        Ok(n) => {
+                            let _ = self.wbuf.split_to(n);
+                            self.broker.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+                            if self.wbuf.is_empty() && self.wbuf.capacity() > 64 * 1024 {
+                                self.wbuf = BytesMut::new();
+                            }
+                        }
+                    }
+                }
+                res = reader.read_buf(&mut self.rbuf), if can_read => {
+                    match res {
+                        Ok(0) | Err(_) => return Close::Io,
+                        Ok(n) => {
+                            self.broker.metrics.bytes_received.fetch_add(n as u64, Relaxed);
+                            last_read = Instant::now();
+                            if let Err(close) = self.process_input().await {
+                                return close;
+                            }
+                        }
+                    }
+                }
+                _ = self.session.wake.notified() => {}
+                _ = sleep_until(keep_alive_deadline.unwrap_or_else(Instant::now)), if keep_alive_deadline.is_some() => {
+                    return Close::Reason(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout");
+                }
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in the read buffer.
+    async fn process_input(&mut self) -> Result<(), Close> {
+        loop {
+            let packet = match mqtt::decode(&mut self.rbuf, self.version, self.broker.config.max_packet_size as usize) {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(peer = %self.peer, client_id = %self.session.client_id, error = %e, "closing connection: bad packet");
+                    self.broker.metrics.protocol_errors.fetch_add(1, Relaxed);
+                    return Err(Close::Reason(e.reason_code(), decode_error_text(&e)));
+                }
+            };
+            self.handle(packet).await?;
+        }
+        // Give memory back when idle: an empty buffer that grew for a burst is released.
+        if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
+            self.rbuf = BytesMut::new();
+        }
+        Ok(())
+    }
+
+    async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(p) => self.handle_publish(p).await,
+            Packet::PubAck(a) => {
+                self.finish_delivery(a.packet_id, InflightState::AwaitingAck, QoS::AtLeastOnce);
+                Ok(())
+            }
+            Packet::PubRec(a) => {
+                self.handle_pubrec(a);
+                Ok(())
+            }
+            Packet::PubComp(a) => {
+                self.finish_delivery(a.packet_id, InflightState::AwaitingComp, QoS::ExactlyOnce);
+                Ok(())
+            }
+            Packet::PubRel(r) => {
+                self.handle_pubrel(r);
+                Ok(())
+            }
+            Packet::Subscribe(s) => self.handle_subscribe(s).await,
+            Packet::Unsubscribe(u) => self.handle_unsubscribe(u).await,
+            Packet::PingReq => {
+                self.queue_ack(Packet::PingResp, None);
+                Ok(())
+            }
+            Packet::Disconnect(d) => self.handle_disconnect(d),
+            Packet::Auth(a) => self.handle_auth(a),
+            other => {
+                self.broker.metrics.protocol_errors.fetch_add(1, Relaxed);
+                tracing::debug!(peer = %self.peer, packet = other.name(), "closing connection: unexpected packet");
+                Err(Close::Reason(reason::PROTOCOL_ERROR, "unexpected packet from client"))
+            }
+        }
+    }
+
+    /// Sends an acknowledgement in order: immediately if nothing is waiting before it.
+    fn queue_ack(&mut self, packet: Packet, commit: Option<Commit>) {
+        if commit.is_none() && self.pending_acks.is_empty() {
+            self.write_ack(packet);
+        } else {
+            self.pending_acks.push_back((packet, commit));
+        }
+    }
+
+    fn write_ack(&mut self, packet: Packet) {
+        if matches!(packet, Packet::PubAck(_)) {
+            self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+        }
+        self.write(&packet);
+    }
+
+    /// Writes acknowledgements at the head of the queue whose commits have resolved.
+    fn flush_ready_acks(&mut self) {
+        while let Some((_, commit)) = self.pending_acks.front_mut() {
+            if let Some(c) = commit {
+                match c.now_or_never() {
+                    Some(Ok(())) => *commit = None,
+                    // A failed commit is handled by the select branch, which closes the connection.
+                    Some(Err(_)) | None => return,
+                }
+            }
+            if let Some((packet, _)) = self.pending_acks.pop_front() {
+                self.write_ack(packet);
+            }
+        }
+    }
+
+    async fn handle_publish(&mut self, p: Publish) -> Result<(), Close> {
+        let v5 = self.version.is_v5();
+        let cfg = &self.broker.config;
+        self.broker.metrics.received[p.qos as usize].fetch_add(1, Relaxed);
+        // Topic, resolving v5 topic aliases.
+        let topic_str: Arc<str> = match p.properties.topic_alias {
+            Some(_) if !v5 => return Err(Close::Reason(reason::PROTOCOL_ERROR, "topic alias in 3.1.1")),
+            Some(alias) if alias == 0 || alias > cfg.topic_alias_maximum => {
+                return Err(Close::Reason(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+            }
+            Some(alias) if p.topic.is_empty() => match self.in_aliases.get(&alias) {
+                Some(t) => t.clone(),
+                None => return Err(Close::Reason(reason::PROTOCOL_ERROR, "unknown topic alias")),
+            },
+            Some(alias) => {
+                self.in_aliases.insert(alias, p.topic.clone());
+                p.topic.clone()
+            }
+            None => p.topic.clone(),
+        };
+        let topic = match TopicName::from_arc(topic_str, &cfg.topic_limits()) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::debug!(peer = %self.peer, error = %e, "closing connection: invalid topic name");
+                return Err(Close::Reason(reason::TOPIC_NAME_INVALID, "invalid topic name"));
+            }
+        };
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(Close::Reason(reason::PROTOCOL_ERROR, "subscription identifier in PUBLISH from client"));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(Close::Reason(reason::RETAIN_NOT_SUPPORTED, "retain not supported"));
+        }
+        let ack_for = |code: u8| -> Option<Packet> {
+            let r = PubResponse { packet_id: p.packet_id, code, properties: AckProperties::default() };
+            match p.qos {
+                QoS::AtMostOnce => None,
+                QoS::AtLeastOnce => Some(Packet::PubAck(r)),
+                QoS::ExactlyOnce => Some(Packet::PubRec(r)),
+            }
+        };
+        if p.qos != QoS::AtMostOnce {
+            if p.qos == QoS::ExactlyOnce && self.session.control.lock().inbound_qos2.contains(&p.packet_id) {
+                // A retransmission of a message we already took: acknowledge again, route nothing.
+                if let Some(ack) = ack_for(reason::SUCCESS) {
+                    self.queue_ack(ack, None);
+                }
+                return Ok(());
+            }
+            if self.inbound_unacked >= usize::from(cfg.max_inflight) {
+                return Err(Close::Reason(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
+            }
+        }
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+            return match ack_for(reason::PAYLOAD_FORMAT_INVALID).filter(|_| v5) {
+                Some(ack) => {
+                    self.inbound_unacked += usize::from(p.qos == QoS::AtLeastOnce);
+                    self.queue_ack(ack, None);
+                    Ok(())
+                }
+                None => Err(Close::Reason(reason::PAYLOAD_FORMAT_INVALID, "payload is not valid UTF-8")),
+            };
+        }
+        let now = now_millis();
+        let pp = p.properties;
+        let properties = if v5
+            && (pp.payload_format_indicator.is_some()
+                || pp.message_expiry_interval.is_some()
+                || pp.content_type.is_some()
+                || pp.response_topic.is_some()
+                || pp.correlation_data.is_some()
+                || !pp.user_properties.is_empty())
+        {
+            if let Some(rt) = &pp.response_topic
+                && TopicName::new(rt, &cfg.topic_limits()).is_err()
+            {
+                return Err(Close::Reason(reason::PROTOCOL_ERROR, "response topic is not a valid topic name"));
+            }
+            Some(Arc::new(MessageProperties {
+                payload_is_utf8: pp.payload_format_indicator == Some(1),
+                expires_at: pp.message_expiry_interval.map(|s| now + u64::from(s) * 1000),
+                content_type: pp.content_type,
+                response_topic: pp.response_topic,
+                correlation_data: pp.correlation_data,
+                user_properties: pp.user_properties,
+            }))
+        } else {
+            None
+        };
+        let message = Arc::new(Message {
+            topic,
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            received_at: now,
+            properties,
+        });
+        let mut extra = Vec::new();
+        let persistent = self.session.is_persistent() && self.broker.store.is_persistent();
+        if p.qos == QoS::ExactlyOnce && persistent {
+            extra.push(StoreOp::InboundQos2 {
+                tenant: self.session.tenant.clone(),
+                client_id: self.session.client_id.clone(),
+                packet_id: p.packet_id,
+            });
+        }
+        let published = self
+            .broker
+            .publish(&self.router, self.session.id(), message, extra, &mut self.scratch)
+            .await;
+        if p.qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        let code = if published.refused {
+            if !v5 {
+                // 3.1.1 has no negative acknowledgement: closing without one makes the client
+                // send the message again later instead of believing it was delivered.
+                return Err(Close::Reason(reason::QUOTA_EXCEEDED, "subscriber queue full"));
+            }
+            reason::QUOTA_EXCEEDED
+        } else if !published.matched && v5 {
+            reason::NO_MATCHING_SUBSCRIBERS
+        } else {
+            reason::SUCCESS
+        };
+        if p.qos == QoS::ExactlyOnce && code < 0x80 {
+            self.session.control.lock().inbound_qos2.insert(p.packet_id);
+        }
+        self.inbound_unacked += 1;
+        if let Some(mut ack) = ack_for(code) {
+            if code >= 0x80 && self.problem_info {
+                if let Packet::PubAck(r) | Packet::PubRec(r) = &mut ack {
+                    r.properties.reason_string = Some("a subscriber's queue is full; retry later".into());
+                }
+            }
+            if p.qos == QoS::ExactlyOnce && code >= 0x80 {
+                // A failed PUBREC ends the exchange.
+                self.inbound_unacked -= 1;
+            }
+            self.queue_ack(ack, published.commit);
+        }
+        Ok(())
+    }
+
+    fn handle_pubrel(&mut self, r: PubResponse) {
+        let known = self.session.control.lock().inbound_qos2.remove(&r.packet_id);
+        if known {
+            self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+            if self.session.is_persistent() && self.broker.store.is_persistent() {
+                self.store_ops.push(StoreOp::InboundQos2Done {
+                    tenant: self.session.tenant.clone(),
+                    client_id: self.session.client_id.clone(),
+                    packet_id: r.packet_id,
+                });
+            }
+        }
+        let code = if known || !self.version.is_v5() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
+        self.queue_ack(Packet::PubComp(PubResponse { packet_id: r.packet_id, code, properties: AckProperties::default() }), None);
+    }
+
+    fn handle_pubrec(&mut self, a: PubResponse) {
+        let mut ob = self.session.outbox.lock();
+        let Some(inflight) = ob.inflight.get_mut(&a.packet_id) else {
+            drop(ob);
+            let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { reason::SUCCESS };
+            self.write(&Packet::PubRel(PubResponse { packet_id: a.packet_id, code, properties: AckProperties::default() }));
+            return;
+        };
+        if inflight.out.qos != QoS::ExactlyOnce {
+            return;
+        }
+        if a.code >= 0x80 {
+            // The receiver refused the message: the exchange ends here.
+            drop(ob);
+            self.finish_delivery(a.packet_id, InflightState::AwaitingAck, QoS::ExactlyOnce);
+            return;
+        }
+        inflight.state = InflightState::AwaitingComp;
+        let message_id = inflight.out.message_id;
+        drop(ob);
+        if message_id != 0 {
+            self.store_ops.push(StoreOp::Released {
+                tenant: self.session.tenant.clone(),
+                client_id: self.session.client_id.clone(),
+                message_id,
+            });
+        }
+        self.write(&Packet::PubRel(PubResponse { packet_id: a.packet_id, ..Default::default() }));
+    }
+
+    /// Completes an outbound delivery on PUBACK / PUBCOMP (or a failed PUBREC).
+    fn finish_delivery(&mut self, packet_id: u16, expected: InflightState, qos: QoS) {
+        let mut ob = self.session.outbox.lock();
+        let matches = ob
+            .inflight
+            .get(&packet_id)
+            .is_some_and(|i| i.out.qos == qos && (i.state == expected || qos == QoS::ExactlyOnce));
+        if !matches {
+            return;
+        }
+        let Some(done) = ob.inflight.shift_remove(&packet_id) else { return };
+        drop(ob);
+        self.broker.metrics.inflight.fetch_sub(1, Relaxed);
+        if done.out.message_id != 0 {
+            self.store_ops.push(StoreOp::Dequeue {
+                tenant: self.session.tenant.clone(),
+                client_id: self.session.client_id.clone(),
+                message_id: done.out.message_id,
+            });
+        }
+    }
+
+    /// Moves queued messages into the write buffer while the client's window has room.
+    fn pump(&mut self) {
+        if self.wbuf.len() >= WRITE_HIGH_WATER {
+            return;
+        }
+        let now = now_millis();
+        {
+            let session = self.session.clone();
+            let mut ob = session.outbox.lock();
+            while self.batch.len() < PUMP_BATCH {
+                let Some(front) = ob.queue.front() else { break };
+                if front.qos != QoS::AtMostOnce && ob.inflight.len() >= self.send_window {
+                    break;
+                }
+                let Some(out) = ob.queue.pop_front() else { break };
+                self.broker.metrics.queued.fetch_sub(1, Relaxed);
+                if out.qos == QoS::AtMostOnce {
+                    ob.qos0_queued -= 1;
+                }
+                if out.message.is_expired(now) {
+                    self.broker.metrics.drop_message(DropReason::Expired);
+                    self.dequeue_op(&out);
+                    continue;
+                }
+                let pid = if out.qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    let Some(pid) = ob.allocate_packet_id() else {
+                        ob.queue.push_front(out);
+                        break;
+                    };
+                    ob.inflight.insert(pid, Inflight { out: out.clone(), state: InflightState::AwaitingAck });
+                    self.broker.metrics.inflight.fetch_add(1, Relaxed);
+                    pid
+                };
+                self.batch.push((out, pid));
+            }
+        }
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.batch);
+        let mut too_large = Vec::new();
+        for (out, pid) in &batch {
+            let mut publish = self.publish_packet(out, *pid, false, true);
+            self.apply_outbound_alias(&mut publish);
+            let packet = Packet::Publish(publish);
+            match mqtt::encoded_len(&packet, self.version) {
+                Ok(len) if len <= self.client_max_packet => {
+                    self.write(&packet);
+                    self.broker.metrics.sent[out.qos as usize].fetch_add(1, Relaxed);
+                    if out.qos == QoS::ExactlyOnce && out.message_id != 0 {
+                        self.store_ops.push(StoreOp::Sent {
+                            tenant: self.session.tenant.clone(),
+                            client_id: self.session.client_id.clone(),
+                            message_id: out.message_id,
+                            packet_id: *pid,
+                        });
+                    }
+                }
+                _ => {
+                    // Larger than the client accepts: dropped as if delivered (MQTT 5 §3.1.2.11.4).
+                    self.broker.metrics.drop_message(DropReason::TooLargeForClient);
+                    too_large.push(*pid);
+                    self.dequeue_op(out);
+                }
+            }
+        }
+        if !too_large.is_empty() {
+            let mut ob = self.session.outbox.lock();
+            for pid in too_large.into_iter().filter(|p| *p != 0) {
+                if ob.inflight.shift_remove(&pid).is_some() {
+                    self.broker.metrics.inflight.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+        self.batch = batch;
+        self.batch.clear();
+    }
+
+    fn dequeue_op(&mut self, out: &Outgoing) {
+        if out.message_id != 0 {
+            self.store_ops.push(StoreOp::Dequeue {
+                tenant: self.session.tenant.clone(),
+                client_id: self.session.client_id.clone(),
+                message_id: out.message_id,
+            });
+        }
+    }
+
+    fn apply_outbound_alias(&mut self, publish: &mut Publish) {
+        if self.client_alias_max == 0 {
+            return;
+        }
+        if let Some(alias) = self.out_aliases.get(&publish.topic) {
+            publish.properties.topic_alias = Some(*alias);
+            publish.topic = Arc::from("");
+        } else if self.out_aliases.len() < usize::from(self.client_alias_max) {
+            let alias = self.out_aliases.len() as u16 + 1;
+            self.out_aliases.insert(publish.topic.clone(), alias);
+            publish.properties.topic_alias = Some(alias);
+        }
+    }
+
+    async fn handle_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
+        let v5 = self.version.is_v5();
+        if s.subscription_identifier == Some(0) {
+            return Err(Close::Reason(reason::PROTOCOL_ERROR, "subscription identifier 0"));
+        }
+        let persistent = self.session.is_persistent() && self.broker.store.is_persistent();
+        let mut codes = Vec::with_capacity(s.filters.len());
+        let mut ops = Vec::new();
+        let mut retained_to_send = Vec::new();
+        for req in &s.filters {
+            let Some((group, filter)) = self.broker.check_filter(&req.filter) else {
+                codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { reason::UNSPECIFIED_ERROR });
+                continue;
+            };
+            if group.is_some() && req.options.no_local {
+                return Err(Close::Reason(reason::PROTOCOL_ERROR, "No Local on a shared subscription"));
+            }
+            let record = SubscriptionRecord {
+                filter: Arc::from(req.filter.as_str()),
+                qos: req.options.qos,
+                no_local: req.options.no_local,
+                retain_as_published: req.options.retain_as_published,
+                retain_handling: req.options.retain_handling,
+                subscription_id: s.subscription_identifier,
+            };
+            let Some(sub) = self.broker.router_subscription(&record) else {
+                codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { reason::UNSPECIFIED_ERROR });
+                continue;
+            };
+            let outcome = self.router.subscribe(&self.session, sub);
+            codes.push(req.options.qos.as_u8());
+            let send_retained = group.is_none()
+                && match req.options.retain_handling {
+                    0 => true,
+                    1 => outcome == ferrohub_router::SubscribeOutcome::New,
+                    _ => false,
+                };
+            if send_retained {
+                let mut found = Vec::new();
+                self.router.retained_matching(filter.as_str(), &mut found);
+                for m in found {
+                    retained_to_send.push((m, req.options.qos, s.subscription_identifier));
+                }
+            }
+            if persistent {
+                ops.push(StoreOp::PutSubscription {
+                    tenant: self.session.tenant.clone(),
+                    client_id: self.session.client_id.clone(),
+                    subscription: record.clone(),
+                });
+            }
+            self.session.control.lock().subscriptions.insert(record.filter.clone(), record);
+        }
+        let commit = if ops.is_empty() { None } else { self.submit_for_ack(ops).await? };
+        self.queue_ack(Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }), commit);
+        let now = now_millis();
+        for (m, qos, sub_id) in retained_to_send {
+            if m.is_expired(now) {
+                continue;
+            }
+            let qos = qos.min(m.qos);
+            let mut out = Outgoing {
+                message: m,
+                qos,
+                retain: true,
+                subscription_ids: sub_id.into_iter().collect(),
+                message_id: 0,
+                share: None,
+            };
+            if persistent && qos != QoS::AtMostOnce {
+                out.message_id = 0; // retained copies are re-derived from the retained store
+            }
+            let _ = self.session.push(out);
+        }
+        Ok(())
+    }
+
+    async fn submit_for_ack(&mut self, ops: Vec<StoreOp>) -> Result<Option<Commit>, Close> {
+        match self.broker.store.submit(ops).await {
+            Ok(c) => Ok(Some(c)),
+            Err(e) => {
+                tracing::error!(error = %e, "persisting a subscription change failed");
+                Err(Close::Reason(reason::UNSPECIFIED_ERROR, "state could not be persisted"))
+            }
+        }
+    }
+
+    async fn handle_unsubscribe(&mut self, u: Unsubscribe) -> Result<(), Close> {
+        let persistent = self.session.is_persistent() && self.broker.store.is_persistent();
+        let mut codes = Vec::with_capacity(u.filters.len());
+        let mut ops = Vec::new();
+        for f in &u.filters {
+            let existed = match self.broker.check_filter(f) {
+                Some((group, filter)) => {
+                    self.session.control.lock().subscriptions.remove(f.as_str());
+                    self.router.unsubscribe(self.session.id(), filter.as_str(), group.as_deref())
+                }
+                None => false,
+            };
+            if existed && persistent {
+                ops.push(StoreOp::DeleteSubscription {
+                    tenant: self.session.tenant.clone(),
+                    client_id: self.session.client_id.clone(),
+                    filter: Arc::from(f.as_str()),
+                });
+            }
+            codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
+        }
+        let commit = if ops.is_empty() { None } else { self.submit_for_ack(ops).await? };
+        let codes = if self.version.is_v5() { codes } else { Vec::new() };
+        self.queue_ack(Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }), commit);
+        Ok(())
+    }
+
+    fn handle_disconnect(&mut self, d: Disconnect) -> Result<(), Close> {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.session.expiry_secs.load(Relaxed) == 0 && expiry != 0 {
+                return Err(Close::Reason(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 at CONNECT"));
+            }
+            self.session.expiry_secs.store(expiry.min(self.broker.config.max_session_expiry_secs), Relaxed);
+        }
+        if d.code != reason::DISCONNECT_WITH_WILL {
+            self.will = None;
+        }
+        Err(Close::ClientDisconnect)
+    }
+
+    fn handle_auth(&mut self, a: Auth) -> Result<(), Close> {
+        let Some(method_name) = self.auth_method.clone() else {
+            return Err(Close::Reason(reason::PROTOCOL_ERROR, "AUTH without an authentication method"));
+        };
+        if a.properties.authentication_method.as_deref() != Some(method_name.as_str()) {
+            return Err(Close::Reason(reason::PROTOCOL_ERROR, "AUTH with a different method"));
+        }
+        let step = match (a.code, self.reauth.as_mut()) {
+            (reason::REAUTHENTICATE, _) => {
+                let Some(method) = self.broker.auth.method(&method_name).cloned() else {
+                    return Err(Close::Reason(reason::BAD_AUTHENTICATION_METHOD, "method no longer available"));
+                };
+                let (step, exchange) = method.start(&self.session.client_id, a.properties.authentication_data.as_deref());
+                self.reauth = Some(exchange);
+                step
+            }
+            (reason::CONTINUE_AUTHENTICATION, Some(exchange)) => exchange.step(a.properties.authentication_data.as_deref()),
+            _ => return Err(Close::Reason(reason::PROTOCOL_ERROR, "unexpected AUTH")),
+        };
+        let (code, data) = match step {
+            AuthStep::Continue(data) => (reason::CONTINUE_AUTHENTICATION, Some(data)),
+            AuthStep::Success(tenant, data) => {
+                self.reauth = None;
+                if tenant != self.session.tenant {
+                    return Err(Close::Reason(reason::NOT_AUTHORIZED, "re-authentication changed tenant"));
+                }
+                (reason::SUCCESS, data)
+            }
+            AuthStep::Failure => return Err(Close::Reason(reason::NOT_AUTHORIZED, "re-authentication failed")),
+        };
+        self.write(&Packet::Auth(Auth {
+            code,
+            properties: AuthProperties {
+                authentication_method: Some(method_name),
+                authentication_data: data,
+                ..AuthProperties::default()
+            },
+        }));
+        Ok(())
+    }
+
+    /// Says goodbye (v5 DISCONNECT where the spec wants one), flushes, and detaches the session.
+    async fn finish<W: AsyncWrite + Unpin>(mut self, writer: &mut W, close: Close) {
+        let (code, text, kick) = match &close {
+            Close::Io | Close::ClientDisconnect => (None, "", None),
+            Close::Reason(code, text) => (Some(*code), *text, None),
+            Close::Kicked(k) => {
+                let code = match k {
+                    Kick::TakenOver => reason::SESSION_TAKEN_OVER,
+                    Kick::Shutdown => reason::SERVER_SHUTTING_DOWN,
+                    Kick::Administrative => reason::ADMINISTRATIVE_ACTION,
+                };
+                (Some(code), "", Some(*k))
+            }
+        };
+        if let Some(code) = code {
+            tracing::debug!(peer = %self.peer, client_id = %self.session.client_id, reason = reason::name(code), detail = text, "closing connection");
+            if self.version.is_v5() {
+                let reason_string = (self.problem_info && !text.is_empty()).then(|| text.to_string());
+                self.write(&Packet::Disconnect(Disconnect {
+                    code,
+                    properties: DisconnectProperties { reason_string, ..Default::default() },
+                }));
+            }
+        }
+        if !matches!(close, Close::Io) && !self.wbuf.is_empty() {
+            let _ = timeout(Duration::from_secs(2), async {
+                let _ = writer.write_all(&self.wbuf).await;
+                let _ = writer.flush().await;
+            })
+            .await;
+        }
+        let _ = timeout(Duration::from_secs(1), writer.shutdown()).await;
+        if !self.store_ops.is_empty() {
+            let ops = std::mem::take(&mut self.store_ops);
+            self.broker.submit(ops).await;
+        }
+        let will = self.will.take().map(|mut w| {
+            // Expiry of a will counts from when it is published.
+            if let Some(props) = w.message.properties.as_mut()
+                && let Some(secs) = props.expires_at
+            {
+                Arc::make_mut(props).expires_at = Some(now_millis() + u64::from(w.delay_secs) * 1000 + secs * 1000);
+            }
+            w
+        });
+        if let Some(release) = self.release.take() {
+            self.broker.detach(&self.session, self.generation, kick, will, release).await;
+        }
+        tracing::debug!(peer = %self.peer, client_id = %self.session.client_id, "client disconnected");
+    }
+}
+
+/// Sends a refusing CONNACK (the v5 code mapped to 3.1.1 where needed).
+async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: ProtocolVersion, code: u8) {
+    let code = if version.is_v5() { code } else { reason::connack_v3(code) };
+    let mut buf = BytesMut::new();
+    let ack = Packet::ConnAck(ConnAck { session_present: false, code, properties: ConnAckProperties::default() });
+    if mqtt::encode(&ack, version, &mut buf).is_ok() {
+        let _ = writer.write_all(&buf).await;
+        let _ = writer.flush().await;
+    }
+}
+
+async fn read_packet<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    rbuf: &mut BytesMut,
+    version: ProtocolVersion,
+    max: usize,
+) -> Option<Packet> {
+    loop {
+        match mqtt::decode(rbuf, version, max) {
+            Ok(Some(p)) => return Some(p),
+            Ok(None) => {}
+            Err(_) => return None,
+        }
+        rbuf.reserve(512);
+        match reader.read_buf(rbuf).await {
+            Ok(0) | Err(_) => return None,
+            Ok(_) => {}
+        }
+    }
+}
+
+fn decode_error_text(e: &DecodeError) -> &'static str {
+    match e {
+        DecodeError::Malformed(s) | DecodeError::Protocol(s) => s,
+        DecodeError::TooLarge { .. } => "packet exceeds maximum packet size",
+        DecodeError::UnsupportedProtocol { .. } => "unsupported protocol",
+    }
+}
