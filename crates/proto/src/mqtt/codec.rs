@@ -1,4 +1,16 @@
-//! Encoding and decoding (to be implemented).
+//! Encoding and decoding.
+//!
+//! Decoding splits the packet's bytes off the read buffer and parses them in place: payloads,
+//! Correlation Data, passwords and Authentication Data are `Bytes` slices of that buffer, strings
+//! are validated once and copied once. Encoding is two passes over the same generic writer code,
+//! one counting ([`encoded_len`]) and one writing, so the two can never disagree.
+
+mod decode;
+mod encode;
+mod props;
+mod read;
+mod write;
+
 use bytes::BytesMut;
 use thiserror::Error;
 
@@ -58,25 +70,41 @@ pub enum EncodeError {
     NotInVersion(&'static str),
 }
 
+/// The largest Remaining Length a four-byte Variable Byte Integer can express.
+const MAX_REMAINING_LENGTH: usize = 268_435_455;
+
 /// Decodes one packet from the front of `buf`; see the module docs.
+///
+/// Returns `Ok(None)`, consuming nothing, until a whole packet is buffered. On success exactly
+/// the packet's bytes are consumed. After an error the buffer's contents are unspecified: every
+/// decode error is fatal to the connection.
+///
+/// `version` is the connection's negotiated version; CONNECT ignores it and describes itself.
 pub fn decode(
-    _buf: &mut BytesMut,
-    _version: ProtocolVersion,
-    _max_packet_size: usize,
+    buf: &mut BytesMut,
+    version: ProtocolVersion,
+    max_packet_size: usize,
 ) -> Result<Option<Packet>, DecodeError> {
-    Err(DecodeError::Malformed("codec not implemented yet"))
+    decode::decode(buf, version, max_packet_size)
 }
 
 /// Appends `packet` encoded for `version` to `buf`.
+///
+/// Fields the version cannot carry are dropped (v5 properties and reason codes under 3.1.1;
+/// SUBACK failure codes become 0x80); CONNECT is encoded for its own `protocol`. On error
+/// nothing is appended.
 pub fn encode(
-    _packet: &Packet,
-    _version: ProtocolVersion,
-    _buf: &mut BytesMut,
+    packet: &Packet,
+    version: ProtocolVersion,
+    buf: &mut BytesMut,
 ) -> Result<(), EncodeError> {
-    Err(EncodeError::TooLarge)
+    encode::encode(packet, version, buf)
 }
 
 /// The total encoded size of `packet` (fixed header included) under `version`.
-pub fn encoded_len(_packet: &Packet, _version: ProtocolVersion) -> Result<usize, EncodeError> {
-    Err(EncodeError::TooLarge)
+///
+/// Exactly the number of bytes [`encode`] appends, computed without allocating; it fails in the
+/// same cases `encode` does.
+pub fn encoded_len(packet: &Packet, version: ProtocolVersion) -> Result<usize, EncodeError> {
+    encode::encoded_len(packet, version)
 }

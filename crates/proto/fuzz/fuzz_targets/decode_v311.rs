@@ -1,0 +1,9 @@
+//! Fuzzes the MQTT 3.1.1 decoder; see `fuzz_targets/common.rs`.
+#![no_main]
+
+use ferrohub_proto::mqtt::ProtocolVersion;
+use libfuzzer_sys::fuzz_target;
+
+mod common;
+
+fuzz_target!(|data: &[u8]| common::run(data, ProtocolVersion::V311));
