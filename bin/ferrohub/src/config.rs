@@ -167,7 +167,8 @@ impl HubConfig {
         match path {
             Some(p) => {
                 anyhow::ensure!(p.exists(), "config file {} does not exist", p.display());
-                builder = builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
+                builder =
+                    builder.add_source(config::File::from(p).format(config::FileFormat::Toml));
             }
             None => {
                 builder = builder.add_source(

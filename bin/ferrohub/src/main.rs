@@ -88,7 +88,9 @@ enum Command {
 
 fn init_logging(format: LogFormat, level: &str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -106,7 +108,9 @@ async fn wait_for_signal() -> Result<()> {
         }
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     Ok(())
 }
 
@@ -115,7 +119,10 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Config(args) => {
             let cfg = args.load()?;
-            print!("{}", toml::to_string_pretty(&cfg).context("rendering configuration")?);
+            print!(
+                "{}",
+                toml::to_string_pretty(&cfg).context("rendering configuration")?
+            );
             Ok(())
         }
         Command::Serve(args) => {

@@ -53,7 +53,10 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     let mut out = String::with_capacity(8 * 1024);
     (state.metrics)(&mut out);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         out,
     )
 }

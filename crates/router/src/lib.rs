@@ -100,7 +100,11 @@ impl<S: Subscriber + ?Sized> Router<S> {
 
     /// Retained messages across tenants.
     pub fn retained_count(&self) -> usize {
-        self.tenants.read().values().map(|t| t.retained_count()).sum()
+        self.tenants
+            .read()
+            .values()
+            .map(|t| t.retained_count())
+            .sum()
     }
 
     /// Subscriptions across tenants.
@@ -140,12 +144,7 @@ impl<S: Subscriber + ?Sized> TenantRouter<S> {
     }
 
     /// Removes a subscription; returns whether it existed.
-    pub fn unsubscribe(
-        &self,
-        subscriber: SubscriberId,
-        filter: &str,
-        group: Option<&str>,
-    ) -> bool {
+    pub fn unsubscribe(&self, subscriber: SubscriberId, filter: &str, group: Option<&str>) -> bool {
         self.trie.write().remove(subscriber, filter, group)
     }
 

@@ -188,7 +188,9 @@ impl<S: Subscriber + ?Sized> SubscriptionTrie<S> {
             node = if level == "+" {
                 node.plus.get_or_insert_with(|| Box::new(Node::new()))
             } else {
-                node.children.entry(Box::from(level)).or_insert_with(Node::new)
+                node.children
+                    .entry(Box::from(level))
+                    .or_insert_with(Node::new)
             };
         }
         let subs = node.subs.get_or_insert_with(|| Box::new(Subs::new()));
@@ -358,20 +360,52 @@ fn collect<S: Subscriber + ?Sized>(
     let wild_ok = !(dollar && depth == 0);
     if let Some(subs) = node.subs.as_deref() {
         if wild_ok {
-            add(&subs.multi, &subs.multi_groups, publisher, message, out, shared);
+            add(
+                &subs.multi,
+                &subs.multi_groups,
+                publisher,
+                message,
+                out,
+                shared,
+            );
         }
         if depth == levels.len() {
-            add(&subs.exact, &subs.exact_groups, publisher, message, out, shared);
+            add(
+                &subs.exact,
+                &subs.exact_groups,
+                publisher,
+                message,
+                out,
+                shared,
+            );
         }
     }
     let Some(level) = levels.get(depth) else {
         return;
     };
     if let Some(child) = node.children.get(*level) {
-        collect(child, levels, depth + 1, dollar, publisher, message, out, shared);
+        collect(
+            child,
+            levels,
+            depth + 1,
+            dollar,
+            publisher,
+            message,
+            out,
+            shared,
+        );
     }
     if wild_ok && let Some(plus) = node.plus.as_deref() {
-        collect(plus, levels, depth + 1, dollar, publisher, message, out, shared);
+        collect(
+            plus,
+            levels,
+            depth + 1,
+            dollar,
+            publisher,
+            message,
+            out,
+            shared,
+        );
     }
 }
 
@@ -406,7 +440,8 @@ fn merge_overlapping<S: Subscriber + ?Sized>(out: &mut Vec<Match<S>>) {
         }
         kept.qos = kept.qos.max(later.qos);
         kept.retain |= later.retain;
-        kept.subscription_ids.extend(later.subscription_ids.drain(..));
+        kept.subscription_ids
+            .extend(later.subscription_ids.drain(..));
         true
     });
 }

@@ -13,7 +13,7 @@ pub use message::{Message, MessageProperties, UserProperty};
 pub use qos::QoS;
 pub use tenant::TenantId;
 pub use topic::{
-    SharedFilter, TopicError, TopicFilter, TopicName, TopicLimits, filter_matches, parse_shared,
+    SharedFilter, TopicError, TopicFilter, TopicLimits, TopicName, filter_matches, parse_shared,
 };
 
 /// Milliseconds since the Unix epoch, the one timestamp unit used across Ferrohub.

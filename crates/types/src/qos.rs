@@ -1,7 +1,9 @@
 use serde::{Deserialize, Serialize};
 
 /// MQTT quality of service: how hard the hub tries to deliver a message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 pub enum QoS {
     /// At most once: fire and forget.
     #[default]

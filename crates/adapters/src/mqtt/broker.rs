@@ -389,7 +389,11 @@ impl Broker {
         let subs: Vec<_> = session.control.lock().subscriptions.drain().collect();
         for (filter, _) in subs {
             if let Ok(parsed) = parse_shared(&filter, &self.config.topic_limits()) {
-                tenant_router.unsubscribe(session.id(), parsed.filter.as_str(), parsed.group.as_deref());
+                tenant_router.unsubscribe(
+                    session.id(),
+                    parsed.filter.as_str(),
+                    parsed.group.as_deref(),
+                );
             }
         }
         self.redispatch_shared(session, true).await;
@@ -444,7 +448,9 @@ impl Broker {
         let tenant_router = self.router.tenant(&session.tenant);
         let mut ops = Vec::new();
         for out in moved {
-            let Some(share) = out.share.clone() else { continue };
+            let Some(share) = out.share.clone() else {
+                continue;
+            };
             if out.message_id != 0 {
                 ops.push(StoreOp::Dequeue {
                     tenant: session.tenant.clone(),
@@ -490,7 +496,13 @@ impl Broker {
         let tenant_router = self.router.tenant(tenant);
         let mut scratch = Vec::new();
         let _ = self
-            .publish(&tenant_router, 0, Arc::new(message), Vec::new(), &mut scratch)
+            .publish(
+                &tenant_router,
+                0,
+                Arc::new(message),
+                Vec::new(),
+                &mut scratch,
+            )
             .await;
     }
 
@@ -568,7 +580,8 @@ impl Broker {
         }
         let mut undo = Vec::new();
         for m in scratch.drain(..) {
-            let persisted = message_id != 0 && m.qos != QoS::AtMostOnce && m.subscriber.is_persistent();
+            let persisted =
+                message_id != 0 && m.qos != QoS::AtMostOnce && m.subscriber.is_persistent();
             let client_id = persisted.then(|| m.subscriber.client_id.clone());
             let outcome = m.subscriber.push(Outgoing {
                 message: message.clone(),
@@ -594,7 +607,13 @@ impl Broker {
     }
 
     /// Publishes a message from the hub itself (`$SYS`, services) to a tenant.
-    pub async fn publish_internal(&self, tenant: &TenantId, topic: &str, payload: Bytes, retain: bool) {
+    pub async fn publish_internal(
+        &self,
+        tenant: &TenantId,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+    ) {
         let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
             return;
         };
@@ -608,7 +627,9 @@ impl Broker {
         });
         let tenant_router = self.router.tenant(tenant);
         let mut scratch = Vec::new();
-        let _ = self.publish(&tenant_router, 0, message, Vec::new(), &mut scratch).await;
+        let _ = self
+            .publish(&tenant_router, 0, message, Vec::new(), &mut scratch)
+            .await;
     }
 
     /// Tells every connected client to disconnect (server shutdown).

@@ -74,7 +74,8 @@ where
     let mut rbuf = BytesMut::new();
     let deadline = Duration::from_secs(broker.config.connect_timeout_secs);
     let max = broker.config.max_packet_size as usize;
-    let connect = match timeout(deadline, read_connect(&mut reader, &mut rbuf, max, &broker)).await {
+    let connect = match timeout(deadline, read_connect(&mut reader, &mut rbuf, max, &broker)).await
+    {
         Ok(Ok(c)) => c,
         Ok(Err(err)) => {
             broker.metrics.connections_refused.fetch_add(1, Relaxed);
@@ -87,7 +88,16 @@ where
             return;
         }
     };
-    let mut conn = match Connection::handshake(&broker, connect, &mut reader, &mut writer, rbuf, &info).await {
+    let mut conn = match Connection::handshake(
+        &broker,
+        connect,
+        &mut reader,
+        &mut writer,
+        rbuf,
+        &info,
+    )
+    .await
+    {
         Some(c) => c,
         None => {
             broker.metrics.connections_refused.fetch_add(1, Relaxed);
@@ -143,9 +153,10 @@ async fn refuse_undecodable<W: AsyncWrite + Unpin>(
     let Some(err) = err else { return };
     tracing::debug!(peer = %info.peer, error = %err, "refusing connection");
     let (version, code) = match (&err, peek_connect_level(rbuf)) {
-        (DecodeError::UnsupportedProtocol { .. }, _) => {
-            (ProtocolVersion::V311, reason::V3_UNACCEPTABLE_PROTOCOL_VERSION)
-        }
+        (DecodeError::UnsupportedProtocol { .. }, _) => (
+            ProtocolVersion::V311,
+            reason::V3_UNACCEPTABLE_PROTOCOL_VERSION,
+        ),
         (_, Some(5)) => (ProtocolVersion::V5, err.reason_code()),
         _ => return,
     };
@@ -240,7 +251,9 @@ impl Connection {
                     refuse(writer, version, reason::RETAIN_NOT_SUPPORTED).await;
                     return None;
                 }
-                if w.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&w.payload).is_err() {
+                if w.properties.payload_format_indicator == Some(1)
+                    && std::str::from_utf8(&w.payload).is_err()
+                {
                     refuse(writer, version, reason::PAYLOAD_FORMAT_INVALID).await;
                     return None;
                 }
@@ -259,12 +272,15 @@ impl Connection {
         // Authentication: enhanced (AUTH exchange) or credentials.
         let props = &connect.properties;
         let mut auth_data_out = None;
-        let tenant = if let Some(method_name) = props.authentication_method.as_deref().filter(|_| v5) {
+        let tenant = if let Some(method_name) =
+            props.authentication_method.as_deref().filter(|_| v5)
+        {
             let Some(method) = broker.auth.method(method_name).cloned() else {
                 refuse(writer, version, reason::BAD_AUTHENTICATION_METHOD).await;
                 return None;
             };
-            let (mut step, mut exchange) = method.start(&client_id, props.authentication_data.as_deref());
+            let (mut step, mut exchange) =
+                method.start(&client_id, props.authentication_data.as_deref());
             loop {
                 match step {
                     AuthStep::Success(tenant, data) => {
@@ -285,7 +301,9 @@ impl Connection {
                                 ..AuthProperties::default()
                             },
                         });
-                        if mqtt::encode(&auth, version, &mut buf).is_err() || writer.write_all(&buf).await.is_err() {
+                        if mqtt::encode(&auth, version, &mut buf).is_err()
+                            || writer.write_all(&buf).await.is_err()
+                        {
                             return None;
                         }
                         let next = timeout(
@@ -296,7 +314,8 @@ impl Connection {
                         match next {
                             Ok(Some(Packet::Auth(a)))
                                 if a.code == reason::CONTINUE_AUTHENTICATION
-                                    && a.properties.authentication_method.as_deref() == Some(method_name) =>
+                                    && a.properties.authentication_method.as_deref()
+                                        == Some(method_name) =>
                             {
                                 step = exchange.step(a.properties.authentication_data.as_deref());
                             }
@@ -345,11 +364,16 @@ impl Connection {
         let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
         let mut keep_alive = connect.keep_alive;
         let mut server_keep_alive = None;
-        if v5 && cfg.max_keep_alive_secs > 0 && (keep_alive == 0 || keep_alive > cfg.max_keep_alive_secs) {
+        if v5
+            && cfg.max_keep_alive_secs > 0
+            && (keep_alive == 0 || keep_alive > cfg.max_keep_alive_secs)
+        {
             keep_alive = cfg.max_keep_alive_secs;
             server_keep_alive = Some(keep_alive);
         }
-        let attached = broker.attach(&tenant, &client_id, connect.clean_start, expiry).await;
+        let attached = broker
+            .attach(&tenant, &client_id, connect.clean_start, expiry)
+            .await;
         let session = attached.session;
         let ack = ConnAck {
             session_present: attached.session_present,
@@ -360,7 +384,8 @@ impl Connection {
                     receive_maximum: Some(cfg.max_inflight),
                     maximum_packet_size: Some(cfg.max_packet_size),
                     assigned_client_identifier: assigned,
-                    topic_alias_maximum: (cfg.topic_alias_maximum > 0).then_some(cfg.topic_alias_maximum),
+                    topic_alias_maximum: (cfg.topic_alias_maximum > 0)
+                        .then_some(cfg.topic_alias_maximum),
                     retain_available: (!cfg.retain_available).then_some(0),
                     server_keep_alive,
                     authentication_method: props.authentication_method.clone(),
@@ -398,10 +423,20 @@ impl Connection {
             release: Some(attached.release),
             version,
             peer: info.peer,
-            keep_alive: (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
-            send_window: usize::from(props.receive_maximum.unwrap_or(u16::MAX).min(cfg.max_outbound_inflight)),
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            send_window: usize::from(
+                props
+                    .receive_maximum
+                    .unwrap_or(u16::MAX)
+                    .min(cfg.max_outbound_inflight),
+            ),
             client_max_packet: props.maximum_packet_size.map_or(usize::MAX, |m| m as usize),
-            client_alias_max: if v5 { props.topic_alias_maximum.unwrap_or(0) } else { 0 },
+            client_alias_max: if v5 {
+                props.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
             out_aliases: HashMap::new(),
             in_aliases: HashMap::new(),
             will,
@@ -440,7 +475,10 @@ impl Connection {
                 InflightState::AwaitingAck => {
                     Packet::Publish(self.publish_packet(&inflight.out, *pid, true, false))
                 }
-                InflightState::AwaitingComp => Packet::PubRel(PubResponse { packet_id: *pid, ..Default::default() }),
+                InflightState::AwaitingComp => Packet::PubRel(PubResponse {
+                    packet_id: *pid,
+                    ..Default::default()
+                }),
             });
         }
         drop(ob);
@@ -451,7 +489,13 @@ impl Connection {
 
     /// The PUBLISH for a delivery. Topic aliases are only used for fresh sends (`use_alias`),
     /// because a resend may go to a new connection whose alias table is empty.
-    fn publish_packet(&self, out: &Outgoing, packet_id: u16, dup: bool, use_alias: bool) -> Publish {
+    fn publish_packet(
+        &self,
+        out: &Outgoing,
+        packet_id: u16,
+        dup: bool,
+        use_alias: bool,
+    ) -> Publish {
         let _ = use_alias;
         let m = &out.message;
         let mut properties = PublishProperties::default();
@@ -500,7 +544,8 @@ impl Connection {
             }
             self.flush_ready_acks();
             let commit_waiting = matches!(self.pending_acks.front(), Some((_, Some(_))));
-            let can_read = self.wbuf.len() < WRITE_HIGH_WATER && self.pending_acks.len() < MAX_PENDING_ACKS;
+            let can_read =
+                self.wbuf.len() < WRITE_HIGH_WATER && self.pending_acks.len() < MAX_PENDING_ACKS;
             let keep_alive_deadline = self.keep_alive.map(|ka| last_read + ka);
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
                 self.rbuf.reserve(4096);
@@ -562,7 +607,11 @@ impl Connection {
     /// Decodes and handles every complete packet in the read buffer.
     async fn process_input(&mut self) -> Result<(), Close> {
         loop {
-            let packet = match mqtt::decode(&mut self.rbuf, self.version, self.broker.config.max_packet_size as usize) {
+            let packet = match mqtt::decode(
+                &mut self.rbuf,
+                self.version,
+                self.broker.config.max_packet_size as usize,
+            ) {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {
@@ -610,7 +659,10 @@ impl Connection {
             other => {
                 self.broker.metrics.protocol_errors.fetch_add(1, Relaxed);
                 tracing::debug!(peer = %self.peer, packet = other.name(), "closing connection: unexpected packet");
-                Err(Close::Reason(reason::PROTOCOL_ERROR, "unexpected packet from client"))
+                Err(Close::Reason(
+                    reason::PROTOCOL_ERROR,
+                    "unexpected packet from client",
+                ))
             }
         }
     }
@@ -653,9 +705,17 @@ impl Connection {
         self.broker.metrics.received[p.qos as usize].fetch_add(1, Relaxed);
         // Topic, resolving v5 topic aliases.
         let topic_str: Arc<str> = match p.properties.topic_alias {
-            Some(_) if !v5 => return Err(Close::Reason(reason::PROTOCOL_ERROR, "topic alias in 3.1.1")),
+            Some(_) if !v5 => {
+                return Err(Close::Reason(
+                    reason::PROTOCOL_ERROR,
+                    "topic alias in 3.1.1",
+                ));
+            }
             Some(alias) if alias == 0 || alias > cfg.topic_alias_maximum => {
-                return Err(Close::Reason(reason::TOPIC_ALIAS_INVALID, "topic alias out of range"));
+                return Err(Close::Reason(
+                    reason::TOPIC_ALIAS_INVALID,
+                    "topic alias out of range",
+                ));
             }
             Some(alias) if p.topic.is_empty() => match self.in_aliases.get(&alias) {
                 Some(t) => t.clone(),
@@ -671,17 +731,30 @@ impl Connection {
             Ok(t) => t,
             Err(e) => {
                 tracing::debug!(peer = %self.peer, error = %e, "closing connection: invalid topic name");
-                return Err(Close::Reason(reason::TOPIC_NAME_INVALID, "invalid topic name"));
+                return Err(Close::Reason(
+                    reason::TOPIC_NAME_INVALID,
+                    "invalid topic name",
+                ));
             }
         };
         if !p.properties.subscription_identifiers.is_empty() {
-            return Err(Close::Reason(reason::PROTOCOL_ERROR, "subscription identifier in PUBLISH from client"));
+            return Err(Close::Reason(
+                reason::PROTOCOL_ERROR,
+                "subscription identifier in PUBLISH from client",
+            ));
         }
         if p.retain && !cfg.retain_available {
-            return Err(Close::Reason(reason::RETAIN_NOT_SUPPORTED, "retain not supported"));
+            return Err(Close::Reason(
+                reason::RETAIN_NOT_SUPPORTED,
+                "retain not supported",
+            ));
         }
         let ack_for = |code: u8| -> Option<Packet> {
-            let r = PubResponse { packet_id: p.packet_id, code, properties: AckProperties::default() };
+            let r = PubResponse {
+                packet_id: p.packet_id,
+                code,
+                properties: AckProperties::default(),
+            };
             match p.qos {
                 QoS::AtMostOnce => None,
                 QoS::AtLeastOnce => Some(Packet::PubAck(r)),
@@ -689,7 +762,14 @@ impl Connection {
             }
         };
         if p.qos != QoS::AtMostOnce {
-            if p.qos == QoS::ExactlyOnce && self.session.control.lock().inbound_qos2.contains(&p.packet_id) {
+            if p.qos == QoS::ExactlyOnce
+                && self
+                    .session
+                    .control
+                    .lock()
+                    .inbound_qos2
+                    .contains(&p.packet_id)
+            {
                 // A retransmission of a message we already took: acknowledge again, route nothing.
                 if let Some(ack) = ack_for(reason::SUCCESS) {
                     self.queue_ack(ack, None);
@@ -697,17 +777,25 @@ impl Connection {
                 return Ok(());
             }
             if self.inbound_unacked >= usize::from(cfg.max_inflight) {
-                return Err(Close::Reason(reason::RECEIVE_MAXIMUM_EXCEEDED, "receive maximum exceeded"));
+                return Err(Close::Reason(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "receive maximum exceeded",
+                ));
             }
         }
-        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
             return match ack_for(reason::PAYLOAD_FORMAT_INVALID).filter(|_| v5) {
                 Some(ack) => {
                     self.inbound_unacked += usize::from(p.qos == QoS::AtLeastOnce);
                     self.queue_ack(ack, None);
                     Ok(())
                 }
-                None => Err(Close::Reason(reason::PAYLOAD_FORMAT_INVALID, "payload is not valid UTF-8")),
+                None => Err(Close::Reason(
+                    reason::PAYLOAD_FORMAT_INVALID,
+                    "payload is not valid UTF-8",
+                )),
             };
         }
         let now = now_millis();
@@ -723,11 +811,16 @@ impl Connection {
             if let Some(rt) = &pp.response_topic
                 && TopicName::new(rt, &cfg.topic_limits()).is_err()
             {
-                return Err(Close::Reason(reason::PROTOCOL_ERROR, "response topic is not a valid topic name"));
+                return Err(Close::Reason(
+                    reason::PROTOCOL_ERROR,
+                    "response topic is not a valid topic name",
+                ));
             }
             Some(Arc::new(MessageProperties {
                 payload_is_utf8: pp.payload_format_indicator == Some(1),
-                expires_at: pp.message_expiry_interval.map(|s| now + u64::from(s) * 1000),
+                expires_at: pp
+                    .message_expiry_interval
+                    .map(|s| now + u64::from(s) * 1000),
                 content_type: pp.content_type,
                 response_topic: pp.response_topic,
                 correlation_data: pp.correlation_data,
@@ -755,7 +848,13 @@ impl Connection {
         }
         let published = self
             .broker
-            .publish(&self.router, self.session.id(), message, extra, &mut self.scratch)
+            .publish(
+                &self.router,
+                self.session.id(),
+                message,
+                extra,
+                &mut self.scratch,
+            )
             .await;
         if p.qos == QoS::AtMostOnce {
             return Ok(());
@@ -764,7 +863,10 @@ impl Connection {
             if !v5 {
                 // 3.1.1 has no negative acknowledgement: closing without one makes the client
                 // send the message again later instead of believing it was delivered.
-                return Err(Close::Reason(reason::QUOTA_EXCEEDED, "subscriber queue full"));
+                return Err(Close::Reason(
+                    reason::QUOTA_EXCEEDED,
+                    "subscriber queue full",
+                ));
             }
             reason::QUOTA_EXCEEDED
         } else if !published.matched && v5 {
@@ -779,7 +881,8 @@ impl Connection {
         if let Some(mut ack) = ack_for(code) {
             if code >= 0x80 && self.problem_info {
                 if let Packet::PubAck(r) | Packet::PubRec(r) = &mut ack {
-                    r.properties.reason_string = Some("a subscriber's queue is full; retry later".into());
+                    r.properties.reason_string =
+                        Some("a subscriber's queue is full; retry later".into());
                 }
             }
             if p.qos == QoS::ExactlyOnce && code >= 0x80 {
@@ -792,7 +895,12 @@ impl Connection {
     }
 
     fn handle_pubrel(&mut self, r: PubResponse) {
-        let known = self.session.control.lock().inbound_qos2.remove(&r.packet_id);
+        let known = self
+            .session
+            .control
+            .lock()
+            .inbound_qos2
+            .remove(&r.packet_id);
         if known {
             self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
             if self.session.is_persistent() && self.broker.store.is_persistent() {
@@ -803,16 +911,35 @@ impl Connection {
                 });
             }
         }
-        let code = if known || !self.version.is_v5() { reason::SUCCESS } else { reason::PACKET_IDENTIFIER_NOT_FOUND };
-        self.queue_ack(Packet::PubComp(PubResponse { packet_id: r.packet_id, code, properties: AckProperties::default() }), None);
+        let code = if known || !self.version.is_v5() {
+            reason::SUCCESS
+        } else {
+            reason::PACKET_IDENTIFIER_NOT_FOUND
+        };
+        self.queue_ack(
+            Packet::PubComp(PubResponse {
+                packet_id: r.packet_id,
+                code,
+                properties: AckProperties::default(),
+            }),
+            None,
+        );
     }
 
     fn handle_pubrec(&mut self, a: PubResponse) {
         let mut ob = self.session.outbox.lock();
         let Some(inflight) = ob.inflight.get_mut(&a.packet_id) else {
             drop(ob);
-            let code = if self.version.is_v5() { reason::PACKET_IDENTIFIER_NOT_FOUND } else { reason::SUCCESS };
-            self.write(&Packet::PubRel(PubResponse { packet_id: a.packet_id, code, properties: AckProperties::default() }));
+            let code = if self.version.is_v5() {
+                reason::PACKET_IDENTIFIER_NOT_FOUND
+            } else {
+                reason::SUCCESS
+            };
+            self.write(&Packet::PubRel(PubResponse {
+                packet_id: a.packet_id,
+                code,
+                properties: AckProperties::default(),
+            }));
             return;
         };
         if inflight.out.qos != QoS::ExactlyOnce {
@@ -834,7 +961,10 @@ impl Connection {
                 message_id,
             });
         }
-        self.write(&Packet::PubRel(PubResponse { packet_id: a.packet_id, ..Default::default() }));
+        self.write(&Packet::PubRel(PubResponse {
+            packet_id: a.packet_id,
+            ..Default::default()
+        }));
     }
 
     /// Completes an outbound delivery on PUBACK / PUBCOMP (or a failed PUBREC).
@@ -847,7 +977,9 @@ impl Connection {
         if !matches {
             return;
         }
-        let Some(done) = ob.inflight.shift_remove(&packet_id) else { return };
+        let Some(done) = ob.inflight.shift_remove(&packet_id) else {
+            return;
+        };
         drop(ob);
         self.broker.metrics.inflight.fetch_sub(1, Relaxed);
         if done.out.message_id != 0 {
@@ -873,7 +1005,9 @@ impl Connection {
                 if front.qos != QoS::AtMostOnce && ob.inflight.len() >= self.send_window {
                     break;
                 }
-                let Some(out) = ob.queue.pop_front() else { break };
+                let Some(out) = ob.queue.pop_front() else {
+                    break;
+                };
                 self.broker.metrics.queued.fetch_sub(1, Relaxed);
                 if out.qos == QoS::AtMostOnce {
                     ob.qos0_queued -= 1;
@@ -890,7 +1024,13 @@ impl Connection {
                         ob.queue.push_front(out);
                         break;
                     };
-                    ob.inflight.insert(pid, Inflight { out: out.clone(), state: InflightState::AwaitingAck });
+                    ob.inflight.insert(
+                        pid,
+                        Inflight {
+                            out: out.clone(),
+                            state: InflightState::AwaitingAck,
+                        },
+                    );
                     self.broker.metrics.inflight.fetch_add(1, Relaxed);
                     pid
                 };
@@ -921,7 +1061,9 @@ impl Connection {
                 }
                 _ => {
                     // Larger than the client accepts: dropped as if delivered (MQTT 5 §3.1.2.11.4).
-                    self.broker.metrics.drop_message(DropReason::TooLargeForClient);
+                    self.broker
+                        .metrics
+                        .drop_message(DropReason::TooLargeForClient);
                     too_large.push(*pid);
                     self.dequeue_op(out);
                 }
@@ -966,7 +1108,10 @@ impl Connection {
     async fn handle_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
         let v5 = self.version.is_v5();
         if s.subscription_identifier == Some(0) {
-            return Err(Close::Reason(reason::PROTOCOL_ERROR, "subscription identifier 0"));
+            return Err(Close::Reason(
+                reason::PROTOCOL_ERROR,
+                "subscription identifier 0",
+            ));
         }
         let persistent = self.session.is_persistent() && self.broker.store.is_persistent();
         let mut codes = Vec::with_capacity(s.filters.len());
@@ -974,11 +1119,18 @@ impl Connection {
         let mut retained_to_send = Vec::new();
         for req in &s.filters {
             let Some((group, filter)) = self.broker.check_filter(&req.filter) else {
-                codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { reason::UNSPECIFIED_ERROR });
+                codes.push(if v5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    reason::UNSPECIFIED_ERROR
+                });
                 continue;
             };
             if group.is_some() && req.options.no_local {
-                return Err(Close::Reason(reason::PROTOCOL_ERROR, "No Local on a shared subscription"));
+                return Err(Close::Reason(
+                    reason::PROTOCOL_ERROR,
+                    "No Local on a shared subscription",
+                ));
             }
             let record = SubscriptionRecord {
                 filter: Arc::from(req.filter.as_str()),
@@ -989,7 +1141,11 @@ impl Connection {
                 subscription_id: s.subscription_identifier,
             };
             let Some(sub) = self.broker.router_subscription(&record) else {
-                codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { reason::UNSPECIFIED_ERROR });
+                codes.push(if v5 {
+                    reason::TOPIC_FILTER_INVALID
+                } else {
+                    reason::UNSPECIFIED_ERROR
+                });
                 continue;
             };
             let outcome = self.router.subscribe(&self.session, sub);
@@ -1014,10 +1170,25 @@ impl Connection {
                     subscription: record.clone(),
                 });
             }
-            self.session.control.lock().subscriptions.insert(record.filter.clone(), record);
+            self.session
+                .control
+                .lock()
+                .subscriptions
+                .insert(record.filter.clone(), record);
         }
-        let commit = if ops.is_empty() { None } else { self.submit_for_ack(ops).await? };
-        self.queue_ack(Packet::SubAck(SubAck { packet_id: s.packet_id, codes, properties: AckProperties::default() }), commit);
+        let commit = if ops.is_empty() {
+            None
+        } else {
+            self.submit_for_ack(ops).await?
+        };
+        self.queue_ack(
+            Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                codes,
+                properties: AckProperties::default(),
+            }),
+            commit,
+        );
         let now = now_millis();
         for (m, qos, sub_id) in retained_to_send {
             if m.is_expired(now) {
@@ -1045,7 +1216,10 @@ impl Connection {
             Ok(c) => Ok(Some(c)),
             Err(e) => {
                 tracing::error!(error = %e, "persisting a subscription change failed");
-                Err(Close::Reason(reason::UNSPECIFIED_ERROR, "state could not be persisted"))
+                Err(Close::Reason(
+                    reason::UNSPECIFIED_ERROR,
+                    "state could not be persisted",
+                ))
             }
         }
     }
@@ -1058,7 +1232,8 @@ impl Connection {
             let existed = match self.broker.check_filter(f) {
                 Some((group, filter)) => {
                     self.session.control.lock().subscriptions.remove(f.as_str());
-                    self.router.unsubscribe(self.session.id(), filter.as_str(), group.as_deref())
+                    self.router
+                        .unsubscribe(self.session.id(), filter.as_str(), group.as_deref())
                 }
                 None => false,
             };
@@ -1069,20 +1244,45 @@ impl Connection {
                     filter: Arc::from(f.as_str()),
                 });
             }
-            codes.push(if existed { reason::SUCCESS } else { reason::NO_SUBSCRIPTION_EXISTED });
+            codes.push(if existed {
+                reason::SUCCESS
+            } else {
+                reason::NO_SUBSCRIPTION_EXISTED
+            });
         }
-        let commit = if ops.is_empty() { None } else { self.submit_for_ack(ops).await? };
-        let codes = if self.version.is_v5() { codes } else { Vec::new() };
-        self.queue_ack(Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, codes, properties: AckProperties::default() }), commit);
+        let commit = if ops.is_empty() {
+            None
+        } else {
+            self.submit_for_ack(ops).await?
+        };
+        let codes = if self.version.is_v5() {
+            codes
+        } else {
+            Vec::new()
+        };
+        self.queue_ack(
+            Packet::UnsubAck(UnsubAck {
+                packet_id: u.packet_id,
+                codes,
+                properties: AckProperties::default(),
+            }),
+            commit,
+        );
         Ok(())
     }
 
     fn handle_disconnect(&mut self, d: Disconnect) -> Result<(), Close> {
         if let Some(expiry) = d.properties.session_expiry_interval {
             if self.session.expiry_secs.load(Relaxed) == 0 && expiry != 0 {
-                return Err(Close::Reason(reason::PROTOCOL_ERROR, "session expiry set on DISCONNECT after 0 at CONNECT"));
+                return Err(Close::Reason(
+                    reason::PROTOCOL_ERROR,
+                    "session expiry set on DISCONNECT after 0 at CONNECT",
+                ));
             }
-            self.session.expiry_secs.store(expiry.min(self.broker.config.max_session_expiry_secs), Relaxed);
+            self.session.expiry_secs.store(
+                expiry.min(self.broker.config.max_session_expiry_secs),
+                Relaxed,
+            );
         }
         if d.code != reason::DISCONNECT_WITH_WILL {
             self.will = None;
@@ -1092,21 +1292,35 @@ impl Connection {
 
     fn handle_auth(&mut self, a: Auth) -> Result<(), Close> {
         let Some(method_name) = self.auth_method.clone() else {
-            return Err(Close::Reason(reason::PROTOCOL_ERROR, "AUTH without an authentication method"));
+            return Err(Close::Reason(
+                reason::PROTOCOL_ERROR,
+                "AUTH without an authentication method",
+            ));
         };
         if a.properties.authentication_method.as_deref() != Some(method_name.as_str()) {
-            return Err(Close::Reason(reason::PROTOCOL_ERROR, "AUTH with a different method"));
+            return Err(Close::Reason(
+                reason::PROTOCOL_ERROR,
+                "AUTH with a different method",
+            ));
         }
         let step = match (a.code, self.reauth.as_mut()) {
             (reason::REAUTHENTICATE, _) => {
                 let Some(method) = self.broker.auth.method(&method_name).cloned() else {
-                    return Err(Close::Reason(reason::BAD_AUTHENTICATION_METHOD, "method no longer available"));
+                    return Err(Close::Reason(
+                        reason::BAD_AUTHENTICATION_METHOD,
+                        "method no longer available",
+                    ));
                 };
-                let (step, exchange) = method.start(&self.session.client_id, a.properties.authentication_data.as_deref());
+                let (step, exchange) = method.start(
+                    &self.session.client_id,
+                    a.properties.authentication_data.as_deref(),
+                );
                 self.reauth = Some(exchange);
                 step
             }
-            (reason::CONTINUE_AUTHENTICATION, Some(exchange)) => exchange.step(a.properties.authentication_data.as_deref()),
+            (reason::CONTINUE_AUTHENTICATION, Some(exchange)) => {
+                exchange.step(a.properties.authentication_data.as_deref())
+            }
             _ => return Err(Close::Reason(reason::PROTOCOL_ERROR, "unexpected AUTH")),
         };
         let (code, data) = match step {
@@ -1114,11 +1328,19 @@ impl Connection {
             AuthStep::Success(tenant, data) => {
                 self.reauth = None;
                 if tenant != self.session.tenant {
-                    return Err(Close::Reason(reason::NOT_AUTHORIZED, "re-authentication changed tenant"));
+                    return Err(Close::Reason(
+                        reason::NOT_AUTHORIZED,
+                        "re-authentication changed tenant",
+                    ));
                 }
                 (reason::SUCCESS, data)
             }
-            AuthStep::Failure => return Err(Close::Reason(reason::NOT_AUTHORIZED, "re-authentication failed")),
+            AuthStep::Failure => {
+                return Err(Close::Reason(
+                    reason::NOT_AUTHORIZED,
+                    "re-authentication failed",
+                ));
+            }
         };
         self.write(&Packet::Auth(Auth {
             code,
@@ -1148,10 +1370,14 @@ impl Connection {
         if let Some(code) = code {
             tracing::debug!(peer = %self.peer, client_id = %self.session.client_id, reason = reason::name(code), detail = text, "closing connection");
             if self.version.is_v5() {
-                let reason_string = (self.problem_info && !text.is_empty()).then(|| text.to_string());
+                let reason_string =
+                    (self.problem_info && !text.is_empty()).then(|| text.to_string());
                 self.write(&Packet::Disconnect(Disconnect {
                     code,
-                    properties: DisconnectProperties { reason_string, ..Default::default() },
+                    properties: DisconnectProperties {
+                        reason_string,
+                        ..Default::default()
+                    },
                 }));
             }
         }
@@ -1172,12 +1398,15 @@ impl Connection {
             if let Some(props) = w.message.properties.as_mut()
                 && let Some(secs) = props.expires_at
             {
-                Arc::make_mut(props).expires_at = Some(now_millis() + u64::from(w.delay_secs) * 1000 + secs * 1000);
+                Arc::make_mut(props).expires_at =
+                    Some(now_millis() + u64::from(w.delay_secs) * 1000 + secs * 1000);
             }
             w
         });
         if let Some(release) = self.release.take() {
-            self.broker.detach(&self.session, self.generation, kick, will, release).await;
+            self.broker
+                .detach(&self.session, self.generation, kick, will, release)
+                .await;
         }
         tracing::debug!(peer = %self.peer, client_id = %self.session.client_id, "client disconnected");
     }
@@ -1185,9 +1414,17 @@ impl Connection {
 
 /// Sends a refusing CONNACK (the v5 code mapped to 3.1.1 where needed).
 async fn refuse<W: AsyncWrite + Unpin>(writer: &mut W, version: ProtocolVersion, code: u8) {
-    let code = if version.is_v5() { code } else { reason::connack_v3(code) };
+    let code = if version.is_v5() {
+        code
+    } else {
+        reason::connack_v3(code)
+    };
     let mut buf = BytesMut::new();
-    let ack = Packet::ConnAck(ConnAck { session_present: false, code, properties: ConnAckProperties::default() });
+    let ack = Packet::ConnAck(ConnAck {
+        session_present: false,
+        code,
+        properties: ConnAckProperties::default(),
+    });
     if mqtt::encode(&ack, version, &mut buf).is_ok() {
         let _ = writer.write_all(&buf).await;
         let _ = writer.flush().await;

@@ -105,23 +105,106 @@ impl BrokerMetrics {
     /// Appends the Prometheus text exposition of every metric to `out`.
     pub fn render_prometheus(&self, out: &mut String, subscriptions: usize) {
         let g = |out: &mut String, name: &str, help: &str, kind: &str, v: i128| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
-        g(out, "ferrohub_mqtt_connections", "Open MQTT connections.", "gauge", self.connections.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_connections_total", "MQTT connections accepted.", "counter", self.connections_total.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_connections_refused_total", "MQTT connections refused before a successful CONNACK.", "counter", self.connections_refused.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_sessions", "MQTT sessions (online and offline).", "gauge", self.sessions.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_persistent_sessions", "Persistent MQTT sessions.", "gauge", self.persistent_sessions.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_subscriptions", "Subscriptions.", "gauge", subscriptions as i128);
-        g(out, "ferrohub_mqtt_retained_messages", "Retained messages.", "gauge", self.retained.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_queued_messages", "Messages queued in sessions, not yet in flight.", "gauge", self.queued.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_inflight_messages", "Unacknowledged QoS 1/2 deliveries.", "gauge", self.inflight.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_bytes_received_total", "Bytes received from MQTT clients.", "counter", self.bytes_received.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_bytes_sent_total", "Bytes sent to MQTT clients.", "counter", self.bytes_sent.load(Relaxed).into());
-        g(out, "ferrohub_mqtt_protocol_errors_total", "Connections closed for malformed packets or protocol violations.", "counter", self.protocol_errors.load(Relaxed).into());
+        g(
+            out,
+            "ferrohub_mqtt_connections",
+            "Open MQTT connections.",
+            "gauge",
+            self.connections.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_connections_total",
+            "MQTT connections accepted.",
+            "counter",
+            self.connections_total.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_connections_refused_total",
+            "MQTT connections refused before a successful CONNACK.",
+            "counter",
+            self.connections_refused.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_sessions",
+            "MQTT sessions (online and offline).",
+            "gauge",
+            self.sessions.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_persistent_sessions",
+            "Persistent MQTT sessions.",
+            "gauge",
+            self.persistent_sessions.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_subscriptions",
+            "Subscriptions.",
+            "gauge",
+            subscriptions as i128,
+        );
+        g(
+            out,
+            "ferrohub_mqtt_retained_messages",
+            "Retained messages.",
+            "gauge",
+            self.retained.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_queued_messages",
+            "Messages queued in sessions, not yet in flight.",
+            "gauge",
+            self.queued.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_inflight_messages",
+            "Unacknowledged QoS 1/2 deliveries.",
+            "gauge",
+            self.inflight.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_bytes_received_total",
+            "Bytes received from MQTT clients.",
+            "counter",
+            self.bytes_received.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_bytes_sent_total",
+            "Bytes sent to MQTT clients.",
+            "counter",
+            self.bytes_sent.load(Relaxed).into(),
+        );
+        g(
+            out,
+            "ferrohub_mqtt_protocol_errors_total",
+            "Connections closed for malformed packets or protocol violations.",
+            "counter",
+            self.protocol_errors.load(Relaxed).into(),
+        );
         for (name, help, arr) in [
-            ("ferrohub_mqtt_messages_received_total", "PUBLISH packets received, by QoS.", &self.received),
-            ("ferrohub_mqtt_messages_sent_total", "PUBLISH packets sent, by QoS.", &self.sent),
+            (
+                "ferrohub_mqtt_messages_received_total",
+                "PUBLISH packets received, by QoS.",
+                &self.received,
+            ),
+            (
+                "ferrohub_mqtt_messages_sent_total",
+                "PUBLISH packets sent, by QoS.",
+                &self.sent,
+            ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (qos, v) in arr.iter().enumerate() {
@@ -129,9 +212,17 @@ impl BrokerMetrics {
             }
         }
         let name = "ferrohub_mqtt_messages_dropped_total";
-        let _ = writeln!(out, "# HELP {name} Deliveries dropped, by reason.\n# TYPE {name} counter");
+        let _ = writeln!(
+            out,
+            "# HELP {name} Deliveries dropped, by reason.\n# TYPE {name} counter"
+        );
         for r in DropReason::ALL {
-            let _ = writeln!(out, "{name}{{reason=\"{}\"}} {}", r.label(), self.dropped(r));
+            let _ = writeln!(
+                out,
+                "{name}{{reason=\"{}\"}} {}",
+                r.label(),
+                self.dropped(r)
+            );
         }
     }
 }

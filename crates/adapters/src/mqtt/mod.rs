@@ -32,7 +32,11 @@ impl Broker {
     pub async fn shutdown_gracefully(&self, grace: std::time::Duration) {
         self.kick_all(Kick::Shutdown);
         let deadline = tokio::time::Instant::now() + grace;
-        while self.metrics.connections.load(std::sync::atomic::Ordering::Relaxed) > 0
+        while self
+            .metrics
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -44,6 +48,7 @@ impl Broker {
 
     /// Prometheus text for the broker's metrics.
     pub fn render_metrics(&self, out: &mut String) {
-        self.metrics.render_prometheus(out, self.router.subscription_count());
+        self.metrics
+            .render_prometheus(out, self.router.subscription_count());
     }
 }

@@ -27,23 +27,64 @@ pub fn spawn_sys_publisher(broker: Arc<Broker>) -> Option<tokio::task::JoinHandl
             }
             let m = &broker.metrics;
             let stats: [(&str, String); 14] = [
-                ("$SYS/broker/version", format!("ferrohub {}", env!("CARGO_PKG_VERSION"))),
-                ("$SYS/broker/uptime", format!("{} seconds", broker.started.elapsed().as_secs())),
-                ("$SYS/broker/clients/connected", m.connections.load(Relaxed).to_string()),
-                ("$SYS/broker/clients/total", broker.session_count().to_string()),
-                ("$SYS/broker/clients/maximum", broker.config.max_connections.to_string()),
-                ("$SYS/broker/messages/received", m.received_total().to_string()),
+                (
+                    "$SYS/broker/version",
+                    format!("ferrohub {}", env!("CARGO_PKG_VERSION")),
+                ),
+                (
+                    "$SYS/broker/uptime",
+                    format!("{} seconds", broker.started.elapsed().as_secs()),
+                ),
+                (
+                    "$SYS/broker/clients/connected",
+                    m.connections.load(Relaxed).to_string(),
+                ),
+                (
+                    "$SYS/broker/clients/total",
+                    broker.session_count().to_string(),
+                ),
+                (
+                    "$SYS/broker/clients/maximum",
+                    broker.config.max_connections.to_string(),
+                ),
+                (
+                    "$SYS/broker/messages/received",
+                    m.received_total().to_string(),
+                ),
                 ("$SYS/broker/messages/sent", m.sent_total().to_string()),
-                ("$SYS/broker/messages/dropped", m.dropped_total().to_string()),
-                ("$SYS/broker/messages/inflight", m.inflight.load(Relaxed).to_string()),
-                ("$SYS/broker/messages/queued", m.queued.load(Relaxed).to_string()),
-                ("$SYS/broker/retained messages/count", m.retained.load(Relaxed).to_string()),
-                ("$SYS/broker/subscriptions/count", broker.router.subscription_count().to_string()),
-                ("$SYS/broker/bytes/received", m.bytes_received.load(Relaxed).to_string()),
-                ("$SYS/broker/bytes/sent", m.bytes_sent.load(Relaxed).to_string()),
+                (
+                    "$SYS/broker/messages/dropped",
+                    m.dropped_total().to_string(),
+                ),
+                (
+                    "$SYS/broker/messages/inflight",
+                    m.inflight.load(Relaxed).to_string(),
+                ),
+                (
+                    "$SYS/broker/messages/queued",
+                    m.queued.load(Relaxed).to_string(),
+                ),
+                (
+                    "$SYS/broker/retained messages/count",
+                    m.retained.load(Relaxed).to_string(),
+                ),
+                (
+                    "$SYS/broker/subscriptions/count",
+                    broker.router.subscription_count().to_string(),
+                ),
+                (
+                    "$SYS/broker/bytes/received",
+                    m.bytes_received.load(Relaxed).to_string(),
+                ),
+                (
+                    "$SYS/broker/bytes/sent",
+                    m.bytes_sent.load(Relaxed).to_string(),
+                ),
             ];
             for (topic, value) in stats {
-                broker.publish_internal(&tenant, topic, Bytes::from(value), true).await;
+                broker
+                    .publish_internal(&tenant, topic, Bytes::from(value), true)
+                    .await;
             }
         }
     }))

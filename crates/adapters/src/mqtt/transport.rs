@@ -56,20 +56,32 @@ pub fn tls_acceptor(
     if certs.is_empty() {
         return Err(TlsSetupError::Certificate("empty".into()));
     }
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsSetupError::Key(e.to_string()))?;
+    let key =
+        PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsSetupError::Key(e.to_string()))?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
     let config = match client_ca_pem {
         Some(ca_pem) => {
             let mut roots = rustls::RootCertStore::empty();
             for cert in CertificateDer::pem_slice_iter(ca_pem) {
                 let cert = cert.map_err(|e| TlsSetupError::ClientCa(e.to_string()))?;
-                roots.add(cert).map_err(|e| TlsSetupError::ClientCa(e.to_string()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| TlsSetupError::ClientCa(e.to_string()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if require_client_cert { verifier } else { verifier.allow_unauthenticated() };
-            let verifier = verifier.build().map_err(|e| TlsSetupError::ClientCa(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier).with_single_cert(certs, key)?
+            let verifier = if require_client_cert {
+                verifier
+            } else {
+                verifier.allow_unauthenticated()
+            };
+            let verifier = verifier
+                .build()
+                .map_err(|e| TlsSetupError::ClientCa(e.to_string()))?;
+            builder
+                .with_client_cert_verifier(verifier)
+                .with_single_cert(certs, key)?
         }
         None => builder.with_no_client_auth().with_single_cert(certs, key)?,
     };
@@ -107,7 +119,10 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
         let broker = broker.clone();
         let transport = transport.clone();
         tokio::spawn(async move {
-            let info = ConnInfo { peer, tls_identity: None };
+            let info = ConnInfo {
+                peer,
+                tls_identity: None,
+            };
             match transport {
                 Transport::Tcp => {
                     let (r, w) = stream.into_split();
@@ -132,7 +147,9 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
                             let (r, w) = tokio::io::split(WsIo::new(ws));
                             serve(broker, r, w, info).await;
                         }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "WebSocket handshake failed"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "WebSocket handshake failed")
+                        }
                         Err(_) => tracing::debug!(%peer, "WebSocket handshake timed out"),
                     }
                 }
@@ -141,7 +158,10 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
     }
 }
 
-async fn accept_ws(stream: TcpStream, max_message: usize) -> Result<WebSocketStream<TcpStream>, tungstenite::Error> {
+async fn accept_ws(
+    stream: TcpStream,
+    max_message: usize,
+) -> Result<WebSocketStream<TcpStream>, tungstenite::Error> {
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/mqtt" {
             let mut err = ErrorResponse::new(Some("MQTT over WebSocket is served at /mqtt".into()));
@@ -156,7 +176,8 @@ async fn accept_ws(stream: TcpStream, max_message: usize) -> Result<WebSocketStr
             .flat_map(|v| v.split(','))
             .any(|p| p.trim() == "mqtt");
         if offers_mqtt {
-            resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+            resp.headers_mut()
+                .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
         }
         Ok(resp)
     };
@@ -175,7 +196,10 @@ pub struct WsIo<S> {
 impl<S> WsIo<S> {
     /// Wraps an accepted WebSocket.
     pub fn new(ws: WebSocketStream<S>) -> Self {
-        WsIo { ws, pending: Bytes::new() }
+        WsIo {
+            ws,
+            pending: Bytes::new(),
+        }
     }
 }
 
@@ -184,7 +208,11 @@ fn ws_err(e: tungstenite::Error) -> io::Error {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         loop {
             if !self.pending.is_empty() {
                 let n = self.pending.len().min(buf.remaining());
@@ -196,7 +224,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
                 Some(Ok(WsMessage::Binary(b))) => self.pending = b,
                 Some(Ok(WsMessage::Close(_))) | None => return Poll::Ready(Ok(())),
                 Some(Ok(WsMessage::Text(_))) => {
-                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, "MQTT over WebSocket uses binary frames")));
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "MQTT over WebSocket uses binary frames",
+                    )));
                 }
                 Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 Some(Err(e)) => return Poll::Ready(Err(ws_err(e))),
@@ -206,7 +237,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for WsIo<S> {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         ready!(Pin::new(&mut self.ws).poll_ready(cx)).map_err(ws_err)?;
         Pin::new(&mut self.ws)
             .start_send(WsMessage::Binary(Bytes::copy_from_slice(buf)))
