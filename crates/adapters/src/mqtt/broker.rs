@@ -146,11 +146,11 @@ impl Broker {
                                 InflightState::AwaitingAck
                             };
                             ob.inflight.insert(pid, Inflight { out, state });
-                            self.metrics.inflight.fetch_add(1, Relaxed);
+                            self.metrics.inflight.add(1);
                         }
                         _ => {
                             ob.queue.push_back(out);
-                            self.metrics.queued.fetch_add(1, Relaxed);
+                            self.metrics.queued.add(1);
                         }
                     }
                 }
@@ -425,7 +425,7 @@ impl Broker {
             }
             ob.queue = kept;
             ob.qos0_queued = ob.queue.iter().filter(|o| o.qos == QoS::AtMostOnce).count();
-            self.metrics.queued.fetch_sub(moved.len() as i64, Relaxed);
+            self.metrics.queued.sub(moved.len() as i64);
             if include_inflight {
                 let pids: Vec<u16> = ob
                     .inflight
@@ -435,7 +435,7 @@ impl Broker {
                     .collect();
                 for pid in pids {
                     if let Some(i) = ob.inflight.shift_remove(&pid) {
-                        self.metrics.inflight.fetch_sub(1, Relaxed);
+                        self.metrics.inflight.sub(1);
                         moved.push(i.out);
                     }
                 }

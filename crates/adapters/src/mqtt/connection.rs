@@ -128,7 +128,7 @@ async fn read_connect<R: AsyncRead + Unpin>(
         match reader.read_buf(rbuf).await {
             Ok(0) | Err(_) => return Err(None),
             Ok(n) => {
-                broker.metrics.bytes_received.fetch_add(n as u64, Relaxed);
+                broker.metrics.bytes_received.add(n as i64);
             }
         }
     }
@@ -577,7 +577,7 @@ impl Connection {
                         Ok(0) | Err(_) => return Close::Io,
                         Ok(n) => {
                             let _ = self.wbuf.split_to(n);
-                            self.broker.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+                            self.broker.metrics.bytes_sent.add(n as i64);
                             if self.wbuf.is_empty() && self.wbuf.capacity() > 64 * 1024 {
                                 self.wbuf = BytesMut::new();
                             }
@@ -588,7 +588,7 @@ impl Connection {
                     match res {
                         Ok(0) | Err(_) => return Close::Io,
                         Ok(n) => {
-                            self.broker.metrics.bytes_received.fetch_add(n as u64, Relaxed);
+                            self.broker.metrics.bytes_received.add(n as i64);
                             last_read = Instant::now();
                             if let Err(close) = self.process_input().await {
                                 return close;
@@ -702,7 +702,7 @@ impl Connection {
     async fn handle_publish(&mut self, p: Publish) -> Result<(), Close> {
         let v5 = self.version.is_v5();
         let cfg = &self.broker.config;
-        self.broker.metrics.received[p.qos as usize].fetch_add(1, Relaxed);
+        self.broker.metrics.received[p.qos as usize].add(1);
         // Topic, resolving v5 topic aliases.
         let topic_str: Arc<str> = match p.properties.topic_alias {
             Some(_) if !v5 => {
@@ -981,7 +981,7 @@ impl Connection {
             return;
         };
         drop(ob);
-        self.broker.metrics.inflight.fetch_sub(1, Relaxed);
+        self.broker.metrics.inflight.sub(1);
         if done.out.message_id != 0 {
             self.store_ops.push(StoreOp::Dequeue {
                 tenant: self.session.tenant.clone(),
@@ -1008,7 +1008,7 @@ impl Connection {
                 let Some(out) = ob.queue.pop_front() else {
                     break;
                 };
-                self.broker.metrics.queued.fetch_sub(1, Relaxed);
+                self.broker.metrics.queued.sub(1);
                 if out.qos == QoS::AtMostOnce {
                     ob.qos0_queued -= 1;
                 }
@@ -1031,7 +1031,7 @@ impl Connection {
                             state: InflightState::AwaitingAck,
                         },
                     );
-                    self.broker.metrics.inflight.fetch_add(1, Relaxed);
+                    self.broker.metrics.inflight.add(1);
                     pid
                 };
                 self.batch.push((out, pid));
@@ -1049,7 +1049,7 @@ impl Connection {
             match mqtt::encoded_len(&packet, self.version) {
                 Ok(len) if len <= self.client_max_packet => {
                     self.write(&packet);
-                    self.broker.metrics.sent[out.qos as usize].fetch_add(1, Relaxed);
+                    self.broker.metrics.sent[out.qos as usize].add(1);
                     if out.qos == QoS::ExactlyOnce && out.message_id != 0 {
                         self.store_ops.push(StoreOp::Sent {
                             tenant: self.session.tenant.clone(),
@@ -1073,7 +1073,7 @@ impl Connection {
             let mut ob = self.session.outbox.lock();
             for pid in too_large.into_iter().filter(|p| *p != 0) {
                 if ob.inflight.shift_remove(&pid).is_some() {
-                    self.broker.metrics.inflight.fetch_sub(1, Relaxed);
+                    self.broker.metrics.inflight.sub(1);
                 }
             }
         }

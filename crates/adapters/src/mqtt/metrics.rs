@@ -3,7 +3,45 @@
 //! increment, too much at hundreds of thousands of messages per second.)
 
 use std::fmt::Write;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering::Relaxed};
+
+use crossbeam_utils::CachePadded;
+
+const STRIPES: usize = 8;
+
+/// A counter split over cache-line-padded cells, one per worker thread (modulo), so that
+/// connections on different cores do not fight over one cache line on every message.
+#[derive(Debug, Default)]
+pub struct Striped {
+    cells: [CachePadded<AtomicI64>; STRIPES],
+}
+
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static INDEX: usize = NEXT.fetch_add(1, Relaxed) % STRIPES;
+    }
+    INDEX.with(|i| *i)
+}
+
+impl Striped {
+    /// Adds `v` (may be negative).
+    #[inline]
+    pub fn add(&self, v: i64) {
+        self.cells[stripe()].fetch_add(v, Relaxed);
+    }
+
+    /// Subtracts `v`.
+    #[inline]
+    pub fn sub(&self, v: i64) {
+        self.add(-v);
+    }
+
+    /// The current total.
+    pub fn get(&self) -> i64 {
+        self.cells.iter().map(|c| c.load(Relaxed)).sum()
+    }
+}
 
 /// Why a message was not delivered to a subscriber.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,18 +96,18 @@ pub struct BrokerMetrics {
     /// Persistent sessions known.
     pub persistent_sessions: AtomicI64,
     /// PUBLISH received, by QoS.
-    pub received: [AtomicU64; 3],
+    pub received: [Striped; 3],
     /// PUBLISH sent, by QoS.
-    pub sent: [AtomicU64; 3],
+    pub sent: [Striped; 3],
     /// Bytes read from clients.
-    pub bytes_received: AtomicU64,
+    pub bytes_received: Striped,
     /// Bytes written to clients.
-    pub bytes_sent: AtomicU64,
+    pub bytes_sent: Striped,
     dropped: [AtomicU64; 6],
     /// Messages waiting in session queues (not yet in flight).
-    pub queued: AtomicI64,
+    pub queued: Striped,
     /// Unacknowledged QoS 1/2 deliveries.
-    pub inflight: AtomicI64,
+    pub inflight: Striped,
     /// Retained messages.
     pub retained: AtomicI64,
     /// Connections closed for protocol violations or malformed packets.
@@ -94,12 +132,12 @@ impl BrokerMetrics {
 
     /// PUBLISH received, all QoS.
     pub fn received_total(&self) -> u64 {
-        self.received.iter().map(|d| d.load(Relaxed)).sum()
+        self.received.iter().map(|d| d.get() as u64).sum()
     }
 
     /// PUBLISH sent, all QoS.
     pub fn sent_total(&self) -> u64 {
-        self.sent.iter().map(|d| d.load(Relaxed)).sum()
+        self.sent.iter().map(|d| d.get() as u64).sum()
     }
 
     /// Appends the Prometheus text exposition of every metric to `out`.
@@ -164,28 +202,28 @@ impl BrokerMetrics {
             "ferrohub_mqtt_queued_messages",
             "Messages queued in sessions, not yet in flight.",
             "gauge",
-            self.queued.load(Relaxed).into(),
+            self.queued.get().into(),
         );
         g(
             out,
             "ferrohub_mqtt_inflight_messages",
             "Unacknowledged QoS 1/2 deliveries.",
             "gauge",
-            self.inflight.load(Relaxed).into(),
+            self.inflight.get().into(),
         );
         g(
             out,
             "ferrohub_mqtt_bytes_received_total",
             "Bytes received from MQTT clients.",
             "counter",
-            self.bytes_received.load(Relaxed).into(),
+            self.bytes_received.get().into(),
         );
         g(
             out,
             "ferrohub_mqtt_bytes_sent_total",
             "Bytes sent to MQTT clients.",
             "counter",
-            self.bytes_sent.load(Relaxed).into(),
+            self.bytes_sent.get().into(),
         );
         g(
             out,
@@ -208,7 +246,7 @@ impl BrokerMetrics {
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
             for (qos, v) in arr.iter().enumerate() {
-                let _ = writeln!(out, "{name}{{qos=\"{qos}\"}} {}", v.load(Relaxed));
+                let _ = writeln!(out, "{name}{{qos=\"{qos}\"}} {}", v.get());
             }
         }
         let name = "ferrohub_mqtt_messages_dropped_total";

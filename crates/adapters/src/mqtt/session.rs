@@ -204,7 +204,7 @@ impl Session {
             if let Some(pos) = ob.queue.iter().position(|o| o.qos == QoS::AtMostOnce) {
                 ob.queue.remove(pos);
                 ob.qos0_queued -= 1;
-                self.metrics.queued.fetch_sub(1, Relaxed);
+                self.metrics.queued.sub(1);
                 self.metrics.drop_message(DropReason::QueueFull);
             }
         }
@@ -214,7 +214,7 @@ impl Session {
         let was_empty = ob.queue.is_empty();
         ob.queue.push_back(out);
         drop(ob);
-        self.metrics.queued.fetch_add(1, Relaxed);
+        self.metrics.queued.add(1);
         if was_empty && online {
             self.wake.notify_one();
         }
@@ -230,8 +230,8 @@ impl Session {
         all.extend(ob.queue.drain(..));
         ob.qos0_queued = 0;
         drop(ob);
-        self.metrics.queued.fetch_sub(queued as i64, Relaxed);
-        self.metrics.inflight.fetch_sub(inflight as i64, Relaxed);
+        self.metrics.queued.sub(queued as i64);
+        self.metrics.inflight.sub(inflight as i64);
         all
     }
 }

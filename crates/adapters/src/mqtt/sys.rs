@@ -58,11 +58,11 @@ pub fn spawn_sys_publisher(broker: Arc<Broker>) -> Option<tokio::task::JoinHandl
                 ),
                 (
                     "$SYS/broker/messages/inflight",
-                    m.inflight.load(Relaxed).to_string(),
+                    m.inflight.get().to_string(),
                 ),
                 (
                     "$SYS/broker/messages/queued",
-                    m.queued.load(Relaxed).to_string(),
+                    m.queued.get().to_string(),
                 ),
                 (
                     "$SYS/broker/retained messages/count",
@@ -74,11 +74,11 @@ pub fn spawn_sys_publisher(broker: Arc<Broker>) -> Option<tokio::task::JoinHandl
                 ),
                 (
                     "$SYS/broker/bytes/received",
-                    m.bytes_received.load(Relaxed).to_string(),
+                    m.bytes_received.get().to_string(),
                 ),
                 (
                     "$SYS/broker/bytes/sent",
-                    m.bytes_sent.load(Relaxed).to_string(),
+                    m.bytes_sent.get().to_string(),
                 ),
             ];
             for (topic, value) in stats {
