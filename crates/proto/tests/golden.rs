@@ -525,14 +525,14 @@ fn disconnect_forms() {
         Packet::Disconnect(Disconnect::default()),
     );
     golden(&[0xE0, 0x00], V5, Packet::Disconnect(Disconnect::default()));
-    golden(
-        &[0xE0, 0x01, 0x04],
-        V5,
-        Packet::Disconnect(Disconnect {
-            code: reason::DISCONNECT_WITH_WILL,
-            ..Default::default()
-        }),
-    );
+    let with_will = Packet::Disconnect(Disconnect {
+        code: reason::DISCONNECT_WITH_WILL,
+        ..Default::default()
+    });
+    // A reason code without property length decodes; it is encoded with an empty property block
+    // for the clients that cannot parse the one-byte form.
+    assert_eq!(decode_one(&[0xE0, 0x01, 0x04], V5), Ok(with_will.clone()));
+    golden(&[0xE0, 0x02, 0x04, 0x00], V5, with_will);
     golden(
         &[0xE0, 0x07, 0x00, 0x05, 0x11, 0x00, 0x00, 0x00, 0x3C],
         V5,

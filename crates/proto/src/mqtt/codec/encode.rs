@@ -239,16 +239,13 @@ fn unsuback<S: Sink>(a: &UnsubAck, v5: bool, s: &mut S) -> Result<(), EncodeErro
     Ok(())
 }
 
-/// Under 3.1.1 DISCONNECT is always empty; under v5 it takes the shortest form.
+/// Under 3.1.1 DISCONNECT is always empty. Under v5 it is empty for a normal disconnection
+/// without properties, and otherwise carries code and property block: the one-byte form (code
+/// only) is legal but some clients (rumqttc 0.25) fail to parse it, and it is not worth a byte.
 fn disconnect<S: Sink>(d: &Disconnect, v5: bool, s: &mut S) -> Result<(), EncodeError> {
-    if v5 {
-        let no_props = d.properties.is_empty();
-        if d.code != 0 || !no_props {
-            s.u8(d.code);
-        }
-        if !no_props {
-            props::write(s, &d.properties)?;
-        }
+    if v5 && (d.code != 0 || !d.properties.is_empty()) {
+        s.u8(d.code);
+        props::write(s, &d.properties)?;
     }
     Ok(())
 }
