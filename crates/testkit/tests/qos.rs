@@ -1,0 +1,231 @@
+//! QoS 0/1/2 delivery: round trips with MQTT 3.1.1 and 5.0 clients, downgrade to the
+//! subscription's QoS, overlapping subscriptions, per-publisher ordering, exactly-once.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::*;
+use ferrohub_proto::mqtt::{Packet, ProtocolVersion, PubResponse};
+use ferrohub_testkit::TestHub;
+use ferrohub_types::QoS as FQoS;
+use rumqttc::QoS;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_round_trip_each_qos() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
+    let codes = sub.subscribe("qos/rt", QoS::ExactlyOnce).await;
+    assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]);
+    let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        let payload = format!("m{i}");
+        publ.publish("qos/rt", qos, false, payload.as_bytes()).await;
+        let p = sub.recv_publish().await;
+        assert_eq!(p.topic, "qos/rt");
+        assert_eq!(p.payload.as_ref(), payload.as_bytes());
+        assert_eq!(p.qos, qos, "delivered at the publish QoS");
+        assert!(!p.retain);
+        assert!(!p.dup);
+    }
+    sub.expect_no_publish(QUIET).await;
+    publ.disconnect().await;
+    sub.disconnect().await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_round_trip_each_qos() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
+    let codes = sub.subscribe("qos/rt5", m5::QoS::ExactlyOnce).await;
+    assert_eq!(codes, vec![m5::SubscribeReasonCode::Success(m5::QoS::ExactlyOnce)]);
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    for (i, qos) in [m5::QoS::AtMostOnce, m5::QoS::AtLeastOnce, m5::QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
+        let payload = format!("m{i}");
+        let ack = publ.publish("qos/rt5", qos, false, payload.as_bytes()).await;
+        if qos == m5::QoS::AtLeastOnce {
+            assert_eq!(ack, Some(m5::PubAckReason::Success));
+        }
+        let p = sub.recv_publish().await;
+        assert_eq!(topic5(&p), "qos/rt5");
+        assert_eq!(p.payload.as_ref(), payload.as_bytes());
+        assert_eq!(p.qos, qos);
+        assert!(!p.retain);
+    }
+    sub.expect_no_publish(QUIET).await;
+    publ.disconnect().await;
+    sub.disconnect().await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivery_is_downgraded_to_subscription_qos() {
+    let hub = TestHub::start().await.unwrap();
+    let mut s0 = V4::connect(v4_opts(&hub, &uid("s0"))).await;
+    s0.subscribe("qos/down", QoS::AtMostOnce).await;
+    let mut s1 = V4::connect(v4_opts(&hub, &uid("s1"))).await;
+    s1.subscribe("qos/down", QoS::AtLeastOnce).await;
+    let mut s2 = V5::connect(v5_opts(&hub, &uid("s2"))).await;
+    s2.subscribe("qos/down", m5::QoS::ExactlyOnce).await;
+    let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
+
+    publ.publish("qos/down", QoS::ExactlyOnce, false, b"two").await;
+    assert_eq!(s0.recv_publish().await.qos, QoS::AtMostOnce);
+    assert_eq!(s1.recv_publish().await.qos, QoS::AtLeastOnce);
+    assert_eq!(s2.recv_publish().await.qos, m5::QoS::ExactlyOnce);
+
+    // Never upgraded above the publish QoS.
+    publ.publish("qos/down", QoS::AtLeastOnce, false, b"one").await;
+    assert_eq!(s0.recv_publish().await.qos, QoS::AtMostOnce);
+    assert_eq!(s1.recv_publish().await.qos, QoS::AtLeastOnce);
+    assert_eq!(s2.recv_publish().await.qos, m5::QoS::AtLeastOnce);
+
+    publ.publish("qos/down", QoS::AtMostOnce, false, b"zero").await;
+    assert_eq!(s0.recv_publish().await.qos, QoS::AtMostOnce);
+    assert_eq!(s1.recv_publish().await.qos, QoS::AtMostOnce);
+    assert_eq!(s2.recv_publish().await.qos, m5::QoS::AtMostOnce);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_overlapping_subscriptions_one_copy_highest_qos_all_ids() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
+    sub.subscribe_with_id("ov/+/x", m5::QoS::AtMostOnce, 7).await;
+    sub.subscribe_with_id("ov/#", m5::QoS::AtLeastOnce, 9).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("ov/a/x", m5::QoS::ExactlyOnce, false, b"hello")
+        .await;
+    let p = sub.recv_publish().await;
+    assert_eq!(p.qos, m5::QoS::AtLeastOnce, "highest QoS of the matching subscriptions");
+    let mut ids = p.properties.clone().unwrap_or_default().subscription_identifiers;
+    ids.sort_unstable();
+    assert_eq!(ids, vec![7, 9], "both subscription identifiers on the single copy");
+    sub.expect_no_publish(QUIET).await;
+
+    // Only one of them matches: only its identifier.
+    publ.publish("ov/b", m5::QoS::AtLeastOnce, false, b"one").await;
+    let p = sub.recv_publish().await;
+    assert_eq!(p.properties.unwrap_or_default().subscription_identifiers, vec![9]);
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_overlapping_subscriptions_deliver_at_highest_qos() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("ov4/+", QoS::AtMostOnce).await;
+    sub.subscribe("ov4/#", QoS::ExactlyOnce).await;
+    let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
+    publ.publish("ov4/a", QoS::ExactlyOnce, false, b"x").await;
+    let p = sub.recv_publish().await;
+    assert_eq!(p.qos, QoS::ExactlyOnce);
+    sub.expect_no_publish(QUIET).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_is_preserved_per_publisher() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("order/#", QoS::ExactlyOnce).await;
+    let mut opts = v4_opts(&hub, &uid("pub"));
+    opts.set_inflight(20);
+    let publ = V4::connect(opts).await;
+    const N: usize = 200;
+    for (topic, qos) in [
+        ("order/q0", QoS::AtMostOnce),
+        ("order/q1", QoS::AtLeastOnce),
+        ("order/q2", QoS::ExactlyOnce),
+    ] {
+        for i in 0..N {
+            publ.client
+                .publish(topic, qos, false, i.to_string().into_bytes())
+                .await
+                .unwrap();
+        }
+        for i in 0..N {
+            let p = sub.recv_publish().await;
+            assert_eq!(p.topic, topic);
+            assert_eq!(
+                std::str::from_utf8(&p.payload).unwrap(),
+                i.to_string(),
+                "message {i} of {topic} out of order"
+            );
+            assert_eq!(p.qos, qos);
+        }
+    }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_retransmitted_publish_is_delivered_once() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("qos2/once", m5::QoS::ExactlyOnce).await;
+    for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+        let (mut raw, _) = raw_connect(hub.mqtt, version, &uid("raw"), |_| {}).await;
+        let mut publish = publish_packet("qos2/once", FQoS::ExactlyOnce, 7, b"exactly");
+        raw.send(&publish).await.unwrap();
+        let rec = raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
+        assert!(matches!(rec, Packet::PubRec(PubResponse { packet_id: 7, code: 0, .. })));
+        // Retransmission before PUBREL (DUP set): acknowledged again, not routed again.
+        if let Packet::Publish(p) = &mut publish {
+            p.dup = true;
+        }
+        raw.send(&publish).await.unwrap();
+        let rec = raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
+        assert!(matches!(rec, Packet::PubRec(PubResponse { packet_id: 7, .. })));
+        raw.send(&Packet::PubRel(PubResponse { packet_id: 7, ..Default::default() }))
+            .await
+            .unwrap();
+        let comp = raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
+        assert!(matches!(comp, Packet::PubComp(PubResponse { packet_id: 7, code: 0, .. })));
+
+        let p = sub.recv_publish().await;
+        assert_eq!(p.payload.as_ref(), b"exactly");
+        sub.expect_no_publish(QUIET).await;
+
+        // The packet identifier is free again: a new message with it is a new message.
+        raw.send(&publish_packet("qos2/once", FQoS::ExactlyOnce, 7, b"again"))
+            .await
+            .unwrap();
+        raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
+        raw.send(&Packet::PubRel(PubResponse { packet_id: 7, ..Default::default() }))
+            .await
+            .unwrap();
+        raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
+        assert_eq!(sub.recv_publish().await.payload.as_ref(), b"again");
+    }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qos2_outbound_handshake_at_byte_level() {
+    let hub = TestHub::start().await.unwrap();
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("raw"), |_| {}).await;
+    assert_eq!(raw_subscribe(&mut raw, 1, "qos2/out", FQoS::ExactlyOnce).await, vec![2]);
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("qos2/out", m5::QoS::ExactlyOnce, false, b"x").await;
+    let p = raw_recv_publish(&mut raw).await;
+    assert_eq!(p.qos, FQoS::ExactlyOnce);
+    assert_ne!(p.packet_id, 0);
+    raw.send(&Packet::PubRec(PubResponse { packet_id: p.packet_id, ..Default::default() }))
+        .await
+        .unwrap();
+    let rel = raw_wait(&mut raw, "PUBREL", |p| matches!(p, Packet::PubRel(_))).await;
+    let Packet::PubRel(rel) = rel else { unreachable!() };
+    assert_eq!(rel.packet_id, p.packet_id);
+    assert_eq!(rel.code, 0);
+    raw.send(&Packet::PubComp(PubResponse { packet_id: p.packet_id, ..Default::default() }))
+        .await
+        .unwrap();
+    // Still healthy afterwards.
+    raw.send(&Packet::PingReq).await.unwrap();
+    raw_wait(&mut raw, "PINGRESP", |p| matches!(p, Packet::PingResp)).await;
+    raw_expect_silence(&mut raw, QUIET).await;
+    hub.stop().await;
+}
