@@ -49,14 +49,18 @@ fn message() -> Message {
 }
 
 async fn open(policy: FsyncPolicy, dir: &std::path::Path) -> (BrokerStore, Arc<str>) {
-    let (store, _) = BrokerStore::open(
+    open_with(
         dir,
         StoreConfig {
             fsync: policy,
             ..StoreConfig::default()
         },
     )
-    .unwrap();
+    .await
+}
+
+async fn open_with(dir: &std::path::Path, config: StoreConfig) -> (BrokerStore, Arc<str>) {
+    let (store, _) = BrokerStore::open(dir, config).unwrap();
     let client: Arc<str> = "bench-client".into();
     store
         .submit(vec![StoreOp::PutSession(SessionRecord {
@@ -120,18 +124,66 @@ async fn throughput(policy: FsyncPolicy, ops: u64, tasks: u64, window: usize) {
         (s.bytes_written - before.bytes_written) as f64 / secs / 1e6,
         s.compactions - before.compactions,
     );
+    // A compaction of the resulting live state (every message still queued) stalls commits for:
+    let t = Instant::now();
+    store.compact().await.unwrap();
+    println!(
+        "{policy:?}: compaction of {done} live messages into a {:.1} MB snapshot took {:?}",
+        store.stats().snapshot_bytes as f64 / 1e6,
+        t.elapsed()
+    );
+    store.close().await.unwrap();
+    // And reopening replays it:
+    let t = Instant::now();
+    let (store, rec) = BrokerStore::open(dir.path(), StoreConfig::default()).unwrap();
+    println!(
+        "{policy:?}: reopening ({} pending deliveries) took {:?}",
+        rec.sessions.iter().map(|s| s.pending.len()).sum::<usize>(),
+        t.elapsed()
+    );
     store.close().await.unwrap();
 }
 
-async fn latency(policy: FsyncPolicy, n: u64) {
+/// Latency of lone commits; with `backlog` messages queued first and a small compaction
+/// threshold, so that background compactions of that backlog run during the measurement.
+async fn latency(policy: FsyncPolicy, n: u64, backlog: u64) {
     let dir = bench_dir();
-    let (store, client) = open(policy, dir.path()).await;
+    let compact_after_bytes = if backlog > 0 {
+        1 << 20
+    } else {
+        StoreConfig::default().compact_after_bytes
+    };
+    let (store, client) = open_with(
+        dir.path(),
+        StoreConfig {
+            fsync: policy,
+            compact_after_bytes,
+            ..StoreConfig::default()
+        },
+    )
+    .await;
     let msg = message();
+    let mut pending = VecDeque::new();
+    for id in 1..=backlog {
+        pending.push_back(
+            store
+                .submit(vec![enqueue(id, &msg, &client)])
+                .await
+                .unwrap(),
+        );
+        if pending.len() >= 512 {
+            pending.pop_front().unwrap().await.unwrap();
+        }
+    }
+    for c in pending {
+        c.await.unwrap();
+    }
+    let before = store.stats();
     let mut lat = Vec::with_capacity(n as usize);
-    for id in 1..=n {
+    for id in backlog + 1..=backlog + n {
         let t = Instant::now();
         store
-            .submit(vec![enqueue(id, &msg, &client)])
+            .submit(vec![enqueue(id, &msg, &client), dequeue(id, &client)])
             .await
             .unwrap()
             .await
@@ -142,12 +194,22 @@ async fn latency(policy: FsyncPolicy, n: u64) {
     let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p) as usize];
     let mean = lat.iter().sum::<Duration>() / lat.len() as u32;
     println!(
-        "{policy:?}: lone commit latency over {n}: mean {mean:?}, p50 {:?}, p99 {:?}, max {:?}",
+        "{policy:?}: lone commit latency over {n} ({backlog} messages queued, {} background compactions meanwhile): mean {mean:?}, p50 {:?}, p99 {:?}, p99.9 {:?}, max {:?}",
+        store.stats().compactions - before.compactions,
         pct(0.5),
         pct(0.99),
+        pct(0.999),
         pct(1.0)
     );
     store.close().await.unwrap();
+}
+
+fn dequeue(id: u64, client: &Arc<str>) -> StoreOp {
+    StoreOp::Dequeue {
+        tenant: TenantId::default(),
+        client_id: client.clone(),
+        message_id: id,
+    }
 }
 
 #[tokio::main]
@@ -164,6 +226,7 @@ async fn main() {
     );
     throughput(FsyncPolicy::Never, ops, tasks, window).await;
     throughput(FsyncPolicy::Always, ops, tasks, window).await;
-    latency(FsyncPolicy::Never, 20_000).await;
-    latency(FsyncPolicy::Always, 2_000).await;
+    latency(FsyncPolicy::Never, 20_000, 0).await;
+    latency(FsyncPolicy::Always, 2_000, 0).await;
+    latency(FsyncPolicy::Never, 50_000, 200_000).await;
 }

@@ -326,6 +326,10 @@ pub(crate) fn put_batch(buf: &mut Vec<u8>, ops: &[StoreOp]) {
 
 const VARINT_MAX: usize = 10;
 
+/// Decoded counts pre-allocate at most this many items: a corrupted count fails when the items
+/// run out, without a large allocation first.
+const PREALLOC_MAX: usize = 1024;
+
 fn str_bound(len: usize) -> usize {
     VARINT_MAX + len
 }
@@ -560,7 +564,7 @@ impl<'a> Dec<'a> {
 
     pub(crate) fn u32_list(&mut self, what: &'static str) -> Result<Vec<u32>, DecodeError> {
         let n = self.count(what)?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC_MAX));
         for _ in 0..n {
             v.push(self.u32(what)?);
         }
@@ -638,7 +642,7 @@ fn get_properties(d: &mut Dec<'_>) -> Result<MessageProperties, DecodeError> {
     }
     if flags & PROP_USER != 0 {
         let n = d.count("user property count")?;
-        let mut v = Vec::with_capacity(n);
+        let mut v = Vec::with_capacity(n.min(PREALLOC_MAX));
         for _ in 0..n {
             let k = d.arc_str("user property name")?;
             let val = d.arc_str("user property value")?;
@@ -703,7 +707,7 @@ pub(crate) fn get_op(d: &mut Dec<'_>) -> Result<StoreOp, DecodeError> {
             let message_id = d.varint("message id")?;
             let message = get_message(d)?;
             let n = d.count("recipient count")?;
-            let mut recipients = Vec::with_capacity(n);
+            let mut recipients = Vec::with_capacity(n.min(PREALLOC_MAX));
             for _ in 0..n {
                 let client_id = d.arc_str("recipient")?;
                 let fat = d.pos;
@@ -772,7 +776,7 @@ pub(crate) fn get_op(d: &mut Dec<'_>) -> Result<StoreOp, DecodeError> {
 pub(crate) fn get_batch(payload: &[u8]) -> Result<Vec<StoreOp>, DecodeError> {
     let mut d = Dec::new(payload);
     let n = d.count("op count")?;
-    let mut ops = Vec::with_capacity(n);
+    let mut ops = Vec::with_capacity(n.min(PREALLOC_MAX));
     for _ in 0..n {
         ops.push(get_op(&mut d)?);
     }
@@ -866,6 +870,40 @@ mod tests {
         assert_eq!(get_batch(&b), Ok(ops));
         for cut in 0..b.len() {
             assert!(get_batch(&b[..cut]).is_err(), "prefix {cut} decoded");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = get_batch(&data);
+            let mut d = Dec::new(&data);
+            let _ = get_message(&mut d);
+        }
+
+        #[test]
+        fn mutated_batches_never_panic(flips in proptest::collection::vec((0usize..4096, proptest::prelude::any::<u8>()), 1..4)) {
+            let ops = vec![StoreOp::PutRetained {
+                tenant: TenantId::default(),
+                message: Message {
+                    topic: TopicName::parse("x/y").unwrap(),
+                    payload: Bytes::from_static(b"payload"),
+                    qos: QoS::AtLeastOnce,
+                    retain: true,
+                    received_at: 5,
+                    properties: Some(Arc::new(MessageProperties {
+                        user_properties: vec![("a".into(), "b".into())],
+                        ..MessageProperties::default()
+                    })),
+                },
+            }];
+            let mut b = Vec::new();
+            put_batch(&mut b, &ops);
+            for (i, v) in flips {
+                let n = b.len();
+                b[i % n] = v;
+            }
+            let _ = get_batch(&b);
         }
     }
 }

@@ -26,14 +26,57 @@ pub(crate) const RECORD_HEADER_LEN: usize = 8;
 /// Largest record payload written or accepted.
 pub(crate) const MAX_RECORD_LEN: usize = 1 << 30;
 
-/// The write-ahead log.
-pub(crate) const LOG_FILE: &str = "wal.log";
+/// Prefix of write-ahead log files: `wal-{epoch:016x}.log`.
+pub(crate) const LOG_PREFIX: &str = "wal-";
+/// Suffix of write-ahead log files.
+pub(crate) const LOG_SUFFIX: &str = ".log";
 /// The snapshot.
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot.bin";
 /// The lock file.
 pub(crate) const LOCK_FILE: &str = "LOCK";
 /// Suffix of files being written before their atomic rename.
 pub(crate) const TMP_SUFFIX: &str = ".tmp";
+
+/// File name of the log of `epoch`.
+pub(crate) fn log_name(epoch: u64) -> String {
+    format!("{LOG_PREFIX}{epoch:016x}{LOG_SUFFIX}")
+}
+
+/// The epoch of a log file name, if it is one.
+pub(crate) fn parse_log_name(name: &str) -> Option<u64> {
+    let hex = name.strip_prefix(LOG_PREFIX)?.strip_suffix(LOG_SUFFIX)?;
+    if hex.len() != 16 {
+        return None;
+    }
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Epochs of the log files in `dir`, ascending.
+pub(crate) fn list_logs(dir: &Path) -> io::Result<Vec<u64>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        if let Some(epoch) = e.file_name().to_str().and_then(parse_log_name) {
+            v.push(epoch);
+        }
+    }
+    v.sort_unstable();
+    Ok(v)
+}
+
+/// Deletes the logs of epochs up to `epoch` (contained in a snapshot of that epoch).
+pub(crate) fn delete_logs_up_to(dir: &Path, epoch: u64) -> io::Result<()> {
+    for e in list_logs(dir)? {
+        if e <= epoch {
+            match std::fs::remove_file(path(dir, &log_name(e))) {
+                Ok(()) => {}
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    Ok(())
+}
 
 /// A decoded file header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,10 +279,11 @@ pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-/// Atomically creates (or replaces) a new, empty log of `epoch`: header written to a temporary
-/// file, fsynced, renamed over the log, directory fsynced. Returns the log opened for appending.
+/// Atomically creates a new, empty log of `epoch`: header written to a temporary file, fsynced,
+/// renamed to its name, directory fsynced. Returns the log opened for appending.
 pub(crate) fn create_log(dir: &Path, epoch: u64, next_message_id: u64) -> io::Result<File> {
-    let tmp = tmp_path(dir, LOG_FILE);
+    let name = log_name(epoch);
+    let tmp = tmp_path(dir, &name);
     let mut f = OpenOptions::new()
         .read(true)
         .write(true)
@@ -252,9 +296,29 @@ pub(crate) fn create_log(dir: &Path, epoch: u64, next_message_id: u64) -> io::Re
         next_message_id,
     }))?;
     f.sync_all()?;
-    std::fs::rename(&tmp, path(dir, LOG_FILE))?;
+    std::fs::rename(&tmp, path(dir, &name))?;
     sync_dir(dir)?;
     Ok(f)
+}
+
+/// Deletes leftover temporary files of interrupted snapshot or log creations.
+pub(crate) fn remove_tmp_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with(LOG_PREFIX) || name.starts_with(SNAPSHOT_FILE);
+        if ours && name.ends_with(TMP_SUFFIX) {
+            let p = e.path();
+            match std::fs::remove_file(&p) {
+                Ok(()) => removed.push(p),
+                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+                Err(err) => return Err(err),
+            }
+        }
+    }
+    Ok(removed)
 }
 
 /// Milliseconds since the epoch, for names of files set aside.
@@ -269,6 +333,15 @@ pub(crate) fn now_millis() -> u128 {
 #[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_names() {
+        assert_eq!(log_name(0x2a), "wal-000000000000002a.log");
+        assert_eq!(parse_log_name(&log_name(u64::MAX)), Some(u64::MAX));
+        assert_eq!(parse_log_name("wal-2a.log"), None);
+        assert_eq!(parse_log_name("wal-000000000000002a.log.tmp"), None);
+        assert_eq!(parse_log_name("wal-000000000000002a.log.bad-1"), None);
+    }
 
     #[test]
     fn header_round_trip_and_damage() {

@@ -15,17 +15,19 @@
 //!   panic and power loss (as far as the disk honours flushes);
 //! - with [`FsyncPolicy::Never`], handed to the OS page cache only: it survives `kill -9`, a panic
 //!   or an OOM kill of the hub, but a kernel crash or power loss may lose the last seconds of
-//!   commits (whatever the OS had not written back yet, about 30 s with Linux defaults).
+//!   commits (whatever the OS had not written back yet, about 30 s with Linux defaults). The
+//!   files stay consistent: what was lost is a tail of the log, cut off at the next start.
 //!
 //! **Ordering and atomicity.** Batches become durable in submission order (the order in which
 //! `submit` calls were admitted), and recovery always yields a prefix of that order: never a later
 //! batch without an earlier one. A batch is one log record, so it is recovered entirely or not at
 //! all. A batch whose `Commit` had not resolved at the crash may or may not be recovered.
 //!
-//! **What is fsynced, whatever the policy.** Creating a log (header written to `wal.log.tmp`,
-//! fsynced, renamed, directory fsynced); each compaction (snapshot written to `snapshot.bin.tmp`,
-//! fsynced, renamed, directory fsynced, then a new log as above); the truncation of a damaged
-//! tail at start-up; and the log on [`BrokerStore::close`].
+//! **What is fsynced, whatever the policy.** Creating a log (header written to a `.tmp` file,
+//! fsynced, renamed, directory fsynced); the log being closed by a compaction (before anything
+//! is written to the next one) and the snapshot (written to `snapshot.bin.tmp`, fsynced,
+//! renamed, directory fsynced, and only then are the logs it contains deleted); the truncation of
+//! a damaged tail at start-up; and the log on [`BrokerStore::close`].
 //!
 //! **Damage found at start-up never prevents starting**; each case adds a human-readable entry
 //! to [`RecoveredState::warnings`] (also logged with `tracing::warn!`):
@@ -33,11 +35,17 @@
 //!   mismatch, undecodable payload): replay stops at the last good record, the file is truncated
 //!   there, and everything before it is recovered. Records after the damage are dropped even if
 //!   intact, since nothing after a hole can be trusted to be in order;
-//! - an unreadable snapshot: renamed to `snapshot.bin.bad-<unix millis>` and kept for inspection;
-//!   the state is rebuilt from the log alone (what was compacted into the snapshot is lost), and
-//!   message ids still do not go backwards (each log header records the next id);
-//! - an unreadable log header: the log is renamed to `wal.log.bad-<unix millis>` and the store
-//!   starts from the snapshot alone.
+//! - an unreadable snapshot (bad header or CRC, undecodable or missing records, no end record):
+//!   renamed to `snapshot.bin.bad-<unix millis>` and kept for inspection; the state is rebuilt
+//!   from the log alone (what had been compacted into the snapshot is lost), message ids still do
+//!   not go backwards (each log header records the next id), and a fresh snapshot of the
+//!   recovered state is written at once so that the next start is clean;
+//! - an unreadable log header: the log is renamed to `<log name>.bad-<unix millis>` and the
+//!   store starts from what precedes it;
+//! - damage in a log that is followed by other logs (only possible if the disk lost data): the
+//!   later logs are set aside like an unreadable one, since they follow a hole;
+//! - leftover `*.tmp` files of an interrupted compaction are deleted, and logs already contained
+//!   in the snapshot (crash before the compaction deleted them) are deleted, not replayed.
 //!
 //! A file with a valid header of an unknown (newer) format version is not touched: `open` fails
 //! with [`StoreError::UnsupportedVersion`]. An I/O error while writing stops the writer: every
@@ -46,11 +54,12 @@
 //!
 //! # Architecture and file format (format version 1)
 //!
-//! The data directory holds `LOCK` (an exclusive `flock` held while open), `wal.log` and, after
-//! the first compaction, `snapshot.bin`. Both data files start with a 32-byte header: magic
-//! `FHSTORE1`, `u16` format version (1), kind (1 log, 2 snapshot), a reserved byte, `u64` epoch,
-//! `u64` next message id, CRC-32 of the preceding 28 bytes (integers little-endian). Records
-//! follow: `u32` payload length, `u32` CRC-32 of the payload, payload (at most 1 GiB).
+//! The data directory holds `LOCK` (an exclusive `flock` held while open), the write-ahead logs
+//! `wal-<epoch as 16 hex digits>.log` (normally one; two while a compaction is running) and,
+//! after the first compaction, `snapshot.bin`. Both kinds of file start with a 32-byte header:
+//! magic `FHSTORE1`, `u16` format version (1), kind (1 log, 2 snapshot), a reserved byte, `u64`
+//! epoch, `u64` next message id, CRC-32 of the preceding 28 bytes (integers little-endian).
+//! Records follow: `u32` payload length, `u32` CRC-32 of the payload, payload (at most 1 GiB).
 //!
 //! - A **log** record is one submitted batch: a varint op count then the ops, each a tag byte and
 //!   its fields (varints, length-prefixed UTF-8 strings and byte strings, flag bytes; messages
@@ -58,18 +67,20 @@
 //! - A **snapshot** of epoch `e` contains the whole state after the logs of epochs up to `e`:
 //!   every live message body once (by id), every session (record, subscriptions, inbound QoS 2
 //!   ids, deliveries referring to bodies by id), every retained message, and an end record with
-//!   the counts (a snapshot without it is damaged). Recovery loads the snapshot, then replays
-//!   `wal.log` if its epoch is greater (a log of an earlier epoch is left over from a crash during
-//!   compaction and is already contained in the snapshot).
+//!   the counts (a snapshot without it is damaged). Recovery loads the snapshot, then replays the
+//!   logs of later epochs in order.
 //!
-//! One writer thread does all file I/O. Submitters push batches to a mutex-protected queue
-//! (bounded by [`StoreConfig::queue_capacity`]; `submit` waits for room) and wake the writer; the
-//! writer takes everything queued, encodes it into one buffer, writes it, fdatasyncs it
-//! (`Always`) and resolves all the commits of the group at once. It also applies the ops to an
-//! in-memory model of the live state (message bodies stored once, reference-counted by the
-//! deliveries needing them), and when the log exceeds [`StoreConfig::compact_after_bytes`] (and
-//! the size of the last snapshot), writes that model as a new snapshot and starts an empty log,
-//! so that disk use and restart time stay proportional to the live state.
+//! One writer thread does all file I/O on the commit path. Submitters push batches to a
+//! mutex-protected queue (bounded by [`StoreConfig::queue_capacity`]; `submit` waits for room)
+//! and wake the writer; the writer takes everything queued, encodes it into one buffer, writes it,
+//! fdatasyncs it (`Always`) and resolves all the commits of the group at once. It also applies the
+//! ops to an in-memory model of the live state (message bodies stored once, reference-counted by
+//! the deliveries needing them, freed with the last one). When the log exceeds
+//! [`StoreConfig::compact_after_bytes`] (and the size of the last snapshot), the writer starts the
+//! log of the next epoch and hands a copy of the model to a background thread, which writes it
+//! as the snapshot of the previous epoch and deletes the logs it contains: commits only pause for
+//! the copy and the creation of the new log, and disk use and restart time stay proportional to
+//! the live state. [`BrokerStore::compact`] does the same synchronously.
 //!
 //! Changing the encoding requires a new format version, the old decoder kept, and a new fixture
 //! next to `tests/fixtures/v1` checked by `tests/compat.rs`.

@@ -7,8 +7,8 @@ use std::path::Path;
 use crate::StoreError;
 use crate::codec;
 use crate::format::{
-    self, HEADER_LEN, HeaderError, KIND_LOG, KIND_SNAPSHOT, LOCK_FILE, LOG_FILE, Next,
-    RecordReader, SNAPSHOT_FILE,
+    self, HEADER_LEN, HeaderError, KIND_LOG, KIND_SNAPSHOT, LOCK_FILE, Next, RecordReader,
+    SNAPSHOT_FILE,
 };
 use crate::state::LiveState;
 
@@ -117,15 +117,8 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened, StoreError> {
     }
 
     // Leftovers of an interrupted compaction or log creation.
-    for name in [SNAPSHOT_FILE, LOG_FILE] {
-        let tmp = format::tmp_path(dir, name);
-        match std::fs::remove_file(&tmp) {
-            Ok(()) => {
-                tracing::info!(target: "ferrohub_store", "removed leftover {}", tmp.display())
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(&tmp)(e)),
-        }
+    for p in format::remove_tmp_files(dir).map_err(io_err(dir))? {
+        tracing::info!(target: "ferrohub_store", "removed leftover {}", p.display());
     }
 
     let mut warnings = Vec::new();
@@ -133,7 +126,6 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened, StoreError> {
     let mut snapshot_epoch: Option<u64> = None;
     let mut snapshot_bytes = 0;
     let mut snapshot_lost = false;
-    let mut max_epoch = 0u64;
 
     let snap_path = format::path(dir, SNAPSHOT_FILE);
     match File::open(&snap_path) {
@@ -146,7 +138,6 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened, StoreError> {
                     state = s;
                     snapshot_epoch = Some(epoch);
                     snapshot_bytes = bytes;
-                    max_epoch = epoch;
                 }
                 SnapshotLoad::Corrupt(reason) => {
                     drop(f);
@@ -157,102 +148,122 @@ pub(crate) fn open_dir(dir: &Path) -> Result<Opened, StoreError> {
         }
     }
 
-    let log_path = format::path(dir, LOG_FILE);
-    let mut log: Option<(File, u64, u64)> = None;
-    let mut rebase = false;
-    match OpenOptions::new().read(true).write(true).open(&log_path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            if snapshot_epoch.is_some() {
-                warn(
-                    &mut warnings,
-                    format!(
-                        "write-ahead log {} is missing: changes made after the last snapshot are lost",
-                        log_path.display()
-                    ),
-                );
-            }
-        }
-        Err(e) => return Err(io_err(&log_path)(e)),
-        Ok(mut f) => {
-            let len = f.metadata().map_err(io_err(&log_path))?.len();
-            match format::read_header(&mut f, len, KIND_LOG).map_err(io_err(&log_path))? {
-                Err(HeaderError::UnsupportedVersion(version)) => {
-                    return Err(StoreError::UnsupportedVersion {
-                        path: log_path.display().to_string(),
-                        version,
-                    });
-                }
-                Err(HeaderError::Corrupt(reason)) => {
-                    drop(f);
-                    set_aside(dir, LOG_FILE, "write-ahead log", &reason, &mut warnings)?;
-                }
-                Ok(h) => {
-                    max_epoch = max_epoch.max(h.epoch);
-                    let replay = match snapshot_epoch {
-                        Some(se) => h.epoch > se,
-                        None => true,
-                    };
-                    if !replay {
-                        // Crash between writing a snapshot and starting the next log: the
-                        // snapshot already contains all of it.
-                        tracing::info!(
-                            target: "ferrohub_store",
-                            "write-ahead log epoch {} is covered by the snapshot; starting a new one",
-                            h.epoch
-                        );
-                    } else {
-                        // Replaying a log that does not directly follow a snapshot: write one
-                        // right after, so that the warning is not repeated at every start.
-                        rebase = snapshot_lost
-                            || snapshot_epoch.map_or(h.epoch > 1, |se| h.epoch != se + 1);
-                        match snapshot_epoch {
-                            Some(se) if h.epoch != se + 1 => warn(
-                                &mut warnings,
-                                format!(
-                                    "write-ahead log epoch {} does not follow snapshot epoch {se}: changes in between are lost",
-                                    h.epoch
-                                ),
-                            ),
-                            None if h.epoch > 1 && !snapshot_lost => warn(
-                                &mut warnings,
-                                format!(
-                                    "write-ahead log epoch {} has no snapshot before it: state compacted earlier is lost",
-                                    h.epoch
-                                ),
-                            ),
-                            _ => {}
-                        }
-                        let good = replay_log(&log_path, &f, len, &mut state, &mut warnings)?;
-                        if good < len {
-                            f.set_len(good).map_err(io_err(&log_path))?;
-                            f.sync_all().map_err(io_err(&log_path))?;
-                        }
-                        state.raise_next_message_id(h.next_message_id);
-                        f.seek(SeekFrom::Start(good)).map_err(io_err(&log_path))?;
-                        log = Some((f, good, h.epoch));
-                    }
-                }
-            }
+    let epochs = format::list_logs(dir).map_err(io_err(dir))?;
+    let mut max_epoch = snapshot_epoch
+        .unwrap_or(0)
+        .max(epochs.last().copied().unwrap_or(0));
+    let mut to_replay = Vec::new();
+    for e in epochs {
+        if snapshot_epoch.is_some_and(|se| e <= se) {
+            // Contained in the snapshot: left over from a crash before a compaction deleted it.
+            let p = format::path(dir, &format::log_name(e));
+            std::fs::remove_file(&p).map_err(io_err(&p))?;
+            tracing::info!(target: "ferrohub_store", "removed {}, contained in the snapshot", p.display());
+        } else {
+            to_replay.push(e);
         }
     }
-
-    if rebase && let Some((_, _, epoch)) = log {
-        let snap_path = format::path(dir, SNAPSHOT_FILE);
-        snapshot_bytes = state
-            .write_snapshot_file(dir, epoch)
-            .and_then(|n| format::sync_dir(dir).map(|()| n))
-            .map_err(io_err(&snap_path))?;
-        // The new log (epoch + 1) replaces the one just folded into the snapshot.
-        log = None;
-        max_epoch = epoch;
+    if to_replay.is_empty()
+        && let Some(se) = snapshot_epoch
+    {
+        warn(
+            &mut warnings,
+            format!(
+                "no write-ahead log follows snapshot epoch {se} in {}: changes made after the snapshot are lost",
+                dir.display()
+            ),
+        );
     }
 
-    let (log, log_len, epoch) = match log {
-        Some(l) => l,
-        None => {
+    // Replaying a chain of logs that does not directly follow a snapshot: write one right after,
+    // so that the warning is not repeated at every start.
+    let mut rebase = snapshot_lost && !to_replay.is_empty();
+    let mut expected = snapshot_epoch.map_or(1, |se| se + 1);
+    let mut active: Option<(File, u64, u64)> = None;
+    // Once set, the remaining logs come after a hole and are set aside.
+    let mut hole: Option<String> = None;
+    for (i, e) in to_replay.into_iter().enumerate() {
+        let name = format::log_name(e);
+        let log_path = format::path(dir, &name);
+        if let Some(h) = &hole {
+            set_aside(
+                dir,
+                &name,
+                "write-ahead log",
+                &format!("it follows {h}"),
+                &mut warnings,
+            )?;
+            continue;
+        }
+        if e != expected && !(snapshot_lost && i == 0) {
+            warn(
+                &mut warnings,
+                format!(
+                    "write-ahead log epoch {e} found where epoch {expected} was expected: changes in between are lost"
+                ),
+            );
+            rebase = true;
+        }
+        expected = e + 1;
+        let mut f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&log_path)
+            .map_err(io_err(&log_path))?;
+        let len = f.metadata().map_err(io_err(&log_path))?.len();
+        let header = match format::read_header(&mut f, len, KIND_LOG).map_err(io_err(&log_path))? {
+            Err(HeaderError::UnsupportedVersion(version)) => {
+                return Err(StoreError::UnsupportedVersion {
+                    path: log_path.display().to_string(),
+                    version,
+                });
+            }
+            Ok(h) if h.epoch == e => Ok(h),
+            Ok(h) => Err(format!("its header says epoch {}", h.epoch)),
+            Err(HeaderError::Corrupt(reason)) => Err(reason),
+        };
+        let h = match header {
+            Ok(h) => h,
+            Err(reason) => {
+                drop(f);
+                set_aside(dir, &name, "write-ahead log", &reason, &mut warnings)?;
+                hole = Some(format!("the unreadable log of epoch {e}"));
+                active = None;
+                rebase = true;
+                continue;
+            }
+        };
+        let good = replay_log(&log_path, &f, len, &mut state, &mut warnings)?;
+        if good < len {
+            f.set_len(good).map_err(io_err(&log_path))?;
+            f.sync_all().map_err(io_err(&log_path))?;
+            hole = Some(format!("the damaged end of the log of epoch {e}"));
+        }
+        state.raise_next_message_id(h.next_message_id);
+        f.seek(SeekFrom::Start(good)).map_err(io_err(&log_path))?;
+        active = Some((f, good, e));
+    }
+    if hole.is_some() && active.is_none() {
+        rebase = true;
+    }
+    max_epoch = max_epoch.max(active.as_ref().map_or(0, |a| a.2));
+
+    let (log, log_len, epoch) = match active {
+        Some(a) if !rebase => a,
+        _ => {
+            // A new log after everything seen, then (if needed) a snapshot containing all the
+            // logs before it: the order keeps a crash in between recoverable.
             let epoch = max_epoch + 1;
+            let new_path = format::path(dir, &format::log_name(epoch));
             let f = format::create_log(dir, epoch, state.next_message_id())
-                .map_err(io_err(&log_path))?;
+                .map_err(io_err(&new_path))?;
+            if rebase {
+                snapshot_bytes = state
+                    .write_snapshot_file(dir, max_epoch)
+                    .and_then(|n| format::sync_dir(dir).map(|()| n))
+                    .map_err(io_err(&snap_path))?;
+                format::delete_logs_up_to(dir, max_epoch).map_err(io_err(dir))?;
+            }
             (f, HEADER_LEN as u64, epoch)
         }
     };

@@ -32,7 +32,7 @@ struct Delivery {
     released: bool,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct SessionState {
     record: SessionRecord,
     subscriptions: BTreeMap<Arc<str>, SubscriptionRecord>,
@@ -40,7 +40,7 @@ struct SessionState {
     inbound_qos2: BTreeSet<u16>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct TenantState {
     sessions: HashMap<Arc<str>, SessionState>,
     retained: HashMap<TopicName, Message>,
@@ -52,14 +52,14 @@ impl TenantState {
     }
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct StoredMessage {
     message: Message,
     refs: usize,
 }
 
 /// Sessions, queued messages and retained messages of all tenants.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub(crate) struct LiveState {
     tenants: HashMap<TenantId, TenantState>,
     messages: HashMap<u64, StoredMessage>,

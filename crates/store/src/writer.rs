@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use tokio::sync::{Semaphore, watch};
 
-use crate::format::{self, HEADER_LEN, LOG_FILE, MAX_RECORD_LEN};
+use crate::format::{self, HEADER_LEN, MAX_RECORD_LEN};
 use crate::recovery::Opened;
 use crate::state::LiveState;
 use crate::{FsyncPolicy, StoreConfig, StoreError, StoreOp, StoreStats, codec};
@@ -236,9 +236,10 @@ pub(crate) struct Writer {
     state: LiveState,
     fsync: FsyncPolicy,
     compact_after: u64,
-    snapshot_bytes: u64,
     /// Do not retry a failed compaction before the log reaches this length.
     compact_retry_at: u64,
+    /// The thread writing a snapshot, if one is running; returns whether it succeeded.
+    compaction: Option<std::thread::JoinHandle<bool>>,
     buf: Vec<u8>,
     taken: Vec<Vec<StoreOp>>,
     _lock: File,
@@ -286,8 +287,8 @@ pub(crate) fn start(
         state: opened.state,
         fsync: config.fsync,
         compact_after: config.compact_after_bytes,
-        snapshot_bytes: opened.snapshot_bytes,
         compact_retry_at: 0,
+        compaction: None,
         buf: Vec::new(),
         taken: Vec::new(),
         _lock: opened.lock,
@@ -308,6 +309,8 @@ impl Writer {
         let guard = StopGuard(self.shared.clone());
         let mut w = self;
         let result = w.run_loop();
+        // A snapshot being written must be finished before the lock is released.
+        w.finish_compaction();
         // Closes the files and releases the directory lock before `stopped` is signalled.
         drop(w);
         match result {
@@ -343,7 +346,9 @@ impl Writer {
     }
 
     fn log_path(&self) -> String {
-        format::path(&self.dir, LOG_FILE).display().to_string()
+        format::path(&self.dir, &format::log_name(self.epoch))
+            .display()
+            .to_string()
     }
 
     /// Writes everything taken from the queue as one write (and one fdatasync), then resolves it.
@@ -393,14 +398,22 @@ impl Writer {
         if compact {
             self.compact(true)?;
         }
+        if self
+            .compaction
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
+            self.finish_compaction();
+        }
         c.last_commit_latency_ns.store(
             u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
         self.shared.resolve(last_seq);
         if !compact
+            && self.compaction.is_none()
             && self.log_len > self.compact_after
-            && self.log_len > self.snapshot_bytes
+            && self.log_len > c.snapshot_bytes.load(Ordering::Relaxed)
             && self.log_len >= self.compact_retry_at
         {
             self.compact(false)?;
@@ -408,51 +421,107 @@ impl Writer {
         Ok(())
     }
 
-    /// Writes a snapshot of the live state and starts a new, empty log.
+    /// Waits for the snapshot being written, if any.
+    fn finish_compaction(&mut self) {
+        if let Some(h) = self.compaction.take() {
+            let ok = h.join().unwrap_or(false);
+            if !ok {
+                self.compact_retry_at =
+                    self.log_len.saturating_add(self.compact_after.max(1 << 20));
+            }
+        }
+    }
+
+    /// Starts a new log and writes a snapshot of the state as of the end of the previous one:
+    /// in a background thread (`requested == false`: the writer goes on committing into the new
+    /// log meanwhile), or before returning (`requested`, for [`crate::BrokerStore::compact`]).
     ///
-    /// A failure before the snapshot is in place leaves the current log valid: it is logged and
-    /// retried later. A failure after it (starting the new log) stops the writer, since appending
-    /// to the old log would write changes that recovery ignores.
+    /// Log files have one name per epoch, so every step is crash-safe: until the snapshot of
+    /// epoch `e` is in place, recovery replays the logs of epochs `e` and `e + 1` after the
+    /// previous snapshot; once it is, the logs up to `e` are deleted.
     fn compact(&mut self, requested: bool) -> Result<(), String> {
+        self.finish_compaction();
         let started = Instant::now();
-        let bytes = match self.state.write_snapshot_file(&self.dir, self.epoch) {
-            Ok(n) => n,
+        let old_epoch = self.epoch;
+        if self.fsync == FsyncPolicy::Never {
+            // The new log must never hold changes that follow a hole in the old one.
+            self.log
+                .sync_data()
+                .map_err(|e| format!("fdatasync of {}: {e}", self.log_path()))?;
+        }
+        let new_epoch = old_epoch + 1;
+        match format::create_log(&self.dir, new_epoch, self.state.next_message_id()) {
+            Ok(log) => self.log = log,
             Err(e) => {
-                // The snapshot was not put in place: the current log remains valid.
+                // The current log stays valid: keep appending to it and retry later.
                 self.compact_retry_at =
                     self.log_len.saturating_add(self.compact_after.max(1 << 20));
                 tracing::warn!(
                     target: "ferrohub_store",
-                    requested,
-                    "compaction failed, the log keeps growing: writing the snapshot in {}: {e}",
+                    "compaction postponed: cannot start log epoch {new_epoch} in {}: {e}",
                     self.dir.display()
                 );
                 return Ok(());
             }
-        };
-        let next_epoch = self.epoch + 1;
-        // The snapshot's rename must be durable before the new log's: otherwise a crash could
-        // leave the new log after the previous snapshot, without the old log's changes.
-        format::sync_dir(&self.dir)
-            .and_then(|()| format::create_log(&self.dir, next_epoch, self.state.next_message_id()))
-            .map(|log| self.log = log)
-            .map_err(|e| format!("starting log epoch {next_epoch} after a snapshot: {e}"))?;
+        }
         let old_len = self.log_len;
-        self.epoch = next_epoch;
+        self.epoch = new_epoch;
         self.log_len = HEADER_LEN as u64;
-        self.snapshot_bytes = bytes;
-        let c = &self.shared.counters;
-        c.compactions.fetch_add(1, Ordering::Relaxed);
-        c.snapshot_bytes.store(bytes, Ordering::Relaxed);
-        c.log_bytes.store(self.log_len, Ordering::Relaxed);
-        tracing::debug!(
-            target: "ferrohub_store",
-            epoch = next_epoch,
-            log_bytes = old_len,
-            snapshot_bytes = bytes,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "compacted the write-ahead log into a snapshot"
-        );
+        self.shared
+            .counters
+            .log_bytes
+            .store(self.log_len, Ordering::Relaxed);
+        let frozen = self.state.clone();
+        let dir = self.dir.clone();
+        let shared = self.shared.clone();
+        let job = move || {
+            let res = frozen
+                .write_snapshot_file(&dir, old_epoch)
+                .and_then(|n| format::sync_dir(&dir).map(|()| n))
+                .and_then(|n| format::delete_logs_up_to(&dir, old_epoch).map(|()| n));
+            match res {
+                Ok(bytes) => {
+                    let c = &shared.counters;
+                    c.compactions.fetch_add(1, Ordering::Relaxed);
+                    c.snapshot_bytes.store(bytes, Ordering::Relaxed);
+                    tracing::debug!(
+                        target: "ferrohub_store",
+                        epoch = old_epoch,
+                        log_bytes = old_len,
+                        snapshot_bytes = bytes,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "compacted the write-ahead log into a snapshot"
+                    );
+                    true
+                }
+                Err(e) => {
+                    // Nothing is lost: recovery replays the logs the snapshot would have replaced.
+                    tracing::warn!(
+                        target: "ferrohub_store",
+                        "compaction failed, will retry: snapshot of epoch {old_epoch} in {}: {e}",
+                        dir.display()
+                    );
+                    false
+                }
+            }
+        };
+        if requested {
+            if !job() {
+                self.compact_retry_at =
+                    self.log_len.saturating_add(self.compact_after.max(1 << 20));
+            }
+        } else {
+            match std::thread::Builder::new()
+                .name("ferrohub-store-compact".into())
+                .spawn(job)
+            {
+                Ok(h) => self.compaction = Some(h),
+                Err(e) => tracing::warn!(
+                    target: "ferrohub_store",
+                    "compaction skipped: cannot start its thread: {e}"
+                ),
+            }
+        }
         Ok(())
     }
 }

@@ -21,7 +21,7 @@ use ferrohub_store::{
 use ferrohub_types::{Message, MessageProperties, QoS, TenantId, TopicName};
 
 const FIXTURE: &str = "tests/fixtures/v1";
-const FILES: [&str; 2] = ["snapshot.bin", "wal.log"];
+const FILES: [&str; 2] = ["snapshot.bin", "wal-0000000000000002.log"];
 
 fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(FIXTURE)

@@ -22,8 +22,21 @@ fn batches(n: u64) -> Vec<Vec<StoreOp>> {
     v
 }
 
+/// The log of a store that never compacted.
+const LOG1: &str = "wal-0000000000000001.log";
+
+/// The current (highest epoch) log of a store.
+fn log_name(dir: &Path) -> String {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("wal-") && n.ends_with(".log"))
+        .max()
+        .expect("a log file")
+}
+
 fn log_path(dir: &Path) -> std::path::PathBuf {
-    dir.join("wal.log")
+    dir.join(log_name(dir))
 }
 
 fn log_len(dir: &Path) -> u64 {
@@ -125,7 +138,7 @@ async fn truncation_inside_the_last_record_loses_only_it() {
     // Each cut point: inside the record header, and inside the payload.
     for cut in [last + 3, last + 8, last + 20, end - 1] {
         let d = tempfile::tempdir().unwrap();
-        for f in ["wal.log", "LOCK"] {
+        for f in [LOG1, "LOCK"] {
             std::fs::copy(dir.path().join(f), d.path().join(f)).unwrap();
         }
         OpenOptions::new()
@@ -151,7 +164,7 @@ async fn a_flipped_byte_drops_its_record_and_everything_after() {
         let mut data = std::fs::read(log_path(dir.path())).unwrap();
         let at = (offsets[rec] + within) as usize;
         data[at] ^= 0x40;
-        std::fs::write(log_path(d.path()), &data).unwrap();
+        std::fs::write(d.path().join(LOG1), &data).unwrap();
         reopen_after_damage(d.path(), model_of(&b[..rec]), "flipped byte").await;
     }
 }
@@ -184,7 +197,7 @@ async fn a_damaged_log_header_sets_the_log_aside() {
     let aside: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with("wal.log.bad-"))
+        .filter(|n| n.starts_with(&format!("{LOG1}.bad-")))
         .collect();
     assert_eq!(aside.len(), 1);
 
@@ -248,36 +261,79 @@ async fn a_corrupted_snapshot_is_set_aside_and_the_log_replayed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn leftovers_of_an_interrupted_compaction_are_harmless() {
+async fn every_crash_point_of_a_compaction_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let b = batches(3);
-    write_batches(dir.path(), config(FsyncPolicy::Never), &b).await;
-    // A crash after the snapshot was renamed but before the new log replaced the old one: the
-    // snapshot (epoch 1) already contains the old log (epoch 1), which must not be replayed again.
-    let (store, _) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
-    store.close().await.unwrap();
-    let old_log = std::fs::read(log_path(dir.path())).unwrap();
+    let a = batches(3);
+    write_batches(dir.path(), config(FsyncPolicy::Never), &a).await;
+    let log1 = std::fs::read(dir.path().join(LOG1)).unwrap();
     let (store, _) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
     store.compact().await.unwrap();
+    // A dequeue: replaying log 1 twice would bring message 1 back.
+    let b = vec![dequeue("a", 1), enqueue("a", 4, b"four")];
+    store.submit(b.clone()).await.unwrap().await.unwrap();
     store.close().await.unwrap();
-    std::fs::write(log_path(dir.path()), &old_log).unwrap();
+    assert!(
+        !dir.path().join(LOG1).exists(),
+        "log 1 is deleted once in the snapshot"
+    );
+    let mut all = a.clone();
+    all.push(b);
+    let snapshot = std::fs::read(dir.path().join("snapshot.bin")).unwrap();
+
+    // Crash after the snapshot was renamed, before log 1 was deleted: log 1 is not replayed.
+    std::fs::write(dir.path().join(LOG1), &log1).unwrap();
     std::fs::write(dir.path().join("snapshot.bin.tmp"), b"half a snapshot").unwrap();
-    std::fs::write(dir.path().join("wal.log.tmp"), b"half a log").unwrap();
-    // Dequeue would be undone by a double replay of the enqueue: check it is not.
+    std::fs::write(dir.path().join("wal-0000000000000003.log.tmp"), b"half").unwrap();
     let (store, rec) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
     assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
-    assert_eq!(rec, model_of(&b));
+    assert_eq!(rec, model_of(&all));
+    store.close().await.unwrap();
+    assert!(!dir.path().join(LOG1).exists());
     assert!(!dir.path().join("snapshot.bin.tmp").exists());
-    assert!(!dir.path().join("wal.log.tmp").exists());
+    assert!(!dir.path().join("wal-0000000000000003.log.tmp").exists());
+
+    // Crash after log 2 was started, before the snapshot was written: logs 1 and 2 replayed.
+    std::fs::remove_file(dir.path().join("snapshot.bin")).unwrap();
+    std::fs::write(dir.path().join(LOG1), &log1).unwrap();
+    let (store, rec) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
+    assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+    assert_eq!(rec, model_of(&all));
+    store.close().await.unwrap();
+
+    // A snapshot with its log deleted by hand: a warning, the snapshot's state.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("snapshot.bin"), &snapshot).unwrap();
+    let (store, rec) = BrokerStore::open(d.path(), config(FsyncPolicy::Never)).unwrap();
+    assert_eq!(rec.warnings.len(), 1, "{:?}", rec.warnings);
+    assert_eq!(without_warnings(rec), model_of(&a));
+    store.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_in_an_older_log_sets_the_later_ones_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = batches(3);
+    write_batches(dir.path(), config(FsyncPolicy::Never), &a).await;
+    let log1 = std::fs::read(dir.path().join(LOG1)).unwrap();
+    let (store, _) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
+    store.compact().await.unwrap();
     store
-        .submit(vec![dequeue("a", 1)])
+        .submit(vec![enqueue("a", 9, b"nine")])
         .await
         .unwrap()
         .await
         .unwrap();
     store.close().await.unwrap();
+    // No snapshot, log 1 with a torn tail, log 2 intact: log 2 must not be applied after the hole.
+    std::fs::remove_file(dir.path().join("snapshot.bin")).unwrap();
+    std::fs::write(dir.path().join(LOG1), &log1[..log1.len() - 3]).unwrap();
     let (store, rec) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
-    assert_eq!(pending_ids(&rec), vec![2, 3]);
+    assert_eq!(rec.warnings.len(), 2, "{:?}", rec.warnings);
+    assert_eq!(without_warnings(rec), model_of(&a[..3]));
+    store.close().await.unwrap();
+    let (store, rec) = BrokerStore::open(dir.path(), config(FsyncPolicy::Never)).unwrap();
+    assert!(rec.warnings.is_empty(), "{:?}", rec.warnings);
+    assert_eq!(rec, model_of(&a[..3]));
     store.close().await.unwrap();
 }
 
@@ -304,7 +360,8 @@ async fn random_damage_never_panics() {
         drop(store.submit(vec![enqueue("a", id, b"more")]).await.unwrap());
     }
     store.close().await.unwrap();
-    let log = std::fs::read(log_path(dir.path())).unwrap();
+    let name = log_name(dir.path());
+    let log = std::fs::read(dir.path().join(&name)).unwrap();
     let snap = std::fs::read(dir.path().join("snapshot.bin")).unwrap();
     let mut seed = 0x9E37_79B9_7F4A_7C15u64;
     let mut rnd = move || {
@@ -325,7 +382,7 @@ async fn random_damage_never_panics() {
             let keep = (rnd() as usize) % target.len();
             target.truncate(keep);
         }
-        std::fs::write(log_path(d.path()), &l).unwrap();
+        std::fs::write(d.path().join(&name), &l).unwrap();
         std::fs::write(d.path().join("snapshot.bin"), &s).unwrap();
         let (store, _) = BrokerStore::open(d.path(), config(FsyncPolicy::Never)).unwrap();
         store.close().await.unwrap();

@@ -236,17 +236,20 @@ async fn compaction_reclaims_disk() {
         .await
         .unwrap();
     let stats = store.stats();
-    assert!(stats.compactions >= 10, "{stats:?}");
-    assert!(stats.log_bytes <= 64 * 1024 + 2048, "{stats:?}");
-    assert!(stats.snapshot_bytes < 4096, "{stats:?}");
+    // Background compactions ran (the log may overshoot the threshold while one is running).
+    assert!(stats.compactions >= 1, "{stats:?}");
     assert_eq!(stats.queued_batches, 0);
     assert_eq!(stats.ops_written, 4002);
+    store.compact().await.unwrap();
+    let stats = store.stats();
+    assert_eq!(stats.log_bytes, 32, "{stats:?}");
+    assert!(stats.snapshot_bytes < 4096, "{stats:?}");
     store.close().await.unwrap();
     let on_disk: u64 = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().metadata().unwrap().len())
         .sum();
-    assert!(on_disk < 80 * 1024, "{on_disk} bytes on disk");
+    assert!(on_disk < 8 * 1024, "{on_disk} bytes on disk");
     let (store, rec) = BrokerStore::open(dir.path(), cfg).unwrap();
     assert!(rec.warnings.is_empty());
     assert_eq!(rec.sessions[0].pending.len(), 1);
