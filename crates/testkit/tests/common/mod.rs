@@ -252,6 +252,13 @@ impl V4 {
         self.wait_closed(WAIT).await;
     }
 
+    /// Makes sure the broker processed everything sent so far: a QoS 1 round trip on a topic
+    /// nobody subscribes to (packets of one connection are handled in order).
+    pub async fn barrier(&mut self) {
+        self.publish("barrier/unmatched", rumqttc::QoS::AtLeastOnce, false, b"")
+            .await;
+    }
+
     /// Waits for the connection to end; returns the error text.
     pub async fn wait_closed(&mut self, within: Duration) -> String {
         let deadline = tokio::time::Instant::now() + within;
@@ -554,6 +561,12 @@ impl V5 {
         self.wait_closed(WAIT).await;
     }
 
+    /// See [`V4::barrier`].
+    pub async fn barrier(&mut self) {
+        self.publish("barrier/unmatched", m5::QoS::AtLeastOnce, false, b"")
+            .await;
+    }
+
     /// Waits for the connection to end; returns the error (None if the loop just ended).
     pub async fn wait_closed(&mut self, within: Duration) -> Option<&rumqttc::v5::ConnectionError> {
         let deadline = tokio::time::Instant::now() + within;
@@ -759,4 +772,29 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
             let (n, v) = l.rsplit_once(' ')?;
             (n == name).then(|| v.parse().ok())?
         })
+}
+
+/// Polls /metrics until the sample `name` satisfies `pred`; returns its value.
+pub async fn wait_metric(hub: &TestHub, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let text = metrics(hub).await;
+        let v = metric(&text, name);
+        if let Some(v) = v
+            && pred(v)
+        {
+            return v;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("metric {name} never reached the expected value (last {v:?})");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Waits until the hub counts `n` open MQTT connections, then gives the connections that just
+/// ended a moment to detach from their sessions (the gauge drops before the detach).
+pub async fn wait_connections(hub: &TestHub, n: usize) {
+    wait_metric(hub, "ferrohub_mqtt_connections", |v| v == n as f64).await;
+    tokio::time::sleep(Duration::from_millis(150)).await;
 }
