@@ -80,6 +80,7 @@ const MAX_REMAINING_LENGTH: usize = 268_435_455;
 /// decode error is fatal to the connection.
 ///
 /// `version` is the connection's negotiated version; CONNECT ignores it and describes itself.
+#[inline]
 pub fn decode(
     buf: &mut BytesMut,
     version: ProtocolVersion,
@@ -91,8 +92,11 @@ pub fn decode(
 /// Appends `packet` encoded for `version` to `buf`.
 ///
 /// Fields the version cannot carry are dropped (v5 properties and reason codes under 3.1.1;
-/// SUBACK failure codes become 0x80); CONNECT is encoded for its own `protocol`. On error
-/// nothing is appended.
+/// SUBACK failure codes become 0x80); CONNECT is encoded for its own `protocol`. v5 uses the
+/// short forms (e.g. a 2-byte PUBACK for Success without properties). On error nothing is
+/// appended: `FieldTooLong` for a string or binary field over 65,535 bytes, `TooLarge` past the
+/// 268,435,455-byte Remaining Length (or for a Subscription Identifier no Variable Byte Integer
+/// can hold), `NotInVersion` for AUTH, or a password without a user name, under 3.1.1.
 pub fn encode(
     packet: &Packet,
     version: ProtocolVersion,
