@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use ferrohub_proto::mqtt::{
     self, AckProperties, Auth, AuthProperties, ConnAck, ConnAckProperties, Connect, DecodeError,
     Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubResponse, Publish,
@@ -24,7 +24,7 @@ use futures_util::FutureExt;
 use hashbrown::HashMap;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::oneshot;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 
 use super::auth::{AuthDecision, AuthExchange, AuthStep, Credentials};
 use super::broker::{Broker, PendingWill, now_millis};
@@ -526,12 +526,20 @@ impl Connection {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut shutdown = self.broker.shutdown.clone();
         let mut kicked = match self.kicked.take() {
             Some(k) => k,
             None => return Close::Io,
         };
+        // A client that connected while shutdown began may have missed the broadcast kick.
+        if self.broker.shutdown.is_triggered() {
+            return Close::Kicked(Kick::Shutdown);
+        }
         let mut last_read = Instant::now();
+        // One timer for the connection's life, re-armed lazily: resetting a timer on every
+        // packet would cost a timer-wheel update per message.
+        let keep_alive_timer = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86_400)));
+        tokio::pin!(keep_alive_timer);
+        let mut read_chunk = 4096usize;
         // Packets that arrived together with CONNECT.
         if let Err(close) = self.process_input().await {
             return close;
@@ -546,17 +554,13 @@ impl Connection {
             let commit_waiting = matches!(self.pending_acks.front(), Some((_, Some(_))));
             let can_read =
                 self.wbuf.len() < WRITE_HIGH_WATER && self.pending_acks.len() < MAX_PENDING_ACKS;
-            let keep_alive_deadline = self.keep_alive.map(|ka| last_read + ka);
             if self.rbuf.capacity() - self.rbuf.len() < 512 {
-                self.rbuf.reserve(4096);
+                self.rbuf.reserve(read_chunk);
             }
             tokio::select! {
                 biased;
                 k = &mut kicked => {
                     return Close::Kicked(k.unwrap_or(Kick::TakenOver));
-                }
-                _ = shutdown.wait() => {
-                    return Close::Kicked(Kick::Shutdown);
                 }
                 res = async {
                     match self.pending_acks.front_mut() {
@@ -576,7 +580,7 @@ impl Connection {
                     match res {
                         Ok(0) | Err(_) => return Close::Io,
                         Ok(n) => {
-                            let _ = self.wbuf.split_to(n);
+                            self.wbuf.advance(n);
                             self.broker.metrics.bytes_sent.add(n as i64);
                             if self.wbuf.is_empty() && self.wbuf.capacity() > 64 * 1024 {
                                 self.wbuf = BytesMut::new();
@@ -590,6 +594,10 @@ impl Connection {
                         Ok(n) => {
                             self.broker.metrics.bytes_received.add(n as i64);
                             last_read = Instant::now();
+                            // Busy publishers get bigger reads (fewer syscalls); idle ones stay small.
+                            if n >= read_chunk / 2 {
+                                read_chunk = (read_chunk * 2).min(64 * 1024);
+                            }
                             if let Err(close) = self.process_input().await {
                                 return close;
                             }
@@ -597,8 +605,13 @@ impl Connection {
                     }
                 }
                 _ = self.session.wake.notified() => {}
-                _ = sleep_until(keep_alive_deadline.unwrap_or_else(Instant::now)), if keep_alive_deadline.is_some() => {
-                    return Close::Reason(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout");
+                _ = &mut keep_alive_timer, if self.keep_alive.is_some() => {
+                    let ka = self.keep_alive.unwrap_or_default();
+                    if last_read + ka > Instant::now() {
+                        keep_alive_timer.as_mut().reset(last_read + ka);
+                    } else {
+                        return Close::Reason(reason::KEEP_ALIVE_TIMEOUT, "keep alive timeout");
+                    }
                 }
             }
         }
