@@ -191,7 +191,7 @@ async fn will_delay_longer_than_session_expiry_fires_at_session_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug: delayed will outlives its session; a Clean Start reconnect ends the session but the will is only published when the full Will Delay elapses (broker.rs detach/attach)"]
+
 async fn will_is_sent_at_once_when_a_clean_start_ends_the_delayed_session() {
     let hub = TestHub::start().await.unwrap();
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;

@@ -260,6 +260,8 @@ impl Broker {
                 }
                 control.attachment = Some(attachment);
                 control.disconnected_at = None;
+                // Resuming within the Will Delay Interval cancels the will.
+                control.pending_will = None;
             }
             session.online.store(true, Relaxed);
             match (was_persistent, expiry_secs > 0) {
@@ -330,12 +332,21 @@ impl Broker {
             if delay == 0 {
                 self.publish_will(&session.tenant, will.message).await;
             } else {
+                session.control.lock().pending_will = Some(will.message);
                 let broker = self.clone();
                 let s = session.clone();
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_secs(delay.into())).await;
-                    if s.generation.load(Relaxed) == generation && !s.online.load(Relaxed) {
-                        broker.publish_will(&s.tenant, will.message).await;
+                    let due = {
+                        let mut control = s.control.lock();
+                        if s.generation.load(Relaxed) == generation {
+                            control.pending_will.take()
+                        } else {
+                            None
+                        }
+                    };
+                    if let Some(message) = due {
+                        broker.publish_will(&s.tenant, message).await;
                     }
                 });
             }
@@ -384,6 +395,10 @@ impl Broker {
         let was_persistent = session.is_persistent();
         if was_persistent {
             self.metrics.persistent_sessions.fetch_sub(1, Relaxed);
+        }
+        let pending_will = session.control.lock().pending_will.take();
+        if let Some(will) = pending_will {
+            self.publish_will(&session.tenant, will).await;
         }
         let tenant_router = self.router.tenant(&session.tenant);
         let subs: Vec<_> = session.control.lock().subscriptions.drain().collect();

@@ -121,6 +121,9 @@ pub struct SessionControl {
     pub attachment: Option<Attachment>,
     /// When the last connection ended (offline sessions).
     pub disconnected_at: Option<UnixMillis>,
+    /// A Will Message waiting out its Will Delay Interval: published when the delay passes or the
+    /// session ends, whichever comes first; cancelled when a client resumes the session.
+    pub pending_will: Option<Message>,
 }
 
 /// One MQTT session.
