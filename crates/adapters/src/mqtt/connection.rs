@@ -38,6 +38,48 @@ const PUMP_BATCH: usize = 256;
 /// Acknowledgements waiting for durability before reading pauses.
 const MAX_PENDING_ACKS: usize = 4096;
 
+/// The reading side of a transport.
+pub trait ConnRead: AsyncRead + Unpin + Send {
+    /// Reads what is available into `buf`, growing it by up to `chunk` bytes first. The default
+    /// reserves before waiting; TCP overrides it to wait for readiness first, so that an idle
+    /// connection holds no read buffer.
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+        chunk: usize,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
+        async move {
+            if buf.capacity() - buf.len() < 512 {
+                buf.reserve(chunk);
+            }
+            self.read_buf(buf).await
+        }
+    }
+}
+
+impl ConnRead for tokio::net::tcp::OwnedReadHalf {
+    fn read_some<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+        chunk: usize,
+    ) -> impl std::future::Future<Output = std::io::Result<usize>> + Send + 'a {
+        async move {
+            loop {
+                self.readable().await?;
+                if buf.capacity() - buf.len() < 512 {
+                    buf.reserve(chunk);
+                }
+                match self.try_read_buf(buf) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    other => return other,
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Send> ConnRead for tokio::io::ReadHalf<T> {}
+
 /// Facts about the transport a connection arrived on.
 #[derive(Debug, Clone)]
 pub struct ConnInfo {
@@ -63,7 +105,7 @@ enum Close {
 /// Runs a connection to completion.
 pub async fn serve<R, W>(broker: Arc<Broker>, mut reader: R, mut writer: W, info: ConnInfo)
 where
-    R: AsyncRead + Unpin + Send,
+    R: ConnRead,
     W: AsyncWrite + Unpin + Send,
 {
     let Ok(_permit) = broker.connection_slots.clone().try_acquire_owned() else {
@@ -88,16 +130,17 @@ where
             return;
         }
     };
-    let mut conn = match Connection::handshake(
+    // Boxed so that the handshake's state does not inflate every connection's task for its
+    // whole life (an idle connection should cost little more than its socket).
+    let handshake = Box::pin(Connection::handshake(
         &broker,
         connect,
         &mut reader,
         &mut writer,
         rbuf,
         &info,
-    )
-    .await
-    {
+    ));
+    let mut conn = match handshake.await {
         Some(c) => c,
         None => {
             broker.metrics.connections_refused.fetch_add(1, Relaxed);
@@ -108,7 +151,7 @@ where
     broker.metrics.connections_total.fetch_add(1, Relaxed);
     let close = conn.run(&mut reader, &mut writer).await;
     broker.metrics.connections.fetch_sub(1, Relaxed);
-    conn.finish(&mut writer, close).await;
+    Box::pin(conn.finish(&mut writer, close)).await;
 }
 
 async fn read_connect<R: AsyncRead + Unpin>(
@@ -523,7 +566,7 @@ impl Connection {
 
     async fn run<R, W>(&mut self, reader: &mut R, writer: &mut W) -> Close
     where
-        R: AsyncRead + Unpin,
+        R: ConnRead,
         W: AsyncWrite + Unpin,
     {
         let mut kicked = match self.kicked.take() {
@@ -554,9 +597,6 @@ impl Connection {
             let commit_waiting = matches!(self.pending_acks.front(), Some((_, Some(_))));
             let can_read =
                 self.wbuf.len() < WRITE_HIGH_WATER && self.pending_acks.len() < MAX_PENDING_ACKS;
-            if self.rbuf.capacity() - self.rbuf.len() < 512 {
-                self.rbuf.reserve(read_chunk);
-            }
             tokio::select! {
                 biased;
                 k = &mut kicked => {
@@ -588,7 +628,7 @@ impl Connection {
                         }
                     }
                 }
-                res = reader.read_buf(&mut self.rbuf), if can_read => {
+                res = reader.read_some(&mut self.rbuf, read_chunk), if can_read => {
                     match res {
                         Ok(0) | Err(_) => return Close::Io,
                         Ok(n) => {
@@ -600,6 +640,10 @@ impl Connection {
                             }
                             if let Err(close) = self.process_input().await {
                                 return close;
+                            }
+                            // An idle connection gives its read buffer back.
+                            if self.rbuf.is_empty() && read_chunk <= 4096 {
+                                self.rbuf = BytesMut::new();
                             }
                         }
                     }
