@@ -516,7 +516,7 @@ impl Connection {
         for (pid, inflight) in ob.inflight.iter() {
             packets.push(match inflight.state {
                 InflightState::AwaitingAck => {
-                    Packet::Publish(self.publish_packet(&inflight.out, *pid, true, false))
+                    Packet::Publish(self.publish_packet(&inflight.out, *pid, true))
                 }
                 InflightState::AwaitingComp => Packet::PubRel(PubResponse {
                     packet_id: *pid,
@@ -530,16 +530,8 @@ impl Connection {
         }
     }
 
-    /// The PUBLISH for a delivery. Topic aliases are only used for fresh sends (`use_alias`),
-    /// because a resend may go to a new connection whose alias table is empty.
-    fn publish_packet(
-        &self,
-        out: &Outgoing,
-        packet_id: u16,
-        dup: bool,
-        use_alias: bool,
-    ) -> Publish {
-        let _ = use_alias;
+    /// The PUBLISH for a delivery (topic aliases are applied separately, to fresh sends only).
+    fn publish_packet(&self, out: &Outgoing, packet_id: u16, dup: bool) -> Publish {
         let m = &out.message;
         let mut properties = PublishProperties::default();
         if self.version.is_v5() {
@@ -580,7 +572,8 @@ impl Connection {
         let mut last_read = Instant::now();
         // One timer for the connection's life, re-armed lazily: resetting a timer on every
         // packet would cost a timer-wheel update per message.
-        let keep_alive_timer = tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86_400)));
+        let keep_alive_timer =
+            tokio::time::sleep(self.keep_alive.unwrap_or(Duration::from_secs(86_400)));
         tokio::pin!(keep_alive_timer);
         let mut read_chunk = 4096usize;
         // Packets that arrived together with CONNECT.
@@ -1100,11 +1093,16 @@ impl Connection {
         let batch = std::mem::take(&mut self.batch);
         let mut too_large = Vec::new();
         for (out, pid) in &batch {
-            let mut publish = self.publish_packet(out, *pid, false, true);
-            self.apply_outbound_alias(&mut publish);
-            let packet = Packet::Publish(publish);
-            match mqtt::encoded_len(&packet, self.version) {
-                Ok(len) if len <= self.client_max_packet => {
+            let mut packet = Packet::Publish(self.publish_packet(out, *pid, false));
+            // Checked before aliasing: an alias must only be registered for a topic actually sent.
+            let fits = self.client_max_packet == usize::MAX
+                || mqtt::encoded_len(&packet, self.version)
+                    .is_ok_and(|len| len <= self.client_max_packet);
+            match fits {
+                true => {
+                    if let Packet::Publish(publish) = &mut packet {
+                        self.apply_outbound_alias(publish);
+                    }
                     self.write(&packet);
                     self.broker.metrics.sent[out.qos as usize].add(1);
                     if out.qos == QoS::ExactlyOnce && out.message_id != 0 {
@@ -1116,7 +1114,7 @@ impl Connection {
                         });
                     }
                 }
-                _ => {
+                false => {
                     // Larger than the client accepts: dropped as if delivered (MQTT 5 §3.1.2.11.4).
                     self.broker
                         .metrics

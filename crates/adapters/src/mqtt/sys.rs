@@ -60,10 +60,7 @@ pub fn spawn_sys_publisher(broker: Arc<Broker>) -> Option<tokio::task::JoinHandl
                     "$SYS/broker/messages/inflight",
                     m.inflight.get().to_string(),
                 ),
-                (
-                    "$SYS/broker/messages/queued",
-                    m.queued.get().to_string(),
-                ),
+                ("$SYS/broker/messages/queued", m.queued.get().to_string()),
                 (
                     "$SYS/broker/retained messages/count",
                     m.retained.load(Relaxed).to_string(),
@@ -76,10 +73,7 @@ pub fn spawn_sys_publisher(broker: Arc<Broker>) -> Option<tokio::task::JoinHandl
                     "$SYS/broker/bytes/received",
                     m.bytes_received.get().to_string(),
                 ),
-                (
-                    "$SYS/broker/bytes/sent",
-                    m.bytes_sent.get().to_string(),
-                ),
+                ("$SYS/broker/bytes/sent", m.bytes_sent.get().to_string()),
             ];
             for (topic, value) in stats {
                 broker
