@@ -1,0 +1,685 @@
+//! `ferrohub bench`: an MQTT broker benchmark harness.
+//!
+//! Raw MQTT 3.1.1/5.0 over tokio TCP with `ferrohub-proto` as the client codec, so it can target
+//! any broker address. Scenarios:
+//!
+//! * `fan-in`: P publishers, each on its own topic `bench/fanin/<run>/<i>`, one subscriber on
+//!   the wildcard `bench/fanin/<run>/#`;
+//! * `fan-out`: one publisher on `bench/fanout/<run>`, N subscribers of that topic (every message
+//!   is delivered N times; throughput counts deliveries);
+//! * `pairs`: N device-like pairs, publisher i on `bench/pairs/<run>/<i>` subscribed by
+//!   subscriber i only;
+//! * `idle`: C idle connections opened as fast as possible (connect rate, broker RSS per
+//!   connection), held, then checked (every connection answers PINGREQ; a message still routes).
+//!
+//! `<run>` is a per-run token, so that messages an overloaded broker still delivers from an
+//! earlier run are never counted in a later one.
+//!
+//! Publishers are paced (`--rate` messages/s in total, 0 = as fast as possible) and stamp every
+//! payload with a monotonic send time and a sequence number; subscribers record end-to-end latency
+//! and count deliveries. Each run prints one JSON line on stdout; `--ladder r1,r2,...` runs one
+//! step per offered rate and ends with a summary line carrying `max_sustainable_rate`: the highest
+//! offered rate sent in full with loss ≤ 0.5 % and p99 ≤ 100 ms.
+//!
+//! ```text
+//! ferrohub bench fan-in --port 1883 --qos 1 --publishers 8 --ladder 20k,40k,60k,80k,100k
+//! ferrohub bench pairs --pairs 1000 --qos 1 --rate 10000 --duration 10 --broker-pid 1234
+//! ferrohub bench idle --connections 19000 --duration 30 --broker-pid 1234
+//! ```
+
+mod idle;
+mod ladder;
+mod payload;
+mod stats;
+mod sys;
+mod traffic;
+mod wire;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::ValueEnum;
+use ferrohub_proto::mqtt::ProtocolVersion;
+use ferrohub_types::QoS;
+use serde::Serialize;
+
+pub use ladder::{Criteria, LadderError, StepOutcome, parse_ladder};
+pub use payload::{STAMP_LEN, Stamp};
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Many publishers (--publishers), each on its own topic, one wildcard subscriber.
+    FanIn,
+    /// One publisher, many subscribers (--subscribers) of the same topic.
+    FanOut,
+    /// N publisher/subscriber pairs (--pairs), each topic subscribed by its own subscriber only.
+    Pairs,
+    /// Many idle connections (--connections): connect rate, broker RSS per connection.
+    Idle,
+    /// Internal: one worker process of `idle` holding its share of the connections.
+    #[value(hide = true)]
+    IdleWorker,
+}
+
+impl Scenario {
+    fn name(self) -> &'static str {
+        match self {
+            Scenario::FanIn => "fan-in",
+            Scenario::FanOut => "fan-out",
+            Scenario::Pairs => "pairs",
+            Scenario::Idle => "idle",
+            Scenario::IdleWorker => "idle-worker",
+        }
+    }
+}
+
+/// MQTT version to speak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Protocol {
+    /// MQTT 3.1.1.
+    #[value(name = "v3", alias = "3.1.1", alias = "v311", alias = "4")]
+    V3,
+    /// MQTT 5.0.
+    #[value(name = "v5", alias = "5", alias = "5.0")]
+    V5,
+}
+
+impl Protocol {
+    fn version(self) -> ProtocolVersion {
+        match self {
+            Protocol::V3 => ProtocolVersion::V311,
+            Protocol::V5 => ProtocolVersion::V5,
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Protocol::V3 => "3.1.1",
+            Protocol::V5 => "5.0",
+        }
+    }
+
+    fn flag(self) -> &'static str {
+        match self {
+            Protocol::V3 => "v3",
+            Protocol::V5 => "v5",
+        }
+    }
+}
+
+/// Arguments of `ferrohub bench`.
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    after_help = "Prints one JSON line per run on stdout (and a summary line after a --ladder).\n\
+                  Examples:\n  ferrohub bench fan-in --port 1883 --qos 0 --ladder 50k,100k,150k\n  \
+                  ferrohub bench pairs --pairs 1000 --qos 1 --rate 10000 --broker-pid $(pidof mosquitto)\n  \
+                  ferrohub bench idle --connections 15000 --duration 30"
+)]
+pub struct BenchArgs {
+    /// Scenario to run.
+    #[arg(value_enum)]
+    pub scenario: Scenario,
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Broker MQTT/TCP port.
+    #[arg(long, default_value_t = 1883)]
+    pub port: u16,
+    /// MQTT version: v3 (3.1.1) or v5 (5.0).
+    #[arg(long, value_enum, default_value_t = Protocol::V3)]
+    pub protocol: Protocol,
+    /// QoS of publications and subscriptions (0 or 1).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Payload size in bytes (at least 16: send timestamp + publisher + sequence).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=16_000_000))]
+    pub payload: u32,
+    /// Measurement window in seconds (for `idle`: how long connections are held).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Warm-up before the window, seconds (messages sent then are not counted).
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Offered publish rate in messages/s over all publishers; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Run one step per offered rate ("20000,40000,60k") and report the maximum sustainable rate.
+    #[arg(long)]
+    pub ladder: Option<String>,
+    /// fan-in: number of publishers.
+    #[arg(long, default_value_t = 8)]
+    pub publishers: u32,
+    /// fan-out: number of subscribers.
+    #[arg(long, default_value_t = 100)]
+    pub subscribers: u32,
+    /// pairs: number of publisher/subscriber pairs.
+    #[arg(long, default_value_t = 1000)]
+    pub pairs: u32,
+    /// idle: number of connections.
+    #[arg(long, default_value_t = 1000)]
+    pub connections: u32,
+    /// QoS 1 in-flight window per publisher (capped by the broker's v5 Receive Maximum).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub inflight: u16,
+    /// User name for CONNECT.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Password for CONNECT.
+    #[arg(long, env = "FERROHUB_BENCH_PASSWORD", hide_env_values = true)]
+    pub password: Option<String>,
+    /// Broker process id: samples its CPU (/proc/<pid>/stat) and RSS (/proc/<pid>/status).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Free text copied into every JSON line (e.g. the broker's name).
+    #[arg(long, default_value = "")]
+    pub label: String,
+    /// Longest wait for in-flight deliveries after publishing stops, seconds.
+    #[arg(long, default_value_t = 2.0)]
+    pub drain: f64,
+    /// Ladder: stop after this many consecutive unsustainable steps (0 = run every step).
+    #[arg(long, default_value_t = 2)]
+    pub ladder_stop_after: u32,
+    /// Ladder: pause between steps, seconds (lets the broker settle).
+    #[arg(long, default_value_t = 1.0)]
+    pub ladder_pause: f64,
+    /// Ladder: largest loss ratio of a sustainable step.
+    #[arg(long, default_value_t = 0.005)]
+    pub max_loss: f64,
+    /// Ladder: largest p99 latency of a sustainable step, ms.
+    #[arg(long, default_value_t = 100.0)]
+    pub max_p99_ms: f64,
+    /// With --broker-pid: before each run, wait up to this many seconds for the broker to go
+    /// quiet (below 10 % of a core), so a backlog from the previous run does not leak in.
+    #[arg(long, default_value_t = 10.0)]
+    pub settle: f64,
+    /// Pacing tick in ms (default: about one message per publisher per tick, 1–50 ms).
+    #[arg(long)]
+    pub tick_ms: Option<f64>,
+    /// Publishers sharing a pacing phase send together, in bursts of at most this many messages
+    /// (fewer, larger bursts keep the harness cheap; smaller ones make traffic smoother).
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub burst: u32,
+    /// Connection handshakes in flight at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: u32,
+    /// idle: most connections one process holds; more are spread over worker processes.
+    #[arg(long, default_value_t = 15_000)]
+    pub max_per_process: u32,
+    /// Keep Alive sent in CONNECT, seconds (connections ping at half of it).
+    #[arg(long, default_value_t = 60)]
+    pub keep_alive: u16,
+    /// Timeout for CONNACK/SUBACK, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub connect_timeout: f64,
+    /// Print a progress line on stderr every second.
+    #[arg(long)]
+    pub progress: bool,
+    /// Runtime worker threads of the harness.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub threads: u16,
+    /// Client identifier prefix (default: unique per invocation).
+    #[arg(long, hide = true)]
+    pub client_prefix: Option<String>,
+}
+
+/// Runs `ferrohub bench` on its own two-worker tokio runtime; JSON lines go to stdout.
+pub fn run_cli(args: BenchArgs) -> anyhow::Result<()> {
+    validate(&args)?;
+    let fd_limit = sys::raise_fd_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(args.threads))
+        .enable_all()
+        .thread_name("bench")
+        .build()
+        .context("starting the benchmark runtime")?;
+    rt.block_on(run(args, fd_limit))
+}
+
+fn validate(a: &BenchArgs) -> anyhow::Result<()> {
+    if !(a.duration.is_finite() && a.duration > 0.0) {
+        bail!("--duration must be positive");
+    }
+    for (name, v) in [
+        ("--warmup", a.warmup),
+        ("--drain", a.drain),
+        ("--ladder-pause", a.ladder_pause),
+        ("--settle", a.settle),
+        ("--max-loss", a.max_loss),
+        ("--max-p99-ms", a.max_p99_ms),
+    ] {
+        if !(v.is_finite() && v >= 0.0) {
+            bail!("{name} must be a non-negative number");
+        }
+    }
+    if !(a.connect_timeout.is_finite() && a.connect_timeout > 0.0) {
+        bail!("--connect-timeout must be positive");
+    }
+    if let Some(t) = a.tick_ms
+        && !(t.is_finite() && (0.1..=1000.0).contains(&t))
+    {
+        bail!("--tick-ms must be between 0.1 and 1000");
+    }
+    let zero = match a.scenario {
+        Scenario::FanIn => (a.publishers == 0).then_some("--publishers"),
+        Scenario::FanOut => (a.subscribers == 0).then_some("--subscribers"),
+        Scenario::Pairs => (a.pairs == 0).then_some("--pairs"),
+        Scenario::Idle | Scenario::IdleWorker => (a.connections == 0).then_some("--connections"),
+    };
+    if let Some(flag) = zero {
+        bail!("{flag} must be at least 1");
+    }
+    if a.connect_concurrency == 0 || a.max_per_process == 0 {
+        bail!("--connect-concurrency and --max-per-process must be at least 1");
+    }
+    if a.ladder.is_some() && matches!(a.scenario, Scenario::Idle | Scenario::IdleWorker) {
+        bail!("--ladder applies to fan-in, fan-out and pairs");
+    }
+    Ok(())
+}
+
+async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
+    let addr = tokio::net::lookup_host((a.host.as_str(), a.port))
+        .await
+        .with_context(|| format!("resolving {}:{}", a.host, a.port))?
+        .next()
+        .with_context(|| format!("{}:{} resolves to no address", a.host, a.port))?;
+    let opts = Arc::new(wire::ClientOpts {
+        addr,
+        version: a.protocol.version(),
+        username: a.username.clone(),
+        password: a.password.clone().map(Bytes::from),
+        keep_alive: a.keep_alive,
+        timeout: Duration::from_secs_f64(a.connect_timeout),
+    });
+    let prefix = a.client_prefix.clone().unwrap_or_else(unique_prefix);
+    // Keep a margin of descriptors for the runtime, stdio and the routing check.
+    let usable = usize::try_from(fd_limit.saturating_sub(64)).unwrap_or(usize::MAX);
+    match a.scenario {
+        Scenario::IdleWorker => {
+            idle::worker(
+                opts,
+                a.connections as usize,
+                &prefix,
+                a.connect_concurrency as usize,
+            )
+            .await
+        }
+        Scenario::Idle => run_idle(&a, opts, prefix, usable).await,
+        Scenario::FanIn | Scenario::FanOut | Scenario::Pairs => {
+            run_traffic(&a, opts, prefix, usable).await
+        }
+    }
+}
+
+fn unique_prefix() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("fhb{:x}{:x}", std::process::id(), nanos)
+}
+
+fn unix_time() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The topology of a message-flow scenario. Client identifiers start with `prefix`, which is
+/// unique per run and also names the run's topic level, so that a late message from an earlier
+/// run (still queued in the broker) can never be counted in this one.
+fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
+    use traffic::{PubSpec, SubSpec, Topology};
+    let run = prefix;
+    match a.scenario {
+        Scenario::FanIn => Topology {
+            publishers: (0..a.publishers)
+                .map(|i| PubSpec {
+                    client_id: format!("{prefix}-p{i}"),
+                    topic: format!("bench/fanin/{run}/{i}"),
+                })
+                .collect(),
+            subscribers: vec![SubSpec {
+                client_id: format!("{prefix}-s0"),
+                filter: format!("bench/fanin/{run}/#"),
+                pub_base: 0,
+                pub_count: a.publishers,
+            }],
+            fanout: 1,
+        },
+        Scenario::FanOut => Topology {
+            publishers: vec![PubSpec {
+                client_id: format!("{prefix}-p0"),
+                topic: format!("bench/fanout/{run}"),
+            }],
+            subscribers: (0..a.subscribers)
+                .map(|i| SubSpec {
+                    client_id: format!("{prefix}-s{i}"),
+                    filter: format!("bench/fanout/{run}"),
+                    pub_base: 0,
+                    pub_count: 1,
+                })
+                .collect(),
+            fanout: u64::from(a.subscribers),
+        },
+        _ => Topology {
+            publishers: (0..a.pairs)
+                .map(|i| PubSpec {
+                    client_id: format!("{prefix}-p{i}"),
+                    topic: format!("bench/pairs/{run}/{i}"),
+                })
+                .collect(),
+            subscribers: (0..a.pairs)
+                .map(|i| SubSpec {
+                    client_id: format!("{prefix}-s{i}"),
+                    filter: format!("bench/pairs/{run}/{i}"),
+                    pub_base: i,
+                    pub_count: 1,
+                })
+                .collect(),
+            fanout: 1,
+        },
+    }
+}
+
+/// Fields common to every JSON line of a message-flow run.
+#[derive(Debug, Serialize)]
+struct RunLine<'a> {
+    scenario: &'static str,
+    label: &'a str,
+    broker: String,
+    protocol: &'static str,
+    qos: u8,
+    payload: u32,
+    /// Offered publish rate (messages/s); 0 = as fast as possible.
+    offered_rate: u64,
+    /// Offered deliveries/s (offered rate × fan-out).
+    offered_delivery_rate: u64,
+    duration_s: f64,
+    warmup_s: f64,
+    inflight: Option<u16>,
+    ladder_step: Option<usize>,
+    sustainable: Option<bool>,
+    broker_pid: Option<u32>,
+    unix_time: u64,
+    #[serde(flatten)]
+    stats: &'a traffic::TrafficStats,
+}
+
+#[derive(Debug, Serialize)]
+struct LadderSummary<'a> {
+    scenario: &'static str,
+    label: &'a str,
+    broker: String,
+    summary: &'static str,
+    protocol: &'static str,
+    qos: u8,
+    payload: u32,
+    publishers: usize,
+    subscribers: usize,
+    rates: Vec<u64>,
+    sustainable: Vec<bool>,
+    throughputs: Vec<f64>,
+    max_sustainable_rate: Option<u64>,
+    /// Deliveries/s measured at that rate.
+    max_sustainable_throughput: Option<f64>,
+    max_sustainable_p99_ms: Option<f64>,
+    max_loss: f64,
+    max_p99_ms: f64,
+    min_send_ratio: f64,
+    unix_time: u64,
+}
+
+fn emit<T: Serialize>(v: &T) -> anyhow::Result<()> {
+    let line = serde_json::to_string(v).context("serialising a result line")?;
+    println!("{line}");
+    Ok(())
+}
+
+async fn run_traffic(
+    a: &BenchArgs,
+    opts: Arc<wire::ClientOpts>,
+    prefix: String,
+    usable_fds: usize,
+) -> anyhow::Result<()> {
+    let scenario = a.scenario.name();
+    let probe = topology(a, &prefix);
+    let sockets = probe.publishers.len() + probe.subscribers.len();
+    if sockets > usable_fds {
+        bail!(
+            "{scenario} needs {sockets} sockets but this process may open only about {usable_fds} \
+             (raise `ulimit -n`)"
+        );
+    }
+    let qos = if a.qos == 0 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    };
+    let criteria = Criteria {
+        max_loss: a.max_loss,
+        max_p99_ms: a.max_p99_ms,
+        ..Criteria::default()
+    };
+    let rates = match &a.ladder {
+        Some(l) => parse_ladder(l)?,
+        None => vec![a.rate],
+    };
+    let is_ladder = a.ladder.is_some();
+    let broker = format!("{}:{}", a.host, a.port);
+    let mut outcomes: Vec<StepOutcome> = Vec::new();
+    let mut throughputs: Vec<f64> = Vec::new();
+    let mut p99s: Vec<f64> = Vec::new();
+    let mut consecutive_failures = 0;
+    let mut step_error = None;
+    for (step, &rate) in rates.iter().enumerate() {
+        if step > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(a.ladder_pause)).await;
+        }
+        if let Some(pid) = a.broker_pid {
+            settle(pid, Duration::from_secs_f64(a.settle)).await;
+        }
+        let topo = topology(a, &format!("{prefix}{step}"));
+        let params = traffic::RunParams {
+            opts: opts.clone(),
+            qos,
+            payload: a.payload as usize,
+            rate,
+            warmup: Duration::from_secs_f64(a.warmup),
+            duration: Duration::from_secs_f64(a.duration),
+            drain: Duration::from_secs_f64(a.drain),
+            inflight: a.inflight,
+            tick: a.tick_ms.map(|ms| Duration::from_secs_f64(ms / 1000.0)),
+            burst: a.burst as usize,
+            connect_concurrency: a.connect_concurrency as usize,
+            broker_pid: a.broker_pid,
+            progress: a.progress,
+            name: scenario,
+        };
+        let stats = match traffic::run(&topo, &params).await {
+            Ok(s) => s,
+            Err(e) if is_ladder && step > 0 => {
+                // The broker may have fallen over at a high rate: keep what was measured.
+                eprintln!("[{scenario}] ladder step {rate} msg/s failed: {e:#}");
+                step_error = Some(e);
+                break;
+            }
+            Err(e) => return Err(e),
+        };
+        let wanted = rate as f64 * a.duration;
+        let outcome = StepOutcome {
+            rate,
+            send_ratio: if rate == 0 {
+                1.0
+            } else {
+                stats.sent as f64 / wanted.max(1.0)
+            },
+            loss: stats.loss,
+            p99_ms: stats.latency_p99_ms,
+            completed: stats.errors == 0,
+        };
+        let ok = criteria.sustainable(&outcome);
+        if stats.errors > 0 {
+            eprintln!(
+                "[{scenario}] {} connection(s) failed during the run: {}",
+                stats.errors,
+                stats.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        emit(&RunLine {
+            scenario,
+            label: &a.label,
+            broker: broker.clone(),
+            protocol: a.protocol.label(),
+            qos: a.qos,
+            payload: a.payload,
+            offered_rate: rate,
+            offered_delivery_rate: rate.saturating_mul(topo.fanout),
+            duration_s: a.duration,
+            warmup_s: a.warmup,
+            inflight: (a.qos > 0).then_some(a.inflight),
+            ladder_step: is_ladder.then_some(step),
+            sustainable: (rate > 0).then_some(ok),
+            broker_pid: a.broker_pid,
+            unix_time: unix_time(),
+            stats: &stats,
+        })?;
+        outcomes.push(outcome);
+        throughputs.push(stats.throughput);
+        p99s.push(stats.latency_p99_ms);
+        if is_ladder {
+            consecutive_failures = if ok { 0 } else { consecutive_failures + 1 };
+            if a.ladder_stop_after > 0 && consecutive_failures >= a.ladder_stop_after {
+                break;
+            }
+        }
+    }
+    if is_ladder {
+        let best = criteria.max_sustainable(&outcomes);
+        let best_idx = best.and_then(|r| outcomes.iter().position(|o| o.rate == r));
+        emit(&LadderSummary {
+            scenario,
+            label: &a.label,
+            broker,
+            summary: "ladder",
+            protocol: a.protocol.label(),
+            qos: a.qos,
+            payload: a.payload,
+            publishers: probe.publishers.len(),
+            subscribers: probe.subscribers.len(),
+            rates: outcomes.iter().map(|o| o.rate).collect(),
+            sustainable: outcomes.iter().map(|o| criteria.sustainable(o)).collect(),
+            throughputs: throughputs.clone(),
+            max_sustainable_rate: best,
+            max_sustainable_throughput: best_idx.and_then(|i| throughputs.get(i).copied()),
+            max_sustainable_p99_ms: best_idx.and_then(|i| p99s.get(i).copied()),
+            max_loss: criteria.max_loss,
+            max_p99_ms: criteria.max_p99_ms,
+            min_send_ratio: criteria.min_send_ratio,
+            unix_time: unix_time(),
+        })?;
+    }
+    match step_error {
+        Some(e) => Err(e.context("ladder aborted")),
+        None => Ok(()),
+    }
+}
+
+/// Waits (at most `max`) until the broker used less than 10 % of a core over 200 ms.
+async fn settle(pid: u32, max: Duration) {
+    let deadline = tokio::time::Instant::now() + max;
+    let period = Duration::from_millis(200);
+    while tokio::time::Instant::now() < deadline {
+        let Some(a) = sys::sample_process(pid) else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(b) = sys::sample_process(pid) else {
+            return;
+        };
+        if b.cpu.saturating_sub(a.cpu) < period / 10 {
+            return;
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct IdleLine<'a> {
+    scenario: &'static str,
+    label: &'a str,
+    broker: String,
+    protocol: &'static str,
+    broker_pid: Option<u32>,
+    unix_time: u64,
+    #[serde(flatten)]
+    stats: &'a idle::IdleStats,
+}
+
+async fn run_idle(
+    a: &BenchArgs,
+    opts: Arc<wire::ClientOpts>,
+    prefix: String,
+    usable_fds: usize,
+) -> anyhow::Result<()> {
+    let mut worker_args = vec![
+        "--host".to_string(),
+        a.host.clone(),
+        "--port".into(),
+        a.port.to_string(),
+        "--protocol".into(),
+        a.protocol.flag().into(),
+        "--keep-alive".into(),
+        a.keep_alive.to_string(),
+        "--connect-timeout".into(),
+        a.connect_timeout.to_string(),
+    ];
+    if let Some(u) = &a.username {
+        worker_args.extend(["--username".to_string(), u.clone()]);
+    }
+    let mut worker_env = Vec::new();
+    if let Some(p) = &a.password {
+        worker_env.push(("FERROHUB_BENCH_PASSWORD".to_string(), p.clone()));
+    }
+    let params = idle::IdleParams {
+        opts,
+        connections: a.connections as usize,
+        hold: Duration::from_secs_f64(a.duration),
+        concurrency: a.connect_concurrency as usize,
+        max_per_process: (a.max_per_process as usize).min(usable_fds).max(1),
+        broker_pid: a.broker_pid,
+        progress: a.progress,
+        client_prefix: prefix,
+        worker_args,
+        worker_env,
+    };
+    let stats = idle::run(&params).await?;
+    emit(&IdleLine {
+        scenario: "idle",
+        label: &a.label,
+        broker: format!("{}:{}", a.host, a.port),
+        protocol: a.protocol.label(),
+        broker_pid: a.broker_pid,
+        unix_time: unix_time(),
+        stats: &stats,
+    })?;
+    if stats.failed > 0 || stats.lost > 0 {
+        eprintln!(
+            "[idle] {} failed to connect, {} lost during the hold: {}",
+            stats.failed,
+            stats.lost,
+            stats.first_error.as_deref().unwrap_or("")
+        );
+    }
+    if !stats.routing_ok {
+        bail!(
+            "the broker no longer routes with {} connections open: {}",
+            stats.connected,
+            stats.routing_error.as_deref().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
