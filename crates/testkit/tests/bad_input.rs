@@ -431,3 +431,34 @@ async fn garbage_floods_do_not_hurt_the_hub() {
     assert_eq!(status, 200);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_connect_properties_with_forbidden_values_are_refused() {
+    let hub = TestHub::start().await.unwrap();
+    let mut bystanders = Bystanders::new(&hub).await;
+    // [MQTT-3.1.2.11.3] Receive Maximum 0 and [MQTT-3.1.2.11.4] Maximum Packet Size 0 are
+    // Protocol Errors; accepting them would leave the session unable to receive anything.
+    for (what, f) in [
+        ("Receive Maximum 0", Box::new(|c: &mut ferrohub_proto::mqtt::Connect| c.properties.receive_maximum = Some(0))
+            as Box<dyn Fn(&mut ferrohub_proto::mqtt::Connect)>),
+        ("Maximum Packet Size 0", Box::new(|c: &mut ferrohub_proto::mqtt::Connect| c.properties.maximum_packet_size = Some(0))),
+    ] {
+        let mut c = connect_packet(ProtocolVersion::V5, &uid("forbidden"));
+        f(&mut c);
+        let mut raw = RawClient::connect(hub.mqtt, ProtocolVersion::V5).await.unwrap();
+        raw.send(&Packet::Connect(Box::new(c))).await.unwrap();
+        let seen = raw
+            .expect_close(WAIT)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: connection not closed: {e}"));
+        for p in &seen {
+            match p {
+                Packet::ConnAck(c) => assert!(c.code >= 0x80, "{what}: accepted"),
+                Packet::Disconnect(_) => {}
+                other => panic!("{what}: unexpected {other:?}"),
+            }
+        }
+        bystanders.still_work().await;
+    }
+    hub.stop().await;
+}
