@@ -414,3 +414,49 @@ async fn offline_queue_is_delivered_within_the_clients_receive_maximum() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_session_sends_inflight_first_then_the_queue_in_order() {
+    let hub = TestHub::start().await.unwrap();
+    let id = uid("order");
+    let persistent = |clean: bool| {
+        move |c: &mut ferrohub_proto::mqtt::Connect| {
+            c.clean_start = clean;
+            c.properties.session_expiry_interval = Some(60);
+            c.properties.receive_maximum = Some(2);
+        }
+    };
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
+    raw_subscribe(&mut raw, 1, "ord/t", FQoS::AtLeastOnce).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    for i in 0..6 {
+        publ.publish("ord/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
+            .await;
+    }
+    let first = raw_recv_publish(&mut raw).await;
+    let second = raw_recv_publish(&mut raw).await;
+    drop(raw); // both unacknowledged
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(ack.session_present);
+    let r1 = raw_recv_publish(&mut raw).await;
+    let r2 = raw_recv_publish(&mut raw).await;
+    assert!(r1.dup && r2.dup);
+    assert_eq!((r1.packet_id, r1.payload.as_ref()), (first.packet_id, &b"0"[..]));
+    assert_eq!((r2.packet_id, r2.payload.as_ref()), (second.packet_id, &b"1"[..]));
+    raw_expect_silence(&mut raw, Duration::from_millis(200)).await;
+    let mut expected = 2;
+    let mut window = vec![r1.packet_id, r2.packet_id];
+    while expected < 6 {
+        for pid in window.drain(..) {
+            raw.send(&puback(pid)).await.unwrap();
+        }
+        for _ in 0..2 {
+            let p = raw_recv_publish(&mut raw).await;
+            assert!(!p.dup);
+            assert_eq!(p.payload, format!("{expected}").into_bytes());
+            expected += 1;
+            window.push(p.packet_id);
+        }
+    }
+    hub.stop().await;
+}

@@ -644,3 +644,137 @@ async fn reason_string_only_when_problem_information_is_requested() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retain_not_available() {
+    let hub = TestHub::start_with(|cfg| {
+        cfg.mqtt.retain_available = false;
+        cfg.mqtt.sys_interval_secs = 0;
+    })
+    .await
+    .unwrap();
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("r"), |_| {}).await;
+    assert_eq!(ack.properties.retain_available, Some(0));
+    let mut p = publish_packet("nr/t", FQoS::AtLeastOnce, 1, b"x");
+    if let Packet::Publish(p) = &mut p {
+        p.retain = true;
+    }
+    raw.send(&p).await.unwrap();
+    assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x9A));
+    // A will with retain is refused at CONNECT.
+    let mut c = ferrohub_proto::mqtt::Connect {
+        will: Some(ferrohub_proto::mqtt::Will {
+            topic: Arc::from("nr/will"),
+            payload: Bytes::from_static(b"w"),
+            qos: FQoS::AtMostOnce,
+            retain: true,
+            properties: Default::default(),
+        }),
+        ..connect_packet(ProtocolVersion::V5, &uid("w"))
+    };
+    let (_raw, ack) = raw_connect_with(hub.mqtt, c.clone()).await;
+    assert_eq!(ack.code, 0x9A);
+    c.protocol = ProtocolVersion::V311;
+    let (_raw, ack) = raw_connect_with(hub.mqtt, c).await;
+    assert_ne!(ack.code, 0, "3.1.1 will retain refused too");
+    let text = metrics(&hub).await;
+    assert_eq!(metric(&text, "ferrohub_mqtt_retained_messages"), Some(0.0));
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_topic_aliases_disabled_by_config() {
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.topic_alias_maximum = 0)
+        .await
+        .unwrap();
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("noalias"), |_| {}).await;
+    assert!(matches!(ack.properties.topic_alias_maximum, None | Some(0)));
+    raw.send(&raw_publish(
+        "na/t",
+        FQoS::AtMostOnce,
+        0,
+        b"x",
+        PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x94));
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topic_aliases_do_not_survive_a_reconnect() {
+    let hub = TestHub::start().await.unwrap();
+    let id = uid("alias-reconnect");
+    let persistent = |clean: bool| {
+        move |c: &mut ferrohub_proto::mqtt::Connect| {
+            c.clean_start = clean;
+            c.properties.session_expiry_interval = Some(60);
+            c.properties.topic_alias_maximum = Some(4);
+        }
+    };
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
+    raw_subscribe(&mut raw, 1, "ar/t", FQoS::AtMostOnce).await;
+    raw.send(&raw_publish(
+        "ar/t",
+        FQoS::AtMostOnce,
+        0,
+        b"set",
+        PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    let p = raw_recv_publish(&mut raw).await;
+    assert_eq!(&*p.topic, "ar/t");
+    drop(raw);
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    // Server → client: a fresh connection gets the topic again.
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("ar/t", m5::QoS::AtMostOnce, false, b"again").await;
+    let p = raw_recv_publish(&mut raw).await;
+    assert_eq!(&*p.topic, "ar/t", "alias mappings are per connection");
+    // Client → server: the old mapping is gone.
+    raw.send(&raw_publish(
+        "",
+        FQoS::AtMostOnce,
+        0,
+        b"stale",
+        PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x82));
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_outbound_inflight_cap_applies_to_every_client() {
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.max_outbound_inflight = 2)
+        .await
+        .unwrap();
+    // 3.1.1 has no Receive Maximum: the server's own cap still applies.
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V311, &uid("cap"), |_| {}).await;
+    raw_subscribe(&mut raw, 1, "cap/t", FQoS::AtLeastOnce).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    for i in 0..4 {
+        publ.publish("cap/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
+            .await;
+    }
+    let a = raw_recv_publish(&mut raw).await;
+    let b = raw_recv_publish(&mut raw).await;
+    raw_expect_silence(&mut raw, Duration::from_millis(300)).await;
+    raw.send(&puback(a.packet_id)).await.unwrap();
+    raw.send(&puback(b.packet_id)).await.unwrap();
+    assert_eq!(raw_recv_publish(&mut raw).await.payload.as_ref(), b"2");
+    assert_eq!(raw_recv_publish(&mut raw).await.payload.as_ref(), b"3");
+    hub.stop().await;
+}
