@@ -38,7 +38,8 @@ async fn right_password_connects() {
     o5.set_credentials("bob", "hunter2");
     let mut b = V5::connect(o5).await;
     a.subscribe("auth/t", rumqttc::QoS::AtLeastOnce).await;
-    b.publish("auth/t", m5::QoS::AtLeastOnce, false, b"in").await;
+    b.publish("auth/t", m5::QoS::AtLeastOnce, false, b"in")
+        .await;
     assert_eq!(a.recv_publish().await.payload.as_ref(), b"in");
     hub.stop().await;
 }
@@ -65,7 +66,12 @@ async fn wrong_password_is_refused() {
         Ok(_) => panic!("wrong password accepted"),
     }
     // Another user's password, a prefix, an unknown user: all refused with 0x86.
-    for (user, pass) in [("alice", "hunter2"), ("alice", "s3cre"), ("alice", "s3cret "), ("mallory", "s3cret")] {
+    for (user, pass) in [
+        ("alice", "hunter2"),
+        ("alice", "s3cre"),
+        ("alice", "s3cret "),
+        ("mallory", "s3cret"),
+    ] {
         let mut c = connect_packet(ProtocolVersion::V5, &uid("z"));
         c.username = Some(user.into());
         c.password = Some(Bytes::copy_from_slice(pass.as_bytes()));
@@ -83,7 +89,8 @@ async fn missing_credentials_are_refused() {
         Err(rumqttc::ConnectionError::ConnectionRefused(code)) => assert!(
             matches!(
                 code,
-                rumqttc::ConnectReturnCode::BadUserNamePassword | rumqttc::ConnectReturnCode::NotAuthorized
+                rumqttc::ConnectReturnCode::BadUserNamePassword
+                    | rumqttc::ConnectReturnCode::NotAuthorized
             ),
             "{code:?}"
         ),
@@ -134,7 +141,10 @@ async fn refused_client_leaves_no_trace() {
     let (_raw, ack) = raw_connect_with(hub.mqtt, c).await;
     assert_eq!(ack.code, 0x86);
     victim.subscribe("victim/t", m5::QoS::AtLeastOnce).await;
-    assert!(!victim.is_closed(), "legitimate client kicked by a refused one");
+    assert!(
+        !victim.is_closed(),
+        "legitimate client kicked by a refused one"
+    );
     hub.stop().await;
 }
 
@@ -149,12 +159,16 @@ async fn anonymous_mode_still_checks_presented_credentials() {
     })
     .await
     .unwrap();
-    let (_a, ack) = raw_connect_with(hub.mqtt, connect_packet(ProtocolVersion::V5, &uid("anon"))).await;
+    let (_a, ack) =
+        raw_connect_with(hub.mqtt, connect_packet(ProtocolVersion::V5, &uid("anon"))).await;
     assert_eq!(ack.code, 0);
     let mut c = connect_packet(ProtocolVersion::V5, &uid("liar"));
     c.username = Some("alice".into());
     c.password = Some(Bytes::from_static(b"wrong"));
     let (_b, ack) = raw_connect_with(hub.mqtt, c).await;
-    assert_eq!(ack.code, 0x86, "wrong credentials are refused even when anonymous access is on");
+    assert_eq!(
+        ack.code, 0x86,
+        "wrong credentials are refused even when anonymous access is on"
+    );
     hub.stop().await;
 }

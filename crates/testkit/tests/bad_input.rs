@@ -63,17 +63,29 @@ impl Bystanders {
         let payload = format!("still here {}", self.n);
         let ack = self
             .publ
-            .publish("bystander/t", m5::QoS::AtLeastOnce, false, payload.as_bytes())
+            .publish(
+                "bystander/t",
+                m5::QoS::AtLeastOnce,
+                false,
+                payload.as_bytes(),
+            )
             .await;
         assert_eq!(ack, Some(m5::PubAckReason::Success));
-        assert_eq!(self.sub.recv_publish().await.payload.as_ref(), payload.as_bytes());
+        assert_eq!(
+            self.sub.recv_publish().await.payload.as_ref(),
+            payload.as_bytes()
+        );
     }
 }
 
 /// Connects (v5 or 3.1.1), sends `bytes`, and expects the server to close the connection:
 /// for v5 with a DISCONNECT whose reason code is one of `codes`, for 3.1.1 without any packet.
 async fn expect_rejected(hub: &TestHub, v5: bool, bytes: &[u8], codes: &[u8], what: &str) {
-    let version = if v5 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+    let version = if v5 {
+        ProtocolVersion::V5
+    } else {
+        ProtocolVersion::V311
+    };
     let (mut raw, _) = raw_connect(hub.mqtt, version, &uid("bad"), |_| {}).await;
     raw.send_bytes(bytes).await.unwrap();
     let seen = raw
@@ -90,7 +102,10 @@ async fn expect_rejected(hub: &TestHub, v5: bool, bytes: &[u8], codes: &[u8], wh
             "{what} (v5): expected DISCONNECT with one of {codes:02x?}, got {seen:?}"
         );
     } else {
-        assert!(seen.is_empty(), "{what} (3.1.1): expected a plain close, got {seen:?}");
+        assert!(
+            seen.is_empty(),
+            "{what} (3.1.1): expected a plain close, got {seen:?}"
+        );
     }
 }
 
@@ -115,11 +130,19 @@ macro_rules! rejected {
     };
 }
 
-rejected!(remaining_length_over_four_bytes, MALFORMED, |_v5| vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]);
+rejected!(remaining_length_over_four_bytes, MALFORMED, |_v5| vec![
+    0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01
+]);
 
-rejected!(publish_with_qos_3, MALFORMED, |v5| pkt(0x36, &publish_body(v5, b"a", Some(1), b"x")));
+rejected!(publish_with_qos_3, MALFORMED, |v5| pkt(
+    0x36,
+    &publish_body(v5, b"a", Some(1), b"x")
+));
 
-rejected!(qos0_publish_with_dup, MALFORMED_OR_PROTOCOL, |v5| pkt(0x38, &publish_body(v5, b"a", None, b"x")));
+rejected!(qos0_publish_with_dup, MALFORMED_OR_PROTOCOL, |v5| pkt(
+    0x38,
+    &publish_body(v5, b"a", None, b"x")
+));
 
 rejected!(subscribe_with_reserved_flags_wrong, MALFORMED, |v5| {
     let mut b = vec![0, 1];
@@ -136,30 +159,58 @@ rejected!(unsubscribe_with_reserved_flags_wrong, MALFORMED, |v5| {
     pkt(0xA0, &b)
 });
 
-rejected!(pubrel_with_reserved_flags_wrong, MALFORMED, |_v5| pkt(0x60, &[0, 1]));
+rejected!(pubrel_with_reserved_flags_wrong, MALFORMED, |_v5| pkt(
+    0x60,
+    &[0, 1]
+));
 
 rejected!(pingreq_with_a_body, MALFORMED, |_v5| pkt(0xC0, &[0]));
 
-rejected!(reserved_packet_type_0, MALFORMED_OR_PROTOCOL, |_v5| pkt(0x00, &[]));
+rejected!(reserved_packet_type_0, MALFORMED_OR_PROTOCOL, |_v5| pkt(
+    0x00,
+    &[]
+));
 
-rejected!(invalid_utf8_topic, MALFORMED, |v5| pkt(0x30, &publish_body(v5, &[b'a', 0xC3, 0x28], None, b"x")));
+rejected!(invalid_utf8_topic, MALFORMED, |v5| pkt(
+    0x30,
+    &publish_body(v5, &[b'a', 0xC3, 0x28], None, b"x")
+));
 
-rejected!(topic_with_null_character, MALFORMED, |v5| pkt(0x30, &publish_body(v5, b"a\0b", None, b"x")));
+rejected!(topic_with_null_character, MALFORMED, |v5| pkt(
+    0x30,
+    &publish_body(v5, b"a\0b", None, b"x")
+));
 
 rejected!(topic_with_surrogate_encoding, MALFORMED, |v5| {
     // U+D800 encoded as UTF-8 (ED A0 80) is not well-formed UTF-8.
-    pkt(0x30, &publish_body(v5, &[b'a', 0xED, 0xA0, 0x80], None, b"x"))
+    pkt(
+        0x30,
+        &publish_body(v5, &[b'a', 0xED, 0xA0, 0x80], None, b"x"),
+    )
 });
 
-rejected!(single_level_wildcard_in_publish_topic, &[0x90], |v5| pkt(0x30, &publish_body(v5, b"a/+/b", None, b"x")));
+rejected!(single_level_wildcard_in_publish_topic, &[0x90], |v5| pkt(
+    0x30,
+    &publish_body(v5, b"a/+/b", None, b"x")
+));
 
-rejected!(multi_level_wildcard_in_publish_topic, &[0x90], |v5| pkt(0x32, &publish_body(v5, b"a/#", Some(1), b"x")));
+rejected!(multi_level_wildcard_in_publish_topic, &[0x90], |v5| pkt(
+    0x32,
+    &publish_body(v5, b"a/#", Some(1), b"x")
+));
 
-rejected!(empty_topic_without_alias, &[0x82, 0x90], |v5| pkt(0x30, &publish_body(v5, b"", None, b"x")));
+rejected!(empty_topic_without_alias, &[0x82, 0x90], |v5| pkt(
+    0x30,
+    &publish_body(v5, b"", None, b"x")
+));
 
-rejected!(qos1_publish_with_packet_id_0, MALFORMED_OR_PROTOCOL, |v5| pkt(0x32, &publish_body(v5, b"a", Some(0), b"x")));
+rejected!(qos1_publish_with_packet_id_0, MALFORMED_OR_PROTOCOL, |v5| {
+    pkt(0x32, &publish_body(v5, b"a", Some(0), b"x"))
+});
 
-rejected!(string_longer_than_the_packet, MALFORMED, |_v5| vec![0x30, 0x03, 0x00, 0x05, b'a']);
+rejected!(string_longer_than_the_packet, MALFORMED, |_v5| vec![
+    0x30, 0x03, 0x00, 0x05, b'a'
+]);
 
 rejected!(second_connect, PROTOCOL, |v5| {
     let mut b = s(b"MQTT");
@@ -202,59 +253,95 @@ rejected!(subscribe_with_qos_3, MALFORMED_OR_PROTOCOL, |v5| {
     pkt(0x82, &b)
 });
 
-rejected!(subscribe_with_reserved_option_bits, MALFORMED_OR_PROTOCOL, |v5| {
-    let mut b = vec![0, 1];
-    b.extend(props(v5));
-    b.extend(s(b"a"));
-    b.push(0xC1);
-    pkt(0x82, &b)
-});
+rejected!(
+    subscribe_with_reserved_option_bits,
+    MALFORMED_OR_PROTOCOL,
+    |v5| {
+        let mut b = vec![0, 1];
+        b.extend(props(v5));
+        b.extend(s(b"a"));
+        b.push(0xC1);
+        pkt(0x82, &b)
+    }
+);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_only_violations() {
     let hub = TestHub::start().await.unwrap();
     let mut bystanders = Bystanders::new(&hub).await;
     let cases: Vec<(&str, Vec<u8>, &[u8])> = vec![
-        ("retain handling 3", {
-            let mut b = vec![0, 1, 0];
-            b.extend(s(b"a"));
-            b.push(0x31);
-            pkt(0x82, &b)
-        }, MALFORMED_OR_PROTOCOL),
-        ("duplicate payload format indicator", {
-            let mut b = s(b"a");
-            b.extend([4, 0x01, 0x01, 0x01, 0x01]);
-            b.push(b'x');
-            pkt(0x30, &b)
-        }, PROTOCOL),
-        ("unknown property identifier", {
-            let mut b = s(b"a");
-            b.extend([2, 0x7F, 0x00]);
-            b.push(b'x');
-            pkt(0x30, &b)
-        }, MALFORMED_OR_PROTOCOL),
-        ("subscription identifier in a client PUBLISH", {
-            let mut b = s(b"a");
-            b.extend([2, 0x0B, 0x05]);
-            b.push(b'x');
-            pkt(0x30, &b)
-        }, PROTOCOL),
-        ("property length beyond the packet", {
-            let mut b = s(b"a");
-            b.extend([40, 0x01, 0x01]);
-            pkt(0x30, &b)
-        }, MALFORMED),
-        ("AUTH without an authentication method", pkt(0xF0, &[0x18, 0]), PROTOCOL),
-        ("response topic with a wildcard", {
-            let mut b = s(b"a");
-            let rt = s(b"r/#");
-            b.push((1 + rt.len()) as u8);
-            b.push(0x08);
-            b.extend(rt);
-            b.push(b'x');
-            pkt(0x30, &b)
-        }, PROTOCOL),
-        ("DISCONNECT with reserved flags", vec![0xE1, 0x00], MALFORMED),
+        (
+            "retain handling 3",
+            {
+                let mut b = vec![0, 1, 0];
+                b.extend(s(b"a"));
+                b.push(0x31);
+                pkt(0x82, &b)
+            },
+            MALFORMED_OR_PROTOCOL,
+        ),
+        (
+            "duplicate payload format indicator",
+            {
+                let mut b = s(b"a");
+                b.extend([4, 0x01, 0x01, 0x01, 0x01]);
+                b.push(b'x');
+                pkt(0x30, &b)
+            },
+            PROTOCOL,
+        ),
+        (
+            "unknown property identifier",
+            {
+                let mut b = s(b"a");
+                b.extend([2, 0x7F, 0x00]);
+                b.push(b'x');
+                pkt(0x30, &b)
+            },
+            MALFORMED_OR_PROTOCOL,
+        ),
+        (
+            "subscription identifier in a client PUBLISH",
+            {
+                let mut b = s(b"a");
+                b.extend([2, 0x0B, 0x05]);
+                b.push(b'x');
+                pkt(0x30, &b)
+            },
+            PROTOCOL,
+        ),
+        (
+            "property length beyond the packet",
+            {
+                let mut b = s(b"a");
+                b.extend([40, 0x01, 0x01]);
+                pkt(0x30, &b)
+            },
+            MALFORMED,
+        ),
+        (
+            "AUTH without an authentication method",
+            pkt(0xF0, &[0x18, 0]),
+            PROTOCOL,
+        ),
+        (
+            "response topic with a wildcard",
+            {
+                let mut b = s(b"a");
+                let rt = s(b"r/#");
+                b.push((1 + rt.len()) as u8);
+                b.push(0x08);
+                b.extend(rt);
+                b.push(b'x');
+                pkt(0x30, &b)
+            },
+            PROTOCOL,
+        ),
+        (
+            "DISCONNECT with reserved flags",
+            vec![0xE1, 0x00],
+            MALFORMED,
+        ),
     ];
     for (what, bytes, codes) in cases {
         expect_rejected(&hub, true, &bytes, codes, what).await;
@@ -294,7 +381,9 @@ async fn unknown_acknowledgements_are_harmless() {
 /// Sends `bytes` as the very first thing on a fresh TCP connection and expects the server to
 /// close it without a successful CONNACK; returns what it sent.
 async fn expect_refused_before_connect(hub: &TestHub, bytes: &[u8], what: &str) -> Vec<Packet> {
-    let mut raw = RawClient::connect(hub.mqtt, ProtocolVersion::V311).await.unwrap();
+    let mut raw = RawClient::connect(hub.mqtt, ProtocolVersion::V311)
+        .await
+        .unwrap();
     raw.send_bytes(bytes).await.unwrap();
     let seen = raw
         .expect_close(WAIT)
@@ -326,7 +415,10 @@ async fn broken_or_missing_connect_is_refused() {
     let id = s(b"cid");
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("PINGREQ first", vec![0xC0, 0x00]),
-        ("PUBLISH first", pkt(0x30, &publish_body(false, b"a", None, b"x"))),
+        (
+            "PUBLISH first",
+            pkt(0x30, &publish_body(false, b"a", None, b"x")),
+        ),
         ("SUBSCRIBE first", {
             let mut b = vec![0, 1];
             b.extend(s(b"#"));
@@ -339,9 +431,18 @@ async fn broken_or_missing_connect_is_refused() {
             v
         }),
         ("wrong protocol name", connect_bytes(b"MQTX", 4, 0x02, &id)),
-        ("reserved connect flag", connect_bytes(b"MQTT", 4, 0x03, &id)),
-        ("will QoS without will flag", connect_bytes(b"MQTT", 4, 0x0A, &id)),
-        ("will retain without will flag", connect_bytes(b"MQTT", 4, 0x22, &id)),
+        (
+            "reserved connect flag",
+            connect_bytes(b"MQTT", 4, 0x03, &id),
+        ),
+        (
+            "will QoS without will flag",
+            connect_bytes(b"MQTT", 4, 0x0A, &id),
+        ),
+        (
+            "will retain without will flag",
+            connect_bytes(b"MQTT", 4, 0x22, &id),
+        ),
         ("will QoS 3", {
             let mut rest = id.clone();
             rest.extend(s(b"w"));
@@ -353,8 +454,14 @@ async fn broken_or_missing_connect_is_refused() {
             rest.extend(s(b"secret"));
             connect_bytes(b"MQTT", 4, 0x42, &rest)
         }),
-        ("invalid UTF-8 client id", connect_bytes(b"MQTT", 4, 0x02, &s(&[0xC3, 0x28]))),
-        ("truncated CONNECT", vec![0x10, 0x04, 0x00, 0x04, b'M', b'Q']),
+        (
+            "invalid UTF-8 client id",
+            connect_bytes(b"MQTT", 4, 0x02, &s(&[0xC3, 0x28])),
+        ),
+        (
+            "truncated CONNECT",
+            vec![0x10, 0x04, 0x00, 0x04, b'M', b'Q'],
+        ),
         ("huge remaining length", vec![0x10, 0xFF, 0xFF, 0xFF, 0x7F]),
     ];
     for (what, bytes) in cases {
@@ -368,12 +475,16 @@ async fn broken_or_missing_connect_is_refused() {
 async fn unsupported_protocol_level_gets_connack_refusal() {
     let hub = TestHub::start().await.unwrap();
     // 3.1.1 [MQTT-3.1.2-2]: CONNACK 0x01 then close.
-    let seen = expect_refused_before_connect(&hub, &connect_bytes(b"MQTT", 6, 0x02, &s(b"x")), "level 6").await;
+    let seen =
+        expect_refused_before_connect(&hub, &connect_bytes(b"MQTT", 6, 0x02, &s(b"x")), "level 6")
+            .await;
     assert!(
         matches!(seen.as_slice(), [Packet::ConnAck(c)] if c.code == 0x01 || c.code == 0x84),
         "{seen:?}"
     );
-    let seen = expect_refused_before_connect(&hub, &connect_bytes(b"MQTT", 2, 0x02, &s(b"x")), "level 2").await;
+    let seen =
+        expect_refused_before_connect(&hub, &connect_bytes(b"MQTT", 2, 0x02, &s(b"x")), "level 2")
+            .await;
     assert!(
         matches!(seen.as_slice(), [Packet::ConnAck(c)] if c.code == 0x01),
         "{seen:?}"
@@ -410,7 +521,11 @@ async fn garbage_floods_do_not_hurt_the_hub() {
             }
             for chunk in 0..16 {
                 // The server may close at any point: write errors are expected.
-                if raw.send_bytes(&garbage(seed * 1000 + chunk, 16 * 1024)).await.is_err() {
+                if raw
+                    .send_bytes(&garbage(seed * 1000 + chunk, 16 * 1024))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -439,13 +554,23 @@ async fn v5_connect_properties_with_forbidden_values_are_refused() {
     // [MQTT-3.1.2.11.3] Receive Maximum 0 and [MQTT-3.1.2.11.4] Maximum Packet Size 0 are
     // Protocol Errors; accepting them would leave the session unable to receive anything.
     for (what, f) in [
-        ("Receive Maximum 0", Box::new(|c: &mut ferrohub_proto::mqtt::Connect| c.properties.receive_maximum = Some(0))
-            as Box<dyn Fn(&mut ferrohub_proto::mqtt::Connect)>),
-        ("Maximum Packet Size 0", Box::new(|c: &mut ferrohub_proto::mqtt::Connect| c.properties.maximum_packet_size = Some(0))),
+        (
+            "Receive Maximum 0",
+            Box::new(|c: &mut ferrohub_proto::mqtt::Connect| c.properties.receive_maximum = Some(0))
+                as Box<dyn Fn(&mut ferrohub_proto::mqtt::Connect)>,
+        ),
+        (
+            "Maximum Packet Size 0",
+            Box::new(|c: &mut ferrohub_proto::mqtt::Connect| {
+                c.properties.maximum_packet_size = Some(0)
+            }),
+        ),
     ] {
         let mut c = connect_packet(ProtocolVersion::V5, &uid("forbidden"));
         f(&mut c);
-        let mut raw = RawClient::connect(hub.mqtt, ProtocolVersion::V5).await.unwrap();
+        let mut raw = RawClient::connect(hub.mqtt, ProtocolVersion::V5)
+            .await
+            .unwrap();
         raw.send(&Packet::Connect(Box::new(c))).await.unwrap();
         let seen = raw
             .expect_close(WAIT)

@@ -24,7 +24,11 @@ async fn racing_connections_with_one_client_id_leave_exactly_one() {
         let addr = hub.mqtt;
         let id = id.clone();
         tasks.push(tokio::spawn(async move {
-            let version = if i % 2 == 0 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+            let version = if i % 2 == 0 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
             let (raw, ack) = raw_connect(addr, version, &id, |c| {
                 c.clean_start = i % 3 == 0;
                 c.properties.session_expiry_interval = Some(60);
@@ -36,11 +40,19 @@ async fn racing_connections_with_one_client_id_leave_exactly_one() {
     }
     let mut clients = Vec::new();
     for t in tasks {
-        clients.push(tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap());
+        clients.push(
+            tokio::time::timeout(Duration::from_secs(10), t)
+                .await
+                .unwrap()
+                .unwrap(),
+        );
     }
     // All but one get closed.
     wait_metric(&hub, "ferrohub_mqtt_connections", |v| v == 1.0).await;
-    assert_eq!(metric(&metrics(&hub).await, "ferrohub_mqtt_sessions"), Some(1.0));
+    assert_eq!(
+        metric(&metrics(&hub).await, "ferrohub_mqtt_sessions"),
+        Some(1.0)
+    );
     let mut alive = Vec::new();
     for mut c in clients {
         if c.send(&Packet::PingReq).await.is_ok()
@@ -54,8 +66,12 @@ async fn racing_connections_with_one_client_id_leave_exactly_one() {
     let mut survivor = alive.pop().unwrap();
     raw_subscribe(&mut survivor, 1, "race/t", FQoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("race/t", m5::QoS::AtLeastOnce, false, b"winner").await;
-    assert_eq!(raw_recv_publish(&mut survivor).await.payload.as_ref(), b"winner");
+    publ.publish("race/t", m5::QoS::AtLeastOnce, false, b"winner")
+        .await;
+    assert_eq!(
+        raw_recv_publish(&mut survivor).await.payload.as_ref(),
+        b"winner"
+    );
     hub.stop().await;
 }
 
@@ -82,7 +98,12 @@ async fn no_qos1_loss_while_a_persistent_subscriber_keeps_dropping() {
         let mut publ = V5::connect(o).await;
         for i in 0..N {
             let ack = publ
-                .publish("churn/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
+                .publish(
+                    "churn/t",
+                    m5::QoS::AtLeastOnce,
+                    false,
+                    format!("{i}").as_bytes(),
+                )
                 .await;
             assert_eq!(ack, Some(m5::PubAckReason::Success), "message {i}");
             if i % 20 == 0 {
@@ -109,7 +130,12 @@ async fn no_qos1_loss_while_a_persistent_subscriber_keeps_dropping() {
         for k in 0..take {
             match raw.recv_or_close(Duration::from_millis(300)).await {
                 Ok(Some(Packet::Publish(p))) => {
-                    seen.insert(std::str::from_utf8(&p.payload).unwrap().parse::<usize>().unwrap());
+                    seen.insert(
+                        std::str::from_utf8(&p.payload)
+                            .unwrap()
+                            .parse::<usize>()
+                            .unwrap(),
+                    );
                     if k + 1 < take {
                         raw.send(&puback(p.packet_id)).await.unwrap();
                     }
@@ -131,12 +157,17 @@ async fn shared_members_coming_and_going_lose_nothing() {
     let seen = Arc::new(Mutex::new(Vec::<String>::new()));
     // One stable member.
     let mut stable = V5::connect(v5_opts(&hub, &uid("stable"))).await;
-    stable.subscribe("$share/churn/sc/t", m5::QoS::AtLeastOnce).await;
+    stable
+        .subscribe("$share/churn/sc/t", m5::QoS::AtLeastOnce)
+        .await;
     let stable_seen = seen.clone();
     let stable_task = tokio::spawn(async move {
         while let Some(p) = stable.next(Duration::from_secs(3)).await {
             if let m5::Packet::Publish(p) = p {
-                stable_seen.lock().await.push(String::from_utf8(p.payload.to_vec()).unwrap());
+                stable_seen
+                    .lock()
+                    .await
+                    .push(String::from_utf8(p.payload.to_vec()).unwrap());
             }
         }
     });
@@ -145,9 +176,14 @@ async fn shared_members_coming_and_going_lose_nothing() {
     let churn_seen = seen.clone();
     let churner = tokio::spawn(async move {
         for round in 0..15 {
-            let (mut raw, _) = raw_connect(addr, ProtocolVersion::V5, &format!("churner-{round}"), |c| {
-                c.properties.receive_maximum = Some(3);
-            })
+            let (mut raw, _) = raw_connect(
+                addr,
+                ProtocolVersion::V5,
+                &format!("churner-{round}"),
+                |c| {
+                    c.properties.receive_maximum = Some(3);
+                },
+            )
             .await;
             raw_subscribe(&mut raw, 1, "$share/churn/sc/t", FQoS::AtLeastOnce).await;
             for k in 0..4 {
@@ -171,8 +207,13 @@ async fn shared_members_coming_and_going_lose_nothing() {
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     const N: usize = 200;
     for i in 0..N {
-        publ.publish("sc/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "sc/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
         if i % 10 == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -185,7 +226,10 @@ async fn shared_members_coming_and_going_lose_nothing() {
             break;
         }
         if tokio::time::Instant::now() > deadline {
-            let missing: Vec<_> = (0..N).map(|i| format!("m{i}")).filter(|m| !got.contains(m)).collect();
+            let missing: Vec<_> = (0..N)
+                .map(|i| format!("m{i}"))
+                .filter(|m| !got.contains(m))
+                .collect();
             panic!("{} messages lost: {missing:?}", missing.len());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -209,7 +253,12 @@ async fn fan_out_to_many_subscribers_in_order() {
     const N: usize = 100;
     for i in 0..N {
         publ.client
-            .publish("fan/t", rumqttc::QoS::AtLeastOnce, false, format!("{i}").into_bytes())
+            .publish(
+                "fan/t",
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                format!("{i}").into_bytes(),
+            )
             .await
             .unwrap();
     }
@@ -228,16 +277,27 @@ async fn resubscribing_replaces_the_subscription_qos() {
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     sub.subscribe("resub/t", m5::QoS::AtMostOnce).await;
-    publ.publish("resub/t", m5::QoS::ExactlyOnce, false, b"a").await;
+    publ.publish("resub/t", m5::QoS::ExactlyOnce, false, b"a")
+        .await;
     assert_eq!(sub.recv_publish().await.qos, m5::QoS::AtMostOnce);
     sub.subscribe("resub/t", m5::QoS::ExactlyOnce).await;
-    publ.publish("resub/t", m5::QoS::ExactlyOnce, false, b"b").await;
+    publ.publish("resub/t", m5::QoS::ExactlyOnce, false, b"b")
+        .await;
     let p = sub.recv_publish().await;
-    assert_eq!(p.qos, m5::QoS::ExactlyOnce, "the new subscription replaced the old one");
+    assert_eq!(
+        p.qos,
+        m5::QoS::ExactlyOnce,
+        "the new subscription replaced the old one"
+    );
     sub.expect_no_publish(QUIET).await;
     sub.subscribe("resub/t", m5::QoS::AtLeastOnce).await;
-    publ.publish("resub/t", m5::QoS::ExactlyOnce, false, b"c").await;
-    assert_eq!(sub.recv_publish().await.qos, m5::QoS::AtLeastOnce, "and can downgrade too");
+    publ.publish("resub/t", m5::QoS::ExactlyOnce, false, b"c")
+        .await;
+    assert_eq!(
+        sub.recv_publish().await.qos,
+        m5::QoS::AtLeastOnce,
+        "and can downgrade too"
+    );
     sub.expect_no_publish(QUIET).await;
     let text = metrics(&hub).await;
     assert_eq!(metric(&text, "ferrohub_mqtt_subscriptions"), Some(1.0));

@@ -53,7 +53,10 @@ async fn graceful_shutdown_sends_server_shutting_down() {
     assert_eq!(raw_expect_disconnect(&mut raw5, WAIT).await, Some(0x8B));
     let seen = raw3.expect_close(WAIT).await.unwrap();
     assert!(seen.is_empty(), "no DISCONNECT to a 3.1.1 client: {seen:?}");
-    assert_eq!(server_disconnect_reason(client5.wait_closed(WAIT).await), Some(0x8B));
+    assert_eq!(
+        server_disconnect_reason(client5.wait_closed(WAIT).await),
+        Some(0x8B)
+    );
     tokio::time::timeout(Duration::from_secs(10), stopping)
         .await
         .expect("shutdown took more than 10 s")
@@ -68,14 +71,22 @@ async fn queued_messages_survive_a_restart() {
     let id = uid("durable");
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
     raw_subscribe(&mut raw, 1, "dur/#", FQoS::ExactlyOnce).await;
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
     wait_connections(&hub, 0).await;
 
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..5 {
-        let qos = if i % 2 == 0 { m5::QoS::AtLeastOnce } else { m5::QoS::ExactlyOnce };
-        let ack = publ.publish("dur/t", qos, false, format!("m{i}").as_bytes()).await;
+        let qos = if i % 2 == 0 {
+            m5::QoS::AtLeastOnce
+        } else {
+            m5::QoS::ExactlyOnce
+        };
+        let ack = publ
+            .publish("dur/t", qos, false, format!("m{i}").as_bytes())
+            .await;
         assert_eq!(ack, Some(m5::PubAckReason::Success));
     }
     publ.disconnect().await;
@@ -87,7 +98,11 @@ async fn queued_messages_survive_a_restart() {
     for i in 0..5 {
         let p = raw_recv_publish(&mut raw).await;
         assert_eq!(p.payload, format!("m{i}").into_bytes(), "message {i}");
-        let expected = if i % 2 == 0 { FQoS::AtLeastOnce } else { FQoS::ExactlyOnce };
+        let expected = if i % 2 == 0 {
+            FQoS::AtLeastOnce
+        } else {
+            FQoS::ExactlyOnce
+        };
         assert_eq!(p.qos, expected);
         received.push(p);
     }
@@ -96,16 +111,22 @@ async fn queued_messages_survive_a_restart() {
         if p.qos == FQoS::AtLeastOnce {
             raw.send(&puback(p.packet_id)).await.unwrap();
         } else {
-            raw.send(&Packet::PubRec(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-                .await
-                .unwrap();
+            raw.send(&Packet::PubRec(PubResponse {
+                packet_id: p.packet_id,
+                ..Default::default()
+            }))
+            .await
+            .unwrap();
             releases += 1;
         }
     }
     for _ in 0..releases {
         match raw.recv(WAIT).await.unwrap() {
             Packet::PubRel(r) => raw
-                .send(&Packet::PubComp(PubResponse { packet_id: r.packet_id, ..Default::default() }))
+                .send(&Packet::PubComp(PubResponse {
+                    packet_id: r.packet_id,
+                    ..Default::default()
+                }))
                 .await
                 .unwrap(),
             other => panic!("expected PUBREL, got {other:?}"),
@@ -114,11 +135,14 @@ async fn queued_messages_survive_a_restart() {
     raw_expect_silence(&mut raw, QUIET).await;
     // The restored subscription routes new messages too.
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub2"))).await;
-    publ.publish("dur/new", m5::QoS::AtLeastOnce, false, b"after").await;
+    publ.publish("dur/new", m5::QoS::AtLeastOnce, false, b"after")
+        .await;
     let p = raw_recv_publish(&mut raw).await;
     assert_eq!(p.payload.as_ref(), b"after");
     raw.send(&puback(p.packet_id)).await.unwrap();
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
     wait_connections(&hub, 1).await;
 
@@ -143,12 +167,21 @@ async fn restored_subscriptions_queue_messages_published_after_restart() {
     let (hub, _dir) = restart(hub).await;
     // Published while the restored session is still offline.
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
-    publ.publish("dur3/t", rumqttc::QoS::AtLeastOnce, false, b"queued after restart").await;
+    publ.publish(
+        "dur3/t",
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        b"queued after restart",
+    )
+    .await;
     let mut o = v4_opts(&hub, &id);
     o.set_clean_session(false);
     let mut c = V4::connect(o).await;
     assert!(c.connack.session_present);
-    assert_eq!(c.recv_publish().await.payload.as_ref(), b"queued after restart");
+    assert_eq!(
+        c.recv_publish().await.payload.as_ref(),
+        b"queued after restart"
+    );
     hub.stop().await;
 }
 
@@ -158,11 +191,16 @@ async fn retained_messages_survive_a_restart() {
         .await
         .unwrap();
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("rdur/a", m5::QoS::AtLeastOnce, true, b"a1").await;
-    publ.publish("rdur/a", m5::QoS::AtLeastOnce, true, b"a2").await;
-    publ.publish("rdur/b", m5::QoS::AtMostOnce, true, b"b").await;
-    publ.publish("rdur/gone", m5::QoS::AtLeastOnce, true, b"x").await;
-    publ.publish("rdur/gone", m5::QoS::AtLeastOnce, true, b"").await;
+    publ.publish("rdur/a", m5::QoS::AtLeastOnce, true, b"a1")
+        .await;
+    publ.publish("rdur/a", m5::QoS::AtLeastOnce, true, b"a2")
+        .await;
+    publ.publish("rdur/b", m5::QoS::AtMostOnce, true, b"b")
+        .await;
+    publ.publish("rdur/gone", m5::QoS::AtLeastOnce, true, b"x")
+        .await;
+    publ.publish("rdur/gone", m5::QoS::AtLeastOnce, true, b"")
+        .await;
     let props = m5::PublishProperties {
         content_type: Some("text/plain".into()),
         user_properties: vec![("k".into(), "v".into())],
@@ -182,7 +220,10 @@ async fn retained_messages_survive_a_restart() {
         if topic5(&p) == "rdur/props" {
             let props = p.properties.clone().unwrap_or_default();
             assert_eq!(props.content_type.as_deref(), Some("text/plain"));
-            assert_eq!(props.user_properties, vec![("k".to_string(), "v".to_string())]);
+            assert_eq!(
+                props.user_properties,
+                vec![("k".to_string(), "v".to_string())]
+            );
         }
         got.push((topic5(&p), String::from_utf8(p.payload.to_vec()).unwrap()));
     }
@@ -208,15 +249,20 @@ async fn inflight_qos2_survives_a_restart() {
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
     raw_subscribe(&mut raw, 1, "dur2/#", FQoS::ExactlyOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("dur2/rel", m5::QoS::ExactlyOnce, false, b"released").await;
-    publ.publish("dur2/unrec", m5::QoS::ExactlyOnce, false, b"unreceived").await;
+    publ.publish("dur2/rel", m5::QoS::ExactlyOnce, false, b"released")
+        .await;
+    publ.publish("dur2/unrec", m5::QoS::ExactlyOnce, false, b"unreceived")
+        .await;
     // First: PUBREC sent, PUBREL received, no PUBCOMP. Second: no PUBREC.
     let p1 = raw_recv_publish(&mut raw).await;
     let p2 = raw_recv_publish(&mut raw).await;
     assert_eq!(p1.payload.as_ref(), b"released");
-    raw.send(&Packet::PubRec(PubResponse { packet_id: p1.packet_id, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubRec(PubResponse {
+        packet_id: p1.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     raw_wait(&mut raw, "PUBREL", |x| matches!(x, Packet::PubRel(_))).await;
     drop(raw);
     drop(publ);
@@ -230,24 +276,36 @@ async fn inflight_qos2_survives_a_restart() {
     for _ in 0..2 {
         match raw.recv(WAIT).await.unwrap() {
             Packet::PubRel(r) => {
-                assert_eq!(r.packet_id, p1.packet_id, "PUBREL with the original packet identifier");
+                assert_eq!(
+                    r.packet_id, p1.packet_id,
+                    "PUBREL with the original packet identifier"
+                );
                 saw_pubrel = true;
-                raw.send(&Packet::PubComp(PubResponse { packet_id: r.packet_id, ..Default::default() }))
-                    .await
-                    .unwrap();
+                raw.send(&Packet::PubComp(PubResponse {
+                    packet_id: r.packet_id,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
             }
             Packet::Publish(p) => {
                 assert_eq!(p.payload.as_ref(), b"unreceived");
                 assert_eq!(p.packet_id, p2.packet_id, "original packet identifier");
                 assert!(p.dup, "re-delivery sets DUP");
                 saw_publish = true;
-                raw.send(&Packet::PubRec(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-                    .await
-                    .unwrap();
+                raw.send(&Packet::PubRec(PubResponse {
+                    packet_id: p.packet_id,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
                 raw_wait(&mut raw, "PUBREL", |x| matches!(x, Packet::PubRel(_))).await;
-                raw.send(&Packet::PubComp(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-                    .await
-                    .unwrap();
+                raw.send(&Packet::PubComp(PubResponse {
+                    packet_id: p.packet_id,
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
             }
             other => panic!("unexpected {other:?}"),
         }
@@ -266,7 +324,8 @@ async fn unacknowledged_qos1_is_resent_with_dup_after_a_restart() {
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
     raw_subscribe(&mut raw, 1, "dur1/t", FQoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("dur1/t", m5::QoS::AtLeastOnce, false, b"unacked").await;
+    publ.publish("dur1/t", m5::QoS::AtLeastOnce, false, b"unacked")
+        .await;
     let first = raw_recv_publish(&mut raw).await;
     drop(raw);
     drop(publ);
@@ -276,8 +335,14 @@ async fn unacknowledged_qos1_is_resent_with_dup_after_a_restart() {
     assert!(ack.session_present);
     let again = raw_recv_publish(&mut raw).await;
     assert_eq!(again.payload.as_ref(), b"unacked");
-    assert!(again.dup, "[MQTT-4.4.0-1]: resent unacknowledged PUBLISH has DUP=1");
-    assert_eq!(again.packet_id, first.packet_id, "[MQTT-4.4.0-1]: original packet identifier");
+    assert!(
+        again.dup,
+        "[MQTT-4.4.0-1]: resent unacknowledged PUBLISH has DUP=1"
+    );
+    assert_eq!(
+        again.packet_id, first.packet_id,
+        "[MQTT-4.4.0-1]: original packet identifier"
+    );
     hub.stop().await;
 }
 
@@ -290,7 +355,9 @@ async fn session_expiry_continues_after_a_restart() {
     })
     .await;
     raw_subscribe(&mut raw, 1, "short/t", FQoS::AtLeastOnce).await;
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
     let (hub, _dir) = restart(hub).await;
     wait_metric(&hub, "ferrohub_mqtt_sessions", |v| v == 0.0).await;

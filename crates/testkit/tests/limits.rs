@@ -19,15 +19,28 @@ async fn connection_without_connect_is_closed_after_connect_timeout() {
         .await
         .unwrap();
     let started = Instant::now();
-    let mut silent = RawClient::connect(hub.mqtt, ProtocolVersion::V311).await.unwrap();
+    let mut silent = RawClient::connect(hub.mqtt, ProtocolVersion::V311)
+        .await
+        .unwrap();
     // Half a CONNECT does not count either.
-    let mut partial = RawClient::connect(hub.mqtt, ProtocolVersion::V311).await.unwrap();
-    partial.send_bytes(&[0x10, 0x20, 0x00, 0x04, b'M']).await.unwrap();
+    let mut partial = RawClient::connect(hub.mqtt, ProtocolVersion::V311)
+        .await
+        .unwrap();
+    partial
+        .send_bytes(&[0x10, 0x20, 0x00, 0x04, b'M'])
+        .await
+        .unwrap();
     let seen = silent.expect_close(Duration::from_secs(4)).await.unwrap();
     assert!(seen.is_empty());
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(800), "closed too early: {elapsed:?}");
-    assert!(elapsed <= Duration::from_millis(2500), "closed too late: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(800),
+        "closed too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed <= Duration::from_millis(2500),
+        "closed too late: {elapsed:?}"
+    );
     partial.expect_close(Duration::from_secs(2)).await.unwrap();
     hub.stop().await;
 }
@@ -37,12 +50,27 @@ async fn keep_alive_is_enforced() {
     let hub = TestHub::start().await.unwrap();
     // v5: DISCONNECT 0x8D after 1.5 × keep-alive.
     let started = Instant::now();
-    let (mut v5, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka5"), |c| c.keep_alive = 1).await;
-    let (mut v3, _) = raw_connect(hub.mqtt, ProtocolVersion::V311, &uid("ka3"), |c| c.keep_alive = 1).await;
-    assert_eq!(raw_expect_disconnect(&mut v5, Duration::from_secs(4)).await, Some(0x8D));
+    let (mut v5, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka5"), |c| {
+        c.keep_alive = 1
+    })
+    .await;
+    let (mut v3, _) = raw_connect(hub.mqtt, ProtocolVersion::V311, &uid("ka3"), |c| {
+        c.keep_alive = 1
+    })
+    .await;
+    assert_eq!(
+        raw_expect_disconnect(&mut v5, Duration::from_secs(4)).await,
+        Some(0x8D)
+    );
     let elapsed = started.elapsed();
-    assert!(elapsed >= Duration::from_millis(1200), "closed too early: {elapsed:?}");
-    assert!(elapsed <= Duration::from_millis(3000), "closed too late: {elapsed:?}");
+    assert!(
+        elapsed >= Duration::from_millis(1200),
+        "closed too early: {elapsed:?}"
+    );
+    assert!(
+        elapsed <= Duration::from_millis(3000),
+        "closed too late: {elapsed:?}"
+    );
     let seen = v3.expect_close(Duration::from_secs(2)).await.unwrap();
     assert!(seen.is_empty(), "3.1.1 has no server DISCONNECT: {seen:?}");
     hub.stop().await;
@@ -51,7 +79,10 @@ async fn keep_alive_is_enforced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pings_keep_the_connection_alive() {
     let hub = TestHub::start().await.unwrap();
-    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("pinger"), |c| c.keep_alive = 1).await;
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("pinger"), |c| {
+        c.keep_alive = 1
+    })
+    .await;
     for _ in 0..6 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         raw.send(&Packet::PingReq).await.unwrap();
@@ -68,9 +99,15 @@ async fn server_keep_alive_is_enforced() {
     let hub = TestHub::start_with(|cfg| cfg.mqtt.max_keep_alive_secs = 1)
         .await
         .unwrap();
-    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ska"), |c| c.keep_alive = 60).await;
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ska"), |c| {
+        c.keep_alive = 60
+    })
+    .await;
     assert_eq!(ack.properties.server_keep_alive, Some(1));
-    assert_eq!(raw_expect_disconnect(&mut raw, Duration::from_secs(4)).await, Some(0x8D));
+    assert_eq!(
+        raw_expect_disconnect(&mut raw, Duration::from_secs(4)).await,
+        Some(0x8D)
+    );
     hub.stop().await;
 }
 
@@ -105,9 +142,14 @@ async fn max_connections_refuses_the_third() {
     let mut b = V5::connect(v5_opts(&hub, &uid("b"))).await;
     wait_connections(&hub, 2).await;
 
-    let mut third = RawClient::connect(hub.mqtt, ProtocolVersion::V5).await.unwrap();
+    let mut third = RawClient::connect(hub.mqtt, ProtocolVersion::V5)
+        .await
+        .unwrap();
     third
-        .send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V5, &uid("c")))))
+        .send(&Packet::Connect(Box::new(connect_packet(
+            ProtocolVersion::V5,
+            &uid("c"),
+        ))))
         .await
         .unwrap();
     let seen = third.expect_close(WAIT).await.unwrap();
@@ -193,26 +235,55 @@ async fn topic_length_and_levels_are_limited() {
     .await
     .unwrap();
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("tl"), |_| {}).await;
-    assert_eq!(raw_subscribe(&mut raw, 1, "a/b/#", FQoS::AtMostOnce).await, vec![0]);
-    assert_eq!(raw_subscribe(&mut raw, 2, "a/b/c/d", FQoS::AtMostOnce).await, vec![0x8F]);
-    assert_eq!(raw_subscribe(&mut raw, 3, "a/b/c/#", FQoS::AtMostOnce).await, vec![0x8F]);
-    assert_eq!(raw_subscribe(&mut raw, 4, &"x".repeat(17), FQoS::AtMostOnce).await, vec![0x8F]);
-    assert_eq!(raw_subscribe(&mut raw, 5, &"x".repeat(16), FQoS::AtMostOnce).await, vec![0]);
+    assert_eq!(
+        raw_subscribe(&mut raw, 1, "a/b/#", FQoS::AtMostOnce).await,
+        vec![0]
+    );
+    assert_eq!(
+        raw_subscribe(&mut raw, 2, "a/b/c/d", FQoS::AtMostOnce).await,
+        vec![0x8F]
+    );
+    assert_eq!(
+        raw_subscribe(&mut raw, 3, "a/b/c/#", FQoS::AtMostOnce).await,
+        vec![0x8F]
+    );
+    assert_eq!(
+        raw_subscribe(&mut raw, 4, &"x".repeat(17), FQoS::AtMostOnce).await,
+        vec![0x8F]
+    );
+    assert_eq!(
+        raw_subscribe(&mut raw, 5, &"x".repeat(16), FQoS::AtMostOnce).await,
+        vec![0]
+    );
     let (mut v3, _) = raw_connect(hub.mqtt, ProtocolVersion::V311, &uid("tl3"), |_| {}).await;
-    assert_eq!(raw_subscribe(&mut v3, 1, "a/b/c/d", FQoS::AtMostOnce).await, vec![0x80]);
+    assert_eq!(
+        raw_subscribe(&mut v3, 1, "a/b/c/d", FQoS::AtMostOnce).await,
+        vec![0x80]
+    );
 
     // Publishing to a topic within the limits works ...
-    raw.send(&publish_packet("a/b/c", FQoS::AtLeastOnce, 1, b"ok")).await.unwrap();
+    raw.send(&publish_packet("a/b/c", FQoS::AtLeastOnce, 1, b"ok"))
+        .await
+        .unwrap();
     raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
     // ... beyond them it is a Topic Name invalid.
-    raw.send(&publish_packet("a/b/c/d", FQoS::AtLeastOnce, 2, b"no")).await.unwrap();
+    raw.send(&publish_packet("a/b/c/d", FQoS::AtLeastOnce, 2, b"no"))
+        .await
+        .unwrap();
     assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x90));
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("tl2"), |_| {}).await;
-    raw.send(&publish_packet(&"y".repeat(17), FQoS::AtMostOnce, 0, b"no")).await.unwrap();
+    raw.send(&publish_packet(&"y".repeat(17), FQoS::AtMostOnce, 0, b"no"))
+        .await
+        .unwrap();
     assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x90));
-    v3.send(&publish_packet("a/b/c/d", FQoS::AtLeastOnce, 2, b"no")).await.unwrap();
+    v3.send(&publish_packet("a/b/c/d", FQoS::AtLeastOnce, 2, b"no"))
+        .await
+        .unwrap();
     let seen = v3.expect_close(WAIT).await.unwrap();
-    assert!(seen.iter().all(|p| !matches!(p, Packet::PubAck(_))), "{seen:?}");
+    assert!(
+        seen.iter().all(|p| !matches!(p, Packet::PubAck(_))),
+        "{seen:?}"
+    );
     hub.stop().await;
 }
 
@@ -223,7 +294,9 @@ async fn offline_subscriber(hub: &TestHub, id: &str, filter: &str) {
     })
     .await;
     raw_subscribe(&mut raw, 1, filter, FQoS::AtLeastOnce).await;
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
 }
 
@@ -241,27 +314,51 @@ async fn queue_overflow_drops_qos0_first_then_refuses_qos1() {
 
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..3 {
-        publ.publish("ovf/t", m5::QoS::AtMostOnce, false, format!("q0-{i}").as_bytes())
-            .await;
+        publ.publish(
+            "ovf/t",
+            m5::QoS::AtMostOnce,
+            false,
+            format!("q0-{i}").as_bytes(),
+        )
+        .await;
     }
     // Queue: 3 × QoS 0. Five QoS 1 fit: the last three push the QoS 0 messages out.
     for i in 0..5 {
         let ack = publ
-            .publish("ovf/t", m5::QoS::AtLeastOnce, false, format!("q1-{i}").as_bytes())
+            .publish(
+                "ovf/t",
+                m5::QoS::AtLeastOnce,
+                false,
+                format!("q1-{i}").as_bytes(),
+            )
             .await;
         assert_eq!(ack, Some(m5::PubAckReason::Success), "q1-{i}");
     }
     // Full of QoS 1: refused with Quota exceeded, never dropped silently.
-    let ack = publ.publish("ovf/t", m5::QoS::AtLeastOnce, false, b"refused").await;
+    let ack = publ
+        .publish("ovf/t", m5::QoS::AtLeastOnce, false, b"refused")
+        .await;
     assert_eq!(ack, Some(m5::PubAckReason::QuotaExceeded));
     // QoS 0 while full: dropped.
-    publ.publish("ovf/t", m5::QoS::AtMostOnce, false, b"q0-late").await;
+    publ.publish("ovf/t", m5::QoS::AtMostOnce, false, b"q0-late")
+        .await;
     publ.barrier().await;
 
     let text = metrics(&hub).await;
-    let queue_full = metric(&text, "ferrohub_mqtt_messages_dropped_total{reason=\"queue_full\"}").unwrap();
-    let refused = metric(&text, "ferrohub_mqtt_messages_dropped_total{reason=\"quota_refused\"}").unwrap();
-    assert_eq!(queue_full, 4.0, "3 QoS 0 pushed out + 1 QoS 0 dropped at the door");
+    let queue_full = metric(
+        &text,
+        "ferrohub_mqtt_messages_dropped_total{reason=\"queue_full\"}",
+    )
+    .unwrap();
+    let refused = metric(
+        &text,
+        "ferrohub_mqtt_messages_dropped_total{reason=\"quota_refused\"}",
+    )
+    .unwrap();
+    assert_eq!(
+        queue_full, 4.0,
+        "3 QoS 0 pushed out + 1 QoS 0 dropped at the door"
+    );
     assert_eq!(refused, 1.0);
 
     let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, |c| {
@@ -294,18 +391,35 @@ async fn queue_overflow_with_a_subscriber_that_never_reads() {
     // 1 in flight + 5 queued.
     for i in 0..6 {
         let ack = publ
-            .publish("ovf2/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
+            .publish(
+                "ovf2/t",
+                m5::QoS::AtLeastOnce,
+                false,
+                format!("{i}").as_bytes(),
+            )
             .await;
         assert_eq!(ack, Some(m5::PubAckReason::Success), "message {i}");
     }
-    let ack = publ.publish("ovf2/t", m5::QoS::AtLeastOnce, false, b"7th").await;
+    let ack = publ
+        .publish("ovf2/t", m5::QoS::AtLeastOnce, false, b"7th")
+        .await;
     assert_eq!(ack, Some(m5::PubAckReason::QuotaExceeded));
     // Other subscribers are not affected by the slow one.
     let mut fast = V5::connect(v5_opts(&hub, &uid("fast"))).await;
     fast.subscribe("ovf2/t", m5::QoS::AtLeastOnce).await;
-    let ack = publ.publish("ovf2/t", m5::QoS::AtLeastOnce, false, b"8th").await;
-    assert_eq!(ack, Some(m5::PubAckReason::QuotaExceeded), "still full for the slow one");
-    assert_eq!(fast.recv_publish().await.payload.as_ref(), b"8th", "the fast one still gets it");
+    let ack = publ
+        .publish("ovf2/t", m5::QoS::AtLeastOnce, false, b"8th")
+        .await;
+    assert_eq!(
+        ack,
+        Some(m5::PubAckReason::QuotaExceeded),
+        "still full for the slow one"
+    );
+    assert_eq!(
+        fast.recv_publish().await.payload.as_ref(),
+        b"8th",
+        "the fast one still gets it"
+    );
     drop(stuck);
     hub.stop().await;
 }
@@ -320,11 +434,18 @@ async fn v311_publisher_to_a_full_queue_is_disconnected_without_ack() {
     wait_connections(&hub, 0).await;
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V311, &uid("pub3"), |_| {}).await;
     for pid in 1..=2 {
-        raw.send(&publish_packet("ovf3/t", FQoS::AtLeastOnce, pid, b"fits")).await.unwrap();
+        raw.send(&publish_packet("ovf3/t", FQoS::AtLeastOnce, pid, b"fits"))
+            .await
+            .unwrap();
         raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
     }
-    raw.send(&publish_packet("ovf3/t", FQoS::AtLeastOnce, 3, b"no room")).await.unwrap();
+    raw.send(&publish_packet("ovf3/t", FQoS::AtLeastOnce, 3, b"no room"))
+        .await
+        .unwrap();
     let seen = raw.expect_close(WAIT).await.unwrap();
-    assert!(seen.iter().all(|p| !matches!(p, Packet::PubAck(_))), "{seen:?}");
+    assert!(
+        seen.iter().all(|p| !matches!(p, Packet::PubAck(_))),
+        "{seen:?}"
+    );
     hub.stop().await;
 }

@@ -15,9 +15,15 @@ async fn v311_round_trip_each_qos() {
     let hub = TestHub::start().await.unwrap();
     let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
     let codes = sub.subscribe("qos/rt", QoS::ExactlyOnce).await;
-    assert_eq!(codes, vec![rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]);
+    assert_eq!(
+        codes,
+        vec![rumqttc::SubscribeReasonCode::Success(QoS::ExactlyOnce)]
+    );
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
-    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
+        .into_iter()
+        .enumerate()
+    {
         let payload = format!("m{i}");
         publ.publish("qos/rt", qos, false, payload.as_bytes()).await;
         let p = sub.recv_publish().await;
@@ -38,14 +44,23 @@ async fn v5_round_trip_each_qos() {
     let hub = TestHub::start().await.unwrap();
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
     let codes = sub.subscribe("qos/rt5", m5::QoS::ExactlyOnce).await;
-    assert_eq!(codes, vec![m5::SubscribeReasonCode::Success(m5::QoS::ExactlyOnce)]);
+    assert_eq!(
+        codes,
+        vec![m5::SubscribeReasonCode::Success(m5::QoS::ExactlyOnce)]
+    );
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    for (i, qos) in [m5::QoS::AtMostOnce, m5::QoS::AtLeastOnce, m5::QoS::ExactlyOnce]
-        .into_iter()
-        .enumerate()
+    for (i, qos) in [
+        m5::QoS::AtMostOnce,
+        m5::QoS::AtLeastOnce,
+        m5::QoS::ExactlyOnce,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let payload = format!("m{i}");
-        let ack = publ.publish("qos/rt5", qos, false, payload.as_bytes()).await;
+        let ack = publ
+            .publish("qos/rt5", qos, false, payload.as_bytes())
+            .await;
         if qos == m5::QoS::AtLeastOnce {
             assert_eq!(ack, Some(m5::PubAckReason::Success));
         }
@@ -72,18 +87,21 @@ async fn delivery_is_downgraded_to_subscription_qos() {
     s2.subscribe("qos/down", m5::QoS::ExactlyOnce).await;
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
 
-    publ.publish("qos/down", QoS::ExactlyOnce, false, b"two").await;
+    publ.publish("qos/down", QoS::ExactlyOnce, false, b"two")
+        .await;
     assert_eq!(s0.recv_publish().await.qos, QoS::AtMostOnce);
     assert_eq!(s1.recv_publish().await.qos, QoS::AtLeastOnce);
     assert_eq!(s2.recv_publish().await.qos, m5::QoS::ExactlyOnce);
 
     // Never upgraded above the publish QoS.
-    publ.publish("qos/down", QoS::AtLeastOnce, false, b"one").await;
+    publ.publish("qos/down", QoS::AtLeastOnce, false, b"one")
+        .await;
     assert_eq!(s0.recv_publish().await.qos, QoS::AtMostOnce);
     assert_eq!(s1.recv_publish().await.qos, QoS::AtLeastOnce);
     assert_eq!(s2.recv_publish().await.qos, m5::QoS::AtLeastOnce);
 
-    publ.publish("qos/down", QoS::AtMostOnce, false, b"zero").await;
+    publ.publish("qos/down", QoS::AtMostOnce, false, b"zero")
+        .await;
     assert_eq!(s0.recv_publish().await.qos, QoS::AtMostOnce);
     assert_eq!(s1.recv_publish().await.qos, QoS::AtMostOnce);
     assert_eq!(s2.recv_publish().await.qos, m5::QoS::AtMostOnce);
@@ -94,22 +112,39 @@ async fn delivery_is_downgraded_to_subscription_qos() {
 async fn v5_overlapping_subscriptions_one_copy_highest_qos_all_ids() {
     let hub = TestHub::start().await.unwrap();
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
-    sub.subscribe_with_id("ov/+/x", m5::QoS::AtMostOnce, 7).await;
+    sub.subscribe_with_id("ov/+/x", m5::QoS::AtMostOnce, 7)
+        .await;
     sub.subscribe_with_id("ov/#", m5::QoS::AtLeastOnce, 9).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     publ.publish("ov/a/x", m5::QoS::ExactlyOnce, false, b"hello")
         .await;
     let p = sub.recv_publish().await;
-    assert_eq!(p.qos, m5::QoS::AtLeastOnce, "highest QoS of the matching subscriptions");
-    let mut ids = p.properties.clone().unwrap_or_default().subscription_identifiers;
+    assert_eq!(
+        p.qos,
+        m5::QoS::AtLeastOnce,
+        "highest QoS of the matching subscriptions"
+    );
+    let mut ids = p
+        .properties
+        .clone()
+        .unwrap_or_default()
+        .subscription_identifiers;
     ids.sort_unstable();
-    assert_eq!(ids, vec![7, 9], "both subscription identifiers on the single copy");
+    assert_eq!(
+        ids,
+        vec![7, 9],
+        "both subscription identifiers on the single copy"
+    );
     sub.expect_no_publish(QUIET).await;
 
     // Only one of them matches: only its identifier.
-    publ.publish("ov/b", m5::QoS::AtLeastOnce, false, b"one").await;
+    publ.publish("ov/b", m5::QoS::AtLeastOnce, false, b"one")
+        .await;
     let p = sub.recv_publish().await;
-    assert_eq!(p.properties.unwrap_or_default().subscription_identifiers, vec![9]);
+    assert_eq!(
+        p.properties.unwrap_or_default().subscription_identifiers,
+        vec![9]
+    );
     hub.stop().await;
 }
 
@@ -171,19 +206,39 @@ async fn qos2_retransmitted_publish_is_delivered_once() {
         let mut publish = publish_packet("qos2/once", FQoS::ExactlyOnce, 7, b"exactly");
         raw.send(&publish).await.unwrap();
         let rec = raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
-        assert!(matches!(rec, Packet::PubRec(PubResponse { packet_id: 7, code: 0, .. })));
+        assert!(matches!(
+            rec,
+            Packet::PubRec(PubResponse {
+                packet_id: 7,
+                code: 0,
+                ..
+            })
+        ));
         // Retransmission before PUBREL (DUP set): acknowledged again, not routed again.
         if let Packet::Publish(p) = &mut publish {
             p.dup = true;
         }
         raw.send(&publish).await.unwrap();
         let rec = raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
-        assert!(matches!(rec, Packet::PubRec(PubResponse { packet_id: 7, .. })));
-        raw.send(&Packet::PubRel(PubResponse { packet_id: 7, ..Default::default() }))
-            .await
-            .unwrap();
+        assert!(matches!(
+            rec,
+            Packet::PubRec(PubResponse { packet_id: 7, .. })
+        ));
+        raw.send(&Packet::PubRel(PubResponse {
+            packet_id: 7,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
         let comp = raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
-        assert!(matches!(comp, Packet::PubComp(PubResponse { packet_id: 7, code: 0, .. })));
+        assert!(matches!(
+            comp,
+            Packet::PubComp(PubResponse {
+                packet_id: 7,
+                code: 0,
+                ..
+            })
+        ));
 
         let p = sub.recv_publish().await;
         assert_eq!(p.payload.as_ref(), b"exactly");
@@ -194,9 +249,12 @@ async fn qos2_retransmitted_publish_is_delivered_once() {
             .await
             .unwrap();
         raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
-        raw.send(&Packet::PubRel(PubResponse { packet_id: 7, ..Default::default() }))
-            .await
-            .unwrap();
+        raw.send(&Packet::PubRel(PubResponse {
+            packet_id: 7,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
         raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
         assert_eq!(sub.recv_publish().await.payload.as_ref(), b"again");
     }
@@ -207,22 +265,34 @@ async fn qos2_retransmitted_publish_is_delivered_once() {
 async fn qos2_outbound_handshake_at_byte_level() {
     let hub = TestHub::start().await.unwrap();
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("raw"), |_| {}).await;
-    assert_eq!(raw_subscribe(&mut raw, 1, "qos2/out", FQoS::ExactlyOnce).await, vec![2]);
+    assert_eq!(
+        raw_subscribe(&mut raw, 1, "qos2/out", FQoS::ExactlyOnce).await,
+        vec![2]
+    );
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("qos2/out", m5::QoS::ExactlyOnce, false, b"x").await;
+    publ.publish("qos2/out", m5::QoS::ExactlyOnce, false, b"x")
+        .await;
     let p = raw_recv_publish(&mut raw).await;
     assert_eq!(p.qos, FQoS::ExactlyOnce);
     assert_ne!(p.packet_id, 0);
-    raw.send(&Packet::PubRec(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubRec(PubResponse {
+        packet_id: p.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     let rel = raw_wait(&mut raw, "PUBREL", |p| matches!(p, Packet::PubRel(_))).await;
-    let Packet::PubRel(rel) = rel else { unreachable!() };
+    let Packet::PubRel(rel) = rel else {
+        unreachable!()
+    };
     assert_eq!(rel.packet_id, p.packet_id);
     assert_eq!(rel.code, 0);
-    raw.send(&Packet::PubComp(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubComp(PubResponse {
+        packet_id: p.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     // Still healthy afterwards.
     raw.send(&Packet::PingReq).await.unwrap();
     raw_wait(&mut raw, "PINGRESP", |p| matches!(p, Packet::PingResp)).await;

@@ -30,7 +30,11 @@ async fn retained_message_is_sent_on_subscribe_with_retain_flag() {
     let p = sub5.recv_publish().await;
     assert!(p.retain);
     assert_eq!(p.payload.as_ref(), b"kept");
-    assert_eq!(p.qos, m5::QoS::AtMostOnce, "retained delivery downgraded to the subscription QoS");
+    assert_eq!(
+        p.qos,
+        m5::QoS::AtMostOnce,
+        "retained delivery downgraded to the subscription QoS"
+    );
     hub.stop().await;
 }
 
@@ -42,7 +46,10 @@ async fn established_subscription_gets_retain_flag_cleared_in_311() {
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
     publ.publish("ret/live", QoS::AtLeastOnce, true, b"x").await;
     let p = sub.recv_publish().await;
-    assert!(!p.retain, "3.1.1 [MQTT-3.3.1-9]: RETAIN=0 for an established subscription");
+    assert!(
+        !p.retain,
+        "3.1.1 [MQTT-3.3.1-9]: RETAIN=0 for an established subscription"
+    );
     hub.stop().await;
 }
 
@@ -53,7 +60,8 @@ async fn retained_message_is_replaced() {
     publ.publish("ret/r", QoS::AtLeastOnce, true, b"one").await;
     publ.publish("ret/r", QoS::AtLeastOnce, true, b"two").await;
     // A non-retained publish does not replace it.
-    publ.publish("ret/r", QoS::AtLeastOnce, false, b"three").await;
+    publ.publish("ret/r", QoS::AtLeastOnce, false, b"three")
+        .await;
     let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
     sub.subscribe("ret/r", QoS::AtLeastOnce).await;
     let p = sub.recv_publish().await;
@@ -67,7 +75,8 @@ async fn retained_message_is_replaced() {
 async fn empty_retained_payload_deletes_and_is_still_forwarded() {
     let hub = TestHub::start().await.unwrap();
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
-    publ.publish("ret/del", QoS::AtLeastOnce, true, b"soon gone").await;
+    publ.publish("ret/del", QoS::AtLeastOnce, true, b"soon gone")
+        .await;
 
     let mut live = V4::connect(v4_opts(&hub, &uid("live"))).await;
     live.subscribe("ret/del", QoS::AtLeastOnce).await;
@@ -107,7 +116,10 @@ async fn wildcard_subscription_gets_every_matching_retained_message() {
 
     let mut sub2 = V4::connect(v4_opts(&hub, &uid("sub2"))).await;
     sub2.subscribe("wr/+/1", QoS::AtMostOnce).await;
-    let mut got = vec![sub2.recv_publish().await.topic, sub2.recv_publish().await.topic];
+    let mut got = vec![
+        sub2.recv_publish().await.topic,
+        sub2.recv_publish().await.topic,
+    ];
     got.sort();
     assert_eq!(got, vec!["wr/a/1", "wr/b/1"]);
     sub2.expect_no_publish(QUIET).await;
@@ -140,20 +152,35 @@ async fn v5_retain_handling_0_1_2() {
 
     // 0: on every subscribe, including a repeated one.
     let mut s0 = V5::connect(v5_opts(&hub, &uid("rh0"))).await;
-    s0.subscribe_filter(filter("rh/t", m5::RetainForwardRule::OnEverySubscribe, false), None)
-        .await;
+    s0.subscribe_filter(
+        filter("rh/t", m5::RetainForwardRule::OnEverySubscribe, false),
+        None,
+    )
+    .await;
     assert!(s0.recv_publish().await.retain);
-    s0.subscribe_filter(filter("rh/t", m5::RetainForwardRule::OnEverySubscribe, false), None)
-        .await;
-    assert!(s0.recv_publish().await.retain, "Retain Handling 0 resends on re-subscribe");
+    s0.subscribe_filter(
+        filter("rh/t", m5::RetainForwardRule::OnEverySubscribe, false),
+        None,
+    )
+    .await;
+    assert!(
+        s0.recv_publish().await.retain,
+        "Retain Handling 0 resends on re-subscribe"
+    );
 
     // 1: only when the subscription is new.
     let mut s1 = V5::connect(v5_opts(&hub, &uid("rh1"))).await;
-    s1.subscribe_filter(filter("rh/t", m5::RetainForwardRule::OnNewSubscribe, false), None)
-        .await;
+    s1.subscribe_filter(
+        filter("rh/t", m5::RetainForwardRule::OnNewSubscribe, false),
+        None,
+    )
+    .await;
     assert!(s1.recv_publish().await.retain);
-    s1.subscribe_filter(filter("rh/t", m5::RetainForwardRule::OnNewSubscribe, false), None)
-        .await;
+    s1.subscribe_filter(
+        filter("rh/t", m5::RetainForwardRule::OnNewSubscribe, false),
+        None,
+    )
+    .await;
     s1.expect_no_publish(QUIET).await;
 
     // 2: never.
@@ -162,7 +189,8 @@ async fn v5_retain_handling_0_1_2() {
         .await;
     s2.expect_no_publish(QUIET).await;
     // ... but live messages still flow.
-    publ.publish("rh/t", m5::QoS::AtLeastOnce, false, b"live").await;
+    publ.publish("rh/t", m5::QoS::AtLeastOnce, false, b"live")
+        .await;
     assert_eq!(s2.recv_publish().await.payload.as_ref(), b"live");
     hub.stop().await;
 }
@@ -178,10 +206,15 @@ async fn v5_retain_as_published() {
         .subscribe_filter(filter("rap/t", m5::RetainForwardRule::Never, false), None)
         .await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("rap/t", m5::QoS::AtLeastOnce, true, b"r").await;
-    assert!(keep.recv_publish().await.retain, "RAP=1 keeps the publisher's RETAIN=1");
+    publ.publish("rap/t", m5::QoS::AtLeastOnce, true, b"r")
+        .await;
+    assert!(
+        keep.recv_publish().await.retain,
+        "RAP=1 keeps the publisher's RETAIN=1"
+    );
     assert!(!clear.recv_publish().await.retain, "RAP=0 clears RETAIN");
-    publ.publish("rap/t", m5::QoS::AtLeastOnce, false, b"n").await;
+    publ.publish("rap/t", m5::QoS::AtLeastOnce, false, b"n")
+        .await;
     assert!(!keep.recv_publish().await.retain);
     assert!(!clear.recv_publish().await.retain);
     hub.stop().await;
@@ -201,15 +234,24 @@ async fn expired_retained_message_is_not_sent() {
         message_expiry_interval: Some(60),
         ..Default::default()
     };
-    publ.publish_props("rexp/long", m5::QoS::AtLeastOnce, true, b"long", Some(props))
-        .await;
+    publ.publish_props(
+        "rexp/long",
+        m5::QoS::AtLeastOnce,
+        true,
+        b"long",
+        Some(props),
+    )
+    .await;
     tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
     sub.subscribe("rexp/#", m5::QoS::AtLeastOnce).await;
     let p = sub.recv_publish().await;
     assert_eq!(p.payload.as_ref(), b"long");
     let left = p.properties.unwrap_or_default().message_expiry_interval;
-    assert!(matches!(left, Some(58..=59)), "remaining expiry forwarded, got {left:?}");
+    assert!(
+        matches!(left, Some(58..=59)),
+        "remaining expiry forwarded, got {left:?}"
+    );
     sub.expect_no_publish(QUIET).await;
     hub.stop().await;
 }

@@ -9,7 +9,9 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ferrohub_proto::mqtt::{Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubResponse};
+use ferrohub_proto::mqtt::{
+    Disconnect, DisconnectProperties, Packet, ProtocolVersion, PubResponse,
+};
 use ferrohub_testkit::TestHub;
 use ferrohub_types::QoS as FQoS;
 use rumqttc::QoS;
@@ -32,16 +34,21 @@ async fn v311_persistent_session_keeps_subscriptions_and_queues_qos1_qos2() {
     let hub = TestHub::start().await.unwrap();
     let id = uid("p4");
     let mut c = V4::connect(persistent_v4(&hub, &id)).await;
-    assert!(!c.connack.session_present, "first connection: no session yet");
+    assert!(
+        !c.connack.session_present,
+        "first connection: no session yet"
+    );
     c.subscribe("s4/#", QoS::ExactlyOnce).await;
     c.disconnect().await;
     wait_connections(&hub, 0).await;
 
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
-    publ.publish("s4/a", QoS::AtMostOnce, false, b"q0-dropped").await;
+    publ.publish("s4/a", QoS::AtMostOnce, false, b"q0-dropped")
+        .await;
     publ.publish("s4/a", QoS::AtLeastOnce, false, b"q1").await;
     publ.publish("s4/b", QoS::ExactlyOnce, false, b"q2").await;
-    publ.publish("s4/a", QoS::AtMostOnce, false, b"q0-dropped-too").await;
+    publ.publish("s4/a", QoS::AtMostOnce, false, b"q0-dropped-too")
+        .await;
     publ.barrier().await;
 
     let mut c = V4::connect(persistent_v4(&hub, &id)).await;
@@ -93,17 +100,27 @@ async fn v5_clean_start_false_with_expiry_resumes() {
 
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..5 {
-        publ.publish("s5/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "s5/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
-    publ.publish("s5/t", m5::QoS::AtMostOnce, false, b"qos0").await;
+    publ.publish("s5/t", m5::QoS::AtMostOnce, false, b"qos0")
+        .await;
     publ.barrier().await;
 
     let mut c = V5::connect(persistent_v5(&hub, &id, 60)).await;
     assert!(c.connack.session_present);
     for i in 0..5 {
         let p = c.recv_publish().await;
-        assert_eq!(p.payload.as_ref(), format!("m{i}").as_bytes(), "queued messages in order");
+        assert_eq!(
+            p.payload.as_ref(),
+            format!("m{i}").as_bytes(),
+            "queued messages in order"
+        );
     }
     c.expect_no_publish(QUIET).await;
     hub.stop().await;
@@ -119,7 +136,10 @@ async fn v5_zero_session_expiry_ends_session_with_connection() {
     c.subscribe("z5/#", m5::QoS::AtLeastOnce).await;
     c.disconnect().await;
     let c = V5::connect(o).await;
-    assert!(!c.connack.session_present, "expiry 0: session ended with the connection");
+    assert!(
+        !c.connack.session_present,
+        "expiry 0: session ended with the connection"
+    );
     hub.stop().await;
 }
 
@@ -153,7 +173,9 @@ async fn session_expiry_removes_the_session() {
     // Gone once the interval has passed.
     wait_metric(&hub, "ferrohub_mqtt_sessions", |v| v < sessions_before).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    let ack = publ.publish("exp/t", m5::QoS::AtLeastOnce, false, b"x").await;
+    let ack = publ
+        .publish("exp/t", m5::QoS::AtLeastOnce, false, b"x")
+        .await;
     assert_eq!(ack, Some(m5::PubAckReason::NoMatchingSubscribers));
     let mut c = V5::connect(persistent_v5(&hub, &id, 1)).await;
     assert!(!c.connack.session_present);
@@ -170,7 +192,10 @@ async fn session_survives_until_its_expiry() {
     c.disconnect().await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let c = V5::connect(persistent_v5(&hub, &id, 3)).await;
-    assert!(c.connack.session_present, "expiry 3 s: still there after ~1 s");
+    assert!(
+        c.connack.session_present,
+        "expiry 3 s: still there after ~1 s"
+    );
     hub.stop().await;
 }
 
@@ -181,7 +206,11 @@ async fn session_expiry_is_capped_and_reported() {
         .unwrap();
     let c = V5::connect(persistent_v5(&hub, &uid("cap"), 100)).await;
     let props = c.connack.properties.clone().expect("CONNACK properties");
-    assert_eq!(props.session_expiry_interval, Some(10), "CONNACK carries the granted expiry");
+    assert_eq!(
+        props.session_expiry_interval,
+        Some(10),
+        "CONNACK carries the granted expiry"
+    );
     hub.stop().await;
 }
 
@@ -209,7 +238,10 @@ async fn v5_disconnect_can_shorten_the_session_expiry() {
         c.properties.session_expiry_interval = Some(60);
     })
     .await;
-    assert!(!ack.session_present, "DISCONNECT with expiry 0 ended the session");
+    assert!(
+        !ack.session_present,
+        "DISCONNECT with expiry 0 ended the session"
+    );
     hub.stop().await;
 }
 
@@ -237,12 +269,16 @@ async fn v5_takeover_disconnects_the_first_client_with_0x8e() {
     let mut first = V5::connect(persistent_v5(&hub, &id, 60)).await;
     first.subscribe("take/#", m5::QoS::AtLeastOnce).await;
     let mut second = V5::connect(persistent_v5(&hub, &id, 60)).await;
-    assert!(second.connack.session_present, "takeover keeps the persistent session");
+    assert!(
+        second.connack.session_present,
+        "takeover keeps the persistent session"
+    );
     let reason = server_disconnect_reason(first.wait_closed(WAIT).await);
     assert_eq!(reason, Some(0x8E), "Session taken over");
     // The second connection owns the session and its subscription.
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("take/x", m5::QoS::AtLeastOnce, false, b"to second").await;
+    publ.publish("take/x", m5::QoS::AtLeastOnce, false, b"to second")
+        .await;
     assert_eq!(second.recv_publish().await.payload.as_ref(), b"to second");
     hub.stop().await;
 }
@@ -277,7 +313,8 @@ async fn unacknowledged_qos1_is_redelivered_with_dup_after_reconnect() {
         let (mut raw, _) = raw_connect(hub.mqtt, version, &id, persistent(false)).await;
         raw_subscribe(&mut raw, 1, "redo/t", FQoS::AtLeastOnce).await;
         let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-        publ.publish("redo/t", m5::QoS::AtLeastOnce, false, b"ack me").await;
+        publ.publish("redo/t", m5::QoS::AtLeastOnce, false, b"ack me")
+            .await;
         let first = raw_recv_publish(&mut raw).await;
         assert!(!first.dup);
         assert_eq!(first.qos, FQoS::AtLeastOnce);
@@ -287,7 +324,10 @@ async fn unacknowledged_qos1_is_redelivered_with_dup_after_reconnect() {
         assert!(ack.session_present);
         let again = raw_recv_publish(&mut raw).await;
         assert!(again.dup, "{version:?}: redelivery must set DUP");
-        assert_eq!(again.packet_id, first.packet_id, "original packet identifier");
+        assert_eq!(
+            again.packet_id, first.packet_id,
+            "original packet identifier"
+        );
         assert_eq!(again.payload, first.payload);
         raw.send(&puback(again.packet_id)).await.unwrap();
         raw_expect_silence(&mut raw, QUIET).await;
@@ -314,11 +354,15 @@ async fn qos2_pubrel_is_resent_after_reconnect() {
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
     raw_subscribe(&mut raw, 1, "rel/t", FQoS::ExactlyOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("rel/t", m5::QoS::ExactlyOnce, false, b"two").await;
+    publ.publish("rel/t", m5::QoS::ExactlyOnce, false, b"two")
+        .await;
     let p = raw_recv_publish(&mut raw).await;
-    raw.send(&Packet::PubRec(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubRec(PubResponse {
+        packet_id: p.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     raw_wait(&mut raw, "PUBREL", |x| matches!(x, Packet::PubRel(_))).await;
     drop(raw); // no PUBCOMP
 
@@ -328,9 +372,12 @@ async fn qos2_pubrel_is_resent_after_reconnect() {
         Packet::PubRel(r) => assert_eq!(r.packet_id, p.packet_id),
         other => panic!("expected the PUBREL to be resent, got {other:?}"),
     }
-    raw.send(&Packet::PubComp(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubComp(PubResponse {
+        packet_id: p.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     raw_expect_silence(&mut raw, QUIET).await;
     hub.stop().await;
 }
@@ -363,9 +410,12 @@ async fn inbound_qos2_state_survives_reconnect() {
     }
     raw.send(&again).await.unwrap();
     raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
-    raw.send(&Packet::PubRel(PubResponse { packet_id: 42, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubRel(PubResponse {
+        packet_id: 42,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     match raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await {
         Packet::PubComp(c) => assert_eq!(c.code, 0, "packet identifier known to the session"),
         _ => unreachable!(),
@@ -388,13 +438,20 @@ async fn offline_queue_is_delivered_within_the_clients_receive_maximum() {
     };
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
     raw_subscribe(&mut raw, 1, "rm/t", FQoS::AtLeastOnce).await;
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
     wait_connections(&hub, 0).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..20 {
-        publ.publish("rm/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
-            .await;
+        publ.publish(
+            "rm/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("{i}").as_bytes(),
+        )
+        .await;
     }
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
     let mut next = 0;
@@ -430,8 +487,13 @@ async fn resumed_session_sends_inflight_first_then_the_queue_in_order() {
     raw_subscribe(&mut raw, 1, "ord/t", FQoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..6 {
-        publ.publish("ord/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
-            .await;
+        publ.publish(
+            "ord/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("{i}").as_bytes(),
+        )
+        .await;
     }
     let first = raw_recv_publish(&mut raw).await;
     let second = raw_recv_publish(&mut raw).await;
@@ -441,8 +503,14 @@ async fn resumed_session_sends_inflight_first_then_the_queue_in_order() {
     let r1 = raw_recv_publish(&mut raw).await;
     let r2 = raw_recv_publish(&mut raw).await;
     assert!(r1.dup && r2.dup);
-    assert_eq!((r1.packet_id, r1.payload.as_ref()), (first.packet_id, &b"0"[..]));
-    assert_eq!((r2.packet_id, r2.payload.as_ref()), (second.packet_id, &b"1"[..]));
+    assert_eq!(
+        (r1.packet_id, r1.payload.as_ref()),
+        (first.packet_id, &b"0"[..])
+    );
+    assert_eq!(
+        (r2.packet_id, r2.payload.as_ref()),
+        (second.packet_id, &b"1"[..])
+    );
     raw_expect_silence(&mut raw, Duration::from_millis(200)).await;
     let mut expected = 2;
     let mut window = vec![r1.packet_id, r2.packet_id];

@@ -58,14 +58,22 @@ async fn each_message_goes_to_exactly_one_member() {
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     const N: usize = 20;
     for i in 0..N {
-        publ.publish("sh/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "sh/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     let got = drain(&mut [&mut a, &mut b], N).await;
     let (set, count) = union(&got);
     assert_eq!(count, N, "no duplicates: {got:?}");
     assert_eq!(set, all(N));
-    assert!(!got[0].is_empty() && !got[1].is_empty(), "load is split: {got:?}");
+    assert!(
+        !got[0].is_empty() && !got[1].is_empty(),
+        "load is split: {got:?}"
+    );
     hub.stop().await;
 }
 
@@ -74,18 +82,29 @@ async fn v311_members_share_too() {
     let hub = TestHub::start().await.unwrap();
     let mut a = V4::connect(v4_opts(&hub, &uid("a"))).await;
     let mut b = V4::connect(v4_opts(&hub, &uid("b"))).await;
-    a.subscribe("$share/g4/sh4/+", rumqttc::QoS::AtMostOnce).await;
-    b.subscribe("$share/g4/sh4/+", rumqttc::QoS::AtMostOnce).await;
+    a.subscribe("$share/g4/sh4/+", rumqttc::QoS::AtMostOnce)
+        .await;
+    b.subscribe("$share/g4/sh4/+", rumqttc::QoS::AtMostOnce)
+        .await;
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
     for i in 0..10 {
-        publ.publish("sh4/x", rumqttc::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "sh4/x",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     let mut got = Vec::new();
     for c in [&mut a, &mut b] {
         while let Some(p) = c.next(Duration::from_millis(300)).await {
             if let rumqttc::Packet::Publish(p) = p {
-                assert_eq!(p.qos, rumqttc::QoS::AtMostOnce, "downgraded to the member's QoS");
+                assert_eq!(
+                    p.qos,
+                    rumqttc::QoS::AtMostOnce,
+                    "downgraded to the member's QoS"
+                );
                 got.push(String::from_utf8(p.payload.to_vec()).unwrap());
             }
         }
@@ -104,20 +123,31 @@ async fn plain_subscriber_and_other_groups_get_their_own_copy() {
     let mut plain = V5::connect(v5_opts(&hub, &uid("plain"))).await;
     a.subscribe("$share/g1/mix/t", m5::QoS::AtLeastOnce).await;
     b.subscribe("$share/g1/mix/t", m5::QoS::AtLeastOnce).await;
-    other.subscribe("$share/g2/mix/#", m5::QoS::AtLeastOnce).await;
+    other
+        .subscribe("$share/g2/mix/#", m5::QoS::AtLeastOnce)
+        .await;
     plain.subscribe("mix/t", m5::QoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     const N: usize = 10;
     for i in 0..N {
-        publ.publish("mix/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "mix/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     let g1 = drain(&mut [&mut a, &mut b], N).await;
     assert_eq!(union(&g1), (all(N), N));
     let g2 = drain(&mut [&mut other], N).await;
     assert_eq!(union(&g2), (all(N), N));
     let p = drain(&mut [&mut plain], N).await;
-    assert_eq!(p[0], (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>(), "plain gets all, in order");
+    assert_eq!(
+        p[0],
+        (0..N).map(|i| format!("m{i}")).collect::<Vec<_>>(),
+        "plain gets all, in order"
+    );
     hub.stop().await;
 }
 
@@ -128,7 +158,8 @@ async fn member_with_plain_and_shared_subscription_gets_both_copies() {
     a.subscribe("$share/g/both/t", m5::QoS::AtLeastOnce).await;
     a.subscribe("both/t", m5::QoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("both/t", m5::QoS::AtLeastOnce, false, b"x").await;
+    publ.publish("both/t", m5::QoS::AtLeastOnce, false, b"x")
+        .await;
     a.recv_publish().await;
     a.recv_publish().await;
     a.expect_no_publish(QUIET).await;
@@ -142,7 +173,10 @@ async fn stubborn_member(hub: &TestHub, filter: &str, expiry: u32) -> ferrohub_t
         c.properties.session_expiry_interval = Some(expiry);
     })
     .await;
-    assert_eq!(raw_subscribe(&mut raw, 1, filter, FQoS::AtLeastOnce).await, vec![1]);
+    assert_eq!(
+        raw_subscribe(&mut raw, 1, filter, FQoS::AtLeastOnce).await,
+        vec![1]
+    );
     raw
 }
 
@@ -155,8 +189,13 @@ async fn leaving_member_messages_are_redispatched() {
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     const N: usize = 10;
     for i in 0..N {
-        publ.publish("rd/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "rd/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     // The stubborn member got one message in flight (never acknowledged) and has more queued.
     let inflight = raw_recv_publish(&mut stubborn).await;
@@ -165,7 +204,12 @@ async fn leaving_member_messages_are_redispatched() {
     // Everything, including the unacknowledged one, ends up with b.
     let got = drain(&mut [&mut b], N).await;
     let (set, count) = union(&got);
-    assert_eq!(set, all(N), "nothing lost; in flight was {:?}", inflight.payload);
+    assert_eq!(
+        set,
+        all(N),
+        "nothing lost; in flight was {:?}",
+        inflight.payload
+    );
     assert_eq!(count, N);
     hub.stop().await;
 }
@@ -179,8 +223,13 @@ async fn persistent_member_going_offline_loses_nothing() {
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     const N: usize = 10;
     for i in 0..N {
-        publ.publish("rdp/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "rdp/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     let inflight = raw_recv_publish(&mut stubborn).await;
     drop(stubborn);
@@ -188,8 +237,13 @@ async fn persistent_member_going_offline_loses_nothing() {
     // Queued ones move to b; the one in flight is either redispatched too or kept for the
     // session — either way it is not lost. Publish more while the member is offline: all to b.
     for i in N..2 * N {
-        publ.publish("rdp/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "rdp/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     let mut seen: Vec<String> = Vec::new();
     while let Some(p) = b.next(Duration::from_millis(500)).await {
@@ -202,7 +256,11 @@ async fn persistent_member_going_offline_loses_nothing() {
     if !seen.contains(&inflight) {
         expected.remove(&inflight);
     }
-    assert_eq!(seen.iter().cloned().collect::<BTreeSet<_>>(), expected, "seen {seen:?}");
+    assert_eq!(
+        seen.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "seen {seen:?}"
+    );
     assert_eq!(seen.len(), expected.len(), "no duplicates: {seen:?}");
     hub.stop().await;
 }
@@ -211,7 +269,8 @@ async fn persistent_member_going_offline_loses_nothing() {
 async fn shared_subscription_gets_no_retained_messages() {
     let hub = TestHub::start().await.unwrap();
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("shr/t", m5::QoS::AtLeastOnce, true, b"retained").await;
+    publ.publish("shr/t", m5::QoS::AtLeastOnce, true, b"retained")
+        .await;
     let mut a = V5::connect(v5_opts(&hub, &uid("a"))).await;
     a.subscribe("$share/g/shr/t", m5::QoS::AtLeastOnce).await;
     a.expect_no_publish(QUIET).await;
@@ -226,14 +285,22 @@ async fn unsubscribed_member_no_longer_receives() {
     a.subscribe("$share/g/un/t", m5::QoS::AtLeastOnce).await;
     b.subscribe("$share/g/un/t", m5::QoS::AtLeastOnce).await;
     a.client.unsubscribe("$share/g/un/t").await.unwrap();
-    match a.wait_for("UNSUBACK", |p| matches!(p, m5::Packet::UnsubAck(_))).await {
+    match a
+        .wait_for("UNSUBACK", |p| matches!(p, m5::Packet::UnsubAck(_)))
+        .await
+    {
         m5::Packet::UnsubAck(u) => assert_eq!(u.reasons, vec![m5::UnsubAckReason::Success]),
         _ => unreachable!(),
     }
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..6 {
-        publ.publish("un/t", m5::QoS::AtLeastOnce, false, format!("m{i}").as_bytes())
-            .await;
+        publ.publish(
+            "un/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("m{i}").as_bytes(),
+        )
+        .await;
     }
     let got = drain(&mut [&mut b], 6).await;
     assert_eq!(union(&got), (all(6), 6));
@@ -268,9 +335,15 @@ async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
 async fn invalid_shared_filters_are_refused() {
     let hub = TestHub::start().await.unwrap();
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("bad"), |_| {}).await;
-    for (i, bad) in ["$share/g", "$share//t", "$share/g+/t", "$share/g#/t", "$share/g/"]
-        .into_iter()
-        .enumerate()
+    for (i, bad) in [
+        "$share/g",
+        "$share//t",
+        "$share/g+/t",
+        "$share/g#/t",
+        "$share/g/",
+    ]
+    .into_iter()
+    .enumerate()
     {
         let codes = raw_subscribe(&mut raw, i as u16 + 1, bad, FQoS::AtLeastOnce).await;
         assert_eq!(codes, vec![0x8F], "{bad:?} must get Topic Filter invalid");

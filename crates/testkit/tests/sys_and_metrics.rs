@@ -26,10 +26,16 @@ async fn sys_topics_publish_broker_stats() {
         assert!(tokio::time::Instant::now() < deadline, "only got {stats:?}");
         if let Some(rumqttc::Packet::Publish(p)) = sub.next(Duration::from_millis(200)).await {
             assert!(p.topic.starts_with("$SYS/"), "{}", p.topic);
-            stats.insert(p.topic.clone(), String::from_utf8(p.payload.to_vec()).unwrap());
+            stats.insert(
+                p.topic.clone(),
+                String::from_utf8(p.payload.to_vec()).unwrap(),
+            );
         }
     }
-    let connected: i64 = stats["$SYS/broker/clients/connected"].trim().parse().unwrap();
+    let connected: i64 = stats["$SYS/broker/clients/connected"]
+        .trim()
+        .parse()
+        .unwrap();
     assert!(connected >= 1, "{stats:?}");
 
     // Values follow the traffic: connect two more clients and watch the count go up.
@@ -37,7 +43,10 @@ async fn sys_topics_publish_broker_stats() {
     let _b = V5::connect(v5_opts(&hub, &uid("b"))).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "clients/connected never reached 3");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "clients/connected never reached 3"
+        );
         if let Some(rumqttc::Packet::Publish(p)) = sub.next(Duration::from_millis(200)).await
             && p.topic == "$SYS/broker/clients/connected"
             && p.payload.as_ref() == b"3"
@@ -54,10 +63,15 @@ async fn sys_topics_are_retained_for_late_subscribers() {
     // Wait for a first tick.
     wait_metric(&hub, "ferrohub_mqtt_retained_messages", |v| v >= 1.0).await;
     let mut sub = V5::connect(v5_opts(&hub, &uid("late"))).await;
-    sub.subscribe("$SYS/broker/version", m5::QoS::AtMostOnce).await;
+    sub.subscribe("$SYS/broker/version", m5::QoS::AtMostOnce)
+        .await;
     let p = sub.recv_publish().await;
     assert!(p.retain);
-    assert!(String::from_utf8(p.payload.to_vec()).unwrap().contains("ferrohub"));
+    assert!(
+        String::from_utf8(p.payload.to_vec())
+            .unwrap()
+            .contains("ferrohub")
+    );
     hub.stop().await;
 }
 
@@ -73,7 +87,8 @@ async fn wildcards_at_the_root_do_not_match_sys() {
     // Let at least two $SYS ticks happen, and some ordinary traffic.
     sys.recv_publish().await;
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
-    publ.publish("normal/topic", QoS::AtLeastOnce, false, b"x").await;
+    publ.publish("normal/topic", QoS::AtLeastOnce, false, b"x")
+        .await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(2200);
     let mut normal = 0;
     while tokio::time::Instant::now() < deadline {
@@ -128,8 +143,10 @@ async fn metrics_follow_the_traffic() {
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
     sub.subscribe("met/t", m5::QoS::AtLeastOnce).await;
     let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
-    publ.publish("met/t", QoS::AtLeastOnce, false, b"count me").await;
-    publ.publish("met/r", QoS::AtLeastOnce, true, b"retained").await;
+    publ.publish("met/t", QoS::AtLeastOnce, false, b"count me")
+        .await;
+    publ.publish("met/r", QoS::AtLeastOnce, true, b"retained")
+        .await;
     sub.recv_publish().await;
 
     let text = metrics(&hub).await;
@@ -172,8 +189,13 @@ async fn gauges_return_to_zero_after_mixed_traffic() {
     raw_subscribe(&mut raw, 1, "gz/t", ferrohub_types::QoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..5 {
-        publ.publish("gz/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
-            .await;
+        publ.publish(
+            "gz/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("{i}").as_bytes(),
+        )
+        .await;
     }
     let text = metrics(&hub).await;
     assert_eq!(metric(&text, "ferrohub_mqtt_inflight_messages"), Some(1.0));
@@ -186,7 +208,10 @@ async fn gauges_return_to_zero_after_mixed_traffic() {
     assert_eq!(metric(&text, "ferrohub_mqtt_queued_messages"), Some(0.0));
     assert_eq!(metric(&text, "ferrohub_mqtt_inflight_messages"), Some(0.0));
     assert_eq!(
-        metric(&text, "ferrohub_mqtt_messages_dropped_total{reason=\"session_ended\"}"),
+        metric(
+            &text,
+            "ferrohub_mqtt_messages_dropped_total{reason=\"session_ended\"}"
+        ),
         Some(5.0)
     );
     hub.stop().await;

@@ -18,7 +18,8 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn encode(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
     let mut b = BytesMut::new();
@@ -26,15 +27,22 @@ fn encode(p: &Packet, v: ProtocolVersion) -> Vec<u8> {
     b.to_vec()
 }
 
-async fn ws_connect(hub: &TestHub, path: &str) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-    let mut req = format!("ws://{}{}", hub.ws, path).into_client_request().unwrap();
+async fn ws_connect(
+    hub: &TestHub,
+    path: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut req = format!("ws://{}{}", hub.ws, path)
+        .into_client_request()
+        .unwrap();
     req.headers_mut()
         .insert("Sec-WebSocket-Protocol", "mqtt".parse().unwrap());
     let (ws, resp) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(req))
         .await
         .expect("WebSocket handshake timed out")?;
     assert_eq!(
-        resp.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok()),
+        resp.headers()
+            .get("sec-websocket-protocol")
+            .and_then(|v| v.to_str().ok()),
         Some("mqtt"),
         "server must select the mqtt subprotocol"
     );
@@ -78,13 +86,20 @@ async fn websocket_with_hand_framed_packets() {
     let mut both = encode(&subscribe_packet(1, "ws/t", FQoS::AtLeastOnce), v);
     both.extend(encode(&Packet::PingReq, v));
     ws.send(WsMessage::Binary(both.into())).await.unwrap();
-    assert!(matches!(ws_recv(&mut ws, &mut buf, v).await, Packet::SubAck(_)));
-    assert!(matches!(ws_recv(&mut ws, &mut buf, v).await, Packet::PingResp));
+    assert!(matches!(
+        ws_recv(&mut ws, &mut buf, v).await,
+        Packet::SubAck(_)
+    ));
+    assert!(matches!(
+        ws_recv(&mut ws, &mut buf, v).await,
+        Packet::PingResp
+    ));
 
     // A TCP publisher reaches the WebSocket subscriber, and the other way round.
     let mut tcp = V5::connect(v5_opts(&hub, &uid("tcp"))).await;
     tcp.subscribe("tcp/t", m5::QoS::AtLeastOnce).await;
-    tcp.publish("ws/t", m5::QoS::AtLeastOnce, false, &[7u8; 3000]).await;
+    tcp.publish("ws/t", m5::QoS::AtLeastOnce, false, &[7u8; 3000])
+        .await;
     match ws_recv(&mut ws, &mut buf, v).await {
         Packet::Publish(p) => {
             assert_eq!(p.payload.len(), 3000);
@@ -94,9 +109,15 @@ async fn websocket_with_hand_framed_packets() {
         }
         other => panic!("expected PUBLISH, got {other:?}"),
     }
-    ws.send(WsMessage::Binary(encode(&publish_packet("tcp/t", FQoS::AtLeastOnce, 5, b"from ws"), v).into()))
-        .await
-        .unwrap();
+    ws.send(WsMessage::Binary(
+        encode(
+            &publish_packet("tcp/t", FQoS::AtLeastOnce, 5, b"from ws"),
+            v,
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
     match ws_recv(&mut ws, &mut buf, v).await {
         Packet::PubAck(a) => assert_eq!(a.packet_id, 5),
         other => panic!("expected PUBACK, got {other:?}"),
@@ -116,7 +137,11 @@ async fn websocket_with_rumqttc() {
     let mut o = rumqttc::v5::MqttOptions::new(uid("ws5"), url, hub.ws.port());
     o.set_transport(rumqttc::Transport::Ws);
     let mut publ = V5::connect(o).await;
-    for qos in [m5::QoS::AtMostOnce, m5::QoS::AtLeastOnce, m5::QoS::ExactlyOnce] {
+    for qos in [
+        m5::QoS::AtMostOnce,
+        m5::QoS::AtLeastOnce,
+        m5::QoS::ExactlyOnce,
+    ] {
         publ.publish("ws4/t", qos, false, b"over ws").await;
         assert_eq!(sub.recv_publish().await.payload.as_ref(), b"over ws");
     }
@@ -141,10 +166,14 @@ async fn websocket_wrong_path_is_refused() {
     // Still serving the right path.
     let mut ws = ws_connect(&hub, "/mqtt").await.unwrap();
     let v = ProtocolVersion::V311;
-    ws.send(WsMessage::Binary(encode(&Packet::Connect(Box::new(connect_packet(v, &uid("ok")))), v).into()))
-        .await
-        .unwrap();
-    assert!(matches!(ws_recv(&mut ws, &mut BytesMut::new(), v).await, Packet::ConnAck(c) if c.code == 0));
+    ws.send(WsMessage::Binary(
+        encode(&Packet::Connect(Box::new(connect_packet(v, &uid("ok")))), v).into(),
+    ))
+    .await
+    .unwrap();
+    assert!(
+        matches!(ws_recv(&mut ws, &mut BytesMut::new(), v).await, Packet::ConnAck(c) if c.code == 0)
+    );
     hub.stop().await;
 }
 
@@ -153,10 +182,19 @@ async fn websocket_text_frame_closes_the_connection() {
     let hub = TestHub::start().await.unwrap();
     let mut ws = ws_connect(&hub, "/mqtt").await.unwrap();
     let v = ProtocolVersion::V311;
-    ws.send(WsMessage::Binary(encode(&Packet::Connect(Box::new(connect_packet(v, &uid("txt")))), v).into()))
-        .await
-        .unwrap();
-    assert!(matches!(ws_recv(&mut ws, &mut BytesMut::new(), v).await, Packet::ConnAck(_)));
+    ws.send(WsMessage::Binary(
+        encode(
+            &Packet::Connect(Box::new(connect_packet(v, &uid("txt")))),
+            v,
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        ws_recv(&mut ws, &mut BytesMut::new(), v).await,
+        Packet::ConnAck(_)
+    ));
     ws.send(WsMessage::Text("hello".into())).await.unwrap();
     let closed = tokio::time::timeout(WAIT, async {
         loop {
@@ -193,7 +231,9 @@ fn pki() -> Pki {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(DnType::CommonName, "ferrohub test CA");
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "ferrohub test CA");
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
 
     let server_key = KeyPair::generate().unwrap();
@@ -203,7 +243,9 @@ fn pki() -> Pki {
         .unwrap();
     let client_key = KeyPair::generate().unwrap();
     let mut client_params = CertificateParams::new(vec!["device-1".to_string()]).unwrap();
-    client_params.distinguished_name.push(DnType::CommonName, "device-1");
+    client_params
+        .distinguished_name
+        .push(DnType::CommonName, "device-1");
     let client = client_params.signed_by(&client_key, &ca).unwrap();
 
     let dir = tempfile::tempdir().unwrap();
@@ -223,16 +265,18 @@ fn tls_v4_opts(hub: &TestHub, pki: &Pki, id: &str, client_auth: bool) -> rumqttc
     let mut o = rumqttc::MqttOptions::new(id, "127.0.0.1", addr.port());
     o.set_keep_alive(Duration::from_secs(30));
     o.set_max_packet_size(1 << 20, 1 << 20);
-    o.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Simple {
-        ca: pki.ca_pem.clone().into_bytes(),
-        alpn: None,
-        client_auth: client_auth.then(|| {
-            (
-                pki.client_cert_pem.clone().into_bytes(),
-                pki.client_key_pem.clone().into_bytes(),
-            )
-        }),
-    }));
+    o.set_transport(rumqttc::Transport::tls_with_config(
+        rumqttc::TlsConfiguration::Simple {
+            ca: pki.ca_pem.clone().into_bytes(),
+            alpn: None,
+            client_auth: client_auth.then(|| {
+                (
+                    pki.client_cert_pem.clone().into_bytes(),
+                    pki.client_key_pem.clone().into_bytes(),
+                )
+            }),
+        },
+    ));
     o
 }
 
@@ -255,11 +299,13 @@ async fn tls_round_trip() {
     sub.subscribe("tls/t", rumqttc::QoS::AtLeastOnce).await;
     // A plain TCP publisher reaches the TLS subscriber.
     let mut publ = V5::connect(v5_opts(&hub, &uid("tcp-pub"))).await;
-    publ.publish("tls/t", m5::QoS::AtLeastOnce, false, &[1u8; 20_000]).await;
+    publ.publish("tls/t", m5::QoS::AtLeastOnce, false, &[1u8; 20_000])
+        .await;
     assert_eq!(sub.recv_publish().await.payload.len(), 20_000);
     // And the TLS client publishes.
     publ.subscribe("tls/back", m5::QoS::AtLeastOnce).await;
-    sub.publish("tls/back", rumqttc::QoS::AtLeastOnce, false, b"secure").await;
+    sub.publish("tls/back", rumqttc::QoS::AtLeastOnce, false, b"secure")
+        .await;
     assert_eq!(publ.recv_publish().await.payload.as_ref(), b"secure");
     sub.disconnect().await;
     hub.stop().await;
@@ -282,10 +328,15 @@ async fn tls_handshake_failures_do_not_hurt_the_listener() {
     // Plain MQTT bytes on the TLS port are not a handshake.
     let addr = hub.mqtts.unwrap();
     let (mut raw, _) = {
-        let mut raw = ferrohub_testkit::RawClient::connect(addr, ProtocolVersion::V311).await.unwrap();
-        raw.send(&Packet::Connect(Box::new(connect_packet(ProtocolVersion::V311, "plain"))))
+        let mut raw = ferrohub_testkit::RawClient::connect(addr, ProtocolVersion::V311)
             .await
             .unwrap();
+        raw.send(&Packet::Connect(Box::new(connect_packet(
+            ProtocolVersion::V311,
+            "plain",
+        ))))
+        .await
+        .unwrap();
         (raw, ())
     };
     let seen = raw.expect_close(WAIT).await;
@@ -309,7 +360,9 @@ async fn mutual_tls_requires_a_client_certificate() {
     .await
     .unwrap();
     let mut with_cert = V4::connect(tls_v4_opts(&hub, &pki, &uid("mtls"), true)).await;
-    with_cert.subscribe("mtls/t", rumqttc::QoS::AtLeastOnce).await;
+    with_cert
+        .subscribe("mtls/t", rumqttc::QoS::AtLeastOnce)
+        .await;
     let e = V4::try_connect(tls_v4_opts(&hub, &pki, &uid("nocert"), false)).await;
     assert!(e.is_err(), "client without certificate accepted");
     hub.stop().await;
@@ -326,13 +379,22 @@ async fn websocket_frame_may_carry_more_than_max_packet_size_in_small_packets() 
     let v = ProtocolVersion::V5;
     let mut ws = ws_connect(&hub, "/mqtt").await.unwrap();
     let mut buf = BytesMut::new();
-    ws.send(WsMessage::Binary(encode(&Packet::Connect(Box::new(connect_packet(v, &uid("batch")))), v).into()))
-        .await
-        .unwrap();
+    ws.send(WsMessage::Binary(
+        encode(
+            &Packet::Connect(Box::new(connect_packet(v, &uid("batch")))),
+            v,
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
     assert!(matches!(ws_recv(&mut ws, &mut buf, v).await, Packet::ConnAck(c) if c.code == 0));
     let mut batch = Vec::new();
     for pid in 1..=20u16 {
-        batch.extend(encode(&publish_packet("batch/t", FQoS::AtLeastOnce, pid, &[b'x'; 100]), v));
+        batch.extend(encode(
+            &publish_packet("batch/t", FQoS::AtLeastOnce, pid, &[b'x'; 100]),
+            v,
+        ));
     }
     assert!(batch.len() > 2000);
     ws.send(WsMessage::Binary(batch.into())).await.unwrap();
@@ -354,13 +416,25 @@ async fn websocket_oversized_packet_gets_0x95() {
     let v = ProtocolVersion::V5;
     let mut ws = ws_connect(&hub, "/mqtt").await.unwrap();
     let mut buf = BytesMut::new();
-    ws.send(WsMessage::Binary(encode(&Packet::Connect(Box::new(connect_packet(v, &uid("big")))), v).into()))
-        .await
-        .unwrap();
+    ws.send(WsMessage::Binary(
+        encode(
+            &Packet::Connect(Box::new(connect_packet(v, &uid("big")))),
+            v,
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
     assert!(matches!(ws_recv(&mut ws, &mut buf, v).await, Packet::ConnAck(c) if c.code == 0));
-    ws.send(WsMessage::Binary(encode(&publish_packet("big/t", FQoS::AtLeastOnce, 1, &[0u8; 4000]), v).into()))
-        .await
-        .unwrap();
+    ws.send(WsMessage::Binary(
+        encode(
+            &publish_packet("big/t", FQoS::AtLeastOnce, 1, &[0u8; 4000]),
+            v,
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
     // Same behaviour as over TCP: DISCONNECT 0x95, then close.
     let mut code = None;
     let _ = tokio::time::timeout(WAIT, async {
@@ -389,11 +463,22 @@ async fn websocket_ping_is_answered() {
     let hub = TestHub::start().await.unwrap();
     let v = ProtocolVersion::V311;
     let mut ws = ws_connect(&hub, "/mqtt").await.unwrap();
-    ws.send(WsMessage::Binary(encode(&Packet::Connect(Box::new(connect_packet(v, &uid("ping")))), v).into()))
+    ws.send(WsMessage::Binary(
+        encode(
+            &Packet::Connect(Box::new(connect_packet(v, &uid("ping")))),
+            v,
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
+    assert!(matches!(
+        ws_recv(&mut ws, &mut BytesMut::new(), v).await,
+        Packet::ConnAck(_)
+    ));
+    ws.send(WsMessage::Ping(b"are you there".to_vec().into()))
         .await
         .unwrap();
-    assert!(matches!(ws_recv(&mut ws, &mut BytesMut::new(), v).await, Packet::ConnAck(_)));
-    ws.send(WsMessage::Ping(b"are you there".to_vec().into())).await.unwrap();
     let pong = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match ws.next().await {

@@ -18,7 +18,13 @@ use ferrohub_proto::mqtt::{
 use ferrohub_testkit::TestHub;
 use ferrohub_types::QoS as FQoS;
 
-fn raw_publish(topic: &str, qos: FQoS, pid: u16, payload: &[u8], props: PublishProperties) -> Packet {
+fn raw_publish(
+    topic: &str,
+    qos: FQoS,
+    pid: u16,
+    payload: &[u8],
+    props: PublishProperties,
+) -> Packet {
     Packet::Publish(Publish {
         dup: false,
         qos,
@@ -49,7 +55,13 @@ async fn publish_properties_are_forwarded() {
         ..Default::default()
     };
     let ack = publ
-        .publish_props("props/t", m5::QoS::AtLeastOnce, false, b"{\"x\":1}", Some(props.clone()))
+        .publish_props(
+            "props/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            b"{\"x\":1}",
+            Some(props.clone()),
+        )
         .await;
     assert_eq!(ack, Some(m5::PubAckReason::Success));
     let p = sub.recv_publish().await;
@@ -58,7 +70,10 @@ async fn publish_properties_are_forwarded() {
     assert_eq!(got.content_type, props.content_type);
     assert_eq!(got.response_topic, props.response_topic);
     assert_eq!(got.correlation_data, props.correlation_data);
-    assert_eq!(got.user_properties, props.user_properties, "order and duplicates kept");
+    assert_eq!(
+        got.user_properties, props.user_properties,
+        "order and duplicates kept"
+    );
     assert_eq!(got.message_expiry_interval, None);
 
     // A 3.1.1 subscriber gets the message without properties (and the codec does not choke).
@@ -76,7 +91,9 @@ async fn request_response_round_trip() {
     let mut responder = V5::connect(v5_opts(&hub, &uid("responder"))).await;
     responder.subscribe("rr/req", m5::QoS::AtLeastOnce).await;
     let mut requester = V5::connect(v5_opts(&hub, &uid("requester"))).await;
-    requester.subscribe("rr/resp/me", m5::QoS::AtLeastOnce).await;
+    requester
+        .subscribe("rr/resp/me", m5::QoS::AtLeastOnce)
+        .await;
     let props = m5::PublishProperties {
         response_topic: Some("rr/resp/me".into()),
         correlation_data: Some(Bytes::from_static(b"id-17")),
@@ -92,11 +109,20 @@ async fn request_response_round_trip() {
         ..Default::default()
     };
     responder
-        .publish_props(&rp.response_topic.unwrap(), m5::QoS::AtLeastOnce, false, b"pong", Some(reply))
+        .publish_props(
+            &rp.response_topic.unwrap(),
+            m5::QoS::AtLeastOnce,
+            false,
+            b"pong",
+            Some(reply),
+        )
         .await;
     let resp = requester.recv_publish().await;
     assert_eq!(resp.payload.as_ref(), b"pong");
-    assert_eq!(resp.properties.unwrap().correlation_data.as_deref(), Some(&b"id-17"[..]));
+    assert_eq!(
+        resp.properties.unwrap().correlation_data.as_deref(),
+        Some(&b"id-17"[..])
+    );
     hub.stop().await;
 }
 
@@ -110,30 +136,51 @@ async fn invalid_utf8_with_payload_format_indicator_is_refused() {
         payload_format_indicator: Some(1),
         ..Default::default()
     };
-    raw.send(&raw_publish("pfi/t", FQoS::AtLeastOnce, 1, &[0xC3, 0x28], pfi.clone()))
-        .await
-        .unwrap();
+    raw.send(&raw_publish(
+        "pfi/t",
+        FQoS::AtLeastOnce,
+        1,
+        &[0xC3, 0x28],
+        pfi.clone(),
+    ))
+    .await
+    .unwrap();
     match raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await {
         Packet::PubAck(a) => assert_eq!((a.packet_id, a.code), (1, 0x99)),
         _ => unreachable!(),
     }
-    raw.send(&raw_publish("pfi/t", FQoS::ExactlyOnce, 2, &[0xFF], pfi.clone()))
-        .await
-        .unwrap();
+    raw.send(&raw_publish(
+        "pfi/t",
+        FQoS::ExactlyOnce,
+        2,
+        &[0xFF],
+        pfi.clone(),
+    ))
+    .await
+    .unwrap();
     match raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await {
         Packet::PubRec(a) => assert_eq!((a.packet_id, a.code), (2, 0x99)),
         _ => unreachable!(),
     }
     sub.expect_no_publish(QUIET).await;
     // The connection is still usable and valid UTF-8 passes.
-    raw.send(&raw_publish("pfi/t", FQoS::AtLeastOnce, 3, "héllo".as_bytes(), pfi))
-        .await
-        .unwrap();
+    raw.send(&raw_publish(
+        "pfi/t",
+        FQoS::AtLeastOnce,
+        3,
+        "héllo".as_bytes(),
+        pfi,
+    ))
+    .await
+    .unwrap();
     match raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await {
         Packet::PubAck(a) => assert_eq!((a.packet_id, a.code), (3, 0)),
         _ => unreachable!(),
     }
-    assert_eq!(sub.recv_publish().await.payload.as_ref(), "héllo".as_bytes());
+    assert_eq!(
+        sub.recv_publish().await.payload.as_ref(),
+        "héllo".as_bytes()
+    );
     hub.stop().await;
 }
 
@@ -155,14 +202,24 @@ async fn queued_message_expires_and_remaining_interval_is_forwarded() {
             message_expiry_interval: Some(secs),
             ..Default::default()
         };
-        publ.publish_props("mexp/t", m5::QoS::AtLeastOnce, false, payload.as_bytes(), Some(props))
-            .await;
+        publ.publish_props(
+            "mexp/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            payload.as_bytes(),
+            Some(props),
+        )
+        .await;
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let mut c = V5::connect(o).await;
     assert!(c.connack.session_present);
     let p = c.recv_publish().await;
-    assert_eq!(p.payload.as_ref(), b"long", "the expired message is not delivered");
+    assert_eq!(
+        p.payload.as_ref(),
+        b"long",
+        "the expired message is not delivered"
+    );
     let left = p.properties.unwrap().message_expiry_interval;
     assert!(
         matches!(left, Some(1..=9)),
@@ -171,7 +228,12 @@ async fn queued_message_expires_and_remaining_interval_is_forwarded() {
     c.expect_no_publish(QUIET).await;
     let text = metrics(&hub).await;
     assert!(
-        metric(&text, "ferrohub_mqtt_messages_dropped_total{reason=\"expired\"}").unwrap() >= 1.0
+        metric(
+            &text,
+            "ferrohub_mqtt_messages_dropped_total{reason=\"expired\"}"
+        )
+        .unwrap()
+            >= 1.0
     );
     hub.stop().await;
 }
@@ -182,34 +244,63 @@ async fn topic_alias_from_client_is_resolved() {
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
     sub.subscribe("alias/#", m5::QoS::AtLeastOnce).await;
     let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("raw"), |_| {}).await;
-    let max = ack.properties.topic_alias_maximum.expect("server advertises Topic Alias Maximum");
+    let max = ack
+        .properties
+        .topic_alias_maximum
+        .expect("server advertises Topic Alias Maximum");
     assert!(max >= 2);
     let with_alias = |alias: u16| PublishProperties {
         topic_alias: Some(alias),
         ..Default::default()
     };
     // Establish alias 1, then use it alone.
-    raw.send(&raw_publish("alias/one", FQoS::AtLeastOnce, 1, b"a", with_alias(1)))
-        .await
-        .unwrap();
+    raw.send(&raw_publish(
+        "alias/one",
+        FQoS::AtLeastOnce,
+        1,
+        b"a",
+        with_alias(1),
+    ))
+    .await
+    .unwrap();
     raw.send(&raw_publish("", FQoS::AtLeastOnce, 2, b"b", with_alias(1)))
         .await
         .unwrap();
     // Re-map alias 1 to another topic.
-    raw.send(&raw_publish("alias/two", FQoS::AtLeastOnce, 3, b"c", with_alias(1)))
-        .await
-        .unwrap();
+    raw.send(&raw_publish(
+        "alias/two",
+        FQoS::AtLeastOnce,
+        3,
+        b"c",
+        with_alias(1),
+    ))
+    .await
+    .unwrap();
     raw.send(&raw_publish("", FQoS::AtLeastOnce, 4, b"d", with_alias(1)))
         .await
         .unwrap();
-    for (topic, payload) in [("alias/one", "a"), ("alias/one", "b"), ("alias/two", "c"), ("alias/two", "d")] {
+    for (topic, payload) in [
+        ("alias/one", "a"),
+        ("alias/one", "b"),
+        ("alias/two", "c"),
+        ("alias/two", "d"),
+    ] {
         let p = sub.recv_publish().await;
-        assert_eq!((topic5(&p).as_str(), p.payload.as_ref()), (topic, payload.as_bytes()));
+        assert_eq!(
+            (topic5(&p).as_str(), p.payload.as_ref()),
+            (topic, payload.as_bytes())
+        );
     }
     // Alias above the maximum: DISCONNECT 0x94.
-    raw.send(&raw_publish("alias/x", FQoS::AtMostOnce, 0, b"x", with_alias(max + 1)))
-        .await
-        .unwrap();
+    raw.send(&raw_publish(
+        "alias/x",
+        FQoS::AtMostOnce,
+        0,
+        b"x",
+        with_alias(max + 1),
+    ))
+    .await
+    .unwrap();
     assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x94));
 
     // An alias never established: protocol error.
@@ -254,8 +345,15 @@ async fn server_uses_topic_aliases_when_the_client_allows() {
     raw_subscribe(&mut raw, 1, "sa/#", FQoS::AtMostOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     let mut aliases = std::collections::HashMap::new();
-    for (topic, payload) in [("sa/x", "1"), ("sa/x", "2"), ("sa/y", "3"), ("sa/z", "4"), ("sa/y", "5")] {
-        publ.publish(topic, m5::QoS::AtMostOnce, false, payload.as_bytes()).await;
+    for (topic, payload) in [
+        ("sa/x", "1"),
+        ("sa/x", "2"),
+        ("sa/y", "3"),
+        ("sa/z", "4"),
+        ("sa/y", "5"),
+    ] {
+        publ.publish(topic, m5::QoS::AtMostOnce, false, payload.as_bytes())
+            .await;
         let p = raw_recv_publish(&mut raw).await;
         assert_eq!(p.payload.as_ref(), payload.as_bytes());
         let resolved: String = match (p.topic.is_empty(), p.properties.topic_alias) {
@@ -265,7 +363,10 @@ async fn server_uses_topic_aliases_when_the_client_allows() {
                 p.topic.to_string()
             }
             (false, None) => p.topic.to_string(),
-            (true, Some(a)) => aliases.get(&a).cloned().unwrap_or_else(|| panic!("unknown alias {a}")),
+            (true, Some(a)) => aliases
+                .get(&a)
+                .cloned()
+                .unwrap_or_else(|| panic!("unknown alias {a}")),
             (true, None) => panic!("empty topic without alias"),
         };
         assert_eq!(resolved, topic);
@@ -297,8 +398,10 @@ async fn oversized_delivery_does_not_consume_a_topic_alias() {
     .await;
     raw_subscribe(&mut raw, 1, "big/t", FQoS::AtMostOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("big/t", m5::QoS::AtMostOnce, false, &[b'x'; 500]).await;
-    publ.publish("big/t", m5::QoS::AtMostOnce, false, b"small").await;
+    publ.publish("big/t", m5::QoS::AtMostOnce, false, &[b'x'; 500])
+        .await;
+    publ.publish("big/t", m5::QoS::AtMostOnce, false, b"small")
+        .await;
     let p = raw_recv_publish(&mut raw).await;
     assert_eq!(p.payload.as_ref(), b"small", "the oversized one is dropped");
     assert_eq!(
@@ -312,22 +415,37 @@ async fn oversized_delivery_does_not_consume_a_topic_alias() {
 async fn subscription_identifiers_are_delivered() {
     let hub = TestHub::start().await.unwrap();
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("sid/r", m5::QoS::AtLeastOnce, true, b"retained").await;
+    publ.publish("sid/r", m5::QoS::AtLeastOnce, true, b"retained")
+        .await;
     let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
-    sub.subscribe_with_id("sid/#", m5::QoS::AtLeastOnce, 268_435_455).await;
+    sub.subscribe_with_id("sid/#", m5::QoS::AtLeastOnce, 268_435_455)
+        .await;
     let p = sub.recv_publish().await;
     assert!(p.retain);
-    assert_eq!(p.properties.unwrap().subscription_identifiers, vec![268_435_455]);
+    assert_eq!(
+        p.properties.unwrap().subscription_identifiers,
+        vec![268_435_455]
+    );
     sub.subscribe("sid/plain", m5::QoS::AtLeastOnce).await;
-    publ.publish("sid/plain", m5::QoS::AtLeastOnce, false, b"x").await;
+    publ.publish("sid/plain", m5::QoS::AtLeastOnce, false, b"x")
+        .await;
     let p = sub.recv_publish().await;
-    assert_eq!(p.properties.unwrap().subscription_identifiers, vec![268_435_455]);
+    assert_eq!(
+        p.properties.unwrap().subscription_identifiers,
+        vec![268_435_455]
+    );
     // Replacing the subscription without an identifier removes it.
     sub.subscribe("sid/#", m5::QoS::AtLeastOnce).await;
     sub.recv_publish().await; // retained again
-    publ.publish("sid/other", m5::QoS::AtLeastOnce, false, b"y").await;
+    publ.publish("sid/other", m5::QoS::AtLeastOnce, false, b"y")
+        .await;
     let p = sub.recv_publish().await;
-    assert!(p.properties.unwrap_or_default().subscription_identifiers.is_empty());
+    assert!(
+        p.properties
+            .unwrap_or_default()
+            .subscription_identifiers
+            .is_empty()
+    );
     hub.stop().await;
 }
 
@@ -357,10 +475,13 @@ async fn no_local_suppresses_own_messages() {
     let mut f = m5::Filter::new("nl/t", m5::QoS::AtLeastOnce);
     f.nolocal = true;
     me.subscribe_filter(f, None).await;
-    me.publish("nl/t", m5::QoS::AtLeastOnce, false, b"mine").await;
+    me.publish("nl/t", m5::QoS::AtLeastOnce, false, b"mine")
+        .await;
     me.expect_no_publish(QUIET).await;
     let mut other = V5::connect(v5_opts(&hub, &uid("other"))).await;
-    other.publish("nl/t", m5::QoS::AtLeastOnce, false, b"theirs").await;
+    other
+        .publish("nl/t", m5::QoS::AtLeastOnce, false, b"theirs")
+        .await;
     assert_eq!(me.recv_publish().await.payload.as_ref(), b"theirs");
     hub.stop().await;
 }
@@ -376,8 +497,13 @@ async fn server_respects_the_clients_receive_maximum() {
         raw_subscribe(&mut raw, 1, "rmax/t", qos).await;
         let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
         for i in 0..6 {
-            publ.publish("rmax/t", m5::QoS::ExactlyOnce, false, format!("{i}").as_bytes())
-                .await;
+            publ.publish(
+                "rmax/t",
+                m5::QoS::ExactlyOnce,
+                false,
+                format!("{i}").as_bytes(),
+            )
+            .await;
         }
         let mut received = 0;
         while received < 6 {
@@ -393,9 +519,12 @@ async fn server_respects_the_clients_receive_maximum() {
                 raw.send(&puback(b.packet_id)).await.unwrap();
             } else {
                 for p in [&a, &b] {
-                    raw.send(&Packet::PubRec(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-                        .await
-                        .unwrap();
+                    raw.send(&Packet::PubRec(PubResponse {
+                        packet_id: p.packet_id,
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap();
                     match raw.recv(WAIT).await.unwrap() {
                         Packet::PubRel(r) => assert_eq!(r.packet_id, p.packet_id),
                         other => panic!("expected PUBREL, got {other:?}"),
@@ -404,9 +533,12 @@ async fn server_respects_the_clients_receive_maximum() {
                 // Both awaiting PUBCOMP: the quota is not returned by PUBREC [MQTT 4.9].
                 raw_expect_silence(&mut raw, Duration::from_millis(250)).await;
                 for p in [&a, &b] {
-                    raw.send(&Packet::PubComp(PubResponse { packet_id: p.packet_id, ..Default::default() }))
-                        .await
-                        .unwrap();
+                    raw.send(&Packet::PubComp(PubResponse {
+                        packet_id: p.packet_id,
+                        ..Default::default()
+                    }))
+                    .await
+                    .unwrap();
                 }
             }
         }
@@ -417,7 +549,9 @@ async fn server_respects_the_clients_receive_maximum() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_exceeding_receive_maximum_is_disconnected() {
-    let hub = TestHub::start_with(|cfg| cfg.mqtt.max_inflight = 2).await.unwrap();
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.max_inflight = 2)
+        .await
+        .unwrap();
     let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("greedy"), |_| {}).await;
     assert_eq!(ack.properties.receive_maximum, Some(2));
     for pid in 1..=2 {
@@ -439,9 +573,12 @@ async fn client_exceeding_receive_maximum_is_disconnected() {
             .await
             .unwrap();
         raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
-        raw.send(&Packet::PubRel(PubResponse { packet_id: pid, ..Default::default() }))
-            .await
-            .unwrap();
+        raw.send(&Packet::PubRel(PubResponse {
+            packet_id: pid,
+            ..Default::default()
+        }))
+        .await
+        .unwrap();
         raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
     }
     hub.stop().await;
@@ -455,14 +592,19 @@ async fn maximum_packet_size_from_client_is_respected() {
     let mut small = V5::connect(o).await;
     small.subscribe("mps/t", m5::QoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("mps/t", m5::QoS::AtLeastOnce, false, &[b'x'; 200]).await;
-    publ.publish("mps/t", m5::QoS::AtLeastOnce, false, b"fits").await;
+    publ.publish("mps/t", m5::QoS::AtLeastOnce, false, &[b'x'; 200])
+        .await;
+    publ.publish("mps/t", m5::QoS::AtLeastOnce, false, b"fits")
+        .await;
     let p = small.recv_publish().await;
     assert_eq!(p.payload.as_ref(), b"fits");
     small.expect_no_publish(QUIET).await;
     let text = metrics(&hub).await;
     assert_eq!(
-        metric(&text, "ferrohub_mqtt_messages_dropped_total{reason=\"too_large_for_client\"}"),
+        metric(
+            &text,
+            "ferrohub_mqtt_messages_dropped_total{reason=\"too_large_for_client\"}"
+        ),
         Some(1.0)
     );
     hub.stop().await;
@@ -485,7 +627,10 @@ async fn packet_larger_than_server_maximum_is_disconnected_with_0x95() {
         .await
         .unwrap();
     let seen = raw.expect_close(WAIT).await.unwrap();
-    assert!(seen.iter().all(|p| !matches!(p, Packet::PubAck(_))), "{seen:?}");
+    assert!(
+        seen.iter().all(|p| !matches!(p, Packet::PubAck(_))),
+        "{seen:?}"
+    );
     hub.stop().await;
 }
 
@@ -494,8 +639,14 @@ async fn empty_client_id_gets_an_assigned_identifier() {
     let hub = TestHub::start().await.unwrap();
     let (_a, ack_a) = raw_connect(hub.mqtt, ProtocolVersion::V5, "", |_| {}).await;
     let (_b, ack_b) = raw_connect(hub.mqtt, ProtocolVersion::V5, "", |_| {}).await;
-    let a = ack_a.properties.assigned_client_identifier.expect("assigned id");
-    let b = ack_b.properties.assigned_client_identifier.expect("assigned id");
+    let a = ack_a
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
+    let b = ack_b
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
     assert!(!a.is_empty());
     assert_ne!(a, b);
     // A client with its own identifier is not assigned one.
@@ -512,11 +663,24 @@ async fn server_keep_alive_caps_the_clients() {
     let hub = TestHub::start_with(|cfg| cfg.mqtt.max_keep_alive_secs = 5)
         .await
         .unwrap();
-    let (_a, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka60"), |c| c.keep_alive = 60).await;
+    let (_a, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka60"), |c| {
+        c.keep_alive = 60
+    })
+    .await;
     assert_eq!(ack.properties.server_keep_alive, Some(5));
-    let (_b, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka0"), |c| c.keep_alive = 0).await;
-    assert_eq!(ack.properties.server_keep_alive, Some(5), "0 (no keep-alive) is above any cap");
-    let (_c, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka3"), |c| c.keep_alive = 3).await;
+    let (_b, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka0"), |c| {
+        c.keep_alive = 0
+    })
+    .await;
+    assert_eq!(
+        ack.properties.server_keep_alive,
+        Some(5),
+        "0 (no keep-alive) is above any cap"
+    );
+    let (_c, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("ka3"), |c| {
+        c.keep_alive = 3
+    })
+    .await;
     assert!(matches!(ack.properties.server_keep_alive, None | Some(3)));
     hub.stop().await;
 }
@@ -526,24 +690,37 @@ async fn acknowledgement_reason_codes() {
     let hub = TestHub::start().await.unwrap();
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("rc"), |_| {}).await;
     // PUBACK 0x10 No matching subscribers.
-    raw.send(&publish_packet("nobody/listens", FQoS::AtLeastOnce, 1, b"x"))
-        .await
-        .unwrap();
+    raw.send(&publish_packet(
+        "nobody/listens",
+        FQoS::AtLeastOnce,
+        1,
+        b"x",
+    ))
+    .await
+    .unwrap();
     match raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await {
         Packet::PubAck(a) => assert_eq!(a.code, 0x10),
         _ => unreachable!(),
     }
     // PUBREC 0x10 too.
-    raw.send(&publish_packet("nobody/listens", FQoS::ExactlyOnce, 2, b"x"))
-        .await
-        .unwrap();
+    raw.send(&publish_packet(
+        "nobody/listens",
+        FQoS::ExactlyOnce,
+        2,
+        b"x",
+    ))
+    .await
+    .unwrap();
     match raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await {
         Packet::PubRec(a) => assert_eq!(a.code, 0x10),
         _ => unreachable!(),
     }
-    raw.send(&Packet::PubRel(PubResponse { packet_id: 2, ..Default::default() }))
-        .await
-        .unwrap();
+    raw.send(&Packet::PubRel(PubResponse {
+        packet_id: 2,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
     raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await;
     // SUBACK: granted QoS per filter, 0x8F for an invalid filter.
     raw.send(&Packet::Subscribe(Subscribe {
@@ -552,10 +729,18 @@ async fn acknowledgement_reason_codes() {
         user_properties: Vec::new(),
         filters: ["ok/+", "bad/#/x", "ok2/#", "bad+/x"]
             .into_iter()
-            .zip([FQoS::ExactlyOnce, FQoS::AtLeastOnce, FQoS::AtMostOnce, FQoS::AtMostOnce])
+            .zip([
+                FQoS::ExactlyOnce,
+                FQoS::AtLeastOnce,
+                FQoS::AtMostOnce,
+                FQoS::AtMostOnce,
+            ])
             .map(|(f, qos)| SubscribeFilter {
                 filter: f.into(),
-                options: SubscriptionOptions { qos, ..Default::default() },
+                options: SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
             })
             .collect(),
     }))
@@ -612,7 +797,10 @@ async fn connack_advertises_capabilities() {
     assert!(matches!(p.max_qos, None | Some(2)));
     assert!(matches!(p.retain_available, None | Some(1)));
     assert!(matches!(p.shared_subscription_available, None | Some(1)));
-    assert!(matches!(p.subscription_identifiers_available, None | Some(1)));
+    assert!(matches!(
+        p.subscription_identifiers_available,
+        None | Some(1)
+    ));
     assert!(matches!(p.wildcard_subscription_available, None | Some(1)));
     hub.stop().await;
 }
@@ -622,7 +810,9 @@ async fn reason_string_only_when_problem_information_is_requested() {
     let hub = TestHub::start().await.unwrap();
     // Default (problem information requested): a reason string explains the DISCONNECT.
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("rs"), |_| {}).await;
-    raw.send(&publish_packet("a/+/b", FQoS::AtMostOnce, 0, b"x")).await.unwrap();
+    raw.send(&publish_packet("a/+/b", FQoS::AtMostOnce, 0, b"x"))
+        .await
+        .unwrap();
     let seen = raw.expect_close(WAIT).await.unwrap();
     let disconnect = seen.iter().find_map(|p| match p {
         Packet::Disconnect(d) => Some(d.clone()),
@@ -634,7 +824,9 @@ async fn reason_string_only_when_problem_information_is_requested() {
         c.properties.request_problem_information = Some(0);
     })
     .await;
-    raw.send(&publish_packet("a/+/b", FQoS::AtMostOnce, 0, b"x")).await.unwrap();
+    raw.send(&publish_packet("a/+/b", FQoS::AtMostOnce, 0, b"x"))
+        .await
+        .unwrap();
     let seen = raw.expect_close(WAIT).await.unwrap();
     for p in seen {
         if let Packet::Disconnect(d) = p {
@@ -736,7 +928,8 @@ async fn topic_aliases_do_not_survive_a_reconnect() {
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
     // Server → client: a fresh connection gets the topic again.
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("ar/t", m5::QoS::AtMostOnce, false, b"again").await;
+    publ.publish("ar/t", m5::QoS::AtMostOnce, false, b"again")
+        .await;
     let p = raw_recv_publish(&mut raw).await;
     assert_eq!(&*p.topic, "ar/t", "alias mappings are per connection");
     // Client → server: the old mapping is gone.
@@ -766,8 +959,13 @@ async fn server_outbound_inflight_cap_applies_to_every_client() {
     raw_subscribe(&mut raw, 1, "cap/t", FQoS::AtLeastOnce).await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
     for i in 0..4 {
-        publ.publish("cap/t", m5::QoS::AtLeastOnce, false, format!("{i}").as_bytes())
-            .await;
+        publ.publish(
+            "cap/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("{i}").as_bytes(),
+        )
+        .await;
     }
     let a = raw_recv_publish(&mut raw).await;
     let b = raw_recv_publish(&mut raw).await;

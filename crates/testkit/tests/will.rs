@@ -33,7 +33,12 @@ async fn will_is_sent_when_the_socket_drops() {
 
     // rumqttc 3.1.1 client with a last will, killed without DISCONNECT.
     let mut opts = v4_opts(&hub, &uid("dying"));
-    opts.set_last_will(rumqttc::LastWill::new("will/drop/v4", "bye4", QoS::AtLeastOnce, false));
+    opts.set_last_will(rumqttc::LastWill::new(
+        "will/drop/v4",
+        "bye4",
+        QoS::AtLeastOnce,
+        false,
+    ));
     let dying = V4::connect(opts).await;
     drop(dying);
     let p = sub.recv_publish().await;
@@ -61,18 +66,31 @@ async fn will_is_not_sent_after_normal_disconnect() {
     sub.subscribe("will/normal/#", QoS::AtLeastOnce).await;
 
     let mut opts = v4_opts(&hub, &uid("v4"));
-    opts.set_last_will(rumqttc::LastWill::new("will/normal/v4", "no", QoS::AtLeastOnce, false));
+    opts.set_last_will(rumqttc::LastWill::new(
+        "will/normal/v4",
+        "no",
+        QoS::AtLeastOnce,
+        false,
+    ));
     V4::connect(opts).await.disconnect().await;
 
     let mut opts = v5_opts(&hub, &uid("v5"));
-    opts.set_last_will(m5::LastWill::new("will/normal/v5", "no", m5::QoS::AtLeastOnce, false, None));
+    opts.set_last_will(m5::LastWill::new(
+        "will/normal/v5",
+        "no",
+        m5::QoS::AtLeastOnce,
+        false,
+        None,
+    ));
     V5::connect(opts).await.disconnect().await;
 
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("raw"), |c| {
         c.will = Some(will("will/normal/raw", "no"));
     })
     .await;
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
 
     sub.expect_no_publish(Duration::from_millis(800)).await;
@@ -103,7 +121,10 @@ async fn v5_disconnect_with_will_message_sends_the_will() {
     assert_eq!(p.payload.as_ref(), b"as asked");
     let props = p.properties.unwrap_or_default();
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
-    assert_eq!(props.user_properties, vec![("k".to_string(), "v".to_string())]);
+    assert_eq!(
+        props.user_properties,
+        vec![("k".to_string(), "v".to_string())]
+    );
     assert_eq!(props.payload_format_indicator, Some(1));
     hub.stop().await;
 }
@@ -166,7 +187,10 @@ async fn will_delay_is_cancelled_when_the_session_resumes() {
     let p = sub.recv_publish().await;
     assert_eq!(p.payload.as_ref(), b"late");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(1500), "will sent after {waited:?}, delay is 2 s");
+    assert!(
+        waited >= Duration::from_millis(1500),
+        "will sent after {waited:?}, delay is 2 s"
+    );
     hub.stop().await;
 }
 

@@ -84,9 +84,7 @@ impl V4 {
     }
 
     /// Connects, returning the connection error if there is one before CONNACK.
-    pub async fn try_connect(
-        opts: rumqttc::MqttOptions,
-    ) -> Result<V4, rumqttc::ConnectionError> {
+    pub async fn try_connect(opts: rumqttc::MqttOptions) -> Result<V4, rumqttc::ConnectionError> {
         let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, 100);
         let (tx, mut rx) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -162,7 +160,10 @@ impl V4 {
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if self.closed.is_some() {
-                panic!("connection closed ({:?}) while waiting for {what}", self.closed);
+                panic!(
+                    "connection closed ({:?}) while waiting for {what}",
+                    self.closed
+                );
             }
             let p = match tokio::time::timeout(left, self.rx.recv()).await {
                 Ok(Some(Ok(p))) => p,
@@ -591,10 +592,9 @@ impl V5 {
 /// The reason code of a server DISCONNECT that ended a rumqttc 5.0 connection.
 pub fn server_disconnect_reason(e: Option<&rumqttc::v5::ConnectionError>) -> Option<u8> {
     match e {
-        Some(rumqttc::v5::ConnectionError::MqttState(rumqttc::v5::StateError::ServerDisconnect {
-            reason_code,
-            ..
-        })) => Some(*reason_code as u8),
+        Some(rumqttc::v5::ConnectionError::MqttState(
+            rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+        )) => Some(*reason_code as u8),
         _ => None,
     }
 }
@@ -676,7 +676,12 @@ pub fn subscribe_packet(packet_id: u16, filter: &str, qos: FQoS) -> Packet {
 }
 
 /// Subscribes a raw client and returns the SUBACK codes.
-pub async fn raw_subscribe(raw: &mut RawClient, packet_id: u16, filter: &str, qos: FQoS) -> Vec<u8> {
+pub async fn raw_subscribe(
+    raw: &mut RawClient,
+    packet_id: u16,
+    filter: &str,
+    qos: FQoS,
+) -> Vec<u8> {
     raw.send(&subscribe_packet(packet_id, filter, qos))
         .await
         .unwrap();
@@ -698,7 +703,11 @@ pub fn puback(packet_id: u16) -> Packet {
 }
 
 /// Receives packets until one matches `f` (others are discarded); panics on close/timeout.
-pub async fn raw_wait(raw: &mut RawClient, what: &str, mut f: impl FnMut(&Packet) -> bool) -> Packet {
+pub async fn raw_wait(
+    raw: &mut RawClient,
+    what: &str,
+    mut f: impl FnMut(&Packet) -> bool,
+) -> Packet {
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -766,12 +775,10 @@ pub async fn metrics(hub: &TestHub) -> String {
 
 /// The value of the sample `name` (with labels, exactly as rendered) in Prometheus text.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.rsplit_once(' ')?;
-            (n == name).then(|| v.parse().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.rsplit_once(' ')?;
+        (n == name).then(|| v.parse().ok())?
+    })
 }
 
 /// Polls /metrics until the sample `name` satisfies `pred`; returns its value.
