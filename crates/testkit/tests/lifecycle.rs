@@ -369,3 +369,30 @@ async fn session_expiry_continues_after_a_restart() {
     assert!(!ack.session_present);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_qos2_state_survives_a_restart() {
+    let hub = TestHub::start().await.unwrap();
+    let id = uid("in2");
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
+    raw.send(&publish_packet("din2/t", FQoS::ExactlyOnce, 9, b"once"))
+        .await
+        .unwrap();
+    raw_wait(&mut raw, "PUBREC", |p| matches!(p, Packet::PubRec(_))).await;
+    drop(raw);
+    wait_connections(&hub, 0).await;
+    let (hub, _dir) = restart(hub).await;
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(ack.session_present);
+    raw.send(&Packet::PubRel(PubResponse {
+        packet_id: 9,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    match raw_wait(&mut raw, "PUBCOMP", |p| matches!(p, Packet::PubComp(_))).await {
+        Packet::PubComp(c) => assert_eq!(c.code, 0, "packet identifier 9 must still be known"),
+        _ => unreachable!(),
+    }
+    hub.stop().await;
+}

@@ -299,3 +299,29 @@ async fn qos2_outbound_handshake_at_byte_level() {
     raw_expect_silence(&mut raw, QUIET).await;
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_messages_round_trip_intact() {
+    let hub = TestHub::start().await.unwrap();
+    let mut o = v4_opts(&hub, &uid("sub"));
+    o.set_max_packet_size(2 << 20, 2 << 20);
+    let mut sub = V4::connect(o).await;
+    sub.subscribe("large/t", QoS::AtLeastOnce).await;
+    let mut o = v5_opts(&hub, &uid("pub"));
+    o.set_max_packet_size(Some(2 << 20));
+    let mut publ = V5::connect(o).await;
+    for size in [0usize, 1, 127, 128, 16_383, 16_384, 300_000, 1_000_000] {
+        let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+        let ack = publ
+            .publish("large/t", m5::QoS::AtLeastOnce, false, &payload)
+            .await;
+        assert_eq!(ack, Some(m5::PubAckReason::Success), "size {size}");
+        let p = sub.recv_publish().await;
+        assert_eq!(p.payload.len(), size);
+        assert!(
+            p.payload.as_ref() == payload.as_slice(),
+            "payload of {size} bytes corrupted"
+        );
+    }
+    hub.stop().await;
+}

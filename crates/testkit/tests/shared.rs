@@ -350,3 +350,21 @@ async fn invalid_shared_filters_are_refused() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_only_match_is_a_match_for_the_puback() {
+    let hub = TestHub::start().await.unwrap();
+    let mut a = V5::connect(v5_opts(&hub, &uid("a"))).await;
+    a.subscribe("$share/g/only/t", m5::QoS::AtLeastOnce).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    let ack = publ
+        .publish("only/t", m5::QoS::AtLeastOnce, false, b"x")
+        .await;
+    assert_eq!(
+        ack,
+        Some(m5::PubAckReason::Success),
+        "a shared subscriber matched"
+    );
+    a.recv_publish().await;
+    hub.stop().await;
+}

@@ -216,3 +216,29 @@ async fn gauges_return_to_zero_after_mixed_traffic() {
     );
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_sys_messages_are_not_sent_to_root_wildcards() {
+    let hub = TestHub::start().await.unwrap();
+    // The $SYS statistics are retained: wait until they exist.
+    wait_metric(&hub, "ferrohub_mqtt_retained_messages", |v| v >= 5.0).await;
+    let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
+    publ.publish("visible/retained", QoS::AtLeastOnce, true, b"r")
+        .await;
+    for filter in ["#", "+/broker/#", "+/+/+"] {
+        let mut sub = V5::connect(v5_opts(&hub, &uid("root"))).await;
+        let f = m5::Filter {
+            retain_forward_rule: m5::RetainForwardRule::OnEverySubscribe,
+            ..m5::Filter::new(filter, m5::QoS::AtMostOnce)
+        };
+        sub.subscribe_filter(f, None).await;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(600);
+        while tokio::time::Instant::now() < deadline {
+            if let Some(m5::Packet::Publish(p)) = sub.next(Duration::from_millis(50)).await {
+                let t = topic5(&p);
+                assert!(!t.starts_with('$'), "{filter:?} got retained {t}");
+            }
+        }
+    }
+    hub.stop().await;
+}

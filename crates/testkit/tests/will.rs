@@ -272,3 +272,71 @@ async fn will_with_invalid_utf8_payload_is_refused() {
     assert_eq!(ack.code, 0x99, "CONNACK Payload format invalid");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_with_invalid_topic_is_refused() {
+    let hub = TestHub::start().await.unwrap();
+    for topic in ["will/+", "will/#", ""] {
+        let mut c = connect_packet(ProtocolVersion::V5, &uid("badtopic"));
+        c.will = Some(will(topic, "x"));
+        let mut raw = ferrohub_testkit::RawClient::connect(hub.mqtt, ProtocolVersion::V5)
+            .await
+            .unwrap();
+        raw.send(&Packet::Connect(Box::new(c))).await.unwrap();
+        let seen = raw.expect_close(WAIT).await.unwrap();
+        for p in &seen {
+            match p {
+                Packet::ConnAck(a) => assert!(a.code >= 0x80, "will topic {topic:?} accepted"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_that_resumes_the_session_cancels_a_delayed_will() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("will/resume", m5::QoS::AtLeastOnce).await;
+    let id = uid("w");
+    let (mut first, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, |c| {
+        c.properties.session_expiry_interval = Some(60);
+        let mut w = will("will/resume", "should not appear");
+        w.properties.delay_interval = Some(1);
+        c.will = Some(w);
+    })
+    .await;
+    let (_second, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, |c| {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(60);
+    })
+    .await;
+    assert!(ack.session_present);
+    assert_eq!(raw_expect_disconnect(&mut first, WAIT).await, Some(0x8E));
+    sub.expect_no_publish(Duration::from_millis(2000)).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_with_clean_start_publishes_a_delayed_will_at_once() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V5::connect(v5_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("will/cleantake", m5::QoS::AtLeastOnce).await;
+    let id = uid("w");
+    let (_first, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, |c| {
+        c.properties.session_expiry_interval = Some(60);
+        let mut w = will("will/cleantake", "session replaced");
+        w.properties.delay_interval = Some(30);
+        c.will = Some(w);
+    })
+    .await;
+    let (_second, ack) =
+        raw_connect(hub.mqtt, ProtocolVersion::V5, &id, |c| c.clean_start = true).await;
+    assert!(!ack.session_present);
+    let p = tokio::time::timeout(Duration::from_secs(2), sub.recv_publish())
+        .await
+        .expect("the old session ended: its will must be published without waiting 30 s");
+    assert_eq!(p.payload.as_ref(), b"session replaced");
+    hub.stop().await;
+}
