@@ -421,6 +421,8 @@ impl Workers {
                         *slot = Some(v);
                     }
                 }
+                // A worker that already answered may exit right after (that is how `close` ends).
+                Ok(Some((i, Err(_)))) if out.get(i).is_some_and(Option::is_some) => {}
                 Ok(Some((i, Err(e)))) => bail!("idle worker {i}: {e}"),
                 Ok(None) => bail!("idle workers vanished"),
                 Err(_) => bail!("idle workers did not answer {cmd:?} in time"),

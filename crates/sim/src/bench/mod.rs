@@ -202,8 +202,10 @@ pub struct BenchArgs {
     /// (fewer, larger bursts keep the harness cheap; smaller ones make traffic smoother).
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
     pub burst: u32,
-    /// Connection handshakes in flight at once.
-    #[arg(long, default_value_t = 256)]
+    /// Connection handshakes in flight at once (over all processes). Keep it below the broker's
+    /// listen backlog (Mosquitto's is 100): an overflowing accept queue drops SYNs, and each
+    /// dropped SYN costs a one-second retransmission.
+    #[arg(long, default_value_t = 64)]
     pub connect_concurrency: u32,
     /// idle: most connections one process holds; more are spread over worker processes.
     #[arg(long, default_value_t = 15_000)]

@@ -259,6 +259,7 @@ pub async fn run(topo: &Topology, p: &RunParams) -> anyhow::Result<TrafficStats>
         let window = usize::from(p.inflight.min(s.server_receive_max).max(1));
         let task = PubTask {
             index: u32::try_from(i).unwrap_or(u32::MAX),
+            offset: i as f64 / n_pub.max(1) as f64,
             high_water: pub_buf.max(template.len() * 4),
             template,
             rate: per_pub_rate,
@@ -418,7 +419,7 @@ pub fn tick_groups(n_pub: usize, per_pub_rate: f64, tick: Duration, burst: usize
     if per_pub_rate <= 0.0 || n_pub == 0 {
         return n_pub.max(1);
     }
-    let per_tick = (per_pub_rate * tick.as_secs_f64()).max(1.0) * n_pub as f64;
+    let per_tick = per_pub_rate * tick.as_secs_f64() * n_pub as f64;
     let wanted = (per_tick / burst.max(1) as f64).ceil() as usize;
     let slots = (tick.as_secs_f64() * 1000.0).floor().max(1.0) as usize;
     wanted.clamp(1, slots.min(n_pub))
@@ -489,6 +490,9 @@ pub async fn connect_all(
 
 struct PubTask {
     index: u32,
+    /// Fraction of a message (0..1) this publisher's schedule is advanced by, so that slow
+    /// publishers reach their next message at different times instead of all at once.
+    offset: f64,
     template: PublishTemplate,
     rate: f64,
     tick: Duration,
@@ -540,6 +544,32 @@ async fn publisher(
         _ = tokio::time::sleep_until(sh.start) => {}
     }
     loop {
+        // Take whatever the broker sent (PUBACKs) without waiting for it: a paced publisher
+        // waits on its socket only once half its window is in use, so a stream of PUBACKs costs
+        // one read per tick instead of one task wake-up each.
+        loop {
+            match rd.try_read_buf(&mut rbuf) {
+                Ok(0) => {
+                    st.error = Some("publisher: the broker closed the connection".into());
+                    break;
+                }
+                Ok(_) => {
+                    if let Err(e) = publisher_input(&mut rbuf, version, &mut ids, &mut st) {
+                        st.error = Some(format!("publisher: {e}"));
+                        break;
+                    }
+                    rbuf.reserve(4096);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => {
+                    st.error = Some(format!("publisher: reading: {e}"));
+                    break;
+                }
+            }
+        }
+        if st.error.is_some() {
+            break;
+        }
         if !done {
             let now = Instant::now();
             if now >= sh.window_end {
@@ -547,7 +577,7 @@ async fn publisher(
                 sh.publishers_done.fetch_add(1, Ordering::AcqRel);
             } else if now >= sh.start {
                 let due = if t.rate > 0.0 {
-                    let target = ((now - sh.start).as_secs_f64() * t.rate) as u64;
+                    let target = ((now - sh.start).as_secs_f64() * t.rate + t.offset) as u64;
                     target.saturating_sub(generated)
                 } else {
                     u64::MAX
@@ -579,10 +609,23 @@ async fn publisher(
                 }
             }
         }
+        // Wait on the socket only when half the window is in use, when unpaced, or once done (to
+        // notice a close); otherwise the next tick drains it.
+        let must_read = done || t.rate <= 0.0 || (t.qos1 && ids.in_use() * 2 >= t.window);
+        // Writes go first: the batch must not wait behind PUBACKs.
         tokio::select! {
             biased;
             _ = stop.changed() => break,
-            r = rd.read_buf(&mut rbuf) => {
+            r = wr.write(&wbuf), if !wbuf.is_empty() => {
+                match r {
+                    Ok(n) => wbuf.advance(n),
+                    Err(e) => {
+                        st.error = Some(format!("publisher: writing: {e}"));
+                        break;
+                    }
+                }
+            }
+            r = rd.read_buf(&mut rbuf), if must_read => {
                 match r {
                     Ok(0) => {
                         st.error = Some("publisher: the broker closed the connection".into());
@@ -597,15 +640,6 @@ async fn publisher(
                     }
                     Err(e) => {
                         st.error = Some(format!("publisher: reading: {e}"));
-                        break;
-                    }
-                }
-            }
-            r = wr.write(&wbuf), if !wbuf.is_empty() => {
-                match r {
-                    Ok(n) => wbuf.advance(n),
-                    Err(e) => {
-                        st.error = Some(format!("publisher: writing: {e}"));
                         break;
                     }
                 }
@@ -718,9 +752,20 @@ async fn subscriber(
     let mut last_seq: Vec<Option<u32>> = vec![None; pub_count as usize];
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     loop {
+        // Writes go first: PUBACKs must not wait behind further reads (the broker's window
+        // towards this subscriber would stall).
         tokio::select! {
             biased;
             _ = stop.changed() => break,
+            r = wr.write(&wbuf), if !wbuf.is_empty() => {
+                match r {
+                    Ok(n) => wbuf.advance(n),
+                    Err(e) => {
+                        st.error = Some(format!("subscriber: writing: {e}"));
+                        break;
+                    }
+                }
+            }
             r = rd.read_buf(&mut rbuf) => {
                 match r {
                     Ok(0) => {
@@ -744,15 +789,6 @@ async fn subscriber(
                     }
                     Err(e) => {
                         st.error = Some(format!("subscriber: reading: {e}"));
-                        break;
-                    }
-                }
-            }
-            r = wr.write(&wbuf), if !wbuf.is_empty() => {
-                match r {
-                    Ok(n) => wbuf.advance(n),
-                    Err(e) => {
-                        st.error = Some(format!("subscriber: writing: {e}"));
                         break;
                     }
                 }
@@ -838,9 +874,11 @@ mod tests {
         assert_eq!(tick_groups(8, 6250.0, auto_tick(6250.0), 256), 1);
         // 1000 pairs at 57k msg/s: ~1,000 messages per 17.5 ms tick, in 4 groups of ~250.
         assert_eq!(tick_groups(1000, 57.0, auto_tick(57.0), 256), 4);
+        // 1000 pairs at 1k msg/s: 50 messages per 50 ms tick, one group.
+        assert_eq!(tick_groups(1000, 1.0, auto_tick(1.0), 256), 1);
         // Never finer than the 1 ms timer, nor more groups than publishers.
         assert_eq!(tick_groups(1000, 57.0, auto_tick(57.0), 1), 17);
-        assert_eq!(tick_groups(2, 1.0, auto_tick(1.0), 1), 2);
+        assert_eq!(tick_groups(2, 100.0, auto_tick(100.0), 1), 2);
         assert_eq!(tick_groups(8, 0.0, Duration::from_millis(1), 256), 8);
         assert_eq!(loss_ratio(0, 0), 0.0);
         assert!((loss_ratio(990, 1000) - 0.01).abs() < 1e-12);
