@@ -84,6 +84,8 @@ enum Command {
     Serve(ServeArgs),
     /// Print the effective configuration (after file, environment and flags) as TOML.
     Config(ServeArgs),
+    /// Benchmark an MQTT broker (ours or any other) and print one JSON line per run.
+    Bench(ferrohub_sim::bench::BenchArgs),
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -124,6 +126,10 @@ fn main() -> Result<()> {
                 toml::to_string_pretty(&cfg).context("rendering configuration")?
             );
             Ok(())
+        }
+        Command::Bench(args) => {
+            init_logging(LogFormat::Text, "warn");
+            ferrohub_sim::bench::run_cli(args)
         }
         Command::Serve(args) => {
             let cfg = args.load()?;
