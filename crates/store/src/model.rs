@@ -88,7 +88,8 @@ pub enum StoreOp {
         /// Its recipients.
         recipients: Vec<QueuedFor>,
     },
-    /// A QoS 2 delivery was sent with this packet identifier (so a redelivery after a restart reuses it).
+    /// A QoS 1/2 delivery was sent with this packet identifier (so a redelivery after a restart
+    /// reuses it, with DUP set).
     Sent {
         /// Tenant.
         tenant: TenantId,

@@ -317,7 +317,6 @@ async fn inflight_qos2_survives_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug: after a restart an unacknowledged QoS 1 delivery is restored into the queue and resent as a new PUBLISH (DUP=0, new packet id) instead of with DUP=1 and its original packet id (store keeps no packet id for QoS 1; broker.rs restore)"]
 async fn unacknowledged_qos1_is_resent_with_dup_after_a_restart() {
     let hub = TestHub::start().await.unwrap();
     let id = uid("q1");

@@ -369,7 +369,6 @@ async fn mutual_tls_requires_a_client_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug: WebSocket frames/messages are capped at max_packet_size + 16 (transport.rs accept_ws WebSocketConfig), so one frame carrying several small MQTT packets is rejected and the connection dropped [MQTT-6.0.0-2]"]
 async fn websocket_frame_may_carry_more_than_max_packet_size_in_small_packets() {
     // [MQTT-6.0.0-2]: packets are not aligned on frame boundaries; the packet size limit is per
     // MQTT packet, not per WebSocket frame.
@@ -408,7 +407,6 @@ async fn websocket_frame_may_carry_more_than_max_packet_size_in_small_packets() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug: over WebSocket an MQTT packet above max_packet_size is cut by the WebSocket size limit (transport.rs accept_ws), closing without the DISCONNECT 0x95 a TCP client gets"]
 async fn websocket_oversized_packet_gets_0x95() {
     let hub = TestHub::start_with(|cfg| cfg.mqtt.max_packet_size = 1024)
         .await

@@ -139,7 +139,7 @@ impl Broker {
                         share: None,
                     };
                     match (d.packet_id, d.released) {
-                        (Some(pid), released) if d.qos == QoS::ExactlyOnce => {
+                        (Some(pid), released) if d.qos != QoS::AtMostOnce => {
                             let state = if released {
                                 InflightState::AwaitingComp
                             } else {

@@ -1105,7 +1105,8 @@ impl Connection {
                     }
                     self.write(&packet);
                     self.broker.metrics.sent[out.qos as usize].add(1);
-                    if out.qos == QoS::ExactlyOnce && out.message_id != 0 {
+                    // Recording the packet id lets a restarted hub resend with the same id and DUP.
+                    if out.qos != QoS::AtMostOnce && out.message_id != 0 {
                         self.store_ops.push(StoreOp::Sent {
                             tenant: self.session.tenant.clone(),
                             client_id: self.session.client_id.clone(),
