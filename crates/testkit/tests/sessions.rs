@@ -580,3 +580,67 @@ async fn resumed_session_respects_the_new_receive_maximum() {
     assert_eq!(got, vec!["0", "1", "2", "3", "4"]);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assigned_client_identifier_can_resume_its_session() {
+    let hub = TestHub::start().await.unwrap();
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, "", |c| {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(60);
+    })
+    .await;
+    let assigned = ack.properties.assigned_client_identifier.expect("assigned id");
+    raw_subscribe(&mut raw, 1, "assigned/t", FQoS::AtLeastOnce).await;
+    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.expect_close(WAIT).await.unwrap();
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &assigned, |c| {
+        c.clean_start = false;
+        c.properties.session_expiry_interval = Some(60);
+    })
+    .await;
+    assert!(ack.session_present, "the session lives under the assigned identifier");
+    assert_eq!(ack.properties.assigned_client_identifier, None);
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("assigned/t", m5::QoS::AtLeastOnce, false, b"x").await;
+    assert_eq!(raw_recv_publish(&mut raw).await.payload.as_ref(), b"x");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_expiry_counts_from_the_disconnect_and_restarts_on_resume() {
+    let hub = TestHub::start().await.unwrap();
+    let id = uid("timer");
+    let o = persistent_v5(&hub, &id, 2);
+    let c = V5::connect(o.clone()).await;
+    // Connected for longer than the interval: it only starts counting at the disconnect.
+    tokio::time::sleep(Duration::from_millis(2300)).await;
+    c.disconnect().await;
+    let c = V5::connect(o.clone()).await;
+    assert!(c.connack.session_present, "expiry counts from the disconnect");
+    c.disconnect().await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let c = V5::connect(o.clone()).await;
+    assert!(c.connack.session_present);
+    c.disconnect().await;
+    // The first timer (2 s after the first disconnect) has passed by now; the latest one has not.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let c = V5::connect(o).await;
+    assert!(c.connack.session_present, "an earlier expiry timer must not end a resumed session");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_persistent_session_expiry_is_configurable() {
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.v3_persistent_session_expiry_secs = 1)
+        .await
+        .unwrap();
+    let id = uid("v3exp");
+    let mut c = V4::connect(persistent_v4(&hub, &id)).await;
+    c.subscribe("v3exp/t", QoS::AtLeastOnce).await;
+    let before = metric(&metrics(&hub).await, "ferrohub_mqtt_sessions").unwrap();
+    c.disconnect().await;
+    wait_metric(&hub, "ferrohub_mqtt_sessions", |v| v < before).await;
+    let c = V4::connect(persistent_v4(&hub, &id)).await;
+    assert!(!c.connack.session_present);
+    hub.stop().await;
+}

@@ -340,3 +340,33 @@ async fn takeover_with_clean_start_publishes_a_delayed_will_at_once() {
     assert_eq!(p.payload.as_ref(), b"session replaced");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn will_message_expiry_applies() {
+    let hub = TestHub::start().await.unwrap();
+    let sub_id = uid("offline-sub");
+    let mut o = v5_opts(&hub, &sub_id);
+    o.set_clean_start(false);
+    o.set_session_expiry_interval(Some(60));
+    let mut sub = V5::connect(o.clone()).await;
+    sub.subscribe("will/exp/#", m5::QoS::AtLeastOnce).await;
+    sub.disconnect().await;
+    wait_connections(&hub, 0).await;
+    for (topic, secs) in [("will/exp/short", 1), ("will/exp/long", 30)] {
+        let (raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("w"), |c| {
+            let mut w = will(topic, "bye");
+            w.properties.message_expiry_interval = Some(secs);
+            c.will = Some(w);
+        })
+        .await;
+        drop(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let mut sub = V5::connect(o).await;
+    let p = sub.recv_publish().await;
+    assert_eq!(topic5(&p), "will/exp/long", "the expired will is not delivered");
+    let left = p.properties.unwrap_or_default().message_expiry_interval;
+    assert!(matches!(left, Some(27..=29)), "remaining will expiry, got {left:?}");
+    sub.expect_no_publish(QUIET).await;
+    hub.stop().await;
+}
