@@ -303,3 +303,73 @@ async fn resubscribing_replaces_the_subscription_qos() {
     assert_eq!(metric(&text, "ferrohub_mqtt_subscriptions"), Some(1.0));
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packets_pipelined_behind_connect_are_processed() {
+    let hub = TestHub::start().await.unwrap();
+    for version in [ProtocolVersion::V311, ProtocolVersion::V5] {
+        let mut bytes = bytes::BytesMut::new();
+        let mut c = connect_packet(version, &uid("eager"));
+        c.properties.session_expiry_interval = Some(60);
+        c.clean_start = false;
+        for p in [
+            Packet::Connect(Box::new(c)),
+            subscribe_packet(1, "eager/t", FQoS::AtLeastOnce),
+            publish_packet("eager/t", FQoS::AtLeastOnce, 2, b"to myself"),
+            Packet::PingReq,
+        ] {
+            ferrohub_proto::mqtt::encode(&p, version, &mut bytes).unwrap();
+        }
+        let mut raw = ferrohub_testkit::RawClient::connect(hub.mqtt, version).await.unwrap();
+        raw.send_bytes(&bytes).await.unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 5 {
+            match raw.recv(WAIT).await {
+                Ok(p) => {
+                    if let Packet::Publish(p) = &p {
+                        raw.send(&puback(p.packet_id)).await.unwrap();
+                    }
+                    seen.push(p);
+                }
+                Err(e) => panic!("{version:?}: after {seen:?}: {e}"),
+            }
+        }
+        assert!(matches!(seen[0], Packet::ConnAck(ref c) if c.code == 0), "{seen:?}");
+        assert!(seen.iter().any(|p| matches!(p, Packet::SubAck(_))), "{seen:?}");
+        assert!(seen.iter().any(|p| matches!(p, Packet::PubAck(a) if a.packet_id == 2)), "{seen:?}");
+        assert!(seen.iter().any(|p| matches!(p, Packet::PingResp)), "{seen:?}");
+        assert!(
+            seen.iter().any(|p| matches!(p, Packet::Publish(p) if p.payload.as_ref() == b"to myself")),
+            "{seen:?}"
+        );
+    }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_storm_leaves_no_sessions_behind() {
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.sys_interval_secs = 0)
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let addr = hub.mqtt;
+        tasks.push(tokio::spawn(async move {
+            let version = if i % 2 == 0 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+            let (mut raw, _) = raw_connect(addr, version, &format!("storm-{i}"), |_| {}).await;
+            raw_subscribe(&mut raw, 1, &format!("storm/{i}/#"), FQoS::AtLeastOnce).await;
+            if i % 3 == 0 {
+                raw.send(&Packet::Disconnect(Default::default())).await.unwrap();
+                let _ = raw.expect_close(WAIT).await;
+            }
+            // Otherwise just drop the socket.
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
+    }
+    wait_metric(&hub, "ferrohub_mqtt_connections", |v| v == 0.0).await;
+    wait_metric(&hub, "ferrohub_mqtt_sessions", |v| v == 0.0).await;
+    wait_metric(&hub, "ferrohub_mqtt_subscriptions", |v| v == 0.0).await;
+    hub.stop().await;
+}
