@@ -320,7 +320,9 @@ async fn packets_pipelined_behind_connect_are_processed() {
         ] {
             ferrohub_proto::mqtt::encode(&p, version, &mut bytes).unwrap();
         }
-        let mut raw = ferrohub_testkit::RawClient::connect(hub.mqtt, version).await.unwrap();
+        let mut raw = ferrohub_testkit::RawClient::connect(hub.mqtt, version)
+            .await
+            .unwrap();
         raw.send_bytes(&bytes).await.unwrap();
         let mut seen = Vec::new();
         while seen.len() < 5 {
@@ -334,12 +336,26 @@ async fn packets_pipelined_behind_connect_are_processed() {
                 Err(e) => panic!("{version:?}: after {seen:?}: {e}"),
             }
         }
-        assert!(matches!(seen[0], Packet::ConnAck(ref c) if c.code == 0), "{seen:?}");
-        assert!(seen.iter().any(|p| matches!(p, Packet::SubAck(_))), "{seen:?}");
-        assert!(seen.iter().any(|p| matches!(p, Packet::PubAck(a) if a.packet_id == 2)), "{seen:?}");
-        assert!(seen.iter().any(|p| matches!(p, Packet::PingResp)), "{seen:?}");
         assert!(
-            seen.iter().any(|p| matches!(p, Packet::Publish(p) if p.payload.as_ref() == b"to myself")),
+            matches!(seen[0], Packet::ConnAck(ref c) if c.code == 0),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter().any(|p| matches!(p, Packet::SubAck(_))),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|p| matches!(p, Packet::PubAck(a) if a.packet_id == 2)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter().any(|p| matches!(p, Packet::PingResp)),
+            "{seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .any(|p| matches!(p, Packet::Publish(p) if p.payload.as_ref() == b"to myself")),
             "{seen:?}"
         );
     }
@@ -355,18 +371,27 @@ async fn connection_storm_leaves_no_sessions_behind() {
     for i in 0..100 {
         let addr = hub.mqtt;
         tasks.push(tokio::spawn(async move {
-            let version = if i % 2 == 0 { ProtocolVersion::V5 } else { ProtocolVersion::V311 };
+            let version = if i % 2 == 0 {
+                ProtocolVersion::V5
+            } else {
+                ProtocolVersion::V311
+            };
             let (mut raw, _) = raw_connect(addr, version, &format!("storm-{i}"), |_| {}).await;
             raw_subscribe(&mut raw, 1, &format!("storm/{i}/#"), FQoS::AtLeastOnce).await;
             if i % 3 == 0 {
-                raw.send(&Packet::Disconnect(Default::default())).await.unwrap();
+                raw.send(&Packet::Disconnect(Default::default()))
+                    .await
+                    .unwrap();
                 let _ = raw.expect_close(WAIT).await;
             }
             // Otherwise just drop the socket.
         }));
     }
     for t in tasks {
-        tokio::time::timeout(Duration::from_secs(10), t).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(10), t)
+            .await
+            .unwrap()
+            .unwrap();
     }
     wait_metric(&hub, "ferrohub_mqtt_connections", |v| v == 0.0).await;
     wait_metric(&hub, "ferrohub_mqtt_sessions", |v| v == 0.0).await;

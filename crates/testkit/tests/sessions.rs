@@ -589,19 +589,28 @@ async fn assigned_client_identifier_can_resume_its_session() {
         c.properties.session_expiry_interval = Some(60);
     })
     .await;
-    let assigned = ack.properties.assigned_client_identifier.expect("assigned id");
+    let assigned = ack
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
     raw_subscribe(&mut raw, 1, "assigned/t", FQoS::AtLeastOnce).await;
-    raw.send(&Packet::Disconnect(Disconnect::default())).await.unwrap();
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
     raw.expect_close(WAIT).await.unwrap();
     let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &assigned, |c| {
         c.clean_start = false;
         c.properties.session_expiry_interval = Some(60);
     })
     .await;
-    assert!(ack.session_present, "the session lives under the assigned identifier");
+    assert!(
+        ack.session_present,
+        "the session lives under the assigned identifier"
+    );
     assert_eq!(ack.properties.assigned_client_identifier, None);
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("assigned/t", m5::QoS::AtLeastOnce, false, b"x").await;
+    publ.publish("assigned/t", m5::QoS::AtLeastOnce, false, b"x")
+        .await;
     assert_eq!(raw_recv_publish(&mut raw).await.payload.as_ref(), b"x");
     hub.stop().await;
 }
@@ -616,7 +625,10 @@ async fn session_expiry_counts_from_the_disconnect_and_restarts_on_resume() {
     tokio::time::sleep(Duration::from_millis(2300)).await;
     c.disconnect().await;
     let c = V5::connect(o.clone()).await;
-    assert!(c.connack.session_present, "expiry counts from the disconnect");
+    assert!(
+        c.connack.session_present,
+        "expiry counts from the disconnect"
+    );
     c.disconnect().await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let c = V5::connect(o.clone()).await;
@@ -625,7 +637,10 @@ async fn session_expiry_counts_from_the_disconnect_and_restarts_on_resume() {
     // The first timer (2 s after the first disconnect) has passed by now; the latest one has not.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let c = V5::connect(o).await;
-    assert!(c.connack.session_present, "an earlier expiry timer must not end a resumed session");
+    assert!(
+        c.connack.session_present,
+        "an earlier expiry timer must not end a resumed session"
+    );
     hub.stop().await;
 }
 

@@ -364,9 +364,16 @@ async fn will_message_expiry_applies() {
     tokio::time::sleep(Duration::from_millis(1600)).await;
     let mut sub = V5::connect(o).await;
     let p = sub.recv_publish().await;
-    assert_eq!(topic5(&p), "will/exp/long", "the expired will is not delivered");
+    assert_eq!(
+        topic5(&p),
+        "will/exp/long",
+        "the expired will is not delivered"
+    );
     let left = p.properties.unwrap_or_default().message_expiry_interval;
-    assert!(matches!(left, Some(27..=29)), "remaining will expiry, got {left:?}");
+    assert!(
+        matches!(left, Some(27..=29)),
+        "remaining will expiry, got {left:?}"
+    );
     sub.expect_no_publish(QUIET).await;
     hub.stop().await;
 }
