@@ -325,3 +325,33 @@ async fn large_messages_round_trip_intact() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt_3_1_clients_are_served() {
+    let hub = TestHub::start().await.unwrap();
+    let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("v31/t", QoS::AtLeastOnce).await;
+    // CONNECT "MQIsdp" level 3, clean session, keep-alive 30, client id.
+    let id = b"mqtt-3.1-client";
+    let mut body = vec![0x00, 0x06];
+    body.extend_from_slice(b"MQIsdp");
+    body.extend([3, 0x02, 0, 30]);
+    body.extend((id.len() as u16).to_be_bytes());
+    body.extend_from_slice(id);
+    let mut bytes = vec![0x10, body.len() as u8];
+    bytes.extend(body);
+    let mut raw = ferrohub_testkit::RawClient::connect(hub.mqtt, ProtocolVersion::V31)
+        .await
+        .unwrap();
+    raw.send_bytes(&bytes).await.unwrap();
+    match raw.recv(WAIT).await.unwrap() {
+        Packet::ConnAck(c) => assert_eq!(c.code, 0),
+        other => panic!("expected CONNACK, got {other:?}"),
+    }
+    raw.send(&publish_packet("v31/t", FQoS::AtLeastOnce, 1, b"old protocol"))
+        .await
+        .unwrap();
+    raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    assert_eq!(sub.recv_publish().await.payload.as_ref(), b"old protocol");
+    hub.stop().await;
+}

@@ -1084,3 +1084,38 @@ async fn resend_after_reconnect_respects_the_new_maximum_packet_size() {
     }
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_local_with_an_overlapping_plain_subscription() {
+    let hub = TestHub::start().await.unwrap();
+    let mut me = V5::connect(v5_opts(&hub, &uid("me"))).await;
+    let mut nl = m5::Filter::new("nlo/#", m5::QoS::AtLeastOnce);
+    nl.nolocal = true;
+    me.subscribe_filter(
+        nl,
+        Some(m5::SubscribeProperties {
+            id: Some(1),
+            user_properties: Vec::new(),
+        }),
+    )
+    .await;
+    me.subscribe_with_id("nlo/t", m5::QoS::AtMostOnce, 2).await;
+    me.publish("nlo/t", m5::QoS::AtLeastOnce, false, b"mine").await;
+    let p = me.recv_publish().await;
+    assert_eq!(p.qos, m5::QoS::AtMostOnce, "only the plain subscription matched");
+    assert_eq!(p.properties.unwrap_or_default().subscription_identifiers, vec![2]);
+    me.expect_no_publish(QUIET).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_subscription_delivers_its_subscription_identifier() {
+    let hub = TestHub::start().await.unwrap();
+    let mut a = V5::connect(v5_opts(&hub, &uid("a"))).await;
+    a.subscribe_with_id("$share/g/sid/t", m5::QoS::AtLeastOnce, 77).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("sid/t", m5::QoS::AtLeastOnce, false, b"x").await;
+    let p = a.recv_publish().await;
+    assert_eq!(p.properties.unwrap_or_default().subscription_identifiers, vec![77]);
+    hub.stop().await;
+}
