@@ -446,7 +446,10 @@ async fn subscription_options_survive_a_restart() {
         p.retain = true;
     }
     raw.send(&own).await.unwrap();
-    raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    match raw.recv(WAIT).await.unwrap() {
+        Packet::PubAck(a) => assert_eq!(a.packet_id, 7),
+        other => panic!("No Local lost in the restart? got {other:?}"),
+    }
     raw_expect_silence(&mut raw, Duration::from_millis(300)).await;
     // ... others' come with the subscription identifier and the retain flag as published.
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
@@ -476,8 +479,11 @@ async fn unacknowledged_retained_delivery_survives_a_restart() {
     drop(publ);
     let id = uid("rd");
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
-    raw_subscribe(&mut raw, 1, "rdeliv/t", FQoS::AtLeastOnce).await;
-    let first = raw_recv_publish(&mut raw).await;
+    let (_, mut early) = raw_subscribe_collect(&mut raw, 1, "rdeliv/t", FQoS::AtLeastOnce).await;
+    let first = match early.pop() {
+        Some(p) => p,
+        None => raw_recv_publish(&mut raw).await,
+    };
     assert!(first.retain);
     drop(raw); // never acknowledged: part of the session state [MQTT-4.1.0-1]
     wait_connections(&hub, 0).await;
@@ -489,4 +495,114 @@ async fn unacknowledged_retained_delivery_survives_a_restart() {
     assert!(again.dup);
     assert_eq!(again.packet_id, first.packet_id);
     hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_with_fsync_always() {
+    let hub = TestHub::start_with(|cfg| cfg.storage.fsync = ferrohub::config::FsyncMode::Always)
+        .await
+        .unwrap();
+    let id = uid("fsync");
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
+    raw_subscribe(&mut raw, 1, "fsync/t", FQoS::AtLeastOnce).await;
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
+    raw.expect_close(WAIT).await.unwrap();
+    wait_connections(&hub, 0).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    for i in 0..3 {
+        publ.publish(
+            "fsync/t",
+            m5::QoS::AtLeastOnce,
+            false,
+            format!("{i}").as_bytes(),
+        )
+        .await;
+    }
+    publ.publish("fsync/r", m5::QoS::AtLeastOnce, true, b"kept")
+        .await;
+    drop(publ);
+    let (hub, _dir) = restart_with(hub, |cfg| {
+        cfg.storage.fsync = ferrohub::config::FsyncMode::Always;
+    })
+    .await;
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(ack.session_present);
+    for i in 0..3 {
+        let p = raw_recv_publish(&mut raw).await;
+        assert_eq!(p.payload, format!("{i}").into_bytes());
+        raw.send(&puback(p.packet_id)).await.unwrap();
+    }
+    let (_, mut early) = raw_subscribe_collect(&mut raw, 2, "fsync/r", FQoS::AtLeastOnce).await;
+    let p = match early.pop() {
+        Some(p) => p,
+        None => raw_recv_publish(&mut raw).await,
+    };
+    assert!(p.retain);
+    assert_eq!(p.payload.as_ref(), b"kept");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_persistence_sessions_live_in_memory_only() {
+    let hub = TestHub::start_with(|cfg| cfg.storage.persistence = false)
+        .await
+        .unwrap();
+    let id = uid("mem");
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
+    raw_subscribe(&mut raw, 1, "mem/t", FQoS::AtLeastOnce).await;
+    raw.send(&Packet::Disconnect(Disconnect::default()))
+        .await
+        .unwrap();
+    raw.expect_close(WAIT).await.unwrap();
+    wait_connections(&hub, 0).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("mem/t", m5::QoS::AtLeastOnce, false, b"in memory")
+        .await;
+    publ.publish("mem/r", m5::QoS::AtLeastOnce, true, b"retained")
+        .await;
+    drop(publ);
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(
+        ack.session_present,
+        "persistent sessions work without a disk"
+    );
+    let p = raw_recv_publish(&mut raw).await;
+    assert_eq!(p.payload.as_ref(), b"in memory");
+    raw.send(&puback(p.packet_id)).await.unwrap();
+    drop(raw);
+    let (hub, _dir) = restart_with(hub, |cfg| cfg.storage.persistence = false).await;
+    let (mut raw, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(
+        !ack.session_present,
+        "nothing survives a restart without persistence"
+    );
+    raw_subscribe(&mut raw, 1, "mem/r", FQoS::AtLeastOnce).await;
+    raw_expect_silence(&mut raw, QUIET).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_not_held_up_by_a_client_that_does_not_read() {
+    let hub = TestHub::start().await.unwrap();
+    let (mut stuck, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("stuck"), |_| {}).await;
+    raw_subscribe(&mut stuck, 1, "stuck/t", FQoS::AtMostOnce).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    // Far more than socket buffers hold; the stuck client never reads.
+    for _ in 0..40 {
+        publ.publish("stuck/t", m5::QoS::AtMostOnce, false, &[0u8; 64 * 1024])
+            .await;
+    }
+    publ.barrier().await;
+    let started = std::time::Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), hub.stop())
+        .await
+        .expect("shutdown hung on a client that does not read");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    drop(stuck);
 }

@@ -348,9 +348,14 @@ async fn mqtt_3_1_clients_are_served() {
         Packet::ConnAck(c) => assert_eq!(c.code, 0),
         other => panic!("expected CONNACK, got {other:?}"),
     }
-    raw.send(&publish_packet("v31/t", FQoS::AtLeastOnce, 1, b"old protocol"))
-        .await
-        .unwrap();
+    raw.send(&publish_packet(
+        "v31/t",
+        FQoS::AtLeastOnce,
+        1,
+        b"old protocol",
+    ))
+    .await
+    .unwrap();
     raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
     assert_eq!(sub.recv_publish().await.payload.as_ref(), b"old protocol");
     hub.stop().await;

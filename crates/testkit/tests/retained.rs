@@ -260,16 +260,26 @@ async fn expired_retained_message_is_not_sent() {
 async fn v5_retain_handling_1_counts_a_resubscribe_after_unsubscribe_as_new() {
     let hub = TestHub::start().await.unwrap();
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("rh1/t", m5::QoS::AtLeastOnce, true, b"r").await;
-    let mut s = V5::connect(v5_opts(&hub, &uid("s"))).await;
-    s.subscribe_filter(filter("rh1/t", m5::RetainForwardRule::OnNewSubscribe, false), None)
+    publ.publish("rh1/t", m5::QoS::AtLeastOnce, true, b"r")
         .await;
+    let mut s = V5::connect(v5_opts(&hub, &uid("s"))).await;
+    s.subscribe_filter(
+        filter("rh1/t", m5::RetainForwardRule::OnNewSubscribe, false),
+        None,
+    )
+    .await;
     assert!(s.recv_publish().await.retain);
     s.client.unsubscribe("rh1/t").await.unwrap();
     s.wait_for("UNSUBACK", |p| matches!(p, m5::Packet::UnsubAck(_)))
         .await;
-    s.subscribe_filter(filter("rh1/t", m5::RetainForwardRule::OnNewSubscribe, false), None)
-        .await;
-    assert!(s.recv_publish().await.retain, "a subscription made again is new");
+    s.subscribe_filter(
+        filter("rh1/t", m5::RetainForwardRule::OnNewSubscribe, false),
+        None,
+    )
+    .await;
+    assert!(
+        s.recv_publish().await.retain,
+        "a subscription made again is new"
+    );
     hub.stop().await;
 }

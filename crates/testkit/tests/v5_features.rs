@@ -1100,10 +1100,18 @@ async fn no_local_with_an_overlapping_plain_subscription() {
     )
     .await;
     me.subscribe_with_id("nlo/t", m5::QoS::AtMostOnce, 2).await;
-    me.publish("nlo/t", m5::QoS::AtLeastOnce, false, b"mine").await;
+    me.publish("nlo/t", m5::QoS::AtLeastOnce, false, b"mine")
+        .await;
     let p = me.recv_publish().await;
-    assert_eq!(p.qos, m5::QoS::AtMostOnce, "only the plain subscription matched");
-    assert_eq!(p.properties.unwrap_or_default().subscription_identifiers, vec![2]);
+    assert_eq!(
+        p.qos,
+        m5::QoS::AtMostOnce,
+        "only the plain subscription matched"
+    );
+    assert_eq!(
+        p.properties.unwrap_or_default().subscription_identifiers,
+        vec![2]
+    );
     me.expect_no_publish(QUIET).await;
     hub.stop().await;
 }
@@ -1112,10 +1120,15 @@ async fn no_local_with_an_overlapping_plain_subscription() {
 async fn shared_subscription_delivers_its_subscription_identifier() {
     let hub = TestHub::start().await.unwrap();
     let mut a = V5::connect(v5_opts(&hub, &uid("a"))).await;
-    a.subscribe_with_id("$share/g/sid/t", m5::QoS::AtLeastOnce, 77).await;
+    a.subscribe_with_id("$share/g/sid/t", m5::QoS::AtLeastOnce, 77)
+        .await;
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
-    publ.publish("sid/t", m5::QoS::AtLeastOnce, false, b"x").await;
+    publ.publish("sid/t", m5::QoS::AtLeastOnce, false, b"x")
+        .await;
     let p = a.recv_publish().await;
-    assert_eq!(p.properties.unwrap_or_default().subscription_identifiers, vec![77]);
+    assert_eq!(
+        p.properties.unwrap_or_default().subscription_identifiers,
+        vec![77]
+    );
     hub.stop().await;
 }

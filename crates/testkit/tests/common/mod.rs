@@ -805,3 +805,27 @@ pub async fn wait_connections(hub: &TestHub, n: usize) {
     wait_metric(hub, "ferrohub_mqtt_connections", |v| v == n as f64).await;
     tokio::time::sleep(Duration::from_millis(150)).await;
 }
+
+/// Like [`raw_subscribe`], but also returns the PUBLISHes that arrived before the SUBACK (a
+/// server may start sending matching messages before it acknowledges [MQTT-3.8.4]).
+pub async fn raw_subscribe_collect(
+    raw: &mut RawClient,
+    packet_id: u16,
+    filter: &str,
+    qos: FQoS,
+) -> (Vec<u8>, Vec<Publish>) {
+    raw.send(&subscribe_packet(packet_id, filter, qos))
+        .await
+        .unwrap();
+    let mut early = Vec::new();
+    loop {
+        match raw.recv(WAIT).await.unwrap() {
+            Packet::SubAck(s) => {
+                assert_eq!(s.packet_id, packet_id);
+                return (s.codes, early);
+            }
+            Packet::Publish(p) => early.push(p),
+            other => panic!("unexpected {other:?} while waiting for SUBACK"),
+        }
+    }
+}
