@@ -449,3 +449,78 @@ async fn v311_publisher_to_a_full_queue_is_disconnected_without_ack() {
     );
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "broker bug: keep-alive is reset by any bytes read, not by a complete Control Packet, so a client trickling a partial packet is never timed out [MQTT-3.1.2-22] (connection.rs run: last_read)"]
+async fn trickled_bytes_are_not_a_control_packet_for_keep_alive() {
+    let hub = TestHub::start().await.unwrap();
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("trickle"), |c| {
+        c.keep_alive = 1
+    })
+    .await;
+    // A PUBLISH announcing 100 bytes, sent one byte at a time: no complete Control Packet ever
+    // arrives, so the keep-alive must still expire [MQTT-3.1.2-22].
+    let started = Instant::now();
+    let mut bytes = vec![0x30u8, 100, 0x00, 0x01, b't', 0x00];
+    bytes.resize(102, b'x');
+    let mut closed = None;
+    for b in bytes {
+        if raw.send_bytes(&[b]).await.is_err() {
+            break;
+        }
+        match raw.recv_or_close(Duration::from_millis(400)).await {
+            Ok(Some(Packet::Disconnect(d))) => {
+                closed = Some(d.code);
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    assert_eq!(
+        closed,
+        Some(0x8D),
+        "still open after {:?} of trickling",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < Duration::from_secs(3));
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximum_packet_size_boundaries() {
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.max_packet_size = 1024)
+        .await
+        .unwrap();
+    let v = ProtocolVersion::V5;
+    // 1 + 2 (remaining length) + 2 + 1 (topic) + 2 (packet id) + 1 (properties) + payload.
+    let exact = publish_packet("b", FQoS::AtLeastOnce, 1, &[0u8; 1015]);
+    assert_eq!(ferrohub_proto::mqtt::encoded_len(&exact, v).unwrap(), 1024);
+    let (mut raw, _) = raw_connect(hub.mqtt, v, &uid("edge"), |_| {}).await;
+    raw.send(&exact).await.unwrap();
+    raw_wait(&mut raw, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    raw.send(&publish_packet("b", FQoS::AtLeastOnce, 2, &[0u8; 1016]))
+        .await
+        .unwrap();
+    assert_eq!(raw_expect_disconnect(&mut raw, WAIT).await, Some(0x95));
+
+    // Outbound: exactly the client's maximum is delivered, one byte more is not.
+    let (mut sub, _) = raw_connect(hub.mqtt, v, &uid("edge-sub"), |c| {
+        c.properties.maximum_packet_size = Some(100);
+    })
+    .await;
+    raw_subscribe(&mut sub, 1, "b", FQoS::AtMostOnce).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("b", m5::QoS::AtMostOnce, false, &[1u8; 95])
+        .await; // 101 bytes
+    publ.publish("b", m5::QoS::AtMostOnce, false, &[2u8; 94])
+        .await; // 100 bytes
+    let p = raw_recv_publish(&mut sub).await;
+    assert_eq!(p.payload.len(), 94);
+    raw_expect_silence(&mut sub, QUIET).await;
+    hub.stop().await;
+}
