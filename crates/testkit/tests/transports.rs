@@ -491,3 +491,48 @@ async fn websocket_ping_is_answered() {
     assert_eq!(pong.as_ref(), b"are you there");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tls_and_websocket_sockets_are_closed_after_connect_timeout() {
+    install_crypto_provider();
+    let pki = pki();
+    let hub = TestHub::start_with(|cfg| {
+        cfg.mqtt.connect_timeout_secs = 1;
+        cfg.tls.cert_file = Some(pki.path("server.pem"));
+        cfg.tls.key_file = Some(pki.path("server.key"));
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let mut tls = ferrohub_testkit::RawClient::connect(hub.mqtts.unwrap(), ProtocolVersion::V311)
+        .await
+        .unwrap();
+    let mut ws = ferrohub_testkit::RawClient::connect(hub.ws, ProtocolVersion::V311)
+        .await
+        .unwrap();
+    // WebSocket upgraded, but no CONNECT.
+    let mut upgraded = ws_connect(&hub, "/mqtt").await.unwrap();
+    let r = tls.expect_close(Duration::from_secs(4)).await;
+    assert!(matches!(r.as_deref(), Ok([])), "TLS: {r:?}");
+    let r = ws.expect_close(Duration::from_secs(4)).await;
+    assert!(r.is_ok(), "WebSocket handshake never sent: {r:?}");
+    let closed = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match upgraded.next().await {
+                None | Some(Err(_)) | Some(Ok(WsMessage::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "upgraded WebSocket without CONNECT stays open"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "took {:?}",
+        started.elapsed()
+    );
+    hub.stop().await;
+}
