@@ -470,7 +470,6 @@ async fn subscription_options_survive_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug: a retained message sent on SUBSCRIBE to a persistent session is queued with message_id 0 (never persisted), so if unacknowledged it is lost on restart instead of resent (connection.rs handle_subscribe)"]
 async fn unacknowledged_retained_delivery_survives_a_restart() {
     let hub = TestHub::start().await.unwrap();
     let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;

@@ -38,7 +38,7 @@ async fn connection_without_connect_is_closed_after_connect_timeout() {
         "closed too early: {elapsed:?}"
     );
     assert!(
-        elapsed <= Duration::from_millis(2500),
+        elapsed <= Duration::from_millis(3500),
         "closed too late: {elapsed:?}"
     );
     partial.expect_close(Duration::from_secs(2)).await.unwrap();
@@ -68,7 +68,7 @@ async fn keep_alive_is_enforced() {
         "closed too early: {elapsed:?}"
     );
     assert!(
-        elapsed <= Duration::from_millis(3000),
+        elapsed <= Duration::from_millis(4000),
         "closed too late: {elapsed:?}"
     );
     let seen = v3.expect_close(Duration::from_secs(2)).await.unwrap();
@@ -451,7 +451,6 @@ async fn v311_publisher_to_a_full_queue_is_disconnected_without_ack() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "broker bug: keep-alive is reset by any bytes read, not by a complete Control Packet, so a client trickling a partial packet is never timed out [MQTT-3.1.2-22] (connection.rs run: last_read)"]
 async fn trickled_bytes_are_not_a_control_packet_for_keep_alive() {
     let hub = TestHub::start().await.unwrap();
     let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("trickle"), |c| {

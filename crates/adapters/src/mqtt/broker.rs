@@ -191,6 +191,11 @@ impl Broker {
         })
     }
 
+    /// A new store message id (strictly increasing across restarts).
+    pub(crate) fn allocate_message_id(&self) -> u64 {
+        self.next_message_id.fetch_add(1, Relaxed)
+    }
+
     /// A fresh client identifier for clients that connect with an empty one.
     pub(crate) fn assign_client_id(&self) -> String {
         format!("ferrohub-{:x}", self.next_assigned_id.fetch_add(1, Relaxed))

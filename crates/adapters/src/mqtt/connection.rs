@@ -18,7 +18,7 @@ use ferrohub_proto::mqtt::{
     PublishProperties, SubAck, Subscribe, UnsubAck, Unsubscribe, reason,
 };
 use ferrohub_router::{Match, Subscriber, TenantRouter};
-use ferrohub_store::{Commit, StoreOp, SubscriptionRecord};
+use ferrohub_store::{Commit, QueuedFor, StoreOp, SubscriptionRecord};
 use ferrohub_types::{Message, MessageProperties, QoS, TopicName};
 use futures_util::FutureExt;
 use hashbrown::HashMap;
@@ -245,7 +245,9 @@ struct Connection {
     inbound_unacked: usize,
     store_ops: Vec<StoreOp>,
     scratch: Vec<Match<Session>>,
-    batch: Vec<(Outgoing, u16)>,
+    batch: Vec<(Outgoing, u16, bool)>,
+    /// In-flight PUBLISHes of a resumed session still to be resent (packet ids, in order).
+    pending_resend: VecDeque<u16>,
 }
 
 impl Connection {
@@ -493,6 +495,7 @@ impl Connection {
             store_ops: Vec::new(),
             scratch: Vec::new(),
             batch: Vec::new(),
+            pending_resend: VecDeque::new(),
             session,
         };
         conn.write(&Packet::ConnAck(ack));
@@ -505,28 +508,40 @@ impl Connection {
     }
 
     fn write(&mut self, packet: &Packet) {
+        if self.client_max_packet != usize::MAX
+            && !matches!(packet, Packet::Publish(_))
+            && mqtt::encoded_len(packet, self.version).is_ok_and(|len| len > self.client_max_packet)
+        {
+            // Reason strings and user properties are optional: drop them rather than exceed the
+            // client's Maximum Packet Size (MQTT 5 §3.1.2.11.4).
+            let stripped = without_optional_properties(packet);
+            if let Err(e) = mqtt::encode(&stripped, self.version, &mut self.wbuf) {
+                tracing::warn!(error = %e, packet = packet.name(), "could not encode packet");
+            }
+            return;
+        }
         if let Err(e) = mqtt::encode(packet, self.version, &mut self.wbuf) {
             tracing::warn!(error = %e, packet = packet.name(), "could not encode packet");
         }
     }
 
+    /// On resumption: PUBRELs are resent at once; unacknowledged PUBLISHes are queued for resending
+    /// (DUP set, original packet ids) as the new connection's Receive Maximum allows.
     fn resend_inflight(&mut self) {
         let ob = self.session.outbox.lock();
-        let mut packets = Vec::with_capacity(ob.inflight.len());
+        let mut pubrels = Vec::new();
         for (pid, inflight) in ob.inflight.iter() {
-            packets.push(match inflight.state {
-                InflightState::AwaitingAck => {
-                    Packet::Publish(self.publish_packet(&inflight.out, *pid, true))
-                }
-                InflightState::AwaitingComp => Packet::PubRel(PubResponse {
-                    packet_id: *pid,
-                    ..Default::default()
-                }),
-            });
+            match inflight.state {
+                InflightState::AwaitingAck => self.pending_resend.push_back(*pid),
+                InflightState::AwaitingComp => pubrels.push(*pid),
+            }
         }
         drop(ob);
-        for p in packets {
-            self.write(&p);
+        for pid in pubrels {
+            self.write(&Packet::PubRel(PubResponse {
+                packet_id: pid,
+                ..Default::default()
+            }));
         }
     }
 
@@ -626,13 +641,15 @@ impl Connection {
                         Ok(0) | Err(_) => return Close::Io,
                         Ok(n) => {
                             self.broker.metrics.bytes_received.add(n as i64);
-                            last_read = Instant::now();
                             // Busy publishers get bigger reads (fewer syscalls); idle ones stay small.
                             if n >= read_chunk / 2 {
                                 read_chunk = (read_chunk * 2).min(64 * 1024);
                             }
-                            if let Err(close) = self.process_input().await {
-                                return close;
+                            match self.process_input().await {
+                                // Keep-alive counts complete Control Packets, not bytes (MQTT-3.1.2-22).
+                                Ok(true) => last_read = Instant::now(),
+                                Ok(false) => {}
+                                Err(close) => return close,
                             }
                             // An idle connection gives its read buffer back.
                             if self.rbuf.is_empty() && read_chunk <= 4096 {
@@ -654,8 +671,9 @@ impl Connection {
         }
     }
 
-    /// Decodes and handles every complete packet in the read buffer.
-    async fn process_input(&mut self) -> Result<(), Close> {
+    /// Decodes and handles every complete packet in the read buffer; tells whether there was one.
+    async fn process_input(&mut self) -> Result<bool, Close> {
+        let mut any = false;
         loop {
             let packet = match mqtt::decode(
                 &mut self.rbuf,
@@ -670,13 +688,14 @@ impl Connection {
                     return Err(Close::Reason(e.reason_code(), decode_error_text(&e)));
                 }
             };
+            any = true;
             self.handle(packet).await?;
         }
         // Give memory back when idle: an empty buffer that grew for a burst is released.
         if self.rbuf.is_empty() && self.rbuf.capacity() > 64 * 1024 {
             self.rbuf = BytesMut::new();
         }
-        Ok(())
+        Ok(any)
     }
 
     async fn handle(&mut self, packet: Packet) -> Result<(), Close> {
@@ -1050,9 +1069,19 @@ impl Connection {
         {
             let session = self.session.clone();
             let mut ob = session.outbox.lock();
+            while self.batch.len() < PUMP_BATCH
+                && ob.inflight.len() - self.pending_resend.len() < self.send_window
+                && let Some(pid) = self.pending_resend.pop_front()
+            {
+                if let Some(i) = ob.inflight.get(&pid) {
+                    self.batch.push((i.out.clone(), pid, true));
+                }
+            }
             while self.batch.len() < PUMP_BATCH {
                 let Some(front) = ob.queue.front() else { break };
-                if front.qos != QoS::AtMostOnce && ob.inflight.len() >= self.send_window {
+                if front.qos != QoS::AtMostOnce
+                    && ob.inflight.len() - self.pending_resend.len() >= self.send_window
+                {
                     break;
                 }
                 let Some(out) = ob.queue.pop_front() else {
@@ -1084,7 +1113,7 @@ impl Connection {
                     self.broker.metrics.inflight.add(1);
                     pid
                 };
-                self.batch.push((out, pid));
+                self.batch.push((out, pid, false));
             }
         }
         if self.batch.is_empty() {
@@ -1092,16 +1121,37 @@ impl Connection {
         }
         let batch = std::mem::take(&mut self.batch);
         let mut too_large = Vec::new();
-        for (out, pid) in &batch {
-            let mut packet = Packet::Publish(self.publish_packet(out, *pid, false));
-            // Checked before aliasing: an alias must only be registered for a topic actually sent.
-            let fits = self.client_max_packet == usize::MAX
-                || mqtt::encoded_len(&packet, self.version)
-                    .is_ok_and(|len| len <= self.client_max_packet);
+        for (out, pid, dup) in &batch {
+            let mut publish = self.publish_packet(out, *pid, *dup);
+            // Aliases go on fresh sends only, and are registered only if the packet is sent.
+            let alias = if *dup {
+                None
+            } else {
+                self.plan_alias(&publish.topic)
+            };
+            let topic = publish.topic.clone();
+            if let Some((alias, known)) = alias {
+                publish.properties.topic_alias = Some(alias);
+                if known {
+                    publish.topic = Arc::from("");
+                }
+            }
+            let mut packet = Packet::Publish(publish);
+            let mut alias = alias;
+            let mut fits = self.fits_client(&packet);
+            if !fits && alias.is_some() {
+                // The alias property can tip a packet over the limit; try without it.
+                if let Packet::Publish(p) = &mut packet {
+                    p.properties.topic_alias = None;
+                    p.topic = topic.clone();
+                }
+                alias = None;
+                fits = self.fits_client(&packet);
+            }
             match fits {
                 true => {
-                    if let Packet::Publish(publish) = &mut packet {
-                        self.apply_outbound_alias(publish);
+                    if let Some((alias, false)) = alias {
+                        self.out_aliases.insert(topic, alias);
                     }
                     self.write(&packet);
                     self.broker.metrics.sent[out.qos as usize].add(1);
@@ -1147,18 +1197,24 @@ impl Connection {
         }
     }
 
-    fn apply_outbound_alias(&mut self, publish: &mut Publish) {
+    /// Whether `packet` respects the client's Maximum Packet Size.
+    fn fits_client(&self, packet: &Packet) -> bool {
+        self.client_max_packet == usize::MAX
+            || mqtt::encoded_len(packet, self.version)
+                .is_ok_and(|len| len <= self.client_max_packet)
+    }
+
+    /// The alias to use for `topic`: `(alias, true)` if the client already knows it,
+    /// `(alias, false)` for a new one (send the topic too), `None` when aliases are off or full.
+    fn plan_alias(&self, topic: &Arc<str>) -> Option<(u16, bool)> {
         if self.client_alias_max == 0 {
-            return;
+            return None;
         }
-        if let Some(alias) = self.out_aliases.get(&publish.topic) {
-            publish.properties.topic_alias = Some(*alias);
-            publish.topic = Arc::from("");
-        } else if self.out_aliases.len() < usize::from(self.client_alias_max) {
-            let alias = self.out_aliases.len() as u16 + 1;
-            self.out_aliases.insert(publish.topic.clone(), alias);
-            publish.properties.topic_alias = Some(alias);
+        if let Some(alias) = self.out_aliases.get(topic) {
+            return Some((*alias, true));
         }
+        (self.out_aliases.len() < usize::from(self.client_alias_max))
+            .then(|| (self.out_aliases.len() as u16 + 1, false))
     }
 
     async fn handle_subscribe(&mut self, s: Subscribe) -> Result<(), Close> {
@@ -1232,20 +1288,10 @@ impl Connection {
                 .subscriptions
                 .insert(record.filter.clone(), record);
         }
-        let commit = if ops.is_empty() {
-            None
-        } else {
-            self.submit_for_ack(ops).await?
-        };
-        self.queue_ack(
-            Packet::SubAck(SubAck {
-                packet_id: s.packet_id,
-                codes,
-                properties: AckProperties::default(),
-            }),
-            commit,
-        );
+        // Retained messages for the new subscriptions; a persistent session persists its copies in
+        // the same commit as the subscription, so an unacknowledged one survives a restart.
         let now = now_millis();
+        let mut retained_out = Vec::with_capacity(retained_to_send.len());
         for (m, qos, sub_id) in retained_to_send {
             if m.is_expired(now) {
                 continue;
@@ -1260,8 +1306,35 @@ impl Connection {
                 share: None,
             };
             if persistent && qos != QoS::AtMostOnce {
-                out.message_id = 0; // retained copies are re-derived from the retained store
+                out.message_id = self.broker.allocate_message_id();
+                ops.push(StoreOp::Enqueue {
+                    tenant: self.session.tenant.clone(),
+                    message_id: out.message_id,
+                    message: (*out.message).clone(),
+                    recipients: vec![QueuedFor {
+                        client_id: self.session.client_id.clone(),
+                        qos,
+                        retain: true,
+                        subscription_ids: out.subscription_ids.to_vec(),
+                    }],
+                });
             }
+            retained_out.push(out);
+        }
+        let commit = if ops.is_empty() {
+            None
+        } else {
+            self.submit_for_ack(ops).await?
+        };
+        self.queue_ack(
+            Packet::SubAck(SubAck {
+                packet_id: s.packet_id,
+                codes,
+                properties: AckProperties::default(),
+            }),
+            commit,
+        );
+        for out in retained_out {
             let _ = self.session.push(out);
         }
         Ok(())
@@ -1505,6 +1578,32 @@ async fn read_packet<R: AsyncRead + Unpin>(
             Ok(_) => {}
         }
     }
+}
+
+/// `packet` without its Reason String and User Properties.
+fn without_optional_properties(packet: &Packet) -> Packet {
+    let mut p = packet.clone();
+    match &mut p {
+        Packet::PubAck(r) | Packet::PubRec(r) | Packet::PubRel(r) | Packet::PubComp(r) => {
+            r.properties = AckProperties::default();
+        }
+        Packet::SubAck(a) => a.properties = AckProperties::default(),
+        Packet::UnsubAck(a) => a.properties = AckProperties::default(),
+        Packet::ConnAck(c) => {
+            c.properties.reason_string = None;
+            c.properties.user_properties.clear();
+        }
+        Packet::Disconnect(d) => {
+            d.properties.reason_string = None;
+            d.properties.user_properties.clear();
+        }
+        Packet::Auth(a) => {
+            a.properties.reason_string = None;
+            a.properties.user_properties.clear();
+        }
+        _ => {}
+    }
+    p
 }
 
 fn decode_error_text(e: &DecodeError) -> &'static str {

@@ -144,7 +144,8 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
                     // A frame may carry several MQTT packets, and an oversized packet should reach
                     // the MQTT decoder (which answers DISCONNECT 0x95) rather than die in the
                     // WebSocket layer: allow twice the packet limit plus slack per message.
-                    let max = (broker.config.max_packet_size as usize).saturating_mul(2) + 64 * 1024;
+                    let max =
+                        (broker.config.max_packet_size as usize).saturating_mul(2) + 64 * 1024;
                     match tokio::time::timeout(deadline, accept_ws(stream, max)).await {
                         Ok(Ok(ws)) => {
                             let (r, w) = tokio::io::split(WsIo::new(ws));
