@@ -371,7 +371,7 @@ async fn will_message_expiry_applies() {
     );
     let left = p.properties.unwrap_or_default().message_expiry_interval;
     assert!(
-        matches!(left, Some(27..=29)),
+        matches!(left, Some(25..=29)),
         "remaining will expiry, got {left:?}"
     );
     sub.expect_no_publish(QUIET).await;
