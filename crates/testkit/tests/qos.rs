@@ -360,3 +360,167 @@ async fn mqtt_3_1_clients_are_served() {
     assert_eq!(sub.recv_publish().await.payload.as_ref(), b"old protocol");
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_and_outbound_packet_identifiers_are_independent() {
+    let hub = TestHub::start().await.unwrap();
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("both"), |_| {}).await;
+    assert_eq!(
+        raw_subscribe(&mut raw, 1, "both/t", FQoS::ExactlyOnce).await,
+        vec![2]
+    );
+    // Our QoS 2 PUBLISH with id 1; the server's delivery of it to us may use id 1 as well.
+    raw.send(&publish_packet("both/t", FQoS::ExactlyOnce, 1, b"loop"))
+        .await
+        .unwrap();
+    let mut got_pubrec = false;
+    let mut delivery = None;
+    while !(got_pubrec && delivery.is_some()) {
+        match raw.recv(WAIT).await.unwrap() {
+            Packet::PubRec(r) => {
+                assert_eq!(r.packet_id, 1);
+                got_pubrec = true;
+            }
+            Packet::Publish(p) => delivery = Some(p),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let delivery = delivery.unwrap();
+    // Interleave both exchanges.
+    raw.send(&Packet::PubRec(PubResponse {
+        packet_id: delivery.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    raw.send(&Packet::PubRel(PubResponse {
+        packet_id: 1,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    let mut got_pubrel = false;
+    let mut got_pubcomp = false;
+    while !(got_pubrel && got_pubcomp) {
+        match raw.recv(WAIT).await.unwrap() {
+            Packet::PubRel(r) => {
+                assert_eq!((r.packet_id, r.code), (delivery.packet_id, 0));
+                got_pubrel = true;
+            }
+            Packet::PubComp(c) => {
+                assert_eq!((c.packet_id, c.code), (1, 0));
+                got_pubcomp = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    raw.send(&Packet::PubComp(PubResponse {
+        packet_id: delivery.packet_id,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    raw_expect_silence(&mut raw, QUIET).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_pubrel_gets_packet_identifier_not_found() {
+    let hub = TestHub::start().await.unwrap();
+    let (mut raw, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &uid("rel"), |_| {}).await;
+    raw.send(&Packet::PubRel(PubResponse {
+        packet_id: 4242,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    match raw.recv(WAIT).await.unwrap() {
+        Packet::PubComp(c) => assert_eq!((c.packet_id, c.code), (4242, 0x92)),
+        other => panic!("expected PUBCOMP, got {other:?}"),
+    }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn packet_identifiers_wrap_around_without_zero_or_reuse() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The publisher outruns the subscriber: give the subscriber's queue room for all of it
+    // (otherwise the documented overflow policy disconnects the 3.1.1 publisher).
+    let hub = TestHub::start_with(|cfg| cfg.mqtt.max_queued_messages = 100_000)
+        .await
+        .unwrap();
+    let (mut sub, _) = raw_connect(hub.mqtt, ProtocolVersion::V311, &uid("wrap-sub"), |_| {}).await;
+    raw_subscribe(&mut sub, 1, "wrap/t", FQoS::AtLeastOnce).await;
+
+    // A publisher on a plain socket: pipelined QoS 1 PUBLISHes, PUBACKs drained by a task.
+    const N: u32 = 66_000;
+    let stream = tokio::net::TcpStream::connect(hub.mqtt).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let drain = tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+    let mut out = bytes::BytesMut::new();
+    let v = ProtocolVersion::V311;
+    ferrohub_proto::mqtt::encode(
+        &Packet::Connect(Box::new(connect_packet(v, &uid("wrap-pub")))),
+        v,
+        &mut out,
+    )
+    .unwrap();
+    let writer = tokio::spawn(async move {
+        for i in 0..N {
+            let pid = (i % 65_535 + 1) as u16;
+            ferrohub_proto::mqtt::encode(
+                &publish_packet("wrap/t", FQoS::AtLeastOnce, pid, &i.to_be_bytes()),
+                v,
+                &mut out,
+            )
+            .unwrap();
+            if out.len() > 32 * 1024 {
+                wr.write_all(&out).await.unwrap();
+                out.clear();
+            }
+        }
+        wr.write_all(&out).await.unwrap();
+        wr
+    });
+
+    let mut last: Option<u16> = None;
+    let mut wrapped = false;
+    let mut acks = bytes::BytesMut::new();
+    for i in 0..N {
+        let p = tokio::time::timeout(
+            std::time::Duration::from_secs(8),
+            raw_recv_publish(&mut sub),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("stalled after {i} messages"));
+        assert_eq!(
+            p.payload.as_ref(),
+            &i.to_be_bytes(),
+            "message {i} out of order"
+        );
+        assert_ne!(p.packet_id, 0, "packet identifier 0 is not allowed");
+        if let Some(prev) = last {
+            if p.packet_id < prev {
+                wrapped = true;
+            }
+        }
+        last = Some(p.packet_id);
+        ferrohub_proto::mqtt::encode(&puback(p.packet_id), v, &mut acks).unwrap();
+        // Well within the server's outbound window (1024), or it would wait for us forever.
+        if acks.len() >= 256 * 4 || i + 1 == N {
+            sub.send_bytes(&acks).await.unwrap();
+            acks.clear();
+        }
+    }
+    assert!(wrapped, "packet identifiers never wrapped around");
+    let _wr = writer.await.unwrap();
+    drain.abort();
+    hub.stop().await;
+}
