@@ -658,3 +658,34 @@ async fn v311_persistent_session_expiry_is_configurable() {
     assert!(!c.connack.session_present);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_resends_what_the_old_connection_left_unacknowledged() {
+    let hub = TestHub::start().await.unwrap();
+    let id = uid("handover");
+    let persistent = |clean: bool| {
+        move |c: &mut ferrohub_proto::mqtt::Connect| {
+            c.clean_start = clean;
+            c.properties.session_expiry_interval = Some(60);
+        }
+    };
+    let (mut old, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(true)).await;
+    raw_subscribe(&mut old, 1, "handover/t", FQoS::AtLeastOnce).await;
+    let mut publ = V5::connect(v5_opts(&hub, &uid("pub"))).await;
+    publ.publish("handover/t", m5::QoS::AtLeastOnce, false, b"in flight")
+        .await;
+    let first = raw_recv_publish(&mut old).await;
+    // Take over while the old connection is still open and has not acknowledged.
+    let (mut new, ack) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(ack.session_present);
+    assert_eq!(raw_expect_disconnect(&mut old, WAIT).await, Some(0x8E));
+    let again = raw_recv_publish(&mut new).await;
+    assert!(again.dup);
+    assert_eq!(again.packet_id, first.packet_id);
+    assert_eq!(again.payload.as_ref(), b"in flight");
+    new.send(&puback(again.packet_id)).await.unwrap();
+    publ.publish("handover/t", m5::QoS::AtLeastOnce, false, b"next")
+        .await;
+    assert_eq!(raw_recv_publish(&mut new).await.payload.as_ref(), b"next");
+    hub.stop().await;
+}
