@@ -506,10 +506,8 @@ async fn packet_identifiers_wrap_around_without_zero_or_reuse() {
             "message {i} out of order"
         );
         assert_ne!(p.packet_id, 0, "packet identifier 0 is not allowed");
-        if let Some(prev) = last {
-            if p.packet_id < prev {
-                wrapped = true;
-            }
+        if last.is_some_and(|prev| p.packet_id < prev) {
+            wrapped = true;
         }
         last = Some(p.packet_id);
         ferrohub_proto::mqtt::encode(&puback(p.packet_id), v, &mut acks).unwrap();
