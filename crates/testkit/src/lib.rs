@@ -36,9 +36,11 @@ pub struct TestHub {
 /// A configuration for tests: every listener on 127.0.0.1:0, anonymous access, persistence in
 /// `data_dir` without fsync (tests measure behaviour, not the disk), `$SYS` every second.
 pub fn test_config(data_dir: PathBuf) -> HubConfig {
-    let mut cfg = HubConfig::default();
-    cfg.data_dir = data_dir;
-    cfg.allow_anonymous = true;
+    let mut cfg = HubConfig {
+        data_dir,
+        allow_anonymous: true,
+        ..HubConfig::default()
+    };
     cfg.listeners.mqtt = "127.0.0.1:0".into();
     cfg.listeners.mqtts = "127.0.0.1:0".into();
     cfg.listeners.ws = "127.0.0.1:0".into();
@@ -82,7 +84,9 @@ impl TestHub {
     /// The running hub.
     pub fn hub(&self) -> &Hub {
         // Present until `stop` consumes self.
-        self.hub.as_ref().unwrap_or_else(|| unreachable!("hub stopped"))
+        self.hub
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("hub stopped"))
     }
 
     /// Graceful shutdown; returns the temporary directory so a test can restart on the same data.
@@ -143,10 +147,7 @@ impl RawClient {
                     return Ok(Some(p));
                 }
                 let mut chunk = [0u8; 4096];
-                let n = match self.stream.read(&mut chunk).await {
-                    Ok(n) => n,
-                    Err(_) => 0,
-                };
+                let n = self.stream.read(&mut chunk).await.unwrap_or_default();
                 if n == 0 {
                     return Ok(None);
                 }

@@ -43,6 +43,8 @@ pub trait ConnRead: AsyncRead + Unpin + Send {
     /// Reads what is available into `buf`, growing it by up to `chunk` bytes first. The default
     /// reserves before waiting; TCP overrides it to wait for readiness first, so that an idle
     /// connection holds no read buffer.
+    // Spelled out (not `async fn`) so that the future is `Send`, which spawned tasks need.
+    #[allow(clippy::manual_async_fn)]
     fn read_some<'a>(
         &'a mut self,
         buf: &'a mut BytesMut,
@@ -58,6 +60,7 @@ pub trait ConnRead: AsyncRead + Unpin + Send {
 }
 
 impl ConnRead for tokio::net::tcp::OwnedReadHalf {
+    #[allow(clippy::manual_async_fn)]
     fn read_some<'a>(
         &'a mut self,
         buf: &'a mut BytesMut,
@@ -70,7 +73,13 @@ impl ConnRead for tokio::net::tcp::OwnedReadHalf {
                     buf.reserve(chunk);
                 }
                 match self.try_read_buf(buf) {
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        // Readiness was stale: give the buffer back before waiting again.
+                        if buf.is_empty() {
+                            *buf = BytesMut::new();
+                        }
+                        continue;
+                    }
                     other => return other,
                 }
             }
@@ -499,6 +508,10 @@ impl Connection {
             session,
         };
         conn.write(&Packet::ConnAck(ack));
+        // The CONNECT's read buffer is usually empty now: do not keep it for an idle client.
+        if conn.rbuf.is_empty() {
+            conn.rbuf = BytesMut::new();
+        }
         // Resume: resend what was in flight (DUP set) before anything new.
         if attached.session_present {
             conn.resend_inflight();
@@ -592,14 +605,14 @@ impl Connection {
         tokio::pin!(keep_alive_timer);
         let mut read_chunk = 4096usize;
         // Packets that arrived together with CONNECT.
-        if let Err(close) = self.process_input().await {
+        if let Err(close) = Box::pin(self.process_input()).await {
             return close;
         }
         loop {
             self.pump();
             if !self.store_ops.is_empty() {
                 let ops = std::mem::take(&mut self.store_ops);
-                self.broker.submit(ops).await;
+                Box::pin(self.broker.submit(ops)).await;
             }
             self.flush_ready_acks();
             let commit_waiting = matches!(self.pending_acks.front(), Some((_, Some(_))));
@@ -645,7 +658,7 @@ impl Connection {
                             if n >= read_chunk / 2 {
                                 read_chunk = (read_chunk * 2).min(64 * 1024);
                             }
-                            match self.process_input().await {
+                            match Box::pin(self.process_input()).await {
                                 // Keep-alive counts complete Control Packets, not bytes (MQTT-3.1.2-22).
                                 Ok(true) => last_read = Instant::now(),
                                 Ok(false) => {}
@@ -948,11 +961,12 @@ impl Connection {
         }
         self.inbound_unacked += 1;
         if let Some(mut ack) = ack_for(code) {
-            if code >= 0x80 && self.problem_info {
-                if let Packet::PubAck(r) | Packet::PubRec(r) = &mut ack {
-                    r.properties.reason_string =
-                        Some("a subscriber's queue is full; retry later".into());
-                }
+            if code >= 0x80
+                && self.problem_info
+                && let Packet::PubAck(r) | Packet::PubRec(r) = &mut ack
+            {
+                r.properties.reason_string =
+                    Some("a subscriber's queue is full; retry later".into());
             }
             if p.qos == QoS::ExactlyOnce && code >= 0x80 {
                 // A failed PUBREC ends the exchange.
@@ -1611,5 +1625,48 @@ fn decode_error_text(e: &DecodeError) -> &'static str {
         DecodeError::Malformed(s) | DecodeError::Protocol(s) => s,
         DecodeError::TooLarge { .. } => "packet exceeds maximum packet size",
         DecodeError::UnsupportedProtocol { .. } => "unsupported protocol",
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+    use crate::mqtt::{AuthConfig, MqttConfig};
+    use crate::shutdown::Shutdown;
+    use ferrohub_store::{BrokerStore, RecoveredState};
+
+    /// Every idle connection holds its task's future: keep it small (measured, not guessed).
+    #[tokio::test]
+    async fn connection_task_is_small() {
+        let (_trigger, shutdown) = Shutdown::new();
+        let broker = Broker::new(
+            MqttConfig::default(),
+            AuthConfig::anonymous(),
+            BrokerStore::in_memory(),
+            RecoveredState::default(),
+            shutdown,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let (r, w) = stream.into_split();
+        let fut = serve(
+            broker,
+            r,
+            w,
+            ConnInfo {
+                peer,
+                tls_identity: None,
+            },
+        );
+        let size = std::mem::size_of_val(&fut);
+        eprintln!(
+            "Connection: {} bytes, serve future: {size} bytes",
+            std::mem::size_of::<Connection>()
+        );
+        assert!(size < 2048, "the connection task grew to {size} bytes");
+        drop(client);
     }
 }

@@ -117,29 +117,33 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
         };
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
-        let transport = transport.clone();
-        tokio::spawn(async move {
-            let info = ConnInfo {
-                peer,
-                tls_identity: None,
-            };
-            match transport {
-                Transport::Tcp => {
-                    let (r, w) = stream.into_split();
-                    serve(broker, r, w, info).await;
-                }
-                Transport::Tls(acceptor) => {
+        let info = ConnInfo {
+            peer,
+            tls_identity: None,
+        };
+        // One spawn per transport, so that each task is only as large as its own state (an idle
+        // TCP connection must not carry room for TLS or WebSocket state).
+        match &transport {
+            Transport::Tcp => {
+                let (r, w) = stream.into_split();
+                tokio::spawn(serve(broker, r, w, info));
+            }
+            Transport::Tls(acceptor) => {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
                     let deadline = Duration::from_secs(broker.config.connect_timeout_secs);
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
                             let (r, w) = tokio::io::split(tls);
-                            serve(broker, r, w, info).await;
+                            Box::pin(serve(broker, r, w, info)).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
-                }
-                Transport::WebSocket => {
+                });
+            }
+            Transport::WebSocket => {
+                tokio::spawn(async move {
                     let deadline = Duration::from_secs(broker.config.connect_timeout_secs);
                     // A frame may carry several MQTT packets, and an oversized packet should reach
                     // the MQTT decoder (which answers DISCONNECT 0x95) rather than die in the
@@ -149,16 +153,16 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
                     match tokio::time::timeout(deadline, accept_ws(stream, max)).await {
                         Ok(Ok(ws)) => {
                             let (r, w) = tokio::io::split(WsIo::new(ws));
-                            serve(broker, r, w, info).await;
+                            Box::pin(serve(broker, r, w, info)).await;
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "WebSocket handshake failed")
                         }
                         Err(_) => tracing::debug!(%peer, "WebSocket handshake timed out"),
                     }
-                }
+                });
             }
-        });
+        }
     }
 }
 
@@ -166,6 +170,8 @@ async fn accept_ws(
     stream: TcpStream,
     max_message: usize,
 ) -> Result<WebSocketStream<TcpStream>, tungstenite::Error> {
+    // The error type is tungstenite's, so its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         if req.uri().path() != "/mqtt" {
             let mut err = ErrorResponse::new(Some("MQTT over WebSocket is served at /mqtt".into()));
