@@ -241,6 +241,9 @@ async fn refuse_undecodable<W: AsyncWrite + Unpin>(
     }
 }
 
+/// The enhanced-authentication method of a connection and a re-authentication in progress.
+type EnhancedAuth = (String, Option<Box<dyn AuthExchange>>);
+
 /// Topic aliases of one connection (MQTT 5).
 #[derive(Default)]
 struct Aliases {
@@ -271,7 +274,7 @@ struct Connection {
     /// Boxed: most clients have no will, and an idle connection should stay small.
     will: Option<Box<PendingWill>>,
     /// Enhanced authentication method and a re-authentication in progress.
-    auth: Option<Box<(String, Option<Box<dyn AuthExchange>>)>>,
+    auth: Option<Box<EnhancedAuth>>,
     problem_info: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
