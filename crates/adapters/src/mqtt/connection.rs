@@ -222,23 +222,13 @@ async fn refuse_undecodable<W: AsyncWrite + Unpin>(
     let Some(err) = err else { return };
     tracing::debug!(peer = %info.peer, error = %err, "refusing connection");
     let (version, code) = match (&err, peek_connect_level(rbuf)) {
-        (DecodeError::UnsupportedProtocol { .. }, _) => (
-            ProtocolVersion::V311,
-            reason::V3_UNACCEPTABLE_PROTOCOL_VERSION,
-        ),
+        (DecodeError::UnsupportedProtocol { .. }, _) => {
+            (ProtocolVersion::V311, reason::UNSUPPORTED_PROTOCOL_VERSION)
+        }
         (_, Some(5)) => (ProtocolVersion::V5, err.reason_code()),
         _ => return,
     };
-    let mut buf = BytesMut::new();
-    let ack = Packet::ConnAck(ConnAck {
-        session_present: false,
-        code,
-        properties: ConnAckProperties::default(),
-    });
-    if mqtt::encode(&ack, version, &mut buf).is_ok() {
-        let _ = writer.write_all(&buf).await;
-        let _ = writer.flush().await;
-    }
+    refuse(writer, version, code).await;
 }
 
 /// The enhanced-authentication method of a connection and a re-authentication in progress.
