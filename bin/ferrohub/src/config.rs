@@ -9,6 +9,28 @@ use anyhow::{Context, Result};
 use ferrohub_adapters::mqtt::MqttConfig;
 use serde::{Deserialize, Serialize};
 
+/// The `FERROHUB_*` variables that address configuration keys. Others (such as `FERROHUB_BIN` in
+/// a test environment, or variables of tools around the hub) are not configuration and are left
+/// alone; a misspelt key *within* a section (`FERROHUB_MQTT__MAX_PAKET_SIZE`) is still an error.
+fn config_env_vars(
+    vars: impl Iterator<Item = (String, String)>,
+) -> Result<std::collections::HashMap<String, String>> {
+    let keys = HubConfig::top_level_keys()?;
+    Ok(vars
+        .filter(|(name, _)| {
+            name.strip_prefix("FERROHUB_").is_some_and(|rest| {
+                let rest = rest.to_ascii_lowercase();
+                keys.iter().any(|k| {
+                    rest == *k
+                        || rest
+                            .strip_prefix(k.as_str())
+                            .is_some_and(|r| r.starts_with("__"))
+                })
+            })
+        })
+        .collect())
+}
+
 /// Everything `ferrohub serve` reads.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -182,13 +204,21 @@ impl HubConfig {
             config::Environment::with_prefix("FERROHUB")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(config_env_vars(std::env::vars())?)),
         );
         let merged = builder.build().context("reading configuration")?;
         merged.try_deserialize().context(
             "invalid configuration (check key names and types against docs/configuration.md; \
              environment variables are FERROHUB_<SECTION>__<KEY>, e.g. FERROHUB_MQTT__MAX_PACKET_SIZE)",
         )
+    }
+
+    /// The top-level keys, e.g. `mqtt` or `data_dir`.
+    fn top_level_keys() -> Result<Vec<String>> {
+        let table = toml::Table::try_from(HubConfig::default())
+            .context("internal error: default configuration does not serialise")?;
+        Ok(table.keys().cloned().collect())
     }
 
     /// Parses a listener address, where empty means disabled.

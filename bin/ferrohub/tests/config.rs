@@ -81,6 +81,26 @@ fn file_then_env_then_flags() {
 }
 
 #[test]
+fn unrelated_ferrohub_variables_are_not_configuration() {
+    let cfg = effective(
+        ferrohub()
+            .arg("config")
+            .env("FERROHUB_BIN", "/usr/bin/ferrohub")
+            .env("FERROHUB_ADMIN_TOKEN", "x")
+            .env("FERROHUB_DATA_DIR", "/from/env"),
+    );
+    assert_eq!(cfg["data_dir"].as_str(), Some("/from/env"));
+    // A misspelt key inside a known section is still refused.
+    let out = ferrohub()
+        .arg("config")
+        .env("FERROHUB_MQTT__MAX_PAKET_SIZE", "1")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("max_paket_size"));
+}
+
+#[test]
 fn unknown_keys_and_missing_files_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("hub.toml");
