@@ -260,3 +260,90 @@ async fn acknowledged_qos1_survives_kill9_without_fsync() {
 async fn acknowledged_qos2_survives_kill9() {
     kill_and_check("always", QoS::ExactlyOnce).await;
 }
+
+/// SIGTERM is a graceful shutdown: an MQTT 5 client is told "Server shutting down" (0x8B), the
+/// process exits successfully, and a persistent session with its queued message survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_disconnects_v5_clients_and_persists_state() {
+    use rumqttc::v5::mqttbytes::v5::Packet as P5;
+    use rumqttc::v5::{AsyncClient as Client5, Event as E5, MqttOptions as Opts5};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut hub = HubProcess::start(dir.path(), "always");
+    let addr = hub.mqtt;
+    create_persistent_subscriber(addr, "term-sub", QoS::AtLeastOnce).await;
+    let (publisher, mut pub_ev) = AsyncClient::new(options("term-pub", addr, true), 10);
+    publisher
+        .publish(
+            "durable/data",
+            QoS::AtLeastOnce,
+            false,
+            7u32.to_be_bytes().to_vec(),
+        )
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(10), async {
+        loop {
+            if let Event::Incoming(Packet::PubAck(_)) = pub_ev.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("PUBACK");
+
+    let mut o = Opts5::new("term-v5", addr.ip().to_string(), addr.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    let (_v5, mut ev) = Client5::new(o, 10);
+    timeout(Duration::from_secs(10), async {
+        loop {
+            if let E5::Incoming(P5::ConnAck(_)) = ev.poll().await.unwrap() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("CONNACK");
+
+    let pid = hub.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let reason = timeout(Duration::from_secs(10), async {
+        loop {
+            match ev.poll().await {
+                Ok(E5::Incoming(P5::Disconnect(d))) => return Some(d.reason_code),
+                Ok(_) => {}
+                // rumqttc reports a server DISCONNECT as an error carrying its reason code.
+                Err(rumqttc::v5::ConnectionError::MqttState(
+                    rumqttc::v5::StateError::ServerDisconnect { reason_code, .. },
+                )) => return Some(reason_code),
+                Err(_) => return None,
+            }
+        }
+    })
+    .await
+    .expect("the v5 client hears from the hub within 10 s");
+    assert_eq!(
+        reason,
+        Some(rumqttc::v5::mqttbytes::v5::DisconnectReasonCode::ServerShuttingDown)
+    );
+    let exit = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(s) = hub.child.try_wait().unwrap() {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("hub exits after SIGTERM");
+    assert!(exit.success(), "graceful shutdown exits 0, got {exit:?}");
+
+    let hub = HubProcess::start(dir.path(), "always");
+    let (received, present) = receive_all(hub.mqtt, "term-sub").await;
+    assert!(present);
+    assert!(
+        received.contains(&7),
+        "the queued message survived the graceful restart"
+    );
+}
