@@ -105,8 +105,7 @@ impl Broker {
 
     fn restore(self: &Arc<Self>, recovered: RecoveredState) {
         for (tenant, message) in recovered.retained {
-            let count = self.router.tenant(&tenant).retain(Arc::new(message));
-            let _ = count;
+            self.router.tenant(&tenant).retain(Arc::new(message));
         }
         self.metrics
             .retained
