@@ -336,7 +336,7 @@ impl Broker {
             if delay == 0 {
                 self.publish_will(&session.tenant, will.message).await;
             } else {
-                session.control.lock().pending_will = Some(will.message);
+                session.control.lock().pending_will = Some(Box::new(will.message));
                 let broker = self.clone();
                 let s = session.clone();
                 tokio::spawn(async move {
@@ -350,7 +350,7 @@ impl Broker {
                         }
                     };
                     if let Some(message) = due {
-                        broker.publish_will(&s.tenant, message).await;
+                        broker.publish_will(&s.tenant, *message).await;
                     }
                 });
             }
@@ -402,7 +402,7 @@ impl Broker {
         }
         let pending_will = session.control.lock().pending_will.take();
         if let Some(will) = pending_will {
-            self.publish_will(&session.tenant, will).await;
+            self.publish_will(&session.tenant, *will).await;
         }
         let tenant_router = self.router.tenant(&session.tenant);
         let subs: Vec<_> = session.control.lock().subscriptions.drain().collect();

@@ -123,7 +123,7 @@ pub struct SessionControl {
     pub disconnected_at: Option<UnixMillis>,
     /// A Will Message waiting out its Will Delay Interval: published when the delay passes or the
     /// session ends, whichever comes first; cancelled when a client resumes the session.
-    pub pending_will: Option<Message>,
+    pub pending_will: Option<Box<Message>>,
 }
 
 /// One MQTT session.
