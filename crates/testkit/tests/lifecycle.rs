@@ -605,3 +605,39 @@ async fn shutdown_is_not_held_up_by_a_client_that_does_not_read() {
     );
     drop(stuck);
 }
+
+/// A lone shared-subscription member that drops its connection keeps its queued messages (nobody
+/// else in the group can take them), and keeps them durably: they are delivered after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_shared_messages_kept_by_a_lone_member_survive_a_restart() {
+    let hub = TestHub::start().await.unwrap();
+    let id = uid("lone");
+    let (mut member, _) = raw_connect(hub.mqtt, ProtocolVersion::V5, &id, |c| {
+        persistent(true)(c);
+        c.properties.receive_maximum = Some(1);
+    })
+    .await;
+    raw_subscribe(&mut member, 1, "$share/g/lone/t", FQoS::AtLeastOnce).await;
+    let mut publ = V4::connect(v4_opts(&hub, &uid("pub"))).await;
+    for i in 0..3u8 {
+        publ.publish("lone/t", rumqttc::QoS::AtLeastOnce, false, &[i])
+            .await;
+    }
+    // One delivery in flight (Receive Maximum 1), two queued; then the socket just drops.
+    assert_eq!(raw_recv_publish(&mut member).await.payload.as_ref(), &[0]);
+    drop(member);
+    wait_connections(&hub, 1).await;
+    let (hub, _dir) = restart(hub).await;
+    let (mut member, ack) =
+        raw_connect(hub.mqtt, ProtocolVersion::V5, &id, persistent(false)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let p = raw_recv_publish(&mut member).await;
+        got.push(p.payload[0]);
+        member.send(&puback(p.packet_id)).await.unwrap();
+    }
+    got.sort();
+    assert_eq!(got, vec![0, 1, 2]);
+    hub.stop().await;
+}

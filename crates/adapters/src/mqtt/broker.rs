@@ -10,7 +10,7 @@ use ferrohub_router::{Match, Router, Subscriber, SubscriberId, Subscription, Ten
 use ferrohub_store::{
     BrokerStore, Commit, QueuedFor, RecoveredState, SessionRecord, StoreOp, SubscriptionRecord,
 };
-use ferrohub_types::{Message, QoS, TenantId, TopicFilter, TopicName, parse_shared};
+use ferrohub_types::{Message, QoS, SharedFilter, TenantId, TopicName, parse_shared};
 use hashbrown::HashMap;
 use parking_lot::Mutex;
 use tokio::sync::{Semaphore, oneshot};
@@ -179,7 +179,7 @@ impl Broker {
 
     /// The router subscription for a stored/requested subscription, or `None` if its filter is invalid.
     pub(crate) fn router_subscription(&self, sub: &SubscriptionRecord) -> Option<Subscription> {
-        let parsed = parse_shared(&sub.filter, &self.config.topic_limits()).ok()?;
+        let parsed = self.parse_filter(&sub.filter)?;
         Some(Subscription {
             filter: parsed.filter,
             share_group: parsed.group,
@@ -407,7 +407,7 @@ impl Broker {
         let tenant_router = self.router.tenant(&session.tenant);
         let subs: Vec<_> = session.control.lock().subscriptions.drain().collect();
         for (filter, _) in subs {
-            if let Ok(parsed) = parse_shared(&filter, &self.config.topic_limits()) {
+            if let Some(parsed) = self.parse_filter(&filter) {
                 tenant_router.unsubscribe(
                     session.id(),
                     parsed.filter.as_str(),
@@ -465,11 +465,26 @@ impl Broker {
             return;
         }
         let tenant_router = self.router.tenant(&session.tenant);
+        // Dequeues of this session's copies, logged only for messages that really left it.
         let mut ops = Vec::new();
+        let mut kept = Vec::new();
         for out in moved {
-            let Some(share) = out.share.clone() else {
-                continue;
+            let member = out
+                .share
+                .as_ref()
+                .and_then(|share| tenant_router.redispatch(share, session.id()));
+            let handed = match member {
+                Some((member, qos)) => self.hand_over(&session.tenant, &member, qos, &out).await,
+                None => false,
             };
+            if !handed && !include_inflight {
+                // Nobody else can take it: it stays with this (persistent) session.
+                kept.push(out);
+                continue;
+            }
+            if !handed {
+                self.metrics.drop_message(DropReason::SessionEnded);
+            }
             if out.message_id != 0 {
                 ops.push(StoreOp::Dequeue {
                     tenant: session.tenant.clone(),
@@ -477,37 +492,64 @@ impl Broker {
                     message_id: out.message_id,
                 });
             }
-            match tenant_router.redispatch(&share, session.id()) {
-                Some((member, qos)) => {
-                    let mut out = out;
-                    out.qos = qos.min(out.message.qos);
-                    out.message_id = 0;
-                    if member.is_persistent() && out.qos != QoS::AtMostOnce {
-                        out.message_id = self.next_message_id.fetch_add(1, Relaxed);
-                        ops.push(StoreOp::Enqueue {
-                            tenant: session.tenant.clone(),
-                            message_id: out.message_id,
-                            message: (*out.message).clone(),
-                            recipients: vec![QueuedFor {
-                                client_id: member.client_id.clone(),
-                                qos: out.qos,
-                                retain: out.retain,
-                                subscription_ids: out.subscription_ids.to_vec(),
-                            }],
-                        });
-                    }
-                    if member.push(out) == PushOutcome::Refused {
-                        self.metrics.drop_message(DropReason::QuotaRefused);
-                    }
+        }
+        if !kept.is_empty() {
+            // Back where they were, in their order, ahead of anything queued since.
+            let mut ob = session.outbox.lock();
+            self.metrics.queued.add(kept.len() as i64);
+            for out in kept.into_iter().rev() {
+                if out.qos == QoS::AtMostOnce {
+                    ob.qos0_queued += 1;
                 }
-                None if !include_inflight => {
-                    // Nobody else can take it: it stays with this (persistent) session.
-                    let _ = session.push(out);
-                }
-                None => self.metrics.drop_message(DropReason::SessionEnded),
+                ob.queue.push_front(out);
             }
         }
         self.submit(ops).await;
+    }
+
+    /// Gives a copy of `out` to another share-group member, persisting it first when the member's
+    /// session is persistent (so that the member's acknowledgement is always logged after it).
+    /// Returns false when the member refused it (its queue is full).
+    async fn hand_over(
+        &self,
+        tenant: &TenantId,
+        member: &Arc<Session>,
+        qos: QoS,
+        out: &Outgoing,
+    ) -> bool {
+        let mut copy = out.clone();
+        copy.qos = qos.min(out.message.qos);
+        copy.message_id = 0;
+        let persisted =
+            member.is_persistent() && copy.qos != QoS::AtMostOnce && self.store.is_persistent();
+        if persisted {
+            copy.message_id = self.allocate_message_id();
+            self.submit(vec![StoreOp::Enqueue {
+                tenant: tenant.clone(),
+                message_id: copy.message_id,
+                message: (*copy.message).clone(),
+                recipients: vec![QueuedFor {
+                    client_id: member.client_id.clone(),
+                    qos: copy.qos,
+                    retain: copy.retain,
+                    subscription_ids: copy.subscription_ids.to_vec(),
+                }],
+            }])
+            .await;
+        }
+        let message_id = copy.message_id;
+        if member.push(copy) != PushOutcome::Refused {
+            return true;
+        }
+        if persisted {
+            self.submit(vec![StoreOp::Dequeue {
+                tenant: tenant.clone(),
+                client_id: member.client_id.clone(),
+                message_id,
+            }])
+            .await;
+        }
+        false
     }
 
     async fn publish_will(self: &Arc<Self>, tenant: &TenantId, mut message: Message) {
@@ -663,10 +705,8 @@ impl Broker {
         }
     }
 
-    /// Validates a subscription filter (plain or shared).
-    pub(crate) fn check_filter(&self, filter: &str) -> Option<(Option<Arc<str>>, TopicFilter)> {
-        parse_shared(filter, &self.config.topic_limits())
-            .ok()
-            .map(|p| (p.group, p.filter))
+    /// Validates a subscription filter (plain or `$share/{group}/…`) under the configured limits.
+    pub(crate) fn parse_filter(&self, filter: &str) -> Option<SharedFilter> {
+        parse_shared(filter, &self.config.topic_limits()).ok()
     }
 }

@@ -1276,20 +1276,6 @@ impl Connection {
         let mut ops = Vec::new();
         let mut retained_to_send = Vec::new();
         for req in &s.filters {
-            let Some((group, filter)) = self.broker.check_filter(&req.filter) else {
-                codes.push(if v5 {
-                    reason::TOPIC_FILTER_INVALID
-                } else {
-                    reason::UNSPECIFIED_ERROR
-                });
-                continue;
-            };
-            if group.is_some() && req.options.no_local {
-                return Err(Close::Reason(
-                    reason::PROTOCOL_ERROR,
-                    "No Local on a shared subscription",
-                ));
-            }
             let record = SubscriptionRecord {
                 filter: Arc::from(req.filter.as_str()),
                 qos: req.options.qos,
@@ -1306,9 +1292,17 @@ impl Connection {
                 });
                 continue;
             };
+            let shared = sub.share_group.is_some();
+            if shared && req.options.no_local {
+                return Err(Close::Reason(
+                    reason::PROTOCOL_ERROR,
+                    "No Local on a shared subscription",
+                ));
+            }
+            let filter = sub.filter.clone();
             let outcome = self.router.subscribe(&self.session, sub);
             codes.push(req.options.qos.as_u8());
-            let send_retained = group.is_none()
+            let send_retained = !shared
                 && match req.options.retain_handling {
                     0 => true,
                     1 => outcome == ferrohub_router::SubscribeOutcome::New,
@@ -1404,11 +1398,14 @@ impl Connection {
         let mut codes = Vec::with_capacity(u.filters.len());
         let mut ops = Vec::new();
         for f in &u.filters {
-            let existed = match self.broker.check_filter(f) {
-                Some((group, filter)) => {
+            let existed = match self.broker.parse_filter(f) {
+                Some(parsed) => {
                     self.session.control.lock().subscriptions.remove(f.as_str());
-                    self.router
-                        .unsubscribe(self.session.id(), filter.as_str(), group.as_deref())
+                    self.router.unsubscribe(
+                        self.session.id(),
+                        parsed.filter.as_str(),
+                        parsed.group.as_deref(),
+                    )
                 }
                 None => false,
             };
