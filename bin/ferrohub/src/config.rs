@@ -47,8 +47,14 @@ pub struct HubConfig {
     pub mqtt: MqttConfig,
     /// Durable storage.
     pub storage: StorageConfig,
-    /// Username/password list checked when anonymous access is off (until the registry lands).
+    /// Static username/password list, checked before the device registry (development and
+    /// service accounts; clients it admits may do anything in the default tenant).
     pub users: Vec<UserEntry>,
+    /// Secret of the first platform admin API token, created at first start. Empty: a token is
+    /// generated and printed once. Set it with `FERROHUB_ADMIN_TOKEN`.
+    pub admin_token: String,
+    /// Device registry, credentials and access control.
+    pub registry: ferrohub_registry::RegistryConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -63,6 +69,8 @@ impl Default for HubConfig {
             mqtt: MqttConfig::default(),
             storage: StorageConfig::default(),
             users: Vec::new(),
+            admin_token: String::new(),
+            registry: ferrohub_registry::RegistryConfig::default(),
             log: LogConfig::default(),
         }
     }
@@ -101,9 +109,11 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key.
     pub key_file: Option<PathBuf>,
-    /// PEM bundle of CAs whose client certificates are accepted (mTLS).
+    /// PEM bundle of CAs whose device certificates are accepted in the default tenant (mTLS), in
+    /// addition to the CAs registered through the API.
     pub client_ca_file: Option<PathBuf>,
-    /// Refuse TLS clients without a valid certificate (needs `client_ca_file`).
+    /// Refuse TLS clients without a valid certificate (otherwise they may use passwords or
+    /// tokens over TLS).
     pub require_client_cert: bool,
 }
 

@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferrohub_adapters::mqtt::{
-    AuthConfig, Broker, StaticUsers, Transport, run_listener, spawn_sys_publisher, tls_acceptor,
+    AuthConfig, Authenticator, Broker, Credentials, Grant, Kick, Refusal, StaticUsers, Transport,
+    run_listener, spawn_sys_publisher, tls_acceptor_with_verifier,
 };
 use ferrohub_adapters::shutdown::{Shutdown, ShutdownTrigger};
+use ferrohub_registry::{Registry, SqliteOptions, SqliteStore};
 use ferrohub_store::{BrokerStore, FsyncPolicy, RecoveredState, StoreConfig};
+use ferrohub_types::TenantId;
+use ferrohub_types::auth::BoxFuture;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
@@ -28,6 +32,10 @@ pub struct Hub {
     pub http_addr: Option<SocketAddr>,
     /// The broker.
     pub broker: Arc<Broker>,
+    /// The device registry.
+    pub registry: Arc<Registry>,
+    /// The admin token generated at first start (shown once), if one was.
+    pub bootstrap_token: Option<String>,
     trigger: ShutdownTrigger,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -39,6 +47,31 @@ async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
     let local = listener.local_addr()?;
     tracing::info!(protocol = what, addr = %local, "listening");
     Ok(listener)
+}
+
+/// The static user list first (development mode, service accounts), then the device registry.
+struct HubAuthenticator {
+    users: StaticUsers,
+    registry: Arc<Registry>,
+}
+
+impl Authenticator for HubAuthenticator {
+    fn authenticate<'a>(&'a self, c: Credentials<'a>) -> BoxFuture<'a, Result<Grant, Refusal>> {
+        // A client certificate always names a registered device.
+        if c.certificates.is_none() {
+            match self.users.check(c.username, c.password) {
+                Some(true) => {
+                    return Box::pin(std::future::ready(Ok(Grant {
+                        tenant: TenantId::default_tenant(),
+                        access: None,
+                    })));
+                }
+                Some(false) => return Box::pin(std::future::ready(Err(Refusal::BadCredentials))),
+                None => {}
+            }
+        }
+        self.registry.authenticate(c)
+    }
 }
 
 impl Hub {
@@ -79,14 +112,41 @@ impl Hub {
                 "anonymous access is on (development mode): any client may connect without credentials"
             );
         }
+        let registry_store = if config.storage.persistence {
+            let path = config.data_dir.join("registry.db");
+            SqliteStore::open(
+                &path,
+                SqliteOptions {
+                    fsync: config.storage.fsync == FsyncMode::Always,
+                },
+            )
+            .await
+            .with_context(|| format!("opening the registry database {}", path.display()))?
+        } else {
+            SqliteStore::in_memory()
+                .await
+                .context("opening the in-memory registry")?
+        };
+        let registry = Registry::open(registry_store, config.registry.clone())
+            .await
+            .context("loading the registry")?;
+        let secret = (!config.admin_token.is_empty()).then_some(config.admin_token.as_str());
+        let bootstrap_token = registry
+            .bootstrap_admin(secret)
+            .await
+            .context("creating the first admin token")?
+            .filter(|_| secret.is_none());
         let auth = AuthConfig {
-            authenticator: Arc::new(StaticUsers::new(
-                config
-                    .users
-                    .iter()
-                    .map(|u| (u.username.clone(), u.password.clone())),
-                config.allow_anonymous,
-            )),
+            authenticator: Arc::new(HubAuthenticator {
+                users: StaticUsers::new(
+                    config
+                        .users
+                        .iter()
+                        .map(|u| (u.username.clone(), u.password.clone())),
+                    config.allow_anonymous,
+                ),
+                registry: registry.clone(),
+            }),
             methods: Vec::new(),
         };
         let (trigger, shutdown) = Shutdown::new();
@@ -97,7 +157,19 @@ impl Hub {
             recovered,
             shutdown.clone(),
         );
+        {
+            let broker = Arc::downgrade(&broker);
+            registry.set_kicker(Arc::new(move |tenant: &TenantId, client_id: &str| {
+                if let Some(b) = broker.upgrade() {
+                    b.kick_client(tenant, client_id, Kick::NotAuthorized);
+                }
+            }));
+        }
         let mut tasks = Vec::new();
+        {
+            let mut sd = shutdown.clone();
+            tasks.push(registry.spawn_background(async move { sd.wait().await }));
+        }
         let l = &config.listeners;
         let mut hub_addrs = [None; 4];
         if let Some(addr) = HubConfig::addr("mqtt", &l.mqtt)? {
@@ -123,13 +195,19 @@ impl Hub {
                 ),
                 None => None,
             };
-            let acceptor = tls_acceptor(
-                &cert_pem,
-                &key_pem,
-                ca_pem.as_deref(),
-                config.tls.require_client_cert,
-            )
-            .context("building the TLS configuration")?;
+            if let Some(ca_pem) = &ca_pem {
+                let ca_pem =
+                    std::str::from_utf8(ca_pem).context("tls.client_ca_file is not PEM")?;
+                registry
+                    .trust_store()
+                    .set(TenantId::DEFAULT, "config-client-ca", ca_pem)
+                    .context("loading tls.client_ca_file")?;
+            }
+            let verifier = registry
+                .trust_store()
+                .client_verifier(config.tls.require_client_cert);
+            let acceptor = tls_acceptor_with_verifier(&cert_pem, &key_pem, verifier)
+                .context("building the TLS configuration")?;
             let listener = bind("mqtts", addr).await?;
             hub_addrs[1] = Some(listener.local_addr()?);
             tasks.push(tokio::spawn(run_listener(
@@ -154,7 +232,13 @@ impl Hub {
             let b = broker.clone();
             let state = ferrohub_api::ApiState {
                 ready: ready.clone(),
-                metrics: Arc::new(move |out: &mut String| b.render_metrics(out)),
+                metrics: {
+                    let r = registry.clone();
+                    Arc::new(move |out: &mut String| {
+                        b.render_metrics(out);
+                        r.metrics.render(out);
+                    })
+                },
             };
             let mut sd = shutdown.clone();
             tasks.push(tokio::spawn(async move {
@@ -178,6 +262,8 @@ impl Hub {
             ws_addr: hub_addrs[2],
             http_addr: hub_addrs[3],
             broker,
+            registry,
+            bootstrap_token,
             trigger,
             tasks,
         })

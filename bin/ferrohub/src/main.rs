@@ -141,6 +141,12 @@ fn main() -> Result<()> {
                 .context("starting the async runtime")?;
             rt.block_on(async move {
                 let hub = Hub::start(cfg).await?;
+                if let Some(token) = &hub.bootstrap_token {
+                    // Printed once, to the terminal, not into the logs: only its hash is stored.
+                    eprintln!(
+                        "\n  Created the platform admin API token (shown only this once; store it):\n\n      {token}\n\n  Use it as `Authorization: Bearer <token>` or `ferrohub ctl --token <token>`.\n"
+                    );
+                }
                 let addrs: Vec<(&str, Option<SocketAddr>)> = vec![
                     ("mqtt", hub.mqtt_addr),
                     ("mqtts", hub.mqtts_addr),

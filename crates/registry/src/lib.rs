@@ -5,7 +5,16 @@
 //! they do that?* (authorization on CONNECT, PUBLISH, SUBSCRIBE and delivery) — and the operator
 //! API manages what the answers are made of. Everything is keyed by tenant.
 
+pub mod error;
 pub mod jwt;
+pub mod model;
 pub mod password;
 pub mod pki;
 pub mod policy;
+pub mod service;
+pub mod store;
+pub mod throttle;
+
+pub use error::RegistryError;
+pub use service::{Actor, Kicker, Registry, RegistryConfig, RegistryMetrics, split_username};
+pub use store::{RegistryStore, SqliteOptions, SqliteStore};

@@ -33,14 +33,22 @@ pub struct TestHub {
     _tmp: Option<tempfile::TempDir>,
 }
 
+/// The platform admin API token of every test hub.
+pub const TEST_ADMIN_TOKEN: &str = "fh_test_admin_token_0123456789";
+
 /// A configuration for tests: every listener on 127.0.0.1:0, anonymous access, persistence in
-/// `data_dir` without fsync (tests measure behaviour, not the disk), `$SYS` every second.
+/// `data_dir` without fsync (tests measure behaviour, not the disk), `$SYS` every second, the
+/// admin token [`TEST_ADMIN_TOKEN`], and cheap argon2id parameters (the algorithm is the same;
+/// only its memory and time cost are lowered).
 pub fn test_config(data_dir: PathBuf) -> HubConfig {
     let mut cfg = HubConfig {
         data_dir,
         allow_anonymous: true,
+        admin_token: TEST_ADMIN_TOKEN.into(),
         ..HubConfig::default()
     };
+    cfg.registry.password.memory_kib = 1024;
+    cfg.registry.password.iterations = 1;
     cfg.listeners.mqtt = "127.0.0.1:0".into();
     cfg.listeners.mqtts = "127.0.0.1:0".into();
     cfg.listeners.ws = "127.0.0.1:0".into();
@@ -87,6 +95,11 @@ impl TestHub {
         self.hub
             .as_ref()
             .unwrap_or_else(|| unreachable!("hub stopped"))
+    }
+
+    /// An HTTP client and the base URL of the operator API (`http://127.0.0.1:port/api/v1`).
+    pub fn api_url(&self) -> String {
+        format!("http://{}/api/v1", self.http)
     }
 
     /// Graceful shutdown; returns the temporary directory so a test can restart on the same data.

@@ -359,9 +359,28 @@ async fn mutual_tls_requires_a_client_certificate() {
     })
     .await
     .unwrap();
-    let mut with_cert = V4::connect(tls_v4_opts(&hub, &pki, &uid("mtls"), true)).await;
+    // A certificate names a registered device: unknown, it is refused even in anonymous mode.
+    assert!(
+        V4::try_connect(tls_v4_opts(&hub, &pki, "device-1", true))
+            .await
+            .is_err(),
+        "certificate of an unregistered device accepted"
+    );
+    hub.hub()
+        .registry
+        .create_device(
+            &ferrohub_registry::Actor::system(),
+            "default",
+            ferrohub_registry::model::DeviceSpec {
+                id: "device-1".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let mut with_cert = V4::connect(tls_v4_opts(&hub, &pki, "device-1", true)).await;
     with_cert
-        .subscribe("mtls/t", rumqttc::QoS::AtLeastOnce)
+        .subscribe("devices/device-1/t", rumqttc::QoS::AtLeastOnce)
         .await;
     let e = V4::try_connect(tls_v4_opts(&hub, &pki, &uid("nocert"), false)).await;
     assert!(e.is_err(), "client without certificate accepted");

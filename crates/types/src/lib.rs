@@ -4,6 +4,7 @@
 //! matching rules), quality of service and the [`Message`] that flows through the router. This crate
 //! does no I/O and knows nothing of tokio, sockets or storage; every other crate builds on it.
 
+pub mod auth;
 mod message;
 mod qos;
 mod tenant;

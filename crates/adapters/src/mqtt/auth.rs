@@ -6,45 +6,16 @@
 //! (the AUTH packet exchange, e.g. SCRAM or JWT methods).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
 use ferrohub_types::TenantId;
+pub use ferrohub_types::auth::{
+    Access, Admission, Authenticator, BoxFuture, Credentials, Grant, PeerCertificates, Refusal,
+};
 
-/// What a client presented when connecting.
-#[derive(Debug, Clone)]
-pub struct Credentials<'a> {
-    /// Client identifier (possibly assigned by the broker).
-    pub client_id: &'a str,
-    /// User Name.
-    pub username: Option<&'a str>,
-    /// Password.
-    pub password: Option<&'a [u8]>,
-    /// Remote address.
-    pub peer: SocketAddr,
-    /// Identity from a verified TLS client certificate (subject common name), if any.
-    pub tls_identity: Option<&'a str>,
-}
-
-/// The outcome of authentication.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum AuthDecision {
-    /// Connect, in this tenant.
-    Allow(TenantId),
-    /// Wrong or missing credentials (CONNACK 0x86 / 3.1.1 code 4).
-    BadCredentials,
-    /// Valid credentials, not allowed to connect (CONNACK 0x87 / 3.1.1 code 5).
-    NotAuthorized,
-}
-
-/// Decides whether a client may connect.
-pub trait Authenticator: Send + Sync {
-    /// Checks the credentials of a connecting client.
-    fn authenticate(&self, credentials: &Credentials<'_>) -> AuthDecision;
-}
-
-/// A fixed username → password list, plus optional anonymous access (development mode).
+/// A fixed username → password list, plus optional anonymous access (development mode). Clients
+/// it admits may do anything in the default tenant.
 #[derive(Debug, Clone, Default)]
 pub struct StaticUsers {
     users: HashMap<String, String>,
@@ -59,6 +30,19 @@ impl StaticUsers {
             allow_anonymous,
         }
     }
+
+    /// Whether the list admits these credentials. `None`: it has no opinion (a user name and
+    /// password it does not list, or no anonymous access), so another authenticator may decide.
+    pub fn check(&self, username: Option<&str>, password: Option<&[u8]>) -> Option<bool> {
+        match (username, password) {
+            (Some(user), Some(password)) => self
+                .users
+                .get(user)
+                .map(|expected| constant_time_eq(expected.as_bytes(), password)),
+            _ if self.allow_anonymous => Some(true),
+            _ => None,
+        }
+    }
 }
 
 /// Compares without an early exit, so that response time does not reveal a password prefix.
@@ -67,20 +51,15 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 impl Authenticator for StaticUsers {
-    fn authenticate(&self, c: &Credentials<'_>) -> AuthDecision {
-        match (c.username, c.password) {
-            (Some(user), Some(password)) => match self.users.get(user) {
-                Some(expected) if constant_time_eq(expected.as_bytes(), password) => {
-                    AuthDecision::Allow(TenantId::default_tenant())
-                }
-                _ => AuthDecision::BadCredentials,
-            },
-            (None, None) if self.allow_anonymous => AuthDecision::Allow(TenantId::default_tenant()),
-            (Some(_), None) | (None, Some(_)) if self.allow_anonymous => {
-                AuthDecision::Allow(TenantId::default_tenant())
-            }
-            _ => AuthDecision::BadCredentials,
-        }
+    fn authenticate<'a>(&'a self, c: Credentials<'a>) -> BoxFuture<'a, Result<Grant, Refusal>> {
+        let decision = match self.check(c.username, c.password) {
+            Some(true) => Ok(Grant {
+                tenant: TenantId::default_tenant(),
+                access: None,
+            }),
+            _ => Err(Refusal::BadCredentials),
+        };
+        Box::pin(std::future::ready(decision))
     }
 }
 

@@ -705,6 +705,21 @@ impl Broker {
         }
     }
 
+    /// Disconnects the connection attached to `client_id` in `tenant`, if any. Returns whether
+    /// one was told to go.
+    pub fn kick_client(&self, tenant: &TenantId, client_id: &str, kick: Kick) -> bool {
+        let key = (tenant.clone(), Arc::<str>::from(client_id));
+        let Some(session) = self.sessions.lock().get(&key).cloned() else {
+            return false;
+        };
+        let Some(att) = session.control.lock().attachment.take() else {
+            return false;
+        };
+        let told = att.kick.send(kick).is_ok();
+        drop(att.released);
+        told
+    }
+
     /// Validates a subscription filter (plain or `$share/{group}/…`) under the configured limits.
     pub(crate) fn parse_filter(&self, filter: &str) -> Option<SharedFilter> {
         parse_shared(filter, &self.config.topic_limits()).ok()

@@ -58,16 +58,22 @@ pub enum DropReason {
     TooLargeForClient,
     /// Non-persistent session ended with messages still queued.
     SessionEnded,
+    /// Refused by the publisher's or receiver's authorization policy.
+    NotAuthorized,
+    /// Over the device's or tenant's message or byte rate (v5: PUBACK 0x97 Quota exceeded).
+    RateLimited,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 6] = [
+    const ALL: [DropReason; 8] = [
         DropReason::OfflineQos0,
         DropReason::QueueFull,
         DropReason::QuotaRefused,
         DropReason::Expired,
         DropReason::TooLargeForClient,
         DropReason::SessionEnded,
+        DropReason::NotAuthorized,
+        DropReason::RateLimited,
     ];
 
     fn label(self) -> &'static str {
@@ -76,6 +82,8 @@ impl DropReason {
             DropReason::QueueFull => "queue_full",
             DropReason::QuotaRefused => "quota_refused",
             DropReason::Expired => "expired",
+            DropReason::NotAuthorized => "not_authorized",
+            DropReason::RateLimited => "rate_limited",
             DropReason::TooLargeForClient => "too_large_for_client",
             DropReason::SessionEnded => "session_ended",
         }
@@ -103,7 +111,7 @@ pub struct BrokerMetrics {
     pub bytes_received: Striped,
     /// Bytes written to clients.
     pub bytes_sent: Striped,
-    dropped: [AtomicU64; 6],
+    dropped: [AtomicU64; DropReason::ALL.len()],
     /// Messages waiting in session queues (not yet in flight).
     pub queued: Striped,
     /// Unacknowledged QoS 1/2 deliveries.

@@ -2,7 +2,8 @@
 //!
 //! - [`Broker`]: sessions, the publish path and session lifecycle, shared by all listeners.
 //! - [`run_listener`]: TCP, TLS and WebSocket accept loops.
-//! - [`auth`]: who may connect (username/password list now, registry later; enhanced-auth hook).
+//! - [`auth`]: who may connect and what they may do (the registry, a static list in development
+//!   mode; the enhanced-auth hook).
 //! - [`MqttConfig`]: limits and behaviour; every key is documented in `docs/configuration.md`.
 //!
 //! Durability: QoS 1/2 messages queued for persistent sessions, their subscriptions and retained
@@ -17,13 +18,18 @@ mod session;
 mod sys;
 mod transport;
 
-pub use auth::{AuthConfig, AuthDecision, Authenticator, Credentials, StaticUsers};
+pub use auth::{
+    Access, Admission, AuthConfig, Authenticator, Credentials, Grant, PeerCertificates, Refusal,
+    StaticUsers,
+};
 pub use broker::Broker;
 pub use config::{ClientIdCharset, MqttConfig};
 pub use metrics::{BrokerMetrics, DropReason};
 pub use session::Kick;
 pub use sys::spawn_sys_publisher;
-pub use transport::{TlsSetupError, Transport, WsIo, run_listener, tls_acceptor};
+pub use transport::{
+    TlsSetupError, Transport, WsIo, run_listener, tls_acceptor, tls_acceptor_with_verifier,
+};
 
 impl Broker {
     /// Graceful shutdown: tells every client (v5: DISCONNECT 0x8B Server shutting down), waits up

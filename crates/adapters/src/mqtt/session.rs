@@ -100,6 +100,8 @@ pub enum Kick {
     Shutdown,
     /// An operator disconnected the client (v5 DISCONNECT 0x98).
     Administrative,
+    /// The device was disabled or its credential revoked (v5 DISCONNECT 0x87).
+    NotAuthorized,
 }
 
 /// The link between a session and the connection currently serving it.

@@ -42,14 +42,25 @@ pub enum TlsSetupError {
     Rustls(#[from] rustls::Error),
 }
 
-/// Builds a TLS acceptor from PEM data. With `client_ca_pem`, client certificates signed by those
-/// CAs are verified (mTLS); `require_client_cert` makes them mandatory.
-pub fn tls_acceptor(
+/// A TLS acceptor whose client certificates are checked by `verifier` (the registry's trust
+/// store of tenant CAs, which changes at runtime).
+pub fn tls_acceptor_with_verifier(
     cert_pem: &[u8],
     key_pem: &[u8],
-    client_ca_pem: Option<&[u8]>,
-    require_client_cert: bool,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
 ) -> Result<TlsAcceptor, TlsSetupError> {
+    let (certs, key) = load_server_identity(cert_pem, key_pem)?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+type ServerIdentity = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+
+fn load_server_identity(cert_pem: &[u8], key_pem: &[u8]) -> Result<ServerIdentity, TlsSetupError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<_, _>>()
         .map_err(|e| TlsSetupError::Certificate(e.to_string()))?;
@@ -58,6 +69,18 @@ pub fn tls_acceptor(
     }
     let key =
         PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsSetupError::Key(e.to_string()))?;
+    Ok((certs, key))
+}
+
+/// Builds a TLS acceptor from PEM data. With `client_ca_pem`, client certificates signed by those
+/// CAs are verified (mTLS); `require_client_cert` makes them mandatory.
+pub fn tls_acceptor(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    client_ca_pem: Option<&[u8]>,
+    require_client_cert: bool,
+) -> Result<TlsAcceptor, TlsSetupError> {
+    let (certs, key) = load_server_identity(cert_pem, key_pem)?;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?;
@@ -117,9 +140,14 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
         };
         let _ = stream.set_nodelay(true);
         let broker = broker.clone();
-        let info = ConnInfo {
+        let mut info = ConnInfo {
             peer,
-            tls_identity: None,
+            certificates: None,
+            protocol: match transport {
+                Transport::Tcp => "mqtt",
+                Transport::Tls(_) => "mqtts",
+                Transport::WebSocket => "ws",
+            },
         };
         // One spawn per transport, so that each task is only as large as its own state (an idle
         // TCP connection must not carry room for TLS or WebSocket state).
@@ -134,6 +162,12 @@ pub async fn run_listener(broker: Arc<Broker>, listener: TcpListener, transport:
                     let deadline = Duration::from_secs(broker.config.connect_timeout_secs);
                     match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
+                            info.certificates = tls.get_ref().1.peer_certificates().map(|chain| {
+                                chain
+                                    .iter()
+                                    .map(|c| c.as_ref().to_vec())
+                                    .collect::<Box<[_]>>()
+                            });
                             let (r, w) = tokio::io::split(tls);
                             Box::pin(serve(broker, r, w, info)).await;
                         }

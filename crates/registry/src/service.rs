@@ -1,0 +1,2653 @@
+//! The registry service: operator actions (validated, audited, scoped by tenant) and the device
+//! authentication and authorization that every adapter calls.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use ferrohub_types::TenantId;
+use ferrohub_types::auth::{
+    Access, Admission, Authenticator, BoxFuture, Credentials, Grant, Refusal,
+};
+use hashbrown::{HashMap, HashSet};
+use parking_lot::{Mutex, RwLock};
+use rustls_pki_types::CertificateDer;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::error::{RegistryError, Result};
+use crate::jwt::{self, TokenSigner, VerificationKey};
+use crate::model::*;
+use crate::password::{self, PasswordParams, VerifiedCache};
+use crate::pki::{CertInfo, CertificateAuthority, IdentitySource, IssueRequest, TrustStore};
+use crate::policy::{CertVars, CompiledPolicy, PolicyDocument, PolicyVars};
+use crate::store::{ConnectivityUpdate, DocKind, RegistryStore, RevokedCert, SqliteStore};
+use crate::throttle::{Backoff, BackoffConfig, TokenBucket};
+
+/// Registry settings (the `[registry]` section of the hub's config).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// argon2id cost of device passwords.
+    pub password: PasswordParams,
+    /// Back-off after failed authentication, per source address and per device id.
+    pub auth_backoff: BackoffConfig,
+    /// Audit events older than this many days are deleted (0 keeps them forever).
+    pub audit_retention_days: u32,
+    /// Validity of certificates the hub issues, in days.
+    pub cert_validity_days: u32,
+    /// Clock skew allowed on device JWTs, in seconds.
+    pub jwt_leeway_secs: u64,
+    /// Password verifications (argon2id) running at once; further connects wait.
+    pub max_concurrent_hashes: usize,
+    /// Successful password checks remembered so that reconnects skip argon2id.
+    pub verified_cache_entries: usize,
+}
+
+impl Default for RegistryConfig {
+    fn default() -> Self {
+        RegistryConfig {
+            password: PasswordParams::default(),
+            auth_backoff: BackoffConfig::default(),
+            audit_retention_days: 365,
+            cert_validity_days: 365,
+            jwt_leeway_secs: 60,
+            max_concurrent_hashes: 4,
+            verified_cache_entries: 200_000,
+        }
+    }
+}
+
+/// Who is acting on the registry: an operator token, or the hub itself.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Actor {
+    /// `token:<id>`, `system`, `device:<tenant>/<id>`.
+    pub name: String,
+    /// Role.
+    pub role: Role,
+    /// Tenant scope; `None` = platform-wide.
+    pub tenant: Option<String>,
+    /// Remote address.
+    pub source: Option<String>,
+}
+
+impl Actor {
+    /// The hub itself (bootstrap, just-in-time registration).
+    pub fn system() -> Actor {
+        Actor {
+            name: "system".into(),
+            role: Role::Admin,
+            tenant: None,
+            source: None,
+        }
+    }
+
+    /// Fails unless the actor may act with `role` in `tenant`.
+    pub fn require(&self, role: Role, tenant: Option<&str>) -> Result<()> {
+        if self.role < role {
+            return Err(RegistryError::Forbidden(format!(
+                "this needs the {} role; the token has {}",
+                role.as_str(),
+                self.role.as_str()
+            )));
+        }
+        match (&self.tenant, tenant) {
+            (None, _) => Ok(()),
+            (Some(mine), Some(t)) if mine == t => Ok(()),
+            // Out-of-scope tenants look like missing ones: no oracle across tenants.
+            (Some(_), Some(t)) => Err(RegistryError::NotFound(format!("tenant {t}"))),
+            (Some(_), None) => Err(RegistryError::Forbidden(
+                "this needs a platform-wide admin token".into(),
+            )),
+        }
+    }
+}
+
+/// Counters exported to Prometheus.
+#[derive(Debug, Default)]
+pub struct RegistryMetrics {
+    /// Successful device authentications.
+    pub auth_success: AtomicU64,
+    /// Failed device authentications (bad or unknown credentials).
+    pub auth_failure: AtomicU64,
+    /// Connections refused while the source or device was backing off.
+    pub auth_throttled: AtomicU64,
+    /// Connections refused by the tenant connection quota.
+    pub connection_quota_refused: AtomicU64,
+    /// Publishes refused by a message or byte quota.
+    pub publish_quota_refused: AtomicU64,
+    /// Password checks that ran argon2id (cache misses).
+    pub password_hashes: AtomicU64,
+    /// Security audit events dropped because the audit queue was full.
+    pub audit_dropped: AtomicU64,
+}
+
+impl RegistryMetrics {
+    /// Prometheus text exposition.
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_auth_total Device authentications by result.\n# TYPE ferrohub_auth_total counter\n\
+             ferrohub_auth_total{{result=\"success\"}} {}\nferrohub_auth_total{{result=\"failure\"}} {}\n\
+             ferrohub_auth_total{{result=\"throttled\"}} {}",
+            g(&self.auth_success),
+            g(&self.auth_failure),
+            g(&self.auth_throttled)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_quota_exceeded_total Refusals by quota.\n# TYPE ferrohub_quota_exceeded_total counter\n\
+             ferrohub_quota_exceeded_total{{quota=\"connections\"}} {}\nferrohub_quota_exceeded_total{{quota=\"publish_rate\"}} {}",
+            g(&self.connection_quota_refused),
+            g(&self.publish_quota_refused)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_password_hashes_total argon2id verifications run (verified-cache misses).\n\
+             # TYPE ferrohub_password_hashes_total counter\nferrohub_password_hashes_total {}",
+            g(&self.password_hashes)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_audit_dropped_total Security events not written because the audit queue was full.\n\
+             # TYPE ferrohub_audit_dropped_total counter\nferrohub_audit_dropped_total {}",
+            g(&self.audit_dropped)
+        );
+    }
+}
+
+/// Runtime state of a tenant: settings, quota buckets, connection count, token keys.
+struct TenantRuntime {
+    tenant: Tenant,
+    /// Shared across reloads of the tenant's settings, so live connections keep counting.
+    connections: Arc<AtomicU32>,
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    signer: Option<Arc<TokenSigner>>,
+    jwt_keys: Vec<VerificationKey>,
+}
+
+/// What authentication needs to know about a device, cached.
+struct DeviceAuth {
+    device: Device,
+    credentials: Vec<Credential>,
+}
+
+/// Stored hub signing key of a tenant.
+#[derive(Serialize, Deserialize)]
+struct SigningKeyDoc {
+    private_pem: String,
+}
+
+/// Stored verification keys registered by a tenant.
+#[derive(Serialize, Deserialize, Clone, PartialEq, Debug, utoipa::ToSchema)]
+pub struct TokenKeyDoc {
+    /// A PEM public key.
+    pub pem: Option<String>,
+    /// A JWK set (JSON).
+    pub jwks: Option<String>,
+}
+
+const HUB_SIGNER: &str = "hub-signer";
+const DEVICE_CACHE_MAX: usize = 100_000;
+const AUDIT_QUEUE: usize = 10_000;
+
+type LiveKey = (String, String);
+
+/// The registry: one per hub.
+pub struct Registry {
+    store: SqliteStore,
+    config: RegistryConfig,
+    trust: Arc<TrustStore>,
+    tenants: RwLock<HashMap<String, Arc<TenantRuntime>>>,
+    devices: Mutex<HashMap<LiveKey, Arc<DeviceAuth>>>,
+    verified: VerifiedCache,
+    failures_by_addr: Backoff<IpAddr>,
+    failures_by_device: Backoff<LiveKey>,
+    revoked: RwLock<HashSet<LiveKey>>,
+    live: Mutex<HashMap<LiveKey, Vec<Weak<DeviceAccess>>>>,
+    pending_connectivity: Mutex<HashMap<LiveKey, Connectivity>>,
+    hashing: Semaphore,
+    audit_tx: mpsc::Sender<AuditEvent>,
+    audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
+    kicker: OnceLock<Kicker>,
+    /// Itself, for the access objects it hands out (they report disconnections back).
+    me: Weak<Registry>,
+    /// Prometheus counters.
+    pub metrics: RegistryMetrics,
+}
+
+/// Tells the broker to close a client's connection: `(tenant, client_id)`.
+pub type Kicker = Arc<dyn Fn(&TenantId, &str) + Send + Sync>;
+
+fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+fn random_id(prefix: &str) -> String {
+    let bytes: [u8; 8] = rand::random();
+    format!("{prefix}{}", hex::encode(bytes))
+}
+
+fn identity_source(f: CertIdentityField) -> IdentitySource {
+    match f {
+        CertIdentityField::Cn => IdentitySource::CommonName,
+        CertIdentityField::DnsSan => IdentitySource::DnsSan,
+        CertIdentityField::UriSan => IdentitySource::UriSan,
+    }
+}
+
+/// Splits an MQTT user name into tenant and device: `tenant/device`, or `device` in the default
+/// tenant.
+pub fn split_username(username: &str) -> (&str, &str) {
+    match username.split_once('/') {
+        Some((t, d)) => (t, d),
+        None => (TenantId::DEFAULT, username),
+    }
+}
+
+impl Registry {
+    /// Opens the registry on `store`, loads tenants, CAs and revocations, and makes sure the
+    /// default tenant exists.
+    pub async fn open(store: SqliteStore, config: RegistryConfig) -> Result<Arc<Registry>> {
+        let (audit_tx, audit_rx) = mpsc::channel(AUDIT_QUEUE);
+        let registry = Arc::new_cyclic(|me| Registry {
+            me: me.clone(),
+            store,
+            trust: Arc::new(TrustStore::new()),
+            tenants: RwLock::new(HashMap::new()),
+            devices: Mutex::new(HashMap::new()),
+            verified: VerifiedCache::new(config.verified_cache_entries.max(1)),
+            failures_by_addr: Backoff::new(config.auth_backoff),
+            failures_by_device: Backoff::new(config.auth_backoff),
+            revoked: RwLock::new(HashSet::new()),
+            live: Mutex::new(HashMap::new()),
+            pending_connectivity: Mutex::new(HashMap::new()),
+            hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
+            audit_tx,
+            audit_rx: Mutex::new(Some(audit_rx)),
+            kicker: OnceLock::new(),
+            metrics: RegistryMetrics::default(),
+            config,
+        });
+        if registry.store.tenant(TenantId::DEFAULT).await?.is_none() {
+            registry
+                .store
+                .create_tenant(&Tenant {
+                    id: TenantId::DEFAULT.into(),
+                    name: "Default tenant".into(),
+                    settings: TenantSettings::default(),
+                    created_at: now_millis(),
+                })
+                .await?;
+        }
+        for t in registry.store.tenants().await? {
+            registry.load_tenant(t).await?;
+        }
+        for (name, ca) in registry.store.docs::<CaRecord>(None, DocKind::Ca).await? {
+            if let Err(e) = registry.trust.set(&ca.tenant, &name, &ca.cert_pem) {
+                tracing::warn!(tenant = %ca.tenant, ca = %name, error = %e, "stored CA not loaded");
+            }
+        }
+        let revoked = registry.store.revoked_certs().await?;
+        registry
+            .revoked
+            .write()
+            .extend(revoked.into_iter().map(|r| (r.tenant, r.fingerprint)));
+        registry.store.reset_online().await?;
+        Ok(registry)
+    }
+
+    /// The store (for tests and tools).
+    pub fn store(&self) -> &SqliteStore {
+        &self.store
+    }
+
+    /// The CAs trusted for device certificates, for the TLS listener's client verifier.
+    pub fn trust_store(&self) -> &Arc<TrustStore> {
+        &self.trust
+    }
+
+    /// Sets how the registry closes connections (wired by the hub to the broker).
+    pub fn set_kicker(&self, kicker: Kicker) {
+        let _ = self.kicker.set(kicker);
+    }
+
+    /// Starts the background work: connectivity flushes, the security-audit writer and audit
+    /// retention. Ends when `shutdown` resolves, after a last flush.
+    pub fn spawn_background(
+        self: &Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> tokio::task::JoinHandle<()> {
+        let registry = self.clone();
+        let rx = self.audit_rx.lock().take();
+        tokio::spawn(async move {
+            let mut rx = rx;
+            let mut flush = tokio::time::interval(Duration::from_secs(1));
+            let mut retention = tokio::time::interval(Duration::from_secs(3600));
+            tokio::pin!(shutdown);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    _ = flush.tick() => registry.flush_connectivity().await,
+                    _ = retention.tick() => registry.apply_audit_retention().await,
+                    Some(first) = async {
+                        match rx.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        let mut batch = vec![first];
+                        if let Some(rx) = rx.as_mut() {
+                            while batch.len() < 1000 {
+                                match rx.try_recv() {
+                                    Ok(e) => batch.push(e),
+                                    Err(_) => break,
+                                }
+                            }
+                        }
+                        if let Err(e) = registry.store.append_audit(&batch).await {
+                            tracing::error!(error = %e, "writing security audit events failed");
+                        }
+                    }
+                }
+            }
+            if let Some(rx) = rx.as_mut() {
+                let mut batch = Vec::new();
+                while let Ok(e) = rx.try_recv() {
+                    batch.push(e);
+                }
+                let _ = registry.store.append_audit(&batch).await;
+            }
+            registry.flush_connectivity().await;
+        })
+    }
+
+    /// Writes pending connectivity changes.
+    pub async fn flush_connectivity(&self) {
+        let pending: Vec<ConnectivityUpdate> = {
+            let mut p = self.pending_connectivity.lock();
+            p.drain()
+                .map(|((tenant, device_id), state)| ConnectivityUpdate {
+                    tenant,
+                    device_id,
+                    state,
+                })
+                .collect()
+        };
+        if let Err(e) = self.store.set_connectivity(&pending).await {
+            tracing::warn!(error = %e, "persisting device connectivity failed");
+        }
+    }
+
+    async fn apply_audit_retention(&self) {
+        if self.config.audit_retention_days == 0 {
+            return;
+        }
+        let cutoff = now_millis() - i64::from(self.config.audit_retention_days) * 86_400_000;
+        match self.store.purge_audit(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(deleted = n, "audit retention applied"),
+            Err(e) => tracing::warn!(error = %e, "audit retention failed"),
+        }
+    }
+
+    async fn load_tenant(&self, t: Tenant) -> Result<Arc<TenantRuntime>> {
+        let signer = match self
+            .store
+            .doc::<SigningKeyDoc>(&t.id, DocKind::TokenKey, HUB_SIGNER)
+            .await?
+        {
+            Some(doc) => Some(Arc::new(
+                TokenSigner::from_pkcs8_pem(&doc.private_pem)
+                    .map_err(|e| RegistryError::Corrupt(e.to_string()))?,
+            )),
+            None => None,
+        };
+        let mut jwt_keys = Vec::new();
+        for (name, doc) in self
+            .store
+            .docs::<serde_json::Value>(Some(&t.id), DocKind::TokenKey)
+            .await?
+        {
+            if name == HUB_SIGNER {
+                continue;
+            }
+            let Ok(doc) = serde_json::from_value::<TokenKeyDoc>(doc) else {
+                continue;
+            };
+            jwt_keys.extend(parse_token_keys(&doc).unwrap_or_default());
+        }
+        let q = &t.settings.quotas;
+        let rt = Arc::new(TenantRuntime {
+            connections: self
+                .tenants
+                .read()
+                .get(&t.id)
+                .map(|old| old.connections.clone())
+                .unwrap_or_default(),
+            messages: (q.tenant_messages_per_sec > 0)
+                .then(|| TokenBucket::per_second(u64::from(q.tenant_messages_per_sec))),
+            bytes: (q.tenant_bytes_per_sec > 0)
+                .then(|| TokenBucket::per_second(q.tenant_bytes_per_sec)),
+            signer,
+            jwt_keys,
+            tenant: t,
+        });
+        self.tenants
+            .write()
+            .insert(rt.tenant.id.clone(), rt.clone());
+        Ok(rt)
+    }
+
+    fn tenant_runtime(&self, tenant: &str) -> Option<Arc<TenantRuntime>> {
+        self.tenants.read().get(tenant).cloned()
+    }
+
+    // ---- audit ------------------------------------------------------------------------------
+
+    /// Records an administrative event (awaited: the action is not done until it is logged).
+    pub async fn audit(
+        &self,
+        actor: &Actor,
+        tenant: Option<&str>,
+        action: &str,
+        target: &str,
+        result: AuditResult,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        self.store
+            .append_audit(&[AuditEvent {
+                seq: 0,
+                at: now_millis(),
+                actor: actor.name.clone(),
+                tenant: tenant.map(str::to_string),
+                action: action.into(),
+                target: target.into(),
+                source: actor.source.clone(),
+                result,
+                detail,
+            }])
+            .await
+    }
+
+    /// Records a security event from the connect path without waiting (bounded queue).
+    fn security_event(&self, tenant: &str, action: &str, target: &str, source: &str, detail: &str) {
+        let event = AuditEvent {
+            seq: 0,
+            at: now_millis(),
+            actor: format!("device:{tenant}/{target}"),
+            tenant: Some(tenant.into()),
+            action: action.into(),
+            target: target.into(),
+            source: Some(source.into()),
+            result: AuditResult::Failure,
+            detail: serde_json::json!({ "reason": detail }),
+        };
+        if self.audit_tx.try_send(event).is_err() {
+            self.metrics.audit_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Queries the audit log.
+    pub async fn query_audit(&self, actor: &Actor, mut q: AuditQuery) -> Result<Vec<AuditEvent>> {
+        match &actor.tenant {
+            Some(t) => {
+                actor.require(Role::Viewer, Some(t))?;
+                if q.tenant.as_ref().is_some_and(|qt| qt != t) {
+                    return Err(RegistryError::NotFound(format!(
+                        "tenant {}",
+                        q.tenant.unwrap_or_default()
+                    )));
+                }
+                q.tenant = Some(t.clone());
+            }
+            None => actor.require(Role::Viewer, None)?,
+        }
+        self.store.audit(&q).await
+    }
+
+    // ---- tokens -----------------------------------------------------------------------------
+
+    /// Creates an API token; returns it with its secret (shown once).
+    pub async fn create_token(
+        &self,
+        actor: &Actor,
+        name: &str,
+        role: Role,
+        tenant: Option<&str>,
+        ttl_secs: Option<u64>,
+    ) -> Result<(ApiToken, String)> {
+        actor.require(Role::Admin, tenant)?;
+        if tenant.is_none() && role != Role::Admin {
+            return Err(RegistryError::Invalid(
+                "platform-wide tokens must be admin tokens; give a tenant for operator and viewer tokens".into(),
+            ));
+        }
+        if let Some(t) = tenant
+            && self.store.tenant(t).await?.is_none()
+        {
+            return Err(RegistryError::NotFound(format!("tenant {t}")));
+        }
+        let secret = format!("fh_{}", password::generate_secret());
+        let token = ApiToken {
+            id: random_id("tok_"),
+            name: name.into(),
+            role,
+            tenant: tenant.map(str::to_string),
+            created_at: now_millis(),
+            expires_at: ttl_secs.map(|s| now_millis() + (s as i64) * 1000),
+            revoked_at: None,
+            created_by: Some(actor.name.clone()),
+        };
+        self.store
+            .insert_token(&token, &sha256_hex(secret.as_bytes()))
+            .await?;
+        self.audit(
+            actor,
+            tenant,
+            "token.create",
+            &token.id,
+            AuditResult::Success,
+            serde_json::json!({ "role": role, "name": name }),
+        )
+        .await?;
+        Ok((token, secret))
+    }
+
+    /// Creates the first platform admin token if there is none. With `secret`, that secret is
+    /// used (e.g. from `FERROHUB_ADMIN_TOKEN`); otherwise one is generated and returned so that
+    /// it can be printed once.
+    pub async fn bootstrap_admin(&self, secret: Option<&str>) -> Result<Option<String>> {
+        if let Some(s) = secret {
+            if s.len() < 16 {
+                return Err(RegistryError::Invalid(
+                    "the admin token must be at least 16 characters".into(),
+                ));
+            }
+            if self
+                .store
+                .token_by_hash(&sha256_hex(s.as_bytes()))
+                .await?
+                .is_some()
+            {
+                return Ok(None);
+            }
+        } else if !self.store.tokens(None).await?.is_empty() {
+            return Ok(None);
+        }
+        let secret = match secret {
+            Some(s) => s.to_string(),
+            None => format!("fh_{}", password::generate_secret()),
+        };
+        let token = ApiToken {
+            id: random_id("tok_"),
+            name: "bootstrap admin".into(),
+            role: Role::Admin,
+            tenant: None,
+            created_at: now_millis(),
+            expires_at: None,
+            revoked_at: None,
+            created_by: Some("system".into()),
+        };
+        self.store
+            .insert_token(&token, &sha256_hex(secret.as_bytes()))
+            .await?;
+        self.audit(
+            &Actor::system(),
+            None,
+            "token.bootstrap",
+            &token.id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(Some(secret))
+    }
+
+    /// Resolves a bearer token to an actor (`None` when unknown, expired or revoked).
+    pub async fn actor_for_token(
+        &self,
+        secret: &str,
+        source: Option<String>,
+    ) -> Result<Option<Actor>> {
+        let Some(t) = self
+            .store
+            .token_by_hash(&sha256_hex(secret.as_bytes()))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let now = now_millis();
+        if t.revoked_at.is_some() || t.expires_at.is_some_and(|e| e <= now) {
+            return Ok(None);
+        }
+        Ok(Some(Actor {
+            name: format!("token:{}", t.id),
+            role: t.role,
+            tenant: t.tenant,
+            source,
+        }))
+    }
+
+    /// Lists tokens in the actor's scope.
+    pub async fn list_tokens(&self, actor: &Actor) -> Result<Vec<ApiToken>> {
+        actor.require(Role::Admin, actor.tenant.as_deref())?;
+        self.store.tokens(actor.tenant.as_deref()).await
+    }
+
+    /// Revokes a token.
+    pub async fn revoke_token(&self, actor: &Actor, id: &str) -> Result<()> {
+        let t = self
+            .store
+            .token(id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("token {id}")))?;
+        match &t.tenant {
+            Some(tenant) => actor.require(Role::Admin, Some(tenant))?,
+            None => actor.require(Role::Admin, None)?,
+        }
+        self.store.revoke_token(id).await?;
+        self.audit(
+            actor,
+            t.tenant.as_deref(),
+            "token.revoke",
+            id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    // ---- tenants ----------------------------------------------------------------------------
+
+    /// Creates a tenant.
+    pub async fn create_tenant(
+        &self,
+        actor: &Actor,
+        id: &str,
+        name: Option<&str>,
+        settings: TenantSettings,
+    ) -> Result<Tenant> {
+        actor.require(Role::Admin, None)?;
+        validate_id("tenant", id)?;
+        let t = Tenant {
+            id: id.into(),
+            name: name.unwrap_or(id).into(),
+            settings,
+            created_at: now_millis(),
+        };
+        self.store.create_tenant(&t).await?;
+        self.load_tenant(t.clone()).await?;
+        self.audit(
+            actor,
+            Some(id),
+            "tenant.create",
+            id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(t)
+    }
+
+    /// A tenant.
+    pub async fn tenant(&self, actor: &Actor, id: &str) -> Result<Tenant> {
+        actor.require(Role::Viewer, Some(id))?;
+        self.store
+            .tenant(id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("tenant {id}")))
+    }
+
+    /// Tenants in the actor's scope.
+    pub async fn tenants(&self, actor: &Actor) -> Result<Vec<Tenant>> {
+        match &actor.tenant {
+            Some(t) => Ok(vec![self.tenant(actor, t).await?]),
+            None => {
+                actor.require(Role::Viewer, None)?;
+                self.store.tenants().await
+            }
+        }
+    }
+
+    /// Changes a tenant's name or settings (quotas apply to new buckets at once).
+    pub async fn update_tenant(
+        &self,
+        actor: &Actor,
+        id: &str,
+        name: Option<String>,
+        settings: Option<TenantSettings>,
+    ) -> Result<Tenant> {
+        actor.require(Role::Admin, Some(id))?;
+        let mut t = self.tenant(actor, id).await?;
+        if let Some(n) = name {
+            t.name = n;
+        }
+        if let Some(s) = settings {
+            t.settings = s;
+        }
+        self.store.update_tenant(&t).await?;
+        self.load_tenant(t.clone()).await?;
+        self.audit(
+            actor,
+            Some(id),
+            "tenant.update",
+            id,
+            AuditResult::Success,
+            serde_json::to_value(&t.settings)?,
+        )
+        .await?;
+        Ok(t)
+    }
+
+    /// Deletes a tenant with all its devices, credentials and tokens; connected devices are
+    /// disconnected.
+    pub async fn delete_tenant(&self, actor: &Actor, id: &str) -> Result<()> {
+        actor.require(Role::Admin, None)?;
+        if id == TenantId::DEFAULT {
+            return Err(RegistryError::Invalid(
+                "the default tenant cannot be deleted".into(),
+            ));
+        }
+        if !self.store.delete_tenant(id).await? {
+            return Err(RegistryError::NotFound(format!("tenant {id}")));
+        }
+        self.tenants.write().remove(id);
+        for ca in self.trust.list() {
+            if ca.tenant == id {
+                self.trust.remove(id, &ca.ca_id);
+            }
+        }
+        self.devices.lock().retain(|(t, _), _| t != id);
+        self.revoke_live(|(t, _)| t == id);
+        self.audit(
+            actor,
+            Some(id),
+            "tenant.delete",
+            id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    // ---- devices ----------------------------------------------------------------------------
+
+    async fn build_device(&self, tenant: &str, spec: DeviceSpec) -> Result<Device> {
+        validate_id("device", &spec.id)?;
+        validate_tags(&spec.tags)?;
+        let mut tags = BTreeMap::new();
+        let mut attributes = empty_object();
+        let mut policy = spec.policy.clone().filter(|p| !p.is_empty());
+        if let Some(t) = &spec.device_type {
+            let ty: DeviceType = self
+                .store
+                .doc(tenant, DocKind::DeviceType, t)
+                .await?
+                .ok_or_else(|| RegistryError::Invalid(format!("device type {t} does not exist")))?;
+            tags = ty.tags;
+            attributes = ty.attributes;
+        }
+        tags.extend(spec.tags);
+        if let Some(serde_json::Value::Object(extra)) = spec.attributes {
+            if let serde_json::Value::Object(base) = &mut attributes {
+                base.extend(extra);
+            }
+        } else if spec.attributes.is_some() {
+            return Err(RegistryError::Invalid(
+                "attributes must be a JSON object".into(),
+            ));
+        }
+        if let Some(p) = &policy
+            && self
+                .store
+                .doc::<NamedPolicy>(tenant, DocKind::Policy, p)
+                .await?
+                .is_none()
+        {
+            return Err(RegistryError::Invalid(format!("policy {p} does not exist")));
+        }
+        for g in &spec.groups {
+            let group: Group = self
+                .store
+                .doc(tenant, DocKind::Group, g)
+                .await?
+                .ok_or_else(|| RegistryError::Invalid(format!("group {g} does not exist")))?;
+            if group.query.is_some() {
+                return Err(RegistryError::Invalid(format!(
+                    "group {g} is dynamic: membership follows its query, devices cannot join it"
+                )));
+            }
+        }
+        let now = now_millis();
+        if policy.as_deref() == Some("") {
+            policy = None;
+        }
+        Ok(Device {
+            name: spec.name.unwrap_or_else(|| spec.id.clone()),
+            id: spec.id,
+            tenant: tenant.into(),
+            device_type: spec.device_type,
+            tags,
+            attributes,
+            status: spec.status.unwrap_or_default(),
+            policy,
+            groups: spec.groups,
+            connectivity: Connectivity::default(),
+            created_at: now,
+            updated_at: now,
+        })
+    }
+
+    /// Registers a device.
+    pub async fn create_device(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        spec: DeviceSpec,
+    ) -> Result<Device> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        let device = self.build_device(tenant, spec).await?;
+        let mut results = self
+            .store
+            .insert_devices(std::slice::from_ref(&device))
+            .await?;
+        results.pop().unwrap_or(Ok(()))?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "device.create",
+            &device.id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(device)
+    }
+
+    /// Registers many devices, validating each; returns, per input row, the error if it was
+    /// rejected. Rows are written in batches of 1,000, each in one transaction.
+    pub async fn import_devices(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        specs: Vec<DeviceSpec>,
+    ) -> Result<Vec<Option<String>>> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        let mut report: Vec<Option<String>> = Vec::with_capacity(specs.len());
+        let mut seen = HashSet::new();
+        let mut batch: Vec<(usize, Device)> = Vec::new();
+        let total = specs.len();
+        let mut imported = 0usize;
+        for spec in specs {
+            let row = report.len();
+            report.push(None);
+            if !seen.insert(spec.id.clone()) {
+                report[row] = Some(format!("device {} appears twice in the import", spec.id));
+                continue;
+            }
+            match self.build_device(tenant, spec).await {
+                Ok(d) => batch.push((row, d)),
+                Err(e) => report[row] = Some(e.to_string()),
+            }
+            if batch.len() >= 1000 {
+                imported += self.write_batch(&mut batch, &mut report).await?;
+            }
+        }
+        imported += self.write_batch(&mut batch, &mut report).await?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "device.import",
+            &format!("{imported} devices"),
+            AuditResult::Success,
+            serde_json::json!({ "rows": total, "imported": imported, "rejected": total - imported }),
+        )
+        .await?;
+        Ok(report)
+    }
+
+    async fn write_batch(
+        &self,
+        batch: &mut Vec<(usize, Device)>,
+        report: &mut [Option<String>],
+    ) -> Result<usize> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let devices: Vec<Device> = batch.iter().map(|(_, d)| d.clone()).collect();
+        let results = self.store.insert_devices(&devices).await?;
+        let mut ok = 0;
+        for ((row, _), r) in batch.drain(..).zip(results) {
+            match r {
+                Ok(()) => ok += 1,
+                Err(e) => report[row] = Some(e.to_string()),
+            }
+        }
+        Ok(ok)
+    }
+
+    async fn require_tenant(&self, tenant: &str) -> Result<()> {
+        if self.tenant_runtime(tenant).is_none() {
+            return Err(RegistryError::NotFound(format!("tenant {tenant}")));
+        }
+        Ok(())
+    }
+
+    /// A device.
+    pub async fn device(&self, actor: &Actor, tenant: &str, id: &str) -> Result<Device> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        let mut d = self
+            .store
+            .device(tenant, id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("device {id}")))?;
+        self.overlay_connectivity(&mut d);
+        Ok(d)
+    }
+
+    /// Live connectivity is in memory and flushed every second; show the freshest.
+    fn overlay_connectivity(&self, d: &mut Device) {
+        if let Some(c) = self
+            .pending_connectivity
+            .lock()
+            .get(&(d.tenant.clone(), d.id.clone()))
+        {
+            d.connectivity = c.clone();
+        }
+    }
+
+    /// A page of devices.
+    pub async fn list_devices(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        mut listing: DeviceListing,
+    ) -> Result<Page<Device>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        let mut static_group = None;
+        if let Some(g) = listing.group.clone() {
+            let group: Group = self
+                .store
+                .doc(tenant, DocKind::Group, &g)
+                .await?
+                .ok_or_else(|| RegistryError::NotFound(format!("group {g}")))?;
+            match group.query {
+                Some(q) => merge_query(&mut listing.query, q)?,
+                None => static_group = Some(g),
+            }
+        }
+        let mut page = self
+            .store
+            .list_devices(tenant, &listing, static_group.as_deref())
+            .await?;
+        for d in &mut page.items {
+            self.overlay_connectivity(d);
+        }
+        Ok(page)
+    }
+
+    /// Changes a device. Disabling it closes its connections at once; changes to its type, tags
+    /// or policy apply to connected sessions immediately.
+    pub async fn update_device(
+        self: &Arc<Self>,
+        actor: &Actor,
+        tenant: &str,
+        id: &str,
+        patch: DevicePatch,
+    ) -> Result<Device> {
+        actor.require(Role::Operator, Some(tenant))?;
+        let mut d = self
+            .store
+            .device(tenant, id)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("device {id}")))?;
+        let was = d.status;
+        if let Some(n) = patch.name {
+            d.name = n;
+        }
+        if let Some(t) = patch.device_type {
+            if t.is_empty() {
+                d.device_type = None;
+            } else {
+                if self
+                    .store
+                    .doc::<DeviceType>(tenant, DocKind::DeviceType, &t)
+                    .await?
+                    .is_none()
+                {
+                    return Err(RegistryError::Invalid(format!(
+                        "device type {t} does not exist"
+                    )));
+                }
+                d.device_type = Some(t);
+            }
+        }
+        if let Some(tags) = patch.tags {
+            for (k, v) in tags {
+                match v {
+                    Some(v) => d.tags.insert(k, v),
+                    None => d.tags.remove(&k),
+                };
+            }
+            validate_tags(&d.tags)?;
+        }
+        if let Some(a) = patch.attributes {
+            if !a.is_object() {
+                return Err(RegistryError::Invalid(
+                    "attributes must be a JSON object".into(),
+                ));
+            }
+            d.attributes = a;
+        }
+        if let Some(s) = patch.status {
+            d.status = s;
+        }
+        if let Some(p) = patch.policy {
+            if p.is_empty() {
+                d.policy = None;
+            } else {
+                if self
+                    .store
+                    .doc::<NamedPolicy>(tenant, DocKind::Policy, &p)
+                    .await?
+                    .is_none()
+                {
+                    return Err(RegistryError::Invalid(format!("policy {p} does not exist")));
+                }
+                d.policy = Some(p);
+            }
+        }
+        d.updated_at = now_millis();
+        self.store.update_device(&d).await?;
+        self.forget_device(tenant, id);
+        let action = match (was, d.status) {
+            (DeviceStatus::Enabled, DeviceStatus::Disabled) => {
+                let key = (tenant.to_string(), id.to_string());
+                self.revoke_live(|k| *k == key);
+                "device.disable"
+            }
+            (DeviceStatus::Disabled, DeviceStatus::Enabled) => "device.enable",
+            _ => {
+                self.refresh_live(tenant, Some(id)).await;
+                "device.update"
+            }
+        };
+        self.audit(
+            actor,
+            Some(tenant),
+            action,
+            id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        self.overlay_connectivity(&mut d);
+        Ok(d)
+    }
+
+    /// Decommissions a device: its credentials, memberships and record are deleted and its
+    /// connections closed. `purge_telemetry` reports the tenant's choice to the caller, which
+    /// owns the session and telemetry stores.
+    pub async fn delete_device(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        id: &str,
+    ) -> Result<TelemetryOnDecommission> {
+        actor.require(Role::Operator, Some(tenant))?;
+        if !self.store.delete_device(tenant, id).await? {
+            return Err(RegistryError::NotFound(format!("device {id}")));
+        }
+        self.forget_device(tenant, id);
+        let key = (tenant.to_string(), id.to_string());
+        self.revoke_live(|k| *k == key);
+        self.pending_connectivity.lock().remove(&key);
+        self.audit(
+            actor,
+            Some(tenant),
+            "device.decommission",
+            id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(self
+            .tenant_runtime(tenant)
+            .map(|t| t.tenant.settings.telemetry_on_decommission)
+            .unwrap_or_default())
+    }
+
+    fn forget_device(&self, tenant: &str, id: &str) {
+        self.devices
+            .lock()
+            .remove(&(tenant.to_string(), id.to_string()));
+        self.verified.forget_prefix(&format!("{tenant}/{id}/"));
+    }
+
+    // ---- groups, types, policies ------------------------------------------------------------
+
+    /// Creates or replaces a group.
+    pub async fn put_group(&self, actor: &Actor, tenant: &str, group: Group) -> Result<Group> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        validate_id("group", &group.name)?;
+        if let Some(q) = &group.query {
+            validate_tags(&q.tags)?;
+        }
+        self.store
+            .put_doc(tenant, DocKind::Group, &group.name, &group)
+            .await?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "group.put",
+            &group.name,
+            AuditResult::Success,
+            serde_json::to_value(&group)?,
+        )
+        .await?;
+        Ok(group)
+    }
+
+    /// Groups of a tenant.
+    pub async fn groups(&self, actor: &Actor, tenant: &str) -> Result<Vec<Group>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        Ok(self
+            .store
+            .docs(Some(tenant), DocKind::Group)
+            .await?
+            .into_iter()
+            .map(|(_, g)| g)
+            .collect())
+    }
+
+    /// Deletes a group (devices stay).
+    pub async fn delete_group(&self, actor: &Actor, tenant: &str, name: &str) -> Result<()> {
+        actor.require(Role::Operator, Some(tenant))?;
+        if !self.store.delete_doc(tenant, DocKind::Group, name).await? {
+            return Err(RegistryError::NotFound(format!("group {name}")));
+        }
+        self.audit(
+            actor,
+            Some(tenant),
+            "group.delete",
+            name,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Adds a device to a static group.
+    pub async fn add_to_group(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        group: &str,
+        device: &str,
+    ) -> Result<()> {
+        actor.require(Role::Operator, Some(tenant))?;
+        let g: Group = self
+            .store
+            .doc(tenant, DocKind::Group, group)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("group {group}")))?;
+        if g.query.is_some() {
+            return Err(RegistryError::Invalid(format!("group {group} is dynamic")));
+        }
+        if self.store.device(tenant, device).await?.is_none() {
+            return Err(RegistryError::NotFound(format!("device {device}")));
+        }
+        self.store.add_member(tenant, group, device).await?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "group.add_member",
+            group,
+            AuditResult::Success,
+            serde_json::json!({ "device": device }),
+        )
+        .await
+    }
+
+    /// Removes a device from a static group.
+    pub async fn remove_from_group(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        group: &str,
+        device: &str,
+    ) -> Result<()> {
+        actor.require(Role::Operator, Some(tenant))?;
+        if !self.store.remove_member(tenant, group, device).await? {
+            return Err(RegistryError::NotFound(format!(
+                "member {device} of group {group}"
+            )));
+        }
+        self.audit(
+            actor,
+            Some(tenant),
+            "group.remove_member",
+            group,
+            AuditResult::Success,
+            serde_json::json!({ "device": device }),
+        )
+        .await
+    }
+
+    /// Creates or replaces a device type.
+    pub async fn put_device_type(
+        self: &Arc<Self>,
+        actor: &Actor,
+        tenant: &str,
+        ty: DeviceType,
+    ) -> Result<DeviceType> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        validate_id("device type", &ty.name)?;
+        validate_tags(&ty.tags)?;
+        if !ty.attributes.is_object() {
+            return Err(RegistryError::Invalid(
+                "attributes must be a JSON object".into(),
+            ));
+        }
+        if let Some(p) = &ty.policy
+            && self
+                .store
+                .doc::<NamedPolicy>(tenant, DocKind::Policy, p)
+                .await?
+                .is_none()
+        {
+            return Err(RegistryError::Invalid(format!("policy {p} does not exist")));
+        }
+        self.store
+            .put_doc(tenant, DocKind::DeviceType, &ty.name, &ty)
+            .await?;
+        self.devices.lock().retain(|(t, _), _| t != tenant);
+        self.refresh_live(tenant, None).await;
+        self.audit(
+            actor,
+            Some(tenant),
+            "device_type.put",
+            &ty.name,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(ty)
+    }
+
+    /// Device types of a tenant.
+    pub async fn device_types(&self, actor: &Actor, tenant: &str) -> Result<Vec<DeviceType>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        Ok(self
+            .store
+            .docs(Some(tenant), DocKind::DeviceType)
+            .await?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// Deletes a device type (its devices keep their tags and attributes).
+    pub async fn delete_device_type(&self, actor: &Actor, tenant: &str, name: &str) -> Result<()> {
+        actor.require(Role::Operator, Some(tenant))?;
+        if !self
+            .store
+            .delete_doc(tenant, DocKind::DeviceType, name)
+            .await?
+        {
+            return Err(RegistryError::NotFound(format!("device type {name}")));
+        }
+        self.audit(
+            actor,
+            Some(tenant),
+            "device_type.delete",
+            name,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Creates or replaces a named policy; connected devices under it get it at once.
+    pub async fn put_policy(
+        self: &Arc<Self>,
+        actor: &Actor,
+        tenant: &str,
+        name: &str,
+        document: PolicyDocument,
+    ) -> Result<NamedPolicy> {
+        actor.require(Role::Admin, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        validate_id("policy", name)?;
+        document
+            .validate()
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let p = NamedPolicy {
+            name: name.into(),
+            document,
+            updated_at: now_millis(),
+        };
+        self.store
+            .put_doc(tenant, DocKind::Policy, name, &p)
+            .await?;
+        self.refresh_live(tenant, None).await;
+        self.audit(
+            actor,
+            Some(tenant),
+            "policy.put",
+            name,
+            AuditResult::Success,
+            serde_json::to_value(&p.document)?,
+        )
+        .await?;
+        Ok(p)
+    }
+
+    /// Policies of a tenant.
+    pub async fn policies(&self, actor: &Actor, tenant: &str) -> Result<Vec<NamedPolicy>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        Ok(self
+            .store
+            .docs(Some(tenant), DocKind::Policy)
+            .await?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect())
+    }
+
+    /// Deletes a policy; devices that named it fall back to the default policy.
+    pub async fn delete_policy(
+        self: &Arc<Self>,
+        actor: &Actor,
+        tenant: &str,
+        name: &str,
+    ) -> Result<()> {
+        actor.require(Role::Admin, Some(tenant))?;
+        if !self.store.delete_doc(tenant, DocKind::Policy, name).await? {
+            return Err(RegistryError::NotFound(format!("policy {name}")));
+        }
+        self.refresh_live(tenant, None).await;
+        self.audit(
+            actor,
+            Some(tenant),
+            "policy.delete",
+            name,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    async fn policy_documents(&self, device: &Device) -> Result<Vec<PolicyDocument>> {
+        let mut name = device.policy.clone();
+        if name.is_none()
+            && let Some(t) = &device.device_type
+            && let Some(ty) = self
+                .store
+                .doc::<DeviceType>(&device.tenant, DocKind::DeviceType, t)
+                .await?
+        {
+            name = ty.policy;
+        }
+        if let Some(n) = name
+            && let Some(p) = self
+                .store
+                .doc::<NamedPolicy>(&device.tenant, DocKind::Policy, &n)
+                .await?
+        {
+            return Ok(vec![p.document]);
+        }
+        Ok(vec![PolicyDocument::default_device()])
+    }
+
+    // ---- credentials ------------------------------------------------------------------------
+
+    /// Adds a password credential; with `secret` absent one is generated. Returns the credential
+    /// and the secret (shown once). `overlap_secs` sets when the device's other passwords stop
+    /// working (rotation); `None` leaves them.
+    pub async fn add_password(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+        secret: Option<String>,
+        overlap_secs: Option<u64>,
+    ) -> Result<(Credential, String)> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_device(tenant, device).await?;
+        let secret = secret.unwrap_or_else(password::generate_secret);
+        if secret.len() < 8 || secret.len() > 1024 {
+            return Err(RegistryError::Invalid(
+                "passwords are 8 to 1024 bytes".into(),
+            ));
+        }
+        let params = self.config.password;
+        let to_hash = secret.clone();
+        let phc = tokio::task::spawn_blocking(move || {
+            password::hash_password(to_hash.as_bytes(), &params)
+        })
+        .await
+        .map_err(|e| RegistryError::Crypto(e.to_string()))?
+        .map_err(|e| RegistryError::Crypto(e.to_string()))?;
+        let c = Credential {
+            id: random_id("cred_"),
+            device_id: device.into(),
+            kind: CredentialKind::Password,
+            label: "password".into(),
+            fingerprint: None,
+            serial: None,
+            expires_at: None,
+            created_at: now_millis(),
+            revoked_at: None,
+            secret: phc,
+        };
+        self.rotate_others(tenant, device, CredentialKind::Password, overlap_secs)
+            .await?;
+        self.store.insert_credential(tenant, &c).await?;
+        self.forget_device(tenant, device);
+        self.audit(
+            actor,
+            Some(tenant),
+            "credential.create",
+            device,
+            AuditResult::Success,
+            serde_json::json!({ "id": c.id, "kind": "password" }),
+        )
+        .await?;
+        Ok((c, secret))
+    }
+
+    async fn rotate_others(
+        &self,
+        tenant: &str,
+        device: &str,
+        kind: CredentialKind,
+        overlap_secs: Option<u64>,
+    ) -> Result<()> {
+        let Some(secs) = overlap_secs else {
+            return Ok(());
+        };
+        let at = now_millis() + (secs as i64) * 1000;
+        for old in self.store.credentials(tenant, device).await? {
+            if old.kind == kind && old.is_active(now_millis()) {
+                self.store
+                    .expire_credential(tenant, device, &old.id, at)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn require_device(&self, tenant: &str, device: &str) -> Result<Device> {
+        self.store
+            .device(tenant, device)
+            .await?
+            .ok_or_else(|| RegistryError::NotFound(format!("device {device}")))
+    }
+
+    /// Issues a certificate from the tenant's built-in CA (created on first use), pins it as a
+    /// credential and returns it (with the private key when no CSR was given).
+    pub async fn issue_certificate(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+        csr_pem: Option<String>,
+        overlap_secs: Option<u64>,
+    ) -> Result<(Credential, crate::pki::IssuedCertificate)> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_device(tenant, device).await?;
+        let issued = self
+            .issue_for(tenant, device, csr_pem, self.config.cert_validity_days)
+            .await?;
+        let c = self
+            .pin_certificate(tenant, device, &issued.info, overlap_secs)
+            .await?;
+        self.audit(actor, Some(tenant), "credential.create", device, AuditResult::Success, serde_json::json!({ "id": c.id, "kind": "certificate", "serial": issued.info.serial_hex }))
+            .await?;
+        Ok((c, issued))
+    }
+
+    async fn issue_for(
+        &self,
+        tenant: &str,
+        device: &str,
+        csr_pem: Option<String>,
+        days: u32,
+    ) -> Result<crate::pki::IssuedCertificate> {
+        let ca = self.builtin_ca(tenant).await?;
+        let mut req = IssueRequest::new(tenant, device, days);
+        if let Some(csr) = csr_pem {
+            req = req.with_csr(csr);
+        }
+        ca.issue(req)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))
+    }
+
+    async fn pin_certificate(
+        &self,
+        tenant: &str,
+        device: &str,
+        info: &CertInfo,
+        overlap_secs: Option<u64>,
+    ) -> Result<Credential> {
+        let c = Credential {
+            id: random_id("cred_"),
+            device_id: device.into(),
+            kind: CredentialKind::Certificate,
+            label: info.subject_dn.clone(),
+            fingerprint: Some(info.fingerprint_sha256.clone()),
+            serial: Some(info.serial_hex.clone()),
+            expires_at: Some(info.not_after * 1000),
+            created_at: now_millis(),
+            revoked_at: None,
+            secret: String::new(),
+        };
+        self.rotate_others(tenant, device, CredentialKind::Certificate, overlap_secs)
+            .await?;
+        self.store.insert_credential(tenant, &c).await?;
+        self.forget_device(tenant, device);
+        Ok(c)
+    }
+
+    /// Pins an externally issued certificate (PEM) to a device: from then on only pinned
+    /// certificates are accepted for it.
+    pub async fn pin_external_certificate(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+        cert_pem: &str,
+    ) -> Result<Credential> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_device(tenant, device).await?;
+        let chain = crate::pki::parse_pem_chain(cert_pem)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let leaf = chain
+            .first()
+            .ok_or_else(|| RegistryError::Invalid("no certificate in the PEM".into()))?;
+        let info = crate::pki::parse_certificate(leaf.as_ref())
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let c = self.pin_certificate(tenant, device, &info, None).await?;
+        self.audit(actor, Some(tenant), "credential.create", device, AuditResult::Success, serde_json::json!({ "id": c.id, "kind": "certificate", "fingerprint": info.fingerprint_sha256 }))
+            .await?;
+        Ok(c)
+    }
+
+    /// Registers a public key or JWK set that verifies the device's own JWTs.
+    pub async fn add_jwt_key(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+        key: TokenKeyDoc,
+    ) -> Result<Credential> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_device(tenant, device).await?;
+        parse_token_keys(&key)?;
+        let c = Credential {
+            id: random_id("cred_"),
+            device_id: device.into(),
+            kind: CredentialKind::JwtKey,
+            label: "jwt key".into(),
+            fingerprint: None,
+            serial: None,
+            expires_at: None,
+            created_at: now_millis(),
+            revoked_at: None,
+            secret: serde_json::to_string(&key)?,
+        };
+        self.store.insert_credential(tenant, &c).await?;
+        self.forget_device(tenant, device);
+        self.audit(
+            actor,
+            Some(tenant),
+            "credential.create",
+            device,
+            AuditResult::Success,
+            serde_json::json!({ "id": c.id, "kind": "jwt_key" }),
+        )
+        .await?;
+        Ok(c)
+    }
+
+    /// Issues a hub-signed JWT for a device (Ed25519, tenant key created on first use).
+    pub async fn issue_device_token(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+        ttl_secs: u64,
+    ) -> Result<String> {
+        actor.require(Role::Operator, Some(tenant))?;
+        self.require_device(tenant, device).await?;
+        let signer = self.tenant_signer(tenant).await?;
+        let now = now_millis() / 1000;
+        let claims = jwt::DeviceClaims::new(
+            device,
+            Some(tenant.to_string()),
+            now,
+            ttl_secs.clamp(60, 30 * 86_400) as i64,
+        );
+        let token = signer
+            .issue(&claims)
+            .map_err(|e| RegistryError::Crypto(e.to_string()))?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "credential.issue_token",
+            device,
+            AuditResult::Success,
+            serde_json::json!({ "exp": claims.exp }),
+        )
+        .await?;
+        Ok(token)
+    }
+
+    async fn tenant_signer(&self, tenant: &str) -> Result<Arc<TokenSigner>> {
+        let rt = self
+            .tenant_runtime(tenant)
+            .ok_or_else(|| RegistryError::NotFound(format!("tenant {tenant}")))?;
+        if let Some(s) = &rt.signer {
+            return Ok(s.clone());
+        }
+        let signer = TokenSigner::generate().map_err(|e| RegistryError::Crypto(e.to_string()))?;
+        self.store
+            .put_doc(
+                tenant,
+                DocKind::TokenKey,
+                HUB_SIGNER,
+                &SigningKeyDoc {
+                    private_pem: signer.to_pkcs8_pem(),
+                },
+            )
+            .await?;
+        let rt = self.load_tenant(rt.tenant.clone()).await?;
+        rt.signer
+            .clone()
+            .ok_or_else(|| RegistryError::Crypto("signing key not loaded".into()))
+    }
+
+    /// Registers a tenant-wide token verification key (PEM or JWKS) by name.
+    pub async fn put_tenant_token_key(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        name: &str,
+        key: TokenKeyDoc,
+    ) -> Result<()> {
+        actor.require(Role::Admin, Some(tenant))?;
+        validate_id("key", name)?;
+        if name == HUB_SIGNER {
+            return Err(RegistryError::Invalid(format!("{HUB_SIGNER} is reserved")));
+        }
+        parse_token_keys(&key)?;
+        self.store
+            .put_doc(tenant, DocKind::TokenKey, name, &key)
+            .await?;
+        let rt = self
+            .tenant_runtime(tenant)
+            .ok_or_else(|| RegistryError::NotFound(format!("tenant {tenant}")))?;
+        self.load_tenant(rt.tenant.clone()).await?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "token_key.put",
+            name,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// A device's credentials (secrets withheld).
+    pub async fn credentials(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+    ) -> Result<Vec<Credential>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        self.require_device(tenant, device).await?;
+        self.store.credentials(tenant, device).await
+    }
+
+    /// Revokes a credential; connections that used the device are closed. A revoked certificate
+    /// is also refused for every device of the tenant.
+    pub async fn revoke_credential(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device: &str,
+        id: &str,
+    ) -> Result<()> {
+        actor.require(Role::Operator, Some(tenant))?;
+        let creds = self.store.credentials(tenant, device).await?;
+        let c = creds
+            .iter()
+            .find(|c| c.id == id)
+            .ok_or_else(|| RegistryError::NotFound(format!("credential {id}")))?;
+        self.store.revoke_credential(tenant, device, id).await?;
+        if let Some(fp) = &c.fingerprint {
+            self.revoke_cert_fingerprint(tenant, fp, c.serial.clone(), "credential revoked")
+                .await?;
+        }
+        self.forget_device(tenant, device);
+        let key = (tenant.to_string(), device.to_string());
+        self.revoke_live(|k| *k == key);
+        self.audit(
+            actor,
+            Some(tenant),
+            "credential.revoke",
+            device,
+            AuditResult::Success,
+            serde_json::json!({ "id": id }),
+        )
+        .await
+    }
+
+    async fn revoke_cert_fingerprint(
+        &self,
+        tenant: &str,
+        fp: &str,
+        serial: Option<String>,
+        reason: &str,
+    ) -> Result<()> {
+        self.store
+            .revoke_cert(&RevokedCert {
+                tenant: tenant.into(),
+                fingerprint: fp.into(),
+                serial,
+                revoked_at: now_millis(),
+                reason: reason.into(),
+            })
+            .await?;
+        self.revoked.write().insert((tenant.into(), fp.into()));
+        Ok(())
+    }
+
+    /// Revokes a certificate by fingerprint (e.g. one registered by just-in-time registration).
+    pub async fn revoke_certificate(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        fingerprint: &str,
+        reason: &str,
+    ) -> Result<()> {
+        actor.require(Role::Operator, Some(tenant))?;
+        let fp = fingerprint.to_ascii_lowercase().replace(':', "");
+        if fp.len() != 64 || !fp.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(RegistryError::Invalid(
+                "a fingerprint is 64 hex digits (SHA-256)".into(),
+            ));
+        }
+        self.revoke_cert_fingerprint(tenant, &fp, None, reason)
+            .await?;
+        self.revoke_live(|(t, _)| t == tenant);
+        self.audit(
+            actor,
+            Some(tenant),
+            "certificate.revoke",
+            &fp,
+            AuditResult::Success,
+            serde_json::json!({ "reason": reason }),
+        )
+        .await
+    }
+
+    // ---- certificate authorities ------------------------------------------------------------
+
+    async fn builtin_ca(&self, tenant: &str) -> Result<CertificateAuthority> {
+        if let Some(rec) = self
+            .store
+            .doc::<CaRecord>(tenant, DocKind::Ca, "builtin")
+            .await?
+            && let Some(key) = &rec.key_pem
+        {
+            return CertificateAuthority::from_pem(&rec.cert_pem, key)
+                .map_err(|e| RegistryError::Corrupt(e.to_string()));
+        }
+        self.require_tenant(tenant).await?;
+        let ca = CertificateAuthority::generate(tenant, 3650)
+            .map_err(|e| RegistryError::Crypto(e.to_string()))?;
+        let rec = CaRecord {
+            id: "builtin".into(),
+            tenant: tenant.into(),
+            cert_pem: ca.cert_pem().to_string(),
+            subject: ca.info().subject_dn.clone(),
+            not_after: ca.info().not_after * 1000,
+            jitr: false,
+            jitr_template: None,
+            builtin: true,
+            key_pem: Some(ca.key_pem()),
+        };
+        self.store
+            .put_doc(tenant, DocKind::Ca, "builtin", &StoredCa::from(&rec))
+            .await?;
+        self.trust
+            .set(tenant, "builtin", ca.cert_pem())
+            .map_err(|e| RegistryError::Crypto(e.to_string()))?;
+        Ok(ca)
+    }
+
+    /// The tenant's built-in CA certificate (created on first use), for devices to trust.
+    pub async fn builtin_ca_pem(&self, actor: &Actor, tenant: &str) -> Result<String> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        Ok(self.builtin_ca(tenant).await?.cert_pem().to_string())
+    }
+
+    /// Registers an external CA whose device certificates the tenant trusts.
+    pub async fn register_ca(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        id: &str,
+        cert_pem: &str,
+        jitr: bool,
+        jitr_template: Option<String>,
+    ) -> Result<CaRecord> {
+        actor.require(Role::Admin, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        validate_id("CA", id)?;
+        if id == "builtin" {
+            return Err(RegistryError::Invalid(
+                "the CA id builtin is reserved".into(),
+            ));
+        }
+        if let Some(t) = &jitr_template
+            && self
+                .store
+                .doc::<ProvisioningTemplate>(tenant, DocKind::Template, t)
+                .await?
+                .is_none()
+        {
+            return Err(RegistryError::Invalid(format!(
+                "provisioning template {t} does not exist"
+            )));
+        }
+        self.trust
+            .set(tenant, id, cert_pem)
+            .map_err(|e| RegistryError::Invalid(e.to_string()))?;
+        let info = self
+            .trust
+            .list()
+            .into_iter()
+            .find(|c| c.tenant == tenant && c.ca_id == id)
+            .map(|c| c.info)
+            .ok_or_else(|| RegistryError::Invalid("CA not loaded".into()))?;
+        let rec = CaRecord {
+            id: id.into(),
+            tenant: tenant.into(),
+            cert_pem: cert_pem.into(),
+            subject: info.subject_dn.clone(),
+            not_after: info.not_after * 1000,
+            jitr,
+            jitr_template,
+            builtin: false,
+            key_pem: None,
+        };
+        self.store
+            .put_doc(tenant, DocKind::Ca, id, &StoredCa::from(&rec))
+            .await?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "ca.register",
+            id,
+            AuditResult::Success,
+            serde_json::json!({ "subject": info.subject_dn, "jitr": jitr }),
+        )
+        .await?;
+        Ok(rec)
+    }
+
+    /// CAs of a tenant.
+    pub async fn cas(&self, actor: &Actor, tenant: &str) -> Result<Vec<CaRecord>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        Ok(self
+            .store
+            .docs::<StoredCa>(Some(tenant), DocKind::Ca)
+            .await?
+            .into_iter()
+            .map(|(_, c)| c.into())
+            .collect())
+    }
+
+    /// Removes a registered CA: its certificates are refused from the next handshake on.
+    pub async fn delete_ca(&self, actor: &Actor, tenant: &str, id: &str) -> Result<()> {
+        actor.require(Role::Admin, Some(tenant))?;
+        if !self.store.delete_doc(tenant, DocKind::Ca, id).await? {
+            return Err(RegistryError::NotFound(format!("CA {id}")));
+        }
+        self.trust.remove(tenant, id);
+        self.audit(
+            actor,
+            Some(tenant),
+            "ca.delete",
+            id,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// Creates or replaces a provisioning template.
+    pub async fn put_template(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        t: ProvisioningTemplate,
+    ) -> Result<ProvisioningTemplate> {
+        actor.require(Role::Admin, Some(tenant))?;
+        self.require_tenant(tenant).await?;
+        validate_id("template", &t.name)?;
+        validate_tags(&t.tags)?;
+        self.store
+            .put_doc(tenant, DocKind::Template, &t.name, &t)
+            .await?;
+        self.audit(
+            actor,
+            Some(tenant),
+            "template.put",
+            &t.name,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await?;
+        Ok(t)
+    }
+
+    /// Provisioning templates of a tenant.
+    pub async fn templates(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+    ) -> Result<Vec<ProvisioningTemplate>> {
+        actor.require(Role::Viewer, Some(tenant))?;
+        Ok(self
+            .store
+            .docs(Some(tenant), DocKind::Template)
+            .await?
+            .into_iter()
+            .map(|(_, t)| t)
+            .collect())
+    }
+
+    /// Registers a device from a template (claim provisioning, just-in-time registration).
+    pub async fn register_from_template(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        template: Option<&str>,
+        source: &str,
+    ) -> Result<Device> {
+        let t = match template {
+            Some(name) => {
+                self.store
+                    .doc::<ProvisioningTemplate>(tenant, DocKind::Template, name)
+                    .await?
+            }
+            None => None,
+        };
+        let spec = DeviceSpec {
+            id: device_id.into(),
+            device_type: t.as_ref().and_then(|t| t.device_type.clone()),
+            tags: t.as_ref().map(|t| t.tags.clone()).unwrap_or_default(),
+            policy: t.as_ref().and_then(|t| t.policy.clone()),
+            groups: t.as_ref().map(|t| t.groups.clone()).unwrap_or_default(),
+            ..DeviceSpec::default()
+        };
+        let device = self.build_device(tenant, spec).await?;
+        let mut r = self
+            .store
+            .insert_devices(std::slice::from_ref(&device))
+            .await?;
+        r.pop().unwrap_or(Ok(()))?;
+        let actor = Actor {
+            source: Some(source.into()),
+            ..Actor::system()
+        };
+        self.audit(
+            &actor,
+            Some(tenant),
+            "device.provision",
+            device_id,
+            AuditResult::Success,
+            serde_json::json!({ "template": template }),
+        )
+        .await?;
+        Ok(device)
+    }
+
+    // ---- live connections -------------------------------------------------------------------
+
+    fn revoke_live(&self, matches: impl Fn(&LiveKey) -> bool) {
+        let victims: Vec<Arc<DeviceAccess>> = {
+            let live = self.live.lock();
+            live.iter()
+                .filter(|(k, _)| matches(k))
+                .flat_map(|(_, v)| v.iter().filter_map(Weak::upgrade))
+                .collect()
+        };
+        for a in victims {
+            a.revoked.store(true, Ordering::Relaxed);
+            if let Some(kick) = self.kicker.get() {
+                kick(&a.tenant_id, &a.client_id);
+            }
+        }
+    }
+
+    /// Recompiles the policies of connected devices (one, or all of a tenant) after a change.
+    async fn refresh_live(&self, tenant: &str, device: Option<&str>) {
+        let targets: Vec<Arc<DeviceAccess>> = {
+            let live = self.live.lock();
+            live.iter()
+                .filter(|((t, d), _)| t == tenant && device.is_none_or(|x| x == d))
+                .flat_map(|(_, v)| v.iter().filter_map(Weak::upgrade))
+                .collect()
+        };
+        for a in targets {
+            self.devices
+                .lock()
+                .remove(&(tenant.to_string(), a.device_id.clone()));
+            match self.store.device(tenant, &a.device_id).await {
+                Ok(Some(d)) => match self.policy_documents(&d).await {
+                    Ok(docs) => {
+                        let compiled = compile(&docs, &d, &a.client_id, a.cert.as_ref());
+                        *a.policy.write() = Arc::new(compiled);
+                        a.changed.store(true, Ordering::Relaxed);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "recompiling a policy failed"),
+                },
+                _ => {
+                    a.revoked.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// Devices connected now (by live access objects) in a tenant.
+    pub fn online_count(&self, tenant: &str) -> u32 {
+        self.tenant_runtime(tenant)
+            .map_or(0, |t| t.connections.load(Ordering::Relaxed))
+    }
+
+    // ---- authentication ---------------------------------------------------------------------
+
+    async fn device_auth(&self, tenant: &str, id: &str) -> Result<Option<Arc<DeviceAuth>>> {
+        let key = (tenant.to_string(), id.to_string());
+        if let Some(d) = self.devices.lock().get(&key) {
+            return Ok(Some(d.clone()));
+        }
+        let Some(device) = self.store.device(tenant, id).await? else {
+            return Ok(None);
+        };
+        let credentials = self.store.credentials(tenant, id).await?;
+        let auth = Arc::new(DeviceAuth {
+            device,
+            credentials,
+        });
+        let mut cache = self.devices.lock();
+        if cache.len() >= DEVICE_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(key, auth.clone());
+        Ok(Some(auth))
+    }
+
+    fn fail(&self, peer: IpAddr, key: &LiveKey, reason: &str, source: &str) -> Refusal {
+        self.metrics.auth_failure.fetch_add(1, Ordering::Relaxed);
+        self.failures_by_addr.failure(&peer);
+        self.failures_by_device.failure(key);
+        self.security_event(&key.0, "auth.failure", &key.1, source, reason);
+        Refusal::BadCredentials
+    }
+
+    async fn check_password(
+        &self,
+        tenant: &str,
+        auth: Option<&DeviceAuth>,
+        password: &[u8],
+    ) -> bool {
+        let now = now_millis();
+        let candidates: Vec<&Credential> = auth
+            .map(|a| {
+                a.credentials
+                    .iter()
+                    .filter(|c| c.kind == CredentialKind::Password && c.is_active(now))
+                    .collect()
+            })
+            .unwrap_or_default();
+        for c in &candidates {
+            let key = format!("{tenant}/{}/{}", c.device_id, c.id);
+            if self.verified.check(&key, &c.secret, password) == Some(true) {
+                return true;
+            }
+        }
+        let Ok(_slot) = self.hashing.acquire().await else {
+            return false;
+        };
+        if candidates.is_empty() {
+            // Spend the same time as a real check: response time must not tell whether the
+            // device exists.
+            let phc = self.dummy_hash().await;
+            let pw = password.to_vec();
+            let _ = tokio::task::spawn_blocking(move || password::verify_password(&phc, &pw)).await;
+            return false;
+        }
+        for c in candidates {
+            self.metrics.password_hashes.fetch_add(1, Ordering::Relaxed);
+            let phc = c.secret.clone();
+            let pw = password.to_vec();
+            let ok = tokio::task::spawn_blocking(move || password::verify_password(&phc, &pw))
+                .await
+                .unwrap_or(false);
+            if ok {
+                let key = format!("{tenant}/{}/{}", c.device_id, c.id);
+                self.verified.remember(&key, &c.secret, password);
+                return true;
+            }
+        }
+        false
+    }
+
+    async fn dummy_hash(&self) -> String {
+        static DUMMY: OnceLock<String> = OnceLock::new();
+        if let Some(h) = DUMMY.get() {
+            return h.clone();
+        }
+        let params = self.config.password;
+        let h = tokio::task::spawn_blocking(move || {
+            password::hash_password(b"not a device password", &params)
+        })
+        .await
+        .ok()
+        .and_then(|r| r.ok())
+        .unwrap_or_default();
+        DUMMY.get_or_init(|| h).clone()
+    }
+
+    fn check_token(
+        &self,
+        tenant: &str,
+        device: &str,
+        auth: Option<&DeviceAuth>,
+        token: &[u8],
+    ) -> bool {
+        let Ok(token) = std::str::from_utf8(token) else {
+            return false;
+        };
+        let Some(rt) = self.tenant_runtime(tenant) else {
+            return false;
+        };
+        let mut keys: Vec<VerificationKey> = rt.jwt_keys.clone();
+        if let Some(s) = &rt.signer {
+            keys.push(s.verification_key());
+        }
+        let now = now_millis();
+        if let Some(a) = auth {
+            for c in a
+                .credentials
+                .iter()
+                .filter(|c| c.kind == CredentialKind::JwtKey && c.is_active(now))
+            {
+                if let Ok(doc) = serde_json::from_str::<TokenKeyDoc>(&c.secret) {
+                    keys.extend(parse_token_keys(&doc).unwrap_or_default());
+                }
+            }
+        }
+        match jwt::verify(token, &keys, now / 1000, self.config.jwt_leeway_secs) {
+            Ok(claims) => {
+                claims.sub == device && claims.tenant.as_deref().is_none_or(|t| t == tenant)
+            }
+            Err(e) => {
+                tracing::debug!(tenant, device, error = %e, "device token refused");
+                false
+            }
+        }
+    }
+
+    /// Authenticates a connecting client. Used through the [`Authenticator`] implementation.
+    pub async fn authenticate_device(&self, c: Credentials<'_>) -> Result<Grant, Refusal> {
+        let peer = c.peer.ip();
+        let source = c.peer.to_string();
+        if self.failures_by_addr.blocked(&peer).is_some() {
+            self.metrics.auth_throttled.fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::BadCredentials);
+        }
+        let mut cert_info = None;
+        let (tenant, device_id, auth) = if let Some(certs) = c.certificates {
+            let chain: Vec<CertificateDer<'_>> = certs
+                .chain
+                .iter()
+                .map(|d| CertificateDer::from(d.as_slice()))
+                .collect();
+            let Some((tenant, ca_id, leaf)) = self.trust.identify(&chain) else {
+                self.metrics.auth_failure.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::BadCredentials);
+            };
+            let rt = self
+                .tenant_runtime(&tenant)
+                .ok_or(Refusal::BadCredentials)?;
+            if self
+                .revoked
+                .read()
+                .contains(&(tenant.clone(), leaf.fingerprint_sha256.clone()))
+            {
+                self.security_event(
+                    &tenant,
+                    "auth.revoked_certificate",
+                    leaf.subject_cn.as_deref().unwrap_or(""),
+                    &source,
+                    &leaf.fingerprint_sha256,
+                );
+                self.metrics.auth_failure.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::NotAuthorized);
+            }
+            let Some(id) = leaf
+                .identity(identity_source(rt.tenant.settings.cert_identity))
+                .map(str::to_string)
+            else {
+                self.metrics.auth_failure.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::BadCredentials);
+            };
+            if validate_id("device", &id).is_err() {
+                return Err(Refusal::BadCredentials);
+            }
+            let auth = match self.device_auth(&tenant, &id).await {
+                Ok(Some(a)) => a,
+                Ok(None) => {
+                    // Just-in-time registration for CAs that allow it.
+                    let ca: Option<StoredCa> = self
+                        .store
+                        .doc(&tenant, DocKind::Ca, &ca_id)
+                        .await
+                        .ok()
+                        .flatten();
+                    let Some(ca) = ca.filter(|c| c.jitr) else {
+                        return Err(self.fail(
+                            peer,
+                            &(tenant.clone(), id.clone()),
+                            "unknown device",
+                            &source,
+                        ));
+                    };
+                    if let Err(e) = self
+                        .register_from_template(&tenant, &id, ca.jitr_template.as_deref(), &source)
+                        .await
+                    {
+                        tracing::warn!(tenant, device = %id, error = %e, "just-in-time registration failed");
+                        return Err(Refusal::NotAuthorized);
+                    }
+                    match self.device_auth(&tenant, &id).await {
+                        Ok(Some(a)) => a,
+                        _ => return Err(Refusal::Unavailable),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "registry lookup failed");
+                    return Err(Refusal::Unavailable);
+                }
+            };
+            // Pinning: a device with certificate credentials accepts only those certificates.
+            let now = now_millis();
+            let pinned: Vec<&Credential> = auth
+                .credentials
+                .iter()
+                .filter(|c| c.kind == CredentialKind::Certificate)
+                .collect();
+            if !pinned.is_empty()
+                && !pinned.iter().any(|c| {
+                    c.is_active(now)
+                        && c.fingerprint.as_deref() == Some(leaf.fingerprint_sha256.as_str())
+                })
+            {
+                return Err(self.fail(
+                    peer,
+                    &(tenant.clone(), id.clone()),
+                    "certificate not pinned to the device",
+                    &source,
+                ));
+            }
+            cert_info = Some(leaf);
+            (tenant, id, auth)
+        } else {
+            let Some(username) = c.username else {
+                self.metrics.auth_failure.fetch_add(1, Ordering::Relaxed);
+                return Err(Refusal::BadCredentials);
+            };
+            let (tenant, device) = split_username(username);
+            let key = (tenant.to_string(), device.to_string());
+            if self.failures_by_device.blocked(&key).is_some() {
+                self.metrics.auth_throttled.fetch_add(1, Ordering::Relaxed);
+                self.failures_by_addr.failure(&peer);
+                return Err(Refusal::BadCredentials);
+            }
+            let password = c.password.unwrap_or_default();
+            let auth = match self.device_auth(tenant, device).await {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::error!(error = %e, "registry lookup failed");
+                    return Err(Refusal::Unavailable);
+                }
+            };
+            let ok = if jwt::looks_like_jwt(password) {
+                auth.is_some() && self.check_token(tenant, device, auth.as_deref(), password)
+            } else {
+                self.check_password(tenant, auth.as_deref(), password).await
+            };
+            let Some(auth) = auth.filter(|_| ok) else {
+                return Err(self.fail(peer, &key, "bad credentials", &source));
+            };
+            (key.0, key.1, auth)
+        };
+        let key = (tenant.clone(), device_id.clone());
+        self.failures_by_addr.success(&peer);
+        self.failures_by_device.success(&key);
+        if auth.device.status == DeviceStatus::Disabled {
+            self.security_event(
+                &tenant,
+                "auth.disabled_device",
+                &device_id,
+                &source,
+                "device is disabled",
+            );
+            return Err(Refusal::NotAuthorized);
+        }
+        let docs = match self.policy_documents(&auth.device).await {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!(error = %e, "loading policy failed");
+                return Err(Refusal::Unavailable);
+            }
+        };
+        let cert = cert_info.map(|i| OwnedCertVars {
+            cn: i.subject_cn.unwrap_or_default(),
+            serial: i.serial_hex,
+            fingerprint: i.fingerprint_sha256,
+        });
+        let policy = compile(&docs, &auth.device, c.client_id, cert.as_ref());
+        if !policy.can_connect(c.client_id) {
+            self.security_event(
+                &tenant,
+                "auth.client_id_refused",
+                &device_id,
+                &source,
+                c.client_id,
+            );
+            return Err(Refusal::NotAuthorized);
+        }
+        let rt = self
+            .tenant_runtime(&tenant)
+            .ok_or(Refusal::BadCredentials)?;
+        let quotas = &rt.tenant.settings.quotas;
+        let count = rt.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        if quotas.max_connections > 0 && count > quotas.max_connections {
+            rt.connections.fetch_sub(1, Ordering::Relaxed);
+            self.metrics
+                .connection_quota_refused
+                .fetch_add(1, Ordering::Relaxed);
+            return Err(Refusal::QuotaExceeded);
+        }
+        self.metrics.auth_success.fetch_add(1, Ordering::Relaxed);
+        let access = Arc::new(DeviceAccess {
+            registry: self.me.clone(),
+            tenant_id: TenantId::new(&tenant),
+            device_id: device_id.clone(),
+            client_id: c.client_id.to_string(),
+            policy: RwLock::new(Arc::new(policy)),
+            cert,
+            changed: AtomicBool::new(false),
+            revoked: AtomicBool::new(false),
+            messages: (quotas.device_messages_per_sec > 0)
+                .then(|| TokenBucket::per_second(u64::from(quotas.device_messages_per_sec))),
+            bytes: (quotas.device_bytes_per_sec > 0)
+                .then(|| TokenBucket::per_second(quotas.device_bytes_per_sec)),
+            tenant_rt: rt,
+        });
+        {
+            let mut live = self.live.lock();
+            let v = live.entry(key.clone()).or_default();
+            v.retain(|w| w.strong_count() > 0);
+            v.push(Arc::downgrade(&access));
+        }
+        self.pending_connectivity.lock().insert(
+            key,
+            Connectivity {
+                online: true,
+                last_seen: Some(now_millis()),
+                remote_addr: Some(source),
+                protocol: Some(c.protocol.into()),
+            },
+        );
+        Ok(Grant {
+            tenant: access.tenant_id.clone(),
+            access: Some(access),
+        })
+    }
+
+    fn disconnected(&self, access: &DeviceAccess) {
+        let key = (
+            access.tenant_id.as_str().to_string(),
+            access.device_id.clone(),
+        );
+        let still_online = {
+            let mut live = self.live.lock();
+            match live.get_mut(&key) {
+                Some(v) => {
+                    v.retain(|w| w.strong_count() > 0);
+                    let online = !v.is_empty();
+                    if !online {
+                        live.remove(&key);
+                    }
+                    online
+                }
+                None => false,
+            }
+        };
+        if !still_online {
+            let mut pending = self.pending_connectivity.lock();
+            let entry = pending.entry(key).or_default();
+            entry.online = false;
+            entry.last_seen = Some(now_millis());
+        }
+    }
+}
+
+impl Authenticator for Registry {
+    fn authenticate<'a>(
+        &'a self,
+        credentials: Credentials<'a>,
+    ) -> BoxFuture<'a, Result<Grant, Refusal>> {
+        Box::pin(self.authenticate_device(credentials))
+    }
+}
+
+fn merge_query(into: &mut DeviceQuery, q: DeviceQuery) -> Result<()> {
+    for (k, v) in q.tags {
+        if into.tags.get(&k).is_some_and(|x| *x != v) {
+            // Contradictory: nothing can match; keep the stricter (empty) result.
+            into.online = Some(true);
+            into.status = Some(DeviceStatus::Enabled);
+            into.name_prefix = Some("\u{10FFFF}".into());
+        }
+        into.tags.insert(k, v);
+    }
+    if q.device_type.is_some() {
+        into.device_type = q.device_type;
+    }
+    if q.status.is_some() {
+        into.status = q.status;
+    }
+    if q.name_prefix.is_some() {
+        into.name_prefix = q.name_prefix;
+    }
+    if q.online.is_some() {
+        into.online = q.online;
+    }
+    Ok(())
+}
+
+fn parse_token_keys(doc: &TokenKeyDoc) -> Result<Vec<VerificationKey>> {
+    let mut keys = Vec::new();
+    if let Some(pem) = &doc.pem {
+        keys.push(
+            VerificationKey::from_pem(pem, None)
+                .map_err(|e| RegistryError::Invalid(e.to_string()))?,
+        );
+    }
+    if let Some(jwks) = &doc.jwks {
+        keys.extend(
+            VerificationKey::from_jwks(jwks).map_err(|e| RegistryError::Invalid(e.to_string()))?,
+        );
+    }
+    if keys.is_empty() {
+        return Err(RegistryError::Invalid(
+            "give a PEM public key (pem) or a JWK set (jwks)".into(),
+        ));
+    }
+    Ok(keys)
+}
+
+/// A CA record as stored (with the key of a built-in CA).
+#[derive(Serialize, Deserialize)]
+struct StoredCa {
+    #[serde(flatten)]
+    record: CaRecord,
+    key_pem: Option<String>,
+}
+
+impl StoredCa {
+    fn from(r: &CaRecord) -> StoredCa {
+        StoredCa {
+            record: r.clone(),
+            key_pem: r.key_pem.clone(),
+        }
+    }
+}
+
+impl std::ops::Deref for StoredCa {
+    type Target = CaRecord;
+    fn deref(&self) -> &CaRecord {
+        &self.record
+    }
+}
+
+impl From<StoredCa> for CaRecord {
+    fn from(s: StoredCa) -> CaRecord {
+        CaRecord {
+            key_pem: s.key_pem,
+            ..s.record
+        }
+    }
+}
+
+/// Certificate fields kept for recompiling a policy.
+#[derive(Debug, Clone)]
+struct OwnedCertVars {
+    cn: String,
+    serial: String,
+    fingerprint: String,
+}
+
+fn compile(
+    docs: &[PolicyDocument],
+    d: &Device,
+    client_id: &str,
+    cert: Option<&OwnedCertVars>,
+) -> CompiledPolicy {
+    let mut vars = PolicyVars::new(&d.tenant, &d.id, client_id).with_tags(&d.tags);
+    if let Some(t) = &d.device_type {
+        vars = vars.with_device_type(t);
+    }
+    if let Some(c) = cert {
+        vars = vars.with_cert(CertVars {
+            cn: &c.cn,
+            serial: &c.serial,
+            fingerprint: &c.fingerprint,
+        });
+    }
+    let refs: Vec<&PolicyDocument> = docs.iter().collect();
+    CompiledPolicy::from_documents(&refs, &vars)
+}
+
+/// What one connected device may do; the adapter holds it for the connection's life.
+pub struct DeviceAccess {
+    registry: Weak<Registry>,
+    tenant_id: TenantId,
+    device_id: String,
+    client_id: String,
+    policy: RwLock<Arc<CompiledPolicy>>,
+    cert: Option<OwnedCertVars>,
+    changed: AtomicBool,
+    revoked: AtomicBool,
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+    tenant_rt: Arc<TenantRuntime>,
+}
+
+impl Access for DeviceAccess {
+    fn device_id(&self) -> &str {
+        &self.device_id
+    }
+    fn can_publish(&self, topic: &str) -> bool {
+        !self.revoked.load(Ordering::Relaxed) && self.policy.read().can_publish(topic)
+    }
+    fn can_subscribe(&self, filter: &str) -> bool {
+        !self.revoked.load(Ordering::Relaxed) && self.policy.read().can_subscribe(filter)
+    }
+    fn can_receive(&self, topic: &str) -> bool {
+        !self.revoked.load(Ordering::Relaxed) && self.policy.read().can_receive(topic)
+    }
+    fn policy_changed(&self) -> bool {
+        self.changed.load(Ordering::Relaxed) || self.revoked.load(Ordering::Relaxed)
+    }
+    fn admit(&self, payload_bytes: usize) -> Admission {
+        let bytes = payload_bytes as u64;
+        let ok = self.messages.as_ref().is_none_or(|b| b.try_take(1))
+            && self.bytes.as_ref().is_none_or(|b| b.try_take(bytes))
+            && self
+                .tenant_rt
+                .messages
+                .as_ref()
+                .is_none_or(|b| b.try_take(1))
+            && self
+                .tenant_rt
+                .bytes
+                .as_ref()
+                .is_none_or(|b| b.try_take(bytes));
+        if ok {
+            Admission::Admit
+        } else {
+            if let Some(r) = self.registry.upgrade() {
+                r.metrics
+                    .publish_quota_refused
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Admission::QuotaExceeded
+        }
+    }
+    fn revoked(&self) -> bool {
+        self.revoked.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for DeviceAccess {
+    fn drop(&mut self) {
+        self.tenant_rt.connections.fetch_sub(1, Ordering::Relaxed);
+        if let Some(r) = self.registry.upgrade() {
+            r.disconnected(self);
+        }
+    }
+}

@@ -1,0 +1,1239 @@
+//! Where the registry's records live: the [`RegistryStore`] trait and its embedded SQLite
+//! implementation ([`SqliteStore`]), which needs no external service.
+//!
+//! Devices, their tags, group memberships, credentials, API tokens, revoked certificates and the
+//! audit log have their own tables and indexes (they are large and queried); the small
+//! per-tenant documents — device types, groups, policies, CAs, provisioning templates, signing
+//! keys — share one `documents` table. A cluster deployment implements the same trait on
+//! PostgreSQL; the SQL here sticks to what both accept.
+//!
+//! Durability: every write is one SQLite transaction in WAL mode. With `synchronous = NORMAL`
+//! (the default, `fsync = never`) a committed write survives the hub being killed; with
+//! `synchronous = FULL` (`fsync = always`) it also survives a power cut.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine;
+use serde::{Serialize, de::DeserializeOwned};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, QueryBuilder, Row, Sqlite};
+// Dynamic SQL here only splices constant table and column names, never input.
+
+use crate::error::{RegistryError, Result};
+use crate::model::*;
+
+/// Kinds of small per-tenant documents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DocKind {
+    /// [`DeviceType`].
+    DeviceType,
+    /// [`Group`].
+    Group,
+    /// Named policies ([`NamedPolicy`]).
+    Policy,
+    /// [`CaRecord`].
+    Ca,
+    /// [`ProvisioningTemplate`].
+    Template,
+    /// Hub JWT signing keys and the tenant's registered verification keys.
+    TokenKey,
+}
+
+impl DocKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            DocKind::DeviceType => "device_type",
+            DocKind::Group => "group",
+            DocKind::Policy => "policy",
+            DocKind::Ca => "ca",
+            DocKind::Template => "template",
+            DocKind::TokenKey => "token_key",
+        }
+    }
+}
+
+/// A certificate revoked in a tenant (checked on every TLS connect).
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct RevokedCert {
+    /// Tenant.
+    pub tenant: String,
+    /// SHA-256 fingerprint (hex).
+    pub fingerprint: String,
+    /// Serial (hex), if known.
+    pub serial: Option<String>,
+    /// When.
+    pub revoked_at: Millis,
+    /// Why.
+    pub reason: String,
+}
+
+/// A connectivity change to persist.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectivityUpdate {
+    /// Tenant.
+    pub tenant: String,
+    /// Device.
+    pub device_id: String,
+    /// The new state.
+    pub state: Connectivity,
+}
+
+/// The registry's storage. Every method is one atomic transaction.
+#[allow(async_fn_in_trait)]
+pub trait RegistryStore: Send + Sync + 'static {
+    // Tenants.
+    /// Creates a tenant.
+    async fn create_tenant(&self, tenant: &Tenant) -> Result<()>;
+    /// A tenant.
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>>;
+    /// All tenants.
+    async fn tenants(&self) -> Result<Vec<Tenant>>;
+    /// Replaces a tenant's name and settings.
+    async fn update_tenant(&self, tenant: &Tenant) -> Result<()>;
+    /// Deletes a tenant and everything in it.
+    async fn delete_tenant(&self, id: &str) -> Result<bool>;
+
+    // Devices.
+    /// Inserts devices (with their tags and static-group memberships); one result per device,
+    /// `Conflict` for ids that exist. All rows are written in one transaction.
+    async fn insert_devices(&self, devices: &[Device]) -> Result<Vec<Result<()>>>;
+    /// A device.
+    async fn device(&self, tenant: &str, id: &str) -> Result<Option<Device>>;
+    /// Replaces a device's fields, tags and memberships.
+    async fn update_device(&self, device: &Device) -> Result<()>;
+    /// Deletes a device with its tags, memberships and credentials.
+    async fn delete_device(&self, tenant: &str, id: &str) -> Result<bool>;
+    /// A page of devices; `static_group` restricts to members of a static group.
+    async fn list_devices(
+        &self,
+        tenant: &str,
+        listing: &DeviceListing,
+        static_group: Option<&str>,
+    ) -> Result<Page<Device>>;
+    /// How many devices a tenant has.
+    async fn count_devices(&self, tenant: &str) -> Result<u64>;
+    /// Persists connectivity changes (batched by the caller).
+    async fn set_connectivity(&self, updates: &[ConnectivityUpdate]) -> Result<()>;
+    /// Marks every device offline (at start: nobody is connected yet).
+    async fn reset_online(&self) -> Result<()>;
+    /// Adds a device to a static group.
+    async fn add_member(&self, tenant: &str, group: &str, device_id: &str) -> Result<()>;
+    /// Removes a device from a static group.
+    async fn remove_member(&self, tenant: &str, group: &str, device_id: &str) -> Result<bool>;
+
+    // Documents.
+    /// Creates or replaces a document.
+    async fn put_doc<T: Serialize + Sync>(
+        &self,
+        tenant: &str,
+        kind: DocKind,
+        name: &str,
+        doc: &T,
+    ) -> Result<()>;
+    /// A document.
+    async fn doc<T: DeserializeOwned>(
+        &self,
+        tenant: &str,
+        kind: DocKind,
+        name: &str,
+    ) -> Result<Option<T>>;
+    /// All documents of a kind in a tenant (`None`: in every tenant), by name.
+    async fn docs<T: DeserializeOwned>(
+        &self,
+        tenant: Option<&str>,
+        kind: DocKind,
+    ) -> Result<Vec<(String, T)>>;
+    /// Deletes a document.
+    async fn delete_doc(&self, tenant: &str, kind: DocKind, name: &str) -> Result<bool>;
+
+    // Credentials.
+    /// Stores a credential.
+    async fn insert_credential(&self, tenant: &str, credential: &Credential) -> Result<()>;
+    /// A device's credentials, newest first.
+    async fn credentials(&self, tenant: &str, device_id: &str) -> Result<Vec<Credential>>;
+    /// Marks a credential revoked.
+    async fn revoke_credential(&self, tenant: &str, device_id: &str, id: &str) -> Result<bool>;
+    /// Sets when a credential stops working (rotation overlap).
+    async fn expire_credential(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        id: &str,
+        at: Millis,
+    ) -> Result<bool>;
+
+    // Revoked certificates.
+    /// Revokes a certificate.
+    async fn revoke_cert(&self, cert: &RevokedCert) -> Result<()>;
+    /// Every revoked certificate (loaded into memory at start).
+    async fn revoked_certs(&self) -> Result<Vec<RevokedCert>>;
+
+    // API tokens.
+    /// Stores a token by the hash of its secret.
+    async fn insert_token(&self, token: &ApiToken, secret_hash: &str) -> Result<()>;
+    /// The token whose secret hashes to this.
+    async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<ApiToken>>;
+    /// Tokens (of a tenant, or all).
+    async fn tokens(&self, tenant: Option<&str>) -> Result<Vec<ApiToken>>;
+    /// A token by id.
+    async fn token(&self, id: &str) -> Result<Option<ApiToken>>;
+    /// Revokes a token.
+    async fn revoke_token(&self, id: &str) -> Result<bool>;
+
+    // Audit.
+    /// Appends events; their `seq` is assigned by the store.
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<()>;
+    /// Events matching the query, newest first.
+    async fn audit(&self, query: &AuditQuery) -> Result<Vec<AuditEvent>>;
+    /// Deletes events older than `before`; returns how many.
+    async fn purge_audit(&self, before: Millis) -> Result<u64>;
+}
+
+const SCHEMA_VERSION: i64 = 1;
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS tenants (
+    id TEXT PRIMARY KEY NOT NULL,
+    name TEXT NOT NULL,
+    settings TEXT NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS devices (
+    tenant TEXT NOT NULL,
+    id TEXT NOT NULL,
+    name TEXT NOT NULL,
+    type TEXT,
+    status TEXT NOT NULL,
+    tags TEXT NOT NULL,
+    attributes TEXT NOT NULL,
+    policy TEXT,
+    online INTEGER NOT NULL DEFAULT 0,
+    last_seen INTEGER NOT NULL DEFAULT 0,
+    remote_addr TEXT,
+    protocol TEXT,
+    created_at INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS devices_by_name ON devices (tenant, name, id);
+CREATE INDEX IF NOT EXISTS devices_by_created ON devices (tenant, created_at, id);
+CREATE INDEX IF NOT EXISTS devices_by_last_seen ON devices (tenant, last_seen, id);
+CREATE INDEX IF NOT EXISTS devices_by_type ON devices (tenant, type, id);
+CREATE TABLE IF NOT EXISTS device_tags (
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (tenant, key, value, device_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS group_members (
+    tenant TEXT NOT NULL,
+    group_name TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    PRIMARY KEY (tenant, group_name, device_id)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS group_members_by_device ON group_members (tenant, device_id);
+CREATE TABLE IF NOT EXISTS documents (
+    tenant TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    name TEXT NOT NULL,
+    body TEXT NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (tenant, kind, name)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS credentials (
+    id TEXT PRIMARY KEY NOT NULL,
+    tenant TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    label TEXT NOT NULL,
+    secret TEXT NOT NULL,
+    fingerprint TEXT,
+    serial TEXT,
+    expires_at INTEGER,
+    created_at INTEGER NOT NULL,
+    revoked_at INTEGER
+);
+CREATE INDEX IF NOT EXISTS credentials_by_device ON credentials (tenant, device_id);
+CREATE TABLE IF NOT EXISTS revoked_certs (
+    tenant TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    serial TEXT,
+    revoked_at INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    PRIMARY KEY (tenant, fingerprint)
+);
+CREATE TABLE IF NOT EXISTS api_tokens (
+    id TEXT PRIMARY KEY NOT NULL,
+    secret_hash TEXT NOT NULL UNIQUE,
+    name TEXT NOT NULL,
+    role TEXT NOT NULL,
+    tenant TEXT,
+    created_at INTEGER NOT NULL,
+    expires_at INTEGER,
+    revoked_at INTEGER,
+    created_by TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at INTEGER NOT NULL,
+    actor TEXT NOT NULL,
+    tenant TEXT,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    source TEXT,
+    result TEXT NOT NULL,
+    detail TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS audit_by_at ON audit (at);
+CREATE INDEX IF NOT EXISTS audit_by_tenant ON audit (tenant, seq);
+CREATE TRIGGER IF NOT EXISTS audit_is_append_only BEFORE UPDATE ON audit
+BEGIN SELECT RAISE(ABORT, 'the audit log is append-only'); END;
+"#;
+
+/// The embedded store: one SQLite database file.
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+/// Options of the embedded store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SqliteOptions {
+    /// `synchronous = FULL`: committed writes survive a power cut, not only a crash.
+    pub fsync: bool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub async fn open(path: &Path, options: SqliteOptions) -> Result<SqliteStore> {
+        let connect = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(if options.fsync {
+                SqliteSynchronous::Full
+            } else {
+                SqliteSynchronous::Normal
+            })
+            .busy_timeout(Duration::from_secs(10))
+            .pragma("cache_size", "-65536");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(connect)
+            .await?;
+        Self::init(pool).await
+    }
+
+    /// A private in-memory database (tests, `storage.persistence = false`).
+    pub async fn in_memory() -> Result<SqliteStore> {
+        let connect = SqliteConnectOptions::from_str("sqlite::memory:")?;
+        // One connection: every connection to `:memory:` is a different database.
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect)
+            .await?;
+        Self::init(pool).await
+    }
+
+    async fn init(pool: SqlitePool) -> Result<SqliteStore> {
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&pool)
+            .await?;
+        if version > SCHEMA_VERSION {
+            return Err(RegistryError::Corrupt(format!(
+                "the registry database has schema version {version}, newer than this binary \
+                 understands ({SCHEMA_VERSION}); run a newer ferrohub"
+            )));
+        }
+        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
+        sqlx::raw_sql(AssertSqlSafe(format!(
+            "PRAGMA user_version = {SCHEMA_VERSION}"
+        )))
+        .execute(&pool)
+        .await?;
+        Ok(SqliteStore { pool })
+    }
+
+    /// Closes the pool (flushes the WAL).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn json<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| RegistryError::Invalid(e.to_string()))
+}
+
+fn unjson<T: DeserializeOwned>(s: &str) -> Result<T> {
+    serde_json::from_str(s).map_err(|e| RegistryError::Corrupt(e.to_string()))
+}
+
+fn opt_millis(v: i64) -> Option<Millis> {
+    (v > 0).then_some(v)
+}
+
+const DEVICE_COLUMNS: &str = "d.tenant, d.id, d.name, d.type, d.status, d.tags, d.attributes, \
+     d.policy, d.online, d.last_seen, d.remote_addr, d.protocol, d.created_at, d.updated_at";
+
+fn device_from_row(row: &SqliteRow) -> Result<Device> {
+    Ok(Device {
+        tenant: row.try_get("tenant")?,
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        device_type: row.try_get("type")?,
+        status: DeviceStatus::parse(row.try_get::<&str, _>("status")?),
+        tags: unjson(row.try_get("tags")?)?,
+        attributes: unjson(row.try_get("attributes")?)?,
+        policy: row.try_get("policy")?,
+        groups: Vec::new(),
+        connectivity: Connectivity {
+            online: row.try_get::<i64, _>("online")? != 0,
+            last_seen: opt_millis(row.try_get("last_seen")?),
+            remote_addr: row.try_get("remote_addr")?,
+            protocol: row.try_get("protocol")?,
+        },
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn credential_from_row(row: &SqliteRow) -> Result<Credential> {
+    let kind: &str = row.try_get("kind")?;
+    Ok(Credential {
+        id: row.try_get("id")?,
+        device_id: row.try_get("device_id")?,
+        kind: CredentialKind::parse(kind)
+            .ok_or_else(|| RegistryError::Corrupt(format!("credential kind {kind}")))?,
+        label: row.try_get("label")?,
+        secret: row.try_get("secret")?,
+        fingerprint: row.try_get("fingerprint")?,
+        serial: row.try_get("serial")?,
+        expires_at: row.try_get("expires_at")?,
+        created_at: row.try_get("created_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> Result<ApiToken> {
+    Ok(ApiToken {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        role: Role::parse(row.try_get::<&str, _>("role")?),
+        tenant: row.try_get("tenant")?,
+        created_at: row.try_get("created_at")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked_at: row.try_get("revoked_at")?,
+        created_by: row.try_get("created_by")?,
+    })
+}
+
+fn audit_from_row(row: &SqliteRow) -> Result<AuditEvent> {
+    Ok(AuditEvent {
+        seq: row.try_get("seq")?,
+        at: row.try_get("at")?,
+        actor: row.try_get("actor")?,
+        tenant: row.try_get("tenant")?,
+        action: row.try_get("action")?,
+        target: row.try_get("target")?,
+        source: row.try_get("source")?,
+        result: if row.try_get::<&str, _>("result")? == "success" {
+            AuditResult::Success
+        } else {
+            AuditResult::Failure
+        },
+        detail: unjson(row.try_get("detail")?)?,
+    })
+}
+
+/// The sort column of a listing, as SQL, and the cursor value of a device for it.
+fn sort_column(sort: SortKey) -> &'static str {
+    match sort {
+        SortKey::Id => "d.id",
+        SortKey::Name => "d.name",
+        SortKey::CreatedAt => "d.created_at",
+        SortKey::LastSeen => "d.last_seen",
+    }
+}
+
+#[derive(Serialize, serde::Deserialize)]
+#[serde(untagged)]
+enum CursorValue {
+    Int(i64),
+    Text(String),
+}
+
+fn encode_cursor(sort: SortKey, d: &Device) -> String {
+    let value = match sort {
+        SortKey::Id => CursorValue::Text(String::new()),
+        SortKey::Name => CursorValue::Text(d.name.clone()),
+        SortKey::CreatedAt => CursorValue::Int(d.created_at),
+        SortKey::LastSeen => CursorValue::Int(d.connectivity.last_seen.unwrap_or(0)),
+    };
+    let raw = serde_json::to_vec(&(value, &d.id)).unwrap_or_default();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(cursor: &str) -> Result<(CursorValue, String)> {
+    let bad = || RegistryError::Invalid("cursor is not valid: pass next_cursor unchanged".into());
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    serde_json::from_slice(&raw).map_err(|_| bad())
+}
+
+async fn load_groups(
+    conn: &mut sqlx::SqliteConnection,
+    tenant: &str,
+    devices: &mut [Device],
+) -> Result<()> {
+    if devices.is_empty() {
+        return Ok(());
+    }
+    let mut qb: QueryBuilder<Sqlite> =
+        QueryBuilder::new("SELECT device_id, group_name FROM group_members WHERE tenant = ");
+    qb.push_bind(tenant);
+    qb.push(" AND device_id IN (");
+    let mut sep = qb.separated(", ");
+    for d in devices.iter() {
+        sep.push_bind(&d.id);
+    }
+    qb.push(") ORDER BY group_name");
+    let rows = qb.build().fetch_all(&mut *conn).await?;
+    let mut by_device: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for row in rows {
+        by_device
+            .entry(row.try_get("device_id")?)
+            .or_default()
+            .push(row.try_get("group_name")?);
+    }
+    for d in devices {
+        if let Some(g) = by_device.remove(&d.id) {
+            d.groups = g;
+        }
+    }
+    Ok(())
+}
+
+async fn write_device_children(
+    tx: &mut sqlx::SqliteConnection,
+    device: &Device,
+) -> Result<(), sqlx::Error> {
+    sqlx::query("DELETE FROM device_tags WHERE tenant = $1 AND device_id = $2")
+        .bind(&device.tenant)
+        .bind(&device.id)
+        .execute(&mut *tx)
+        .await?;
+    for (k, v) in &device.tags {
+        sqlx::query(
+            "INSERT INTO device_tags (tenant, key, value, device_id) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&device.tenant)
+        .bind(k)
+        .bind(v)
+        .bind(&device.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query("DELETE FROM group_members WHERE tenant = $1 AND device_id = $2")
+        .bind(&device.tenant)
+        .bind(&device.id)
+        .execute(&mut *tx)
+        .await?;
+    for g in &device.groups {
+        sqlx::query(
+            "INSERT OR IGNORE INTO group_members (tenant, group_name, device_id) VALUES ($1, $2, $3)",
+        )
+        .bind(&device.tenant)
+        .bind(g)
+        .bind(&device.id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    Ok(())
+}
+
+impl RegistryStore for SqliteStore {
+    async fn create_tenant(&self, t: &Tenant) -> Result<()> {
+        let r = sqlx::query(
+            "INSERT INTO tenants (id, name, settings, created_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(&t.id)
+        .bind(&t.name)
+        .bind(json(&t.settings)?)
+        .bind(t.created_at)
+        .execute(&self.pool)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(RegistryError::Conflict(format!("tenant {}", t.id)));
+        }
+        Ok(())
+    }
+
+    async fn tenant(&self, id: &str) -> Result<Option<Tenant>> {
+        let row = sqlx::query("SELECT id, name, settings, created_at FROM tenants WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| tenant_from_row(&r)).transpose()
+    }
+
+    async fn tenants(&self) -> Result<Vec<Tenant>> {
+        let rows = sqlx::query("SELECT id, name, settings, created_at FROM tenants ORDER BY id")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(tenant_from_row).collect()
+    }
+
+    async fn update_tenant(&self, t: &Tenant) -> Result<()> {
+        let r = sqlx::query("UPDATE tenants SET name = $2, settings = $3 WHERE id = $1")
+            .bind(&t.id)
+            .bind(&t.name)
+            .bind(json(&t.settings)?)
+            .execute(&self.pool)
+            .await?;
+        if r.rows_affected() == 0 {
+            return Err(RegistryError::NotFound(format!("tenant {}", t.id)));
+        }
+        Ok(())
+    }
+
+    async fn delete_tenant(&self, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        for table in [
+            "devices",
+            "device_tags",
+            "group_members",
+            "documents",
+            "credentials",
+            "revoked_certs",
+        ] {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE tenant = $1"
+            )))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $2 WHERE tenant = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(now_millis())
+        .execute(&mut *tx)
+        .await?;
+        let r = sqlx::query("DELETE FROM tenants WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn insert_devices(&self, devices: &[Device]) -> Result<Vec<Result<()>>> {
+        let mut tx = self.pool.begin().await?;
+        let mut results = Vec::with_capacity(devices.len());
+        for d in devices {
+            let r = sqlx::query(
+                "INSERT INTO devices (tenant, id, name, type, status, tags, attributes, policy, \
+                 created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+                 ON CONFLICT (tenant, id) DO NOTHING",
+            )
+            .bind(&d.tenant)
+            .bind(&d.id)
+            .bind(&d.name)
+            .bind(&d.device_type)
+            .bind(d.status.as_str())
+            .bind(json(&d.tags)?)
+            .bind(json(&d.attributes)?)
+            .bind(&d.policy)
+            .bind(d.created_at)
+            .bind(d.updated_at)
+            .execute(&mut *tx)
+            .await?;
+            if r.rows_affected() == 0 {
+                results.push(Err(RegistryError::Conflict(format!("device {}", d.id))));
+                continue;
+            }
+            write_device_children(&mut tx, d).await?;
+            results.push(Ok(()));
+        }
+        tx.commit().await?;
+        Ok(results)
+    }
+
+    async fn device(&self, tenant: &str, id: &str) -> Result<Option<Device>> {
+        let mut conn = self.pool.acquire().await?;
+        let row = sqlx::query(AssertSqlSafe(format!(
+            "SELECT {DEVICE_COLUMNS} FROM devices d WHERE d.tenant = $1 AND d.id = $2"
+        )))
+        .bind(tenant)
+        .bind(id)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let mut d = [device_from_row(&row)?];
+        load_groups(&mut conn, tenant, &mut d).await?;
+        let [d] = d;
+        Ok(Some(d))
+    }
+
+    async fn update_device(&self, d: &Device) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let r = sqlx::query(
+            "UPDATE devices SET name = $3, type = $4, status = $5, tags = $6, attributes = $7, \
+             policy = $8, updated_at = $9 WHERE tenant = $1 AND id = $2",
+        )
+        .bind(&d.tenant)
+        .bind(&d.id)
+        .bind(&d.name)
+        .bind(&d.device_type)
+        .bind(d.status.as_str())
+        .bind(json(&d.tags)?)
+        .bind(json(&d.attributes)?)
+        .bind(&d.policy)
+        .bind(d.updated_at)
+        .execute(&mut *tx)
+        .await?;
+        if r.rows_affected() == 0 {
+            return Err(RegistryError::NotFound(format!("device {}", d.id)));
+        }
+        write_device_children(&mut tx, d).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn delete_device(&self, tenant: &str, id: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
+        for table in ["device_tags", "group_members", "credentials"] {
+            sqlx::query(AssertSqlSafe(format!(
+                "DELETE FROM {table} WHERE tenant = $1 AND device_id = $2"
+            )))
+            .bind(tenant)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let r = sqlx::query("DELETE FROM devices WHERE tenant = $1 AND id = $2")
+            .bind(tenant)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn list_devices(
+        &self,
+        tenant: &str,
+        listing: &DeviceListing,
+        static_group: Option<&str>,
+    ) -> Result<Page<Device>> {
+        let limit = listing.limit.clamp(1, 1000);
+        let q = &listing.query;
+        let col = sort_column(listing.sort);
+        let (cmp, order) = if listing.descending {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
+        };
+        let mut tags = q.tags.iter();
+        // With a tag filter and id order, walk the tag index: it yields matching ids in order,
+        // so a page costs the page, however rare or common the tag.
+        let driving_tag = if listing.sort == SortKey::Id {
+            tags.next()
+        } else {
+            None
+        };
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} "));
+        match driving_tag {
+            Some((k, v)) => {
+                qb.push(
+                    "FROM device_tags t0 JOIN devices d ON d.tenant = t0.tenant \
+                     AND d.id = t0.device_id WHERE t0.tenant = ",
+                );
+                qb.push_bind(tenant);
+                qb.push(" AND t0.key = ");
+                qb.push_bind(k);
+                qb.push(" AND t0.value = ");
+                qb.push_bind(v);
+            }
+            None => {
+                qb.push("FROM devices d WHERE d.tenant = ");
+                qb.push_bind(tenant);
+            }
+        }
+        for (k, v) in tags {
+            qb.push(
+                " AND EXISTS (SELECT 1 FROM device_tags t WHERE t.tenant = d.tenant \
+                 AND t.device_id = d.id AND t.key = ",
+            );
+            qb.push_bind(k);
+            qb.push(" AND t.value = ");
+            qb.push_bind(v);
+            qb.push(")");
+        }
+        if let Some(t) = &q.device_type {
+            qb.push(" AND d.type = ");
+            qb.push_bind(t);
+        }
+        if let Some(s) = q.status {
+            qb.push(" AND d.status = ");
+            qb.push_bind(s.as_str());
+        }
+        if let Some(p) = &q.name_prefix {
+            // Range on the name index instead of LIKE (which would need escaping and a scan).
+            qb.push(" AND d.name >= ");
+            qb.push_bind(p);
+            qb.push(" AND d.name < ");
+            qb.push_bind(format!("{p}\u{10FFFF}"));
+        }
+        if let Some(o) = q.online {
+            qb.push(" AND d.online = ");
+            qb.push_bind(i64::from(o));
+        }
+        if let Some(g) = static_group {
+            qb.push(
+                " AND EXISTS (SELECT 1 FROM group_members g WHERE g.tenant = d.tenant \
+                 AND g.device_id = d.id AND g.group_name = ",
+            );
+            qb.push_bind(g);
+            qb.push(")");
+        }
+        if let Some(cursor) = &listing.cursor {
+            let (value, id) = decode_cursor(cursor)?;
+            match (listing.sort, value) {
+                (SortKey::Id, _) => {
+                    qb.push(format!(" AND d.id {cmp} "));
+                    qb.push_bind(id);
+                }
+                (SortKey::Name, CursorValue::Text(v)) => {
+                    qb.push(format!(" AND ({col}, d.id) {cmp} ("));
+                    qb.push_bind(v);
+                    qb.push(", ");
+                    qb.push_bind(id);
+                    qb.push(")");
+                }
+                (SortKey::CreatedAt | SortKey::LastSeen, CursorValue::Int(v)) => {
+                    qb.push(format!(" AND ({col}, d.id) {cmp} ("));
+                    qb.push_bind(v);
+                    qb.push(", ");
+                    qb.push_bind(id);
+                    qb.push(")");
+                }
+                _ => {
+                    return Err(RegistryError::Invalid(
+                        "cursor belongs to a listing with another sort order".into(),
+                    ));
+                }
+            }
+        }
+        if listing.sort == SortKey::Id {
+            qb.push(format!(" ORDER BY d.id {order}"));
+        } else {
+            qb.push(format!(" ORDER BY {col} {order}, d.id {order}"));
+        }
+        qb.push(" LIMIT ");
+        qb.push_bind(i64::from(limit) + 1);
+        let mut conn = self.pool.acquire().await?;
+        let rows = qb.build().fetch_all(&mut *conn).await?;
+        let mut items = rows
+            .iter()
+            .map(device_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        let more = items.len() > limit as usize;
+        items.truncate(limit as usize);
+        load_groups(&mut conn, tenant, &mut items).await?;
+        let next_cursor = if more {
+            items.last().map(|d| encode_cursor(listing.sort, d))
+        } else {
+            None
+        };
+        Ok(Page { items, next_cursor })
+    }
+
+    async fn count_devices(&self, tenant: &str) -> Result<u64> {
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM devices WHERE tenant = $1")
+            .bind(tenant)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n as u64)
+    }
+
+    async fn set_connectivity(&self, updates: &[ConnectivityUpdate]) -> Result<()> {
+        if updates.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for u in updates {
+            sqlx::query(
+                "UPDATE devices SET online = $3, last_seen = $4, remote_addr = $5, protocol = $6 \
+                 WHERE tenant = $1 AND id = $2",
+            )
+            .bind(&u.tenant)
+            .bind(&u.device_id)
+            .bind(i64::from(u.state.online))
+            .bind(u.state.last_seen.unwrap_or(0))
+            .bind(&u.state.remote_addr)
+            .bind(&u.state.protocol)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn reset_online(&self) -> Result<()> {
+        sqlx::query("UPDATE devices SET online = 0 WHERE online != 0")
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn add_member(&self, tenant: &str, group: &str, device_id: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT OR IGNORE INTO group_members (tenant, group_name, device_id) VALUES ($1, $2, $3)",
+        )
+        .bind(tenant)
+        .bind(group)
+        .bind(device_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn remove_member(&self, tenant: &str, group: &str, device_id: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "DELETE FROM group_members WHERE tenant = $1 AND group_name = $2 AND device_id = $3",
+        )
+        .bind(tenant)
+        .bind(group)
+        .bind(device_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn put_doc<T: Serialize + Sync>(
+        &self,
+        tenant: &str,
+        kind: DocKind,
+        name: &str,
+        doc: &T,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO documents (tenant, kind, name, body, updated_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (tenant, kind, name) DO UPDATE SET body = excluded.body, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(tenant)
+        .bind(kind.as_str())
+        .bind(name)
+        .bind(json(doc)?)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn doc<T: DeserializeOwned>(
+        &self,
+        tenant: &str,
+        kind: DocKind,
+        name: &str,
+    ) -> Result<Option<T>> {
+        let body: Option<String> = sqlx::query_scalar(
+            "SELECT body FROM documents WHERE tenant = $1 AND kind = $2 AND name = $3",
+        )
+        .bind(tenant)
+        .bind(kind.as_str())
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?;
+        body.map(|b| unjson(&b)).transpose()
+    }
+
+    async fn docs<T: DeserializeOwned>(
+        &self,
+        tenant: Option<&str>,
+        kind: DocKind,
+    ) -> Result<Vec<(String, T)>> {
+        let rows = sqlx::query(
+            "SELECT tenant, name, body FROM documents WHERE kind = $1 \
+             AND ($2 IS NULL OR tenant = $2) ORDER BY tenant, name",
+        )
+        .bind(kind.as_str())
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| Ok((r.try_get("name")?, unjson(r.try_get("body")?)?)))
+            .collect()
+    }
+
+    async fn delete_doc(&self, tenant: &str, kind: DocKind, name: &str) -> Result<bool> {
+        let r = sqlx::query("DELETE FROM documents WHERE tenant = $1 AND kind = $2 AND name = $3")
+            .bind(tenant)
+            .bind(kind.as_str())
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn insert_credential(&self, tenant: &str, c: &Credential) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO credentials (id, tenant, device_id, kind, label, secret, fingerprint, \
+             serial, expires_at, created_at, revoked_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+        )
+        .bind(&c.id)
+        .bind(tenant)
+        .bind(&c.device_id)
+        .bind(c.kind.as_str())
+        .bind(&c.label)
+        .bind(&c.secret)
+        .bind(&c.fingerprint)
+        .bind(&c.serial)
+        .bind(c.expires_at)
+        .bind(c.created_at)
+        .bind(c.revoked_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn credentials(&self, tenant: &str, device_id: &str) -> Result<Vec<Credential>> {
+        let rows = sqlx::query(
+            "SELECT * FROM credentials WHERE tenant = $1 AND device_id = $2 \
+             ORDER BY created_at DESC, id",
+        )
+        .bind(tenant)
+        .bind(device_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(credential_from_row).collect()
+    }
+
+    async fn revoke_credential(&self, tenant: &str, device_id: &str, id: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE credentials SET revoked_at = $4 WHERE tenant = $1 AND device_id = $2 \
+             AND id = $3 AND revoked_at IS NULL",
+        )
+        .bind(tenant)
+        .bind(device_id)
+        .bind(id)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn expire_credential(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        id: &str,
+        at: Millis,
+    ) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE credentials SET expires_at = $4 WHERE tenant = $1 AND device_id = $2 \
+             AND id = $3 AND (expires_at IS NULL OR expires_at > $4)",
+        )
+        .bind(tenant)
+        .bind(device_id)
+        .bind(id)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn revoke_cert(&self, c: &RevokedCert) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO revoked_certs (tenant, fingerprint, serial, revoked_at, reason) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tenant, fingerprint) DO NOTHING",
+        )
+        .bind(&c.tenant)
+        .bind(&c.fingerprint)
+        .bind(&c.serial)
+        .bind(c.revoked_at)
+        .bind(&c.reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn revoked_certs(&self) -> Result<Vec<RevokedCert>> {
+        let rows = sqlx::query("SELECT * FROM revoked_certs")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(RevokedCert {
+                    tenant: r.try_get("tenant")?,
+                    fingerprint: r.try_get("fingerprint")?,
+                    serial: r.try_get("serial")?,
+                    revoked_at: r.try_get("revoked_at")?,
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn insert_token(&self, t: &ApiToken, secret_hash: &str) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO api_tokens (id, secret_hash, name, role, tenant, created_at, expires_at, \
+             revoked_at, created_by) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(&t.id)
+        .bind(secret_hash)
+        .bind(&t.name)
+        .bind(t.role.as_str())
+        .bind(&t.tenant)
+        .bind(t.created_at)
+        .bind(t.expires_at)
+        .bind(t.revoked_at)
+        .bind(&t.created_by)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn token_by_hash(&self, secret_hash: &str) -> Result<Option<ApiToken>> {
+        let row = sqlx::query("SELECT * FROM api_tokens WHERE secret_hash = $1")
+            .bind(secret_hash)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| token_from_row(&r)).transpose()
+    }
+
+    async fn tokens(&self, tenant: Option<&str>) -> Result<Vec<ApiToken>> {
+        let rows = sqlx::query(
+            "SELECT * FROM api_tokens WHERE ($1 IS NULL OR tenant = $1) ORDER BY created_at, id",
+        )
+        .bind(tenant)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<ApiToken>> {
+        let row = sqlx::query("SELECT * FROM api_tokens WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|r| token_from_row(&r)).transpose()
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<bool> {
+        let r = sqlx::query(
+            "UPDATE api_tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL",
+        )
+        .bind(id)
+        .bind(now_millis())
+        .execute(&self.pool)
+        .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn append_audit(&self, events: &[AuditEvent]) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            sqlx::query(
+                "INSERT INTO audit (at, actor, tenant, action, target, source, result, detail) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            )
+            .bind(e.at)
+            .bind(&e.actor)
+            .bind(&e.tenant)
+            .bind(&e.action)
+            .bind(&e.target)
+            .bind(&e.source)
+            .bind(match e.result {
+                AuditResult::Success => "success",
+                AuditResult::Failure => "failure",
+            })
+            .bind(json(&e.detail)?)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit(&self, q: &AuditQuery) -> Result<Vec<AuditEvent>> {
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new("SELECT * FROM audit WHERE 1 = 1");
+        if let Some(t) = &q.tenant {
+            qb.push(" AND tenant = ");
+            qb.push_bind(t);
+        }
+        if let Some(a) = &q.action {
+            qb.push(" AND action >= ");
+            qb.push_bind(a);
+            qb.push(" AND action < ");
+            qb.push_bind(format!("{a}\u{10FFFF}"));
+        }
+        if let Some(a) = &q.actor {
+            qb.push(" AND actor = ");
+            qb.push_bind(a);
+        }
+        if let Some(t) = &q.target {
+            qb.push(" AND target = ");
+            qb.push_bind(t);
+        }
+        if let Some(r) = q.result {
+            qb.push(" AND result = ");
+            qb.push_bind(match r {
+                AuditResult::Success => "success",
+                AuditResult::Failure => "failure",
+            });
+        }
+        if let Some(s) = q.since {
+            qb.push(" AND at >= ");
+            qb.push_bind(s);
+        }
+        if let Some(u) = q.until {
+            qb.push(" AND at < ");
+            qb.push_bind(u);
+        }
+        if let Some(b) = q.before_seq {
+            qb.push(" AND seq < ");
+            qb.push_bind(b);
+        }
+        qb.push(" ORDER BY seq DESC LIMIT ");
+        qb.push_bind(i64::from(q.limit.unwrap_or(100).clamp(1, 1000)));
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(audit_from_row).collect()
+    }
+
+    async fn purge_audit(&self, before: Millis) -> Result<u64> {
+        let r = sqlx::query("DELETE FROM audit WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+}
+
+fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
+    Ok(Tenant {
+        id: r.try_get("id")?,
+        name: r.try_get("name")?,
+        settings: unjson(r.try_get("settings")?)?,
+        created_at: r.try_get("created_at")?,
+    })
+}

@@ -1,0 +1,232 @@
+//! Rate limits: token buckets for quotas and exponential back-off after failed authentication.
+//!
+//! Both are in memory and bounded: the back-off table forgets the oldest half when it is full, so
+//! a flood of distinct source addresses cannot grow it without limit.
+
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use hashbrown::HashMap;
+use parking_lot::Mutex;
+
+/// A token bucket refilled continuously at `rate` per second, holding at most `burst` tokens.
+///
+/// Lock-free (two atomics updated with compare-and-swap): it sits on the publish path.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate_milli_per_ms: u64,
+    burst_milli: u64,
+    epoch: Instant,
+    /// Last refill, in ms since `epoch`.
+    last_ms: AtomicU64,
+    tokens_milli: AtomicU64,
+}
+
+impl TokenBucket {
+    /// A bucket allowing `per_sec` units per second with a burst of one second's worth.
+    pub fn per_second(per_sec: u64) -> TokenBucket {
+        let burst_milli = per_sec.saturating_mul(1000).max(1000);
+        TokenBucket {
+            // per_sec units/s = per_sec milli-units per ms.
+            rate_milli_per_ms: per_sec,
+            burst_milli,
+            epoch: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            tokens_milli: AtomicU64::new(burst_milli),
+        }
+    }
+
+    /// Takes `units`; false when the bucket does not hold that many (nothing is taken then).
+    /// A request larger than the burst is admitted when the bucket is full, so that a single
+    /// large message is never refused forever.
+    pub fn try_take(&self, units: u64) -> bool {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        if now > last
+            && self
+                .last_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let add = (now - last).saturating_mul(self.rate_milli_per_ms);
+            let _ = self
+                .tokens_milli
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                    Some(t.saturating_add(add).min(self.burst_milli))
+                });
+        }
+        let want = units.saturating_mul(1000).min(self.burst_milli);
+        self.tokens_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                (t >= want).then(|| t - want)
+            })
+            .is_ok()
+    }
+}
+
+/// Back-off settings for failed authentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackoffConfig {
+    /// Failures allowed before back-off starts.
+    pub free_failures: u32,
+    /// First back-off, in milliseconds; doubles with every further failure.
+    pub initial_ms: u64,
+    /// Longest back-off, in milliseconds.
+    pub max_ms: u64,
+    /// How many keys (addresses, device ids) are tracked at most.
+    pub max_entries: usize,
+}
+
+impl Default for BackoffConfig {
+    fn default() -> Self {
+        BackoffConfig {
+            free_failures: 5,
+            initial_ms: 1000,
+            max_ms: 300_000,
+            max_entries: 100_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Failures {
+    count: u32,
+    blocked_until: Instant,
+    last: Instant,
+}
+
+/// Exponential back-off per key after repeated failures.
+#[derive(Debug)]
+pub struct Backoff<K> {
+    config: BackoffConfig,
+    entries: Mutex<HashMap<K, Failures>>,
+}
+
+impl<K: Hash + Eq + Clone> Backoff<K> {
+    /// An empty table.
+    pub fn new(config: BackoffConfig) -> Self {
+        Backoff {
+            config,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// How long `key` must still wait, if it is blocked.
+    pub fn blocked(&self, key: &K) -> Option<Duration> {
+        let now = Instant::now();
+        let entries = self.entries.lock();
+        let f = entries.get(key)?;
+        (f.blocked_until > now).then(|| f.blocked_until - now)
+    }
+
+    /// Records a failure; returns the back-off now in force (if any).
+    pub fn failure(&self, key: &K) -> Option<Duration> {
+        let now = Instant::now();
+        let mut entries = self.entries.lock();
+        if entries.len() >= self.config.max_entries && !entries.contains_key(key) {
+            // Forget the least recently failing half rather than grow.
+            let mut lasts: Vec<Instant> = entries.values().map(|f| f.last).collect();
+            let mid = lasts.len() / 2;
+            let (_, cut, _) = lasts.select_nth_unstable(mid);
+            let cut = *cut;
+            entries.retain(|_, f| f.last > cut || f.blocked_until > now);
+        }
+        let f = entries.entry(key.clone()).or_insert(Failures {
+            count: 0,
+            blocked_until: now,
+            last: now,
+        });
+        // A long quiet period resets the count.
+        if now.duration_since(f.last) > Duration::from_millis(self.config.max_ms.max(1) * 2) {
+            f.count = 0;
+        }
+        f.count = f.count.saturating_add(1);
+        f.last = now;
+        let over = f.count.saturating_sub(self.config.free_failures);
+        if over == 0 {
+            return None;
+        }
+        let delay = self
+            .config
+            .initial_ms
+            .saturating_mul(1u64 << (over - 1).min(20))
+            .min(self.config.max_ms);
+        let delay = Duration::from_millis(delay);
+        f.blocked_until = now + delay;
+        Some(delay)
+    }
+
+    /// Clears `key` after a success.
+    pub fn success(&self, key: &K) {
+        let mut entries = self.entries.lock();
+        if !entries.is_empty() {
+            entries.remove(key);
+        }
+    }
+
+    /// Tracked keys.
+    pub fn len(&self) -> usize {
+        self.entries.lock().len()
+    }
+
+    /// Whether nothing is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_admits_up_to_the_burst_then_refuses() {
+        let b = TokenBucket::per_second(10);
+        let admitted = (0..100).filter(|_| b.try_take(1)).count();
+        assert!((10..=11).contains(&admitted), "admitted {admitted}");
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(b.try_take(1), "refilled after 250 ms");
+    }
+
+    #[test]
+    fn oversized_request_passes_only_on_a_full_bucket() {
+        let b = TokenBucket::per_second(100);
+        assert!(b.try_take(1_000_000));
+        assert!(!b.try_take(1_000_000));
+    }
+
+    #[test]
+    fn backoff_grows_exponentially_and_resets_on_success() {
+        let cfg = BackoffConfig {
+            free_failures: 2,
+            initial_ms: 100,
+            max_ms: 350,
+            max_entries: 10,
+        };
+        let b = Backoff::new(cfg);
+        assert_eq!(b.failure(&"a"), None);
+        assert_eq!(b.failure(&"a"), None);
+        assert_eq!(b.failure(&"a"), Some(Duration::from_millis(100)));
+        assert_eq!(b.failure(&"a"), Some(Duration::from_millis(200)));
+        assert_eq!(b.failure(&"a"), Some(Duration::from_millis(350)));
+        assert!(b.blocked(&"a").is_some());
+        assert!(b.blocked(&"b").is_none());
+        b.success(&"a");
+        assert!(b.blocked(&"a").is_none());
+    }
+
+    #[test]
+    fn backoff_table_is_bounded() {
+        let b = Backoff::new(BackoffConfig {
+            max_entries: 100,
+            free_failures: 100,
+            ..BackoffConfig::default()
+        });
+        for i in 0..10_000 {
+            b.failure(&i);
+        }
+        assert!(b.len() <= 100, "{}", b.len());
+    }
+}
