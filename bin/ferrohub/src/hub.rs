@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferrohub_adapters::mqtt::{
-    AuthConfig, Authenticator, Broker, Credentials, Grant, Kick, Refusal, StaticUsers, Transport,
-    run_listener, spawn_sys_publisher, tls_acceptor_with_verifier,
+    AuthConfig, Authenticator, Broker, Credentials, Grant, Kick, Refusal, ServiceMessage,
+    StaticUsers, Transport, run_listener, spawn_sys_publisher, tls_acceptor_with_verifier,
 };
 use ferrohub_adapters::shutdown::{Shutdown, ShutdownTrigger};
 use ferrohub_registry::{Registry, SqliteOptions, SqliteStore};
@@ -72,6 +72,55 @@ impl Authenticator for HubAuthenticator {
         }
         self.registry.authenticate(c)
     }
+}
+
+/// The claim-provisioning service: requests arrive on `$provisioning/+/request/+` in any
+/// tenant; at most 16 are handled at once, the rest wait in a bounded queue.
+fn spawn_provisioning(
+    broker: Arc<Broker>,
+    registry: Arc<Registry>,
+    mut shutdown: ferrohub_adapters::shutdown::Shutdown,
+) -> JoinHandle<()> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<ServiceMessage>(1024);
+    broker.subscribe_service(ferrohub_registry::provisioning::REQUEST_FILTER, tx);
+    let slots = Arc::new(tokio::sync::Semaphore::new(16));
+    tokio::spawn(async move {
+        loop {
+            let request = tokio::select! {
+                _ = shutdown.wait() => break,
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => break,
+                },
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let (broker, registry) = (broker.clone(), registry.clone());
+            tokio::spawn(async move {
+                let m = &request.message;
+                if let Some((topic, answer)) = registry
+                    .handle_provisioning(request.tenant.as_str(), m.topic.as_str(), &m.payload)
+                    .await
+                {
+                    match serde_json::to_vec(&answer) {
+                        Ok(payload) => {
+                            broker
+                                .publish_from_service(
+                                    &request.tenant,
+                                    &topic,
+                                    payload.into(),
+                                    ferrohub_types::QoS::AtLeastOnce,
+                                )
+                                .await
+                        }
+                        Err(e) => tracing::error!(error = %e, "encoding a provisioning answer"),
+                    }
+                }
+                drop(slot);
+            });
+        }
+    })
 }
 
 impl Hub {
@@ -170,6 +219,11 @@ impl Hub {
             let mut sd = shutdown.clone();
             tasks.push(registry.spawn_background(async move { sd.wait().await }));
         }
+        tasks.push(spawn_provisioning(
+            broker.clone(),
+            registry.clone(),
+            shutdown.clone(),
+        ));
         let l = &config.listeners;
         let mut hub_addrs = [None; 4];
         if let Some(addr) = HubConfig::addr("mqtt", &l.mqtt)? {

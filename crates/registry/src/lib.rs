@@ -11,6 +11,7 @@ pub mod model;
 pub mod password;
 pub mod pki;
 pub mod policy;
+pub mod provisioning;
 pub mod service;
 pub mod store;
 pub mod throttle;

@@ -216,6 +216,7 @@ pub struct Registry {
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     kicker: OnceLock<Kicker>,
+    ca_creation: tokio::sync::Mutex<()>,
     /// Itself, for the access objects it hands out (they report disconnections back).
     me: Weak<Registry>,
     /// Prometheus counters.
@@ -272,6 +273,7 @@ impl Registry {
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
             kicker: OnceLock::new(),
+            ca_creation: tokio::sync::Mutex::new(()),
             metrics: RegistryMetrics::default(),
             config,
         });
@@ -1535,6 +1537,21 @@ impl Registry {
             .map_err(|e| RegistryError::Invalid(e.to_string()))
     }
 
+    /// Issues and pins a certificate for a device being provisioned; returns it with the CA PEM.
+    pub(crate) async fn issue_provisioned_certificate(
+        &self,
+        tenant: &str,
+        device: &str,
+        csr_pem: Option<String>,
+        days: u32,
+    ) -> Result<(crate::pki::IssuedCertificate, String)> {
+        let issued = self.issue_for(tenant, device, csr_pem, days).await?;
+        self.pin_certificate(tenant, device, &issued.info, None)
+            .await?;
+        let ca = self.builtin_ca(tenant).await?.cert_pem().to_string();
+        Ok((issued, ca))
+    }
+
     async fn pin_certificate(
         &self,
         tenant: &str,
@@ -1809,9 +1826,12 @@ impl Registry {
     // ---- certificate authorities ------------------------------------------------------------
 
     async fn builtin_ca(&self, tenant: &str) -> Result<CertificateAuthority> {
+        // Two first issues at once must not create two CAs (the second would replace the first
+        // in the trust store, orphaning the certificate the first one signed).
+        let _creating = self.ca_creation.lock().await;
         if let Some(rec) = self
             .store
-            .doc::<CaRecord>(tenant, DocKind::Ca, "builtin")
+            .doc::<StoredCa>(tenant, DocKind::Ca, "builtin")
             .await?
             && let Some(key) = &rec.key_pem
         {

@@ -12,8 +12,8 @@ use ferrohub_store::{
 };
 use ferrohub_types::{Message, QoS, SharedFilter, TenantId, TopicName, parse_shared};
 use hashbrown::HashMap;
-use parking_lot::Mutex;
-use tokio::sync::{Semaphore, oneshot};
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use super::auth::AuthConfig;
 use super::config::MqttConfig;
@@ -41,6 +41,21 @@ pub(crate) struct Published {
     /// Resolves when the persisted part (queued copies for persistent sessions, retained
     /// message, extra ops) is durable; `None` when nothing had to be persisted.
     pub commit: Option<Commit>,
+}
+
+/// A message for a hub service (provisioning, and later twins, commands, jobs), from any tenant.
+#[derive(Debug, Clone)]
+pub struct ServiceMessage {
+    /// The tenant it was published in.
+    pub tenant: TenantId,
+    /// The message.
+    pub message: Arc<Message>,
+}
+
+/// A service's subscription to reserved `$`-topics across all tenants.
+struct ServiceSubscription {
+    filter: String,
+    tx: mpsc::Sender<ServiceMessage>,
 }
 
 /// A Will Message waiting for its connection to end.
@@ -74,6 +89,8 @@ pub struct Broker {
     pub(crate) started: Instant,
     pub(crate) connection_slots: Arc<Semaphore>,
     pub(crate) shutdown: Shutdown,
+    /// Hub services listening on reserved topics.
+    services: RwLock<Vec<ServiceSubscription>>,
 }
 
 impl Broker {
@@ -98,6 +115,7 @@ impl Broker {
             auth,
             started: Instant::now(),
             shutdown,
+            services: RwLock::new(Vec::new()),
         });
         broker.restore(recovered);
         broker
@@ -599,8 +617,12 @@ impl Broker {
             }
         }
         tenant_router.route(publisher, &message, scratch);
+        // Services listen on reserved `$`-topics only, so ordinary traffic skips the lookup.
+        let to_service = message.topic.as_str().starts_with('$')
+            && publisher != 0
+            && self.deliver_to_services(tenant, &message);
         let mut result = Published {
-            matched: !scratch.is_empty(),
+            matched: !scratch.is_empty() || to_service,
             ..Published::default()
         };
         let mut message_id = 0;
@@ -665,6 +687,61 @@ impl Broker {
         }
         self.submit(undo).await;
         result
+    }
+
+    /// Subscribes a hub service to a reserved topic filter (it must start with `$`) in every
+    /// tenant. Messages that devices publish there are handed to `tx` at most once; when the
+    /// service's queue is full the message is dropped and counted
+    /// (`dropped_total{reason="service_busy"}`), so a slow service never stalls publishers.
+    pub fn subscribe_service(&self, filter: &str, tx: mpsc::Sender<ServiceMessage>) {
+        self.services.write().push(ServiceSubscription {
+            filter: filter.to_string(),
+            tx,
+        });
+    }
+
+    fn deliver_to_services(&self, tenant: &TenantId, message: &Arc<Message>) -> bool {
+        let services = self.services.read();
+        let mut matched = false;
+        for s in services.iter() {
+            if ferrohub_types::filter_matches(&s.filter, message.topic.as_str()) {
+                matched = true;
+                let m = ServiceMessage {
+                    tenant: tenant.clone(),
+                    message: message.clone(),
+                };
+                if s.tx.try_send(m).is_err() {
+                    self.metrics.drop_message(DropReason::ServiceBusy);
+                }
+            }
+        }
+        matched
+    }
+
+    /// Publishes a message from a hub service to a tenant's subscribers.
+    pub async fn publish_from_service(
+        &self,
+        tenant: &TenantId,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+    ) {
+        let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
+            return;
+        };
+        let message = Arc::new(Message {
+            topic,
+            payload,
+            qos,
+            retain: false,
+            received_at: now_millis(),
+            properties: None,
+        });
+        let tenant_router = self.router.tenant(tenant);
+        let mut scratch = Vec::new();
+        let _ = self
+            .publish(&tenant_router, 0, message, Vec::new(), &mut scratch)
+            .await;
     }
 
     /// Publishes a message from the hub itself (`$SYS`, services) to a tenant.

@@ -62,10 +62,12 @@ pub enum DropReason {
     NotAuthorized,
     /// Over the device's or tenant's message or byte rate (v5: PUBACK 0x97 Quota exceeded).
     RateLimited,
+    /// A hub service's queue was full.
+    ServiceBusy,
 }
 
 impl DropReason {
-    const ALL: [DropReason; 8] = [
+    const ALL: [DropReason; 9] = [
         DropReason::OfflineQos0,
         DropReason::QueueFull,
         DropReason::QuotaRefused,
@@ -74,6 +76,7 @@ impl DropReason {
         DropReason::SessionEnded,
         DropReason::NotAuthorized,
         DropReason::RateLimited,
+        DropReason::ServiceBusy,
     ];
 
     fn label(self) -> &'static str {
@@ -84,6 +87,7 @@ impl DropReason {
             DropReason::Expired => "expired",
             DropReason::NotAuthorized => "not_authorized",
             DropReason::RateLimited => "rate_limited",
+            DropReason::ServiceBusy => "service_busy",
             DropReason::TooLargeForClient => "too_large_for_client",
             DropReason::SessionEnded => "session_ended",
         }
