@@ -1237,3 +1237,305 @@ fn tenant_from_row(r: &SqliteRow) -> Result<Tenant> {
         created_at: r.try_get("created_at")?,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn device(i: usize) -> Device {
+        let mut tags = BTreeMap::new();
+        tags.insert("site".to_string(), format!("s{}", i % 5));
+        if i % 10 == 0 {
+            tags.insert("rare".to_string(), "yes".to_string());
+        }
+        Device {
+            id: format!("d{i:04}"),
+            tenant: "t".into(),
+            // Names collide on purpose: the id breaks ties.
+            name: format!("n{}", (i * 7) % 50),
+            device_type: (i % 3 == 0).then(|| "meter".to_string()),
+            tags,
+            attributes: empty_object(),
+            status: if i % 4 == 0 {
+                DeviceStatus::Disabled
+            } else {
+                DeviceStatus::Enabled
+            },
+            policy: None,
+            groups: if i % 2 == 0 {
+                vec!["even".into()]
+            } else {
+                vec![]
+            },
+            connectivity: Connectivity::default(),
+            created_at: 1_000 + ((i * 13) % 97) as i64,
+            updated_at: 0,
+        }
+    }
+
+    async fn seeded() -> (SqliteStore, Vec<Device>) {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let devices: Vec<Device> = (0..300).map(device).collect();
+        let r = s.insert_devices(&devices).await.unwrap();
+        assert!(r.iter().all(Result::is_ok));
+        // Connectivity for a third of them.
+        let updates: Vec<ConnectivityUpdate> = devices
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 3 == 1)
+            .map(|(i, d)| ConnectivityUpdate {
+                tenant: "t".into(),
+                device_id: d.id.clone(),
+                state: Connectivity {
+                    online: i % 2 == 0,
+                    last_seen: Some(5_000 + ((i * 31) % 71) as i64),
+                    remote_addr: Some("127.0.0.1:1".into()),
+                    protocol: Some("mqtt".into()),
+                },
+            })
+            .collect();
+        s.set_connectivity(&updates).await.unwrap();
+        let mut expected = Vec::new();
+        for d in devices {
+            expected.push(s.device("t", &d.id).await.unwrap().unwrap());
+        }
+        (s, expected)
+    }
+
+    async fn walk(s: &SqliteStore, mut listing: DeviceListing, group: Option<&str>) -> Vec<String> {
+        let mut out = Vec::new();
+        for _ in 0..1000 {
+            let page = s.list_devices("t", &listing, group).await.unwrap();
+            assert!(page.items.len() <= listing.limit as usize);
+            out.extend(page.items.into_iter().map(|d| d.id));
+            match page.next_cursor {
+                Some(c) => listing.cursor = Some(c),
+                None => return out,
+            }
+        }
+        panic!("pagination did not end");
+    }
+
+    #[tokio::test]
+    async fn every_sort_and_filter_pages_through_exactly_the_matching_devices_in_order() {
+        let (s, all) = seeded().await;
+        let queries = [
+            DeviceQuery::default(),
+            DeviceQuery {
+                tags: [("site".to_string(), "s2".to_string())].into(),
+                ..Default::default()
+            },
+            DeviceQuery {
+                tags: [
+                    ("site".to_string(), "s0".to_string()),
+                    ("rare".to_string(), "yes".to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            },
+            DeviceQuery {
+                device_type: Some("meter".into()),
+                status: Some(DeviceStatus::Enabled),
+                ..Default::default()
+            },
+            DeviceQuery {
+                name_prefix: Some("n1".into()),
+                ..Default::default()
+            },
+            DeviceQuery {
+                online: Some(true),
+                ..Default::default()
+            },
+        ];
+        for q in &queries {
+            for group in [None, Some("even")] {
+                for sort in [
+                    SortKey::Id,
+                    SortKey::Name,
+                    SortKey::CreatedAt,
+                    SortKey::LastSeen,
+                ] {
+                    for descending in [false, true] {
+                        let mut want: Vec<&Device> = all
+                            .iter()
+                            .filter(|d| q.matches(d))
+                            .filter(|d| group.is_none_or(|g| d.groups.iter().any(|x| x == g)))
+                            .collect();
+                        want.sort_by(|a, b| {
+                            let key = |d: &Device| match sort {
+                                SortKey::Id => (String::new(), 0, d.id.clone()),
+                                SortKey::Name => (d.name.clone(), 0, d.id.clone()),
+                                SortKey::CreatedAt => (String::new(), d.created_at, d.id.clone()),
+                                SortKey::LastSeen => (
+                                    String::new(),
+                                    d.connectivity.last_seen.unwrap_or(0),
+                                    d.id.clone(),
+                                ),
+                            };
+                            key(a).cmp(&key(b))
+                        });
+                        if descending {
+                            want.reverse();
+                        }
+                        let want: Vec<String> = want.iter().map(|d| d.id.clone()).collect();
+                        let got = walk(
+                            &s,
+                            DeviceListing {
+                                query: q.clone(),
+                                sort,
+                                descending,
+                                limit: 7,
+                                ..Default::default()
+                            },
+                            group,
+                        )
+                        .await;
+                        assert_eq!(
+                            got, want,
+                            "{q:?} group={group:?} {sort:?} desc={descending}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cursor_from_another_sort_or_garbage_is_refused() {
+        let (s, _) = seeded().await;
+        let page = s
+            .list_devices(
+                "t",
+                &DeviceListing {
+                    sort: SortKey::Name,
+                    limit: 5,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        let listing = DeviceListing {
+            sort: SortKey::CreatedAt,
+            limit: 5,
+            cursor: page.next_cursor,
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.list_devices("t", &listing, None).await,
+            Err(RegistryError::Invalid(_))
+        ));
+        let listing = DeviceListing {
+            limit: 5,
+            cursor: Some("%%%".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            s.list_devices("t", &listing, None).await,
+            Err(RegistryError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn duplicates_conflict_and_deletion_removes_tags_memberships_and_credentials() {
+        let (s, _) = seeded().await;
+        let r = s.insert_devices(&[device(1), device(999)]).await.unwrap();
+        assert!(matches!(r[0], Err(RegistryError::Conflict(_))));
+        assert!(r[1].is_ok());
+        let c = Credential {
+            id: "c1".into(),
+            device_id: "d0000".into(),
+            kind: CredentialKind::Password,
+            label: "p".into(),
+            fingerprint: None,
+            serial: None,
+            expires_at: None,
+            created_at: 1,
+            revoked_at: None,
+            secret: "phc".into(),
+        };
+        s.insert_credential("t", &c).await.unwrap();
+        assert!(s.delete_device("t", "d0000").await.unwrap());
+        assert!(s.credentials("t", "d0000").await.unwrap().is_empty());
+        let listing = DeviceListing {
+            query: DeviceQuery {
+                tags: [("rare".to_string(), "yes".to_string())].into(),
+                ..Default::default()
+            },
+            limit: 1000,
+            ..Default::default()
+        };
+        let ids = walk(&s, listing, Some("even")).await;
+        assert!(!ids.contains(&"d0000".to_string()));
+        // Other tenants see nothing.
+        let other = s
+            .list_devices(
+                "u",
+                &DeviceListing {
+                    limit: 10,
+                    ..Default::default()
+                },
+                None,
+            )
+            .await
+            .unwrap();
+        assert!(other.items.is_empty());
+    }
+
+    #[tokio::test]
+    async fn the_audit_log_is_append_only() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let e = AuditEvent {
+            seq: 0,
+            at: 10,
+            actor: "system".into(),
+            tenant: Some("t".into()),
+            action: "device.create".into(),
+            target: "d1".into(),
+            source: None,
+            result: AuditResult::Success,
+            detail: serde_json::json!({}),
+        };
+        s.append_audit(&[
+            e.clone(),
+            AuditEvent {
+                at: 20,
+                ..e.clone()
+            },
+        ])
+        .await
+        .unwrap();
+        let got = s.audit(&AuditQuery::default()).await.unwrap();
+        assert_eq!(got.len(), 2);
+        assert!(got[0].seq > got[1].seq, "newest first");
+        let update = sqlx::query("UPDATE audit SET actor = 'mallory'")
+            .execute(&s.pool)
+            .await;
+        assert!(update.is_err(), "the trigger refuses updates");
+        assert_eq!(s.purge_audit(15).await.unwrap(), 1);
+        let q = AuditQuery {
+            action: Some("device.".into()),
+            ..Default::default()
+        };
+        assert_eq!(s.audit(&q).await.unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_database_from_a_newer_version_is_refused_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        let s = SqliteStore::open(&path, SqliteOptions { fsync: false })
+            .await
+            .unwrap();
+        sqlx::raw_sql("PRAGMA user_version = 99")
+            .execute(&s.pool)
+            .await
+            .unwrap();
+        s.close().await;
+        let err = SqliteStore::open(&path, SqliteOptions { fsync: false })
+            .await
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("newer"), "{err}");
+    }
+}
