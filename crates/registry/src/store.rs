@@ -1245,7 +1245,7 @@ mod tests {
     fn device(i: usize) -> Device {
         let mut tags = BTreeMap::new();
         tags.insert("site".to_string(), format!("s{}", i % 5));
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             tags.insert("rare".to_string(), "yes".to_string());
         }
         Device {
@@ -1253,16 +1253,16 @@ mod tests {
             tenant: "t".into(),
             // Names collide on purpose: the id breaks ties.
             name: format!("n{}", (i * 7) % 50),
-            device_type: (i % 3 == 0).then(|| "meter".to_string()),
+            device_type: (i.is_multiple_of(3)).then(|| "meter".to_string()),
             tags,
             attributes: empty_object(),
-            status: if i % 4 == 0 {
+            status: if i.is_multiple_of(4) {
                 DeviceStatus::Disabled
             } else {
                 DeviceStatus::Enabled
             },
             policy: None,
-            groups: if i % 2 == 0 {
+            groups: if i.is_multiple_of(2) {
                 vec!["even".into()]
             } else {
                 vec![]
@@ -1287,7 +1287,7 @@ mod tests {
                 tenant: "t".into(),
                 device_id: d.id.clone(),
                 state: Connectivity {
-                    online: i % 2 == 0,
+                    online: i.is_multiple_of(2),
                     last_seen: Some(5_000 + ((i * 31) % 71) as i64),
                     remote_addr: Some("127.0.0.1:1".into()),
                     protocol: Some("mqtt".into()),
