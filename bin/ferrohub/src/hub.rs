@@ -285,6 +285,7 @@ impl Hub {
             hub_addrs[3] = Some(listener.local_addr()?);
             let b = broker.clone();
             let state = ferrohub_api::ApiState {
+                registry: Some(registry.clone()),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();

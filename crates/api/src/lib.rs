@@ -1,20 +1,29 @@
 //! The operator-facing HTTP server.
 //!
-//! Today it serves what operations tooling needs from day one: `/healthz` (the process is alive),
-//! `/readyz` (listeners are bound and recovered state is loaded) and `/metrics` (Prometheus text).
-//! The `/api/v1` operator API, its OpenAPI document and the console are added here by later work.
+//! It serves what operations tooling needs — `/healthz` (the process is alive), `/readyz`
+//! (listeners are bound and recovered state is loaded) and `/metrics` (Prometheus text), all
+//! unauthenticated — and the operator API under `/api/v1` (bearer tokens; see
+//! `docs/http-api.md`), whose OpenAPI 3.1 document is served at `/api/v1/openapi.json`.
 //! Like every server in Ferrohub it takes an already-bound listener and a shutdown future.
 
+pub mod error;
+pub mod extract;
+pub mod v1;
+
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use ferrohub_registry::Registry;
 use tokio::net::TcpListener;
+
+use crate::error::ApiError;
 
 /// Renders Prometheus text exposition into the buffer.
 pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
@@ -26,15 +35,39 @@ pub struct ApiState {
     pub ready: Arc<AtomicBool>,
     /// Produces the metrics text.
     pub metrics: MetricsRenderer,
+    /// The device registry behind `/api/v1`; `None` answers those routes with 503.
+    pub registry: Option<Arc<Registry>>,
 }
 
-/// The HTTP routes.
+/// The HTTP routes: health, readiness and metrics, and the operator API under `/api/v1`.
 pub fn router(state: ApiState) -> Router {
+    let (api, _openapi) = v1::build();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .merge(api)
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
+}
+
+async fn no_route(method: Method, uri: Uri) -> ApiError {
+    ApiError::not_found(format!(
+        "there is no route {method} {}; the operator API is described at /api/v1/openapi.json",
+        uri.path()
+    ))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        format!(
+            "{} does not accept {method}; the methods of each route are in /api/v1/openapi.json",
+            uri.path()
+        ),
+    )
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -61,13 +94,17 @@ async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     )
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Serves `router` on `listener` until `shutdown` resolves. Handlers see the client's address
+/// (`ConnectInfo<SocketAddr>`): API actions are audited with it.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
 }

@@ -1,0 +1,144 @@
+//! The `/api/v1` operator API: routes, and the OpenAPI document generated from the same
+//! declarations (every route is registered with `utoipa_axum::routes!`, which takes the method
+//! and path from the handler's `#[utoipa::path]`, so the router and the document cannot diverge).
+
+pub mod catalog;
+pub mod credentials;
+pub mod devices;
+pub mod import;
+pub mod pki;
+pub mod tenants;
+pub mod tokens;
+
+use std::sync::OnceLock;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::header;
+use axum::response::IntoResponse;
+use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa_axum::router::{OpenApiRouter, UtoipaMethodRouterExt};
+use utoipa_axum::routes;
+
+use crate::ApiState;
+use ferrohub_registry::model::{AuditResult, DeviceStatus, Role, SortKey};
+
+use crate::error::ErrorBody;
+
+/// Where the API lives.
+pub const PREFIX: &str = "/api/v1";
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(
+                        "An API token: `Authorization: Bearer <secret>`. The bootstrap admin token \
+                         is printed at the hub's first start (or set with FERROHUB_ADMIN_TOKEN); \
+                         more are created with POST /api/v1/tokens.",
+                    ))
+                    .build(),
+            ),
+        );
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Ferrohub operator API",
+        description = "Manage tenants, devices, credentials, groups, policies, certificate \
+                       authorities, API tokens and the audit log. Every error is \
+                       `{\"code\": \"...\", \"message\": \"...\"}`; see docs/http-api.md."
+    ),
+    modifiers(&BearerAuth),
+    security(("bearer" = [])),
+    components(schemas(ErrorBody, SortKey, DeviceStatus, AuditResult, Role)),
+    tags(
+        (name = "tenants", description = "Isolated namespaces"),
+        (name = "devices", description = "The device registry"),
+        (name = "credentials", description = "Device passwords, certificates, JWT keys and tokens"),
+        (name = "groups", description = "Static and dynamic device groups"),
+        (name = "device-types", description = "Defaults for devices of a kind"),
+        (name = "policies", description = "Authorization policies"),
+        (name = "pki", description = "Certificate authorities, provisioning templates, revocation, token keys"),
+        (name = "tokens", description = "Operator API tokens"),
+        (name = "audit", description = "The audit log"),
+        (name = "meta", description = "This document"),
+    )
+)]
+struct ApiDoc;
+
+/// The OpenAPI 3.1 document of the API (unauthenticated).
+#[utoipa::path(get, path = "/openapi.json", tag = "meta", security(()),
+    responses((status = 200, description = "This OpenAPI 3.1 document", body = serde_json::Value)))]
+pub async fn openapi_json() -> impl IntoResponse {
+    static JSON: OnceLock<String> = OnceLock::new();
+    let body = JSON.get_or_init(|| {
+        openapi()
+            .to_pretty_json()
+            .unwrap_or_else(|e| format!("{{\"error\": \"{e}\"}}"))
+    });
+    ([(header::CONTENT_TYPE, "application/json")], body.as_str())
+}
+
+fn routes() -> OpenApiRouter<ApiState> {
+    use catalog::*;
+    use credentials::*;
+    use devices::*;
+    use pki::*;
+    use tenants::*;
+    use tokens::*;
+
+    OpenApiRouter::new()
+        .routes(routes!(openapi_json))
+        .routes(routes!(list_tenants, create_tenant))
+        .routes(routes!(get_tenant, update_tenant, delete_tenant))
+        .routes(routes!(list_devices, create_device))
+        .routes(routes!(get_device, update_device, delete_device))
+        .routes(
+            routes!(import::import_devices).layer(DefaultBodyLimit::max(import::IMPORT_BODY_LIMIT)),
+        )
+        .routes(routes!(list_credentials, create_credential))
+        .routes(routes!(revoke_credential))
+        .routes(routes!(device_token))
+        .routes(routes!(list_groups))
+        .routes(routes!(get_group, put_group, delete_group))
+        .routes(routes!(add_member, remove_member))
+        .routes(routes!(list_device_types))
+        .routes(routes!(
+            get_device_type,
+            put_device_type,
+            delete_device_type
+        ))
+        .routes(routes!(list_policies))
+        .routes(routes!(get_policy, put_policy, delete_policy))
+        .routes(routes!(list_cas))
+        .routes(routes!(builtin_ca_certificate))
+        .routes(routes!(put_ca, delete_ca))
+        .routes(routes!(list_templates))
+        .routes(routes!(get_template, put_template))
+        .routes(routes!(revoke_certificate))
+        .routes(routes!(put_token_key))
+        .routes(routes!(list_tokens, create_token))
+        .routes(routes!(revoke_token))
+        .routes(routes!(query_audit))
+}
+
+/// The API's routes under [`PREFIX`], and its OpenAPI document.
+pub fn build() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .nest(PREFIX, routes())
+        .split_for_parts()
+}
+
+/// The OpenAPI document.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    build().1
+}

@@ -1,0 +1,87 @@
+//! Behaviour the API relies on that the registry does not provide yet. These tests are ignored
+//! until the registry is fixed (run them with `cargo test -p ferrohub-api -- --ignored`).
+
+use std::time::Duration;
+
+use crate::common::*;
+use crate::credentials::key_ids;
+
+/// `Registry::builtin_ca` reads the stored record as `CaRecord`, whose `key_pem` is
+/// `#[serde(skip)]`, so it never finds the key and generates (and trusts) a new CA on every
+/// issuance: certificates issued earlier no longer chain to the tenant's CA.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "registry: the built-in CA is regenerated on every certificate issuance"]
+async fn builtin_ca_is_stable_across_issuances() {
+    bounded(60, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("ca").await;
+        admin.device("ca", json!({"id": "a"})).await;
+        admin.device("ca", json!({"id": "b"})).await;
+        let first = admin
+            .post(
+                "/tenants/ca/devices/a/credentials",
+                json!({"kind": "certificate"}),
+            )
+            .await
+            .expect(201);
+        let second = admin
+            .post(
+                "/tenants/ca/devices/b/credentials",
+                json!({"kind": "certificate"}),
+            )
+            .await
+            .expect(201);
+        assert_eq!(first["ca_pem"], second["ca_pem"], "the built-in CA changed");
+        let current = admin
+            .get("/tenants/ca/cas/builtin/certificate")
+            .await
+            .expect(200);
+        let (aki, _) = key_ids(first["certificate_pem"].as_str().unwrap());
+        let (_, ski) = key_ids(current.as_str().unwrap());
+        assert_eq!(
+            aki, ski,
+            "the first device's certificate no longer chains to the CA"
+        );
+        hub.stop().await;
+    })
+    .await;
+}
+
+/// `Registry::delete_group` deletes the group document but not its `group_members` rows: the
+/// devices keep listing the group, and a new static group of the same name inherits them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "registry: deleting a group leaves its memberships behind"]
+async fn deleting_a_group_removes_its_memberships() {
+    bounded(60, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("gd").await;
+        admin
+            .put("/tenants/gd/groups/g", json!({}))
+            .await
+            .expect(200);
+        admin
+            .device("gd", json!({"id": "d", "groups": ["g"]}))
+            .await;
+        admin.delete("/tenants/gd/groups/g").await.expect(204);
+        let d = admin.get("/tenants/gd/devices/d").await.expect(200);
+        assert_eq!(d["groups"], json!([]), "{d}");
+        admin
+            .put("/tenants/gd/groups/g", json!({}))
+            .await
+            .expect(200);
+        assert!(admin.all_devices("gd", "group=g", 100).await.is_empty());
+        hub.stop().await;
+    })
+    .await;
+}
+
+/// Every device insert runs `DELETE FROM device_tags WHERE tenant = ? AND device_id = ?`, which
+/// has no index to use (the key is `(tenant, key, value, device_id)`) and scans all the tenant's
+/// tags: imports are quadratic in the tenant's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "registry: device inserts scan the tenant's tags (no (tenant, device_id) index)"]
+async fn ten_thousand_row_import_within_30_s() {
+    crate::import::import_ten_thousand(Duration::from_secs(30)).await;
+}
