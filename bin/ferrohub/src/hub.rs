@@ -207,10 +207,18 @@ impl Hub {
             shutdown.clone(),
         );
         {
-            let broker = Arc::downgrade(&broker);
+            let b = Arc::downgrade(&broker);
             registry.set_kicker(Arc::new(move |tenant: &TenantId, client_id: &str| {
-                if let Some(b) = broker.upgrade() {
+                if let Some(b) = b.upgrade() {
                     b.kick_client(tenant, client_id, Kick::NotAuthorized);
+                }
+            }));
+            let b = Arc::downgrade(&broker);
+            registry.set_session_discarder(Arc::new(move |tenant: TenantId, client_id: String| {
+                if let Some(b) = b.upgrade() {
+                    tokio::spawn(async move {
+                        b.discard_session(&tenant, &client_id).await;
+                    });
                 }
             }));
         }

@@ -216,6 +216,7 @@ pub struct Registry {
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     kicker: OnceLock<Kicker>,
+    discarder: OnceLock<SessionDiscarder>,
     ca_creation: tokio::sync::Mutex<()>,
     /// Itself, for the access objects it hands out (they report disconnections back).
     me: Weak<Registry>,
@@ -225,6 +226,10 @@ pub struct Registry {
 
 /// Tells the broker to close a client's connection: `(tenant, client_id)`.
 pub type Kicker = Arc<dyn Fn(&TenantId, &str) + Send + Sync>;
+
+/// Tells the broker to delete a client's session with everything queued for it:
+/// `(tenant, client_id)`. Called when a device is decommissioned.
+pub type SessionDiscarder = Arc<dyn Fn(TenantId, String) + Send + Sync>;
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
@@ -273,6 +278,7 @@ impl Registry {
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
             kicker: OnceLock::new(),
+            discarder: OnceLock::new(),
             ca_creation: tokio::sync::Mutex::new(()),
             metrics: RegistryMetrics::default(),
             config,
@@ -318,6 +324,11 @@ impl Registry {
     /// Sets how the registry closes connections (wired by the hub to the broker).
     pub fn set_kicker(&self, kicker: Kicker) {
         let _ = self.kicker.set(kicker);
+    }
+
+    /// Sets how decommissioning deletes a device's broker sessions (wired by the hub).
+    pub fn set_session_discarder(&self, discarder: SessionDiscarder) {
+        let _ = self.discarder.set(discarder);
     }
 
     /// Starts the background work: connectivity flushes, the security-audit writer and audit
@@ -1111,7 +1122,28 @@ impl Registry {
         }
         self.forget_device(tenant, id);
         let key = (tenant.to_string(), id.to_string());
+        // Sessions go too: the one named after the device (the default policy's client id) and
+        // any other client id the device is connected with now.
+        let mut client_ids: Vec<String> = self
+            .live
+            .lock()
+            .get(&key)
+            .map(|v| {
+                v.iter()
+                    .filter_map(Weak::upgrade)
+                    .map(|a| a.client_id.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        client_ids.push(id.to_string());
+        client_ids.sort();
+        client_ids.dedup();
         self.revoke_live(|k| *k == key);
+        if let Some(discard) = self.discarder.get() {
+            for c in client_ids {
+                discard(TenantId::new(tenant), c);
+            }
+        }
         self.pending_connectivity.lock().remove(&key);
         self.audit(
             actor,

@@ -797,6 +797,30 @@ impl Broker {
         told
     }
 
+    /// Ends the session of `client_id` in `tenant` for good — its connection is closed (v5:
+    /// DISCONNECT 0x87), its subscriptions, queued and in-flight messages and persisted state are
+    /// deleted. Used when a device is decommissioned. Returns whether a session existed.
+    pub async fn discard_session(self: &Arc<Self>, tenant: &TenantId, client_id: &str) -> bool {
+        let key = (tenant.clone(), Arc::<str>::from(client_id));
+        for _ in 0..3 {
+            let Some(session) = self.sessions.lock().get(&key).cloned() else {
+                return false;
+            };
+            let attachment = session.control.lock().attachment.take();
+            match attachment {
+                Some(att) => {
+                    let _ = att.kick.send(Kick::NotAuthorized);
+                    let _ = tokio::time::timeout(Duration::from_secs(5), att.released).await;
+                }
+                None => {
+                    self.end_session(&session).await;
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
     /// Validates a subscription filter (plain or `$share/{group}/…`) under the configured limits.
     pub(crate) fn parse_filter(&self, filter: &str) -> Option<SharedFilter> {
         parse_shared(filter, &self.config.topic_limits()).ok()

@@ -1,0 +1,123 @@
+//! Decommissioning a device removes its credentials, its connection, and its broker session with
+//! everything queued for it; a device registered again under the same id starts from nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use ferrohub::config::UserEntry;
+use ferrohub_registry::Actor;
+use ferrohub_registry::model::DeviceSpec;
+use ferrohub_testkit::TestHub;
+use rumqttc::v5::mqttbytes::QoS as Q5;
+
+async fn register(hub: &TestHub, id: &str, secret: &str) {
+    let r = &hub.hub().registry;
+    r.create_device(
+        &Actor::system(),
+        "default",
+        DeviceSpec {
+            id: id.into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    r.add_password(&Actor::system(), "default", id, Some(secret.into()), None)
+        .await
+        .unwrap();
+}
+
+fn device_opts(hub: &TestHub, id: &str, secret: &str, clean: bool) -> rumqttc::v5::MqttOptions {
+    let mut o = v5_opts(hub, id);
+    o.set_credentials(id, secret);
+    o.set_clean_start(clean);
+    let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
+    props.session_expiry_interval = Some(3600);
+    o.set_connect_properties(props);
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommissioning_deletes_the_session_and_its_queued_messages() {
+    let hub = TestHub::start_with(|cfg| {
+        cfg.allow_anonymous = false;
+        cfg.users = vec![UserEntry {
+            username: "ops".into(),
+            password: "ops-secret".into(),
+        }];
+    })
+    .await
+    .unwrap();
+    register(&hub, "pump-1", "pump-secret-1").await;
+    let sessions_before = hub.hub().broker.session_count();
+
+    // The device subscribes in a persistent session and goes offline.
+    let mut dev = V5::connect(device_opts(&hub, "pump-1", "pump-secret-1", true)).await;
+    dev.subscribe("devices/pump-1/cmd", Q5::AtLeastOnce).await;
+    drop(dev);
+    wait_until(Duration::from_secs(5), "session offline", || {
+        hub.hub().broker.session_count() == sessions_before + 1
+    })
+    .await;
+
+    // A command is queued for it.
+    let mut ops_opts = v5_opts(&hub, "ops");
+    ops_opts.set_credentials("ops", "ops-secret");
+    let ops = V5::connect(ops_opts).await;
+    ops.client
+        .publish("devices/pump-1/cmd", Q5::AtLeastOnce, false, "stop")
+        .await
+        .unwrap();
+    wait_metric(&hub, "ferrohub_mqtt_queued_messages", |v| v >= 1.0).await;
+
+    // Decommission: the session and the queued command go.
+    hub.hub()
+        .registry
+        .delete_device(&Actor::system(), "default", "pump-1")
+        .await
+        .unwrap();
+    // What remains is the operator's own session.
+    wait_until(Duration::from_secs(5), "session deleted", || {
+        hub.hub().broker.session_count() == sessions_before + 1
+    })
+    .await;
+    let e = V5::try_connect(device_opts(&hub, "pump-1", "pump-secret-1", false)).await;
+    assert!(
+        e.is_err(),
+        "a decommissioned device's credential still works"
+    );
+
+    // Registered again (new credential), it starts from nothing.
+    register(&hub, "pump-1", "pump-secret-2").await;
+    let mut again = V5::connect(device_opts(&hub, "pump-1", "pump-secret-2", false)).await;
+    assert!(!again.connack.session_present, "old session survived");
+    again.expect_no_publish(Duration::from_millis(500)).await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decommissioning_a_connected_device_disconnects_it() {
+    let hub = TestHub::start_with(|cfg| cfg.allow_anonymous = false)
+        .await
+        .unwrap();
+    register(&hub, "pump-2", "pump-secret-1").await;
+    let mut dev = V5::connect(device_opts(&hub, "pump-2", "pump-secret-1", true)).await;
+    hub.hub()
+        .registry
+        .delete_device(&Actor::system(), "default", "pump-2")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    loop {
+        if dev.next(Duration::from_millis(200)).await.is_none() && dev.is_closed() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "still connected after decommissioning"
+        );
+    }
+    hub.stop().await;
+}
