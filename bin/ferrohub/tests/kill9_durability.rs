@@ -17,7 +17,10 @@ use tokio::time::timeout;
 struct HubProcess {
     child: Child,
     mqtt: SocketAddr,
+    http: SocketAddr,
 }
+
+const ADMIN_TOKEN: &str = "fh_kill9_admin_token_0123456789";
 
 impl HubProcess {
     fn start(data_dir: &Path, fsync: &str) -> HubProcess {
@@ -31,9 +34,10 @@ impl HubProcess {
                 "--ws-listen",
                 "",
                 "--http-listen",
-                "",
+                "127.0.0.1:0",
             ])
             .env("FERROHUB_STORAGE__FSYNC", fsync)
+            .env("FERROHUB_ADMIN_TOKEN", ADMIN_TOKEN)
             .env("RUST_LOG", "info")
             .env(
                 "FERROHUB_STORAGE__PERSISTENCE",
@@ -46,26 +50,34 @@ impl HubProcess {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut sent = false;
+            // Keep draining stderr after the addresses are known, so the hub never blocks on it.
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if sent {
-                    continue;
-                }
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
                     let f = &v["fields"];
-                    if f["message"] == "listening" && f["protocol"] == "mqtt" {
+                    if f["message"] == "listening" {
                         let addr: SocketAddr = f["addr"].as_str().unwrap().parse().unwrap();
-                        let _ = tx.send(addr);
-                        sent = true;
+                        let _ = tx.send((f["protocol"].as_str().unwrap_or("").to_string(), addr));
                     }
                 }
             }
         });
-        let mqtt = rx
-            .recv_timeout(Duration::from_secs(20))
-            .expect("hub did not report its MQTT address");
-        HubProcess { child, mqtt }
+        let (mut mqtt, mut http) = (None, None);
+        while mqtt.is_none() || http.is_none() {
+            let (protocol, addr) = rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("hub did not report its MQTT and HTTP addresses");
+            match protocol.as_str() {
+                "mqtt" => mqtt = Some(addr),
+                "http" => http = Some(addr),
+                _ => {}
+            }
+        }
+        HubProcess {
+            child,
+            mqtt: mqtt.unwrap(),
+            http: http.unwrap(),
+        }
     }
 
     fn kill9(mut self) {
@@ -244,6 +256,70 @@ async fn kill_and_check(fsync: &str, qos: QoS) {
     );
     assert!(acked.len() >= 300);
     retained_survives(hub.mqtt).await;
+}
+
+/// A minimal HTTP/1.1 exchange (the test must not depend on the hub's own client code).
+async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {ADMIN_TOKEN}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("HTTP answer within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    (status, body)
+}
+
+/// What the registry acknowledged with a 2xx — a device and its password — survives `kill -9`,
+/// even with fsync off (SQLite WAL: the commit is in the OS before the answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_registry_writes_survive_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), "never");
+    let (status, body) = http(
+        hub.http,
+        "POST",
+        "/api/v1/tenants/default/devices",
+        r#"{"id":"dur-1","tags":{"site":"a"}}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = http(
+        hub.http,
+        "POST",
+        "/api/v1/tenants/default/devices/dur-1/credentials",
+        r#"{"kind":"password","secret":"dur-secret-1"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    hub.kill9();
+
+    let hub = HubProcess::start(dir.path(), "never");
+    let (status, body) = http(hub.http, "GET", "/api/v1/tenants/default/devices/dur-1", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"site\":\"a\""), "{body}");
+    let mut o = options("dur-1", hub.mqtt, true);
+    o.set_credentials("dur-1", "dur-secret-1");
+    let (_client, mut ev) = AsyncClient::new(o, 10);
+    let first = timeout(Duration::from_secs(10), ev.poll()).await.unwrap();
+    assert!(
+        matches!(first, Ok(Event::Incoming(Packet::ConnAck(ref c))) if c.code == rumqttc::ConnectReturnCode::Success),
+        "the password acknowledged before the kill does not work: {first:?}"
+    );
+    hub.kill9();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
