@@ -296,3 +296,42 @@ async fn certificates_and_device_tokens() {
     })
     .await;
 }
+
+/// The tenant's built-in CA is created once: certificates issued earlier keep chaining to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builtin_ca_is_stable_across_issuances() {
+    bounded(60, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("ca").await;
+        admin.device("ca", json!({"id": "a"})).await;
+        admin.device("ca", json!({"id": "b"})).await;
+        let first = admin
+            .post(
+                "/tenants/ca/devices/a/credentials",
+                json!({"kind": "certificate"}),
+            )
+            .await
+            .expect(201);
+        let second = admin
+            .post(
+                "/tenants/ca/devices/b/credentials",
+                json!({"kind": "certificate"}),
+            )
+            .await
+            .expect(201);
+        assert_eq!(first["ca_pem"], second["ca_pem"], "the built-in CA changed");
+        let current = admin
+            .get("/tenants/ca/cas/builtin/certificate")
+            .await
+            .expect(200);
+        let (aki, _) = key_ids(first["certificate_pem"].as_str().unwrap());
+        let (_, ski) = key_ids(current.as_str().unwrap());
+        assert_eq!(
+            aki, ski,
+            "the first device's certificate no longer chains to the CA"
+        );
+        hub.stop().await;
+    })
+    .await;
+}

@@ -4,49 +4,6 @@
 use std::time::Duration;
 
 use crate::common::*;
-use crate::credentials::key_ids;
-
-/// `Registry::builtin_ca` reads the stored record as `CaRecord`, whose `key_pem` is
-/// `#[serde(skip)]`, so it never finds the key and generates (and trusts) a new CA on every
-/// issuance: certificates issued earlier no longer chain to the tenant's CA.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "registry: the built-in CA is regenerated on every certificate issuance"]
-async fn builtin_ca_is_stable_across_issuances() {
-    bounded(60, async {
-        let hub = TestHub::start().await.unwrap();
-        let admin = Api::admin(&hub);
-        admin.tenant("ca").await;
-        admin.device("ca", json!({"id": "a"})).await;
-        admin.device("ca", json!({"id": "b"})).await;
-        let first = admin
-            .post(
-                "/tenants/ca/devices/a/credentials",
-                json!({"kind": "certificate"}),
-            )
-            .await
-            .expect(201);
-        let second = admin
-            .post(
-                "/tenants/ca/devices/b/credentials",
-                json!({"kind": "certificate"}),
-            )
-            .await
-            .expect(201);
-        assert_eq!(first["ca_pem"], second["ca_pem"], "the built-in CA changed");
-        let current = admin
-            .get("/tenants/ca/cas/builtin/certificate")
-            .await
-            .expect(200);
-        let (aki, _) = key_ids(first["certificate_pem"].as_str().unwrap());
-        let (_, ski) = key_ids(current.as_str().unwrap());
-        assert_eq!(
-            aki, ski,
-            "the first device's certificate no longer chains to the CA"
-        );
-        hub.stop().await;
-    })
-    .await;
-}
 
 /// `Registry::delete_group` deletes the group document but not its `group_members` rows: the
 /// devices keep listing the group, and a new static group of the same name inherits them.
