@@ -12,6 +12,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -25,16 +26,25 @@ def require_program(name):
     return path
 
 
+ADMIN_TOKEN = "fh_interop_admin_token_0123456789"
+
+
 class Hub:
-    def __init__(self, extra_env=None):
+    def __init__(self, extra_env=None, anonymous=True):
         binary = os.environ.get("FERROHUB_BIN", os.path.join(ROOT, "target", "debug", "ferrohub"))
         assert os.path.exists(binary), f"{binary} not found: run `cargo build -p ferrohub` first"
         self.data_dir = tempfile.mkdtemp(prefix="ferrohub-interop-")
-        env = dict(os.environ, RUST_LOG="info", FERROHUB_STORAGE__FSYNC="never", FERROHUB_MQTT__SYS_INTERVAL_SECS="1")
+        env = dict(os.environ, RUST_LOG="info", FERROHUB_STORAGE__FSYNC="never", FERROHUB_MQTT__SYS_INTERVAL_SECS="1",
+                   FERROHUB_ADMIN_TOKEN=ADMIN_TOKEN,
+                   # Cheap argon2id: same algorithm, lower cost, so the suite stays fast.
+                   FERROHUB_REGISTRY__PASSWORD__MEMORY_KIB="1024", FERROHUB_REGISTRY__PASSWORD__ITERATIONS="1")
         env.update(extra_env or {})
+        args = [binary, "serve", "--log-format", "json", "--data-dir", self.data_dir,
+                "--mqtt-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"]
+        if anonymous:
+            args.append("--allow-anonymous")
         self.proc = subprocess.Popen(
-            [binary, "serve", "--allow-anonymous", "--log-format", "json", "--data-dir", self.data_dir,
-             "--mqtt-listen", "127.0.0.1:0", "--ws-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
+            args,
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
         self.addrs = {}
         ready = threading.Event()
@@ -56,6 +66,20 @@ class Hub:
         self.host, self.port = host, int(port)
         ws_host, ws_port = self.addrs["ws"].rsplit(":", 1)
         self.ws_port = int(ws_port)
+
+    def api(self, method, path, body=None):
+        """Calls the operator API with the admin token; returns (status, parsed JSON or None)."""
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(f"http://{self.addrs['http']}/api/v1{path}", data=data, method=method,
+                                     headers={"Authorization": f"Bearer {ADMIN_TOKEN}",
+                                              "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                text = r.read().decode()
+                return r.status, (json.loads(text) if text else None)
+        except urllib.error.HTTPError as e:
+            text = e.read().decode()
+            return e.code, (json.loads(text) if text else None)
 
     def metric(self, name):
         body = urllib.request.urlopen(f"http://{self.addrs['http']}/metrics", timeout=5).read().decode()
