@@ -232,6 +232,8 @@ CREATE TABLE IF NOT EXISTS device_tags (
     device_id TEXT NOT NULL,
     PRIMARY KEY (tenant, key, value, device_id)
 ) WITHOUT ROWID;
+-- Replacing or deleting a device's tags looks them up by device.
+CREATE INDEX IF NOT EXISTS device_tags_by_device ON device_tags (tenant, device_id);
 CREATE TABLE IF NOT EXISTS group_members (
     tenant TEXT NOT NULL,
     group_name TEXT NOT NULL,
@@ -524,15 +526,24 @@ async fn load_groups(
     Ok(())
 }
 
+/// Writes a device's tags and static-group memberships; `fresh` devices have none to replace.
 async fn write_device_children(
     tx: &mut sqlx::SqliteConnection,
     device: &Device,
+    fresh: bool,
 ) -> Result<(), sqlx::Error> {
-    sqlx::query("DELETE FROM device_tags WHERE tenant = $1 AND device_id = $2")
-        .bind(&device.tenant)
-        .bind(&device.id)
-        .execute(&mut *tx)
-        .await?;
+    if !fresh {
+        sqlx::query("DELETE FROM device_tags WHERE tenant = $1 AND device_id = $2")
+            .bind(&device.tenant)
+            .bind(&device.id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM group_members WHERE tenant = $1 AND device_id = $2")
+            .bind(&device.tenant)
+            .bind(&device.id)
+            .execute(&mut *tx)
+            .await?;
+    }
     for (k, v) in &device.tags {
         sqlx::query(
             "INSERT INTO device_tags (tenant, key, value, device_id) VALUES ($1, $2, $3, $4)",
@@ -544,11 +555,6 @@ async fn write_device_children(
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query("DELETE FROM group_members WHERE tenant = $1 AND device_id = $2")
-        .bind(&device.tenant)
-        .bind(&device.id)
-        .execute(&mut *tx)
-        .await?;
     for g in &device.groups {
         sqlx::query(
             "INSERT OR IGNORE INTO group_members (tenant, group_name, device_id) VALUES ($1, $2, $3)",
@@ -665,7 +671,7 @@ impl RegistryStore for SqliteStore {
                 results.push(Err(RegistryError::Conflict(format!("device {}", d.id))));
                 continue;
             }
-            write_device_children(&mut tx, d).await?;
+            write_device_children(&mut tx, d, true).await?;
             results.push(Ok(()));
         }
         tx.commit().await?;
@@ -708,7 +714,7 @@ impl RegistryStore for SqliteStore {
         if r.rows_affected() == 0 {
             return Err(RegistryError::NotFound(format!("device {}", d.id)));
         }
-        write_device_children(&mut tx, d).await?;
+        write_device_children(&mut tx, d, false).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -982,12 +988,22 @@ impl RegistryStore for SqliteStore {
     }
 
     async fn delete_doc(&self, tenant: &str, kind: DocKind, name: &str) -> Result<bool> {
+        let mut tx = self.pool.begin().await?;
         let r = sqlx::query("DELETE FROM documents WHERE tenant = $1 AND kind = $2 AND name = $3")
             .bind(tenant)
             .bind(kind.as_str())
             .bind(name)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        if kind == DocKind::Group {
+            // A group's memberships go with it: a new group of the same name starts empty.
+            sqlx::query("DELETE FROM group_members WHERE tenant = $1 AND group_name = $2")
+                .bind(tenant)
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(r.rows_affected() > 0)
     }
 

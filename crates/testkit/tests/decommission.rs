@@ -1,5 +1,6 @@
 //! Decommissioning a device removes its credentials, its connection, and its broker session with
 //! everything queued for it; a device registered again under the same id starts from nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Claim-based fleet provisioning over MQTT, end to end with rumqttc: a device connects with the
 //! shared claim credential, asks for a certificate, and reconnects over mTLS as itself.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
 
@@ -40,7 +41,10 @@ fn server_pki() -> ServerPki {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("server.pem"), server.pem()).unwrap();
     std::fs::write(dir.path().join("server.key"), key.serialize_pem()).unwrap();
-    ServerPki { dir, ca_pem: ca.pem() }
+    ServerPki {
+        dir,
+        ca_pem: ca.pem(),
+    }
 }
 
 async fn hub_with_claims(pki: &ServerPki) -> TestHub {
@@ -153,7 +157,12 @@ fn mtls_opts(
 async fn claim_provisioning_issues_a_certificate_the_device_then_connects_with() {
     let pki = server_pki();
     let hub = hub_with_claims(&pki).await;
-    let answer = request(&hub, "sn-0042", serde_json::json!({ "device_id": "sn-0042" })).await;
+    let answer = request(
+        &hub,
+        "sn-0042",
+        serde_json::json!({ "device_id": "sn-0042" }),
+    )
+    .await;
     let ProvisioningResponse::Accepted {
         device_id,
         certificate_pem,
@@ -183,7 +192,9 @@ async fn claim_provisioning_issues_a_certificate_the_device_then_connects_with()
             Q5::AtLeastOnce
         )]
     );
-    let other = dev.subscribe("devices/claim-factory/#", Q5::AtLeastOnce).await;
+    let other = dev
+        .subscribe("devices/claim-factory/#", Q5::AtLeastOnce)
+        .await;
     assert_eq!(
         other,
         vec![rumqttc::v5::mqttbytes::v5::SubscribeReasonCode::NotAuthorized]

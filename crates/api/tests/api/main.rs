@@ -9,4 +9,4 @@ mod credentials;
 mod devices;
 mod import;
 mod isolation;
-mod known_registry_issues;
+mod registry_regressions;
