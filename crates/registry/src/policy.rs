@@ -826,6 +826,17 @@ impl CompiledPolicy {
 
     /// Whether a message on `topic` may be delivered to the session (checked at delivery, so
     /// that a policy change applies to existing subscriptions).
+    /// Whether receiving is restricted beyond what subscribing allows (a receive deny, or other
+    /// receive allows): then every delivery must be checked with [`Self::can_receive`], since a
+    /// granted subscription may match topics the device must not receive.
+    pub fn receive_narrower_than_subscribe(&self) -> bool {
+        !self.allow_all
+            && (self.receive.deny_all
+                || !self.receive.deny.is_empty()
+                || self.receive.allow != self.subscribe.allow)
+    }
+
+    /// May receive a message published on `topic`.
     pub fn can_receive(&self, topic: &str) -> bool {
         self.allow_all || topic_allowed(&self.receive, topic)
     }

@@ -172,6 +172,16 @@ struct TenantRuntime {
     jwt_keys: Vec<VerificationKey>,
 }
 
+/// A device's rate buckets. Shared by its connections and kept across reconnects, so that
+/// reconnecting does not buy a fresh burst.
+struct DeviceQuota {
+    rates: (u32, u64),
+    messages: Option<TokenBucket>,
+    bytes: Option<TokenBucket>,
+}
+
+const DEVICE_QUOTAS_MAX: usize = 100_000;
+
 /// What authentication needs to know about a device, cached.
 struct DeviceAuth {
     device: Device,
@@ -212,6 +222,7 @@ pub struct Registry {
     revoked: RwLock<HashSet<LiveKey>>,
     live: Mutex<HashMap<LiveKey, Vec<Weak<DeviceAccess>>>>,
     pending_connectivity: Mutex<HashMap<LiveKey, Connectivity>>,
+    device_quotas: Mutex<HashMap<LiveKey, Arc<DeviceQuota>>>,
     hashing: Semaphore,
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
@@ -274,6 +285,7 @@ impl Registry {
             revoked: RwLock::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
             pending_connectivity: Mutex::new(HashMap::new()),
+            device_quotas: Mutex::new(HashMap::new()),
             hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
@@ -778,7 +790,7 @@ impl Registry {
             }
         }
         self.devices.lock().retain(|(t, _), _| t != id);
-        self.revoke_live(|(t, _)| t == id);
+        self.revoke_live(|(t, _), _| t == id);
         self.audit(
             actor,
             Some(id),
@@ -1085,7 +1097,7 @@ impl Registry {
         let action = match (was, d.status) {
             (DeviceStatus::Enabled, DeviceStatus::Disabled) => {
                 let key = (tenant.to_string(), id.to_string());
-                self.revoke_live(|k| *k == key);
+                self.revoke_live(|k, _| *k == key);
                 "device.disable"
             }
             (DeviceStatus::Disabled, DeviceStatus::Enabled) => "device.enable",
@@ -1138,7 +1150,7 @@ impl Registry {
         client_ids.push(id.to_string());
         client_ids.sort();
         client_ids.dedup();
-        self.revoke_live(|k| *k == key);
+        self.revoke_live(|k, _| *k == key);
         if let Some(discard) = self.discarder.get() {
             for c in client_ids {
                 discard(TenantId::new(tenant), c);
@@ -1794,7 +1806,7 @@ impl Registry {
         }
         self.forget_device(tenant, device);
         let key = (tenant.to_string(), device.to_string());
-        self.revoke_live(|k| *k == key);
+        self.revoke_live(|k, _| *k == key);
         self.audit(
             actor,
             Some(tenant),
@@ -1843,7 +1855,10 @@ impl Registry {
         }
         self.revoke_cert_fingerprint(tenant, &fp, None, reason)
             .await?;
-        self.revoke_live(|(t, _)| t == tenant);
+        // Only the connections that presented this certificate.
+        self.revoke_live(|(t, _), a| {
+            t == tenant && a.cert.as_ref().is_some_and(|c| c.fingerprint == fp)
+        });
         self.audit(
             actor,
             Some(tenant),
@@ -2084,12 +2099,16 @@ impl Registry {
 
     // ---- live connections -------------------------------------------------------------------
 
-    fn revoke_live(&self, matches: impl Fn(&LiveKey) -> bool) {
+    fn revoke_live(&self, matches: impl Fn(&LiveKey, &DeviceAccess) -> bool) {
         let victims: Vec<Arc<DeviceAccess>> = {
             let live = self.live.lock();
             live.iter()
-                .filter(|(k, _)| matches(k))
-                .flat_map(|(_, v)| v.iter().filter_map(Weak::upgrade))
+                .flat_map(|(k, v)| {
+                    v.iter()
+                        .filter_map(Weak::upgrade)
+                        .filter(|a| matches(k, a))
+                        .collect::<Vec<_>>()
+                })
                 .collect()
         };
         for a in victims {
@@ -2118,7 +2137,7 @@ impl Registry {
                     Ok(docs) => {
                         let compiled = compile(&docs, &d, &a.client_id, a.cert.as_ref());
                         *a.policy.write() = Arc::new(compiled);
-                        a.changed.store(true, Ordering::Relaxed);
+                        a.check_deliveries.store(true, Ordering::Relaxed);
                     }
                     Err(e) => tracing::warn!(error = %e, "recompiling a policy failed"),
                 },
@@ -2445,7 +2464,16 @@ impl Registry {
             .ok_or(Refusal::BadCredentials)?;
         let quotas = &rt.tenant.settings.quotas;
         let count = rt.connections.fetch_add(1, Ordering::Relaxed) + 1;
-        if quotas.max_connections > 0 && count > quotas.max_connections {
+        // A reconnect that takes over the device's own session frees the slot it needs, so it
+        // is not refused (the count is briefly one over while the old connection closes).
+        let takes_over = || {
+            self.live.lock().get(&key).is_some_and(|v| {
+                v.iter()
+                    .filter_map(Weak::upgrade)
+                    .any(|a| a.client_id == c.client_id)
+            })
+        };
+        if quotas.max_connections > 0 && count > quotas.max_connections && !takes_over() {
             rt.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics
                 .connection_quota_refused
@@ -2453,6 +2481,7 @@ impl Registry {
             return Err(Refusal::QuotaExceeded);
         }
         self.metrics.auth_success.fetch_add(1, Ordering::Relaxed);
+        let narrower = policy.receive_narrower_than_subscribe();
         let access = Arc::new(DeviceAccess {
             registry: self.me.clone(),
             tenant_id: TenantId::new(&tenant),
@@ -2460,12 +2489,9 @@ impl Registry {
             client_id: c.client_id.to_string(),
             policy: RwLock::new(Arc::new(policy)),
             cert,
-            changed: AtomicBool::new(false),
+            check_deliveries: AtomicBool::new(narrower),
             revoked: AtomicBool::new(false),
-            messages: (quotas.device_messages_per_sec > 0)
-                .then(|| TokenBucket::per_second(u64::from(quotas.device_messages_per_sec))),
-            bytes: (quotas.device_bytes_per_sec > 0)
-                .then(|| TokenBucket::per_second(quotas.device_bytes_per_sec)),
+            device_quota: self.device_quota(&key, quotas),
             tenant_rt: rt,
         });
         {
@@ -2487,6 +2513,28 @@ impl Registry {
             tenant: access.tenant_id.clone(),
             access: Some(access),
         })
+    }
+
+    fn device_quota(&self, key: &LiveKey, quotas: &Quotas) -> Option<Arc<DeviceQuota>> {
+        let rates = (quotas.device_messages_per_sec, quotas.device_bytes_per_sec);
+        if rates == (0, 0) {
+            return None;
+        }
+        let mut map = self.device_quotas.lock();
+        if let Some(q) = map.get(key).filter(|q| q.rates == rates) {
+            return Some(q.clone());
+        }
+        if map.len() >= DEVICE_QUOTAS_MAX {
+            // Bounded: forget the buckets of devices not connected now.
+            map.retain(|_, q| Arc::strong_count(q) > 1);
+        }
+        let q = Arc::new(DeviceQuota {
+            rates,
+            messages: (rates.0 > 0).then(|| TokenBucket::per_second(u64::from(rates.0))),
+            bytes: (rates.1 > 0).then(|| TokenBucket::per_second(rates.1)),
+        });
+        map.insert(key.clone(), q.clone());
+        Some(q)
     }
 
     fn disconnected(&self, access: &DeviceAccess) {
@@ -2642,10 +2690,10 @@ pub struct DeviceAccess {
     client_id: String,
     policy: RwLock<Arc<CompiledPolicy>>,
     cert: Option<OwnedCertVars>,
-    changed: AtomicBool,
+    /// Set when the policy restricts receiving beyond subscribing, or changed since connect.
+    check_deliveries: AtomicBool,
     revoked: AtomicBool,
-    messages: Option<TokenBucket>,
-    bytes: Option<TokenBucket>,
+    device_quota: Option<Arc<DeviceQuota>>,
     tenant_rt: Arc<TenantRuntime>,
 }
 
@@ -2662,13 +2710,18 @@ impl Access for DeviceAccess {
     fn can_receive(&self, topic: &str) -> bool {
         !self.revoked.load(Ordering::Relaxed) && self.policy.read().can_receive(topic)
     }
-    fn policy_changed(&self) -> bool {
-        self.changed.load(Ordering::Relaxed) || self.revoked.load(Ordering::Relaxed)
+    fn check_deliveries(&self) -> bool {
+        self.check_deliveries.load(Ordering::Relaxed) || self.revoked.load(Ordering::Relaxed)
     }
     fn admit(&self, payload_bytes: usize) -> Admission {
         let bytes = payload_bytes as u64;
-        let ok = self.messages.as_ref().is_none_or(|b| b.try_take(1))
-            && self.bytes.as_ref().is_none_or(|b| b.try_take(bytes))
+        let device = self.device_quota.as_deref();
+        let ok = device
+            .and_then(|q| q.messages.as_ref())
+            .is_none_or(|b| b.try_take(1))
+            && device
+                .and_then(|q| q.bytes.as_ref())
+                .is_none_or(|b| b.try_take(bytes))
             && self
                 .tenant_rt
                 .messages

@@ -69,7 +69,7 @@ impl TokenBucket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BackoffConfig {
-    /// Failures allowed before back-off starts.
+    /// Failures allowed before back-off starts: after this many, the next attempt is refused.
     pub free_failures: u32,
     /// First back-off, in milliseconds; doubles with every further failure.
     pub initial_ms: u64,
@@ -144,10 +144,12 @@ impl<K: Hash + Eq + Clone> Backoff<K> {
         }
         f.count = f.count.saturating_add(1);
         f.last = now;
-        let over = f.count.saturating_sub(self.config.free_failures);
-        if over == 0 {
+        // `free_failures` failures are free: the one that reaches the count starts the back-off.
+        let free = self.config.free_failures.max(1);
+        if f.count < free {
             return None;
         }
+        let over = f.count - free + 1;
         let delay = self
             .config
             .initial_ms
@@ -207,7 +209,7 @@ mod tests {
         };
         let b = Backoff::new(cfg);
         assert_eq!(b.failure(&"a"), None);
-        assert_eq!(b.failure(&"a"), None);
+        assert!(b.blocked(&"a").is_none(), "one failure is free");
         assert_eq!(b.failure(&"a"), Some(Duration::from_millis(100)));
         assert_eq!(b.failure(&"a"), Some(Duration::from_millis(200)));
         assert_eq!(b.failure(&"a"), Some(Duration::from_millis(350)));

@@ -586,8 +586,6 @@ async fn client_certificates() {
 /// Revoking one certificate by fingerprint ends the sessions that use it and refuses it from
 /// then on, for every device of the tenant; other devices' sessions are not touched.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: Registry::revoke_certificate (crates/registry/src/service.rs) calls \
-            revoke_live(|(t, _)| t == tenant), disconnecting every device of the tenant"]
 async fn revoking_a_certificate_touches_only_its_sessions() {
     install_crypto_provider();
     bounded(async {
@@ -997,8 +995,6 @@ fn backend_user(cfg: &mut ferrohub::config::HubConfig) {
 /// it some topics there. The deny must hold from the start of the session (for live and retained
 /// messages), not only after the policy changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: crates/adapters/src/mqtt/connection.rs (~line 1186) checks can_receive \
-            only when access.policy_changed(), so receive rules are ignored until a policy update"]
 async fn receive_denies_apply_from_the_start() {
     bounded(async {
         let hub = secured_hub(backend_user).await;
@@ -1046,8 +1042,6 @@ async fn receive_denies_apply_from_the_start() {
 
 /// A Will Message is a publish by the device: it may not go where the device may not publish.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: the will topic is never checked against the session's publish policy \
-            (crates/adapters/src/mqtt/connection.rs will handling at CONNECT, broker.rs publish_will)"]
 async fn will_message_obeys_the_publish_policy() {
     bounded(async {
         let hub = secured_hub(backend_user).await;
@@ -1146,8 +1140,6 @@ async fn failed_logins_are_throttled() {
 /// refused for `initial_ms`": after exactly 3 wrong passwords the 4th attempt, even with the
 /// right password, must be throttled.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: Backoff::failure (crates/registry/src/throttle.rs) blocks only once \
-            count > free_failures, one failure later than docs/configuration.md says"]
 async fn backoff_starts_right_after_the_free_failures() {
     bounded(async {
         let hub = secured_hub(|cfg| {
@@ -1288,9 +1280,6 @@ async fn tenant_quotas() {
 /// At `max_connections`, a connected device that reconnects (same client id: the new connection
 /// takes the session over and the old one ends) does not need a free slot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "product bug: Registry::authenticate_device (crates/registry/src/service.rs) counts the \
-            new connection before the broker ends the one it takes over, so a device at the \
-            tenant quota is refused 0x97 when it reconnects"]
 async fn reconnect_at_the_connection_quota_takes_over() {
     bounded(async {
         let hub = secured_hub(|_| {}).await;

@@ -93,9 +93,11 @@ pub trait Access: Send + Sync {
     fn can_subscribe(&self, filter: &str) -> bool;
     /// May receive a message published on `topic`.
     fn can_receive(&self, topic: &str) -> bool;
-    /// True once the policy changed after the connection was accepted: deliveries are then
-    /// checked with [`Access::can_receive`] (subscriptions granted earlier may no longer be).
-    fn policy_changed(&self) -> bool;
+    /// Whether deliveries must be checked with [`Access::can_receive`]: the policy changed after
+    /// the connection was accepted (subscriptions granted earlier may no longer be allowed), or
+    /// it restricts receiving more than subscribing. False for most devices, so most deliveries
+    /// cost no check.
+    fn check_deliveries(&self) -> bool;
     /// Charges a publish of `payload_bytes` against the device's and tenant's quotas.
     fn admit(&self, payload_bytes: usize) -> Admission;
     /// Set once the device was disabled, decommissioned or had the credential revoked: the

@@ -442,6 +442,14 @@ impl Connection {
                 }
             }
         };
+        // A will is a publication like any other: the policy must allow its topic.
+        if let (Some((topic, _, _)), Some(access)) = (&will, &grant.access)
+            && !access.can_publish(topic.as_str())
+        {
+            tracing::info!(peer = %info.peer, client_id = %client_id, topic = %topic.as_str(), "refusing connection: will topic not allowed");
+            refuse(writer, version, reason::NOT_AUTHORIZED).await;
+            return None;
+        }
         if broker.shutdown.is_triggered() {
             refuse(writer, version, reason::SERVER_SHUTTING_DOWN).await;
             return None;
@@ -1184,7 +1192,7 @@ impl Connection {
                     continue;
                 }
                 if let Some(access) = &self.access
-                    && access.policy_changed()
+                    && access.check_deliveries()
                     && !access.can_receive(out.message.topic.as_str())
                 {
                     self.broker.metrics.drop_message(DropReason::NotAuthorized);
@@ -1634,7 +1642,13 @@ impl Connection {
             let ops = std::mem::take(&mut self.store_ops);
             self.broker.submit(ops).await;
         }
-        let will = self.will.take().map(|mut w| {
+        // The policy may have changed since CONNECT: a will it no longer allows is dropped.
+        let will = self.will.take().filter(|w| {
+            self.access
+                .as_ref()
+                .is_none_or(|a| a.can_publish(w.message.topic.as_str()))
+        });
+        let will = will.map(|mut w| {
             // Expiry of a will counts from when it is published.
             if let Some(props) = w.message.properties.as_mut()
                 && let Some(secs) = props.expires_at
