@@ -281,3 +281,94 @@ async fn a_claim_credential_cannot_read_another_devices_answer() {
     );
     hub.stop().await;
 }
+
+/// A one-route HTTP server answering every request with `status`; returns its URL and the bodies
+/// it received.
+async fn approval_server(status: u16) -> (String, tokio::sync::mpsc::UnboundedReceiver<String>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/approve", listener.local_addr().unwrap());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                // Read the head and the Content-Length body.
+                loop {
+                    let n = s.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                            })
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            let _ = tx.send(body.to_string());
+                            break;
+                        }
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 {status} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (url, rx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_approval_webhook_decides() {
+    let pki = server_pki();
+    let hub = hub_with_claims(&pki).await;
+    for (status, approved) in [(403u16, false), (200, true)] {
+        let (url, mut seen) = approval_server(status).await;
+        hub.hub()
+            .registry
+            .put_template(
+                &Actor::system(),
+                "default",
+                ProvisioningTemplate {
+                    name: "factory".into(),
+                    device_type: None,
+                    tags: Default::default(),
+                    groups: Vec::new(),
+                    policy: None,
+                    cert_validity_days: 30,
+                    approval_webhook: Some(url),
+                },
+            )
+            .await
+            .unwrap();
+        let id = format!("sn-hook-{status}");
+        let answer = request(&hub, &id, serde_json::json!({ "device_id": id })).await;
+        let body: serde_json::Value = serde_json::from_str(&seen.recv().await.unwrap()).unwrap();
+        assert_eq!(body["device_id"], id.as_str());
+        assert_eq!(body["template"], "factory");
+        assert_eq!(body["tenant"], "default");
+        assert_eq!(
+            matches!(answer, ProvisioningResponse::Accepted { .. }),
+            approved,
+            "HTTP {status}: {answer:?}"
+        );
+        let exists = hub
+            .hub()
+            .registry
+            .device(&Actor::system(), "default", &id)
+            .await
+            .is_ok();
+        assert_eq!(exists, approved);
+    }
+    hub.stop().await;
+}
