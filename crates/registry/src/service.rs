@@ -501,6 +501,40 @@ impl Registry {
             .await
     }
 
+    /// Records a successful administrative action in a tenant, without details.
+    async fn audit_ok(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        action: &str,
+        target: &str,
+    ) -> Result<()> {
+        self.audit(
+            actor,
+            Some(tenant),
+            action,
+            target,
+            AuditResult::Success,
+            serde_json::json!({}),
+        )
+        .await
+    }
+
+    /// The documents of a kind in a tenant.
+    async fn docs_of<T: serde::de::DeserializeOwned>(
+        &self,
+        tenant: &str,
+        kind: DocKind,
+    ) -> Result<Vec<T>> {
+        Ok(self
+            .store
+            .docs(Some(tenant), kind)
+            .await?
+            .into_iter()
+            .map(|(_, d)| d)
+            .collect())
+    }
+
     /// Records a security event from the connect path without waiting (bounded queue).
     fn security_event(&self, tenant: &str, action: &str, target: &str, source: &str, detail: &str) {
         let event = AuditEvent {
@@ -885,15 +919,8 @@ impl Registry {
             .insert_devices(std::slice::from_ref(&device))
             .await?;
         results.pop().unwrap_or(Ok(()))?;
-        self.audit(
-            actor,
-            Some(tenant),
-            "device.create",
-            &device.id,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await?;
+        self.audit_ok(actor, tenant, "device.create", &device.id)
+            .await?;
         Ok(device)
     }
 
@@ -1157,15 +1184,8 @@ impl Registry {
             }
         }
         self.pending_connectivity.lock().remove(&key);
-        self.audit(
-            actor,
-            Some(tenant),
-            "device.decommission",
-            id,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await?;
+        self.audit_ok(actor, tenant, "device.decommission", id)
+            .await?;
         Ok(self
             .tenant_runtime(tenant)
             .map(|t| t.tenant.settings.telemetry_on_decommission)
@@ -1207,13 +1227,7 @@ impl Registry {
     /// Groups of a tenant.
     pub async fn groups(&self, actor: &Actor, tenant: &str) -> Result<Vec<Group>> {
         actor.require(Role::Viewer, Some(tenant))?;
-        Ok(self
-            .store
-            .docs(Some(tenant), DocKind::Group)
-            .await?
-            .into_iter()
-            .map(|(_, g)| g)
-            .collect())
+        self.docs_of(tenant, DocKind::Group).await
     }
 
     /// Deletes a group (devices stay).
@@ -1222,15 +1236,7 @@ impl Registry {
         if !self.store.delete_doc(tenant, DocKind::Group, name).await? {
             return Err(RegistryError::NotFound(format!("group {name}")));
         }
-        self.audit(
-            actor,
-            Some(tenant),
-            "group.delete",
-            name,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await
+        self.audit_ok(actor, tenant, "group.delete", name).await
     }
 
     /// Adds a device to a static group.
@@ -1320,28 +1326,15 @@ impl Registry {
             .await?;
         self.devices.lock().retain(|(t, _), _| t != tenant);
         self.refresh_live(tenant, None).await;
-        self.audit(
-            actor,
-            Some(tenant),
-            "device_type.put",
-            &ty.name,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await?;
+        self.audit_ok(actor, tenant, "device_type.put", &ty.name)
+            .await?;
         Ok(ty)
     }
 
     /// Device types of a tenant.
     pub async fn device_types(&self, actor: &Actor, tenant: &str) -> Result<Vec<DeviceType>> {
         actor.require(Role::Viewer, Some(tenant))?;
-        Ok(self
-            .store
-            .docs(Some(tenant), DocKind::DeviceType)
-            .await?
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect())
+        self.docs_of(tenant, DocKind::DeviceType).await
     }
 
     /// Deletes a device type (its devices keep their tags and attributes).
@@ -1354,15 +1347,8 @@ impl Registry {
         {
             return Err(RegistryError::NotFound(format!("device type {name}")));
         }
-        self.audit(
-            actor,
-            Some(tenant),
-            "device_type.delete",
-            name,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await
+        self.audit_ok(actor, tenant, "device_type.delete", name)
+            .await
     }
 
     /// Creates or replaces a named policy; connected devices under it get it at once.
@@ -1403,13 +1389,7 @@ impl Registry {
     /// Policies of a tenant.
     pub async fn policies(&self, actor: &Actor, tenant: &str) -> Result<Vec<NamedPolicy>> {
         actor.require(Role::Viewer, Some(tenant))?;
-        Ok(self
-            .store
-            .docs(Some(tenant), DocKind::Policy)
-            .await?
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect())
+        self.docs_of(tenant, DocKind::Policy).await
     }
 
     /// Deletes a policy; devices that named it fall back to the default policy.
@@ -1424,15 +1404,7 @@ impl Registry {
             return Err(RegistryError::NotFound(format!("policy {name}")));
         }
         self.refresh_live(tenant, None).await;
-        self.audit(
-            actor,
-            Some(tenant),
-            "policy.delete",
-            name,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await
+        self.audit_ok(actor, tenant, "policy.delete", name).await
     }
 
     async fn policy_documents(&self, device: &Device) -> Result<Vec<PolicyDocument>> {
@@ -1761,15 +1733,7 @@ impl Registry {
             .tenant_runtime(tenant)
             .ok_or_else(|| RegistryError::NotFound(format!("tenant {tenant}")))?;
         self.load_tenant(rt.tenant.clone()).await?;
-        self.audit(
-            actor,
-            Some(tenant),
-            "token_key.put",
-            name,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await
+        self.audit_ok(actor, tenant, "token_key.put", name).await
     }
 
     /// A device's credentials (secrets withheld).
@@ -1998,15 +1962,7 @@ impl Registry {
             return Err(RegistryError::NotFound(format!("CA {id}")));
         }
         self.trust.remove(tenant, id);
-        self.audit(
-            actor,
-            Some(tenant),
-            "ca.delete",
-            id,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await
+        self.audit_ok(actor, tenant, "ca.delete", id).await
     }
 
     /// Creates or replaces a provisioning template.
@@ -2023,15 +1979,8 @@ impl Registry {
         self.store
             .put_doc(tenant, DocKind::Template, &t.name, &t)
             .await?;
-        self.audit(
-            actor,
-            Some(tenant),
-            "template.put",
-            &t.name,
-            AuditResult::Success,
-            serde_json::json!({}),
-        )
-        .await?;
+        self.audit_ok(actor, tenant, "template.put", &t.name)
+            .await?;
         Ok(t)
     }
 
@@ -2042,13 +1991,7 @@ impl Registry {
         tenant: &str,
     ) -> Result<Vec<ProvisioningTemplate>> {
         actor.require(Role::Viewer, Some(tenant))?;
-        Ok(self
-            .store
-            .docs(Some(tenant), DocKind::Template)
-            .await?
-            .into_iter()
-            .map(|(_, t)| t)
-            .collect())
+        self.docs_of(tenant, DocKind::Template).await
     }
 
     /// Registers a device from a template (claim provisioning, just-in-time registration).

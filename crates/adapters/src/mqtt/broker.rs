@@ -726,21 +726,7 @@ impl Broker {
         payload: Bytes,
         qos: QoS,
     ) {
-        let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
-            return;
-        };
-        let message = Arc::new(Message {
-            topic,
-            payload,
-            qos,
-            retain: false,
-            received_at: now_millis(),
-            properties: None,
-        });
-        let tenant_router = self.router.tenant(tenant);
-        let mut scratch = Vec::new();
-        let _ = self
-            .publish(&tenant_router, 0, message, Vec::new(), &mut scratch)
+        self.publish_from_hub(tenant, topic, payload, qos, false)
             .await;
     }
 
@@ -752,13 +738,26 @@ impl Broker {
         payload: Bytes,
         retain: bool,
     ) {
+        self.publish_from_hub(tenant, topic, payload, QoS::AtMostOnce, retain)
+            .await;
+    }
+
+    /// A publication with no client behind it (publisher id 0, so services never hear it).
+    async fn publish_from_hub(
+        &self,
+        tenant: &TenantId,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        retain: bool,
+    ) {
         let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
             return;
         };
         let message = Arc::new(Message {
             topic,
             payload,
-            qos: QoS::AtMostOnce,
+            qos,
             retain,
             received_at: now_millis(),
             properties: None,
