@@ -3,4 +3,5 @@
 //! logging and signals; tests start a [`hub::Hub`] in-process on port 0.
 
 pub mod config;
+pub mod ctl;
 pub mod hub;

@@ -86,6 +86,9 @@ enum Command {
     Config(ServeArgs),
     /// Benchmark an MQTT broker (ours or any other) and print one JSON line per run.
     Bench(ferrohub_sim::bench::BenchArgs),
+    /// Operate a running hub over its HTTP API: tenants, devices (and bulk import),
+    /// credentials, groups, policies, API tokens, the audit log.
+    Ctl(ferrohub::ctl::CtlArgs),
 }
 
 fn init_logging(format: LogFormat, level: &str) {
@@ -127,6 +130,7 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Command::Ctl(args) => std::process::exit(ferrohub::ctl::run(args)),
         Command::Bench(args) => {
             init_logging(LogFormat::Text, "warn");
             ferrohub_sim::bench::run_cli(args)
