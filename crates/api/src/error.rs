@@ -94,6 +94,9 @@ impl From<RegistryError> for ApiError {
             RegistryError::Conflict(_) => {
                 ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }
+            RegistryError::Stale(_) => {
+                ApiError::new(StatusCode::CONFLICT, "changed_concurrently", e.to_string())
+            }
             RegistryError::Forbidden(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, "forbidden", e.to_string())
             }

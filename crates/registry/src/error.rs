@@ -12,6 +12,9 @@ pub enum RegistryError {
     /// The object exists already.
     #[error("{0} already exists")]
     Conflict(String),
+    /// The object changed since it was read; the change was not applied.
+    #[error("{0}")]
+    Stale(String),
     /// The caller may not do this.
     #[error("{0}")]
     Forbidden(String),

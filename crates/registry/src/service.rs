@@ -164,20 +164,68 @@ impl RegistryMetrics {
 /// Runtime state of a tenant: settings, quota buckets, connection count, token keys.
 struct TenantRuntime {
     tenant: Tenant,
-    /// Shared across reloads of the tenant's settings, so live connections keep counting.
-    connections: Arc<AtomicU32>,
-    messages: Option<TokenBucket>,
-    bytes: Option<TokenBucket>,
+    /// Shared across reloads of the tenant's settings (and held by live connections).
+    limits: Arc<TenantLimits>,
     signer: Option<Arc<TokenSigner>>,
     jwt_keys: Vec<VerificationKey>,
 }
 
-/// A device's rate buckets. Shared by its connections and kept across reconnects, so that
-/// reconnecting does not buy a fresh burst.
-struct DeviceQuota {
+/// A tenant's live limits: its connection count and its rate buckets. One per tenant for the
+/// hub's life, so that changing settings neither resets the count nor refills the buckets, and
+/// connected devices see new rates at once.
+#[derive(Default)]
+struct TenantLimits {
+    connections: AtomicU32,
+    /// Whether any tenant rate is set (read on every publish without touching the lock).
+    limited: AtomicBool,
+    buckets: RwLock<Option<Arc<RateBuckets>>>,
+}
+
+impl TenantLimits {
+    fn set_rates(&self, rates: (u32, u64)) {
+        let mut b = self.buckets.write();
+        if b.as_ref().is_some_and(|b| b.rates == rates) {
+            return;
+        }
+        *b = RateBuckets::new(rates).map(Arc::new);
+        self.limited.store(b.is_some(), Ordering::Relaxed);
+    }
+}
+
+/// Message and byte buckets for a rate pair `(messages/s, bytes/s)`; 0 = unlimited. A device's
+/// are shared by its connections and kept across reconnects, so that reconnecting does not buy
+/// a fresh burst.
+struct RateBuckets {
     rates: (u32, u64),
     messages: Option<TokenBucket>,
     bytes: Option<TokenBucket>,
+}
+
+impl RateBuckets {
+    fn new(rates: (u32, u64)) -> Option<RateBuckets> {
+        (rates != (0, 0)).then(|| RateBuckets {
+            rates,
+            messages: (rates.0 > 0).then(|| TokenBucket::per_second(u64::from(rates.0))),
+            bytes: (rates.1 > 0).then(|| TokenBucket::per_second(rates.1)),
+        })
+    }
+}
+
+/// Takes from every bucket or from none (what was taken is given back on a refusal).
+fn take_all(charges: &[(Option<&TokenBucket>, u64)]) -> bool {
+    for (i, (bucket, units)) in charges.iter().enumerate() {
+        if let Some(b) = bucket
+            && !b.try_take(*units)
+        {
+            for (earlier, units) in &charges[..i] {
+                if let Some(e) = earlier {
+                    e.give_back(*units);
+                }
+            }
+            return false;
+        }
+    }
+    true
 }
 
 const DEVICE_QUOTAS_MAX: usize = 100_000;
@@ -222,7 +270,9 @@ pub struct Registry {
     revoked: RwLock<HashSet<LiveKey>>,
     live: Mutex<HashMap<LiveKey, Vec<Weak<DeviceAccess>>>>,
     pending_connectivity: Mutex<HashMap<LiveKey, Connectivity>>,
-    device_quotas: Mutex<HashMap<LiveKey, Arc<DeviceQuota>>>,
+    device_quotas: Mutex<HashMap<LiveKey, Arc<RateBuckets>>>,
+    /// Bumped by every change that can invalidate a cached device or a connect in progress.
+    cache_generation: AtomicU64,
     hashing: Semaphore,
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
@@ -286,6 +336,7 @@ impl Registry {
             live: Mutex::new(HashMap::new()),
             pending_connectivity: Mutex::new(HashMap::new()),
             device_quotas: Mutex::new(HashMap::new()),
+            cache_generation: AtomicU64::new(0),
             hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
@@ -449,17 +500,15 @@ impl Registry {
             jwt_keys.extend(parse_token_keys(&doc).unwrap_or_default());
         }
         let q = &t.settings.quotas;
+        let limits = self
+            .tenants
+            .read()
+            .get(&t.id)
+            .map(|old| old.limits.clone())
+            .unwrap_or_default();
+        limits.set_rates((q.tenant_messages_per_sec, q.tenant_bytes_per_sec));
         let rt = Arc::new(TenantRuntime {
-            connections: self
-                .tenants
-                .read()
-                .get(&t.id)
-                .map(|old| old.connections.clone())
-                .unwrap_or_default(),
-            messages: (q.tenant_messages_per_sec > 0)
-                .then(|| TokenBucket::per_second(u64::from(q.tenant_messages_per_sec))),
-            bytes: (q.tenant_bytes_per_sec > 0)
-                .then(|| TokenBucket::per_second(q.tenant_bytes_per_sec)),
+            limits,
             signer,
             jwt_keys,
             tenant: t,
@@ -789,6 +838,12 @@ impl Registry {
             t.name = n;
         }
         if let Some(s) = settings {
+            // Quotas protect the platform from the tenant: only a platform admin changes them.
+            if s.quotas != t.settings.quotas && actor.tenant.is_some() {
+                return Err(RegistryError::Forbidden(
+                    "changing a tenant's quotas needs a platform-wide admin token".into(),
+                ));
+            }
             t.settings = s;
         }
         self.store.update_tenant(&t).await?;
@@ -823,6 +878,7 @@ impl Registry {
                 self.trust.remove(id, &ca.ca_id);
             }
         }
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
         self.devices.lock().retain(|(t, _), _| t != id);
         self.revoke_live(|(t, _), _| t == id);
         self.audit(
@@ -1118,8 +1174,10 @@ impl Registry {
                 d.policy = Some(p);
             }
         }
-        d.updated_at = now_millis();
-        self.store.update_device(&d).await?;
+        let read_at = d.updated_at;
+        // Strictly later than what was read, so a concurrent writer's check fails.
+        d.updated_at = now_millis().max(read_at + 1);
+        self.store.update_device(&d, read_at).await?;
         self.forget_device(tenant, id);
         let action = match (was, d.status) {
             (DeviceStatus::Enabled, DeviceStatus::Disabled) => {
@@ -1193,6 +1251,7 @@ impl Registry {
     }
 
     fn forget_device(&self, tenant: &str, id: &str) {
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
         self.devices
             .lock()
             .remove(&(tenant.to_string(), id.to_string()));
@@ -1324,6 +1383,7 @@ impl Registry {
         self.store
             .put_doc(tenant, DocKind::DeviceType, &ty.name, &ty)
             .await?;
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
         self.devices.lock().retain(|(t, _), _| t != tenant);
         self.refresh_live(tenant, None).await;
         self.audit_ok(actor, tenant, "device_type.put", &ty.name)
@@ -1888,7 +1948,18 @@ impl Registry {
         jitr: bool,
         jitr_template: Option<String>,
     ) -> Result<CaRecord> {
+        // A CA certificate is public (devices send it in every handshake) and registering one
+        // proves no control of its key: a tenant admin could claim another tenant's CA and
+        // capture its devices. Until registration asks for proof of possession, only a
+        // platform admin registers external CAs.
         actor.require(Role::Admin, Some(tenant))?;
+        if actor.tenant.is_some() {
+            return Err(RegistryError::Forbidden(
+                "registering an external CA needs a platform-wide admin token (a CA certificate \
+                 is public, so the platform operator vouches for who controls it)"
+                    .into(),
+            ));
+        }
         self.require_tenant(tenant).await?;
         validate_id("CA", id)?;
         if id == "builtin" {
@@ -2043,6 +2114,7 @@ impl Registry {
     // ---- live connections -------------------------------------------------------------------
 
     fn revoke_live(&self, matches: impl Fn(&LiveKey, &DeviceAccess) -> bool) {
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
         let victims: Vec<Arc<DeviceAccess>> = {
             let live = self.live.lock();
             live.iter()
@@ -2071,21 +2143,28 @@ impl Registry {
                 .flat_map(|(_, v)| v.iter().filter_map(Weak::upgrade))
                 .collect()
         };
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
         for a in targets {
             self.devices
                 .lock()
                 .remove(&(tenant.to_string(), a.device_id.clone()));
             match self.store.device(tenant, &a.device_id).await {
-                Ok(Some(d)) => match self.policy_documents(&d).await {
-                    Ok(docs) => {
-                        let compiled = compile(&docs, &d, &a.client_id, a.cert.as_ref());
-                        *a.policy.write() = Arc::new(compiled);
-                        a.check_deliveries.store(true, Ordering::Relaxed);
+                Ok(Some(d)) if d.status == DeviceStatus::Enabled => {
+                    match self.policy_documents(&d).await {
+                        Ok(docs) => {
+                            let compiled = compile(&docs, &d, &a.client_id, a.cert.as_ref());
+                            *a.policy.write() = Arc::new(compiled);
+                            a.check_deliveries.store(true, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "recompiling a policy failed"),
                     }
-                    Err(e) => tracing::warn!(error = %e, "recompiling a policy failed"),
-                },
+                }
+                // Gone or disabled: a connection that slipped past a revocation ends here.
                 _ => {
                     a.revoked.store(true, Ordering::Relaxed);
+                    if let Some(kick) = self.kicker.get() {
+                        kick(&a.tenant_id, &a.client_id);
+                    }
                 }
             }
         }
@@ -2094,7 +2173,7 @@ impl Registry {
     /// Devices connected now (by live access objects) in a tenant.
     pub fn online_count(&self, tenant: &str) -> u32 {
         self.tenant_runtime(tenant)
-            .map_or(0, |t| t.connections.load(Ordering::Relaxed))
+            .map_or(0, |t| t.limits.connections.load(Ordering::Relaxed))
     }
 
     // ---- authentication ---------------------------------------------------------------------
@@ -2104,6 +2183,7 @@ impl Registry {
         if let Some(d) = self.devices.lock().get(&key) {
             return Ok(Some(d.clone()));
         }
+        let generation = self.cache_generation.load(Ordering::SeqCst);
         let Some(device) = self.store.device(tenant, id).await? else {
             return Ok(None);
         };
@@ -2113,10 +2193,13 @@ impl Registry {
             credentials,
         });
         let mut cache = self.devices.lock();
-        if cache.len() >= DEVICE_CACHE_MAX {
-            cache.clear();
+        // Something changed while this was loading: use the record, do not cache it.
+        if self.cache_generation.load(Ordering::SeqCst) == generation {
+            if cache.len() >= DEVICE_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key, auth.clone());
         }
-        cache.insert(key, auth.clone());
         Ok(Some(auth))
     }
 
@@ -2128,12 +2211,16 @@ impl Registry {
         Refusal::BadCredentials
     }
 
+    /// Checks a password against the device's active password credentials; returns the id of
+    /// the one it matched. With `cache_only`, only remembered successes count (no argon2id): a
+    /// throttled device id still lets its legitimate, recently verified password in.
     async fn check_password(
         &self,
         tenant: &str,
         auth: Option<&DeviceAuth>,
         password: &[u8],
-    ) -> bool {
+        cache_only: bool,
+    ) -> Option<String> {
         let now = now_millis();
         let candidates: Vec<&Credential> = auth
             .map(|a| {
@@ -2146,11 +2233,14 @@ impl Registry {
         for c in &candidates {
             let key = format!("{tenant}/{}/{}", c.device_id, c.id);
             if self.verified.check(&key, &c.secret, password) == Some(true) {
-                return true;
+                return Some(c.id.clone());
             }
         }
+        if cache_only {
+            return None;
+        }
         let Ok(_slot) = self.hashing.acquire().await else {
-            return false;
+            return None;
         };
         if candidates.is_empty() {
             // Spend the same time as a real check: response time must not tell whether the
@@ -2158,7 +2248,7 @@ impl Registry {
             let phc = self.dummy_hash().await;
             let pw = password.to_vec();
             let _ = tokio::task::spawn_blocking(move || password::verify_password(&phc, &pw)).await;
-            return false;
+            return None;
         }
         for c in candidates {
             self.metrics.password_hashes.fetch_add(1, Ordering::Relaxed);
@@ -2170,10 +2260,10 @@ impl Registry {
             if ok {
                 let key = format!("{tenant}/{}/{}", c.device_id, c.id);
                 self.verified.remember(&key, &c.secret, password);
-                return true;
+                return Some(c.id.clone());
             }
         }
-        false
+        None
     }
 
     async fn dummy_hash(&self) -> String {
@@ -2223,7 +2313,11 @@ impl Registry {
         }
         match jwt::verify(token, &keys, now / 1000, self.config.jwt_leeway_secs) {
             Ok(claims) => {
-                claims.sub == device && claims.tenant.as_deref().is_none_or(|t| t == tenant)
+                claims.sub == device
+                    && claims.tenant.as_deref().is_none_or(|t| t == tenant)
+                    // A token from before the device was (re)registered belongs to an earlier
+                    // device of that id: a decommissioned device's tokens die with it.
+                    && auth.is_none_or(|a| claims.iat.saturating_add(1) * 1000 >= a.device.created_at)
             }
             Err(e) => {
                 tracing::debug!(tenant, device, error = %e, "device token refused");
@@ -2240,6 +2334,9 @@ impl Registry {
             self.metrics.auth_throttled.fetch_add(1, Ordering::Relaxed);
             return Err(Refusal::BadCredentials);
         }
+        // Any invalidation (disable, revoke, delete) from here on is re-checked at the end.
+        let generation = self.cache_generation.load(Ordering::SeqCst);
+        let mut used_credential: Option<String> = None;
         let mut cert_info = None;
         let (tenant, device_id, auth) = if let Some(certs) = c.certificates {
             let chain: Vec<CertificateDer<'_>> = certs
@@ -2343,11 +2440,9 @@ impl Registry {
             };
             let (tenant, device) = split_username(username);
             let key = (tenant.to_string(), device.to_string());
-            if self.failures_by_device.blocked(&key).is_some() {
-                self.metrics.auth_throttled.fetch_add(1, Ordering::Relaxed);
-                self.failures_by_addr.failure(&peer);
-                return Err(Refusal::BadCredentials);
-            }
+            // A throttled device id still admits proof that costs nothing to check (a valid
+            // signature, a recently verified password), so that guessing cannot lock a device out.
+            let throttled = self.failures_by_device.blocked(&key).is_some();
             let password = c.password.unwrap_or_default();
             let auth = match self.device_auth(tenant, device).await {
                 Ok(a) => a,
@@ -2357,17 +2452,28 @@ impl Registry {
                 }
             };
             let ok = if jwt::looks_like_jwt(password) {
-                auth.is_some() && self.check_token(tenant, device, auth.as_deref(), password)
+                // Verified even for unknown devices: the time taken must not tell them apart.
+                let valid = self.check_token(tenant, device, auth.as_deref(), password);
+                valid && auth.is_some()
             } else {
-                self.check_password(tenant, auth.as_deref(), password).await
+                used_credential = self
+                    .check_password(tenant, auth.as_deref(), password, throttled)
+                    .await;
+                used_credential.is_some()
             };
+            if !ok && throttled {
+                self.metrics.auth_throttled.fetch_add(1, Ordering::Relaxed);
+                self.failures_by_addr.failure(&peer);
+                return Err(Refusal::BadCredentials);
+            }
             let Some(auth) = auth.filter(|_| ok) else {
                 return Err(self.fail(peer, &key, "bad credentials", &source));
             };
             (key.0, key.1, auth)
         };
         let key = (tenant.clone(), device_id.clone());
-        self.failures_by_addr.success(&peer);
+        // The source address's count is not cleared: one valid credential (say a shared claim
+        // credential) must not reset the back-off of an address that is guessing others.
         self.failures_by_device.success(&key);
         if auth.device.status == DeviceStatus::Disabled {
             self.security_event(
@@ -2406,7 +2512,7 @@ impl Registry {
             .tenant_runtime(&tenant)
             .ok_or(Refusal::BadCredentials)?;
         let quotas = &rt.tenant.settings.quotas;
-        let count = rt.connections.fetch_add(1, Ordering::Relaxed) + 1;
+        let count = rt.limits.connections.fetch_add(1, Ordering::Relaxed) + 1;
         // A reconnect that takes over the device's own session frees the slot it needs, so it
         // is not refused (the count is briefly one over while the old connection closes).
         let takes_over = || {
@@ -2417,7 +2523,7 @@ impl Registry {
             })
         };
         if quotas.max_connections > 0 && count > quotas.max_connections && !takes_over() {
-            rt.connections.fetch_sub(1, Ordering::Relaxed);
+            rt.limits.connections.fetch_sub(1, Ordering::Relaxed);
             self.metrics
                 .connection_quota_refused
                 .fetch_add(1, Ordering::Relaxed);
@@ -2435,13 +2541,27 @@ impl Registry {
             check_deliveries: AtomicBool::new(narrower),
             revoked: AtomicBool::new(false),
             device_quota: self.device_quota(&key, quotas),
-            tenant_rt: rt,
+            tenant_limits: rt.limits.clone(),
         });
         {
             let mut live = self.live.lock();
             let v = live.entry(key.clone()).or_default();
             v.retain(|w| w.strong_count() > 0);
             v.push(Arc::downgrade(&access));
+        }
+        // A disable, revocation or deletion that landed while this connect was being checked
+        // did not see it in `live`: check again against the database.
+        if self.cache_generation.load(Ordering::SeqCst) != generation
+            && !self
+                .still_valid(
+                    &key,
+                    used_credential.as_deref(),
+                    access.cert.as_ref().map(|c| c.fingerprint.as_str()),
+                )
+                .await
+        {
+            access.revoked.store(true, Ordering::Relaxed);
+            return Err(Refusal::NotAuthorized);
         }
         self.pending_connectivity.lock().insert(
             key,
@@ -2458,26 +2578,49 @@ impl Registry {
         })
     }
 
-    fn device_quota(&self, key: &LiveKey, quotas: &Quotas) -> Option<Arc<DeviceQuota>> {
+    fn device_quota(&self, key: &LiveKey, quotas: &Quotas) -> Option<Arc<RateBuckets>> {
         let rates = (quotas.device_messages_per_sec, quotas.device_bytes_per_sec);
-        if rates == (0, 0) {
-            return None;
-        }
         let mut map = self.device_quotas.lock();
         if let Some(q) = map.get(key).filter(|q| q.rates == rates) {
             return Some(q.clone());
         }
+        let q = Arc::new(RateBuckets::new(rates)?);
         if map.len() >= DEVICE_QUOTAS_MAX {
             // Bounded: forget the buckets of devices not connected now.
             map.retain(|_, q| Arc::strong_count(q) > 1);
         }
-        let q = Arc::new(DeviceQuota {
-            rates,
-            messages: (rates.0 > 0).then(|| TokenBucket::per_second(u64::from(rates.0))),
-            bytes: (rates.1 > 0).then(|| TokenBucket::per_second(rates.1)),
-        });
         map.insert(key.clone(), q.clone());
         Some(q)
+    }
+
+    /// Re-reads the device (bypassing the cache): it exists, is enabled, and the credential or
+    /// certificate it used is still good.
+    async fn still_valid(
+        &self,
+        key: &LiveKey,
+        credential: Option<&str>,
+        cert: Option<&str>,
+    ) -> bool {
+        match self.store.device(&key.0, &key.1).await {
+            Ok(Some(d)) if d.status == DeviceStatus::Enabled => {}
+            _ => return false,
+        }
+        if let Some(fp) = cert
+            && self
+                .revoked
+                .read()
+                .contains(&(key.0.clone(), fp.to_string()))
+        {
+            return false;
+        }
+        match credential {
+            None => true,
+            Some(id) => self
+                .store
+                .credentials(&key.0, &key.1)
+                .await
+                .is_ok_and(|cs| cs.iter().any(|c| c.id == id && c.is_active(now_millis()))),
+        }
     }
 
     fn disconnected(&self, access: &DeviceAccess) {
@@ -2636,8 +2779,8 @@ pub struct DeviceAccess {
     /// Set when the policy restricts receiving beyond subscribing, or changed since connect.
     check_deliveries: AtomicBool,
     revoked: AtomicBool,
-    device_quota: Option<Arc<DeviceQuota>>,
-    tenant_rt: Arc<TenantRuntime>,
+    device_quota: Option<Arc<RateBuckets>>,
+    tenant_limits: Arc<TenantLimits>,
 }
 
 impl Access for DeviceAccess {
@@ -2656,25 +2799,25 @@ impl Access for DeviceAccess {
     fn check_deliveries(&self) -> bool {
         self.check_deliveries.load(Ordering::Relaxed) || self.revoked.load(Ordering::Relaxed)
     }
+    fn session_resumed(&self) {
+        self.check_deliveries.store(true, Ordering::Relaxed);
+    }
     fn admit(&self, payload_bytes: usize) -> Admission {
         let bytes = payload_bytes as u64;
+        let tenant = if self.tenant_limits.limited.load(Ordering::Relaxed) {
+            self.tenant_limits.buckets.read().clone()
+        } else {
+            None
+        };
         let device = self.device_quota.as_deref();
-        let ok = device
-            .and_then(|q| q.messages.as_ref())
-            .is_none_or(|b| b.try_take(1))
-            && device
-                .and_then(|q| q.bytes.as_ref())
-                .is_none_or(|b| b.try_take(bytes))
-            && self
-                .tenant_rt
-                .messages
-                .as_ref()
-                .is_none_or(|b| b.try_take(1))
-            && self
-                .tenant_rt
-                .bytes
-                .as_ref()
-                .is_none_or(|b| b.try_take(bytes));
+        let tenant = tenant.as_deref();
+        let ok = (device.is_none() && tenant.is_none())
+            || take_all(&[
+                (tenant.and_then(|t| t.messages.as_ref()), 1),
+                (tenant.and_then(|t| t.bytes.as_ref()), bytes),
+                (device.and_then(|d| d.messages.as_ref()), 1),
+                (device.and_then(|d| d.bytes.as_ref()), bytes),
+            ]);
         if ok {
             Admission::Admit
         } else {
@@ -2693,7 +2836,9 @@ impl Access for DeviceAccess {
 
 impl Drop for DeviceAccess {
     fn drop(&mut self) {
-        self.tenant_rt.connections.fetch_sub(1, Ordering::Relaxed);
+        self.tenant_limits
+            .connections
+            .fetch_sub(1, Ordering::Relaxed);
         if let Some(r) = self.registry.upgrade() {
             r.disconnected(self);
         }

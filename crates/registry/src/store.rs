@@ -105,8 +105,9 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn insert_devices(&self, devices: &[Device]) -> Result<Vec<Result<()>>>;
     /// A device.
     async fn device(&self, tenant: &str, id: &str) -> Result<Option<Device>>;
-    /// Replaces a device's fields, tags and memberships.
-    async fn update_device(&self, device: &Device) -> Result<()>;
+    /// Replaces a device's fields, tags and memberships — only if it still has the
+    /// `updated_at` it was read with (otherwise `Conflict`: a concurrent change would be undone).
+    async fn update_device(&self, device: &Device, read_at: Millis) -> Result<()>;
     /// Deletes a device with its tags, memberships and credentials.
     async fn delete_device(&self, tenant: &str, id: &str) -> Result<bool>;
     /// A page of devices; `static_group` restricts to members of a static group.
@@ -694,11 +695,11 @@ impl RegistryStore for SqliteStore {
         Ok(Some(d))
     }
 
-    async fn update_device(&self, d: &Device) -> Result<()> {
+    async fn update_device(&self, d: &Device, read_at: Millis) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         let r = sqlx::query(
             "UPDATE devices SET name = $3, type = $4, status = $5, tags = $6, attributes = $7, \
-             policy = $8, updated_at = $9 WHERE tenant = $1 AND id = $2",
+             policy = $8, updated_at = $9 WHERE tenant = $1 AND id = $2 AND updated_at = $10",
         )
         .bind(&d.tenant)
         .bind(&d.id)
@@ -709,10 +710,23 @@ impl RegistryStore for SqliteStore {
         .bind(json(&d.attributes)?)
         .bind(&d.policy)
         .bind(d.updated_at)
+        .bind(read_at)
         .execute(&mut *tx)
         .await?;
         if r.rows_affected() == 0 {
-            return Err(RegistryError::NotFound(format!("device {}", d.id)));
+            let exists: Option<i64> =
+                sqlx::query_scalar("SELECT updated_at FROM devices WHERE tenant = $1 AND id = $2")
+                    .bind(&d.tenant)
+                    .bind(&d.id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            return Err(match exists {
+                Some(_) => RegistryError::Stale(format!(
+                    "device {} was changed by someone else meanwhile; read it again and retry",
+                    d.id
+                )),
+                None => RegistryError::NotFound(format!("device {}", d.id)),
+            });
         }
         write_device_children(&mut tx, d, false).await?;
         tx.commit().await?;
@@ -753,20 +767,49 @@ impl RegistryStore for SqliteStore {
         } else {
             (">", "ASC")
         };
-        let mut tags = q.tags.iter();
-        // With a tag filter and id order, walk the tag index: it yields matching ids in order,
-        // so a page costs the page, however rare or common the tag.
-        let driving_tag = if listing.sort == SortKey::Id {
-            tags.next()
+        let mut conn = self.pool.acquire().await?;
+        let mut tags: Vec<(&String, &String)> = q.tags.iter().collect();
+        // With a tag filter and id order, walk the tag index of the rarest tag: it yields matching
+        // ids in order, so a page costs the page (plus the devices skipped by the other filters),
+        // however rare or common the tag. Without that, SQLite (which has no statistics per tag
+        // value) may walk the devices in id order and probe each one's tags: a rare tag then
+        // scans the whole tenant.
+        let driving_tag = if listing.sort == SortKey::Id && !tags.is_empty() {
+            let mut best = (i64::MAX, 0);
+            if tags.len() > 1 {
+                for (i, (k, v)) in tags.iter().enumerate() {
+                    // How many devices have the tag, counted up to a cap: an index range walk.
+                    let n: i64 = sqlx::query_scalar(
+                        "SELECT COUNT(*) FROM (SELECT 1 FROM device_tags WHERE tenant = $1 \
+                         AND key = $2 AND value = $3 LIMIT 20000)",
+                    )
+                    .bind(tenant)
+                    .bind(k)
+                    .bind(v)
+                    .fetch_one(&mut *conn)
+                    .await?;
+                    if n < best.0 {
+                        best = (n, i);
+                    }
+                }
+            }
+            Some(tags.remove(best.1))
         } else {
             None
+        };
+        // The device id column to filter, compare and order by: the tag index's when it drives.
+        let id_col = if driving_tag.is_some() {
+            "t0.device_id"
+        } else {
+            "d.id"
         };
         let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} "));
         match driving_tag {
             Some((k, v)) => {
+                // CROSS JOIN keeps the tag index as the outer loop (SQLite never reorders it).
                 qb.push(
-                    "FROM device_tags t0 JOIN devices d ON d.tenant = t0.tenant \
-                     AND d.id = t0.device_id WHERE t0.tenant = ",
+                    "FROM device_tags t0 CROSS JOIN devices d WHERE d.tenant = t0.tenant \
+                     AND d.id = t0.device_id AND t0.tenant = ",
                 );
                 qb.push_bind(tenant);
                 qb.push(" AND t0.key = ");
@@ -780,10 +823,17 @@ impl RegistryStore for SqliteStore {
             }
         }
         for (k, v) in tags {
-            qb.push(
-                " AND EXISTS (SELECT 1 FROM device_tags t WHERE t.tenant = d.tenant \
-                 AND t.device_id = d.id AND t.key = ",
-            );
+            // Written on the driving id, so that other tags are checked before the device row is
+            // read.
+            qb.push(format!(
+                " AND EXISTS (SELECT 1 FROM device_tags t WHERE t.tenant = {tcol} \
+                 AND t.device_id = {id_col} AND t.key = ",
+                tcol = if driving_tag.is_some() {
+                    "t0.tenant"
+                } else {
+                    "d.tenant"
+                },
+            ));
             qb.push_bind(k);
             qb.push(" AND t.value = ");
             qb.push_bind(v);
@@ -820,7 +870,7 @@ impl RegistryStore for SqliteStore {
             let (value, id) = decode_cursor(cursor)?;
             match (listing.sort, value) {
                 (SortKey::Id, _) => {
-                    qb.push(format!(" AND d.id {cmp} "));
+                    qb.push(format!(" AND {id_col} {cmp} "));
                     qb.push_bind(id);
                 }
                 (SortKey::Name, CursorValue::Text(v)) => {
@@ -845,13 +895,12 @@ impl RegistryStore for SqliteStore {
             }
         }
         if listing.sort == SortKey::Id {
-            qb.push(format!(" ORDER BY d.id {order}"));
+            qb.push(format!(" ORDER BY {id_col} {order}"));
         } else {
             qb.push(format!(" ORDER BY {col} {order}, d.id {order}"));
         }
         qb.push(" LIMIT ");
         qb.push_bind(i64::from(limit) + 1);
-        let mut conn = self.pool.acquire().await?;
         let rows = qb.build().fetch_all(&mut *conn).await?;
         let mut items = rows
             .iter()

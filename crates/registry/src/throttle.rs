@@ -4,7 +4,7 @@
 //! a flood of distinct source addresses cannot grow it without limit.
 
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use hashbrown::HashMap;
@@ -12,20 +12,23 @@ use parking_lot::Mutex;
 
 /// A token bucket refilled continuously at `rate` per second, holding at most `burst` tokens.
 ///
-/// Lock-free (two atomics updated with compare-and-swap): it sits on the publish path.
+/// Lock-free (two atomics updated with compare-and-swap): it sits on the publish path. The
+/// balance may go negative: a request larger than the burst is admitted only on a full bucket
+/// and charged in full, so the debt it leaves keeps the long-run rate exact.
 #[derive(Debug)]
 pub struct TokenBucket {
-    rate_milli_per_ms: u64,
-    burst_milli: u64,
+    rate_milli_per_ms: i64,
+    burst_milli: i64,
     epoch: Instant,
     /// Last refill, in ms since `epoch`.
     last_ms: AtomicU64,
-    tokens_milli: AtomicU64,
+    tokens_milli: AtomicI64,
 }
 
 impl TokenBucket {
     /// A bucket allowing `per_sec` units per second with a burst of one second's worth.
     pub fn per_second(per_sec: u64) -> TokenBucket {
+        let per_sec = i64::try_from(per_sec).unwrap_or(i64::MAX / 1000);
         let burst_milli = per_sec.saturating_mul(1000).max(1000);
         TokenBucket {
             // per_sec units/s = per_sec milli-units per ms.
@@ -33,14 +36,11 @@ impl TokenBucket {
             burst_milli,
             epoch: Instant::now(),
             last_ms: AtomicU64::new(0),
-            tokens_milli: AtomicU64::new(burst_milli),
+            tokens_milli: AtomicI64::new(burst_milli),
         }
     }
 
-    /// Takes `units`; false when the bucket does not hold that many (nothing is taken then).
-    /// A request larger than the burst is admitted when the bucket is full, so that a single
-    /// large message is never refused forever.
-    pub fn try_take(&self, units: u64) -> bool {
+    fn refill(&self) {
         let now = self.epoch.elapsed().as_millis() as u64;
         let last = self.last_ms.load(Ordering::Relaxed);
         if now > last
@@ -49,19 +49,41 @@ impl TokenBucket {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            let add = (now - last).saturating_mul(self.rate_milli_per_ms);
+            let elapsed = i64::try_from(now - last).unwrap_or(i64::MAX);
+            let add = elapsed.saturating_mul(self.rate_milli_per_ms);
             let _ = self
                 .tokens_milli
                 .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
                     Some(t.saturating_add(add).min(self.burst_milli))
                 });
         }
-        let want = units.saturating_mul(1000).min(self.burst_milli);
+    }
+
+    /// Takes `units`; false when the bucket does not hold that many (nothing is taken then).
+    /// A request larger than the burst needs a full bucket and leaves it in debt.
+    pub fn try_take(&self, units: u64) -> bool {
+        self.refill();
+        let cost = i64::try_from(units)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let need = cost.min(self.burst_milli);
         self.tokens_milli
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
-                (t >= want).then(|| t - want)
+                (t >= need).then(|| t.saturating_sub(cost))
             })
             .is_ok()
+    }
+
+    /// Returns `units` taken by a request that was refused further on.
+    pub fn give_back(&self, units: u64) {
+        let cost = i64::try_from(units)
+            .unwrap_or(i64::MAX)
+            .saturating_mul(1000);
+        let _ = self
+            .tokens_milli
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_add(cost).min(self.burst_milli))
+            });
     }
 }
 
@@ -193,10 +215,22 @@ mod tests {
     }
 
     #[test]
-    fn oversized_request_passes_only_on_a_full_bucket() {
+    fn oversized_request_passes_only_on_a_full_bucket_and_leaves_a_debt() {
         let b = TokenBucket::per_second(100);
         assert!(b.try_take(1_000_000));
         assert!(!b.try_take(1_000_000));
+        // The debt (10,000 s at 100/s) refuses even small requests for a long time.
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!b.try_take(1));
+    }
+
+    #[test]
+    fn given_back_tokens_are_usable_again() {
+        let b = TokenBucket::per_second(2);
+        assert!(b.try_take(2));
+        assert!(!b.try_take(1));
+        b.give_back(1);
+        assert!(b.try_take(1));
     }
 
     #[test]

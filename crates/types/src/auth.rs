@@ -98,6 +98,9 @@ pub trait Access: Send + Sync {
     /// it restricts receiving more than subscribing. False for most devices, so most deliveries
     /// cost no check.
     fn check_deliveries(&self) -> bool;
+    /// The connection resumed a session created under an earlier grant: from now on deliveries
+    /// are checked (see [`Access::check_deliveries`]).
+    fn session_resumed(&self);
     /// Charges a publish of `payload_bytes` against the device's and tenant's quotas.
     fn admit(&self, payload_bytes: usize) -> Admission;
     /// Set once the device was disabled, decommissioned or had the credential revoked: the

@@ -562,6 +562,7 @@ impl Connection {
         }
         // Resume: resend what was in flight (DUP set) before anything new.
         if attached.session_present {
+            conn.enforce_policy_on_resume();
             conn.resend_inflight();
         }
         tracing::debug!(peer = %info.peer, client_id = %conn.session.client_id, version = ?version, "client connected");
@@ -584,6 +585,44 @@ impl Connection {
         }
         if let Err(e) = mqtt::encode(packet, self.version, &mut self.wbuf) {
             tracing::warn!(error = %e, packet = packet.name(), "could not encode packet");
+        }
+    }
+
+    /// A resumed session was built under another connection's grant (an earlier policy, or
+    /// another identity using the same client id): subscriptions this client may no longer hold
+    /// are removed, and deliveries (queued ones included) are checked from now on.
+    fn enforce_policy_on_resume(&mut self) {
+        let Some(access) = self.access.clone() else {
+            return;
+        };
+        access.session_resumed();
+        let refused: Vec<Arc<str>> = self
+            .session
+            .control
+            .lock()
+            .subscriptions
+            .keys()
+            .filter(|f| !access.can_subscribe(f))
+            .cloned()
+            .collect();
+        let persistent = self.session.is_persistent() && self.broker.store.is_persistent();
+        for f in refused {
+            tracing::info!(client_id = %self.session.client_id, filter = %f, "subscription removed: no longer allowed");
+            self.session.control.lock().subscriptions.remove(&f);
+            if let Some(parsed) = self.broker.parse_filter(&f) {
+                self.router.unsubscribe(
+                    self.session.id(),
+                    parsed.filter.as_str(),
+                    parsed.group.as_deref(),
+                );
+            }
+            if persistent {
+                self.store_ops.push(StoreOp::DeleteSubscription {
+                    tenant: self.session.tenant.clone(),
+                    client_id: self.session.client_id.clone(),
+                    filter: f,
+                });
+            }
         }
     }
 
@@ -645,6 +684,10 @@ impl Connection {
         // A client that connected while shutdown began may have missed the broadcast kick.
         if self.broker.shutdown.is_triggered() {
             return Close::Kicked(Kick::Shutdown);
+        }
+        // Likewise a device revoked between its authentication and its attachment.
+        if self.access.as_ref().is_some_and(|a| a.revoked()) {
+            return Close::Kicked(Kick::NotAuthorized);
         }
         let mut last_read = Instant::now();
         // One timer for the connection's life, re-armed lazily: resetting a timer on every
