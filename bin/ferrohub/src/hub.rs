@@ -11,7 +11,7 @@ use ferrohub_adapters::mqtt::{
     StaticUsers, Transport, run_listener, spawn_sys_publisher, tls_acceptor_with_verifier,
 };
 use ferrohub_adapters::shutdown::{Shutdown, ShutdownTrigger};
-use ferrohub_registry::{Registry, SqliteOptions, SqliteStore};
+use ferrohub_registry::{Purge, Registry, SqliteOptions, SqliteStore};
 use ferrohub_store::{BrokerStore, FsyncPolicy, RecoveredState, StoreConfig};
 use ferrohub_types::TenantId;
 use ferrohub_types::auth::BoxFuture;
@@ -71,6 +71,37 @@ impl Authenticator for HubAuthenticator {
             }
         }
         self.registry.authenticate(c)
+    }
+}
+
+/// Makes the broker forget a decommissioned device or a deleted tenant: sessions (closing their
+/// connections and dropping what was queued) and retained messages.
+async fn purge_from_broker(broker: &Arc<Broker>, purge: Purge) {
+    match purge {
+        Purge::Device {
+            tenant,
+            device_id,
+            client_ids,
+        } => {
+            for c in client_ids {
+                broker.discard_session(&tenant, &c).await;
+            }
+            for filter in [
+                format!("devices/{device_id}/#"),
+                format!("$devices/{device_id}/#"),
+            ] {
+                broker.purge_retained(&tenant, &filter).await;
+            }
+        }
+        Purge::Tenant(tenant) => {
+            for c in broker.client_ids_in(&tenant) {
+                broker.discard_session(&tenant, &c).await;
+            }
+            // `#` does not match `$`-topics: the reserved roots are named.
+            for filter in ["#", "$devices/#", "$provisioning/#"] {
+                broker.purge_retained(&tenant, filter).await;
+            }
+        }
     }
 }
 
@@ -214,12 +245,13 @@ impl Hub {
                 }
             }));
             let b = Arc::downgrade(&broker);
-            registry.set_session_discarder(Arc::new(move |tenant: TenantId, client_id: String| {
-                if let Some(b) = b.upgrade() {
-                    tokio::spawn(async move {
-                        b.discard_session(&tenant, &client_id).await;
-                    });
-                }
+            registry.set_purger(Arc::new(move |purge: Purge| {
+                let b = b.upgrade();
+                Box::pin(async move {
+                    if let Some(b) = b {
+                        purge_from_broker(&b, purge).await;
+                    }
+                })
             }));
         }
         let mut tasks = Vec::new();
@@ -260,10 +292,24 @@ impl Hub {
             if let Some(ca_pem) = &ca_pem {
                 let ca_pem =
                     std::str::from_utf8(ca_pem).context("tls.client_ca_file is not PEM")?;
-                registry
-                    .trust_store()
-                    .set(TenantId::DEFAULT, "config-client-ca", ca_pem)
-                    .context("loading tls.client_ca_file")?;
+                // A bundle: every certificate in it is a trusted CA of the default tenant.
+                const END: &str = "-----END CERTIFICATE-----";
+                let blocks: Vec<&str> = ca_pem
+                    .split_inclusive(END)
+                    .filter(|b| b.contains("-----BEGIN CERTIFICATE-----"))
+                    .collect();
+                anyhow::ensure!(
+                    !blocks.is_empty(),
+                    "tls.client_ca_file holds no PEM certificate"
+                );
+                for (i, block) in blocks.iter().enumerate() {
+                    registry
+                        .trust_store()
+                        .set(TenantId::DEFAULT, &format!("config-client-ca-{i}"), block)
+                        .with_context(|| {
+                            format!("loading certificate {} of tls.client_ca_file", i + 1)
+                        })?;
+                }
             }
             let verifier = registry
                 .trust_store()

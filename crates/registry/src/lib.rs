@@ -17,5 +17,7 @@ pub mod store;
 pub mod throttle;
 
 pub use error::RegistryError;
-pub use service::{Actor, Kicker, Registry, RegistryConfig, RegistryMetrics, split_username};
+pub use service::{
+    Actor, Kicker, Purge, Purger, Registry, RegistryConfig, RegistryMetrics, split_username,
+};
 pub use store::{RegistryStore, SqliteOptions, SqliteStore};

@@ -277,7 +277,7 @@ pub struct Registry {
     audit_tx: mpsc::Sender<AuditEvent>,
     audit_rx: Mutex<Option<mpsc::Receiver<AuditEvent>>>,
     kicker: OnceLock<Kicker>,
-    discarder: OnceLock<SessionDiscarder>,
+    purger: OnceLock<Purger>,
     ca_creation: tokio::sync::Mutex<()>,
     /// Itself, for the access objects it hands out (they report disconnections back).
     me: Weak<Registry>,
@@ -288,9 +288,26 @@ pub struct Registry {
 /// Tells the broker to close a client's connection: `(tenant, client_id)`.
 pub type Kicker = Arc<dyn Fn(&TenantId, &str) + Send + Sync>;
 
-/// Tells the broker to delete a client's session with everything queued for it:
-/// `(tenant, client_id)`. Called when a device is decommissioned.
-pub type SessionDiscarder = Arc<dyn Fn(TenantId, String) + Send + Sync>;
+/// What the broker must forget when a device or a tenant goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purge {
+    /// A decommissioned device: these client ids' sessions (closed, queued messages and all)
+    /// and the retained messages under its topics.
+    Device {
+        /// The tenant.
+        tenant: TenantId,
+        /// The device id.
+        device_id: String,
+        /// Client ids whose sessions go.
+        client_ids: Vec<String>,
+    },
+    /// A deleted tenant: every session and retained message in it.
+    Tenant(TenantId),
+}
+
+/// Carries out a [`Purge`] in the broker (wired by the hub); awaited before the registry
+/// answers, so that nothing of a deleted device or tenant outlives the acknowledgement.
+pub type Purger = Arc<dyn Fn(Purge) -> BoxFuture<'static, ()> + Send + Sync>;
 
 fn sha256_hex(data: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(data))
@@ -307,6 +324,12 @@ fn identity_source(f: CertIdentityField) -> IdentitySource {
         CertIdentityField::DnsSan => IdentitySource::DnsSan,
         CertIdentityField::UriSan => IdentitySource::UriSan,
     }
+}
+
+/// Seconds from an API request as milliseconds, capped at 100 years (no overflow).
+fn secs_to_millis(secs: u64) -> Millis {
+    const CAP: u64 = 100 * 365 * 86_400;
+    (secs.min(CAP) as i64) * 1000
 }
 
 /// Splits an MQTT user name into tenant and device: `tenant/device`, or `device` in the default
@@ -341,7 +364,7 @@ impl Registry {
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
             kicker: OnceLock::new(),
-            discarder: OnceLock::new(),
+            purger: OnceLock::new(),
             ca_creation: tokio::sync::Mutex::new(()),
             metrics: RegistryMetrics::default(),
             config,
@@ -371,6 +394,18 @@ impl Registry {
             .write()
             .extend(revoked.into_iter().map(|r| (r.tenant, r.fingerprint)));
         registry.store.reset_online().await?;
+        // Fail at start, not on the first connect, when the password settings cannot hash (the
+        // stand-in hash for unknown devices keeps their answers as slow as real ones).
+        registry
+            .config
+            .password
+            .validate()
+            .map_err(|e| RegistryError::Invalid(format!("registry.password: {e}")))?;
+        if registry.dummy_hash().await.is_empty() {
+            return Err(RegistryError::Invalid(
+                "registry.password: these argon2id parameters cannot hash".into(),
+            ));
+        }
         Ok(registry)
     }
 
@@ -389,9 +424,28 @@ impl Registry {
         let _ = self.kicker.set(kicker);
     }
 
-    /// Sets how decommissioning deletes a device's broker sessions (wired by the hub).
-    pub fn set_session_discarder(&self, discarder: SessionDiscarder) {
-        let _ = self.discarder.set(discarder);
+    /// Sets how the broker forgets decommissioned devices and deleted tenants (wired by the hub).
+    pub fn set_purger(&self, purger: Purger) {
+        let _ = self.purger.set(purger);
+    }
+
+    async fn purge(&self, purge: Purge) {
+        if let Some(p) = self.purger.get() {
+            p(purge).await;
+        }
+    }
+
+    /// Marks connections revoked without kicking them: a purge closes them and waits.
+    fn revoke_live_quietly(&self, matches: impl Fn(&LiveKey) -> bool) {
+        self.cache_generation.fetch_add(1, Ordering::SeqCst);
+        let live = self.live.lock();
+        for (k, v) in live.iter() {
+            if matches(k) {
+                for a in v.iter().filter_map(Weak::upgrade) {
+                    a.revoked.store(true, Ordering::Relaxed);
+                }
+            }
+        }
     }
 
     /// Starts the background work: connectivity flushes, the security-audit writer and audit
@@ -446,7 +500,7 @@ impl Registry {
 
     /// Writes pending connectivity changes.
     pub async fn flush_connectivity(&self) {
-        let pending: Vec<ConnectivityUpdate> = {
+        let mut pending: Vec<ConnectivityUpdate> = {
             let mut p = self.pending_connectivity.lock();
             p.drain()
                 .map(|((tenant, device_id), state)| ConnectivityUpdate {
@@ -456,6 +510,16 @@ impl Registry {
                 })
                 .collect()
         };
+        // Online is whatever `live` says now: connects and disconnects of the same device may
+        // have recorded their changes out of order.
+        {
+            let live = self.live.lock();
+            for u in &mut pending {
+                u.state.online = live
+                    .get(&(u.tenant.clone(), u.device_id.clone()))
+                    .is_some_and(|v| v.iter().any(|w| w.strong_count() > 0));
+            }
+        }
         if let Err(e) = self.store.set_connectivity(&pending).await {
             tracing::warn!(error = %e, "persisting device connectivity failed");
         }
@@ -586,13 +650,17 @@ impl Registry {
 
     /// Records a security event from the connect path without waiting (bounded queue).
     fn security_event(&self, tenant: &str, action: &str, target: &str, source: &str, detail: &str) {
+        // Anyone can attempt a connect: only real tenants get the event in their log (others
+        // land in the platform's), and what the client chose to send is cut short.
+        let tenant = self.tenant_runtime(tenant).map(|_| tenant.to_string());
+        let target: String = target.chars().take(128).collect();
         let event = AuditEvent {
             seq: 0,
             at: now_millis(),
-            actor: format!("device:{tenant}/{target}"),
-            tenant: Some(tenant.into()),
+            actor: format!("device:{}/{target}", tenant.as_deref().unwrap_or("?")),
+            tenant,
             action: action.into(),
-            target: target.into(),
+            target,
             source: Some(source.into()),
             result: AuditResult::Failure,
             detail: serde_json::json!({ "reason": detail }),
@@ -649,7 +717,7 @@ impl Registry {
             role,
             tenant: tenant.map(str::to_string),
             created_at: now_millis(),
-            expires_at: ttl_secs.map(|s| now_millis() + (s as i64) * 1000),
+            expires_at: ttl_secs.map(|s| now_millis() + secs_to_millis(s)),
             revoked_at: None,
             created_by: Some(actor.name.clone()),
         };
@@ -756,6 +824,10 @@ impl Registry {
             .token(id)
             .await?
             .ok_or_else(|| RegistryError::NotFound(format!("token {id}")))?;
+        // Another tenant's token looks like a missing one (its tenant is not named).
+        if actor.tenant.is_some() && actor.tenant != t.tenant {
+            return Err(RegistryError::NotFound(format!("token {id}")));
+        }
         match &t.tenant {
             Some(tenant) => actor.require(Role::Admin, Some(tenant))?,
             None => actor.require(Role::Admin, None)?,
@@ -880,7 +952,10 @@ impl Registry {
         }
         self.cache_generation.fetch_add(1, Ordering::SeqCst);
         self.devices.lock().retain(|(t, _), _| t != id);
-        self.revoke_live(|(t, _), _| t == id);
+        self.revoke_live_quietly(|(t, _)| t == id);
+        // A tenant created later under the same id must start empty.
+        self.purge(Purge::Tenant(TenantId::new(id))).await;
+        self.pending_connectivity.lock().retain(|(t, _), _| t != id);
         self.audit(
             actor,
             Some(id),
@@ -1204,9 +1279,10 @@ impl Registry {
         Ok(d)
     }
 
-    /// Decommissions a device: its credentials, memberships and record are deleted and its
-    /// connections closed. `purge_telemetry` reports the tenant's choice to the caller, which
-    /// owns the session and telemetry stores.
+    /// Decommissions a device: its credentials, memberships and record are deleted, its
+    /// connections closed, and its broker sessions (with their queued messages) and retained
+    /// messages under `devices/{id}/` and `$devices/{id}/` purged before this returns. The
+    /// result is the tenant's choice for the device's telemetry (kept or purged).
     pub async fn delete_device(
         &self,
         actor: &Actor,
@@ -1235,12 +1311,13 @@ impl Registry {
         client_ids.push(id.to_string());
         client_ids.sort();
         client_ids.dedup();
-        self.revoke_live(|k, _| *k == key);
-        if let Some(discard) = self.discarder.get() {
-            for c in client_ids {
-                discard(TenantId::new(tenant), c);
-            }
-        }
+        self.revoke_live_quietly(|k| *k == key);
+        self.purge(Purge::Device {
+            tenant: TenantId::new(tenant),
+            device_id: id.to_string(),
+            client_ids,
+        })
+        .await;
         self.pending_connectivity.lock().remove(&key);
         self.audit_ok(actor, tenant, "device.decommission", id)
             .await?;
@@ -1407,6 +1484,8 @@ impl Registry {
         {
             return Err(RegistryError::NotFound(format!("device type {name}")));
         }
+        // Devices of the type lose its policy: connected ones get theirs at once.
+        self.refresh_live(tenant, None).await;
         self.audit_ok(actor, tenant, "device_type.delete", name)
             .await
     }
@@ -1467,24 +1546,27 @@ impl Registry {
         self.audit_ok(actor, tenant, "policy.delete", name).await
     }
 
+    /// The device's own policy, else its type's, else the default policy (a named policy that
+    /// was deleted counts as absent).
     async fn policy_documents(&self, device: &Device) -> Result<Vec<PolicyDocument>> {
-        let mut name = device.policy.clone();
-        if name.is_none()
-            && let Some(t) = &device.device_type
+        let mut names = Vec::new();
+        names.extend(device.policy.clone());
+        if let Some(t) = &device.device_type
             && let Some(ty) = self
                 .store
                 .doc::<DeviceType>(&device.tenant, DocKind::DeviceType, t)
                 .await?
         {
-            name = ty.policy;
+            names.extend(ty.policy);
         }
-        if let Some(n) = name
-            && let Some(p) = self
+        for n in names {
+            if let Some(p) = self
                 .store
                 .doc::<NamedPolicy>(&device.tenant, DocKind::Policy, &n)
                 .await?
-        {
-            return Ok(vec![p.document]);
+            {
+                return Ok(vec![p.document]);
+            }
         }
         Ok(vec![PolicyDocument::default_device()])
     }
@@ -1556,7 +1638,7 @@ impl Registry {
         let Some(secs) = overlap_secs else {
             return Ok(());
         };
-        let at = now_millis() + (secs as i64) * 1000;
+        let at = now_millis() + secs_to_millis(secs);
         for old in self.store.credentials(tenant, device).await? {
             if old.kind == kind && old.is_active(now_millis()) {
                 self.store

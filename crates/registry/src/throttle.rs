@@ -147,13 +147,18 @@ impl<K: Hash + Eq + Clone> Backoff<K> {
     pub fn failure(&self, key: &K) -> Option<Duration> {
         let now = Instant::now();
         let mut entries = self.entries.lock();
-        if entries.len() >= self.config.max_entries && !entries.contains_key(key) {
-            // Forget the least recently failing half rather than grow.
-            let mut lasts: Vec<Instant> = entries.values().map(|f| f.last).collect();
-            let mid = lasts.len() / 2;
-            let (_, cut, _) = lasts.select_nth_unstable(mid);
+        if entries.len() >= self.config.max_entries.max(1) && !entries.contains_key(key) {
+            // Forget the half whose back-off ends first rather than grow (never more than
+            // `max_entries`, even when most keys are blocked).
+            let mut ends: Vec<Instant> = entries
+                .values()
+                .map(|f| f.blocked_until.max(f.last))
+                .collect();
+            // Not empty: it holds at least `max_entries.max(1)` keys.
+            let mid = ends.len() / 2;
+            let (_, cut, _) = ends.select_nth_unstable(mid);
             let cut = *cut;
-            entries.retain(|_, f| f.last > cut || f.blocked_until > now);
+            entries.retain(|_, f| f.blocked_until.max(f.last) > cut);
         }
         let f = entries.entry(key.clone()).or_insert(Failures {
             count: 0,
@@ -251,6 +256,22 @@ mod tests {
         assert!(b.blocked(&"b").is_none());
         b.success(&"a");
         assert!(b.blocked(&"a").is_none());
+    }
+
+    #[test]
+    fn backoff_table_stays_bounded_when_every_key_is_blocked_and_with_no_room() {
+        for max_entries in [0, 1, 100] {
+            let b = Backoff::new(BackoffConfig {
+                max_entries,
+                free_failures: 1,
+                initial_ms: 60_000,
+                ..BackoffConfig::default()
+            });
+            for i in 0..5_000 {
+                b.failure(&i);
+            }
+            assert!(b.len() <= max_entries.max(1), "{max_entries}: {}", b.len());
+        }
     }
 
     #[test]

@@ -71,6 +71,11 @@ async fn decommissioning_deletes_the_session_and_its_queued_messages() {
         .publish("devices/pump-1/cmd", Q5::AtLeastOnce, false, "stop")
         .await
         .unwrap();
+    // And the device's last state is retained.
+    ops.client
+        .publish("devices/pump-1/state", Q5::AtLeastOnce, true, "running")
+        .await
+        .unwrap();
     wait_metric(&hub, "ferrohub_mqtt_queued_messages", |v| v >= 1.0).await;
 
     // Decommission: the session and the queued command go.
@@ -79,11 +84,14 @@ async fn decommissioning_deletes_the_session_and_its_queued_messages() {
         .delete_device(&Actor::system(), "default", "pump-1")
         .await
         .unwrap();
-    // What remains is the operator's own session.
-    wait_until(Duration::from_secs(5), "session deleted", || {
-        hub.hub().broker.session_count() == sessions_before + 1
-    })
-    .await;
+    // What remains is the operator's own session (the purge is done when the call returns).
+    assert_eq!(hub.hub().broker.session_count(), sessions_before + 1);
+    // Its retained state is gone too.
+    let mut watch_opts = v5_opts(&hub, "ops-watch");
+    watch_opts.set_credentials("ops", "ops-secret");
+    let mut watch = V5::connect(watch_opts).await;
+    watch.subscribe("devices/pump-1/#", Q5::AtLeastOnce).await;
+    watch.expect_no_publish(Duration::from_millis(500)).await;
     let e = V5::try_connect(device_opts(&hub, "pump-1", "pump-secret-1", false)).await;
     assert!(
         e.is_err(),
@@ -120,5 +128,62 @@ async fn decommissioning_a_connected_device_disconnects_it() {
             "still connected after decommissioning"
         );
     }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_created_again_under_a_deleted_ones_id_starts_empty() {
+    let hub = TestHub::start_with(|cfg| cfg.allow_anonymous = false)
+        .await
+        .unwrap();
+    let r = &hub.hub().registry;
+    let admin = Actor::system();
+    let setup = || async {
+        r.create_tenant(&admin, "acme", None, Default::default())
+            .await
+            .unwrap();
+        r.create_device(
+            &admin,
+            "acme",
+            DeviceSpec {
+                id: "gw".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        r.add_password(&admin, "acme", "gw", Some("gw-secret-1".into()), None)
+            .await
+            .unwrap();
+    };
+    setup().await;
+    let opts = |clean| {
+        let mut o = device_opts(&hub, "gw", "gw-secret-1", clean);
+        o.set_credentials("acme/gw", "gw-secret-1");
+        o
+    };
+    let mut gw = V5::connect(opts(true)).await;
+    gw.subscribe("devices/gw/#", Q5::AtLeastOnce).await;
+    gw.client
+        .publish("devices/gw/state", Q5::AtLeastOnce, true, "up")
+        .await
+        .unwrap();
+    gw.recv_publish().await;
+    r.delete_tenant(&admin, "acme").await.unwrap();
+    // The connection was closed and the session is gone.
+    assert!(
+        hub.hub()
+            .broker
+            .client_ids_in(&ferrohub_types::TenantId::new("acme"))
+            .is_empty()
+    );
+    setup().await;
+    let mut gw = V5::connect(opts(false)).await;
+    assert!(
+        !gw.connack.session_present,
+        "the old tenant's session survived"
+    );
+    gw.subscribe("devices/gw/#", Q5::AtLeastOnce).await;
+    gw.expect_no_publish(Duration::from_millis(500)).await;
     hub.stop().await;
 }

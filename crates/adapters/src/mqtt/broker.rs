@@ -373,8 +373,15 @@ impl Broker {
                 });
             }
         }
-        // A session taken over lives on with the new connection, which decides its fate.
-        if current && kicked != Some(Kick::TakenOver) {
+        // A session taken over lives on with the new connection, which decides its fate; one
+        // already ended (a purge) must not be persisted again.
+        let in_map = || {
+            self.sessions
+                .lock()
+                .get(&(session.tenant.clone(), session.client_id.clone()))
+                .is_some_and(|s| Arc::ptr_eq(s, session))
+        };
+        if current && kicked != Some(Kick::TakenOver) && in_map() {
             let now = now_millis();
             session.control.lock().attachment = None;
             if expiry == 0 {
@@ -818,6 +825,36 @@ impl Broker {
             }
         }
         false
+    }
+
+    /// The client ids of every session (online or not) in `tenant`.
+    pub fn client_ids_in(&self, tenant: &TenantId) -> Vec<String> {
+        self.sessions
+            .lock()
+            .keys()
+            .filter(|(t, _)| t == tenant)
+            .map(|(_, c)| c.to_string())
+            .collect()
+    }
+
+    /// Deletes the retained messages matching `filter` in `tenant` (persisted deletions, as if
+    /// an empty retained message had been published on each topic). Returns how many.
+    pub async fn purge_retained(&self, tenant: &TenantId, filter: &str) -> usize {
+        let mut found = Vec::new();
+        self.router
+            .tenant(tenant)
+            .retained_matching(filter, &mut found);
+        for m in &found {
+            self.publish_from_hub(
+                tenant,
+                m.topic.as_str(),
+                Bytes::new(),
+                QoS::AtMostOnce,
+                true,
+            )
+            .await;
+        }
+        found.len()
     }
 
     /// Validates a subscription filter (plain or `$share/{group}/…`) under the configured limits.
