@@ -112,6 +112,9 @@ impl Registry {
         payload: &[u8],
     ) -> Option<(String, ProvisioningResponse)> {
         let (template, client_id) = parse_request_topic(topic)?;
+        // A QoS 1 request redelivered while the first copy is being handled is dropped: one
+        // request, one answer.
+        let _in_flight = self.begin_provisioning(tenant, template, client_id)?;
         let answer = match self.provision(tenant, template, client_id, payload).await {
             Ok(a) => a,
             Err(e) => {
@@ -122,6 +125,21 @@ impl Registry {
             }
         };
         Some((response_topic(template, client_id), answer))
+    }
+
+    /// Webhooks are https (the hub must not be a probe into plain-HTTP services near it),
+    /// unless `registry.allow_http_webhooks` says otherwise (development, tests).
+    pub(crate) fn check_webhook_url(&self, url: &str) -> Result<()> {
+        let lower = url.to_ascii_lowercase();
+        if lower.starts_with("https://")
+            || (self.config().allow_http_webhooks && lower.starts_with("http://"))
+        {
+            Ok(())
+        } else {
+            Err(RegistryError::Invalid(
+                "approval webhooks must be https:// URLs (set registry.allow_http_webhooks for plain HTTP)".into(),
+            ))
+        }
     }
 
     async fn provision(
@@ -145,6 +163,7 @@ impl Registry {
                 RegistryError::NotFound(format!("provisioning template {template_name}"))
             })?;
         if let Some(url) = &template.approval_webhook {
+            self.check_webhook_url(url)?;
             let body = ApprovalRequest {
                 tenant,
                 template: template_name,
@@ -155,10 +174,16 @@ impl Registry {
             match answer {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => {
-                    return Err(RegistryError::Forbidden(format!(
-                        "the approval webhook refused the device (HTTP {})",
-                        r.status().as_u16()
-                    )));
+                    // The status stays in the hub's log: the device learns nothing about the
+                    // network behind the webhook.
+                    tracing::info!(
+                        url,
+                        status = r.status().as_u16(),
+                        "approval webhook refused"
+                    );
+                    return Err(RegistryError::Forbidden(
+                        "the approval webhook refused the device".into(),
+                    ));
                 }
                 Err(e) => {
                     tracing::warn!(url, error = %e, "approval webhook unreachable");

@@ -45,6 +45,8 @@ pub struct RegistryConfig {
     pub max_concurrent_hashes: usize,
     /// Successful password checks remembered so that reconnects skip argon2id.
     pub verified_cache_entries: usize,
+    /// Allow `http://` approval webhooks (default: https only).
+    pub allow_http_webhooks: bool,
 }
 
 impl Default for RegistryConfig {
@@ -57,6 +59,7 @@ impl Default for RegistryConfig {
             jwt_leeway_secs: 60,
             max_concurrent_hashes: 4,
             verified_cache_entries: 200_000,
+            allow_http_webhooks: false,
         }
     }
 }
@@ -271,6 +274,7 @@ pub struct Registry {
     live: Mutex<HashMap<LiveKey, Vec<Weak<DeviceAccess>>>>,
     pending_connectivity: Mutex<HashMap<LiveKey, Connectivity>>,
     device_quotas: Mutex<HashMap<LiveKey, Arc<RateBuckets>>>,
+    provisioning_in_flight: Mutex<HashSet<String>>,
     /// Bumped by every change that can invalidate a cached device or a connect in progress.
     cache_generation: AtomicU64,
     hashing: Semaphore,
@@ -326,6 +330,18 @@ fn identity_source(f: CertIdentityField) -> IdentitySource {
     }
 }
 
+/// A provisioning request being handled; removes its mark when dropped.
+pub(crate) struct InFlight<'a> {
+    set: &'a Mutex<HashSet<String>>,
+    key: String,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.set.lock().remove(&self.key);
+    }
+}
+
 /// Seconds from an API request as milliseconds, capped at 100 years (no overflow).
 fn secs_to_millis(secs: u64) -> Millis {
     const CAP: u64 = 100 * 365 * 86_400;
@@ -360,6 +376,7 @@ impl Registry {
             pending_connectivity: Mutex::new(HashMap::new()),
             device_quotas: Mutex::new(HashMap::new()),
             cache_generation: AtomicU64::new(0),
+            provisioning_in_flight: Mutex::new(HashSet::new()),
             hashing: Semaphore::new(config.max_concurrent_hashes.max(1)),
             audit_tx,
             audit_rx: Mutex::new(Some(audit_rx)),
@@ -407,6 +424,29 @@ impl Registry {
             ));
         }
         Ok(registry)
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &RegistryConfig {
+        &self.config
+    }
+
+    /// Marks a provisioning request in flight; `None` when the same one already is. The mark
+    /// goes when the returned guard is dropped.
+    pub(crate) fn begin_provisioning(
+        &self,
+        tenant: &str,
+        template: &str,
+        client_id: &str,
+    ) -> Option<InFlight<'_>> {
+        let key = format!("{tenant}\u{0}{template}\u{0}{client_id}");
+        self.provisioning_in_flight
+            .lock()
+            .insert(key.clone())
+            .then_some(InFlight {
+                set: &self.provisioning_in_flight,
+                key,
+            })
     }
 
     /// The store (for tests and tools).
@@ -2129,6 +2169,9 @@ impl Registry {
         self.require_tenant(tenant).await?;
         validate_id("template", &t.name)?;
         validate_tags(&t.tags)?;
+        if let Some(url) = &t.approval_webhook {
+            self.check_webhook_url(url)?;
+        }
         self.store
             .put_doc(tenant, DocKind::Template, &t.name, &t)
             .await?;

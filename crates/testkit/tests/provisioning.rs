@@ -51,6 +51,7 @@ async fn hub_with_claims(pki: &ServerPki) -> TestHub {
     let _ = rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
     let hub = TestHub::start_with(|cfg| {
         cfg.allow_anonymous = false;
+        cfg.registry.allow_http_webhooks = true;
         cfg.tls.cert_file = Some(pki.dir.path().join("server.pem"));
         cfg.tls.key_file = Some(pki.dir.path().join("server.key"));
     })
@@ -370,5 +371,30 @@ async fn the_approval_webhook_decides() {
             .is_ok();
         assert_eq!(exists, approved);
     }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_http_webhooks_are_refused_by_default() {
+    let hub = TestHub::start().await.unwrap();
+    let e = hub
+        .hub()
+        .registry
+        .put_template(
+            &Actor::system(),
+            "default",
+            ProvisioningTemplate {
+                name: "t".into(),
+                device_type: None,
+                tags: Default::default(),
+                groups: Vec::new(),
+                policy: None,
+                cert_validity_days: 30,
+                approval_webhook: Some("http://169.254.169.254/latest".into()),
+            },
+        )
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("https"), "{e}");
     hub.stop().await;
 }

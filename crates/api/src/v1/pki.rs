@@ -158,8 +158,8 @@ pub struct CertificateRevocation {
 }
 
 /// Revokes a certificate by fingerprint (operator), e.g. one registered just in time: it is
-/// refused for every device of the tenant, and the tenant's certificate sessions are
-/// re-authenticated.
+/// refused for every device of the tenant from now on, and the connections that presented it
+/// are closed.
 #[utoipa::path(post, path = "/tenants/{tenant}/revoked-certificates", tag = "pki",
     request_body = CertificateRevocation,
     params(("tenant" = String, Path, description = "Tenant id")),
