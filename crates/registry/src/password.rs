@@ -129,6 +129,16 @@ pub fn hash_password(password: &[u8], params: &PasswordParams) -> Result<String,
 /// consult a [`VerifiedCache`] first on hot paths.
 #[must_use]
 pub fn verify_password(phc: &str, password: &[u8]) -> bool {
+    if let Some(expected) = phc.strip_prefix(GENERATED_PREFIX) {
+        let got = hex::encode(Sha256::digest(password));
+        // Same length always (64 hex digits): compare without an early exit.
+        return expected.len() == got.len()
+            && expected
+                .bytes()
+                .zip(got.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+    }
     let Ok(hash) = PasswordHash::new(phc) else {
         return false;
     };
@@ -143,6 +153,29 @@ pub fn verify_password(phc: &str, password: &[u8]) -> bool {
     }
     // The cost parameters, variant and version come from the PHC string, not from this instance.
     PasswordVerifier::<PasswordHash>::verify_password(&Argon2::default(), password, &hash).is_ok()
+}
+
+/// Marks a stored hash of a hub-generated secret (see [`hash_generated_secret`]).
+pub const GENERATED_PREFIX: &str = "$fh-sha256$";
+
+/// The stored form of a secret the hub generated itself ([`generate_secret`]: 256 random bits).
+///
+/// A slow hash protects secrets people choose, which can be guessed; a 256-bit random secret
+/// cannot be, so a plain SHA-256 keeps it just as safe while verifying in microseconds — the way
+/// API tokens and IoT symmetric device keys are checked. This keeps the first connects after a
+/// hub restart (when the verified-secret cache is empty) as fast as reconnects.
+#[must_use]
+pub fn hash_generated_secret(secret: &str) -> String {
+    format!(
+        "{GENERATED_PREFIX}{}",
+        hex::encode(Sha256::digest(secret.as_bytes()))
+    )
+}
+
+/// Whether a stored hash is the fast kind ([`hash_generated_secret`]).
+#[must_use]
+pub fn is_generated_hash(stored: &str) -> bool {
+    stored.starts_with(GENERATED_PREFIX)
 }
 
 /// A fresh random secret for "generate a password for me": 32 random bytes, base64url without
@@ -590,5 +623,16 @@ mod tests {
         let cache = VerifiedCache::new(8);
         let s = format!("{cache:?}");
         assert!(s.contains("capacity: 8") && !s.contains("secret"), "{s}");
+    }
+
+    #[test]
+    fn generated_secrets_verify_with_the_fast_hash_only_when_right() {
+        let secret = generate_secret();
+        let stored = hash_generated_secret(&secret);
+        assert!(is_generated_hash(&stored));
+        assert!(verify_password(&stored, secret.as_bytes()));
+        assert!(!verify_password(&stored, b"wrong"));
+        assert!(!verify_password(&stored, format!("{secret}x").as_bytes()));
+        assert!(!verify_password("$fh-sha256$00", secret.as_bytes()));
     }
 }

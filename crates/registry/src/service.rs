@@ -1626,20 +1626,31 @@ impl Registry {
     ) -> Result<(Credential, String)> {
         actor.require(Role::Operator, Some(tenant))?;
         self.require_device(tenant, device).await?;
-        let secret = secret.unwrap_or_else(password::generate_secret);
-        if secret.len() < 8 || secret.len() > 1024 {
-            return Err(RegistryError::Invalid(
-                "passwords are 8 to 1024 bytes".into(),
-            ));
-        }
-        let params = self.config.password;
-        let to_hash = secret.clone();
-        let phc = tokio::task::spawn_blocking(move || {
-            password::hash_password(to_hash.as_bytes(), &params)
-        })
-        .await
-        .map_err(|e| RegistryError::Crypto(e.to_string()))?
-        .map_err(|e| RegistryError::Crypto(e.to_string()))?;
+        // A secret the hub generates (256 random bits) cannot be guessed, so it is stored as a
+        // SHA-256 and checked in microseconds; one an operator chooses gets argon2id.
+        let (secret, phc) = match secret {
+            None => {
+                let secret = password::generate_secret();
+                let stored = password::hash_generated_secret(&secret);
+                (secret, stored)
+            }
+            Some(secret) => {
+                if secret.len() < 8 || secret.len() > 1024 {
+                    return Err(RegistryError::Invalid(
+                        "passwords are 8 to 1024 bytes".into(),
+                    ));
+                }
+                let params = self.config.password;
+                let to_hash = secret.clone();
+                let phc = tokio::task::spawn_blocking(move || {
+                    password::hash_password(to_hash.as_bytes(), &params)
+                })
+                .await
+                .map_err(|e| RegistryError::Crypto(e.to_string()))?
+                .map_err(|e| RegistryError::Crypto(e.to_string()))?;
+                (secret, phc)
+            }
+        };
         let c = Credential {
             id: random_id("cred_"),
             device_id: device.into(),
@@ -2356,12 +2367,34 @@ impl Registry {
             })
             .unwrap_or_default();
         for c in &candidates {
+            // Hub-generated secrets: a SHA-256, cheap enough to check right here.
+            if password::is_generated_hash(&c.secret) {
+                if password::verify_password(&c.secret, password) {
+                    return Some(c.id.clone());
+                }
+                continue;
+            }
             let key = format!("{tenant}/{}/{}", c.device_id, c.id);
             if self.verified.check(&key, &c.secret, password) == Some(true) {
                 return Some(c.id.clone());
             }
         }
         if cache_only {
+            return None;
+        }
+        let candidates: Vec<&Credential> = candidates
+            .into_iter()
+            .filter(|c| !password::is_generated_hash(&c.secret))
+            .collect();
+        if candidates.is_empty()
+            && auth.is_some_and(|a| {
+                a.credentials
+                    .iter()
+                    .any(|c| password::is_generated_hash(&c.secret))
+            })
+        {
+            // Only generated secrets and none matched: there is no slow hash to run. (A refusal is
+            // then faster than for an unknown device; the back-off bounds what that can tell.)
             return None;
         }
         let Ok(_slot) = self.hashing.acquire().await else {

@@ -237,3 +237,40 @@ async fn a_stale_read_cannot_undo_a_disable() {
     assert_eq!(now.status, ferrohub_registry::model::DeviceStatus::Disabled);
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hub_generated_secrets_authenticate_without_argon2() {
+    let hub = TestHub::start_with(|cfg| cfg.allow_anonymous = false)
+        .await
+        .unwrap();
+    let r = &hub.hub().registry;
+    let admin = Actor::system();
+    r.create_device(
+        &admin,
+        "default",
+        DeviceSpec {
+            id: "tag-1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (_, secret) = r
+        .add_password(&admin, "default", "tag-1", None, None)
+        .await
+        .unwrap();
+    assert_eq!(secret.len(), 43, "256 random bits, base64url");
+    let mut o = v5_opts(&hub, "tag-1");
+    o.set_credentials("tag-1", secret.clone());
+    V5::connect(o).await;
+    let mut wrong = v5_opts(&hub, "tag-1");
+    wrong.set_credentials("tag-1", format!("{secret}x"));
+    assert!(V5::try_connect(wrong).await.is_err());
+    let text = metrics(&hub).await;
+    assert_eq!(
+        metric(&text, "ferrohub_password_hashes_total"),
+        Some(0.0),
+        "a generated secret went through argon2id"
+    );
+    hub.stop().await;
+}
