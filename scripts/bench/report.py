@@ -108,6 +108,7 @@ def main():
     head += "".join(f" | Ferrohub/{NAMES[o]}" for o in ratios) + " |"
     sep = "|---|---|" + "---:|" * (len(brokers) + len(ratios))
     out += [head, sep]
+    table_at = len(out)
     cpu_rows = []
     notes = set()
 
@@ -173,6 +174,8 @@ def main():
         cells = [fmt(oks.get(b)) for b in brokers] + ["" for _ in ratios]
         out.append("|  | still routes | " + " | ".join(cells) + " |")
 
+    if len(out) == table_at:
+        del out[table_at - 2:]  # no MQTT scenario in these results: no empty table
     out.append("")
     out.append("Ratios are plain Ferrohub ÷ other: above 1 is better for rates, worse for "
                "latency and memory. Medians over runs; each run used a fresh broker process.")
@@ -187,7 +190,105 @@ def main():
         for scen, vals in cpu_rows:
             cells = [f"{fmt(vals[b][0])} / {fmt(vals[b][1])}" for b in brokers]
             out.append(f"| {scen} | " + " | ".join(cells) + " |")
+    out.extend(auth_report(runs))
     print("\n".join(out))
+
+
+CONNECT = {
+    "connect-password": "connect with a password (each device its own)",
+    "connect-mtls": "connect with a TLS 1.3 client certificate",
+}
+POLICY = {
+    "policy-q0": "fan-in QoS 0, 8 devices -> monitor",
+    "policy-q1": "fan-in QoS 1, 8 devices -> monitor",
+}
+POLICY_REFERENCE_RATE = 100000
+
+
+def auth_report(runs):
+    """Tables of the auth scenarios (connect rates, policy cost) and of the registry benchmark."""
+    out = []
+    rows = []
+    for scen, title in CONNECT.items():
+        per = {b: [l for ls in runs.get((scen, b), {}).values() for l in ls]
+               for b in ("ferrohub", "mosquitto")}
+        if not any(per.values()):
+            continue
+        n = max(len(runs.get((scen, b), {})) for b in per)
+        sample = next(l for ls in per.values() for l in ls)
+        for cache in ("cold", "warm"):
+            sel = {b: [l for l in per[b] if l.get("cache") == cache] for b in per}
+            rate = {b: median([l.get("connect_rate") for l in sel[b]]) for b in sel}
+            p99 = {b: median([l.get("latency_p99_ms") for l in sel[b]]) for b in sel}
+            cpu = {b: median([l.get("broker_cpu_ms_per_connect") for l in sel[b]]) for b in sel}
+            fails = {b: sum(l.get("failed") or 0 for l in sel[b]) for b in sel}
+            name = (f"{title}, {sample.get('devices'):,} devices, {sample.get('concurrency')} "
+                    f"at a time ({n} runs)") if cache == "cold" else ""
+            rows.append(f"| {name} | pass {1 if cache == 'cold' else 2} ({cache}) | "
+                        f"{fmt(rate['ferrohub'])} | {fmt(rate['mosquitto'])} | "
+                        f"{ratio(rate['ferrohub'], rate['mosquitto'])} | "
+                        f"{fmt(p99['ferrohub'], ' ms')} / {fmt(p99['mosquitto'], ' ms')} | "
+                        f"{fmt(cpu['ferrohub'], ' ms')} / {fmt(cpu['mosquitto'], ' ms')} | "
+                        f"{fails['ferrohub']} / {fails['mosquitto']} |")
+    if rows:
+        out += ["", "Authenticated connects (CONNECT -> CONNACK -> DISCONNECT per device, medians):", "",
+                "| Scenario | Pass | Ferrohub conn/s | Mosquitto conn/s | Ferrohub/Mosquitto "
+                "| p99 connect (F / M) | broker CPU per connect (F / M) | failures (F / M) |",
+                "|---|---|---:|---:|---:|---:|---:|---:|"] + rows
+
+    rows = []
+    for scen, title in POLICY.items():
+        per = {b: [ladder_run(ls) for ls in runs.get((scen, b), {}).values()]
+               for b in ("ferrohub-anon", "ferrohub")}
+        per = {b: [f for f in v if f] for b, v in per.items()}
+        if not any(per.values()):
+            continue
+        at_ref = {b: median([l.get("broker_cpu_pct")
+                             for ls in runs.get((scen, b), {}).values() for l in ls
+                             if l.get("summary") is None
+                             and l.get("offered_rate") == POLICY_REFERENCE_RATE])
+                  for b in per}
+        n = max(len(runs.get((scen, b), {})) for b in per)
+        vals = [
+            ("max sustainable msg/s", {b: median([f["rate"] for f in per[b]]) for b in per}, ""),
+            ("p99 at that rate", {b: median([f["p99"] for f in per[b]]) for b in per}, " ms"),
+            ("broker CPU at that rate (% of a core)",
+             {b: median([f["broker_cpu"] for f in per[b]]) for b in per}, ""),
+            (f"broker CPU at {POLICY_REFERENCE_RATE:,} msg/s (% of a core)", at_ref, ""),
+        ]
+        for i, (label, v, unit) in enumerate(vals):
+            rows.append(f"| {title + f' ({n} runs)' if i == 0 else ''} | {label} | "
+                        f"{fmt(v['ferrohub-anon'], unit)} | {fmt(v['ferrohub'], unit)} | "
+                        f"{ratio(v['ferrohub'], v['ferrohub-anon'])} |")
+    if rows:
+        out += ["", "Default policy on vs authorization off (Ferrohub, medians):", "",
+                "| Scenario | Metric | anonymous (no policy) | devices, default policy | policy/anonymous |",
+                "|---|---|---:|---:|---:|"] + rows
+
+    reg = [l for ls in runs.get(("registry", "none"), {}).values() for l in ls]
+    queries = [l for l in reg if l.get("phase") == "query"]
+    if queries:
+        load = next((l for l in reg if l.get("phase") == "load" and l.get("load_s")), None)
+        n = len(runs.get(("registry", "none"), {}))
+        out += ["", f"Registry at {queries[0].get('devices'):,} devices ({n} runs; per run median and "
+                "p99 over its repetitions, then the median over runs):", ""]
+        if load:
+            out.append(f"Load: {load.get('devices'):,} devices in {load.get('load_s'):.0f} s "
+                       f"({load.get('devices_per_s'):,.0f}/s), last-seen times in "
+                       f"{load.get('connectivity_s'):.0f} s, database {load.get('db_bytes', 0) / 1e6:,.0f} MB.")
+            out.append("")
+        out += ["| Query | rows | median | p99 | runs × repetitions |", "|---|---:|---:|---:|---:|"]
+        names = []
+        for l in queries:
+            if l["query"] not in names:
+                names.append(l["query"])
+        for q in names:
+            sel = [l for l in queries if l["query"] == q]
+            out.append(f"| {sel[0].get('description')} | {sel[0].get('rows')} | "
+                       f"{fmt(median([l.get('median_ms') for l in sel]), ' ms')} | "
+                       f"{fmt(median([l.get('p99_ms') for l in sel]), ' ms')} | "
+                       f"{len(sel)} × {sel[0].get('runs')} |")
+    return out
 
 
 if __name__ == "__main__":

@@ -803,7 +803,19 @@ impl RegistryStore for SqliteStore {
         } else {
             "d.id"
         };
-        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {DEVICE_COLUMNS} "));
+        // Without a driving tag, the page's keys are found first — on the sort index, which also
+        // holds the id, so filters such as a tag's EXISTS probe are checked without reading the
+        // device row — and only the page's rows are read afterwards. (Selecting the full row in
+        // one query makes SQLite read every row it examines, matching or not.)
+        let late_rows = driving_tag.is_none();
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(if late_rows {
+            format!(
+                "SELECT {DEVICE_COLUMNS} FROM (SELECT d.tenant AS k_tenant, d.id AS k_id, \
+                 {col} AS k_sort "
+            )
+        } else {
+            format!("SELECT {DEVICE_COLUMNS} ")
+        });
         match driving_tag {
             Some((k, v)) => {
                 // CROSS JOIN keeps the tag index as the outer loop (SQLite never reorders it).
@@ -901,6 +913,12 @@ impl RegistryStore for SqliteStore {
         }
         qb.push(" LIMIT ");
         qb.push_bind(i64::from(limit) + 1);
+        if late_rows {
+            qb.push(format!(
+                ") k CROSS JOIN devices d ON d.tenant = k.k_tenant AND d.id = k.k_id \
+                 ORDER BY k.k_sort {order}, k.k_id {order}"
+            ));
+        }
         let rows = qb.build().fetch_all(&mut *conn).await?;
         let mut items = rows
             .iter()

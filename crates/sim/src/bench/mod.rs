@@ -10,7 +10,19 @@
 //! * `pairs`: N device-like pairs, publisher i on `bench/pairs/<run>/<i>` subscribed by
 //!   subscriber i only;
 //! * `idle`: C idle connections opened as fast as possible (connect rate, broker RSS per
-//!   connection), held, then checked (every connection answers PINGREQ; a message still routes).
+//!   connection), held, then checked (every connection answers PINGREQ; a message still routes);
+//! * `connect`: the devices of a fleet file connect one after the other with their own passwords
+//!   or client certificates (CONNECT, CONNACK, DISCONNECT), N at a time, in passes (first cold,
+//!   then warm): authenticated connects per second;
+//! * `provision`: registers a fleet (devices, passwords, certificates, a telemetry monitor) in a
+//!   hub data directory's registry database and writes the fleet file (see [`fleet`]);
+//! * `registry`: loads a million devices into a temporary registry and times device listings
+//!   (see [`regbench`]).
+//!
+//! With `--fleet`, `fan-in` publishers are the fleet's devices (their credentials, client ids
+//! and topics `devices/{id}/telemetry`) and the subscriber is the fleet's monitor on
+//! `devices/+/telemetry`: the default device policy is checked on every PUBLISH. Add
+//! `--fleet-anonymous` for the same ids and topics without credentials.
 //!
 //! `<run>` is a per-run token, so that messages an overloaded broker still delivers from an
 //! earlier run are never counted in a later one.
@@ -35,14 +47,18 @@
 //! ferrohub bench idle --connections 19000 --duration 30 --broker-pid 1234
 //! ```
 
+pub mod connect;
+pub mod fleet;
 mod idle;
 mod ladder;
 mod payload;
+pub mod regbench;
 mod stats;
 mod sys;
 mod traffic;
 mod wire;
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,6 +69,7 @@ use ferrohub_proto::mqtt::ProtocolVersion;
 use ferrohub_types::QoS;
 use serde::Serialize;
 
+pub use connect::ConnectAuth;
 pub use ladder::{Criteria, LadderError, StepOutcome, parse_ladder};
 pub use payload::{STAMP_LEN, Stamp};
 
@@ -70,6 +87,12 @@ pub enum Scenario {
     /// Internal: one worker process of `idle` holding its share of the connections.
     #[value(hide = true)]
     IdleWorker,
+    /// Authenticated connect rate of a fleet's devices (--fleet, --auth), in passes.
+    Connect,
+    /// Register a benchmark fleet in a hub data directory (--data-dir, --devices).
+    Provision,
+    /// Registry queries at fleet scale (--devices, default 1,000,000).
+    Registry,
 }
 
 impl Scenario {
@@ -80,6 +103,9 @@ impl Scenario {
             Scenario::Pairs => "pairs",
             Scenario::Idle => "idle",
             Scenario::IdleWorker => "idle-worker",
+            Scenario::Connect => "connect",
+            Scenario::Provision => "provision",
+            Scenario::Registry => "registry",
         }
     }
 }
@@ -233,6 +259,50 @@ pub struct BenchArgs {
     /// Client identifier prefix (default: unique per invocation).
     #[arg(long, hide = true)]
     pub client_prefix: Option<String>,
+    /// connect, fan-in: fleet file written by `bench provision` (ids and credentials).
+    #[arg(long)]
+    pub fleet: Option<PathBuf>,
+    /// fan-in with --fleet: the fleet's client ids and topics, without credentials.
+    #[arg(long)]
+    pub fleet_anonymous: bool,
+    /// connect: how the devices authenticate.
+    #[arg(long, value_enum, default_value_t = ConnectAuth::Password)]
+    pub auth: ConnectAuth,
+    /// connect: TLS 1.3 (needs --ca-file); implied by --auth certificate.
+    #[arg(long)]
+    pub tls: bool,
+    /// connect: PEM file of the CA that signed the broker's certificate.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// connect: name checked against the broker's certificate.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+    /// connect: passes over the whole fleet (the first is cold, later ones warm).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    pub passes: u32,
+    /// connect: devices of the fleet to use (default all); provision: devices to register
+    /// (default 2,000); registry: devices to load (default 1,000,000).
+    #[arg(long)]
+    pub devices: Option<usize>,
+    /// provision: the hub data directory to create; registry: where to keep the database
+    /// (default: a temporary directory, removed afterwards).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// provision: credentials per device, comma-separated: password, certificate.
+    #[arg(long, default_value = "password,certificate")]
+    pub credentials: String,
+    /// provision: also register `bench-monitor`, allowed to read `devices/+/telemetry`.
+    #[arg(long)]
+    pub monitor: bool,
+    /// provision: where to write the fleet file (default DATA_DIR/fleet.jsonl).
+    #[arg(long)]
+    pub fleet_out: Option<PathBuf>,
+    /// registry: timed repetitions of each query.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queries: u32,
+    /// registry: keep the temporary database.
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// Runs `ferrohub bench` on its own two-worker tokio runtime; JSON lines go to stdout.
@@ -277,6 +347,9 @@ fn validate(a: &BenchArgs) -> anyhow::Result<()> {
         Scenario::FanOut => (a.subscribers == 0).then_some("--subscribers"),
         Scenario::Pairs => (a.pairs == 0).then_some("--pairs"),
         Scenario::Idle | Scenario::IdleWorker => (a.connections == 0).then_some("--connections"),
+        Scenario::Connect | Scenario::Provision | Scenario::Registry => {
+            (a.devices == Some(0)).then_some("--devices")
+        }
     };
     if let Some(flag) = zero {
         bail!("{flag} must be at least 1");
@@ -284,13 +357,44 @@ fn validate(a: &BenchArgs) -> anyhow::Result<()> {
     if a.connect_concurrency == 0 || a.max_per_process == 0 {
         bail!("--connect-concurrency and --max-per-process must be at least 1");
     }
-    if a.ladder.is_some() && matches!(a.scenario, Scenario::Idle | Scenario::IdleWorker) {
+    if a.ladder.is_some()
+        && !matches!(
+            a.scenario,
+            Scenario::FanIn | Scenario::FanOut | Scenario::Pairs
+        )
+    {
         bail!("--ladder applies to fan-in, fan-out and pairs");
+    }
+    match a.scenario {
+        Scenario::Connect if a.fleet.is_none() => bail!("connect needs --fleet"),
+        Scenario::Provision if a.data_dir.is_none() => bail!("provision needs --data-dir"),
+        Scenario::FanOut | Scenario::Pairs | Scenario::Idle if a.fleet.is_some() => {
+            bail!("--fleet applies to connect and fan-in")
+        }
+        _ => {}
+    }
+    if (a.tls || a.auth == ConnectAuth::Certificate) && a.ca_file.is_none() {
+        bail!("TLS needs --ca-file (the CA of the broker's certificate)");
     }
     Ok(())
 }
 
 async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
+    match a.scenario {
+        Scenario::Provision => return run_provision(&a).await,
+        Scenario::Registry => {
+            return regbench::run(&regbench::RegistryBenchParams {
+                devices: a.devices.unwrap_or(1_000_000),
+                queries: a.queries as usize,
+                data_dir: a.data_dir.clone(),
+                keep: a.keep,
+                progress: true,
+                label: a.label.clone(),
+            })
+            .await;
+        }
+        _ => {}
+    }
     let addr = tokio::net::lookup_host((a.host.as_str(), a.port))
         .await
         .with_context(|| format!("resolving {}:{}", a.host, a.port))?
@@ -321,7 +425,111 @@ async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
         Scenario::FanIn | Scenario::FanOut | Scenario::Pairs => {
             run_traffic(&a, opts, prefix, usable).await
         }
+        Scenario::Connect => run_connect(&a, addr).await,
+        Scenario::Provision | Scenario::Registry => Ok(()),
     }
+}
+
+async fn run_provision(a: &BenchArgs) -> anyhow::Result<()> {
+    let Some(dir) = a.data_dir.clone() else {
+        bail!("provision needs --data-dir");
+    };
+    let kinds: Vec<&str> = a
+        .credentials
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .collect();
+    if let Some(k) = kinds
+        .iter()
+        .find(|k| !matches!(**k, "password" | "certificate"))
+    {
+        bail!("--credentials: unknown kind {k} (password, certificate)");
+    }
+    let report = fleet::provision(&fleet::ProvisionParams {
+        fleet_out: a
+            .fleet_out
+            .clone()
+            .unwrap_or_else(|| dir.join("fleet.jsonl")),
+        data_dir: dir,
+        devices: a.devices.unwrap_or(2_000),
+        passwords: kinds.contains(&"password"),
+        certificates: kinds.contains(&"certificate"),
+        monitor: a.monitor,
+        parallel: usize::from(a.threads).max(2),
+        progress: a.progress,
+    })
+    .await?;
+    emit(&report)
+}
+
+#[derive(Debug, Serialize)]
+struct ConnectLine<'a> {
+    scenario: &'static str,
+    label: &'a str,
+    broker: String,
+    protocol: &'static str,
+    broker_pid: Option<u32>,
+    unix_time: u64,
+    #[serde(flatten)]
+    stats: &'a connect::PassStats,
+}
+
+async fn run_connect(a: &BenchArgs, addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let Some(path) = &a.fleet else {
+        bail!("connect needs --fleet");
+    };
+    let all = fleet::read(path)?;
+    let devices = fleet::devices(&all, a.devices.unwrap_or(0));
+    if devices.is_empty() {
+        bail!("{} has no devices", path.display());
+    }
+    let tls = if a.tls || a.auth == ConnectAuth::Certificate {
+        let Some(ca) = &a.ca_file else {
+            bail!("TLS needs --ca-file");
+        };
+        Some(connect::TlsSetup::load(ca, &a.server_name)?)
+    } else {
+        None
+    };
+    let passes = connect::run(&connect::ConnectParams {
+        addr,
+        version: a.protocol.version(),
+        devices,
+        auth: a.auth,
+        tls,
+        concurrency: a.connect_concurrency as usize,
+        passes: a.passes as usize,
+        keep_alive: a.keep_alive,
+        timeout: Duration::from_secs_f64(a.connect_timeout),
+        broker_pid: a.broker_pid,
+        settle: Duration::from_secs_f64(a.settle),
+        progress: a.progress,
+    })
+    .await?;
+    let mut failed = 0;
+    for s in &passes {
+        failed += s.failed;
+        emit(&ConnectLine {
+            scenario: "connect",
+            label: &a.label,
+            broker: format!("{}:{}", a.host, a.port),
+            protocol: a.protocol.label(),
+            broker_pid: a.broker_pid,
+            unix_time: unix_time(),
+            stats: s,
+        })?;
+    }
+    if failed > 0 {
+        eprintln!(
+            "[connect] {failed} connects failed: {}",
+            passes
+                .iter()
+                .find_map(|s| s.first_error.as_deref())
+                .unwrap_or("?")
+        );
+    }
+    Ok(())
 }
 
 fn unique_prefix() -> String {
@@ -342,15 +550,37 @@ fn unix_time() -> u64 {
 /// The topology of a message-flow scenario. Client identifiers start with `prefix`, which is
 /// unique per run and also names the run's topic level, so that a late message from an earlier
 /// run (still queued in the broker) can never be counted in this one.
-fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
+fn topology(a: &BenchArgs, prefix: &str, fleet: Option<&FleetClients>) -> traffic::Topology {
     use traffic::{PubSpec, SubSpec, Topology};
     let run = prefix;
+    if let (Scenario::FanIn, Some(f)) = (a.scenario, fleet) {
+        return Topology {
+            publishers: f
+                .devices
+                .iter()
+                .map(|(id, creds)| PubSpec {
+                    client_id: id.clone(),
+                    topic: format!("devices/{id}/telemetry"),
+                    creds: creds.clone(),
+                })
+                .collect(),
+            subscribers: vec![SubSpec {
+                client_id: f.monitor.0.clone(),
+                filter: "devices/+/telemetry".into(),
+                pub_base: 0,
+                pub_count: f.devices.len() as u32,
+                creds: f.monitor.1.clone(),
+            }],
+            fanout: 1,
+        };
+    }
     match a.scenario {
         Scenario::FanIn => Topology {
             publishers: (0..a.publishers)
                 .map(|i| PubSpec {
                     client_id: format!("{prefix}-p{i}"),
                     topic: format!("bench/fanin/{run}/{i}"),
+                    creds: None,
                 })
                 .collect(),
             subscribers: vec![SubSpec {
@@ -358,6 +588,7 @@ fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
                 filter: format!("bench/fanin/{run}/#"),
                 pub_base: 0,
                 pub_count: a.publishers,
+                creds: None,
             }],
             fanout: 1,
         },
@@ -365,6 +596,7 @@ fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
             publishers: vec![PubSpec {
                 client_id: format!("{prefix}-p0"),
                 topic: format!("bench/fanout/{run}"),
+                creds: None,
             }],
             subscribers: (0..a.subscribers)
                 .map(|i| SubSpec {
@@ -372,6 +604,7 @@ fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
                     filter: format!("bench/fanout/{run}"),
                     pub_base: 0,
                     pub_count: 1,
+                    creds: None,
                 })
                 .collect(),
             fanout: u64::from(a.subscribers),
@@ -381,6 +614,7 @@ fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
                 .map(|i| PubSpec {
                     client_id: format!("{prefix}-p{i}"),
                     topic: format!("bench/pairs/{run}/{i}"),
+                    creds: None,
                 })
                 .collect(),
             subscribers: (0..a.pairs)
@@ -389,11 +623,54 @@ fn topology(a: &BenchArgs, prefix: &str) -> traffic::Topology {
                     filter: format!("bench/pairs/{run}/{i}"),
                     pub_base: i,
                     pub_count: 1,
+                    creds: None,
                 })
                 .collect(),
             fanout: 1,
         },
     }
+}
+
+/// Fan-in clients taken from a fleet file: `(client id, credentials)` of the publishers and of
+/// the monitor (credentials `None` with `--fleet-anonymous`).
+struct FleetClients {
+    devices: Vec<(String, Option<wire::Creds>)>,
+    monitor: (String, Option<wire::Creds>),
+}
+
+fn fleet_clients(a: &BenchArgs) -> anyhow::Result<Option<FleetClients>> {
+    let Some(path) = &a.fleet else {
+        return Ok(None);
+    };
+    let all = fleet::read(path)?;
+    let creds = |e: &fleet::FleetEntry| {
+        (!a.fleet_anonymous).then(|| wire::Creds {
+            username: e.username.clone(),
+            password: e.password.clone().map(Bytes::from),
+        })
+    };
+    let devices: Vec<_> = fleet::devices(&all, a.publishers as usize)
+        .iter()
+        .map(|e| (e.client_id.clone(), creds(e)))
+        .collect();
+    if devices.len() < a.publishers as usize {
+        bail!(
+            "{} has {} devices, fewer than --publishers {}",
+            path.display(),
+            devices.len(),
+            a.publishers
+        );
+    }
+    let m = fleet::monitor(&all).with_context(|| {
+        format!(
+            "{} has no monitor (provision with --monitor)",
+            path.display()
+        )
+    })?;
+    Ok(Some(FleetClients {
+        devices,
+        monitor: (m.client_id.clone(), creds(m)),
+    }))
 }
 
 /// Fields common to every JSON line of a message-flow run.
@@ -457,7 +734,8 @@ async fn run_traffic(
     usable_fds: usize,
 ) -> anyhow::Result<()> {
     let scenario = a.scenario.name();
-    let probe = topology(a, &prefix);
+    let fleet = fleet_clients(a)?;
+    let probe = topology(a, &prefix, fleet.as_ref());
     let sockets = probe.publishers.len() + probe.subscribers.len();
     if sockets > usable_fds {
         bail!(
@@ -493,7 +771,7 @@ async fn run_traffic(
         if let Some(pid) = a.broker_pid {
             settle(pid, Duration::from_secs_f64(a.settle)).await;
         }
-        let topo = topology(a, &format!("{prefix}{step}"));
+        let topo = topology(a, &format!("{prefix}{step}"), fleet.as_ref());
         let params = traffic::RunParams {
             opts: opts.clone(),
             qos,

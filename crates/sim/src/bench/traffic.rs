@@ -27,7 +27,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::payload::Stamp;
 use super::stats::Latency;
 use super::sys;
-use super::wire::{ClientOpts, ConnError, IdPool, MAX_INBOUND_PACKET, PublishTemplate, Session};
+use super::wire::{
+    ClientOpts, ConnError, Creds, IdPool, MAX_INBOUND_PACKET, PublishTemplate, Session,
+};
 
 /// One publisher of a run.
 #[derive(Debug, Clone)]
@@ -36,6 +38,8 @@ pub struct PubSpec {
     pub client_id: String,
     /// Topic it publishes to.
     pub topic: String,
+    /// Its own credentials (else the run's).
+    pub creds: Option<Creds>,
 }
 
 /// One subscriber of a run.
@@ -49,6 +53,8 @@ pub struct SubSpec {
     pub pub_base: u32,
     /// How many consecutive publishers it receives from (for ordering checks).
     pub pub_count: u32,
+    /// Its own credentials (else the run's).
+    pub creds: Option<Creds>,
 }
 
 /// Who publishes and who subscribes.
@@ -194,7 +200,7 @@ pub async fn run(topo: &Topology, p: &RunParams) -> anyhow::Result<TrafficStats>
         &p.opts,
         topo.subscribers
             .iter()
-            .map(|s| (s.client_id.clone(), Some(s.filter.clone())))
+            .map(|s| (s.client_id.clone(), Some(s.filter.clone()), s.creds.clone()))
             .collect(),
         p.qos,
         p.connect_concurrency,
@@ -206,7 +212,7 @@ pub async fn run(topo: &Topology, p: &RunParams) -> anyhow::Result<TrafficStats>
         &p.opts,
         topo.publishers
             .iter()
-            .map(|s| (s.client_id.clone(), None))
+            .map(|s| (s.client_id.clone(), None, s.creds.clone()))
             .collect(),
         p.qos,
         p.connect_concurrency,
@@ -447,11 +453,11 @@ async fn join_all<T: 'static>(mut set: JoinSet<T>) -> Vec<Result<T, String>> {
     out
 }
 
-/// Opens connections `(client id, optional filter to subscribe)` with at most `concurrency`
-/// handshakes in flight; returns the sessions in input order, or the first failure.
+/// Opens connections `(client id, optional filter to subscribe, own credentials)` with at most
+/// `concurrency` handshakes in flight; returns the sessions in input order, or the first failure.
 pub async fn connect_all(
     opts: &Arc<ClientOpts>,
-    specs: Vec<(String, Option<String>)>,
+    specs: Vec<(String, Option<String>, Option<Creds>)>,
     qos: QoS,
     concurrency: usize,
     buf_capacity: usize,
@@ -459,12 +465,12 @@ pub async fn connect_all(
     let n = specs.len();
     let sem = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut set = JoinSet::new();
-    for (i, (id, filter)) in specs.into_iter().enumerate() {
+    for (i, (id, filter, creds)) in specs.into_iter().enumerate() {
         let opts = opts.clone();
         let sem = sem.clone();
         set.spawn(async move {
             let _permit = sem.acquire_owned().await;
-            let mut s = Session::connect(&opts, id, buf_capacity).await?;
+            let mut s = Session::connect_as(&opts, id, creds.as_ref(), buf_capacity).await?;
             if let Some(f) = filter {
                 s.subscribe(&[f], qos, opts.timeout).await?;
             }

@@ -83,6 +83,15 @@ pub struct ClientOpts {
     pub timeout: Duration,
 }
 
+/// Credentials of one connection, overriding [`ClientOpts`]' user name and password.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Creds {
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<Bytes>,
+}
+
 impl ClientOpts {
     /// Interval at which an otherwise silent connection sends PINGREQ.
     pub fn ping_every(&self) -> Duration {
@@ -112,6 +121,16 @@ impl Session {
     pub async fn connect(
         opts: &ClientOpts,
         client_id: String,
+        buf_capacity: usize,
+    ) -> Result<Session, ConnError> {
+        Session::connect_as(opts, client_id, None, buf_capacity).await
+    }
+
+    /// [`connect`](Self::connect) with this connection's own credentials (`None`: the options').
+    pub async fn connect_as(
+        opts: &ClientOpts,
+        client_id: String,
+        creds: Option<&Creds>,
         buf_capacity: usize,
     ) -> Result<Session, ConnError> {
         let addr = opts.addr;
@@ -145,14 +164,18 @@ impl Session {
         } else {
             ConnectProperties::default()
         };
+        let (username, password) = match creds {
+            Some(c) => (c.username.clone(), c.password.clone()),
+            None => (opts.username.clone(), opts.password.clone()),
+        };
         let connect = mqtt::Connect {
             protocol: opts.version,
             clean_start: true,
             keep_alive: opts.keep_alive,
             client_id,
             will: None,
-            username: opts.username.clone(),
-            password: opts.password.clone(),
+            username,
+            password,
             properties,
         };
         s.send(&Packet::Connect(Box::new(connect))).await?;
