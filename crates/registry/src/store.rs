@@ -775,25 +775,41 @@ impl RegistryStore for SqliteStore {
         // value) may walk the devices in id order and probe each one's tags: a rare tag then
         // scans the whole tenant.
         let driving_tag = if listing.sort == SortKey::Id && !tags.is_empty() {
-            let mut best = (i64::MAX, 0);
+            // The rarest tag, estimated on each tag's first TAG_PROBE index entries: a tag with
+            // fewer is rarer than any with more, and among those with more, the one whose
+            // TAG_PROBE-th device id comes latest is the sparsest (device ids spread over the
+            // same range for every tag). Each estimate is one short index range walk.
+            const TAG_PROBE: i64 = 2000;
+            let mut best: Option<(i64, String, usize)> = None;
             if tags.len() > 1 {
                 for (i, (k, v)) in tags.iter().enumerate() {
-                    // How many devices have the tag, counted up to a cap: an index range walk.
-                    let n: i64 = sqlx::query_scalar(
-                        "SELECT COUNT(*) FROM (SELECT 1 FROM device_tags WHERE tenant = $1 \
-                         AND key = $2 AND value = $3 LIMIT 20000)",
+                    let (n, last): (i64, Option<String>) = sqlx::query_as(
+                        "SELECT COUNT(*), MAX(device_id) FROM (SELECT device_id FROM device_tags \
+                         WHERE tenant = $1 AND key = $2 AND value = $3 ORDER BY device_id \
+                         LIMIT $4)",
                     )
                     .bind(tenant)
                     .bind(k)
                     .bind(v)
+                    .bind(TAG_PROBE)
                     .fetch_one(&mut *conn)
                     .await?;
-                    if n < best.0 {
-                        best = (n, i);
+                    let last = if n < TAG_PROBE {
+                        String::new()
+                    } else {
+                        last.unwrap_or_default()
+                    };
+                    let rarer = match &best {
+                        None => true,
+                        Some((bn, _, _)) if n < TAG_PROBE || *bn < TAG_PROBE => n < *bn,
+                        Some((_, blast, _)) => last > *blast,
+                    };
+                    if rarer {
+                        best = Some((n, last, i));
                     }
                 }
             }
-            Some(tags.remove(best.1))
+            Some(tags.remove(best.map_or(0, |(_, _, i)| i)))
         } else {
             None
         };
