@@ -25,7 +25,8 @@
 # (storage.persistence on, fsync never). connect-password: every device connects with its own
 # password, AUTH_CONCURRENCY at a time, twice (pass 1 cold: argon2id per device; pass 2 warm),
 # against Ferrohub and Mosquitto with a password file from `mosquitto_passwd -U` of the same
-# passwords. connect-mtls: the same with TLS 1.3 client certificates (Mosquitto:
+# passwords. connect-generated: the same with a second fleet whose passwords the registry generated
+# (256 random bits, stored as SHA-256: no argon2id). connect-mtls: TLS 1.3 client certificates (Mosquitto:
 # require_certificate, use_identity_as_username, cafile = the hub's device CA). policy-q0 and
 # policy-q1: fan-in ladders (LADDER_POLICY_*), 8 devices publishing on devices/{id}/telemetry ->
 # the monitor on devices/+/telemetry, once anonymous with the same client ids and topics
@@ -69,7 +70,7 @@ LATENCY_RATE=${LATENCY_RATE:-10000}
 LATENCY_QOS=${LATENCY_QOS:-1}
 
 MQTT_SCENARIOS=fanin-q0,fanin-q1,fanout,pairs,latency-fanin,latency-pairs,idle
-AUTH_SCENARIOS=connect-password,connect-mtls,policy-q0,policy-q1
+AUTH_SCENARIOS=connect-password,connect-generated,connect-mtls,policy-q0,policy-q1
 ALL_SCENARIOS=$MQTT_SCENARIOS,$AUTH_SCENARIOS,registry
 ALL_BROKERS=ferrohub,mosquitto,rumqttd
 SCENARIOS=$MQTT_SCENARIOS
@@ -234,28 +235,38 @@ wait_quiet_run() {
 
 FLEET_DIR=""
 REGISTRY_DIR=""
-needs_fleet() { local s; for s in ${AUTH_SCENARIOS//,/ }; do has "$SCENARIOS" "$s" && return 0; done; return 1; }
-if needs_fleet; then
-    FLEET_DIR="$OUT/fleet"
-    if [[ -f $FLEET_DIR/fleet.jsonl ]]; then
-        log "reusing the fleet in $FLEET_DIR"
+needs_fleet() { local s; for s in "$@"; do has "$SCENARIOS" "$s" && return 0; done; return 1; }
+# The fleet a scenario uses: devices with chosen passwords (argon2id) and certificates, or, for
+# connect-generated, devices with registry-generated passwords.
+fleet_of() { if [[ $1 == connect-generated ]]; then echo "$OUT/fleet-generated"; else echo "$OUT/fleet"; fi; }
+provision_fleet() { # dir, extra provision arguments
+    local dir=$1
+    shift
+    if [[ -f $dir/fleet.jsonl ]]; then
+        log "reusing the fleet in $dir"
     else
-        log "provisioning $AUTH_DEVICES devices (argon2id per password: takes a while)"
-        "${HARNESS[@]}" provision --data-dir "$FLEET_DIR" --devices "$AUTH_DEVICES" --monitor \
-            --progress >"$OUT/provision.json" 2>>"$OUT/logs/harness.log" \
+        log "provisioning $AUTH_DEVICES devices in $dir $*"
+        "${HARNESS[@]}" provision --data-dir "$dir" --devices "$AUTH_DEVICES" --progress "$@" \
+            >"$dir.provision.json" 2>>"$OUT/logs/harness.log" \
             || die "provisioning failed (see $OUT/logs/harness.log)"
     fi
     if has "$BROKERS" mosquitto; then
         # The same passwords for Mosquitto: plain "user:password" lines, hashed in place.
-        python3 "$HERE/fleet.py" passwd "$FLEET_DIR/fleet.jsonl" >"$OUT/mosquitto.passwd"
-        mosquitto_passwd -U "$OUT/mosquitto.passwd"
+        python3 "$HERE/fleet.py" passwd "$dir/fleet.jsonl" >"$dir/mosquitto.passwd"
+        mosquitto_passwd -U "$dir/mosquitto.passwd"
         # Started as root, Mosquitto drops to its own user, which must be able to read the file.
         if id mosquitto >/dev/null 2>&1; then
-            chown mosquitto "$OUT/mosquitto.passwd" && chmod 0600 "$OUT/mosquitto.passwd"
+            chown mosquitto "$dir/mosquitto.passwd" && chmod 0600 "$dir/mosquitto.passwd"
         else
-            chmod 0644 "$OUT/mosquitto.passwd"
+            chmod 0644 "$dir/mosquitto.passwd"
         fi
     fi
+}
+if needs_fleet connect-password connect-mtls policy-q0 policy-q1; then
+    provision_fleet "$OUT/fleet" --monitor
+fi
+if needs_fleet connect-generated; then
+    provision_fleet "$OUT/fleet-generated" --credentials password --generated-passwords
 fi
 
 # --- brokers -----------------------------------------------------------------------------------
@@ -313,9 +324,11 @@ log_type warning
 EOF
     sed -e "s/127.0.0.1:21885/127.0.0.1:$RUMQTTD_V4_PORT/" -e "s/127.0.0.1:21886/127.0.0.1:$RUMQTTD_V5_PORT/" \
         "$HERE/rumqttd.toml" >"$OUT/rumqttd.toml"
-    [[ -n $FLEET_DIR ]] || return 0
-    local tls="$FLEET_DIR/bench-tls"
-    cat >"$OUT/mosquitto-auth.conf" <<EOF
+    local dir tls
+    for dir in "$OUT/fleet" "$OUT/fleet-generated"; do
+        [[ -f $dir/fleet.jsonl ]] || continue
+        tls="$dir/bench-tls"
+        cat >"$dir/mosquitto-auth.conf" <<EOF
 # Mosquitto for the auth scenarios: password file on TCP, client certificates on TLS 1.3.
 per_listener_settings true
 persistence false
@@ -326,7 +339,7 @@ log_type warning
 
 listener $MOSQUITTO_PORT 127.0.0.1
 allow_anonymous false
-password_file $OUT/mosquitto.passwd
+password_file $dir/mosquitto.passwd
 max_connections -1
 
 listener $MOSQUITTO_TLS_PORT 127.0.0.1
@@ -339,6 +352,7 @@ require_certificate true
 use_identity_as_username true
 tls_version tlsv1.3
 EOF
+    done
 }
 
 stop_broker() {
@@ -367,7 +381,7 @@ start_broker() {
                 --http-listen '' --data-dir "$FERROHUB_DATA" >>"$OUT/logs/ferrohub.log" 2>&1 &
             ;;
         mosquitto-auth)
-            "$MOSQUITTO" -c "$OUT/mosquitto-auth.conf" >>"$OUT/logs/mosquitto.log" 2>&1 &
+            "$MOSQUITTO" -c "$FLEET_DIR/mosquitto-auth.conf" >>"$OUT/logs/mosquitto.log" 2>&1 &
             ;;
         ferrohub-auth|ferrohub-anon)
             # A fresh copy of the provisioned registry; the broker keeps clean sessions in memory
@@ -404,7 +418,7 @@ scenario_args() { # scenario -> harness arguments (one invocation per line for i
         latency-fanin) echo "fan-in --publishers 8 --qos $LATENCY_QOS --rate $LATENCY_RATE" ;;
         latency-pairs) echo "pairs --pairs 1000 --qos $LATENCY_QOS --rate $LATENCY_RATE" ;;
         idle) for c in "${IDLE_COUNTS[@]}"; do echo "idle --connections $c"; done ;;
-        connect-password) echo "connect --fleet $FLEET_DIR/fleet.jsonl --auth password --passes 2 --connect-concurrency $AUTH_CONCURRENCY --connect-timeout 60" ;;
+        connect-password|connect-generated) echo "connect --fleet $FLEET_DIR/fleet.jsonl --auth password --passes 2 --connect-concurrency $AUTH_CONCURRENCY --connect-timeout 60" ;;
         connect-mtls) echo "connect --fleet $FLEET_DIR/fleet.jsonl --auth certificate --ca-file $FLEET_DIR/bench-tls/server-ca.pem --passes 2 --connect-concurrency $AUTH_CONCURRENCY --connect-timeout 60" ;;
         policy-q0) echo "fan-in --publishers 8 --qos 0 --ladder $LADDER_POLICY_Q0 --fleet $FLEET_DIR/fleet.jsonl" ;;
         policy-q1) echo "fan-in --publishers 8 --qos 1 --ladder $LADDER_POLICY_Q1 --fleet $FLEET_DIR/fleet.jsonl" ;;
@@ -438,6 +452,7 @@ run_registry() { # run
 run_one() { # scenario label:process run
     local scen=$1 b=${2%%:*} proc=${2#*:} run=$3 args window raw line port extra
     raw="$OUT/raw/$scen.$b.$run.jsonl"
+    FLEET_DIR=$(fleet_of "$scen")
     while read -r line; do
         [[ -n $line ]] || continue
         wait_quiet_run "$scen $b run $run"

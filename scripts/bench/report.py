@@ -196,6 +196,7 @@ def main():
 
 CONNECT = {
     "connect-password": "connect with a password (each device its own)",
+    "connect-generated": "connect with a registry-generated password (SHA-256, no argon2id)",
     "connect-mtls": "connect with a TLS 1.3 client certificate",
 }
 POLICY = {

@@ -101,6 +101,9 @@ pub struct ProvisionParams {
     pub devices: usize,
     /// Give each device its own password.
     pub passwords: bool,
+    /// Let the registry generate each password (256 random bits, stored as SHA-256 and checked
+    /// without argon2id) instead of choosing one (argon2id).
+    pub generated_passwords: bool,
     /// Give each device a certificate from the tenant's built-in CA.
     pub certificates: bool,
     /// Also register the monitor (password credential, `devices/+/telemetry` reader).
@@ -239,13 +242,14 @@ pub async fn provision(p: &ProvisionParams) -> anyhow::Result<ProvisionReport> {
             let actor = actor.clone();
             let sem = sem.clone();
             let id = e.client_id.clone();
+            let generated = p.generated_passwords;
             set.spawn(async move {
                 let _permit = sem.acquire_owned().await;
-                let secret = random_password();
+                let chosen = (!generated).then(random_password);
                 registry
-                    .add_password(&actor, tenant, &id, Some(secret.clone()), None)
+                    .add_password(&actor, tenant, &id, chosen, None)
                     .await
-                    .map(|_| (i, secret))
+                    .map(|(_, secret)| (i, secret))
             });
         }
         let mut done = 0usize;

@@ -294,6 +294,10 @@ pub struct BenchArgs {
     /// provision: also register `bench-monitor`, allowed to read `devices/+/telemetry`.
     #[arg(long)]
     pub monitor: bool,
+    /// provision: let the registry generate the passwords (256 random bits, stored as SHA-256,
+    /// no argon2id) instead of choosing them (argon2id).
+    #[arg(long)]
+    pub generated_passwords: bool,
     /// provision: where to write the fleet file (default DATA_DIR/fleet.jsonl).
     #[arg(long)]
     pub fleet_out: Option<PathBuf>,
@@ -454,6 +458,7 @@ async fn run_provision(a: &BenchArgs) -> anyhow::Result<()> {
         data_dir: dir,
         devices: a.devices.unwrap_or(2_000),
         passwords: kinds.contains(&"password"),
+        generated_passwords: a.generated_passwords,
         certificates: kinds.contains(&"certificate"),
         monitor: a.monitor,
         parallel: usize::from(a.threads).max(2),
