@@ -673,6 +673,21 @@ impl Registry {
         .await
     }
 
+    /// The named document, or `Invalid("{what} {name} does not exist")`: for references a
+    /// request makes to a type, policy, group or template.
+    async fn require_doc<T: serde::de::DeserializeOwned>(
+        &self,
+        tenant: &str,
+        kind: DocKind,
+        what: &str,
+        name: &str,
+    ) -> Result<T> {
+        self.store
+            .doc(tenant, kind, name)
+            .await?
+            .ok_or_else(|| RegistryError::Invalid(format!("{what} {name} does not exist")))
+    }
+
     /// The documents of a kind in a tenant.
     async fn docs_of<T: serde::de::DeserializeOwned>(
         &self,
@@ -1017,10 +1032,8 @@ impl Registry {
         let mut policy = spec.policy.clone().filter(|p| !p.is_empty());
         if let Some(t) = &spec.device_type {
             let ty: DeviceType = self
-                .store
-                .doc(tenant, DocKind::DeviceType, t)
-                .await?
-                .ok_or_else(|| RegistryError::Invalid(format!("device type {t} does not exist")))?;
+                .require_doc(tenant, DocKind::DeviceType, "device type", t)
+                .await?;
             tags = ty.tags;
             attributes = ty.attributes;
         }
@@ -1034,21 +1047,12 @@ impl Registry {
                 "attributes must be a JSON object".into(),
             ));
         }
-        if let Some(p) = &policy
-            && self
-                .store
-                .doc::<NamedPolicy>(tenant, DocKind::Policy, p)
-                .await?
-                .is_none()
-        {
-            return Err(RegistryError::Invalid(format!("policy {p} does not exist")));
+        if let Some(p) = &policy {
+            self.require_doc::<NamedPolicy>(tenant, DocKind::Policy, "policy", p)
+                .await?;
         }
         for g in &spec.groups {
-            let group: Group = self
-                .store
-                .doc(tenant, DocKind::Group, g)
-                .await?
-                .ok_or_else(|| RegistryError::Invalid(format!("group {g} does not exist")))?;
+            let group: Group = self.require_doc(tenant, DocKind::Group, "group", g).await?;
             if group.query.is_some() {
                 return Err(RegistryError::Invalid(format!(
                     "group {g} is dynamic: membership follows its query, devices cannot join it"
@@ -1241,16 +1245,8 @@ impl Registry {
             if t.is_empty() {
                 d.device_type = None;
             } else {
-                if self
-                    .store
-                    .doc::<DeviceType>(tenant, DocKind::DeviceType, &t)
-                    .await?
-                    .is_none()
-                {
-                    return Err(RegistryError::Invalid(format!(
-                        "device type {t} does not exist"
-                    )));
-                }
+                self.require_doc::<DeviceType>(tenant, DocKind::DeviceType, "device type", &t)
+                    .await?;
                 d.device_type = Some(t);
             }
         }
@@ -1278,14 +1274,8 @@ impl Registry {
             if p.is_empty() {
                 d.policy = None;
             } else {
-                if self
-                    .store
-                    .doc::<NamedPolicy>(tenant, DocKind::Policy, &p)
-                    .await?
-                    .is_none()
-                {
-                    return Err(RegistryError::Invalid(format!("policy {p} does not exist")));
-                }
+                self.require_doc::<NamedPolicy>(tenant, DocKind::Policy, "policy", &p)
+                    .await?;
                 d.policy = Some(p);
             }
         }
@@ -1488,14 +1478,9 @@ impl Registry {
                 "attributes must be a JSON object".into(),
             ));
         }
-        if let Some(p) = &ty.policy
-            && self
-                .store
-                .doc::<NamedPolicy>(tenant, DocKind::Policy, p)
-                .await?
-                .is_none()
-        {
-            return Err(RegistryError::Invalid(format!("policy {p} does not exist")));
+        if let Some(p) = &ty.policy {
+            self.require_doc::<NamedPolicy>(tenant, DocKind::Policy, "policy", p)
+                .await?;
         }
         self.store
             .put_doc(tenant, DocKind::DeviceType, &ty.name, &ty)
@@ -2100,16 +2085,14 @@ impl Registry {
                 "the CA id builtin is reserved".into(),
             ));
         }
-        if let Some(t) = &jitr_template
-            && self
-                .store
-                .doc::<ProvisioningTemplate>(tenant, DocKind::Template, t)
-                .await?
-                .is_none()
-        {
-            return Err(RegistryError::Invalid(format!(
-                "provisioning template {t} does not exist"
-            )));
+        if let Some(t) = &jitr_template {
+            self.require_doc::<ProvisioningTemplate>(
+                tenant,
+                DocKind::Template,
+                "provisioning template",
+                t,
+            )
+            .await?;
         }
         self.trust
             .set(tenant, id, cert_pem)

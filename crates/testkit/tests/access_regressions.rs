@@ -24,16 +24,6 @@ const WITHOUT_FLEET: &str = r#"{"version":1,"statements":[
   {"effect":"allow","actions":["publish","subscribe","receive"],"resources":["devices/${device.id}/#"]}
 ]}"#;
 
-fn persistent(hub: &TestHub, id: &str, secret: &str, clean: bool) -> rumqttc::v5::MqttOptions {
-    let mut o = v5_opts(hub, id);
-    o.set_credentials(id, secret);
-    o.set_clean_start(clean);
-    let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
-    props.session_expiry_interval = Some(3600);
-    o.set_connect_properties(props);
-    o
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resumed_session_keeps_nothing_the_current_policy_forbids() {
     let hub = TestHub::start_with(|cfg| {
@@ -77,7 +67,7 @@ async fn a_resumed_session_keeps_nothing_the_current_policy_forbids() {
     .unwrap();
 
     // Subscribed to fleet/# in a persistent session, then offline.
-    let mut car = V5::connect(persistent(&hub, "car-1", "car-secret-1", true)).await;
+    let mut car = V5::connect(device_session_opts(&hub, "car-1", "car-secret-1", true)).await;
     car.subscribe("fleet/#", Q5::AtLeastOnce).await;
     car.subscribe("devices/car-1/#", Q5::AtLeastOnce).await;
     drop(car);
@@ -100,7 +90,7 @@ async fn a_resumed_session_keeps_nothing_the_current_policy_forbids() {
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // Resumed: neither the queued message nor new fleet traffic arrives; its own topic still does.
-    let mut car = V5::connect(persistent(&hub, "car-1", "car-secret-1", false)).await;
+    let mut car = V5::connect(device_session_opts(&hub, "car-1", "car-secret-1", false)).await;
     assert!(car.connack.session_present);
     ops.client
         .publish("fleet/broadcast", Q5::AtLeastOnce, false, "live")

@@ -30,16 +30,6 @@ async fn register(hub: &TestHub, id: &str, secret: &str) {
         .unwrap();
 }
 
-fn device_opts(hub: &TestHub, id: &str, secret: &str, clean: bool) -> rumqttc::v5::MqttOptions {
-    let mut o = v5_opts(hub, id);
-    o.set_credentials(id, secret);
-    o.set_clean_start(clean);
-    let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
-    props.session_expiry_interval = Some(3600);
-    o.set_connect_properties(props);
-    o
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn decommissioning_deletes_the_session_and_its_queued_messages() {
     let hub = TestHub::start_with(|cfg| {
@@ -55,7 +45,7 @@ async fn decommissioning_deletes_the_session_and_its_queued_messages() {
     let sessions_before = hub.hub().broker.session_count();
 
     // The device subscribes in a persistent session and goes offline.
-    let mut dev = V5::connect(device_opts(&hub, "pump-1", "pump-secret-1", true)).await;
+    let mut dev = V5::connect(device_session_opts(&hub, "pump-1", "pump-secret-1", true)).await;
     dev.subscribe("devices/pump-1/cmd", Q5::AtLeastOnce).await;
     drop(dev);
     wait_until(Duration::from_secs(5), "session offline", || {
@@ -92,7 +82,7 @@ async fn decommissioning_deletes_the_session_and_its_queued_messages() {
     let mut watch = V5::connect(watch_opts).await;
     watch.subscribe("devices/pump-1/#", Q5::AtLeastOnce).await;
     watch.expect_no_publish(Duration::from_millis(500)).await;
-    let e = V5::try_connect(device_opts(&hub, "pump-1", "pump-secret-1", false)).await;
+    let e = V5::try_connect(device_session_opts(&hub, "pump-1", "pump-secret-1", false)).await;
     assert!(
         e.is_err(),
         "a decommissioned device's credential still works"
@@ -100,7 +90,7 @@ async fn decommissioning_deletes_the_session_and_its_queued_messages() {
 
     // Registered again (new credential), it starts from nothing.
     register(&hub, "pump-1", "pump-secret-2").await;
-    let mut again = V5::connect(device_opts(&hub, "pump-1", "pump-secret-2", false)).await;
+    let mut again = V5::connect(device_session_opts(&hub, "pump-1", "pump-secret-2", false)).await;
     assert!(!again.connack.session_present, "old session survived");
     again.expect_no_publish(Duration::from_millis(500)).await;
     hub.stop().await;
@@ -112,7 +102,7 @@ async fn decommissioning_a_connected_device_disconnects_it() {
         .await
         .unwrap();
     register(&hub, "pump-2", "pump-secret-1").await;
-    let mut dev = V5::connect(device_opts(&hub, "pump-2", "pump-secret-1", true)).await;
+    let mut dev = V5::connect(device_session_opts(&hub, "pump-2", "pump-secret-1", true)).await;
     hub.hub()
         .registry
         .delete_device(&Actor::system(), "default", "pump-2")
@@ -158,7 +148,7 @@ async fn a_tenant_created_again_under_a_deleted_ones_id_starts_empty() {
     };
     setup().await;
     let opts = |clean| {
-        let mut o = device_opts(&hub, "gw", "gw-secret-1", clean);
+        let mut o = device_session_opts(&hub, "gw", "gw-secret-1", clean);
         o.set_credentials("acme/gw", "gw-secret-1");
         o
     };

@@ -298,6 +298,23 @@ pub fn v5_opts(hub: &TestHub, id: &str) -> rumqttc::v5::MqttOptions {
     o
 }
 
+/// 5.0 options for a registered device: user name and client id = `id`, a persistent session
+/// (expiry one hour), clean start as asked.
+pub fn device_session_opts(
+    hub: &TestHub,
+    id: &str,
+    secret: &str,
+    clean: bool,
+) -> rumqttc::v5::MqttOptions {
+    let mut o = v5_opts(hub, id);
+    o.set_credentials(id, secret);
+    o.set_clean_start(clean);
+    let mut props = rumqttc::v5::mqttbytes::v5::ConnectProperties::new();
+    props.session_expiry_interval = Some(3600);
+    o.set_connect_properties(props);
+    o
+}
+
 /// A rumqttc 5.0 client; see [`V4`].
 pub struct V5 {
     /// The client handle.
