@@ -106,4 +106,9 @@ pub trait Access: Send + Sync {
     /// Set once the device was disabled, decommissioned or had the credential revoked: the
     /// connection must close (MQTT 5 DISCONNECT 0x87 Not authorized).
     fn revoked(&self) -> bool;
+    /// The connection is ending, and why; called once, before the access is dropped, so that the
+    /// disconnection is recorded with its reason.
+    fn closing(&self, reason: crate::lifecycle::DisconnectReason) {
+        let _ = reason;
+    }
 }

@@ -10,7 +10,10 @@ use ferrohub_router::{Match, Router, Subscriber, SubscriberId, Subscription, Ten
 use ferrohub_store::{
     BrokerStore, Commit, QueuedFor, RecoveredState, SessionRecord, StoreOp, SubscriptionRecord,
 };
-use ferrohub_types::{Message, QoS, SharedFilter, TenantId, TopicName, parse_shared};
+use ferrohub_types::lifecycle::DisconnectReason;
+use ferrohub_types::{
+    Message, MessageProperties, QoS, SharedFilter, TenantId, TopicName, parse_shared,
+};
 use hashbrown::HashMap;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -43,13 +46,71 @@ pub(crate) struct Published {
     pub commit: Option<Commit>,
 }
 
-/// A message for a hub service (provisioning, and later twins, commands, jobs), from any tenant.
+/// A message for a hub service (provisioning, twins, commands, jobs), from any tenant.
 #[derive(Debug, Clone)]
 pub struct ServiceMessage {
     /// The tenant it was published in.
     pub tenant: TenantId,
     /// The message.
     pub message: Arc<Message>,
+    /// Who published it.
+    pub origin: Origin,
+}
+
+/// The client behind a publication a service receives.
+#[derive(Debug, Clone, Default)]
+pub struct Origin {
+    /// Its MQTT client id.
+    pub client_id: Option<Arc<str>>,
+    /// The registered device it authenticated as; `None` for anonymous clients and static users,
+    /// which the policy lets act for any device of their tenant.
+    pub device_id: Option<Arc<str>>,
+}
+
+/// What the broker tells session observers (connectivity, twins, commands).
+#[derive(Debug, Clone)]
+pub enum SessionEvent {
+    /// A client connected (after CONNACK was queued).
+    Connected {
+        /// Tenant.
+        tenant: TenantId,
+        /// Who.
+        origin: Origin,
+        /// Whether it resumed a stored session.
+        session_present: bool,
+        /// When (ms).
+        at: u64,
+    },
+    /// A client's connection ended.
+    Disconnected {
+        /// Tenant.
+        tenant: TenantId,
+        /// Who.
+        origin: Origin,
+        /// Why.
+        reason: DisconnectReason,
+        /// When (ms).
+        at: u64,
+    },
+    /// A client subscribed to reserved (`$`-rooted) filters; sent after the subscriptions are in
+    /// place, so that a service answering now reaches the client.
+    Subscribed {
+        /// Tenant.
+        tenant: TenantId,
+        /// Who.
+        origin: Origin,
+        /// The filters granted.
+        filters: Vec<Arc<str>>,
+    },
+}
+
+/// What became of a service's publication.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServicePublished {
+    /// At least one subscriber matched.
+    pub matched: bool,
+    /// At least one QoS 1/2 recipient could not queue it (its queue was full).
+    pub refused: bool,
 }
 
 /// A service's subscription to reserved `$`-topics across all tenants.
@@ -91,6 +152,8 @@ pub struct Broker {
     pub(crate) shutdown: Shutdown,
     /// Hub services listening on reserved topics.
     services: RwLock<Vec<ServiceSubscription>>,
+    /// Services listening to connects, disconnects and reserved subscriptions.
+    session_observers: RwLock<Vec<mpsc::Sender<SessionEvent>>>,
 }
 
 impl Broker {
@@ -116,6 +179,7 @@ impl Broker {
             started: Instant::now(),
             shutdown,
             services: RwLock::new(Vec::new()),
+            session_observers: RwLock::new(Vec::new()),
         });
         broker.restore(recovered);
         broker
@@ -585,6 +649,7 @@ impl Broker {
             .publish(
                 &tenant_router,
                 0,
+                None,
                 Arc::new(message),
                 Vec::new(),
                 &mut scratch,
@@ -599,6 +664,7 @@ impl Broker {
         &self,
         tenant_router: &TenantRouter<Session>,
         publisher: SubscriberId,
+        origin: Option<&Origin>,
         message: Arc<Message>,
         mut ops: Vec<StoreOp>,
         scratch: &mut Vec<Match<Session>>,
@@ -627,7 +693,7 @@ impl Broker {
         // Services listen on reserved `$`-topics only, so ordinary traffic skips the lookup.
         let to_service = message.topic.as_str().starts_with('$')
             && publisher != 0
-            && self.deliver_to_services(tenant, &message);
+            && self.deliver_to_services(tenant, &message, origin);
         let mut result = Published {
             matched: !scratch.is_empty() || to_service,
             ..Published::default()
@@ -707,7 +773,12 @@ impl Broker {
         });
     }
 
-    fn deliver_to_services(&self, tenant: &TenantId, message: &Arc<Message>) -> bool {
+    fn deliver_to_services(
+        &self,
+        tenant: &TenantId,
+        message: &Arc<Message>,
+        origin: Option<&Origin>,
+    ) -> bool {
         let services = self.services.read();
         let mut matched = false;
         for s in services.iter() {
@@ -716,6 +787,7 @@ impl Broker {
                 let m = ServiceMessage {
                     tenant: tenant.clone(),
                     message: message.clone(),
+                    origin: origin.cloned().unwrap_or_default(),
                 };
                 if s.tx.try_send(m).is_err() {
                     self.metrics.drop_message(DropReason::ServiceBusy);
@@ -733,8 +805,101 @@ impl Broker {
         payload: Bytes,
         qos: QoS,
     ) {
-        self.publish_from_hub(tenant, topic, payload, qos, false)
+        self.publish_from_hub(tenant, topic, payload, qos, false, None)
             .await;
+    }
+
+    /// Publishes a message from a hub service with MQTT 5 properties (e.g. Response Topic and
+    /// Correlation Data for a command), and says whether anyone took it. For QoS 1/2 it returns
+    /// once the copies queued for persistent sessions are durable.
+    pub async fn publish_from_service_with(
+        &self,
+        tenant: &TenantId,
+        topic: &str,
+        payload: Bytes,
+        qos: QoS,
+        properties: Option<MessageProperties>,
+    ) -> ServicePublished {
+        self.publish_from_hub(
+            tenant,
+            topic,
+            payload,
+            qos,
+            false,
+            properties.filter(|p| !p.is_empty()).map(Arc::new),
+        )
+        .await
+    }
+
+    /// Subscribes a service to session events (connects, disconnects, reserved subscriptions)
+    /// in every tenant. Events are handed over at most once: when the service's queue is full the
+    /// event is dropped and counted (`dropped_total{reason="service_busy"}`).
+    pub fn observe_sessions(&self, tx: mpsc::Sender<SessionEvent>) {
+        self.session_observers.write().push(tx);
+    }
+
+    /// Tells session observers about `event`, and publishes connects and disconnects of
+    /// registered devices as lifecycle events (QoS 1, JSON) on
+    /// `$events/devices/{device}/connected|disconnected` in the device's tenant.
+    pub(crate) async fn session_event(&self, event: SessionEvent) {
+        let lifecycle = match &event {
+            SessionEvent::Connected {
+                tenant,
+                origin,
+                session_present,
+                at,
+            } => origin.device_id.as_ref().map(|d| {
+                (
+                    tenant.clone(),
+                    format!("$events/devices/{d}/connected"),
+                    serde_json::json!({
+                        "event": "connected",
+                        "deviceId": &**d,
+                        "clientId": origin.client_id.as_deref(),
+                        "sessionPresent": session_present,
+                        "at": at,
+                    }),
+                )
+            }),
+            SessionEvent::Disconnected {
+                tenant,
+                origin,
+                reason,
+                at,
+            } => origin.device_id.as_ref().map(|d| {
+                (
+                    tenant.clone(),
+                    format!("$events/devices/{d}/disconnected"),
+                    serde_json::json!({
+                        "event": "disconnected",
+                        "deviceId": &**d,
+                        "clientId": origin.client_id.as_deref(),
+                        "reason": reason.as_str(),
+                        "at": at,
+                    }),
+                )
+            }),
+            SessionEvent::Subscribed { .. } => None,
+        };
+        {
+            let observers = self.session_observers.read();
+            for tx in observers.iter() {
+                if tx.try_send(event.clone()).is_err() {
+                    self.metrics.drop_message(DropReason::ServiceBusy);
+                }
+            }
+        }
+        if let Some((tenant, topic, body)) = lifecycle {
+            self.publish_from_hub(
+                &tenant,
+                &topic,
+                Bytes::from(body.to_string()),
+                QoS::AtLeastOnce,
+                false,
+                None,
+            )
+            .await;
+        }
     }
 
     /// Publishes a message from the hub itself (`$SYS`, services) to a tenant.
@@ -745,7 +910,7 @@ impl Broker {
         payload: Bytes,
         retain: bool,
     ) {
-        self.publish_from_hub(tenant, topic, payload, QoS::AtMostOnce, retain)
+        self.publish_from_hub(tenant, topic, payload, QoS::AtMostOnce, retain, None)
             .await;
     }
 
@@ -757,9 +922,10 @@ impl Broker {
         payload: Bytes,
         qos: QoS,
         retain: bool,
-    ) {
+        properties: Option<Arc<MessageProperties>>,
+    ) -> ServicePublished {
         let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
-            return;
+            return ServicePublished::default();
         };
         let message = Arc::new(Message {
             topic,
@@ -767,13 +933,21 @@ impl Broker {
             qos,
             retain,
             received_at: now_millis(),
-            properties: None,
+            properties,
         });
         let tenant_router = self.router.tenant(tenant);
         let mut scratch = Vec::new();
-        let _ = self
-            .publish(&tenant_router, 0, message, Vec::new(), &mut scratch)
+        let published = self
+            .publish(&tenant_router, 0, None, message, Vec::new(), &mut scratch)
             .await;
+        let mut refused = published.refused;
+        if let Some(commit) = published.commit {
+            refused |= commit.await.is_err();
+        }
+        ServicePublished {
+            matched: published.matched,
+            refused,
+        }
     }
 
     /// Tells every connected client to disconnect (server shutdown).
@@ -851,6 +1025,7 @@ impl Broker {
                 Bytes::new(),
                 QoS::AtMostOnce,
                 true,
+                None,
             )
             .await;
         }

@@ -19,6 +19,7 @@ use ferrohub_proto::mqtt::{
 };
 use ferrohub_router::{Match, Subscriber, TenantRouter};
 use ferrohub_store::{Commit, QueuedFor, StoreOp, SubscriptionRecord};
+use ferrohub_types::lifecycle::DisconnectReason;
 use ferrohub_types::{Message, MessageProperties, QoS, TopicName};
 use futures_util::FutureExt;
 use hashbrown::HashMap;
@@ -29,7 +30,7 @@ use tokio::time::{Instant, timeout};
 use super::auth::{
     Access, Admission, AuthExchange, AuthStep, Credentials, Grant, PeerCertificates, Refusal,
 };
-use super::broker::{Broker, PendingWill, now_millis};
+use super::broker::{Broker, Origin, PendingWill, SessionEvent, now_millis};
 use super::metrics::DropReason;
 use super::session::{Inflight, InflightState, Kick, Outgoing, Session};
 
@@ -566,6 +567,14 @@ impl Connection {
             conn.resend_inflight();
         }
         tracing::debug!(peer = %info.peer, client_id = %conn.session.client_id, version = ?version, "client connected");
+        broker
+            .session_event(SessionEvent::Connected {
+                tenant: conn.session.tenant.clone(),
+                origin: conn.origin(),
+                session_present: attached.session_present,
+                at: now_millis(),
+            })
+            .await;
         Some(conn)
     }
 
@@ -1051,11 +1060,18 @@ impl Connection {
                 packet_id: p.packet_id,
             });
         }
+        // Services hear reserved topics only; only they need to know who published.
+        let origin = message
+            .topic
+            .as_str()
+            .starts_with('$')
+            .then(|| self.origin());
         let published = self
             .broker
             .publish(
                 &self.router,
                 self.session.id(),
+                origin.as_ref(),
                 message,
                 extra,
                 &mut self.scratch,
@@ -1480,6 +1496,13 @@ impl Connection {
         } else {
             self.submit_for_ack(ops).await?
         };
+        let reserved: Vec<Arc<str>> = s
+            .filters
+            .iter()
+            .zip(&codes)
+            .filter(|(req, code)| req.filter.starts_with('$') && **code < 0x80)
+            .map(|(req, _)| Arc::from(req.filter.as_str()))
+            .collect();
         self.queue_ack(
             Packet::SubAck(SubAck {
                 packet_id: s.packet_id,
@@ -1491,7 +1514,24 @@ impl Connection {
         for out in retained_out {
             let _ = self.session.push(out);
         }
+        if !reserved.is_empty() {
+            self.broker
+                .session_event(SessionEvent::Subscribed {
+                    tenant: self.session.tenant.clone(),
+                    origin: self.origin(),
+                    filters: reserved,
+                })
+                .await;
+        }
         Ok(())
+    }
+
+    /// Who this connection is, for services.
+    fn origin(&self) -> Origin {
+        Origin {
+            client_id: Some(self.session.client_id.clone()),
+            device_id: self.access.as_ref().map(|a| Arc::from(a.device_id())),
+        }
     }
 
     async fn submit_for_ack(&mut self, ops: Vec<StoreOp>) -> Result<Option<Commit>, Close> {
@@ -1701,6 +1741,18 @@ impl Connection {
             }
             w
         });
+        let reason = disconnect_reason(&close);
+        if let Some(access) = &self.access {
+            access.closing(reason);
+        }
+        self.broker
+            .session_event(SessionEvent::Disconnected {
+                tenant: self.session.tenant.clone(),
+                origin: self.origin(),
+                reason,
+                at: now_millis(),
+            })
+            .await;
         if let Some(release) = self.release.take() {
             self.broker
                 .detach(
@@ -1713,6 +1765,25 @@ impl Connection {
                 .await;
         }
         tracing::debug!(peer = %self.peer, client_id = %self.session.client_id, "client disconnected");
+    }
+}
+
+/// How a [`Close`] is reported in connectivity records and lifecycle events.
+fn disconnect_reason(close: &Close) -> DisconnectReason {
+    match close {
+        Close::Io => DisconnectReason::ConnectionLost,
+        Close::ClientDisconnect => DisconnectReason::ClientDisconnect,
+        Close::Reason(code, _) if *code == reason::KEEP_ALIVE_TIMEOUT => {
+            DisconnectReason::KeepAliveTimeout
+        }
+        Close::Reason(code, _) if *code == reason::SERVER_SHUTTING_DOWN => {
+            DisconnectReason::ServerShutdown
+        }
+        Close::Reason(..) => DisconnectReason::ProtocolError,
+        Close::Kicked(Kick::TakenOver) => DisconnectReason::TakenOver,
+        Close::Kicked(Kick::Shutdown) => DisconnectReason::ServerShutdown,
+        Close::Kicked(Kick::Administrative) => DisconnectReason::Kicked,
+        Close::Kicked(Kick::NotAuthorized) => DisconnectReason::NotAuthorized,
     }
 }
 

@@ -22,7 +22,7 @@ pub use auth::{
     Access, Admission, AuthConfig, Authenticator, Credentials, Grant, PeerCertificates, Refusal,
     StaticUsers,
 };
-pub use broker::{Broker, ServiceMessage};
+pub use broker::{Broker, Origin, ServiceMessage, ServicePublished, SessionEvent};
 pub use config::{ClientIdCharset, MqttConfig};
 pub use metrics::{BrokerMetrics, DropReason};
 pub use session::Kick;
