@@ -92,6 +92,15 @@ pub enum SessionEvent {
         /// When (ms).
         at: u64,
     },
+    /// A client acknowledged (PUBACK / PUBCOMP) a command request (`$devices/…/commands/req/…`).
+    Delivered {
+        /// Tenant.
+        tenant: TenantId,
+        /// Who acknowledged it.
+        origin: Origin,
+        /// The topic of the message.
+        topic: Arc<str>,
+    },
     /// A client subscribed to reserved (`$`-rooted) filters; sent after the subscriptions are in
     /// place, so that a service answering now reaches the client.
     Subscribed {
@@ -838,6 +847,16 @@ impl Broker {
         self.session_observers.write().push(tx);
     }
 
+    /// Hands `event` to every session observer (dropped and counted where one is full).
+    pub(crate) fn notify_observers(&self, event: SessionEvent) {
+        let observers = self.session_observers.read();
+        for tx in observers.iter() {
+            if tx.try_send(event.clone()).is_err() {
+                self.metrics.drop_message(DropReason::ServiceBusy);
+            }
+        }
+    }
+
     /// Tells session observers about `event`, and publishes connects and disconnects of
     /// registered devices as lifecycle events (QoS 1, JSON) on
     /// `$events/devices/{device}/connected|disconnected` in the device's tenant.
@@ -879,16 +898,9 @@ impl Broker {
                     }),
                 )
             }),
-            SessionEvent::Subscribed { .. } => None,
+            SessionEvent::Subscribed { .. } | SessionEvent::Delivered { .. } => None,
         };
-        {
-            let observers = self.session_observers.read();
-            for tx in observers.iter() {
-                if tx.try_send(event.clone()).is_err() {
-                    self.metrics.drop_message(DropReason::ServiceBusy);
-                }
-            }
-        }
+        self.notify_observers(event);
         if let Some((tenant, topic, body)) = lifecycle {
             self.publish_from_hub(
                 &tenant,

@@ -1204,6 +1204,15 @@ impl Connection {
         };
         drop(ob);
         self.broker.metrics.inflight.sub(1);
+        // The command service tracks delivery of its requests (`delivered`).
+        let topic = done.out.message.topic.as_str();
+        if topic.starts_with("$devices/") && topic.contains("/commands/req/") {
+            self.broker.notify_observers(SessionEvent::Delivered {
+                tenant: self.session.tenant.clone(),
+                origin: self.origin(),
+                topic: done.out.message.topic.as_arc().clone(),
+            });
+        }
         if done.out.message_id != 0 {
             self.store_ops.push(StoreOp::Dequeue {
                 tenant: self.session.tenant.clone(),
