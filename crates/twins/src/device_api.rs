@@ -1,0 +1,406 @@
+//! What devices publish on the reserved twin and command topics, and what the services do when a
+//! device connects or subscribes (see [`crate::topics`] and `docs/device-api.md`).
+//!
+//! Updates from one device are queued to the store in the order they arrive and answered when
+//! durable (`…/update/accepted`) or refused (`…/update/rejected`, with a code, a message and the
+//! `clientToken`). A device that connects with its session, or subscribes to its delta topic,
+//! receives its current delta without asking; one that subscribes to its command topic receives
+//! its open queued commands.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use ferrohub_types::{MessageProperties, filter_matches};
+use serde_json::{Map, Value, json};
+use tokio::sync::Semaphore;
+
+use crate::commands::{CommandResponse, Commands, response_status};
+use crate::document::Section;
+use crate::service::{TwinWrite, Twins, now_millis};
+use crate::store::TwinKey;
+use crate::topics::{self, DeviceTopic, TwinOp};
+use crate::{TwinError, link::DeviceLink};
+
+/// A message a device published on a reserved topic.
+#[derive(Debug, Clone)]
+pub struct DeviceMessage {
+    /// Tenant.
+    pub tenant: Arc<str>,
+    /// The registered device that published it; `None` for anonymous clients and static users
+    /// (their policy decides which devices they act for).
+    pub origin_device: Option<Arc<str>>,
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The payload.
+    pub payload: Bytes,
+    /// Its MQTT 5 properties.
+    pub properties: Option<Arc<MessageProperties>>,
+}
+
+/// The device-facing side of twins and commands.
+pub struct DeviceApi {
+    twins: Arc<Twins>,
+    commands: Arc<Commands>,
+    link: Arc<dyn DeviceLink>,
+    // Bounds the answers in flight (each holds a pending store write).
+    in_flight: Arc<Semaphore>,
+}
+
+impl DeviceApi {
+    /// The device API over the services, answering through `link`.
+    pub fn new(
+        twins: Arc<Twins>,
+        commands: Arc<Commands>,
+        link: Arc<dyn DeviceLink>,
+    ) -> Arc<DeviceApi> {
+        Arc::new(DeviceApi {
+            twins,
+            commands,
+            link,
+            in_flight: Arc::new(Semaphore::new(16_384)),
+        })
+    }
+
+    /// Handles one message. Returns once the request is queued (so that calling this in arrival
+    /// order applies a device's updates in order); the answer is published later.
+    pub async fn handle(self: &Arc<Self>, msg: DeviceMessage) {
+        let Some(parsed) = topics::parse(&msg.topic) else {
+            return;
+        };
+        let device = match &parsed {
+            DeviceTopic::Twin { device, .. } | DeviceTopic::CommandResponse { device, .. } => {
+                *device
+            }
+        };
+        if msg.origin_device.as_deref().is_some_and(|o| o != device) {
+            // The policy normally prevents this; never act for another device.
+            tracing::warn!(origin = ?msg.origin_device, topic = %msg.topic, "device published on another device's topic; ignored");
+            return;
+        }
+        match parsed {
+            DeviceTopic::Twin { device, name, op } => {
+                self.twin_request(&msg, device, name, op).await;
+            }
+            DeviceTopic::CommandResponse {
+                device,
+                request_id,
+                status,
+            } => {
+                let props = msg.properties.as_deref();
+                let status = response_status(
+                    status,
+                    props.map(|p| &p.user_properties[..]).unwrap_or(&[]),
+                );
+                let response = CommandResponse {
+                    status,
+                    payload: msg.payload.clone(),
+                };
+                let (me, t, d, r) = (
+                    self.clone(),
+                    msg.tenant.clone(),
+                    device.to_string(),
+                    request_id.to_string(),
+                );
+                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                    return;
+                };
+                tokio::spawn(async move {
+                    if let Err(e) = me.commands.on_response(&t, &d, &r, response).await {
+                        tracing::warn!(error = %e, device = %d, "recording a command response failed");
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    async fn twin_request(self: &Arc<Self>, msg: &DeviceMessage, device: &str, name: &str, op: TwinOp) {
+        let prefix = topics::twin_prefix(device, name);
+        let body: Value = if msg.payload.is_empty() {
+            Value::Object(Map::new())
+        } else {
+            match serde_json::from_slice(&msg.payload) {
+                Ok(v) => v,
+                Err(e) => {
+                    let err = TwinError::Invalid(format!("the payload is not JSON: {e}"));
+                    self.reject(&msg.tenant, &prefix, op, &err, None).await;
+                    return;
+                }
+            }
+        };
+        let client_token = body
+            .get("clientToken")
+            .and_then(Value::as_str)
+            .map(|s| s.chars().take(64).collect::<String>());
+        let name = match crate::service::twin_name(name) {
+            Ok(n) => n,
+            Err(e) => {
+                self.reject(&msg.tenant, &prefix, op, &e, client_token).await;
+                return;
+            }
+        };
+        let key = TwinKey {
+            tenant: msg.tenant.clone(),
+            device: Arc::from(device),
+            name: Arc::from(name),
+        };
+        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+            return;
+        };
+        match op {
+            TwinOp::Get => {
+                let me = self.clone();
+                tokio::spawn(async move {
+                    match me.twins.device_view(key.clone()).await {
+                        Ok(mut view) => {
+                            if let (Some(t), Some(o)) = (&client_token, view.as_object_mut()) {
+                                o.insert("clientToken".into(), Value::from(t.clone()));
+                            }
+                            me.link
+                                .publish(
+                                    &key.tenant,
+                                    format!("{prefix}/get/accepted"),
+                                    Bytes::from(view.to_string()),
+                                    None,
+                                )
+                                .await;
+                        }
+                        Err(e) => me.reject(&key.tenant, &prefix, op, &e, client_token).await,
+                    }
+                    drop(permit);
+                });
+            }
+            TwinOp::Update => {
+                let write = match update_request(&body, device, client_token.clone()) {
+                    Ok(mut w) => {
+                        w.want_documents = self
+                            .link
+                            .has_subscribers(&msg.tenant, &format!("{prefix}/documents"));
+                        w
+                    }
+                    Err(e) => {
+                        self.reject(&msg.tenant, &prefix, op, &e, client_token).await;
+                        return;
+                    }
+                };
+                // Queued now, in arrival order; answered when durable.
+                let pending = match self.twins.enqueue(key.clone(), write).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        self.reject(&msg.tenant, &prefix, op, &e, client_token).await;
+                        return;
+                    }
+                };
+                let me = self.clone();
+                tokio::spawn(async move {
+                    let result = match pending.await {
+                        Ok(r) => r,
+                        Err(_) => Err(TwinError::Busy("the twin store stopped")),
+                    };
+                    match result {
+                        Ok(applied) => {
+                            let mut accepted = json!({
+                                "version": applied.version,
+                                "reported": applied.patch,
+                                "timestamp": applied.at,
+                            });
+                            if let (Some(t), Some(o)) = (&applied.client_token, accepted.as_object_mut()) {
+                                o.insert("clientToken".into(), Value::from(t.clone()));
+                            }
+                            me.link
+                                .publish(
+                                    &key.tenant,
+                                    format!("{prefix}/update/accepted"),
+                                    Bytes::from(accepted.to_string()),
+                                    None,
+                                )
+                                .await;
+                            if let Some((previous, current)) = &applied.documents {
+                                let docs = json!({"previous": previous, "current": current, "timestamp": applied.at});
+                                me.link
+                                    .publish(
+                                        &key.tenant,
+                                        format!("{prefix}/documents"),
+                                        Bytes::from(docs.to_string()),
+                                        None,
+                                    )
+                                    .await;
+                            }
+                            me.twins.after_commit(&applied).await;
+                        }
+                        Err(e) => me.reject(&key.tenant, &prefix, op, &e, client_token).await,
+                    }
+                    drop(permit);
+                });
+            }
+        }
+    }
+
+    async fn reject(
+        &self,
+        tenant: &str,
+        prefix: &str,
+        op: TwinOp,
+        err: &TwinError,
+        client_token: Option<String>,
+    ) {
+        let op = match op {
+            TwinOp::Get => "get",
+            TwinOp::Update => "update",
+        };
+        let mut body = json!({
+            "code": err.status(),
+            "error": err.code(),
+            "message": err.to_string(),
+            "timestamp": now_millis(),
+        });
+        if let (Some(t), Some(o)) = (client_token, body.as_object_mut()) {
+            o.insert("clientToken".into(), Value::from(t));
+        }
+        self.link
+            .publish(
+                tenant,
+                format!("{prefix}/{op}/rejected"),
+                Bytes::from(body.to_string()),
+                None,
+            )
+            .await;
+    }
+
+    /// A device connected. With a resumed session its subscriptions are in place: it gets its
+    /// deltas and its queued commands now (a fresh session gets them when it subscribes).
+    pub async fn on_connected(&self, tenant: &str, device: &str, session_present: bool) {
+        if !session_present {
+            return;
+        }
+        self.send_deltas(tenant, device).await;
+        if let Err(e) = self.commands.send_pending(tenant, device, false).await {
+            tracing::warn!(error = %e, device, "sending queued commands failed");
+        }
+    }
+
+    /// A device subscribed to reserved filters: deltas for the delta topics they cover, queued
+    /// commands (including ones sent to a previous session) if they cover its command topic.
+    pub async fn on_subscribed(&self, tenant: &str, device: &str, filters: &[Arc<str>]) {
+        let delta_probe = topics::delta(device, "");
+        let named_probe = topics::delta(device, "x");
+        let command_probe = topics::command_request(device, "x", "x");
+        let covers = |probe: &str| filters.iter().any(|f| filter_matches(f, probe));
+        if covers(&delta_probe) || covers(&named_probe) {
+            self.send_deltas(tenant, device).await;
+        }
+        if covers(&command_probe)
+            && let Err(e) = self.commands.send_pending(tenant, device, true).await
+        {
+            tracing::warn!(error = %e, device, "sending queued commands failed");
+        }
+    }
+
+    async fn send_deltas(&self, tenant: &str, device: &str) {
+        let names = match self.twins.names(tenant, device).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, device, "listing twins failed");
+                return;
+            }
+        };
+        for name in names {
+            let key = TwinKey {
+                tenant: Arc::from(tenant),
+                device: Arc::from(device),
+                name: Arc::from(name.as_str()),
+            };
+            match self.twins.delta_message(key).await {
+                Ok(Some(body)) => {
+                    self.link
+                        .publish(tenant, topics::delta(device, &name), Bytes::from(body), None)
+                        .await;
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, device, "reading a delta failed"),
+            }
+        }
+    }
+
+    /// The device acknowledged a command request.
+    pub async fn on_delivered(&self, tenant: &str, device: &str, topic: &str) {
+        self.commands.on_delivered(tenant, device, topic).await;
+    }
+}
+
+/// Reads a device's update request: `{"reported": {…}}` or AWS-style `{"state": {"reported":
+/// {…}}}`, with optional `version`, `clientToken` and `rejected: {"desired.path": "reason"}`.
+fn update_request(
+    body: &Value,
+    device: &str,
+    client_token: Option<String>,
+) -> Result<TwinWrite, TwinError> {
+    let Some(obj) = body.as_object() else {
+        return Err(TwinError::Invalid(
+            "the update must be a JSON object such as {\"reported\": {\"fw\": \"1.2\"}}".into(),
+        ));
+    };
+    if obj.contains_key("desired") || obj.get("state").is_some_and(|s| s.get("desired").is_some()) {
+        return Err(TwinError::Invalid(
+            "devices write reported only; desired is written by operators and rules".into(),
+        ));
+    }
+    let reported = obj
+        .get("reported")
+        .or_else(|| obj.get("state").and_then(|s| s.get("reported")))
+        .cloned();
+    let version = match obj.get("version") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(v.as_u64().ok_or_else(|| {
+            TwinError::Invalid("version must be a non-negative integer".into())
+        })?),
+    };
+    let mut rejections = Vec::new();
+    if let Some(r) = obj.get("rejected") {
+        let Some(r) = r.as_object() else {
+            return Err(TwinError::Invalid(
+                "rejected must be an object of desired key paths to reasons, e.g. {\"config.rate\": \"out of range\"}".into(),
+            ));
+        };
+        if r.len() > 100 {
+            return Err(TwinError::Invalid("at most 100 rejections per update".into()));
+        }
+        for (path, reason) in r {
+            let reason = reason.as_str().unwrap_or("rejected by the device");
+            rejections.push((path.clone(), reason.to_string()));
+        }
+    }
+    if reported.is_none() && rejections.is_empty() {
+        return Err(TwinError::Invalid(
+            "nothing to update: send {\"reported\": {…}} and/or {\"rejected\": {…}}".into(),
+        ));
+    }
+    Ok(TwinWrite {
+        section: Section::Reported,
+        patch: reported,
+        expected_version: version,
+        client_token,
+        actor: format!("device:{device}"),
+        rejections,
+        want_documents: false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn update_requests() {
+        let w = update_request(&json!({"reported": {"a": 1}, "version": 3}), "d", None);
+        assert!(matches!(w, Ok(TwinWrite { expected_version: Some(3), .. })));
+        let w = update_request(&json!({"state": {"reported": {"a": 1}}}), "d", None);
+        assert!(w.is_ok_and(|w| w.patch == Some(json!({"a": 1}))));
+        assert!(update_request(&json!({"desired": {"a": 1}}), "d", None).is_err());
+        assert!(update_request(&json!({}), "d", None).is_err());
+        assert!(update_request(&json!([1]), "d", None).is_err());
+        assert!(update_request(&json!({"reported": {}, "version": -1}), "d", None).is_err());
+        let w = update_request(&json!({"rejected": {"rate": "too fast"}}), "d", None);
+        assert!(w.is_ok_and(|w| w.rejections == vec![("rate".to_string(), "too fast".to_string())]));
+    }
+}
