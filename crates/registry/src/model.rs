@@ -158,6 +158,96 @@ pub struct Connectivity {
     pub remote_addr: Option<String>,
     /// Protocol of the last connection (`mqtt`, `mqtts`, `ws`, …).
     pub protocol: Option<String>,
+    /// When the last connection was accepted (ms since the epoch).
+    pub last_connected_at: Option<Millis>,
+    /// When a connection of the device last ended (ms since the epoch). It stays when the device
+    /// connects again: `online` says whether it is connected now.
+    pub last_disconnected_at: Option<Millis>,
+    /// Why that connection ended: `client_disconnect`, `connection_lost`, `keep_alive_timeout`,
+    /// `taken_over`, `kicked`, `not_authorized`, `server_shutdown` or `protocol_error`; absent
+    /// when the adapter reported no reason (say, a connect refused right after authentication).
+    pub disconnect_reason: Option<String>,
+}
+
+impl Connectivity {
+    /// Applies a change recorded later: its `online` and the fields it sets; the disconnect
+    /// reason goes with `last_disconnected_at` (a disconnect without a reason clears it).
+    pub fn apply(&mut self, change: &Connectivity) {
+        self.online = change.online;
+        if change.last_seen.is_some() {
+            self.last_seen = change.last_seen;
+        }
+        if change.remote_addr.is_some() {
+            self.remote_addr.clone_from(&change.remote_addr);
+        }
+        if change.protocol.is_some() {
+            self.protocol.clone_from(&change.protocol);
+        }
+        if change.last_connected_at.is_some() {
+            self.last_connected_at = change.last_connected_at;
+        }
+        if change.last_disconnected_at.is_some() {
+            self.last_disconnected_at = change.last_disconnected_at;
+            self.disconnect_reason.clone_from(&change.disconnect_reason);
+        }
+    }
+}
+
+/// What happened to a device's connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectivityEventKind {
+    /// A connection was accepted.
+    Connected,
+    /// A connection ended.
+    Disconnected,
+}
+
+impl ConnectivityEventKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ConnectivityEventKind::Connected => "connected",
+            ConnectivityEventKind::Disconnected => "disconnected",
+        }
+    }
+    pub(crate) fn parse(s: &str) -> Option<ConnectivityEventKind> {
+        match s {
+            "connected" => Some(ConnectivityEventKind::Connected),
+            "disconnected" => Some(ConnectivityEventKind::Disconnected),
+            _ => None,
+        }
+    }
+}
+
+/// One entry of a device's connectivity history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConnectivityEvent {
+    /// Sequence number (strictly increasing; newer events have larger ones). Pass it as `before`
+    /// to get older events.
+    pub seq: i64,
+    /// When (ms since the epoch).
+    pub at: Millis,
+    /// `connected` or `disconnected`.
+    pub event: ConnectivityEventKind,
+    /// Why a connection ended (see [`Connectivity::disconnect_reason`]); absent on `connected`.
+    pub reason: Option<String>,
+    /// The MQTT client id of the connection.
+    pub client_id: Option<String>,
+    /// Remote address of the connection.
+    pub remote_addr: Option<String>,
+    /// Protocol of the connection (`mqtt`, `mqtts`, `ws`, …).
+    pub protocol: Option<String>,
+}
+
+/// A device's current connectivity and a page of its connectivity history.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ConnectivityHistory {
+    /// Connectivity now (live).
+    pub current: Connectivity,
+    /// Events, newest first (as flushed: at most a second behind `current`).
+    pub events: Vec<ConnectivityEvent>,
+    /// Pass as `before` for the next (older) page; absent on the last page.
+    pub next: Option<i64>,
 }
 
 /// A registered device.

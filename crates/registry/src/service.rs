@@ -2,8 +2,9 @@
 //! authentication and authorization that every adapter calls.
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::collections::VecDeque;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use ferrohub_types::TenantId;
 use ferrohub_types::auth::{
     Access, Admission, Authenticator, BoxFuture, Credentials, Grant, Refusal,
 };
+use ferrohub_types::lifecycle::DisconnectReason;
 use hashbrown::{HashMap, HashSet};
 use parking_lot::{Mutex, RwLock};
 use rustls_pki_types::CertificateDer;
@@ -24,7 +26,9 @@ use crate::model::*;
 use crate::password::{self, PasswordParams, VerifiedCache};
 use crate::pki::{CertInfo, CertificateAuthority, IdentitySource, IssueRequest, TrustStore};
 use crate::policy::{CertVars, CompiledPolicy, PolicyDocument, PolicyVars};
-use crate::store::{ConnectivityUpdate, DocKind, RegistryStore, RevokedCert, SqliteStore};
+use crate::store::{
+    ConnectivityEventRecord, ConnectivityUpdate, DocKind, RegistryStore, RevokedCert, SqliteStore,
+};
 use crate::throttle::{Backoff, BackoffConfig, TokenBucket};
 
 /// Registry settings (the `[registry]` section of the hub's config).
@@ -47,6 +51,9 @@ pub struct RegistryConfig {
     pub verified_cache_entries: usize,
     /// Allow `http://` approval webhooks (default: https only).
     pub allow_http_webhooks: bool,
+    /// Connects and disconnects kept per device in its connectivity history (the oldest go
+    /// first); 0 keeps none.
+    pub connectivity_history: u32,
 }
 
 impl Default for RegistryConfig {
@@ -60,6 +67,7 @@ impl Default for RegistryConfig {
             max_concurrent_hashes: 4,
             verified_cache_entries: 200_000,
             allow_http_webhooks: false,
+            connectivity_history: 100,
         }
     }
 }
@@ -126,6 +134,8 @@ pub struct RegistryMetrics {
     pub password_hashes: AtomicU64,
     /// Security audit events dropped because the audit queue was full.
     pub audit_dropped: AtomicU64,
+    /// Connectivity history events dropped because too many waited for the next flush.
+    pub connectivity_events_dropped: AtomicU64,
 }
 
 impl RegistryMetrics {
@@ -160,6 +170,12 @@ impl RegistryMetrics {
             "# HELP ferrohub_audit_dropped_total Security events not written because the audit queue was full.\n\
              # TYPE ferrohub_audit_dropped_total counter\nferrohub_audit_dropped_total {}",
             g(&self.audit_dropped)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_connectivity_events_dropped_total Connectivity history events not written because too many waited for the next flush.\n\
+             # TYPE ferrohub_connectivity_events_dropped_total counter\nferrohub_connectivity_events_dropped_total {}",
+            g(&self.connectivity_events_dropped)
         );
     }
 }
@@ -257,8 +273,85 @@ pub struct TokenKeyDoc {
 const HUB_SIGNER: &str = "hub-signer";
 const DEVICE_CACHE_MAX: usize = 100_000;
 const AUDIT_QUEUE: usize = 10_000;
+/// Connectivity events waiting for the next flush; beyond this the oldest are dropped (and
+/// counted), so that a reconnect storm while the database is slow cannot exhaust memory.
+const PENDING_EVENTS_MAX: usize = 100_000;
 
 type LiveKey = (String, String);
+
+/// Connectivity recorded in memory since the last flush.
+#[derive(Default)]
+struct PendingConnectivity {
+    /// Per device, the changes to its [`Connectivity`] (see [`Connectivity::apply`]).
+    states: HashMap<LiveKey, Connectivity>,
+    /// History events, oldest first.
+    events: VecDeque<PendingEvent>,
+}
+
+impl PendingConnectivity {
+    fn forget(&mut self, matches: impl Fn(&LiveKey) -> bool) {
+        self.states.retain(|k, _| !matches(k));
+        self.events.retain(|e| !matches(&e.key));
+    }
+}
+
+/// A connect or disconnect waiting for the next flush (compact: no strings but the key and the
+/// client id).
+struct PendingEvent {
+    key: LiveKey,
+    at: Millis,
+    kind: ConnectivityEventKind,
+    reason: Option<DisconnectReason>,
+    client_id: String,
+    peer: SocketAddr,
+    protocol: &'static str,
+}
+
+impl PendingEvent {
+    fn into_record(self) -> ConnectivityEventRecord {
+        ConnectivityEventRecord {
+            tenant: self.key.0,
+            device_id: self.key.1,
+            event: ConnectivityEvent {
+                seq: 0,
+                at: self.at,
+                event: self.kind,
+                reason: self.reason.map(|r| r.as_str().to_string()),
+                client_id: Some(self.client_id),
+                remote_addr: Some(self.peer.to_string()),
+                protocol: Some(self.protocol.to_string()),
+            },
+        }
+    }
+}
+
+/// [`DeviceAccess::closing_reason`]: 0 is no reason yet.
+fn reason_code(r: DisconnectReason) -> u8 {
+    match r {
+        DisconnectReason::ClientDisconnect => 1,
+        DisconnectReason::ConnectionLost => 2,
+        DisconnectReason::KeepAliveTimeout => 3,
+        DisconnectReason::TakenOver => 4,
+        DisconnectReason::Kicked => 5,
+        DisconnectReason::NotAuthorized => 6,
+        DisconnectReason::ServerShutdown => 7,
+        DisconnectReason::ProtocolError => 8,
+    }
+}
+
+fn reason_from_code(c: u8) -> Option<DisconnectReason> {
+    Some(match c {
+        1 => DisconnectReason::ClientDisconnect,
+        2 => DisconnectReason::ConnectionLost,
+        3 => DisconnectReason::KeepAliveTimeout,
+        4 => DisconnectReason::TakenOver,
+        5 => DisconnectReason::Kicked,
+        6 => DisconnectReason::NotAuthorized,
+        7 => DisconnectReason::ServerShutdown,
+        8 => DisconnectReason::ProtocolError,
+        _ => return None,
+    })
+}
 
 /// The registry: one per hub.
 pub struct Registry {
@@ -272,7 +365,7 @@ pub struct Registry {
     failures_by_device: Backoff<LiveKey>,
     revoked: RwLock<HashSet<LiveKey>>,
     live: Mutex<HashMap<LiveKey, Vec<Weak<DeviceAccess>>>>,
-    pending_connectivity: Mutex<HashMap<LiveKey, Connectivity>>,
+    pending_connectivity: Mutex<PendingConnectivity>,
     device_quotas: Mutex<HashMap<LiveKey, Arc<RateBuckets>>>,
     provisioning_in_flight: Mutex<HashSet<String>>,
     /// Bumped by every change that can invalidate a cached device or a connect in progress.
@@ -373,7 +466,7 @@ impl Registry {
             failures_by_device: Backoff::new(config.auth_backoff),
             revoked: RwLock::new(HashSet::new()),
             live: Mutex::new(HashMap::new()),
-            pending_connectivity: Mutex::new(HashMap::new()),
+            pending_connectivity: Mutex::new(PendingConnectivity::default()),
             device_quotas: Mutex::new(HashMap::new()),
             cache_generation: AtomicU64::new(0),
             provisioning_in_flight: Mutex::new(HashSet::new()),
@@ -538,18 +631,23 @@ impl Registry {
         })
     }
 
-    /// Writes pending connectivity changes.
+    /// Writes pending connectivity changes and history events (one transaction).
     pub async fn flush_connectivity(&self) {
-        let mut pending: Vec<ConnectivityUpdate> = {
+        let (mut pending, events) = {
             let mut p = self.pending_connectivity.lock();
-            p.drain()
+            let states: Vec<ConnectivityUpdate> = p
+                .states
+                .drain()
                 .map(|((tenant, device_id), state)| ConnectivityUpdate {
                     tenant,
                     device_id,
                     state,
                 })
-                .collect()
+                .collect();
+            (states, std::mem::take(&mut p.events))
         };
+        let events: Vec<ConnectivityEventRecord> =
+            events.into_iter().map(PendingEvent::into_record).collect();
         // Online is whatever `live` says now: connects and disconnects of the same device may
         // have recorded their changes out of order.
         {
@@ -560,8 +658,12 @@ impl Registry {
                     .is_some_and(|v| v.iter().any(|w| w.strong_count() > 0));
             }
         }
-        if let Err(e) = self.store.set_connectivity(&pending).await {
-            tracing::warn!(error = %e, "persisting device connectivity failed");
+        if let Err(e) = self
+            .store
+            .record_connectivity(&pending, &events, self.config.connectivity_history)
+            .await
+        {
+            tracing::warn!(error = %e, events = events.len(), "persisting device connectivity failed");
         }
     }
 
@@ -1010,7 +1112,7 @@ impl Registry {
         self.revoke_live_quietly(|(t, _)| t == id);
         // A tenant created later under the same id must start empty.
         self.purge(Purge::Tenant(TenantId::new(id))).await;
-        self.pending_connectivity.lock().retain(|(t, _), _| t != id);
+        self.pending_connectivity.lock().forget(|(t, _)| t == id);
         self.audit(
             actor,
             Some(id),
@@ -1186,10 +1288,40 @@ impl Registry {
         if let Some(c) = self
             .pending_connectivity
             .lock()
+            .states
             .get(&(d.tenant.clone(), d.id.clone()))
         {
-            d.connectivity = c.clone();
+            d.connectivity.apply(c);
         }
+    }
+
+    /// A device's connectivity now and a page of its connectivity history, newest first:
+    /// `limit` events (1–1000) older than `before` (the `next` of the previous page).
+    pub async fn connectivity_history(
+        &self,
+        actor: &Actor,
+        tenant: &str,
+        device_id: &str,
+        limit: u32,
+        before: Option<i64>,
+    ) -> Result<ConnectivityHistory> {
+        let d = self.device(actor, tenant, device_id).await?;
+        let limit = limit.clamp(1, 1000);
+        let mut events = self
+            .store
+            .connectivity_events(tenant, device_id, before, limit + 1)
+            .await?;
+        let next = if events.len() > limit as usize {
+            events.truncate(limit as usize);
+            events.last().map(|e| e.seq)
+        } else {
+            None
+        };
+        Ok(ConnectivityHistory {
+            current: d.connectivity,
+            events,
+            next,
+        })
     }
 
     /// A page of devices.
@@ -1348,7 +1480,7 @@ impl Registry {
             client_ids,
         })
         .await;
-        self.pending_connectivity.lock().remove(&key);
+        self.pending_connectivity.lock().forget(|k| *k == key);
         self.audit_ok(actor, tenant, "device.decommission", id)
             .await?;
         Ok(self
@@ -2683,6 +2815,10 @@ impl Registry {
             revoked: AtomicBool::new(false),
             device_quota: self.device_quota(&key, quotas),
             tenant_limits: rt.limits.clone(),
+            peer: c.peer,
+            protocol: c.protocol,
+            recorded: AtomicBool::new(false),
+            closing_reason: AtomicU8::new(0),
         });
         {
             let mut live = self.live.lock();
@@ -2704,15 +2840,7 @@ impl Registry {
             access.revoked.store(true, Ordering::Relaxed);
             return Err(Refusal::NotAuthorized);
         }
-        self.pending_connectivity.lock().insert(
-            key,
-            Connectivity {
-                online: true,
-                last_seen: Some(now_millis()),
-                remote_addr: Some(source),
-                protocol: Some(c.protocol.into()),
-            },
-        );
+        self.connected(key, &access, source);
         Ok(Grant {
             tenant: access.tenant_id.clone(),
             access: Some(access),
@@ -2764,6 +2892,43 @@ impl Registry {
         }
     }
 
+    /// Records an accepted connection.
+    fn connected(&self, key: LiveKey, access: &DeviceAccess, source: String) {
+        let mut p = self.pending_connectivity.lock();
+        let now = now_millis();
+        access.recorded.store(true, Ordering::Relaxed);
+        if self.config.connectivity_history > 0 {
+            self.push_event(
+                &mut p,
+                PendingEvent {
+                    key: key.clone(),
+                    at: now,
+                    kind: ConnectivityEventKind::Connected,
+                    reason: None,
+                    client_id: access.client_id.clone(),
+                    peer: access.peer,
+                    protocol: access.protocol,
+                },
+            );
+        }
+        let state = p.states.entry(key).or_default();
+        state.online = true;
+        state.last_seen = Some(now);
+        state.last_connected_at = Some(now);
+        state.remote_addr = Some(source);
+        state.protocol = Some(access.protocol.into());
+    }
+
+    fn push_event(&self, p: &mut PendingConnectivity, e: PendingEvent) {
+        if p.events.len() >= PENDING_EVENTS_MAX {
+            p.events.pop_front();
+            self.metrics
+                .connectivity_events_dropped
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        p.events.push_back(e);
+    }
+
     fn disconnected(&self, access: &DeviceAccess) {
         let key = (
             access.tenant_id.as_str().to_string(),
@@ -2783,12 +2948,35 @@ impl Registry {
                 None => false,
             }
         };
-        if !still_online {
-            let mut pending = self.pending_connectivity.lock();
-            let entry = pending.entry(key).or_default();
-            entry.online = false;
-            entry.last_seen = Some(now_millis());
+        // A connect refused before it was recorded (revoked while being checked) leaves no
+        // trace.
+        if !access.recorded.load(Ordering::Relaxed) {
+            return;
         }
+        let reason = reason_from_code(access.closing_reason.load(Ordering::Relaxed));
+        let mut p = self.pending_connectivity.lock();
+        let now = now_millis();
+        if self.config.connectivity_history > 0 {
+            self.push_event(
+                &mut p,
+                PendingEvent {
+                    key: key.clone(),
+                    at: now,
+                    kind: ConnectivityEventKind::Disconnected,
+                    reason,
+                    client_id: access.client_id.clone(),
+                    peer: access.peer,
+                    protocol: access.protocol,
+                },
+            );
+        }
+        // Every connection's end is recorded (a device may have several, and a takeover ends
+        // one while the other stays); `online` says whether any is left.
+        let state = p.states.entry(key).or_default();
+        state.online = still_online;
+        state.last_seen = Some(now);
+        state.last_disconnected_at = Some(now);
+        state.disconnect_reason = reason.map(|r| r.as_str().to_string());
     }
 }
 
@@ -2922,6 +3110,13 @@ pub struct DeviceAccess {
     revoked: AtomicBool,
     device_quota: Option<Arc<RateBuckets>>,
     tenant_limits: Arc<TenantLimits>,
+    /// Remote address and protocol, for the connectivity history.
+    peer: SocketAddr,
+    protocol: &'static str,
+    /// The connect was recorded (so its end is too).
+    recorded: AtomicBool,
+    /// Why the connection is ending ([`reason_code`]; 0 = not said).
+    closing_reason: AtomicU8,
 }
 
 impl Access for DeviceAccess {
@@ -2972,6 +3167,15 @@ impl Access for DeviceAccess {
     }
     fn revoked(&self) -> bool {
         self.revoked.load(Ordering::Relaxed)
+    }
+    fn closing(&self, reason: DisconnectReason) {
+        // The first reason given counts.
+        let _ = self.closing_reason.compare_exchange(
+            0,
+            reason_code(reason),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 

@@ -80,8 +80,21 @@ pub struct ConnectivityUpdate {
     pub tenant: String,
     /// Device.
     pub device_id: String,
-    /// The new state.
+    /// The change: `online` is written; of the other fields, those that are `None` are left as
+    /// they are, except `disconnect_reason`, which is written whenever `last_disconnected_at` is
+    /// (see [`Connectivity::apply`]).
     pub state: Connectivity,
+}
+
+/// A connectivity event to append to a device's history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectivityEventRecord {
+    /// Tenant.
+    pub tenant: String,
+    /// Device.
+    pub device_id: String,
+    /// The event; its `seq` is assigned by the store.
+    pub event: ConnectivityEvent,
 }
 
 /// The registry's storage. Every method is one atomic transaction.
@@ -121,6 +134,24 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn count_devices(&self, tenant: &str) -> Result<u64>;
     /// Persists connectivity changes (batched by the caller).
     async fn set_connectivity(&self, updates: &[ConnectivityUpdate]) -> Result<()>;
+    /// Persists connectivity changes and appends history events, in one transaction. Events of
+    /// devices that do not exist (any more) are skipped; afterwards each device that got events
+    /// keeps only its `keep` newest ones.
+    async fn record_connectivity(
+        &self,
+        updates: &[ConnectivityUpdate],
+        events: &[ConnectivityEventRecord],
+        keep: u32,
+    ) -> Result<()>;
+    /// A device's connectivity events older than `before` (a `seq`; `None`: from the newest),
+    /// newest first, at most `limit` (1–1000).
+    async fn connectivity_events(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<ConnectivityEvent>>;
     /// Marks every device offline (at start: nobody is connected yet).
     async fn reset_online(&self) -> Result<()>;
     /// Adds a device to a static group.
@@ -196,8 +227,11 @@ pub trait RegistryStore: Send + Sync + 'static {
     async fn purge_audit(&self, before: Millis) -> Result<u64>;
 }
 
-const SCHEMA_VERSION: i64 = 1;
+/// Version 1: the base schema ([`SCHEMA`]). Version 2: device connect/disconnect times and
+/// reason, and the connectivity history ([`migrate_v2`]).
+const SCHEMA_VERSION: i64 = 2;
 
+/// The version 1 schema, created first on a new database; migrations bring it up to date.
 const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS tenants (
     id TEXT PRIMARY KEY NOT NULL,
@@ -358,12 +392,24 @@ impl SqliteStore {
                  understands ({SCHEMA_VERSION}); run a newer ferrohub"
             )));
         }
-        sqlx::raw_sql(SCHEMA).execute(&pool).await?;
-        sqlx::raw_sql(AssertSqlSafe(format!(
-            "PRAGMA user_version = {SCHEMA_VERSION}"
-        )))
-        .execute(&pool)
-        .await?;
+        // Each step is one transaction (SQLite's DDL and user_version are transactional), so a
+        // crash during an upgrade leaves the database at the previous version.
+        let mut tx = pool.begin().await?;
+        sqlx::raw_sql(SCHEMA).execute(&mut *tx).await?;
+        if version < 1 {
+            sqlx::raw_sql("PRAGMA user_version = 1")
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        if version < 2 {
+            let mut tx = pool.begin().await?;
+            migrate_v2(&mut tx).await?;
+            sqlx::raw_sql("PRAGMA user_version = 2")
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
         Ok(SqliteStore { pool })
     }
 
@@ -371,6 +417,45 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.pool.close().await;
     }
+}
+
+/// Version 2: when the device last connected and disconnected and why, and the bounded history
+/// of connects and disconnects. Columns already there (a half-applied upgrade by hand) are kept.
+async fn migrate_v2(tx: &mut sqlx::SqliteConnection) -> Result<()> {
+    let columns: Vec<String> = sqlx::query_scalar("SELECT name FROM pragma_table_info('devices')")
+        .fetch_all(&mut *tx)
+        .await?;
+    for (column, ty) in [
+        ("last_connected_at", "INTEGER"),
+        ("last_disconnected_at", "INTEGER"),
+        ("disconnect_reason", "TEXT"),
+    ] {
+        if !columns.iter().any(|c| c == column) {
+            sqlx::raw_sql(AssertSqlSafe(format!(
+                "ALTER TABLE devices ADD COLUMN {column} {ty}"
+            )))
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
+    sqlx::raw_sql(
+        "CREATE TABLE IF NOT EXISTS connectivity_events (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            tenant TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            at INTEGER NOT NULL,
+            event TEXT NOT NULL,
+            reason TEXT,
+            client_id TEXT,
+            remote_addr TEXT,
+            protocol TEXT
+        );
+        CREATE INDEX IF NOT EXISTS connectivity_events_by_device
+            ON connectivity_events (tenant, device_id, seq);",
+    )
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }
 
 fn json<T: Serialize>(v: &T) -> Result<String> {
@@ -386,7 +471,8 @@ fn opt_millis(v: i64) -> Option<Millis> {
 }
 
 const DEVICE_COLUMNS: &str = "d.tenant, d.id, d.name, d.type, d.status, d.tags, d.attributes, \
-     d.policy, d.online, d.last_seen, d.remote_addr, d.protocol, d.created_at, d.updated_at";
+     d.policy, d.online, d.last_seen, d.remote_addr, d.protocol, d.last_connected_at, \
+     d.last_disconnected_at, d.disconnect_reason, d.created_at, d.updated_at";
 
 fn device_from_row(row: &SqliteRow) -> Result<Device> {
     Ok(Device {
@@ -404,9 +490,26 @@ fn device_from_row(row: &SqliteRow) -> Result<Device> {
             last_seen: opt_millis(row.try_get("last_seen")?),
             remote_addr: row.try_get("remote_addr")?,
             protocol: row.try_get("protocol")?,
+            last_connected_at: row.try_get("last_connected_at")?,
+            last_disconnected_at: row.try_get("last_disconnected_at")?,
+            disconnect_reason: row.try_get("disconnect_reason")?,
         },
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn connectivity_event_from_row(row: &SqliteRow) -> Result<ConnectivityEvent> {
+    let event: &str = row.try_get("event")?;
+    Ok(ConnectivityEvent {
+        seq: row.try_get("seq")?,
+        at: row.try_get("at")?,
+        event: ConnectivityEventKind::parse(event)
+            .ok_or_else(|| RegistryError::Corrupt(format!("connectivity event {event}")))?,
+        reason: row.try_get("reason")?,
+        client_id: row.try_get("client_id")?,
+        remote_addr: row.try_get("remote_addr")?,
+        protocol: row.try_get("protocol")?,
     })
 }
 
@@ -624,6 +727,7 @@ impl RegistryStore for SqliteStore {
             "documents",
             "credentials",
             "revoked_certs",
+            "connectivity_events",
         ] {
             sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE tenant = $1"
@@ -735,7 +839,12 @@ impl RegistryStore for SqliteStore {
 
     async fn delete_device(&self, tenant: &str, id: &str) -> Result<bool> {
         let mut tx = self.pool.begin().await?;
-        for table in ["device_tags", "group_members", "credentials"] {
+        for table in [
+            "device_tags",
+            "group_members",
+            "credentials",
+            "connectivity_events",
+        ] {
             sqlx::query(AssertSqlSafe(format!(
                 "DELETE FROM {table} WHERE tenant = $1 AND device_id = $2"
             )))
@@ -960,26 +1069,103 @@ impl RegistryStore for SqliteStore {
     }
 
     async fn set_connectivity(&self, updates: &[ConnectivityUpdate]) -> Result<()> {
-        if updates.is_empty() {
+        self.record_connectivity(updates, &[], 0).await
+    }
+
+    async fn record_connectivity(
+        &self,
+        updates: &[ConnectivityUpdate],
+        events: &[ConnectivityEventRecord],
+        keep: u32,
+    ) -> Result<()> {
+        let events = if keep == 0 { &[][..] } else { events };
+        if updates.is_empty() && events.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
         for u in updates {
+            let s = &u.state;
             sqlx::query(
-                "UPDATE devices SET online = $3, last_seen = $4, remote_addr = $5, protocol = $6 \
+                "UPDATE devices SET online = $3, last_seen = COALESCE($4, last_seen), \
+                 remote_addr = COALESCE($5, remote_addr), protocol = COALESCE($6, protocol), \
+                 last_connected_at = COALESCE($7, last_connected_at), \
+                 disconnect_reason = CASE WHEN $8 IS NULL THEN disconnect_reason ELSE $9 END, \
+                 last_disconnected_at = COALESCE($8, last_disconnected_at) \
                  WHERE tenant = $1 AND id = $2",
             )
             .bind(&u.tenant)
             .bind(&u.device_id)
-            .bind(i64::from(u.state.online))
-            .bind(u.state.last_seen.unwrap_or(0))
-            .bind(&u.state.remote_addr)
-            .bind(&u.state.protocol)
+            .bind(i64::from(s.online))
+            .bind(s.last_seen)
+            .bind(&s.remote_addr)
+            .bind(&s.protocol)
+            .bind(s.last_connected_at)
+            .bind(s.last_disconnected_at)
+            .bind(&s.disconnect_reason)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut touched: Vec<(&str, &str)> = Vec::new();
+        for e in events {
+            let ev = &e.event;
+            // A device deleted meanwhile gets no history back (the deletion and this flush are
+            // serialized by SQLite: whichever commits second sees the other).
+            sqlx::query(
+                "INSERT INTO connectivity_events (tenant, device_id, at, event, reason, client_id, \
+                 remote_addr, protocol) SELECT $1, $2, $3, $4, $5, $6, $7, $8 \
+                 WHERE EXISTS (SELECT 1 FROM devices WHERE tenant = $1 AND id = $2)",
+            )
+            .bind(&e.tenant)
+            .bind(&e.device_id)
+            .bind(ev.at)
+            .bind(ev.event.as_str())
+            .bind(&ev.reason)
+            .bind(&ev.client_id)
+            .bind(&ev.remote_addr)
+            .bind(&ev.protocol)
+            .execute(&mut *tx)
+            .await?;
+            touched.push((&e.tenant, &e.device_id));
+        }
+        touched.sort_unstable();
+        touched.dedup();
+        // Bounded history: drop what is older than the `keep`-th newest event of each device
+        // that got events now (an index walk of `keep` entries per device).
+        for (tenant, device_id) in touched {
+            sqlx::query(
+                "DELETE FROM connectivity_events WHERE tenant = $1 AND device_id = $2 \
+                 AND seq <= (SELECT seq FROM connectivity_events WHERE tenant = $1 \
+                 AND device_id = $2 ORDER BY seq DESC LIMIT 1 OFFSET $3)",
+            )
+            .bind(tenant)
+            .bind(device_id)
+            .bind(i64::from(keep))
             .execute(&mut *tx)
             .await?;
         }
         tx.commit().await?;
         Ok(())
+    }
+
+    async fn connectivity_events(
+        &self,
+        tenant: &str,
+        device_id: &str,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<ConnectivityEvent>> {
+        let rows = sqlx::query(
+            "SELECT seq, at, event, reason, client_id, remote_addr, protocol \
+             FROM connectivity_events WHERE tenant = $1 AND device_id = $2 AND seq < $3 \
+             ORDER BY seq DESC LIMIT $4",
+        )
+        .bind(tenant)
+        .bind(device_id)
+        .bind(before.unwrap_or(i64::MAX))
+        .bind(i64::from(limit.clamp(1, 1000)))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(connectivity_event_from_row).collect()
     }
 
     async fn reset_online(&self) -> Result<()> {
@@ -1390,6 +1576,7 @@ mod tests {
                     last_seen: Some(5_000 + ((i * 31) % 71) as i64),
                     remote_addr: Some("127.0.0.1:1".into()),
                     protocol: Some("mqtt".into()),
+                    ..Default::default()
                 },
             })
             .collect();
@@ -1636,5 +1823,345 @@ mod tests {
             .err()
             .unwrap();
         assert!(err.to_string().contains("newer"), "{err}");
+    }
+
+    fn event(
+        tenant: &str,
+        device: &str,
+        at: Millis,
+        kind: ConnectivityEventKind,
+        reason: Option<&str>,
+    ) -> ConnectivityEventRecord {
+        ConnectivityEventRecord {
+            tenant: tenant.into(),
+            device_id: device.into(),
+            event: ConnectivityEvent {
+                seq: 0,
+                at,
+                event: kind,
+                reason: reason.map(str::to_string),
+                client_id: Some(device.into()),
+                remote_addr: Some("10.0.0.1:4000".into()),
+                protocol: Some("mqtt".into()),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn connectivity_history_is_bounded_paged_newest_first_and_goes_with_the_device() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let mut u = device(1);
+        u.tenant = "u".into();
+        let r = s
+            .insert_devices(&[device(1), device(2), u.clone()])
+            .await
+            .unwrap();
+        assert!(r.iter().all(Result::is_ok));
+        let (connected, disconnected) = (
+            ConnectivityEventKind::Connected,
+            ConnectivityEventKind::Disconnected,
+        );
+        // Ten events for d0001 in two flushes, two for d0002, one for a device that does not
+        // exist, one in another tenant; keep 4.
+        let first: Vec<_> = (0..6)
+            .map(|i| {
+                if i % 2 == 0 {
+                    event("t", "d0001", 100 + i, connected, None)
+                } else {
+                    event("t", "d0001", 100 + i, disconnected, Some("connection_lost"))
+                }
+            })
+            .chain([
+                event("t", "d0002", 50, connected, None),
+                event("t", "ghost", 51, connected, None),
+                event("u", "d0001", 52, connected, None),
+            ])
+            .collect();
+        s.record_connectivity(&[], &first, 4).await.unwrap();
+        let second: Vec<_> = (6..10)
+            .map(|i| {
+                event(
+                    "t",
+                    "d0001",
+                    100 + i,
+                    disconnected,
+                    Some("client_disconnect"),
+                )
+            })
+            .chain([event("t", "d0002", 60, disconnected, Some("kicked"))])
+            .collect();
+        s.record_connectivity(&[], &second, 4).await.unwrap();
+
+        let all = s
+            .connectivity_events("t", "d0001", None, 100)
+            .await
+            .unwrap();
+        let ats: Vec<Millis> = all.iter().map(|e| e.at).collect();
+        assert_eq!(ats, vec![109, 108, 107, 106], "the 4 newest, newest first");
+        assert!(all.windows(2).all(|w| w[0].seq > w[1].seq));
+        assert_eq!(all[0].reason.as_deref(), Some("client_disconnect"));
+        assert_eq!(all[0].client_id.as_deref(), Some("d0001"));
+        // Paging.
+        let page = s.connectivity_events("t", "d0001", None, 3).await.unwrap();
+        assert_eq!(page.len(), 3);
+        let rest = s
+            .connectivity_events("t", "d0001", Some(page[2].seq), 3)
+            .await
+            .unwrap();
+        assert_eq!(rest.iter().map(|e| e.at).collect::<Vec<_>>(), vec![106]);
+        let d2 = s.connectivity_events("t", "d0002", None, 10).await.unwrap();
+        assert_eq!(d2.len(), 2);
+        assert_eq!(d2[0].event, disconnected);
+        assert_eq!(d2[1].event, connected);
+        assert_eq!(d2[1].reason, None);
+        assert!(
+            s.connectivity_events("t", "ghost", None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "no history for devices that do not exist"
+        );
+        assert_eq!(
+            s.connectivity_events("u", "d0001", None, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        // keep = 0: no history is written.
+        s.record_connectivity(&[], &[event("t", "d0002", 70, connected, None)], 0)
+            .await
+            .unwrap();
+        assert_eq!(
+            s.connectivity_events("t", "d0002", None, 10)
+                .await
+                .unwrap()
+                .len(),
+            2
+        );
+        // Deleting the device deletes its history; deleting the tenant deletes the tenant's.
+        assert!(s.delete_device("t", "d0001").await.unwrap());
+        assert!(
+            s.connectivity_events("t", "d0001", None, 10)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        s.insert_devices(&[device(1)]).await.unwrap();
+        assert!(
+            s.connectivity_events("t", "d0001", None, 10)
+                .await
+                .unwrap()
+                .is_empty(),
+            "a device registered again under the id starts without history"
+        );
+        s.create_tenant(&Tenant {
+            id: "u".into(),
+            name: "u".into(),
+            settings: TenantSettings::default(),
+            created_at: 1,
+        })
+        .await
+        .unwrap();
+        assert!(s.delete_tenant("u").await.unwrap());
+        let left: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM connectivity_events WHERE tenant = 'u'")
+                .fetch_one(&s.pool)
+                .await
+                .unwrap();
+        assert_eq!(left, 0);
+    }
+
+    #[tokio::test]
+    async fn connectivity_updates_change_only_what_they_set() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        s.insert_devices(&[device(1)]).await.unwrap();
+        let update = |state: Connectivity| ConnectivityUpdate {
+            tenant: "t".into(),
+            device_id: "d0001".into(),
+            state,
+        };
+        s.set_connectivity(&[update(Connectivity {
+            online: true,
+            last_seen: Some(10),
+            remote_addr: Some("10.0.0.1:1".into()),
+            protocol: Some("mqtts".into()),
+            last_connected_at: Some(10),
+            ..Default::default()
+        })])
+        .await
+        .unwrap();
+        s.set_connectivity(&[update(Connectivity {
+            online: false,
+            last_seen: Some(20),
+            last_disconnected_at: Some(20),
+            disconnect_reason: Some("keep_alive_timeout".into()),
+            ..Default::default()
+        })])
+        .await
+        .unwrap();
+        let c = s.device("t", "d0001").await.unwrap().unwrap().connectivity;
+        assert_eq!(
+            c,
+            Connectivity {
+                online: false,
+                last_seen: Some(20),
+                remote_addr: Some("10.0.0.1:1".into()),
+                protocol: Some("mqtts".into()),
+                last_connected_at: Some(10),
+                last_disconnected_at: Some(20),
+                disconnect_reason: Some("keep_alive_timeout".into()),
+            }
+        );
+        // Connected again: the last disconnect stays (history); a disconnect without a reason
+        // clears the reason.
+        s.set_connectivity(&[update(Connectivity {
+            online: true,
+            last_seen: Some(30),
+            last_connected_at: Some(30),
+            ..Default::default()
+        })])
+        .await
+        .unwrap();
+        let c = s.device("t", "d0001").await.unwrap().unwrap().connectivity;
+        assert!(c.online);
+        assert_eq!(c.last_connected_at, Some(30));
+        assert_eq!(c.disconnect_reason.as_deref(), Some("keep_alive_timeout"));
+        s.set_connectivity(&[update(Connectivity {
+            online: false,
+            last_disconnected_at: Some(40),
+            ..Default::default()
+        })])
+        .await
+        .unwrap();
+        let c = s.device("t", "d0001").await.unwrap().unwrap().connectivity;
+        assert_eq!(c.last_disconnected_at, Some(40));
+        assert_eq!(c.disconnect_reason, None);
+        assert_eq!(c.last_seen, Some(30));
+    }
+
+    #[tokio::test]
+    async fn a_version_1_database_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.db");
+        {
+            // A database as version 1 wrote it, with a device that was seen.
+            let pool = SqlitePoolOptions::new()
+                .max_connections(1)
+                .connect_with(
+                    SqliteConnectOptions::new()
+                        .filename(&path)
+                        .create_if_missing(true),
+                )
+                .await
+                .unwrap();
+            sqlx::raw_sql(include_str!("../tests/fixtures/registry_schema_v1.sql"))
+                .execute(&pool)
+                .await
+                .unwrap();
+            sqlx::raw_sql(
+                "PRAGMA user_version = 1;
+                 INSERT INTO tenants (id, name, settings, created_at) VALUES ('t', 'T', '{}', 1);
+                 INSERT INTO devices (tenant, id, name, type, status, tags, attributes, policy,
+                     online, last_seen, remote_addr, protocol, created_at, updated_at)
+                 VALUES ('t', 'd1', 'D1', NULL, 'enabled', '{\"site\":\"a\"}', '{}', NULL,
+                     1, 5000, '10.0.0.9:1883', 'mqtt', 2, 3);",
+            )
+            .execute(&pool)
+            .await
+            .unwrap();
+            pool.close().await;
+        }
+        let s = SqliteStore::open(&path, SqliteOptions { fsync: false })
+            .await
+            .unwrap();
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let d = s.device("t", "d1").await.unwrap().unwrap();
+        assert_eq!(d.tags.get("site").map(String::as_str), Some("a"));
+        assert_eq!(
+            d.connectivity,
+            Connectivity {
+                online: true,
+                last_seen: Some(5000),
+                remote_addr: Some("10.0.0.9:1883".into()),
+                protocol: Some("mqtt".into()),
+                ..Default::default()
+            }
+        );
+        s.record_connectivity(
+            &[ConnectivityUpdate {
+                tenant: "t".into(),
+                device_id: "d1".into(),
+                state: Connectivity {
+                    online: false,
+                    last_seen: Some(6000),
+                    last_disconnected_at: Some(6000),
+                    disconnect_reason: Some("connection_lost".into()),
+                    ..Default::default()
+                },
+            }],
+            &[event(
+                "t",
+                "d1",
+                6000,
+                ConnectivityEventKind::Disconnected,
+                Some("connection_lost"),
+            )],
+            100,
+        )
+        .await
+        .unwrap();
+        let d = s.device("t", "d1").await.unwrap().unwrap();
+        assert_eq!(
+            d.connectivity.disconnect_reason.as_deref(),
+            Some("connection_lost")
+        );
+        assert_eq!(
+            s.connectivity_events("t", "d1", None, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+        s.close().await;
+        // Opening again is a no-op; the data stays.
+        let s = SqliteStore::open(&path, SqliteOptions { fsync: false })
+            .await
+            .unwrap();
+        let d = s.device("t", "d1").await.unwrap().unwrap();
+        assert_eq!(d.connectivity.last_disconnected_at, Some(6000));
+        assert_eq!(
+            s.connectivity_events("t", "d1", None, 10)
+                .await
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_database_has_the_same_schema_as_an_upgraded_one() {
+        let s = SqliteStore::in_memory().await.unwrap();
+        let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+            .fetch_one(&s.pool)
+            .await
+            .unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let columns: Vec<String> =
+            sqlx::query_scalar("SELECT name FROM pragma_table_info('devices')")
+                .fetch_all(&s.pool)
+                .await
+                .unwrap();
+        for c in [
+            "last_connected_at",
+            "last_disconnected_at",
+            "disconnect_reason",
+        ] {
+            assert!(columns.iter().any(|x| x == c), "{c} missing: {columns:?}");
+        }
     }
 }

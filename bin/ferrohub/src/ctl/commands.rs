@@ -274,6 +274,58 @@ fn show_device(d: &Value) -> String {
     ])
 }
 
+/// `devices connectivity`: the current state as key/value lines, then the events as a table.
+fn show_connectivity(v: &Value) -> (String, Table) {
+    let cur = v.get("current").cloned().unwrap_or(Value::Null);
+    let online = match cur.get("online").and_then(Value::as_bool) {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    };
+    let at = |key: &str| {
+        if cur.get(key).is_some_and(Value::is_i64) {
+            format!("{} ({})", time(&cur, key), ago(cur.get(key)))
+        } else {
+            "never".into()
+        }
+    };
+    let summary = key_values(&[
+        ("online", online.into()),
+        ("last connected", at("last_connected_at")),
+        ("last disconnected", at("last_disconnected_at")),
+        ("disconnect reason", text(&cur, "disconnect_reason")),
+        ("last seen", at("last_seen")),
+        ("remote address", text(&cur, "remote_addr")),
+        ("protocol", text(&cur, "protocol")),
+    ]);
+    let mut t = Table::new(&[
+        "SEQ",
+        "TIME",
+        "EVENT",
+        "REASON",
+        "CLIENT ID",
+        "REMOTE ADDRESS",
+        "PROTOCOL",
+    ]);
+    for e in v
+        .get("events")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
+        t.row(vec![
+            text(e, "seq"),
+            time(e, "at"),
+            text(e, "event"),
+            text(e, "reason"),
+            text(e, "client_id"),
+            text(e, "remote_addr"),
+            text(e, "protocol"),
+        ]);
+    }
+    (summary, t)
+}
+
 async fn patch_device(ctx: &Ctx, id: &str, patch: Value) -> Result<Value> {
     ctx.client
         .call(
@@ -296,6 +348,28 @@ async fn devices(ctx: &Ctx, cmd: DevicesCmd) -> Result<()> {
                 Output::Json => emit_json(&v),
                 Output::Table => emit(&show_device(&v)),
             }
+        }
+        DevicesCmd::Connectivity { id, limit, before } => {
+            let mut q = vec![("limit", limit.to_string())];
+            if let Some(b) = before {
+                q.push(("before", b.to_string()));
+            }
+            let v = c
+                .get(&["tenants", t, "devices", &id, "connectivity"], &q)
+                .await?;
+            if ctx.output == Output::Json {
+                return emit_json(&v);
+            }
+            let (summary, table) = show_connectivity(&v);
+            emit(&summary)?;
+            if table.len() > 0 {
+                emit("\n")?;
+            }
+            table.emit("no connects or disconnects recorded")?;
+            if let Some(n) = v.get("next").and_then(Value::as_i64) {
+                eprintln!("older events: add --before {n}");
+            }
+            Ok(())
         }
         DevicesCmd::Create {
             id,
@@ -1050,4 +1124,55 @@ async fn audit(ctx: &Ctx, a: AuditArgs) -> Result<()> {
         eprintln!("older events: add --before-seq {n}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connectivity_view() {
+        let v = json!({
+            "current": {"online": false, "last_seen": 2000, "remote_addr": "10.0.0.5:50100",
+                        "protocol": "mqtts", "last_connected_at": 1000,
+                        "last_disconnected_at": 2000, "disconnect_reason": "keep_alive_timeout"},
+            "events": [
+                {"seq": 12, "at": 2000, "event": "disconnected", "reason": "keep_alive_timeout",
+                 "client_id": "boiler-17", "remote_addr": "10.0.0.5:50100", "protocol": "mqtts"},
+                {"seq": 11, "at": 1000, "event": "connected", "reason": null,
+                 "client_id": "boiler-17", "remote_addr": "10.0.0.5:50100", "protocol": "mqtts"}
+            ],
+            "next": null
+        });
+        let (summary, table) = show_connectivity(&v);
+        assert!(summary.contains("online:"), "{summary}");
+        assert!(summary.contains("keep_alive_timeout"), "{summary}");
+        assert!(summary.contains("1970-01-01T00:00:01Z"), "{summary}");
+        let rendered = table.render();
+        let lines: Vec<&str> = rendered.lines().collect();
+        assert_eq!(lines.len(), 3, "{rendered}");
+        assert!(lines[0].starts_with("SEQ"), "{rendered}");
+        assert!(
+            lines[1].contains("disconnected") && lines[1].contains("keep_alive_timeout"),
+            "{rendered}"
+        );
+        let cells: Vec<&str> = lines[2].split_whitespace().collect();
+        assert_eq!(
+            cells,
+            vec![
+                "11",
+                "1970-01-01T00:00:01Z",
+                "connected",
+                "-",
+                "boiler-17",
+                "10.0.0.5:50100",
+                "mqtts"
+            ],
+            "{rendered}"
+        );
+        let (summary, table) =
+            show_connectivity(&json!({"current": {"online": false}, "events": []}));
+        assert!(summary.contains("never"), "{summary}");
+        assert_eq!(table.len(), 0);
+    }
 }

@@ -284,6 +284,23 @@ enum DevicesCmd {
         /// Device id.
         id: String,
     },
+    /// Shows a device's connectivity now and its history of connects and disconnects, with why
+    /// each connection ended, newest first.
+    #[command(
+        after_help = "Examples:\n  ferrohub ctl devices connectivity boiler-17\n  \
+        ferrohub ctl devices connectivity boiler-17 --limit 20 --before 8812"
+    )]
+    Connectivity {
+        /// Device id.
+        id: String,
+        /// Number of events, 1 to 1000.
+        #[arg(long, default_value_t = 100, value_name = "N",
+              value_parser = clap::value_parser!(u32).range(1..=1000))]
+        limit: u32,
+        /// Events older than this sequence number (the next page).
+        #[arg(long, value_name = "SEQ")]
+        before: Option<i64>,
+    },
     /// Registers a device.
     #[command(
         after_help = "Example:\n  ferrohub ctl devices create boiler-17 --name \"Boiler 17\" --type thermostat \\\n      \

@@ -5,14 +5,14 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::IntoResponse;
 use ferrohub_registry::model::{
-    Device, DeviceListing, DevicePatch, DeviceSpec, DeviceStatus, Page, SortKey,
-    TelemetryOnDecommission,
+    ConnectivityHistory, Device, DeviceListing, DevicePatch, DeviceSpec, DeviceStatus, Page,
+    SortKey, TelemetryOnDecommission,
 };
-use serde::Serialize;
-use utoipa::ToSchema;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
 
 use crate::error::{ApiError, ApiResult, CommonErrors};
-use crate::extract::{ApiJson, ApiPath, Caller};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
 
 /// Default page size of a device listing.
 pub const DEFAULT_LIMIT: u32 = 100;
@@ -216,6 +216,45 @@ pub async fn delete_device(
         id: device,
         telemetry,
     }))
+}
+
+/// Paging of a device's connectivity history.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[serde(default, deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConnectivityParams {
+    /// Number of events, 1 to 1000 (default 100).
+    pub limit: Option<u32>,
+    /// Events older than this sequence number (pass `next` for the next page).
+    pub before: Option<i64>,
+}
+
+/// A device's connectivity now (live) and its connectivity history, newest first: every
+/// connect and disconnect with the reason the connection ended (`client_disconnect`,
+/// `connection_lost`, `keep_alive_timeout`, `taken_over`, `kicked`, `not_authorized`,
+/// `server_shutdown`, `protocol_error`). Events are written every second, so the newest may
+/// appear up to a second after `current` shows them; the hub keeps `registry.connectivity_history`
+/// events per device.
+#[utoipa::path(get, path = "/tenants/{tenant}/devices/{device}/connectivity", tag = "devices",
+    params(("tenant" = String, Path, description = "Tenant id"), ("device" = String, Path, description = "Device id"),
+        ConnectivityParams),
+    responses((status = 200, description = "Current connectivity and a page of events", body = ConnectivityHistory), CommonErrors))]
+pub async fn get_connectivity(
+    c: Caller,
+    ApiPath((tenant, device)): ApiPath<(String, String)>,
+    ApiQuery(p): ApiQuery<ConnectivityParams>,
+) -> ApiResult<Json<ConnectivityHistory>> {
+    let limit = p.limit.unwrap_or(DEFAULT_LIMIT);
+    if !(1..=MAX_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit={limit}: give a page size from 1 to {MAX_LIMIT}"
+        )));
+    }
+    Ok(Json(
+        c.registry
+            .connectivity_history(&c.actor, &tenant, &device, limit, p.before)
+            .await?,
+    ))
 }
 
 #[cfg(test)]

@@ -102,6 +102,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(get_tenant, update_tenant, delete_tenant))
         .routes(routes!(list_devices, create_device))
         .routes(routes!(get_device, update_device, delete_device))
+        .routes(routes!(get_connectivity))
         .routes(
             routes!(import::import_devices).layer(DefaultBodyLimit::max(import::IMPORT_BODY_LIMIT)),
         )

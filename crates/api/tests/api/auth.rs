@@ -19,6 +19,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/tenants/{tenant}/devices/{device}"),
     ("PATCH", "/tenants/{tenant}/devices/{device}"),
     ("DELETE", "/tenants/{tenant}/devices/{device}"),
+    ("GET", "/tenants/{tenant}/devices/{device}/connectivity"),
     ("POST", "/tenants/{tenant}/devices/import"),
     ("GET", "/tenants/{tenant}/devices/{device}/credentials"),
     ("POST", "/tenants/{tenant}/devices/{device}/credentials"),

@@ -5,6 +5,7 @@ mod common;
 
 mod audit;
 mod auth;
+mod connectivity;
 mod credentials;
 mod devices;
 mod import;

@@ -234,6 +234,7 @@ async fn run_in(p: &RegistryBenchParams, db: &std::path::Path) -> anyhow::Result
                             last_seen: Some(now - ((h >> 8) % (30 * 86_400_000)) as i64),
                             remote_addr: Some("10.1.2.3:50000".into()),
                             protocol: Some("mqtts".into()),
+                            ..Default::default()
                         },
                     })
                 })
