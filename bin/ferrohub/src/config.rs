@@ -55,6 +55,10 @@ pub struct HubConfig {
     pub admin_token: String,
     /// Device registry, credentials and access control.
     pub registry: ferrohub_registry::RegistryConfig,
+    /// Device twins.
+    pub twins: ferrohub_twins::TwinsConfig,
+    /// Commands to devices.
+    pub commands: ferrohub_twins::commands::CommandsConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -71,6 +75,8 @@ impl Default for HubConfig {
             users: Vec::new(),
             admin_token: String::new(),
             registry: ferrohub_registry::RegistryConfig::default(),
+            twins: ferrohub_twins::TwinsConfig::default(),
+            commands: ferrohub_twins::commands::CommandsConfig::default(),
             log: LogConfig::default(),
         }
     }

@@ -8,11 +8,16 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use ferrohub_adapters::mqtt::{
     AuthConfig, Authenticator, Broker, Credentials, Grant, Kick, Refusal, ServiceMessage,
-    StaticUsers, Transport, run_listener, spawn_sys_publisher, tls_acceptor_with_verifier,
+    SessionEvent, StaticUsers, Transport, run_listener, spawn_sys_publisher,
+    tls_acceptor_with_verifier,
 };
 use ferrohub_adapters::shutdown::{Shutdown, ShutdownTrigger};
 use ferrohub_registry::{Purge, Registry, SqliteOptions, SqliteStore};
 use ferrohub_store::{BrokerStore, FsyncPolicy, RecoveredState, StoreConfig};
+use ferrohub_twins::Twins;
+use ferrohub_twins::commands::Commands;
+use ferrohub_twins::device_api::{DeviceApi, DeviceMessage};
+use ferrohub_twins::link::{Delivery, DeviceLink};
 use ferrohub_types::TenantId;
 use ferrohub_types::auth::BoxFuture;
 use tokio::net::TcpListener;
@@ -34,6 +39,10 @@ pub struct Hub {
     pub broker: Arc<Broker>,
     /// The device registry.
     pub registry: Arc<Registry>,
+    /// The twin service.
+    pub twins: Arc<Twins>,
+    /// The command service.
+    pub commands: Arc<Commands>,
     /// The admin token generated at first start (shown once), if one was.
     pub bootstrap_token: Option<String>,
     trigger: ShutdownTrigger,
@@ -103,6 +112,162 @@ async fn purge_from_broker(broker: &Arc<Broker>, purge: Purge) {
             }
         }
     }
+}
+
+/// The twin and command services' way to devices: the broker, with the registry's exact
+/// online state (anonymous clients count as online when a session named after the device is
+/// connected).
+struct BrokerLink {
+    broker: std::sync::Weak<Broker>,
+    registry: Arc<Registry>,
+}
+
+impl DeviceLink for BrokerLink {
+    fn publish<'a>(
+        &'a self,
+        tenant: &'a str,
+        topic: String,
+        payload: bytes::Bytes,
+        properties: Option<ferrohub_types::MessageProperties>,
+    ) -> ferrohub_twins::link::BoxFuture<'a, Delivery> {
+        Box::pin(async move {
+            let Some(broker) = self.broker.upgrade() else {
+                return Delivery::default();
+            };
+            let p = broker
+                .publish_from_service_with(
+                    &TenantId::new(tenant),
+                    &topic,
+                    payload,
+                    ferrohub_types::QoS::AtLeastOnce,
+                    properties,
+                )
+                .await;
+            Delivery {
+                matched: p.matched,
+                refused: p.refused,
+            }
+        })
+    }
+
+    fn is_online(&self, tenant: &str, device: &str) -> bool {
+        self.registry.is_online(tenant, device)
+            || self
+                .broker
+                .upgrade()
+                .is_some_and(|b| b.is_connected(&TenantId::new(tenant), device))
+    }
+
+    fn has_subscribers(&self, tenant: &str, topic: &str) -> bool {
+        self.broker
+            .upgrade()
+            .is_some_and(|b| b.has_subscribers(&TenantId::new(tenant), topic))
+    }
+}
+
+/// The twin and command services' device side: what devices publish on `$devices/+/twin/#` and
+/// `$devices/+/commands/res/#` (handled in arrival order, so that one device's updates apply in
+/// order), and connects, subscriptions and deliveries (deltas and queued commands go out).
+fn spawn_device_services(
+    broker: &Arc<Broker>,
+    api: Arc<DeviceApi>,
+    mut shutdown: ferrohub_adapters::shutdown::Shutdown,
+) -> JoinHandle<()> {
+    let (tx, mut messages) = tokio::sync::mpsc::channel::<ServiceMessage>(65_536);
+    broker.subscribe_service("$devices/+/twin/#", tx.clone());
+    broker.subscribe_service("$devices/+/commands/res/#", tx);
+    let (tx, mut events) = tokio::sync::mpsc::channel::<SessionEvent>(65_536);
+    broker.observe_sessions(tx);
+    let slots = Arc::new(tokio::sync::Semaphore::new(256));
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                m = messages.recv() => {
+                    let Some(m) = m else { break };
+                    api.handle(DeviceMessage {
+                        tenant: Arc::from(m.tenant.as_str()),
+                        origin_device: m.origin.device_id.clone(),
+                        topic: m.message.topic.as_arc().clone(),
+                        payload: m.message.payload.clone(),
+                        properties: m.message.properties.clone(),
+                    })
+                    .await;
+                }
+                e = events.recv() => {
+                    let Some(e) = e else { break };
+                    let Ok(slot) = slots.clone().acquire_owned().await else { break };
+                    let api = api.clone();
+                    tokio::spawn(async move {
+                        // Anonymous clients act as the device named by their client id.
+                        let device = |o: &ferrohub_adapters::mqtt::Origin| {
+                            o.device_id.clone().or_else(|| o.client_id.clone())
+                        };
+                        match e {
+                            SessionEvent::Connected { tenant, origin, session_present, .. } => {
+                                if let Some(d) = device(&origin) {
+                                    api.on_connected(tenant.as_str(), &d, session_present).await;
+                                }
+                            }
+                            SessionEvent::Subscribed { tenant, origin, filters } => {
+                                if let Some(d) = device(&origin) {
+                                    api.on_subscribed(tenant.as_str(), &d, &filters).await;
+                                }
+                            }
+                            SessionEvent::Delivered { tenant, origin, topic } => {
+                                if let Some(d) = device(&origin) {
+                                    api.on_delivered(tenant.as_str(), &d, &topic).await;
+                                }
+                            }
+                            SessionEvent::Disconnected { .. } => {}
+                        }
+                        drop(slot);
+                    });
+                }
+            }
+        }
+    })
+}
+
+/// Housekeeping of twins and commands: expire queued commands past their TTL (every 5 s), delete
+/// finished commands and old twin history (hourly).
+fn spawn_twin_sweeper(
+    twins: Arc<Twins>,
+    commands: Arc<Commands>,
+    history_retention_days: u64,
+    mut shutdown: ferrohub_adapters::shutdown::Shutdown,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut n: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = commands.sweep().await {
+                tracing::warn!(error = %e, "expiring queued commands failed");
+            }
+            n += 1;
+            if history_retention_days > 0 && n % 720 == 1 {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_millis() as u64)
+                    .unwrap_or(0);
+                let cutoff = now.saturating_sub(history_retention_days * 86_400_000);
+                loop {
+                    match twins.prune_history(cutoff, 10_000).await {
+                        Ok(10_000) => continue,
+                        Ok(_) => break,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "pruning twin history failed");
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    })
 }
 
 /// The claim-provisioning service: requests arrive on `$provisioning/+/request/+` in any
@@ -229,6 +394,25 @@ impl Hub {
             }),
             methods: Vec::new(),
         };
+        let twin_store =
+            ferrohub_twins::store::SqliteTwinStore::open(&ferrohub_twins::store::StoreConfig {
+                path: config
+                    .storage
+                    .persistence
+                    .then(|| config.data_dir.join("twins.db")),
+                cache_entries: config.twins.cache_entries,
+                fsync: config.storage.fsync == FsyncMode::Always,
+                ..Default::default()
+            })
+            .with_context(|| {
+                format!(
+                    "opening the twin database {}",
+                    config.data_dir.join("twins.db").display()
+                )
+            })?;
+        let twin_store = Arc::new(twin_store);
+        let twins = Twins::new(twin_store.clone(), config.twins.clone());
+        let commands = Commands::new(twin_store, config.commands.clone());
         let (trigger, shutdown) = Shutdown::new();
         let broker = Broker::new(
             config.mqtt.clone(),
@@ -245,20 +429,48 @@ impl Hub {
                 }
             }));
             let b = Arc::downgrade(&broker);
+            let t = twins.clone();
             registry.set_purger(Arc::new(move |purge: Purge| {
                 let b = b.upgrade();
+                let t = t.clone();
                 Box::pin(async move {
+                    let (tenant, device) = match &purge {
+                        Purge::Device {
+                            tenant, device_id, ..
+                        } => (tenant.as_str().to_string(), Some(device_id.clone())),
+                        Purge::Tenant(tenant) => (tenant.as_str().to_string(), None),
+                    };
+                    if let Err(e) = t.purge(&tenant, device.as_deref()).await {
+                        tracing::error!(error = %e, tenant, device, "deleting twins and commands failed");
+                    }
                     if let Some(b) = b {
                         purge_from_broker(&b, purge).await;
                     }
                 })
             }));
         }
+        let link: Arc<dyn DeviceLink> = Arc::new(BrokerLink {
+            broker: Arc::downgrade(&broker),
+            registry: registry.clone(),
+        });
+        twins.set_link(link.clone());
+        commands.set_link(link.clone());
         let mut tasks = Vec::new();
         {
             let mut sd = shutdown.clone();
             tasks.push(registry.spawn_background(async move { sd.wait().await }));
         }
+        tasks.push(spawn_device_services(
+            &broker,
+            DeviceApi::new(twins.clone(), commands.clone(), link),
+            shutdown.clone(),
+        ));
+        tasks.push(spawn_twin_sweeper(
+            twins.clone(),
+            commands.clone(),
+            config.twins.history_retention_days,
+            shutdown.clone(),
+        ));
         tasks.push(spawn_provisioning(
             broker.clone(),
             registry.clone(),
@@ -340,6 +552,8 @@ impl Hub {
             let b = broker.clone();
             let state = ferrohub_api::ApiState {
                 registry: Some(registry.clone()),
+                twins: Some(twins.clone()),
+                commands: Some(commands.clone()),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
@@ -372,6 +586,8 @@ impl Hub {
             http_addr: hub_addrs[3],
             broker,
             registry,
+            twins,
+            commands,
             bootstrap_token,
             trigger,
             tasks,
@@ -389,6 +605,9 @@ impl Hub {
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        // The disconnects of the shutdown itself (reason server_shutdown) happened after the
+        // registry's background flush stopped.
+        self.registry.flush_connectivity().await;
         tracing::info!("stopped");
     }
 }

@@ -423,3 +423,150 @@ async fn sigterm_disconnects_v5_clients_and_persists_state() {
         "the queued message survived the graceful restart"
     );
 }
+
+/// Every twin update the hub answered (`update/accepted` to the device, 200 to the operator) and
+/// every queued command it answered 202 survives `kill -9` in the middle of a stream of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_twin_updates_and_queued_commands_survive_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), "always");
+    let (status, body) = http(
+        hub.http,
+        "POST",
+        "/api/v1/tenants/default/devices",
+        r#"{"id":"tw-1"}"#,
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    // The device (anonymous: development mode) reports numbered updates as fast as they are
+    // accepted, and records every accepted one.
+    let (client, mut ev) = AsyncClient::new(options("tw-1", hub.mqtt, true), 100);
+    client
+        .subscribe("$devices/tw-1/twin/update/accepted", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let accepted = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u64>::new()));
+    let acc = accepted.clone();
+    let device = tokio::spawn(async move {
+        let mut next = 0u64;
+        let mut subscribed = false;
+        loop {
+            match ev.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => subscribed = true,
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let v: serde_json::Value = serde_json::from_slice(&p.payload).unwrap();
+                    acc.lock()
+                        .unwrap()
+                        .push(v["clientToken"].as_str().unwrap().parse().unwrap());
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+            // Keep a few updates in flight.
+            while subscribed && next < acc.lock().unwrap().len() as u64 + 8 {
+                let body = format!(r#"{{"reported":{{"seq":{next}}},"clientToken":"{next}"}}"#);
+                if client
+                    .try_publish("$devices/tw-1/twin/update", QoS::AtLeastOnce, false, body)
+                    .is_err()
+                {
+                    break;
+                }
+                next += 1;
+            }
+        }
+    });
+    // The operator patches desired and queues commands meanwhile.
+    let mut desired_ok = 0u64;
+    let mut commands_ok = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while tokio::time::Instant::now() < deadline {
+        let (status, _) = http(
+            hub.http,
+            "PATCH",
+            "/api/v1/tenants/default/devices/tw-1/twins/default/desired",
+            &format!(r#"{{"rate":{}}}"#, desired_ok + 1),
+        )
+        .await;
+        if status == 200 {
+            desired_ok += 1;
+        }
+        let (status, body) = http(
+            hub.http,
+            "POST",
+            "/api/v1/tenants/default/devices/tw-1/commands/reboot?mode=queued&ttl=600",
+            r#"{"n":1}"#,
+        )
+        .await;
+        if status == 202 {
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+            commands_ok.push(v["id"].as_str().unwrap().to_string());
+        }
+    }
+    hub.kill9();
+    let _ = timeout(Duration::from_secs(5), device).await;
+    let accepted = accepted.lock().unwrap().clone();
+    assert!(
+        accepted.len() >= 20,
+        "only {} updates accepted",
+        accepted.len()
+    );
+    assert!(desired_ok >= 3 && !commands_ok.is_empty());
+    let last_reported = *accepted.iter().max().unwrap();
+
+    let hub = HubProcess::start(dir.path(), "always");
+    let (status, body) = http(
+        hub.http,
+        "GET",
+        "/api/v1/tenants/default/devices/tw-1/twins/default",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let twin: serde_json::Value = serde_json::from_str(&body).unwrap();
+    // Updates apply in order, so the last accepted one (or a later one) is what reported holds.
+    assert!(
+        twin["reported"]["seq"].as_u64().unwrap() >= last_reported,
+        "reported lost acknowledged updates: {} < {last_reported}",
+        twin["reported"]["seq"]
+    );
+    assert!(
+        twin["desired"]["rate"].as_u64().unwrap() >= desired_ok,
+        "desired lost acknowledged patches"
+    );
+    assert!(twin["version"].as_u64().unwrap() >= accepted.len() as u64 + desired_ok);
+    for id in &commands_ok {
+        let (status, body) = http(
+            hub.http,
+            "GET",
+            &format!("/api/v1/tenants/default/devices/tw-1/queued-commands/{id}"),
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "acknowledged command {id} lost: {body}");
+        assert!(
+            body.contains("\"state\":\"queued\"") || body.contains("\"state\":\"sent\""),
+            "{body}"
+        );
+    }
+    // The history holds every accepted change, in order.
+    let (status, body) = http(
+        hub.http,
+        "GET",
+        "/api/v1/tenants/default/devices/tw-1/twins/default/history?limit=1000",
+        "",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let history: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+    let tokens: BTreeSet<u64> = history
+        .iter()
+        .filter_map(|e| e["clientToken"].as_str().and_then(|t| t.parse().ok()))
+        .collect();
+    for a in &accepted {
+        assert!(
+            tokens.contains(a),
+            "accepted update {a} missing from the history"
+        );
+    }
+    hub.kill9();
+}

@@ -37,6 +37,10 @@ pub struct ApiState {
     pub metrics: MetricsRenderer,
     /// The device registry behind `/api/v1`; `None` answers those routes with 503.
     pub registry: Option<Arc<Registry>>,
+    /// The twin service; `None` answers its routes with 503.
+    pub twins: Option<Arc<ferrohub_twins::Twins>>,
+    /// The command service; `None` answers its routes with 503.
+    pub commands: Option<Arc<ferrohub_twins::commands::Commands>>,
 }
 
 /// The HTTP routes: health, readiness and metrics, and the operator API under `/api/v1`.

@@ -1293,6 +1293,8 @@ impl Registry {
         {
             d.connectivity.apply(c);
         }
+        // Whether it is connected is exact in memory; what was flushed may lag behind it.
+        d.connectivity.online = self.is_online(&d.tenant, &d.id);
     }
 
     /// A device's connectivity now and a page of its connectivity history, newest first:
@@ -2425,6 +2427,16 @@ impl Registry {
     pub fn online_count(&self, tenant: &str) -> u32 {
         self.tenant_runtime(tenant)
             .map_or(0, |t| t.limits.connections.load(Ordering::Relaxed))
+    }
+
+    /// Whether `device` of `tenant` has a live connection now (exact: follows the connections'
+    /// access objects, not the connectivity flushed to the database).
+    pub fn is_online(&self, tenant: &str, device: &str) -> bool {
+        let key = (tenant.to_string(), device.to_string());
+        self.live
+            .lock()
+            .get(&key)
+            .is_some_and(|v| v.iter().any(|w| w.strong_count() > 0))
     }
 
     // ---- authentication ---------------------------------------------------------------------

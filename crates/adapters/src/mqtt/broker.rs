@@ -1013,6 +1013,32 @@ impl Broker {
         false
     }
 
+    /// Whether `client_id` of `tenant` has a connection attached now.
+    pub fn is_connected(&self, tenant: &TenantId, client_id: &str) -> bool {
+        let key = (tenant.clone(), Arc::<str>::from(client_id));
+        let session = self.sessions.lock().get(&key).cloned();
+        session.is_some_and(|s| s.control.lock().attachment.is_some())
+    }
+
+    /// Whether any client subscribes to `topic` in `tenant` (so that a service can skip building
+    /// a message nobody would receive).
+    pub fn has_subscribers(&self, tenant: &TenantId, topic: &str) -> bool {
+        let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
+            return false;
+        };
+        let probe = Message {
+            topic,
+            payload: Bytes::new(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            received_at: 0,
+            properties: None,
+        };
+        let mut scratch = Vec::new();
+        self.router.tenant(tenant).route(0, &probe, &mut scratch);
+        !scratch.is_empty()
+    }
+
     /// The client ids of every session (online or not) in `tenant`.
     pub fn client_ids_in(&self, tenant: &TenantId) -> Vec<String> {
         self.sessions

@@ -3,12 +3,14 @@
 //! and path from the handler's `#[utoipa::path]`, so the router and the document cannot diverge).
 
 pub mod catalog;
+pub mod commands;
 pub mod credentials;
 pub mod devices;
 pub mod import;
 pub mod pki;
 pub mod tenants;
 pub mod tokens;
+pub mod twins;
 
 use std::sync::OnceLock;
 
@@ -54,7 +56,7 @@ impl utoipa::Modify for BearerAuth {
     info(
         title = "Ferrohub operator API",
         description = "Manage tenants, devices, credentials, groups, policies, certificate \
-                       authorities, API tokens and the audit log. Every error is \
+                       authorities, API tokens, the audit log, device twins and commands. Every error is \
                        `{\"code\": \"...\", \"message\": \"...\"}`; see docs/http-api.md."
     ),
     modifiers(&BearerAuth),
@@ -70,6 +72,8 @@ impl utoipa::Modify for BearerAuth {
         (name = "pki", description = "Certificate authorities, provisioning templates, revocation, token keys"),
         (name = "tokens", description = "Operator API tokens"),
         (name = "audit", description = "The audit log"),
+        (name = "twins", description = "Device twins: desired and reported state, delta, history, fleet queries"),
+        (name = "commands", description = "Commands to devices: direct (synchronous) and queued (durable)"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -130,6 +134,17 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
         .routes(routes!(query_audit))
+        .routes(routes!(twins::list_twins))
+        .routes(routes!(twins::get_twin))
+        .routes(routes!(twins::patch_desired))
+        .routes(routes!(twins::patch_tags))
+        .routes(routes!(twins::twin_history))
+        .routes(routes!(twins::query_twins))
+        .routes(routes!(twins::count_twins))
+        .routes(routes!(twins::watch_twins))
+        .routes(routes!(commands::invoke_command))
+        .routes(routes!(commands::list_queued))
+        .routes(routes!(commands::get_queued, commands::cancel_queued))
 }
 
 /// The API's routes under [`PREFIX`], and its OpenAPI document.

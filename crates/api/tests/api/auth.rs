@@ -58,6 +58,33 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tokens"),
     ("DELETE", "/tokens/{id}"),
     ("GET", "/audit"),
+    ("GET", "/tenants/{tenant}/devices/{device}/twins"),
+    ("GET", "/tenants/{tenant}/devices/{device}/twins/{name}"),
+    (
+        "PATCH",
+        "/tenants/{tenant}/devices/{device}/twins/{name}/desired",
+    ),
+    (
+        "PATCH",
+        "/tenants/{tenant}/devices/{device}/twins/{name}/tags",
+    ),
+    (
+        "GET",
+        "/tenants/{tenant}/devices/{device}/twins/{name}/history",
+    ),
+    ("GET", "/tenants/{tenant}/twins"),
+    ("GET", "/tenants/{tenant}/twins/counts"),
+    ("GET", "/tenants/{tenant}/twins/watch"),
+    ("POST", "/tenants/{tenant}/devices/{device}/commands/{name}"),
+    ("GET", "/tenants/{tenant}/devices/{device}/queued-commands"),
+    (
+        "GET",
+        "/tenants/{tenant}/devices/{device}/queued-commands/{id}",
+    ),
+    (
+        "DELETE",
+        "/tenants/{tenant}/devices/{device}/queued-commands/{id}",
+    ),
 ];
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
@@ -362,6 +389,8 @@ async fn without_a_registry_the_api_answers_503() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = ferrohub_api::ApiState {
+            twins: None,
+            commands: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,

@@ -104,6 +104,7 @@ fn request(
             Some(json!({"fingerprint": "ab".repeat(32), "reason": "test"}))
         }
         ("PATCH", _) => Some(json!({"name": "pwned"})),
+        ("POST", "{name}") if template.contains("/commands/") => Some(json!({"cmd": "pwn"})),
         ("PUT", _) if template.contains("/policies/") => Some(policy()),
         ("PUT", _) if template.contains("/cas/") => Some(json!({"certificate_pem": ca_pem})),
         ("PUT", _) if template.contains("/token-keys/") => Some(json!({"pem": "not checked"})),

@@ -17,7 +17,9 @@
 //! * `provision`: registers a fleet (devices, passwords, certificates, a telemetry monitor) in a
 //!   hub data directory's registry database and writes the fleet file (see [`fleet`]);
 //! * `registry`: loads a million devices into a temporary registry and times device listings
-//!   (see [`regbench`]).
+//!   (see [`regbench`]);
+//! * `twins` / `commands`: reported twin updates (accepted/s, accept latency) and direct-command
+//!   round trips through a running hub (see `twinbench.rs`).
 //!
 //! With `--fleet`, `fan-in` publishers are the fleet's devices (their credentials, client ids
 //! and topics `devices/{id}/telemetry`) and the subscriber is the fleet's monitor on
@@ -56,6 +58,7 @@ pub mod regbench;
 mod stats;
 mod sys;
 mod traffic;
+mod twinbench;
 mod wire;
 
 use std::path::PathBuf;
@@ -93,6 +96,10 @@ pub enum Scenario {
     Provision,
     /// Registry queries at fleet scale (--devices, default 1,000,000).
     Registry,
+    /// Twin reported updates through a hub (--devices, --connections): accepted/s, accept latency.
+    Twins,
+    /// Direct commands over HTTP to devices connected over MQTT (--devices, --http-concurrency).
+    Commands,
 }
 
 impl Scenario {
@@ -106,6 +113,8 @@ impl Scenario {
             Scenario::Connect => "connect",
             Scenario::Provision => "provision",
             Scenario::Registry => "registry",
+            Scenario::Twins => "twins",
+            Scenario::Commands => "commands",
         }
     }
 }
@@ -307,6 +316,15 @@ pub struct BenchArgs {
     /// registry: keep the temporary database.
     #[arg(long)]
     pub keep: bool,
+    /// commands: the hub's HTTP port.
+    #[arg(long, default_value_t = 8080)]
+    pub http_port: u16,
+    /// commands: an admin API token.
+    #[arg(long, env = "FERROHUB_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// commands: operators sending direct commands at once.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub http_concurrency: u32,
 }
 
 /// Runs `ferrohub bench` on its own two-worker tokio runtime; JSON lines go to stdout.
@@ -351,9 +369,11 @@ fn validate(a: &BenchArgs) -> anyhow::Result<()> {
         Scenario::FanOut => (a.subscribers == 0).then_some("--subscribers"),
         Scenario::Pairs => (a.pairs == 0).then_some("--pairs"),
         Scenario::Idle | Scenario::IdleWorker => (a.connections == 0).then_some("--connections"),
-        Scenario::Connect | Scenario::Provision | Scenario::Registry => {
-            (a.devices == Some(0)).then_some("--devices")
-        }
+        Scenario::Connect
+        | Scenario::Provision
+        | Scenario::Registry
+        | Scenario::Twins
+        | Scenario::Commands => (a.devices == Some(0)).then_some("--devices"),
     };
     if let Some(flag) = zero {
         bail!("{flag} must be at least 1");
@@ -430,6 +450,8 @@ async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
             run_traffic(&a, opts, prefix, usable).await
         }
         Scenario::Connect => run_connect(&a, addr).await,
+        Scenario::Twins => twinbench::run_twins(&a, opts, prefix).await,
+        Scenario::Commands => twinbench::run_commands(&a, opts, prefix).await,
         Scenario::Provision | Scenario::Registry => Ok(()),
     }
 }
