@@ -79,7 +79,9 @@ pub struct CommandResponse {
 }
 
 /// The states of a queued command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum CommandState {
     /// Stored, not sent yet.
@@ -219,7 +221,11 @@ pub fn command_name(name: &str) -> Result<&str, TwinError> {
 }
 
 fn new_request_id() -> String {
-    format!("{:016x}{:08x}", rand::random::<u64>(), rand::random::<u32>())
+    format!(
+        "{:016x}{:08x}",
+        rand::random::<u64>(),
+        rand::random::<u32>()
+    )
 }
 
 /// Shows a payload: JSON when it parses, else text (lossy).
@@ -250,10 +256,9 @@ impl Commands {
     }
 
     fn link(&self) -> Result<Arc<dyn DeviceLink>, TwinError> {
-        self.link
-            .read()
-            .clone()
-            .ok_or(TwinError::Busy("the command service is not connected to the broker yet"))
+        self.link.read().clone().ok_or(TwinError::Busy(
+            "the command service is not connected to the broker yet",
+        ))
     }
 
     /// The service's settings.
@@ -297,7 +302,9 @@ impl Commands {
         {
             let mut waiters = self.waiters.lock();
             if waiters.len() >= self.config.max_direct_in_flight {
-                return Err(TwinError::Busy("too many direct commands waiting for answers"));
+                return Err(TwinError::Busy(
+                    "too many direct commands waiting for answers",
+                ));
             }
             waiters.insert(
                 rid.clone(),
@@ -380,7 +387,11 @@ impl Commands {
         };
         let seq = self.next_seq.fetch_add(1, Relaxed);
         let (tx, rx) = oneshot::channel();
-        let (t, limit, c) = (tenant.to_string(), self.config.max_queued_per_device, cmd.clone());
+        let (t, limit, c) = (
+            tenant.to_string(),
+            self.config.max_queued_per_device,
+            cmd.clone(),
+        );
         self.store
             .submit(Box::new(move |ctx| {
                 let result = (|| -> Result<QueuedCommand, TwinError> {
@@ -473,7 +484,10 @@ impl Commands {
                     let mut out = Vec::new();
                     for (id, name, payload, attempts, expires_at) in rows {
                         let (state, error) = if expires_at as u64 <= now {
-                            ("expired", Some("its time to live passed before it finished"))
+                            (
+                                "expired",
+                                Some("its time to live passed before it finished"),
+                            )
                         } else if attempts >= max_attempts {
                             ("failed", Some("no answer after the last attempt"))
                         } else {
@@ -640,7 +654,12 @@ impl Commands {
     }
 
     /// Cancels an open queued command.
-    pub async fn cancel(&self, tenant: &str, device: &str, id: &str) -> Result<QueuedCommand, TwinError> {
+    pub async fn cancel(
+        &self,
+        tenant: &str,
+        device: &str,
+        id: &str,
+    ) -> Result<QueuedCommand, TwinError> {
         let now = now_millis();
         let (tx, rx) = oneshot::channel();
         let (t, d, i) = (tenant.to_string(), device.to_string(), id.to_string());
@@ -672,14 +691,21 @@ impl Commands {
     }
 
     /// One queued command.
-    pub async fn get(&self, tenant: &str, device: &str, id: &str) -> Result<QueuedCommand, TwinError> {
+    pub async fn get(
+        &self,
+        tenant: &str,
+        device: &str,
+        id: &str,
+    ) -> Result<QueuedCommand, TwinError> {
         let (t, d, i) = (tenant.to_string(), device.to_string(), id.to_string());
         let found = self
             .store
             .read(move |c| {
-                Ok(c.prepare_cached(&format!("{SELECT_COMMAND} WHERE tenant = ?1 AND device = ?2 AND id = ?3"))?
-                    .query_row(params![t, d, i], command_row)
-                    .optional()?)
+                Ok(c.prepare_cached(&format!(
+                    "{SELECT_COMMAND} WHERE tenant = ?1 AND device = ?2 AND id = ?3"
+                ))?
+                .query_row(params![t, d, i], command_row)
+                .optional()?)
             })
             .await?;
         found.ok_or_else(|| TwinError::NotFound(format!("device {device} has no command {id}")))
@@ -702,7 +728,10 @@ impl Commands {
                     "{SELECT_COMMAND} WHERE tenant = ?1 AND device = ?2 \
                      AND (?3 IS NULL OR state = ?3) ORDER BY seq DESC LIMIT ?4"
                 ))?;
-                let rows = st.query_map(params![t, d, state.map(CommandState::as_str), limit], command_row)?;
+                let rows = st.query_map(
+                    params![t, d, state.map(CommandState::as_str), limit],
+                    command_row,
+                )?;
                 Ok(rows.collect::<Result<Vec<_>, _>>()?)
             })
             .await?)

@@ -87,10 +87,8 @@ impl DeviceApi {
                 status,
             } => {
                 let props = msg.properties.as_deref();
-                let status = response_status(
-                    status,
-                    props.map(|p| &p.user_properties[..]).unwrap_or(&[]),
-                );
+                let status =
+                    response_status(status, props.map(|p| &p.user_properties[..]).unwrap_or(&[]));
                 let response = CommandResponse {
                     status,
                     payload: msg.payload.clone(),
@@ -114,7 +112,13 @@ impl DeviceApi {
         }
     }
 
-    async fn twin_request(self: &Arc<Self>, msg: &DeviceMessage, device: &str, name: &str, op: TwinOp) {
+    async fn twin_request(
+        self: &Arc<Self>,
+        msg: &DeviceMessage,
+        device: &str,
+        name: &str,
+        op: TwinOp,
+    ) {
         let prefix = topics::twin_prefix(device, name);
         let body: Value = if msg.payload.is_empty() {
             Value::Object(Map::new())
@@ -135,7 +139,8 @@ impl DeviceApi {
         let name = match crate::service::twin_name(name) {
             Ok(n) => n,
             Err(e) => {
-                self.reject(&msg.tenant, &prefix, op, &e, client_token).await;
+                self.reject(&msg.tenant, &prefix, op, &e, client_token)
+                    .await;
                 return;
             }
         };
@@ -179,7 +184,8 @@ impl DeviceApi {
                         w
                     }
                     Err(e) => {
-                        self.reject(&msg.tenant, &prefix, op, &e, client_token).await;
+                        self.reject(&msg.tenant, &prefix, op, &e, client_token)
+                            .await;
                         return;
                     }
                 };
@@ -187,7 +193,8 @@ impl DeviceApi {
                 let pending = match self.twins.enqueue(key.clone(), write).await {
                     Ok(p) => p,
                     Err(e) => {
-                        self.reject(&msg.tenant, &prefix, op, &e, client_token).await;
+                        self.reject(&msg.tenant, &prefix, op, &e, client_token)
+                            .await;
                         return;
                     }
                 };
@@ -204,7 +211,9 @@ impl DeviceApi {
                                 "reported": applied.patch,
                                 "timestamp": applied.at,
                             });
-                            if let (Some(t), Some(o)) = (&applied.client_token, accepted.as_object_mut()) {
+                            if let (Some(t), Some(o)) =
+                                (&applied.client_token, accepted.as_object_mut())
+                            {
                                 o.insert("clientToken".into(), Value::from(t.clone()));
                             }
                             me.link
@@ -313,7 +322,12 @@ impl DeviceApi {
             match self.twins.delta_message(key).await {
                 Ok(Some(body)) => {
                     self.link
-                        .publish(tenant, topics::delta(device, &name), Bytes::from(body), None)
+                        .publish(
+                            tenant,
+                            topics::delta(device, &name),
+                            Bytes::from(body),
+                            None,
+                        )
                         .await;
                 }
                 Ok(None) => {}
@@ -349,12 +363,13 @@ fn update_request(
         .get("reported")
         .or_else(|| obj.get("state").and_then(|s| s.get("reported")))
         .cloned();
-    let version = match obj.get("version") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(v.as_u64().ok_or_else(|| {
-            TwinError::Invalid("version must be a non-negative integer".into())
-        })?),
-    };
+    let version =
+        match obj.get("version") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(v.as_u64().ok_or_else(|| {
+                TwinError::Invalid("version must be a non-negative integer".into())
+            })?),
+        };
     let mut rejections = Vec::new();
     if let Some(r) = obj.get("rejected") {
         let Some(r) = r.as_object() else {
@@ -363,7 +378,9 @@ fn update_request(
             ));
         };
         if r.len() > 100 {
-            return Err(TwinError::Invalid("at most 100 rejections per update".into()));
+            return Err(TwinError::Invalid(
+                "at most 100 rejections per update".into(),
+            ));
         }
         for (path, reason) in r {
             let reason = reason.as_str().unwrap_or("rejected by the device");
@@ -393,7 +410,13 @@ mod tests {
     #[test]
     fn update_requests() {
         let w = update_request(&json!({"reported": {"a": 1}, "version": 3}), "d", None);
-        assert!(matches!(w, Ok(TwinWrite { expected_version: Some(3), .. })));
+        assert!(matches!(
+            w,
+            Ok(TwinWrite {
+                expected_version: Some(3),
+                ..
+            })
+        ));
         let w = update_request(&json!({"state": {"reported": {"a": 1}}}), "d", None);
         assert!(w.is_ok_and(|w| w.patch == Some(json!({"a": 1}))));
         assert!(update_request(&json!({"desired": {"a": 1}}), "d", None).is_err());
@@ -401,6 +424,8 @@ mod tests {
         assert!(update_request(&json!([1]), "d", None).is_err());
         assert!(update_request(&json!({"reported": {}, "version": -1}), "d", None).is_err());
         let w = update_request(&json!({"rejected": {"rate": "too fast"}}), "d", None);
-        assert!(w.is_ok_and(|w| w.rejections == vec![("rate".to_string(), "too fast".to_string())]));
+        assert!(
+            w.is_ok_and(|w| w.rejections == vec![("rate".to_string(), "too fast".to_string())])
+        );
     }
 }

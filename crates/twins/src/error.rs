@@ -40,7 +40,9 @@ pub enum TwinError {
         limit: usize,
     },
     /// The device is not connected (direct commands need it online).
-    #[error("device {0} is offline: direct commands need a connected device; queue the command instead (mode=queued)")]
+    #[error(
+        "device {0} is offline: direct commands need a connected device; queue the command instead (mode=queued)"
+    )]
     Offline(String),
     /// The device is connected but does not listen for commands.
     #[error(

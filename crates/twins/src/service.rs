@@ -11,7 +11,9 @@ use crate::TwinError;
 use crate::document::{Limits, Section, TwinDocument};
 use crate::link::DeviceLink;
 use crate::query::{Filter, GroupKey};
-use crate::store::{HistoryEntry, JobDone, SqliteTwinStore, StoreError, TwinKey, reply_after_commit};
+use crate::store::{
+    HistoryEntry, JobDone, SqliteTwinStore, StoreError, TwinKey, reply_after_commit,
+};
 
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_millis() -> u64 {
@@ -321,14 +323,13 @@ impl Twins {
         Ok(self
             .read(key, |doc| {
                 let delta = doc.delta();
-                (!delta.is_empty())
-                    .then(|| {
-                        delta_message(
-                            doc.section_version(Section::Desired),
-                            &delta,
-                            doc.updated_at(),
-                        )
-                    })
+                (!delta.is_empty()).then(|| {
+                    delta_message(
+                        doc.section_version(Section::Desired),
+                        &delta,
+                        doc.updated_at(),
+                    )
+                })
             })
             .await?
             .flatten())
@@ -662,7 +663,11 @@ fn encode_cursor(device: &str, name: &str) -> String {
 }
 
 fn decode_cursor(c: &str) -> Result<(String, String), TwinError> {
-    let bad = || TwinError::Invalid("the cursor is not valid: pass the `next` value of the previous page".into());
+    let bad = || {
+        TwinError::Invalid(
+            "the cursor is not valid: pass the `next` value of the previous page".into(),
+        )
+    };
     if !c.len().is_multiple_of(2) || c.len() > 1024 {
         return Err(bad());
     }

@@ -193,9 +193,9 @@ impl WriteContext<'_> {
 
     /// Forgets cached documents of `tenant` (and `device`, if given) after deleting them.
     pub fn forget(&mut self, tenant: &str, device: Option<&str>) {
-        self.cache.map.retain(|k, _| {
-            !(&*k.tenant == tenant && device.is_none_or(|d| &*k.device == d))
-        });
+        self.cache
+            .map
+            .retain(|k, _| !(&*k.tenant == tenant && device.is_none_or(|d| &*k.device == d)));
     }
 
     /// Marks `key` as changed (its cached copy is dropped if the group fails to commit).
@@ -332,10 +332,7 @@ impl SqliteTwinStore {
         configure(&writer, config.path.is_some(), config.fsync)?;
         let found: i64 = writer.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         if found > SCHEMA_VERSION {
-            return Err(StoreError::NewerSchema {
-                path: uri,
-                found,
-            });
+            return Err(StoreError::NewerSchema { path: uri, found });
         }
         writer.execute_batch(SCHEMA)?;
         writer.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION}"))?;

@@ -169,7 +169,10 @@ mod tests {
     fn builds_topics() {
         assert_eq!(delta("d", ""), "$devices/d/twin/delta");
         assert_eq!(delta("d", "fw"), "$devices/d/twin/name/fw/delta");
-        assert_eq!(command_request("d", "reboot", "r1"), "$devices/d/commands/req/reboot/r1");
+        assert_eq!(
+            command_request("d", "reboot", "r1"),
+            "$devices/d/commands/req/reboot/r1"
+        );
         assert_eq!(command_response("d", "r1"), "$devices/d/commands/res/r1");
     }
 }

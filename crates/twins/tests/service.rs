@@ -91,11 +91,22 @@ async fn versions_conflicts_delta_and_history() {
     let v = twins.operator_view(k.clone()).await.unwrap();
     assert_eq!(v["version"], 0);
     let a = twins
-        .update(k.clone(), write(Section::Desired, json!({"rate": 10, "mode": "eco"})))
+        .update(
+            k.clone(),
+            write(Section::Desired, json!({"rate": 10, "mode": "eco"})),
+        )
         .await
         .unwrap();
     assert_eq!(a.version, 1);
-    assert_eq!(a.delta, Some(json!({"rate": 10, "mode": "eco"}).as_object().cloned().unwrap()));
+    assert_eq!(
+        a.delta,
+        Some(
+            json!({"rate": 10, "mode": "eco"})
+                .as_object()
+                .cloned()
+                .unwrap()
+        )
+    );
     // The delta went to the device.
     let sent = link.sent.lock().clone();
     assert_eq!(sent.len(), 1);
@@ -114,7 +125,16 @@ async fn versions_conflicts_delta_and_history() {
     let mut w = write(Section::Desired, json!({"mode": "max"}));
     w.expected_version = Some(1);
     let err = twins.update(k.clone(), w).await.unwrap_err();
-    assert!(matches!(err, TwinError::Conflict { expected: 1, current: 2 }), "{err}");
+    assert!(
+        matches!(
+            err,
+            TwinError::Conflict {
+                expected: 1,
+                current: 2
+            }
+        ),
+        "{err}"
+    );
     assert_eq!(err.status(), 409);
     let mut w = write(Section::Desired, json!({"mode": "max"}));
     w.expected_version = Some(2);
@@ -165,7 +185,14 @@ async fn named_twins_are_limited_and_missing_ones_are_404() {
         .unwrap_err();
     assert!(matches!(err, TwinError::TooManyTwins { limit: 2 }));
     // A refused creation leaves no twin behind.
-    assert_eq!(twins.operator_view(key("d1", "c")).await.unwrap_err().status(), 404);
+    assert_eq!(
+        twins
+            .operator_view(key("d1", "c"))
+            .await
+            .unwrap_err()
+            .status(),
+        404
+    );
     let mut names = twins.names("t1", "d1").await.unwrap();
     names.sort();
     assert_eq!(names, vec!["a", "b"]);
@@ -177,7 +204,10 @@ async fn fleet_query_and_grouped_counts() {
     for i in 0..30 {
         let k = key(&format!("dev-{i:02}"), "");
         twins
-            .update(k.clone(), write(Section::Desired, json!({"firmware": "2.0"})))
+            .update(
+                k.clone(),
+                write(Section::Desired, json!({"firmware": "2.0"})),
+            )
             .await
             .unwrap();
         let fw = if i % 3 == 0 { "2.0" } else { "1.9" };
@@ -205,13 +235,23 @@ async fn fleet_query_and_grouped_counts() {
         .await
         .unwrap();
     let page = twins
-        .query("t1", Some("reported.firmware != desired.firmware"), None, 15)
+        .query(
+            "t1",
+            Some("reported.firmware != desired.firmware"),
+            None,
+            15,
+        )
         .await
         .unwrap();
     assert_eq!(page.items.len(), 15);
     let next = page.next.clone().unwrap();
     let page2 = twins
-        .query("t1", Some("reported.firmware != desired.firmware"), Some(&next), 15)
+        .query(
+            "t1",
+            Some("reported.firmware != desired.firmware"),
+            Some(&next),
+            15,
+        )
         .await
         .unwrap();
     assert_eq!(page2.items.len(), 5);
@@ -226,9 +266,18 @@ async fn fleet_query_and_grouped_counts() {
         .await
         .unwrap();
     assert_eq!(counts.len(), 2);
-    assert_eq!((counts[0].value.clone(), counts[0].count), (json!("1.9"), 20));
-    assert_eq!((counts[1].value.clone(), counts[1].count), (json!("2.0"), 10));
-    let err = twins.query("t1", Some("reported.x = "), None, 10).await.unwrap_err();
+    assert_eq!(
+        (counts[0].value.clone(), counts[0].count),
+        (json!("1.9"), 20)
+    );
+    assert_eq!(
+        (counts[1].value.clone(), counts[1].count),
+        (json!("2.0"), 10)
+    );
+    let err = twins
+        .query("t1", Some("reported.x = "), None, 10)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), 400);
     assert!(twins.query("t1", None, Some("zz"), 10).await.is_err());
 }
@@ -255,9 +304,21 @@ async fn writes_survive_reopen_and_purge_deletes() {
     assert_eq!(v["version"], 5);
     assert_eq!(v["reported"], json!({"v": 4}));
     twins.purge("t1", Some("d1")).await.unwrap();
-    assert_eq!(twins.operator_view(key("d1", "")).await.unwrap()["version"], 0);
-    assert!(twins.history(key("d1", ""), 0, 10).await.unwrap().is_empty());
-    assert_eq!(twins.operator_view(key("d2", "")).await.unwrap()["version"], 1);
+    assert_eq!(
+        twins.operator_view(key("d1", "")).await.unwrap()["version"],
+        0
+    );
+    assert!(
+        twins
+            .history(key("d1", ""), 0, 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        twins.operator_view(key("d2", "")).await.unwrap()["version"],
+        1
+    );
 }
 
 #[tokio::test]
@@ -298,7 +359,14 @@ async fn queued_command_lifecycle() {
     commands.set_link(link.clone());
     // Offline: queued, nothing sent; a direct command is refused at once.
     let c1 = commands
-        .enqueue("t1", "d1", "reboot", Bytes::from_static(b"{\"delay\":5}"), None, "operator:x")
+        .enqueue(
+            "t1",
+            "d1",
+            "reboot",
+            Bytes::from_static(b"{\"delay\":5}"),
+            None,
+            "operator:x",
+        )
         .await
         .unwrap();
     assert_eq!(c1.state, CommandState::Queued);
@@ -309,7 +377,14 @@ async fn queued_command_lifecycle() {
         .unwrap_err();
     assert_eq!(err.code(), "device_offline");
     let c2 = commands
-        .enqueue("t1", "d1", "ping", Bytes::new(), Some(Duration::from_secs(1)), "operator:x")
+        .enqueue(
+            "t1",
+            "d1",
+            "ping",
+            Bytes::new(),
+            Some(Duration::from_secs(1)),
+            "operator:x",
+        )
         .await
         .unwrap();
     commands
@@ -327,34 +402,60 @@ async fn queued_command_lifecycle() {
     link.online.store(true, Ordering::Relaxed);
     assert_eq!(commands.send_pending("t1", "d1", true).await.unwrap(), 2);
     let sent = link.sent.lock().clone();
-    assert_eq!(sent[0].1, format!("$devices/d1/commands/req/reboot/{}", c1.id));
+    assert_eq!(
+        sent[0].1,
+        format!("$devices/d1/commands/req/reboot/{}", c1.id)
+    );
     let props = sent[0].3.clone().unwrap();
     assert_eq!(
         props.response_topic.as_deref(),
         Some(format!("$devices/d1/commands/res/{}", c1.id).as_str())
     );
     assert_eq!(props.correlation_data.as_deref(), Some(c1.id.as_bytes()));
-    assert_eq!(commands.get("t1", "d1", &c2.id).await.unwrap().state, CommandState::Expired);
+    assert_eq!(
+        commands.get("t1", "d1", &c2.id).await.unwrap().state,
+        CommandState::Expired
+    );
     let got = commands.get("t1", "d1", &c1.id).await.unwrap();
     assert_eq!((got.state, got.attempts), (CommandState::Sent, 1));
     // Delivered (PUBACK), then answered.
     commands
-        .on_delivered("t1", "d1", &format!("$devices/d1/commands/req/reboot/{}", c1.id))
+        .on_delivered(
+            "t1",
+            "d1",
+            &format!("$devices/d1/commands/req/reboot/{}", c1.id),
+        )
         .await;
-    assert_eq!(commands.get("t1", "d1", &c1.id).await.unwrap().state, CommandState::Delivered);
+    assert_eq!(
+        commands.get("t1", "d1", &c1.id).await.unwrap().state,
+        CommandState::Delivered
+    );
     // Another device cannot answer it.
     let resp = CommandResponse {
         status: 200,
         payload: Bytes::from_static(b"{\"ok\":true}"),
     };
-    assert!(!commands.on_response("t1", "d2", &c1.id, resp.clone()).await.unwrap());
-    assert!(commands.on_response("t1", "d1", &c1.id, resp).await.unwrap());
+    assert!(
+        !commands
+            .on_response("t1", "d2", &c1.id, resp.clone())
+            .await
+            .unwrap()
+    );
+    assert!(
+        commands
+            .on_response("t1", "d1", &c1.id, resp)
+            .await
+            .unwrap()
+    );
     let done = commands.get("t1", "d1", &c1.id).await.unwrap();
     assert_eq!(done.state, CommandState::Succeeded);
     assert_eq!(done.status, Some(200));
     assert_eq!(done.response, Some(json!({"ok": true})));
     // Resent on each fresh session until the attempts are used up, then failed.
-    let list = commands.list("t1", "d1", Some(CommandState::Sent), 10).await.unwrap();
+    let list = commands
+        .list("t1", "d1", Some(CommandState::Sent), 10)
+        .await
+        .unwrap();
     assert_eq!(list.len(), 1);
     let c3 = list[0].id.clone();
     assert_eq!(commands.send_pending("t1", "d1", true).await.unwrap(), 1);
