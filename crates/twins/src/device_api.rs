@@ -282,7 +282,7 @@ impl DeviceApi {
         if !session_present {
             return;
         }
-        self.send_deltas(tenant, device).await;
+        self.send_deltas(tenant, device, |_| true).await;
         if let Err(e) = self.commands.send_pending(tenant, device, false).await {
             tracing::warn!(error = %e, device, "sending queued commands failed");
         }
@@ -291,21 +291,28 @@ impl DeviceApi {
     /// A device subscribed to reserved filters: deltas for the delta topics they cover, queued
     /// commands (including ones sent to a previous session) if they cover its command topic.
     pub async fn on_subscribed(&self, tenant: &str, device: &str, filters: &[Arc<str>]) {
-        let delta_probe = topics::delta(device, "");
-        let named_probe = topics::delta(device, "x");
-        let command_probe = topics::command_request(device, "x", "x");
-        let covers = |probe: &str| filters.iter().any(|f| filter_matches(f, probe));
-        if covers(&delta_probe) || covers(&named_probe) {
-            self.send_deltas(tenant, device).await;
-        }
-        if covers(&command_probe)
-            && let Err(e) = self.commands.send_pending(tenant, device, true).await
+        let twin_root = format!("$devices/{device}/twin/");
+        if filters
+            .iter()
+            .any(|f| f.starts_with(twin_root.as_str()) || f.starts_with("$devices/+/"))
         {
+            // Only the deltas these filters cover (one twin's delta topic, or a wildcard).
+            self.send_deltas(tenant, device, |topic| {
+                filters.iter().any(|f| filter_matches(f, topic))
+            })
+            .await;
+        }
+        let command_root = format!("$devices/{device}/commands/req/");
+        let command_probe = topics::command_request(device, "x", "x");
+        let covers_commands = filters
+            .iter()
+            .any(|f| filter_matches(f, &command_probe) || f.starts_with(command_root.as_str()));
+        if covers_commands && let Err(e) = self.commands.send_pending(tenant, device, true).await {
             tracing::warn!(error = %e, device, "sending queued commands failed");
         }
     }
 
-    async fn send_deltas(&self, tenant: &str, device: &str) {
+    async fn send_deltas(&self, tenant: &str, device: &str, wanted: impl Fn(&str) -> bool) {
         let names = match self.twins.names(tenant, device).await {
             Ok(n) => n,
             Err(e) => {
@@ -314,6 +321,9 @@ impl DeviceApi {
             }
         };
         for name in names {
+            if !wanted(&topics::delta(device, &name)) {
+                continue;
+            }
             let key = TwinKey {
                 tenant: Arc::from(tenant),
                 device: Arc::from(device),
@@ -354,9 +364,13 @@ fn update_request(
             "the update must be a JSON object such as {\"reported\": {\"fw\": \"1.2\"}}".into(),
         ));
     };
-    if obj.contains_key("desired") || obj.get("state").is_some_and(|s| s.get("desired").is_some()) {
+    if ["desired", "tags"]
+        .iter()
+        .any(|k| obj.contains_key(*k) || obj.get("state").is_some_and(|s| s.get(k).is_some()))
+    {
         return Err(TwinError::Invalid(
-            "devices write reported only; desired is written by operators and rules".into(),
+            "devices write reported only; desired and tags are written by operators and rules"
+                .into(),
         ));
     }
     let reported = obj
