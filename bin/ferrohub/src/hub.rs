@@ -179,53 +179,79 @@ fn spawn_device_services(
     let (tx, mut events) = tokio::sync::mpsc::channel::<SessionEvent>(65_536);
     broker.observe_sessions(tx);
     let slots = Arc::new(tokio::sync::Semaphore::new(256));
+    // Events in their own task: connect storms never hold up device requests, and the other
+    // way round.
+    let events_api = api.clone();
+    let mut events_shutdown = shutdown.clone();
+    let events_task = tokio::spawn(async move {
+        loop {
+            let e = tokio::select! {
+                _ = events_shutdown.wait() => break,
+                e = events.recv() => match e { Some(e) => e, None => break },
+            };
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let api = events_api.clone();
+            tokio::spawn(async move {
+                // Anonymous clients act as the device named by their client id.
+                let device = |o: &ferrohub_adapters::mqtt::Origin| {
+                    o.device_id.clone().or_else(|| o.client_id.clone())
+                };
+                match e {
+                    SessionEvent::Connected {
+                        tenant,
+                        origin,
+                        session_present,
+                        ..
+                    } => {
+                        if let Some(d) = device(&origin) {
+                            api.on_connected(tenant.as_str(), &d, session_present).await;
+                        }
+                    }
+                    SessionEvent::Subscribed {
+                        tenant,
+                        origin,
+                        filters,
+                    } => {
+                        if let Some(d) = device(&origin) {
+                            api.on_subscribed(tenant.as_str(), &d, &filters).await;
+                        }
+                    }
+                    SessionEvent::Delivered {
+                        tenant,
+                        origin,
+                        topic,
+                    } => {
+                        if let Some(d) = device(&origin) {
+                            api.on_delivered(tenant.as_str(), &d, &topic).await;
+                        }
+                    }
+                    SessionEvent::Disconnected { .. } => {}
+                }
+                drop(slot);
+            });
+        }
+    });
+    // Device requests in arrival order: `handle` only parses and queues (to the twin store's
+    // ordered writer), answers are published by spawned tasks.
     tokio::spawn(async move {
         loop {
-            tokio::select! {
+            let m = tokio::select! {
                 _ = shutdown.wait() => break,
-                m = messages.recv() => {
-                    let Some(m) = m else { break };
-                    api.handle(DeviceMessage {
-                        tenant: Arc::from(m.tenant.as_str()),
-                        origin_device: m.origin.device_id.clone(),
-                        topic: m.message.topic.as_arc().clone(),
-                        payload: m.message.payload.clone(),
-                        properties: m.message.properties.clone(),
-                    })
-                    .await;
-                }
-                e = events.recv() => {
-                    let Some(e) = e else { break };
-                    let Ok(slot) = slots.clone().acquire_owned().await else { break };
-                    let api = api.clone();
-                    tokio::spawn(async move {
-                        // Anonymous clients act as the device named by their client id.
-                        let device = |o: &ferrohub_adapters::mqtt::Origin| {
-                            o.device_id.clone().or_else(|| o.client_id.clone())
-                        };
-                        match e {
-                            SessionEvent::Connected { tenant, origin, session_present, .. } => {
-                                if let Some(d) = device(&origin) {
-                                    api.on_connected(tenant.as_str(), &d, session_present).await;
-                                }
-                            }
-                            SessionEvent::Subscribed { tenant, origin, filters } => {
-                                if let Some(d) = device(&origin) {
-                                    api.on_subscribed(tenant.as_str(), &d, &filters).await;
-                                }
-                            }
-                            SessionEvent::Delivered { tenant, origin, topic } => {
-                                if let Some(d) = device(&origin) {
-                                    api.on_delivered(tenant.as_str(), &d, &topic).await;
-                                }
-                            }
-                            SessionEvent::Disconnected { .. } => {}
-                        }
-                        drop(slot);
-                    });
-                }
-            }
+                m = messages.recv() => match m { Some(m) => m, None => break },
+            };
+            api.handle(DeviceMessage {
+                tenant: Arc::from(m.tenant.as_str()),
+                origin_device: m.origin.device_id.clone(),
+                origin_client: m.origin.client_id.clone(),
+                topic: m.message.topic.as_arc().clone(),
+                payload: m.message.payload.clone(),
+                properties: m.message.properties.clone(),
+            })
+            .await;
         }
+        events_task.abort();
     })
 }
 

@@ -177,6 +177,18 @@ pub struct QueuedCommand {
     pub actor: String,
 }
 
+/// Removes a direct command's waiter when the command ends, however it ends.
+struct WaiterGuard<'a> {
+    waiters: &'a Mutex<HashMap<String, Waiter>>,
+    rid: &'a str,
+}
+
+impl Drop for WaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.waiters.lock().remove(self.rid);
+    }
+}
+
 struct Waiter {
     tenant: Arc<str>,
     device: Arc<str>,
@@ -261,6 +273,11 @@ impl Commands {
         ))
     }
 
+    /// Direct commands waiting for an answer now.
+    pub fn waiting(&self) -> usize {
+        self.waiters.lock().len()
+    }
+
     /// The service's settings.
     pub fn config(&self) -> &CommandsConfig {
         &self.config
@@ -315,6 +332,12 @@ impl Commands {
                 },
             );
         }
+        // Whatever happens to this future (an answer, a timeout, or the HTTP client going
+        // away), the waiter is removed.
+        let _guard = WaiterGuard {
+            waiters: &self.waiters,
+            rid: &rid,
+        };
         let delivery = link
             .publish(
                 tenant,
@@ -324,7 +347,6 @@ impl Commands {
             )
             .await;
         if !delivery.matched || delivery.refused {
-            self.waiters.lock().remove(&rid);
             return Err(if delivery.refused {
                 TwinError::Busy("the device's queue is full")
             } else {
@@ -337,7 +359,6 @@ impl Commands {
                 Ok(response)
             }
             _ => {
-                self.waiters.lock().remove(&rid);
                 self.metrics.direct_timeouts.fetch_add(1, Relaxed);
                 Err(TwinError::Timeout {
                     device: device.to_string(),
@@ -519,18 +540,51 @@ impl Commands {
             }))
             .await?;
         let to_send = rx.await.map_err(|_| StoreError::Closed)??;
-        let n = to_send.len();
+        let mut sent = 0;
         for (id, name, payload) in to_send {
             self.metrics.queued_sends.fetch_add(1, Relaxed);
-            link.publish(
-                tenant,
-                topics::command_request(device, &name, &id),
-                Bytes::from(payload),
-                Some(request_properties(device, &id)),
-            )
-            .await;
+            let d = link
+                .publish(
+                    tenant,
+                    topics::command_request(device, &name, &id),
+                    Bytes::from(payload),
+                    Some(request_properties(device, &id)),
+                )
+                .await;
+            if d.matched && !d.refused {
+                sent += 1;
+            } else {
+                // Nobody took it (not subscribed yet, or its queue is full): it waits for the
+                // next chance, and this send does not count as an attempt.
+                self.unsend(tenant, device, &id).await;
+            }
         }
-        Ok(n)
+        Ok(sent)
+    }
+
+    async fn unsend(&self, tenant: &str, device: &str, id: &str) {
+        let (t, d, i) = (tenant.to_string(), device.to_string(), id.to_string());
+        let (tx, rx) = oneshot::channel();
+        let submitted = self
+            .store
+            .submit(Box::new(move |ctx| {
+                let result = ctx
+                    .conn
+                    .execute(
+                        "UPDATE commands SET state = 'queued', attempts = max(attempts - 1, 0) \
+                         WHERE tenant = ?1 AND device = ?2 AND id = ?3 AND state = 'sent'",
+                        params![t, d, i],
+                    )
+                    .map_err(|e| TwinError::from(StoreError::from(e)));
+                let keep = result.is_ok();
+                reply_after_commit(tx, result, keep)
+            }))
+            .await;
+        if submitted.is_ok()
+            && let Ok(Err(e)) = rx.await
+        {
+            tracing::warn!(error = %e, "returning an unsent command to the queue failed");
+        }
     }
 
     /// A device answered request `rid`. Returns whether a command was waiting for it.

@@ -29,6 +29,9 @@ pub struct DeviceMessage {
     /// The registered device that published it; `None` for anonymous clients and static users
     /// (their policy decides which devices they act for).
     pub origin_device: Option<Arc<str>>,
+    /// The MQTT client id of the publisher (recorded as the actor when `origin_device` is
+    /// `None`).
+    pub origin_client: Option<Arc<str>>,
     /// The topic.
     pub topic: Arc<str>,
     /// The payload.
@@ -44,6 +47,7 @@ pub struct DeviceApi {
     link: Arc<dyn DeviceLink>,
     // Bounds the answers in flight (each holds a pending store write).
     in_flight: Arc<Semaphore>,
+    dropped: std::sync::atomic::AtomicU64,
 }
 
 impl DeviceApi {
@@ -58,6 +62,7 @@ impl DeviceApi {
             commands,
             link,
             in_flight: Arc::new(Semaphore::new(16_384)),
+            dropped: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -99,7 +104,8 @@ impl DeviceApi {
                     device.to_string(),
                     request_id.to_string(),
                 );
-                let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+                let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+                    self.overloaded();
                     return;
                 };
                 tokio::spawn(async move {
@@ -127,7 +133,7 @@ impl DeviceApi {
                 Ok(v) => v,
                 Err(e) => {
                     let err = TwinError::Invalid(format!("the payload is not JSON: {e}"));
-                    self.reject(&msg.tenant, &prefix, op, &err, None).await;
+                    self.spawn_reject(&msg.tenant, prefix, op, err, None);
                     return;
                 }
             }
@@ -139,8 +145,7 @@ impl DeviceApi {
         let name = match crate::service::twin_name(name) {
             Ok(n) => n,
             Err(e) => {
-                self.reject(&msg.tenant, &prefix, op, &e, client_token)
-                    .await;
+                self.spawn_reject(&msg.tenant, prefix, op, e, client_token);
                 return;
             }
         };
@@ -149,7 +154,8 @@ impl DeviceApi {
             device: Arc::from(device),
             name: Arc::from(name),
         };
-        let Ok(permit) = self.in_flight.clone().acquire_owned().await else {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.overloaded();
             return;
         };
         match op {
@@ -176,7 +182,12 @@ impl DeviceApi {
                 });
             }
             TwinOp::Update => {
-                let write = match update_request(&body, device, client_token.clone()) {
+                let actor = match (&msg.origin_device, &msg.origin_client) {
+                    (Some(d), _) => format!("device:{d}"),
+                    (None, Some(c)) => format!("client:{c}"),
+                    (None, None) => "client".to_string(),
+                };
+                let write = match update_request(&body, actor, client_token.clone()) {
                     Ok(mut w) => {
                         w.want_documents = self
                             .link
@@ -184,8 +195,7 @@ impl DeviceApi {
                         w
                     }
                     Err(e) => {
-                        self.reject(&msg.tenant, &prefix, op, &e, client_token)
-                            .await;
+                        self.spawn_reject(&msg.tenant, prefix, op, e, client_token);
                         return;
                     }
                 };
@@ -193,8 +203,7 @@ impl DeviceApi {
                 let pending = match self.twins.enqueue(key.clone(), write).await {
                     Ok(p) => p,
                     Err(e) => {
-                        self.reject(&msg.tenant, &prefix, op, &e, client_token)
-                            .await;
+                        self.spawn_reject(&msg.tenant, prefix, op, e, client_token);
                         return;
                     }
                 };
@@ -243,6 +252,46 @@ impl DeviceApi {
                 });
             }
         }
+    }
+
+    /// Answers `rejected` without holding up the caller (the dispatcher must never wait on a
+    /// publication).
+    fn spawn_reject(
+        self: &Arc<Self>,
+        tenant: &Arc<str>,
+        prefix: String,
+        op: TwinOp,
+        err: TwinError,
+        client_token: Option<String>,
+    ) {
+        let Ok(permit) = self.in_flight.clone().try_acquire_owned() else {
+            self.overloaded();
+            return;
+        };
+        let (me, tenant) = (self.clone(), tenant.clone());
+        tokio::spawn(async move {
+            me.reject(&tenant, &prefix, op, &err, client_token).await;
+            drop(permit);
+        });
+    }
+
+    /// More requests are being answered than the bound allows: this one is dropped (counted);
+    /// the device gets no answer and retries after its own timeout.
+    fn overloaded(&self) {
+        let n = self
+            .dropped
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n.is_power_of_two() {
+            tracing::warn!(
+                dropped = n + 1,
+                "twin/command requests dropped: too many in progress"
+            );
+        }
+    }
+
+    /// Requests dropped because too many were in progress.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     async fn reject(
@@ -329,19 +378,8 @@ impl DeviceApi {
                 device: Arc::from(device),
                 name: Arc::from(name.as_str()),
             };
-            match self.twins.delta_message(key).await {
-                Ok(Some(body)) => {
-                    self.link
-                        .publish(
-                            tenant,
-                            topics::delta(device, &name),
-                            Bytes::from(body),
-                            None,
-                        )
-                        .await;
-                }
-                Ok(None) => {}
-                Err(e) => tracing::warn!(error = %e, device, "reading a delta failed"),
+            if let Err(e) = self.twins.send_delta(key).await {
+                tracing::warn!(error = %e, device, "reading a delta failed");
             }
         }
     }
@@ -356,7 +394,7 @@ impl DeviceApi {
 /// {…}}}`, with optional `version`, `clientToken` and `rejected: {"desired.path": "reason"}`.
 fn update_request(
     body: &Value,
-    device: &str,
+    actor: String,
     client_token: Option<String>,
 ) -> Result<TwinWrite, TwinError> {
     let Some(obj) = body.as_object() else {
@@ -397,8 +435,18 @@ fn update_request(
             ));
         }
         for (path, reason) in r {
+            if path.len() > 512 {
+                return Err(TwinError::Invalid(
+                    "a rejected key path is longer than 512 bytes".into(),
+                ));
+            }
             let reason = reason.as_str().unwrap_or("rejected by the device");
-            rejections.push((path.clone(), reason.to_string()));
+            // The document keeps 256 bytes of a reason; so does the history.
+            let mut end = reason.len().min(256);
+            while !reason.is_char_boundary(end) {
+                end -= 1;
+            }
+            rejections.push((path.clone(), reason[..end].to_string()));
         }
     }
     if reported.is_none() && rejections.is_empty() {
@@ -411,7 +459,7 @@ fn update_request(
         patch: reported,
         expected_version: version,
         client_token,
-        actor: format!("device:{device}"),
+        actor,
         rejections,
         want_documents: false,
     })
@@ -421,9 +469,17 @@ fn update_request(
 mod tests {
     use super::*;
 
+    fn update_request_test(
+        body: &Value,
+        device: &str,
+        token: Option<String>,
+    ) -> Result<TwinWrite, TwinError> {
+        update_request(body, format!("device:{device}"), token)
+    }
+
     #[test]
     fn update_requests() {
-        let w = update_request(&json!({"reported": {"a": 1}, "version": 3}), "d", None);
+        let w = update_request_test(&json!({"reported": {"a": 1}, "version": 3}), "d", None);
         assert!(matches!(
             w,
             Ok(TwinWrite {
@@ -431,13 +487,13 @@ mod tests {
                 ..
             })
         ));
-        let w = update_request(&json!({"state": {"reported": {"a": 1}}}), "d", None);
+        let w = update_request_test(&json!({"state": {"reported": {"a": 1}}}), "d", None);
         assert!(w.is_ok_and(|w| w.patch == Some(json!({"a": 1}))));
-        assert!(update_request(&json!({"desired": {"a": 1}}), "d", None).is_err());
-        assert!(update_request(&json!({}), "d", None).is_err());
-        assert!(update_request(&json!([1]), "d", None).is_err());
-        assert!(update_request(&json!({"reported": {}, "version": -1}), "d", None).is_err());
-        let w = update_request(&json!({"rejected": {"rate": "too fast"}}), "d", None);
+        assert!(update_request_test(&json!({"desired": {"a": 1}}), "d", None).is_err());
+        assert!(update_request_test(&json!({}), "d", None).is_err());
+        assert!(update_request_test(&json!([1]), "d", None).is_err());
+        assert!(update_request_test(&json!({"reported": {}, "version": -1}), "d", None).is_err());
+        let w = update_request_test(&json!({"rejected": {"rate": "too fast"}}), "d", None);
         assert!(
             w.is_ok_and(|w| w.rejections == vec![("rate".to_string(), "too fast".to_string())])
         );

@@ -22,6 +22,14 @@ pub enum TwinError {
     /// The fleet query does not parse.
     #[error(transparent)]
     Query(#[from] QueryError),
+    /// The patch itself is larger than a section may be.
+    #[error("the patch is {size} bytes; the limit is {limit} bytes (twins.max_section_bytes)")]
+    PatchTooLarge {
+        /// Its size as compact JSON.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
     /// Optimistic concurrency: the caller's version is not the current one.
     #[error(
         "version conflict: the twin is at version {current}, the update expected {expected}; \
@@ -90,7 +98,9 @@ impl TwinError {
         match self {
             TwinError::NotFound(_) => "not_found",
             TwinError::Invalid(_) => "invalid_request",
-            TwinError::Patch(PatchError::TooLarge { .. }) => "too_large",
+            TwinError::Patch(PatchError::TooLarge { .. }) | TwinError::PatchTooLarge { .. } => {
+                "too_large"
+            }
             TwinError::Patch(_) => "invalid_patch",
             TwinError::Query(_) => "invalid_query",
             TwinError::Conflict { .. } => "version_conflict",
@@ -108,7 +118,7 @@ impl TwinError {
     pub fn status(&self) -> u16 {
         match self {
             TwinError::NotFound(_) => 404,
-            TwinError::Patch(PatchError::TooLarge { .. }) => 413,
+            TwinError::Patch(PatchError::TooLarge { .. }) | TwinError::PatchTooLarge { .. } => 413,
             TwinError::Invalid(_) | TwinError::Patch(_) | TwinError::Query(_) => 400,
             TwinError::Conflict { .. } => 409,
             TwinError::TooManyTwins { .. } | TwinError::QueueFull { .. } => 429,

@@ -107,6 +107,9 @@ pub struct Applied {
     pub documents: Option<(Value, Value)>,
     /// Who wrote.
     pub actor: String,
+    /// False when the write changed nothing (a rejection repeated with the same reason): no
+    /// history entry, no change event.
+    pub changed: bool,
 }
 
 /// A committed change, as streamed to watchers.
@@ -156,6 +159,58 @@ pub struct Twins {
     config: TwinsConfig,
     changes: broadcast::Sender<TwinChange>,
     link: parking_lot::RwLock<Option<Arc<dyn DeviceLink>>>,
+    deltas: DeltaQueues,
+}
+
+/// A delta on its way to a device.
+struct DeltaOut {
+    key: TwinKey,
+    body: String,
+}
+
+/// Deltas leave in commit order: the writer thread queues them (from the commit callback) to one
+/// of a few publisher tasks chosen by the twin, each publishing its queue in order. So a device
+/// never receives an older delta after a newer one, while different twins publish in parallel.
+/// Queues are bounded; a full one makes the writer wait (backpressure), never drops.
+struct DeltaQueues {
+    senders: Vec<tokio::sync::mpsc::Sender<DeltaOut>>,
+    receivers: parking_lot::Mutex<Vec<tokio::sync::mpsc::Receiver<DeltaOut>>>,
+    linked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl DeltaQueues {
+    const SHARDS: usize = 8;
+
+    fn new() -> DeltaQueues {
+        let (senders, receivers) = (0..Self::SHARDS)
+            .map(|_| tokio::sync::mpsc::channel(8192))
+            .unzip();
+        DeltaQueues {
+            senders,
+            receivers: parking_lot::Mutex::new(receivers),
+            linked: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        }
+    }
+
+    /// A sender for the writer thread (`None` until the service is linked to the devices).
+    fn sender_for(&self, key: &TwinKey) -> Option<tokio::sync::mpsc::Sender<DeltaOut>> {
+        use std::hash::{BuildHasher, Hash, Hasher};
+        if !self.linked.load(std::sync::atomic::Ordering::Acquire) {
+            return None;
+        }
+        let mut h = hashbrown::DefaultHashBuilder::default().build_hasher();
+        key.device.hash(&mut h);
+        key.name.hash(&mut h);
+        let i = (h.finish() as usize) % self.senders.len();
+        self.senders.get(i).cloned()
+    }
+}
+
+/// Queues `body` from the writer thread (after a commit), waiting if the queue is full.
+fn queue_delta(tx: Option<tokio::sync::mpsc::Sender<DeltaOut>>, key: TwinKey, body: String) {
+    if let Some(tx) = tx {
+        let _ = tx.blocking_send(DeltaOut { key, body });
+    }
 }
 
 /// Validates a twin name from a topic or URL (`default` and the empty name mean the default
@@ -190,6 +245,7 @@ impl Twins {
             config,
             changes,
             link: parking_lot::RwLock::new(None),
+            deltas: DeltaQueues::new(),
         })
     }
 
@@ -199,8 +255,22 @@ impl Twins {
     }
 
     /// Connects the service to the devices (the broker), so that desired changes reach them.
+    /// Must be called inside a tokio runtime: it starts the delta publishers.
     pub fn set_link(&self, link: Arc<dyn DeviceLink>) {
-        *self.link.write() = Some(link);
+        *self.link.write() = Some(link.clone());
+        for mut rx in self.deltas.receivers.lock().drain(..) {
+            let link = link.clone();
+            tokio::spawn(async move {
+                while let Some(d) = rx.recv().await {
+                    let topic = crate::topics::delta(&d.key.device, &d.key.name);
+                    link.publish(&d.key.tenant, topic, d.body.into(), None)
+                        .await;
+                }
+            });
+        }
+        self.deltas
+            .linked
+            .store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// The device link, if wired.
@@ -223,13 +293,44 @@ impl Twins {
     ) -> Result<oneshot::Receiver<Result<Applied, TwinError>>, TwinError> {
         let (tx, rx) = oneshot::channel();
         let limits = self.config.limits();
+        if let Some(p) = &write.patch {
+            // A patch that deletes thousands of absent keys leaves the section small but would
+            // still be stored in the history and echoed: bound the patch itself too.
+            let size = serde_json::to_string(p).map_or(0, |t| t.len());
+            if size > limits.max_section_bytes {
+                return Err(TwinError::PatchTooLarge {
+                    size,
+                    limit: limits.max_section_bytes,
+                });
+            }
+        }
         let max_named = self.config.max_named_twins;
         let keep_history = self.config.history_per_twin;
+        let delta_tx = self.deltas.sender_for(&key);
         self.store
             .submit(Box::new(move |ctx| {
                 let answer = apply_write(ctx, &key, write, &limits, max_named, keep_history);
                 let keep = answer.is_ok();
-                reply_after_commit(tx, answer, keep)
+                let delta = match &answer {
+                    Ok(a) => a
+                        .delta
+                        .as_ref()
+                        .filter(|d| !d.is_empty())
+                        .map(|d| (a.key.clone(), delta_message(a.desired_version, d, a.at))),
+                    Err(_) => None,
+                };
+                let reply = reply_after_commit(tx, answer, keep);
+                JobDone {
+                    keep,
+                    then: Box::new(move |committed| {
+                        if committed.is_ok()
+                            && let Some((key, body)) = delta
+                        {
+                            queue_delta(delta_tx, key, body);
+                        }
+                        (reply.then)(committed);
+                    }),
+                }
             }))
             .await?;
         Ok(rx)
@@ -244,8 +345,12 @@ impl Twins {
         Ok(applied)
     }
 
-    /// What follows a committed write: the change stream and the device's delta.
+    /// What follows a committed write: the change stream (the device's delta was queued by the
+    /// commit itself).
     pub async fn after_commit(&self, applied: &Applied) {
+        if !applied.changed {
+            return;
+        }
         let _ = self.changes.send(TwinChange {
             tenant: applied.key.tenant.clone(),
             device_id: applied.key.device.to_string(),
@@ -256,14 +361,40 @@ impl Twins {
             actor: applied.actor.clone(),
             at: applied.at,
         });
-        if let (Some(delta), Some(link)) = (&applied.delta, self.link())
-            && !delta.is_empty()
-        {
-            let topic = crate::topics::delta(&applied.key.device, &applied.key.name);
-            let body = delta_message(applied.desired_version, delta, applied.at);
-            link.publish(&applied.key.tenant, topic, body.into(), None)
-                .await;
-        }
+    }
+
+    /// Sends the device the current delta of a twin (if not empty), in order with the deltas of
+    /// committed changes.
+    pub async fn send_delta(&self, key: TwinKey) -> Result<(), TwinError> {
+        let delta_tx = self.deltas.sender_for(&key);
+        self.store
+            .submit(Box::new(move |ctx| {
+                let body = match ctx.load(&key) {
+                    Ok(Some(doc)) => {
+                        let delta = doc.delta();
+                        (!delta.is_empty()).then(|| {
+                            delta_message(
+                                doc.section_version(Section::Desired),
+                                &delta,
+                                doc.updated_at(),
+                            )
+                        })
+                    }
+                    _ => None,
+                };
+                JobDone {
+                    keep: false,
+                    then: Box::new(move |committed| {
+                        if committed.is_ok()
+                            && let Some(body) = body
+                        {
+                            queue_delta(delta_tx, key, body);
+                        }
+                    }),
+                }
+            }))
+            .await?;
+        Ok(())
     }
 
     /// Reads a twin through the writer (so that it reflects every acknowledged write) and
@@ -277,10 +408,16 @@ impl Twins {
         self.store
             .submit(Box::new(move |ctx| {
                 let out = ctx.load(&key).map(|d| d.map(|d| render(d)));
-                let _ = tx.send(out.map_err(TwinError::from));
+                // Answered after the group's commit, so a read never shows a write that could
+                // still be lost.
                 JobDone {
                     keep: false,
-                    then: Box::new(|_| {}),
+                    then: Box::new(move |committed| {
+                        let _ = tx.send(match committed {
+                            Ok(()) => out.map_err(TwinError::from),
+                            Err(e) => Err(TwinError::Store(e)),
+                        });
+                    }),
                 }
             }))
             .await?;
@@ -605,8 +742,9 @@ fn apply_write(
             delta = Some(doc.delta());
         }
     }
+    let mut changed = patch_given || write.rejections.is_empty();
     for (path, reason) in &write.rejections {
-        doc.reject(path, reason, now)?;
+        changed |= doc.reject(path, reason, now)?;
     }
     let after = write.want_documents.then(|| doc.device_view());
     let history_patch = if write.rejections.is_empty() {
@@ -625,7 +763,11 @@ fn apply_write(
         delta,
         documents: before.zip(after),
         actor: write.actor.clone(),
+        changed,
     };
+    if !changed {
+        return Ok(applied);
+    }
     let entry = HistoryEntry {
         version: applied.version,
         at: now,
@@ -635,7 +777,9 @@ fn apply_write(
         client_token: write.client_token,
     };
     ctx.save(key, &entry)?;
-    if keep_history > 0 && applied.version.is_multiple_of(64) && applied.version > keep_history {
+    // Pruned when the version crosses a multiple of 64 (a write may advance it by more than one).
+    let previous = applied.version.saturating_sub(1);
+    if keep_history > 0 && applied.version / 64 != previous / 64 && applied.version > keep_history {
         ctx.conn
             .prepare_cached(
                 "DELETE FROM twin_history WHERE tenant = ?1 AND device = ?2 AND name = ?3 AND version <= ?4",

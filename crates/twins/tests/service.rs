@@ -107,7 +107,13 @@ async fn versions_conflicts_delta_and_history() {
                 .unwrap()
         )
     );
-    // The delta went to the device.
+    // The delta went to the device (published by the ordered delta publisher).
+    for _ in 0..200 {
+        if !link.sent.lock().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let sent = link.sent.lock().clone();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].1, "$devices/d1/twin/delta");
@@ -466,4 +472,80 @@ async fn queued_command_lifecycle() {
     // Cancelling a finished command is refused.
     assert!(commands.cancel("t1", "d1", &c3).await.is_err());
     assert_eq!(commands.list("t1", "d1", None, 10).await.unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_repeated_rejection_changes_nothing_and_writes_no_history() {
+    let twins = Twins::new(open(None), TwinsConfig::default());
+    let k = key("d1", "");
+    twins
+        .update(k.clone(), write(Section::Desired, json!({"rate": 10})))
+        .await
+        .unwrap();
+    let reject = || TwinWrite {
+        section: Section::Reported,
+        patch: None,
+        expected_version: None,
+        client_token: None,
+        actor: "device:d1".into(),
+        rejections: vec![("rate".into(), "too fast".into())],
+        want_documents: false,
+    };
+    let a = twins.update(k.clone(), reject()).await.unwrap();
+    assert!(a.changed);
+    assert_eq!(a.version, 2);
+    twins
+        .update(k.clone(), write(Section::Tags, json!({"site": "x"})))
+        .await
+        .unwrap();
+    let again = twins.update(k.clone(), reject()).await.unwrap();
+    assert!(!again.changed);
+    assert_eq!(again.version, 3);
+    let h = twins.history(k, 0, 10).await.unwrap();
+    let got: Vec<(u64, &str)> = h.iter().map(|e| (e.version, e.actor.as_str())).collect();
+    assert_eq!(
+        got,
+        vec![(1, "operator:test"), (2, "device:d1"), (3, "operator:test")]
+    );
+}
+
+#[tokio::test]
+async fn a_patch_larger_than_a_section_is_refused_even_if_it_deletes() {
+    let twins = Twins::new(open(None), TwinsConfig::default());
+    let deletions: serde_json::Map<String, Value> = (0..2000)
+        .map(|i| (format!("absent-key-number-{i:06}"), Value::Null))
+        .collect();
+    let err = twins
+        .update(
+            key("d1", ""),
+            write(Section::Reported, Value::Object(deletions)),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!((err.status(), err.code()), (413, "too_large"), "{err}");
+    assert!(err.to_string().contains("twins.max_section_bytes"));
+}
+
+#[tokio::test]
+async fn an_abandoned_direct_command_leaves_no_waiter() {
+    let commands = Commands::new(open(None), CommandsConfig::default());
+    let link = Arc::new(FakeLink::default());
+    link.online.store(true, Ordering::Relaxed);
+    commands.set_link(link.clone());
+    let c = commands.clone();
+    let call = tokio::spawn(async move {
+        c.direct("t1", "d1", "ping", Bytes::new(), Duration::from_secs(60))
+            .await
+    });
+    for _ in 0..200 {
+        if commands.waiting() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert_eq!(commands.waiting(), 1);
+    // The HTTP client goes away: the request future is dropped.
+    call.abort();
+    let _ = call.await;
+    assert_eq!(commands.waiting(), 0);
 }

@@ -700,11 +700,17 @@ impl Broker {
         }
         tenant_router.route(publisher, &message, scratch);
         // Services listen on reserved `$`-topics only, so ordinary traffic skips the lookup.
-        let to_service = message.topic.as_str().starts_with('$')
-            && publisher != 0
-            && self.deliver_to_services(tenant, &message, origin);
+        let (to_service, service_refused) =
+            if message.topic.as_str().starts_with('$') && publisher != 0 {
+                self.deliver_to_services(tenant, &message, origin)
+            } else {
+                (false, false)
+            };
         let mut result = Published {
             matched: !scratch.is_empty() || to_service,
+            // A service that cannot take a QoS 1/2 message refuses it like a full queue: the
+            // publisher is never told it was accepted (MQTT 5: 0x97).
+            refused: service_refused && message.qos != QoS::AtMostOnce,
             ..Published::default()
         };
         let mut message_id = 0;
@@ -774,7 +780,9 @@ impl Broker {
     /// Subscribes a hub service to a reserved topic filter (it must start with `$`) in every
     /// tenant. Messages that devices publish there are handed to `tx` at most once; when the
     /// service's queue is full the message is dropped and counted
-    /// (`dropped_total{reason="service_busy"}`), so a slow service never stalls publishers.
+    /// (`dropped_total{reason="service_busy"}`) and a QoS 1/2 publisher is refused (MQTT 5
+    /// PUBACK 0x97; a 3.1.1 publisher is disconnected unacknowledged, so it resends), so a slow
+    /// service never stalls publishers and never loses an acknowledged message.
     pub fn subscribe_service(&self, filter: &str, tx: mpsc::Sender<ServiceMessage>) {
         self.services.write().push(ServiceSubscription {
             filter: filter.to_string(),
@@ -787,9 +795,10 @@ impl Broker {
         tenant: &TenantId,
         message: &Arc<Message>,
         origin: Option<&Origin>,
-    ) -> bool {
+    ) -> (bool, bool) {
         let services = self.services.read();
         let mut matched = false;
+        let mut refused = false;
         for s in services.iter() {
             if ferrohub_types::filter_matches(&s.filter, message.topic.as_str()) {
                 matched = true;
@@ -800,10 +809,11 @@ impl Broker {
                 };
                 if s.tx.try_send(m).is_err() {
                     self.metrics.drop_message(DropReason::ServiceBusy);
+                    refused = true;
                 }
             }
         }
-        matched
+        (matched, refused)
     }
 
     /// Publishes a message from a hub service to a tenant's subscribers.
