@@ -85,7 +85,7 @@ enum Command {
     /// Print the effective configuration (after file, environment and flags) as TOML.
     Config(ServeArgs),
     /// Benchmark an MQTT broker (ours or any other) and print one JSON line per run.
-    Bench(ferrohub_sim::bench::BenchArgs),
+    Bench(Box<ferrohub_sim::bench::BenchArgs>),
     /// Operate a running hub over its HTTP API: tenants, devices (and bulk import),
     /// credentials, groups, policies, API tokens, the audit log.
     Ctl(ferrohub::ctl::CtlArgs),
@@ -133,7 +133,7 @@ fn main() -> Result<()> {
         Command::Ctl(args) => std::process::exit(ferrohub::ctl::run(args)),
         Command::Bench(args) => {
             init_logging(LogFormat::Text, "warn");
-            ferrohub_sim::bench::run_cli(args)
+            ferrohub_sim::bench::run_cli(*args)
         }
         Command::Serve(args) => {
             let cfg = args.load()?;
