@@ -548,21 +548,34 @@ async fn acknowledged_twin_updates_and_queued_commands_survive_kill9() {
             "{body}"
         );
     }
-    // The history holds every accepted change, in order.
-    let (status, body) = http(
-        hub.http,
-        "GET",
-        "/api/v1/tenants/default/devices/tw-1/twins/default/history?limit=1000",
-        "",
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
-    let history: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
-    let tokens: BTreeSet<u64> = history
-        .iter()
-        .filter_map(|e| e["clientToken"].as_str().and_then(|t| t.parse().ok()))
-        .collect();
-    for a in &accepted {
+    // The history holds every accepted change, in order (read a page at a time).
+    let mut tokens = BTreeSet::new();
+    let mut after = 0u64;
+    loop {
+        let (status, body) = http(
+            hub.http,
+            "GET",
+            &format!(
+                "/api/v1/tenants/default/devices/tw-1/twins/default/history?limit=1000&after={after}"
+            ),
+            "",
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let page: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        let Some(last) = page.last() else { break };
+        after = last["version"].as_u64().unwrap();
+        tokens.extend(page.iter().filter_map(|e| {
+            e["clientToken"]
+                .as_str()
+                .and_then(|t| t.parse::<u64>().ok())
+        }));
+    }
+    // The history keeps the last twins.history_per_twin (1000) changes: every accepted update
+    // from the oldest kept one on is there.
+    let oldest = *tokens.iter().next().expect("a non-empty history");
+    assert!(tokens.contains(&last_reported));
+    for a in accepted.iter().filter(|a| **a >= oldest) {
         assert!(
             tokens.contains(a),
             "accepted update {a} missing from the history"
