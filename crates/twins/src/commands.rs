@@ -457,17 +457,22 @@ impl Commands {
                 reply_after_commit(tx, result, keep)
             }))
             .await?;
-        let cmd = rx.await.map_err(|_| StoreError::Closed)??;
-        if self.link().is_ok_and(|l| l.is_online(tenant, device)) {
-            let me = self.clone();
-            let (t, d) = (tenant.to_string(), device.to_string());
-            tokio::spawn(async move {
-                if let Err(e) = me.send_pending(&t, &d, false).await {
-                    tracing::warn!(error = %e, device = %d, "sending queued commands failed");
-                }
-            });
-        }
-        Ok(cmd)
+        // What follows the commit runs in its own task: an operator who goes away after the
+        // command was stored must not leave it unsent while its device is online.
+        let me = self.clone();
+        let (t, d) = (tenant.to_string(), device.to_string());
+        let follow = tokio::spawn(async move {
+            let cmd = rx.await.map_err(|_| StoreError::Closed)??;
+            if me.link().is_ok_and(|l| l.is_online(&t, &d))
+                && let Err(e) = me.send_pending(&t, &d, false).await
+            {
+                tracing::warn!(error = %e, device = %d, "sending queued commands failed");
+            }
+            Ok::<_, TwinError>(cmd)
+        });
+        follow
+            .await
+            .map_err(|_| TwinError::Busy("the command service stopped"))?
     }
 
     /// Sends a device its open queued commands, oldest first: every `queued` one, and — when

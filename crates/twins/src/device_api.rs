@@ -244,7 +244,6 @@ impl DeviceApi {
                                     )
                                     .await;
                             }
-                            me.twins.after_commit(&applied).await;
                         }
                         Err(e) => me.reject(&key.tenant, &prefix, op, &e, client_token).await,
                     }

@@ -307,6 +307,7 @@ impl Twins {
         let max_named = self.config.max_named_twins;
         let keep_history = self.config.history_per_twin;
         let delta_tx = self.deltas.sender_for(&key);
+        let changes = self.changes.clone();
         self.store
             .submit(Box::new(move |ctx| {
                 let answer = apply_write(ctx, &key, write, &limits, max_named, keep_history);
@@ -319,14 +320,32 @@ impl Twins {
                         .map(|d| (a.key.clone(), delta_message(a.desired_version, d, a.at))),
                     Err(_) => None,
                 };
+                let change = match &answer {
+                    Ok(a) if a.changed => Some(TwinChange {
+                        tenant: a.key.tenant.clone(),
+                        device_id: a.key.device.to_string(),
+                        name: display_name(&a.key.name).to_string(),
+                        version: a.version,
+                        section: a.section.as_str().to_string(),
+                        patch: a.patch.clone(),
+                        actor: a.actor.clone(),
+                        at: a.at,
+                    }),
+                    _ => None,
+                };
                 let reply = reply_after_commit(tx, answer, keep);
                 JobDone {
                     keep,
+                    // On the writer thread, in commit order, whatever became of the caller: the
+                    // device's delta and the change stream.
                     then: Box::new(move |committed| {
-                        if committed.is_ok()
-                            && let Some((key, body)) = delta
-                        {
-                            queue_delta(delta_tx, key, body);
+                        if committed.is_ok() {
+                            if let Some((key, body)) = delta {
+                                queue_delta(delta_tx, key, body);
+                            }
+                            if let Some(change) = change {
+                                let _ = changes.send(change);
+                            }
                         }
                         (reply.then)(committed);
                     }),
@@ -336,31 +355,12 @@ impl Twins {
         Ok(rx)
     }
 
-    /// Applies a write and waits until it is durable, then tells watchers and, for desired
-    /// changes, sends the device its new delta.
+    /// Applies a write and waits until it is durable. Watchers and, for desired changes, the
+    /// device hear of it from the commit itself (in commit order, even if the caller goes away).
     pub async fn update(&self, key: TwinKey, write: TwinWrite) -> Result<Applied, TwinError> {
         let rx = self.enqueue(key, write).await?;
         let applied = rx.await.map_err(|_| StoreError::Closed)??;
-        self.after_commit(&applied).await;
         Ok(applied)
-    }
-
-    /// What follows a committed write: the change stream (the device's delta was queued by the
-    /// commit itself).
-    pub async fn after_commit(&self, applied: &Applied) {
-        if !applied.changed {
-            return;
-        }
-        let _ = self.changes.send(TwinChange {
-            tenant: applied.key.tenant.clone(),
-            device_id: applied.key.device.to_string(),
-            name: display_name(&applied.key.name).to_string(),
-            version: applied.version,
-            section: applied.section.as_str().to_string(),
-            patch: applied.patch.clone(),
-            actor: applied.actor.clone(),
-            at: applied.at,
-        });
     }
 
     /// Sends the device the current delta of a twin (if not empty), in order with the deltas of

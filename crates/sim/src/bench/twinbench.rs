@@ -336,6 +336,8 @@ pub async fn run_commands(a: &BenchArgs, opts: Arc<ClientOpts>, run: String) -> 
         bail!("commands needs --token (an admin API token; FERROHUB_TOKEN)");
     };
     let base = format!("http://{}:{}/api/v1/tenants/default", a.host, a.http_port);
+    // reqwest's rustls backend needs a process-wide crypto provider even for plain HTTP.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(a.http_concurrency as usize)
         .build()?;
