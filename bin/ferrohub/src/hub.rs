@@ -486,9 +486,10 @@ impl Hub {
             let mut sd = shutdown.clone();
             tasks.push(registry.spawn_background(async move { sd.wait().await }));
         }
+        let device_api = DeviceApi::new(twins.clone(), commands.clone(), link);
         tasks.push(spawn_device_services(
             &broker,
-            DeviceApi::new(twins.clone(), commands.clone(), link),
+            device_api.clone(),
             shutdown.clone(),
         ));
         tasks.push(spawn_twin_sweeper(
@@ -583,9 +584,20 @@ impl Hub {
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
+                    let (t, c, d) = (twins.clone(), commands.clone(), device_api.clone());
                     Arc::new(move |out: &mut String| {
                         b.render_metrics(out);
                         r.metrics.render(out);
+                        t.render_metrics(out);
+                        c.render_metrics(out);
+                        use std::fmt::Write;
+                        let _ = writeln!(
+                            out,
+                            "# HELP ferrohub_device_requests_dropped_total Twin/command requests from devices dropped because too many were in progress.\n\
+                             # TYPE ferrohub_device_requests_dropped_total counter\n\
+                             ferrohub_device_requests_dropped_total {}",
+                            d.dropped()
+                        );
                     })
                 },
             };

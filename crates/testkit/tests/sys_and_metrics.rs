@@ -134,6 +134,12 @@ async fn metrics_follow_the_traffic() {
         "ferrohub_mqtt_messages_sent_total{qos=\"1\"}",
         "ferrohub_mqtt_bytes_received_total",
         "ferrohub_mqtt_bytes_sent_total",
+        "ferrohub_twin_store_commits_total",
+        "ferrohub_twin_store_jobs_total",
+        "ferrohub_commands_direct_total{outcome=\"timeout\"}",
+        "ferrohub_commands_direct_waiting",
+        "ferrohub_commands_queued_sends_total",
+        "ferrohub_device_requests_dropped_total",
     ] {
         assert!(metric(&text, name).is_some(), "missing {name} in\n{text}");
     }

@@ -273,6 +273,29 @@ impl Commands {
         ))
     }
 
+    /// Appends the command service's Prometheus metrics to `out`.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let m = &self.metrics;
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_commands_direct_total Direct commands by outcome.
+             # TYPE ferrohub_commands_direct_total counter
+             ferrohub_commands_direct_total{{outcome=\"answered\"}} {}
+             ferrohub_commands_direct_total{{outcome=\"timeout\"}} {}
+             # HELP ferrohub_commands_direct_waiting Direct commands waiting for an answer.
+             # TYPE ferrohub_commands_direct_waiting gauge
+ferrohub_commands_direct_waiting {}
+             # HELP ferrohub_commands_queued_sends_total Sends of queued commands (first sends and resends).
+             # TYPE ferrohub_commands_queued_sends_total counter
+ferrohub_commands_queued_sends_total {}",
+            m.direct_answered.load(Relaxed),
+            m.direct_timeouts.load(Relaxed),
+            self.waiting(),
+            m.queued_sends.load(Relaxed)
+        );
+    }
+
     /// Direct commands waiting for an answer now.
     pub fn waiting(&self) -> usize {
         self.waiters.lock().len()
