@@ -593,7 +593,7 @@ impl Hub {
                         use std::fmt::Write;
                         let _ = writeln!(
                             out,
-                            "# HELP ferrohub_device_requests_dropped_total Twin/command requests from devices dropped because too many were in progress.\n\
+                            "# HELP ferrohub_device_requests_dropped_total Twin and command requests from devices dropped because too many were in progress.\n\
                              # TYPE ferrohub_device_requests_dropped_total counter\n\
                              ferrohub_device_requests_dropped_total {}",
                             d.dropped()

@@ -279,16 +279,16 @@ impl Commands {
         let m = &self.metrics;
         let _ = writeln!(
             out,
-            "# HELP ferrohub_commands_direct_total Direct commands by outcome.
-             # TYPE ferrohub_commands_direct_total counter
-             ferrohub_commands_direct_total{{outcome=\"answered\"}} {}
-             ferrohub_commands_direct_total{{outcome=\"timeout\"}} {}
-             # HELP ferrohub_commands_direct_waiting Direct commands waiting for an answer.
-             # TYPE ferrohub_commands_direct_waiting gauge
-ferrohub_commands_direct_waiting {}
-             # HELP ferrohub_commands_queued_sends_total Sends of queued commands (first sends and resends).
-             # TYPE ferrohub_commands_queued_sends_total counter
-ferrohub_commands_queued_sends_total {}",
+            "# HELP ferrohub_commands_direct_total Direct commands by outcome.\n\
+             # TYPE ferrohub_commands_direct_total counter\n\
+             ferrohub_commands_direct_total{{outcome=\"answered\"}} {}\n\
+             ferrohub_commands_direct_total{{outcome=\"timeout\"}} {}\n\
+             # HELP ferrohub_commands_direct_waiting Direct commands waiting for an answer.\n\
+             # TYPE ferrohub_commands_direct_waiting gauge\n\
+             ferrohub_commands_direct_waiting {}\n\
+             # HELP ferrohub_commands_queued_sends_total Sends of queued commands (first sends and resends).\n\
+             # TYPE ferrohub_commands_queued_sends_total counter\n\
+             ferrohub_commands_queued_sends_total {}",
             m.direct_answered.load(Relaxed),
             m.direct_timeouts.load(Relaxed),
             self.waiting(),

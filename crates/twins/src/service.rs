@@ -254,21 +254,31 @@ impl Twins {
         use std::fmt::Write;
         let m = &self.store.metrics;
         let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "# HELP ferrohub_twin_store_commits_total Group commits of the twin store.
-             # TYPE ferrohub_twin_store_commits_total counter
-ferrohub_twin_store_commits_total {}
-             # HELP ferrohub_twin_store_jobs_total Writes and reads run by the twin store's writer.
-             # TYPE ferrohub_twin_store_jobs_total counter
-ferrohub_twin_store_jobs_total {}
-             # HELP ferrohub_twin_store_busy_seconds_total Time the writer spent running groups.
-             # TYPE ferrohub_twin_store_busy_seconds_total counter
-ferrohub_twin_store_busy_seconds_total {:.6}",
-            g(&m.commits),
-            g(&m.jobs),
-            g(&m.commit_micros) as f64 / 1e6
-        );
+        for (name, help, kind, value) in [
+            (
+                "ferrohub_twin_store_commits_total",
+                "Group commits of the twin store.",
+                "counter",
+                g(&m.commits) as f64,
+            ),
+            (
+                "ferrohub_twin_store_jobs_total",
+                "Writes and reads run by the twin store's writer.",
+                "counter",
+                g(&m.jobs) as f64,
+            ),
+            (
+                "ferrohub_twin_store_busy_seconds_total",
+                "Time the writer spent running groups.",
+                "counter",
+                g(&m.commit_micros) as f64 / 1e6,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        }
     }
 
     /// The store (shared with the command service).
