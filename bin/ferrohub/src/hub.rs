@@ -189,6 +189,19 @@ fn spawn_device_services(
                 _ = events_shutdown.wait() => break,
                 e = events.recv() => match e { Some(e) => e, None => break },
             };
+            // Recorded in arrival order (before any of the device's subscriptions): whether
+            // the device's current session is a fresh one decides whether commands sent to an
+            // earlier session are sent again.
+            if let SessionEvent::Connected {
+                tenant,
+                origin,
+                session_present,
+                ..
+            } = &e
+                && let Some(d) = origin.device_id.as_ref().or(origin.client_id.as_ref())
+            {
+                events_api.session_started(tenant.as_str(), d, *session_present);
+            }
             let Ok(slot) = slots.clone().acquire_owned().await else {
                 break;
             };
@@ -466,11 +479,13 @@ impl Hub {
                         } => (tenant.as_str().to_string(), Some(device_id.clone())),
                         Purge::Tenant(tenant) => (tenant.as_str().to_string(), None),
                     };
-                    if let Err(e) = t.purge(&tenant, device.as_deref()).await {
-                        tracing::error!(error = %e, tenant, device, "deleting twins and commands failed");
-                    }
+                    // Sessions first: once the device's connections are gone it cannot write
+                    // its twin again behind the purge.
                     if let Some(b) = b {
                         purge_from_broker(&b, purge).await;
+                    }
+                    if let Err(e) = t.purge(&tenant, device.as_deref()).await {
+                        tracing::error!(error = %e, tenant, device, "deleting twins and commands failed");
                     }
                 })
             }));

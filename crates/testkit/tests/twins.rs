@@ -1347,6 +1347,43 @@ async fn an_unacknowledged_queued_command_is_sent_again_to_a_fresh_session() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribing_again_in_the_same_session_does_not_resend_or_burn_attempts() {
+    bounded(async {
+        let hub = secured_hub().await;
+        let api = Api::new(&hub);
+        let device = "queue-resub";
+        register(&api, device).await;
+        let r = api
+            .call(
+                Method::POST,
+                &format!("/tenants/default/devices/{device}/commands/ping?mode=queued&ttl=60"),
+                &json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 202, "{:?}", r.body);
+        let id = r.body["id"].as_str().unwrap().to_string();
+        let filter = format!("$devices/{device}/commands/req/#");
+        let mut opts = v5_device(&hub, device, true, false);
+        opts.set_manual_acks(true);
+        let mut dev = V5::connect(opts).await;
+        dev.subscribe(&filter, m5::QoS::AtLeastOnce).await;
+        let first = dev.recv_publish().await;
+        assert!(topic5(&first).ends_with(&id));
+        // The same SUBSCRIBE again (libraries do this on every reconnect of their own loop).
+        for _ in 0..3 {
+            dev.subscribe(&filter, m5::QoS::AtLeastOnce).await;
+        }
+        dev.expect_no_publish(QUIET).await;
+        let c = api.queued(device, &id).await;
+        assert_eq!(c["attempts"], 1, "{c}");
+        assert_eq!(c["state"], "sent", "{c}");
+        dev.disconnect().await;
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_command_expires_when_the_device_stays_away() {
     bounded(async {
         let hub = secured_hub().await;

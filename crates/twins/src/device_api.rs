@@ -48,6 +48,10 @@ pub struct DeviceApi {
     // Bounds the answers in flight (each holds a pending store write).
     in_flight: Arc<Semaphore>,
     dropped: std::sync::atomic::AtomicU64,
+    // Devices whose current session is fresh (clean start, or not resumed) and that have not yet
+    // subscribed to their commands: they get commands sent to earlier sessions again. Bounded:
+    // cleared when it grows past 100,000 (a device then misses one resend, not a command).
+    fresh_sessions: parking_lot::Mutex<hashbrown::HashSet<(Arc<str>, Arc<str>)>>,
 }
 
 impl DeviceApi {
@@ -63,6 +67,7 @@ impl DeviceApi {
             link,
             in_flight: Arc::new(Semaphore::new(16_384)),
             dropped: std::sync::atomic::AtomicU64::new(0),
+            fresh_sessions: parking_lot::Mutex::new(hashbrown::HashSet::new()),
         })
     }
 
@@ -324,6 +329,21 @@ impl DeviceApi {
             .await;
     }
 
+    /// A device's connection was accepted (call in arrival order, before its subscriptions are
+    /// handled): remembers whether its session is fresh.
+    pub fn session_started(&self, tenant: &str, device: &str, session_present: bool) {
+        let key = (Arc::from(tenant), Arc::from(device));
+        let mut fresh = self.fresh_sessions.lock();
+        if session_present {
+            fresh.remove(&key);
+        } else {
+            if fresh.len() >= 100_000 {
+                fresh.clear();
+            }
+            fresh.insert(key);
+        }
+    }
+
     /// A device connected. With a resumed session its subscriptions are in place: it gets its
     /// deltas and its queued commands now (a fresh session gets them when it subscribes).
     pub async fn on_connected(&self, tenant: &str, device: &str, session_present: bool) {
@@ -355,7 +375,16 @@ impl DeviceApi {
         let covers_commands = filters
             .iter()
             .any(|f| filter_matches(f, &command_probe) || f.starts_with(command_root.as_str()));
-        if covers_commands && let Err(e) = self.commands.send_pending(tenant, device, true).await {
+        // Commands already sent are sent again only to a fresh session's first command
+        // subscription (a resumed session still holds them; a repeated SUBSCRIBE must not burn
+        // attempts).
+        let resend = covers_commands
+            && self
+                .fresh_sessions
+                .lock()
+                .remove(&(Arc::<str>::from(tenant), Arc::<str>::from(device)));
+        if covers_commands && let Err(e) = self.commands.send_pending(tenant, device, resend).await
+        {
             tracing::warn!(error = %e, device, "sending queued commands failed");
         }
     }
