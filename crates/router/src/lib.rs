@@ -156,6 +156,11 @@ impl<S: Subscriber + ?Sized> TenantRouter<S> {
         self.trie.read().matches(publisher, message, out);
     }
 
+    /// Whether any subscription matches `topic` (a probe: no share member is picked).
+    pub fn has_match(&self, topic: &str) -> bool {
+        self.trie.read().has_match(topic)
+    }
+
     /// Picks another member of a share group for a message a member could not take, skipping
     /// `exclude`. Returns `None` when no other member is left.
     pub fn redispatch(&self, share: &ShareKey, exclude: SubscriberId) -> Option<(Arc<S>, QoS)> {

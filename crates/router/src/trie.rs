@@ -264,6 +264,13 @@ impl<S: Subscriber + ?Sized> SubscriptionTrie<S> {
         out.extend(shared);
     }
 
+    /// Whether any subscription (plain or shared) matches `topic`, without picking a share
+    /// member (so a probe never moves a group's round robin).
+    pub fn has_match(&self, topic: &str) -> bool {
+        let levels: SmallVec<[&str; 8]> = topic.split('/').collect();
+        any_match(&self.root, &levels, 0, topic.starts_with('$'))
+    }
+
     /// See [`crate::TenantRouter::redispatch`].
     pub fn pick_share_member(
         &self,
@@ -407,6 +414,31 @@ fn collect<S: Subscriber + ?Sized>(
             shared,
         );
     }
+}
+
+fn any_match<S: ?Sized>(node: &Node<S>, levels: &[&str], depth: usize, dollar: bool) -> bool {
+    let wild_ok = !(dollar && depth == 0);
+    if let Some(subs) = node.subs.as_deref() {
+        if wild_ok && (!subs.multi.is_empty() || !subs.multi_groups.is_empty()) {
+            return true;
+        }
+        if depth == levels.len() && (!subs.exact.is_empty() || !subs.exact_groups.is_empty()) {
+            return true;
+        }
+    }
+    let Some(level) = levels.get(depth) else {
+        return false;
+    };
+    if let Some(child) = node.children.get(*level)
+        && any_match(child, levels, depth + 1, dollar)
+    {
+        return true;
+    }
+    wild_ok
+        && node
+            .plus
+            .as_deref()
+            .is_some_and(|plus| any_match(plus, levels, depth + 1, dollar))
 }
 
 fn add<S: Subscriber + ?Sized>(

@@ -104,6 +104,8 @@ proptest! {
             prop_assert_eq!(got.len(), out.len(), "one copy per subscriber");
             let want: BTreeSet<u64> = filters.iter().enumerate()
                 .filter(|(_, f)| filter_matches(f, topic)).map(|(i, _)| i as u64).collect();
+            // The side-effect-free probe agrees with routing.
+            prop_assert_eq!(t.has_match(topic), !want.is_empty(), "has_match {}", topic);
             prop_assert_eq!(got, want, "topic {}", topic);
         }
         // Removing everything leaves an empty trie.

@@ -1033,20 +1033,7 @@ impl Broker {
     /// Whether any client subscribes to `topic` in `tenant` (so that a service can skip building
     /// a message nobody would receive).
     pub fn has_subscribers(&self, tenant: &TenantId, topic: &str) -> bool {
-        let Ok(topic) = TopicName::new(topic, &ferrohub_types::TopicLimits::default()) else {
-            return false;
-        };
-        let probe = Message {
-            topic,
-            payload: Bytes::new(),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            received_at: 0,
-            properties: None,
-        };
-        let mut scratch = Vec::new();
-        self.router.tenant(tenant).route(0, &probe, &mut scratch);
-        !scratch.is_empty()
+        self.router.tenant(tenant).has_match(topic)
     }
 
     /// The client ids of every session (online or not) in `tenant`.
