@@ -477,14 +477,30 @@ impl PolicyDocument {
     }
 
     /// The policy every device gets unless told otherwise: connect with its own device id as
-    /// client id, and publish, subscribe and receive under `devices/{id}/` and under its
-    /// reserved service topics `$devices/{id}/`. Nothing else.
+    /// client id; publish, subscribe and receive under `devices/{id}/`; subscribe to and
+    /// receive its reserved service topics `$devices/{id}/…`, but publish there only the
+    /// requests a device makes (twin get/update, command responses), never the hub's own
+    /// answers (`…/accepted`, `…/delta`, `…/commands/req/…`), which others may be listening to.
     pub fn default_device() -> PolicyDocument {
         PolicyDocument::new(vec![
             Statement::allow(&[Action::Connect], &["${device.id}"]),
             Statement::allow(
                 &[Action::Publish, Action::Subscribe, Action::Receive],
-                &["devices/${device.id}/#", "$devices/${device.id}/#"],
+                &["devices/${device.id}/#"],
+            ),
+            Statement::allow(
+                &[Action::Subscribe, Action::Receive],
+                &["$devices/${device.id}/#"],
+            ),
+            Statement::allow(
+                &[Action::Publish],
+                &[
+                    "$devices/${device.id}/twin/get",
+                    "$devices/${device.id}/twin/update",
+                    "$devices/${device.id}/twin/name/+/get",
+                    "$devices/${device.id}/twin/name/+/update",
+                    "$devices/${device.id}/commands/res/#",
+                ],
             ),
         ])
     }
@@ -1478,10 +1494,31 @@ mod tests {
         for t in [
             "devices/A",
             "devices/A/telemetry",
-            "$devices/A/shadow/update",
+            "$devices/A/twin/update",
+            "$devices/A/twin/get",
+            "$devices/A/twin/name/fw/update",
+            "$devices/A/commands/res/r1",
+            "$devices/A/commands/res/r1/200",
         ] {
             assert!(a.can_publish(t), "{t}");
+        }
+        for t in [
+            "devices/A",
+            "devices/A/telemetry",
+            "$devices/A/twin/delta",
+            "$devices/A/commands/req/reboot/r1",
+        ] {
             assert!(a.can_receive(t), "{t}");
+        }
+        // The hub's answers are the hub's to publish.
+        for t in [
+            "$devices/A/twin/delta",
+            "$devices/A/twin/update/accepted",
+            "$devices/A/twin/documents",
+            "$devices/A/commands/req/reboot/r1",
+            "$devices/A/shadow/update",
+        ] {
+            assert!(!a.can_publish(t), "{t}");
         }
         for f in [
             "devices/A/#",
