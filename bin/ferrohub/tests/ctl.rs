@@ -1,6 +1,7 @@
 //! `ferrohub ctl` against a real hub process: tenants, scoped tokens, a chunked CSV import with
 //! rejected rows, filtered listings, device status, passwords (checked over MQTT), certificates
-//! written to disk, device tokens, groups, the audit log, and the error hints.
+//! written to disk, device tokens, groups, the audit log, twins and commands to devices, and the
+//! error hints.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeSet;
@@ -963,4 +964,309 @@ fn https_hub_with_a_private_certificate_needs_ca_file() {
     )
     .ok();
     assert_eq!(out.json(), serde_json::json!([]));
+}
+
+/// Twins and commands through ctl: set desired, read it back, a stale `--if-match` (409), tags,
+/// history, a fleet query and grouped counts; a direct command to an offline device (refused), a
+/// queued one listed, shown and cancelled.
+#[test]
+fn twins_and_commands() {
+    let hub = Hub::start();
+    let t = "default";
+    for (id, site) in [
+        ("boiler-1", "plant-a"),
+        ("boiler-2", "plant-a"),
+        ("pump-1", "plant-b"),
+    ] {
+        ctl(&hub, ADMIN, t, &["devices", "create", id]).ok();
+        let patch = format!(r#"{{"site": "{site}"}}"#);
+        ctl(
+            &hub,
+            ADMIN,
+            t,
+            &["twins", "set-tags", id, &patch, "-o", "json"],
+        )
+        .ok();
+    }
+
+    // Set desired, then read it back (JSON) through the environment variables.
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "twins",
+            "set-desired",
+            "boiler-1",
+            r#"{"rate": 30, "mode": "eco"}"#,
+        ],
+    )
+    .ok();
+    let after = out.json();
+    assert_eq!(after["desired"]["rate"], 30, "{}", out.stdout);
+    assert!(out.stderr.contains("version"), "{}", out.stderr);
+    let url = hub.url();
+    let env = [
+        ("FERROHUB_URL", url.as_str()),
+        ("FERROHUB_TOKEN", ADMIN),
+        ("FERROHUB_TENANT", t),
+    ];
+    let twin = run_ctl(&env, &["twins", "get", "boiler-1", "-o", "json"], None)
+        .ok()
+        .json();
+    assert_eq!(twin["deviceId"], "boiler-1");
+    assert_eq!(twin["name"], "default");
+    assert_eq!(
+        twin["desired"],
+        serde_json::json!({"rate": 30, "mode": "eco"})
+    );
+    assert_eq!(twin["delta"]["mode"], "eco");
+    assert_eq!(twin["tags"]["site"], "plant-a");
+    let version = twin["version"].as_u64().unwrap();
+
+    // Conditional: at the current version it applies; the now stale version is refused.
+    let v = version.to_string();
+    let twin = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "twins",
+            "set-desired",
+            "boiler-1",
+            r#"{"mode": null}"#,
+            "--if-match",
+            &v,
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(twin["version"].as_u64(), Some(version + 1));
+    assert_eq!(twin["desired"], serde_json::json!({"rate": 30}));
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "twins",
+            "set-desired",
+            "boiler-1",
+            r#"{"rate": 5}"#,
+            "--if-match",
+            &v,
+        ],
+    );
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("version_conflict") && out.stderr.contains("version conflict"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("hint:"), "{}", out.stderr);
+    // A bad patch is refused before anything is sent.
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &["twins", "set-desired", "boiler-1", "{rate: 1}"],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("not JSON"), "{}", out.stderr);
+
+    // History: tags, two desired changes, oldest first.
+    let out = ctl(&hub, ADMIN, t, &["twins", "history", "boiler-1"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].starts_with("VERSION  TIME"), "{}", out.stdout);
+    assert!(lines[0].ends_with("SECTION  PATCH"), "{}", out.stdout);
+    assert_eq!(lines.len(), 4, "{}", out.stdout);
+    assert!(lines[1].contains("tags") && lines[1].contains(r#"{"site":"plant-a"}"#));
+    assert!(lines[3].contains("desired") && lines[3].contains(r#"{"mode":null}"#));
+    let h = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &["twins", "history", "boiler-1", "--after", &v, "-o", "json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(h.as_array().unwrap().len(), 1, "{h}");
+
+    // Fleet query (one page of 1, then --all) and grouped counts.
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "twins",
+            "query",
+            "--where",
+            "tags.site = 'plant-a'",
+            "--limit",
+            "1",
+        ],
+    )
+    .ok();
+    assert!(out.stdout.starts_with("DEVICE"), "{}", out.stdout);
+    assert_eq!(out.stdout.lines().count(), 2, "{}", out.stdout);
+    assert!(out.stderr.contains("--cursor"), "{}", out.stderr);
+    let all = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "twins",
+            "query",
+            "--where",
+            "tags.site = 'plant-a'",
+            "--limit",
+            "1",
+            "--all",
+            "-o",
+            "json",
+        ],
+    )
+    .ok()
+    .json();
+    let devices: Vec<&str> = all["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|x| x["deviceId"].as_str())
+        .collect();
+    assert_eq!(devices, ["boiler-1", "boiler-2"]);
+    assert!(all["next"].is_null());
+    let out = ctl(&hub, ADMIN, t, &["twins", "counts", "--by", "tags.site"]).ok();
+    let rows: Vec<Vec<&str>> = out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            vec!["VALUE", "COUNT"],
+            vec!["plant-a", "2"],
+            vec!["plant-b", "1"]
+        ],
+        "{}",
+        out.stdout
+    );
+    let counts = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "twins",
+            "counts",
+            "--by",
+            "desired.rate",
+            "--where",
+            "tags.site = 'plant-a'",
+            "-o",
+            "json",
+        ],
+    )
+    .ok()
+    .json();
+    let mut groups: Vec<String> = counts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| format!("{}:{}", g["value"], g["count"]))
+        .collect();
+    groups.sort();
+    assert_eq!(groups, ["30:1", "null:1"], "{counts}");
+
+    // A direct command to an offline device: refused at once with the API's message.
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "commands",
+            "send",
+            "pump-1",
+            "reboot",
+            "--payload",
+            r#"{"delay": 5}"#,
+            "--timeout",
+            "5",
+        ],
+    );
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stderr.contains("offline") && out.stderr.contains("device_offline"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("--queued"), "{}", out.stderr);
+
+    // Queued: stored, listed as queued, shown, cancelled.
+    let cmd = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &[
+            "commands",
+            "send",
+            "pump-1",
+            "set-schedule",
+            "--payload",
+            r#"{"on": "06:00"}"#,
+            "--queued",
+            "--ttl",
+            "3600",
+            "-o",
+            "json",
+        ],
+    )
+    .ok()
+    .json();
+    assert_eq!(cmd["state"], "queued", "{cmd}");
+    let id = cmd["id"].as_str().unwrap().to_string();
+    let out = ctl(&hub, ADMIN, t, &["commands", "list", "pump-1"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].starts_with("ID"), "{}", out.stdout);
+    assert_eq!(lines.len(), 2, "{}", out.stdout);
+    let cells: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(
+        cells[..4],
+        [id.as_str(), "set-schedule", "queued", "0/5"],
+        "{}",
+        out.stdout
+    );
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &["commands", "list", "pump-1", "--state", "failed"],
+    )
+    .ok();
+    assert!(out.stdout.is_empty() && out.stderr.contains("no queued commands"));
+    let out = ctl(&hub, ADMIN, t, &["commands", "get", "pump-1", &id]).ok();
+    assert!(
+        out.stdout.contains("queued") && out.stdout.contains(r#"{"on":"06:00"}"#),
+        "{}",
+        out.stdout
+    );
+    let out = ctl(&hub, ADMIN, t, &["commands", "cancel", "pump-1", &id]).ok();
+    assert!(out.stdout.contains("cancelled"), "{}", out.stdout);
+    let got = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &["commands", "get", "pump-1", &id, "-o", "json"],
+    )
+    .ok()
+    .json();
+    assert_eq!(got["state"], "cancelled");
+    // --ttl belongs to --queued.
+    let out = ctl(
+        &hub,
+        ADMIN,
+        t,
+        &["commands", "send", "pump-1", "x", "--ttl", "5"],
+    );
+    assert_eq!(out.code, 2, "{}", out.stderr);
 }

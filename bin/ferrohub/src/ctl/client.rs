@@ -351,6 +351,14 @@ fn hint_for(status: StatusCode, message: &str, hub: &str) -> Option<String> {
         404 if message.starts_with("there is no route") => Some(format!(
             "is {hub} the hub's HTTP address (--url)? the hub may be older than this ctl"
         )),
+        409 if message.starts_with("version conflict") => Some(
+            "read the twin again (ferrohub ctl twins get) and retry with --if-match its version"
+                .into(),
+        ),
+        409 if message.contains(" is offline") => Some(
+            "send it with --queued: the hub stores it and delivers it when the device connects"
+                .into(),
+        ),
         413 => Some("send less at once (for imports: a smaller --chunk-size)".into()),
         500..=599 => Some("the cause is in the hub's log".into()),
         _ => None,

@@ -32,6 +32,8 @@ pub(crate) async fn dispatch(ctx: &Ctx, command: CtlCommand) -> Result<i32> {
         CtlCommand::Policies(c) => policies(ctx, c).await?,
         CtlCommand::Tokens(c) => tokens(ctx, c).await?,
         CtlCommand::Audit(a) => audit(ctx, a).await?,
+        CtlCommand::Twins(c) => return super::twins::run(ctx, c).await,
+        CtlCommand::Commands(c) => return super::device_commands::run(ctx, c).await,
     }
     Ok(0)
 }

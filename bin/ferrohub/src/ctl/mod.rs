@@ -8,8 +8,10 @@
 
 mod client;
 mod commands;
+mod device_commands;
 mod import;
 mod output;
+mod twins;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,12 +28,14 @@ Examples:
   ferrohub ctl devices import fleet.csv
   ferrohub ctl credentials issue-cert boiler-17 --out-dir ./certs
   ferrohub ctl audit --action device. --since 1h
+  ferrohub ctl twins set-desired boiler-17 '{\"rate\": 30}'
+  ferrohub ctl commands send boiler-17 reboot --payload '{\"delay\": 5}'
 
 Exit status: 0 on success; 1 when the command failed (the message and a hint are on stderr) or an
 import rejected rows; 2 for a command-line usage error.";
 
 /// Operates a running hub over its HTTP API: tenants, devices, credentials, groups, policies,
-/// API tokens and the audit log.
+/// API tokens, the audit log, device twins and commands to devices.
 #[derive(Args, Debug)]
 #[command(after_help = CTL_EXAMPLES)]
 pub struct CtlArgs {
@@ -85,16 +89,16 @@ pub struct CtlArgs {
         value_name = "FILE"
     )]
     ca_file: Option<PathBuf>,
-    /// Seconds to wait for each answer of the hub.
+    /// Seconds to wait for each answer of the hub [default: 120]. For a direct `commands send`:
+    /// seconds the device has to answer [default: 30, at most 300].
     #[arg(
         long,
         global = true,
         help_heading = "Connection and output",
-        default_value_t = 120,
         value_name = "SECS",
         value_parser = clap::value_parser!(u64).range(1..)
     )]
-    timeout: u64,
+    timeout: Option<u64>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -125,6 +129,12 @@ enum CtlCommand {
         ferrohub ctl audit --since 2026-01-31T08:00:00Z --result failure --limit 500"
     )]
     Audit(AuditArgs),
+    /// Device twins: read, change desired state and tags, history, fleet queries and counts.
+    #[command(subcommand)]
+    Twins(twins::TwinsCmd),
+    /// Commands to devices: send (direct or queued), list, show and cancel queued ones.
+    #[command(subcommand)]
+    Commands(device_commands::CommandsCmd),
 }
 
 // ---- tenants -------------------------------------------------------------------------------
@@ -685,11 +695,16 @@ fn parse_time(s: &str) -> Result<i64, String> {
 
 // ---- running -------------------------------------------------------------------------------
 
+/// Seconds to wait for each answer of the hub when `--timeout` is not given.
+const DEFAULT_TIMEOUT: u64 = 120;
+
 /// What every command needs.
 pub(crate) struct Ctx {
     pub(crate) client: Client,
     pub(crate) tenant: String,
     pub(crate) output: Output,
+    /// `--timeout`, when it was given.
+    pub(crate) timeout: Option<u64>,
 }
 
 /// Runs `ferrohub ctl` and returns the process exit status: 0 on success, 1 when the command
@@ -726,16 +741,23 @@ fn report_error(e: &anyhow::Error) {
 }
 
 async fn execute(args: CtlArgs) -> anyhow::Result<i32> {
+    // A direct command keeps the request open while the device answers: wait longer than that.
+    let http_timeout = match &args.command {
+        CtlCommand::Commands(c) => device_commands::direct_wait(c, args.timeout).map(|w| w + 15),
+        _ => None,
+    }
+    .unwrap_or(args.timeout.unwrap_or(DEFAULT_TIMEOUT));
     let client = Client::new(
         &args.url,
         args.token.as_deref(),
         args.ca_file.as_deref(),
-        Duration::from_secs(args.timeout),
+        Duration::from_secs(http_timeout),
     )?;
     let ctx = Ctx {
         client,
         tenant: args.tenant,
         output: args.output,
+        timeout: args.timeout,
     };
     commands::dispatch(&ctx, args.command).await
 }
