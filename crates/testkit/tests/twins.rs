@@ -455,6 +455,19 @@ async fn wait_offline(hub: &TestHub, device: &str) {
 // 1. Twin round trip
 // ---------------------------------------------------------------------------------------------
 
+/// Queues command `name` for `device` (ttl in seconds) and returns its id.
+async fn queue_command(api: &Api, device: &str, name: &str, ttl: u64) -> String {
+    let r = api
+        .call(
+            Method::POST,
+            &format!("/tenants/default/devices/{device}/commands/{name}?mode=queued&ttl={ttl}"),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{:?}", r.body);
+    r.body["id"].as_str().unwrap().to_string()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twin_round_trip_over_mqtt5_and_311() {
     bounded(async {
@@ -1303,15 +1316,7 @@ async fn an_unacknowledged_queued_command_is_sent_again_to_a_fresh_session() {
         let api = Api::new(&hub);
         let device = "queue-2";
         register(&api, device).await;
-        let r = api
-            .call(
-                Method::POST,
-                &format!("/tenants/default/devices/{device}/commands/ping?mode=queued&ttl=60"),
-                &json!({}),
-            )
-            .await;
-        assert_eq!(r.status, 202, "{:?}", r.body);
-        let id = r.body["id"].as_str().unwrap().to_string();
+        let id = queue_command(&api, device, "ping", 60).await;
 
         let filter = format!("$devices/{device}/commands/req/#");
         let mut opts = v5_device(&hub, device, true, false);
@@ -1353,15 +1358,7 @@ async fn subscribing_again_in_the_same_session_does_not_resend_or_burn_attempts(
         let api = Api::new(&hub);
         let device = "queue-resub";
         register(&api, device).await;
-        let r = api
-            .call(
-                Method::POST,
-                &format!("/tenants/default/devices/{device}/commands/ping?mode=queued&ttl=60"),
-                &json!({}),
-            )
-            .await;
-        assert_eq!(r.status, 202, "{:?}", r.body);
-        let id = r.body["id"].as_str().unwrap().to_string();
+        let id = queue_command(&api, device, "ping", 60).await;
         let filter = format!("$devices/{device}/commands/req/#");
         let mut opts = v5_device(&hub, device, true, false);
         opts.set_manual_acks(true);
@@ -1390,15 +1387,7 @@ async fn a_queued_command_expires_when_the_device_stays_away() {
         let api = Api::new(&hub);
         let device = "queue-3";
         register(&api, device).await;
-        let r = api
-            .call(
-                Method::POST,
-                &format!("/tenants/default/devices/{device}/commands/reboot?mode=queued&ttl=1"),
-                &json!({}),
-            )
-            .await;
-        assert_eq!(r.status, 202, "{:?}", r.body);
-        let id = r.body["id"].as_str().unwrap().to_string();
+        let id = queue_command(&api, device, "reboot", 1).await;
         // The hub sweeps every 5 s.
         let c = api
             .wait_command_state(device, &id, "expired", Duration::from_secs(10))

@@ -590,26 +590,52 @@ impl Commands {
         Ok(sent)
     }
 
-    async fn unsend(&self, tenant: &str, device: &str, id: &str) {
-        let (t, d, i) = (tenant.to_string(), device.to_string(), id.to_string());
+    /// Runs `f` in the writer's transaction; answers once it is committed.
+    async fn write<T, F>(&self, f: F) -> Result<T, TwinError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
+    {
         let (tx, rx) = oneshot::channel();
-        let submitted = self
-            .store
+        self.store
             .submit(Box::new(move |ctx| {
-                let result = ctx
-                    .conn
-                    .execute(
-                        "UPDATE commands SET state = 'queued', attempts = max(attempts - 1, 0) \
-                         WHERE tenant = ?1 AND device = ?2 AND id = ?3 AND state = 'sent'",
-                        params![t, d, i],
-                    )
-                    .map_err(|e| TwinError::from(StoreError::from(e)));
+                let result = f(ctx.conn).map_err(TwinError::from);
                 let keep = result.is_ok();
                 reply_after_commit(tx, result, keep)
             }))
-            .await;
-        if submitted.is_ok()
-            && let Ok(Err(e)) = rx.await
+            .await?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Moves one command of a device from state `from` to `to` (with `updated_at`); returns
+    /// whether it was in `from`.
+    async fn transition(
+        &self,
+        (tenant, device, id): (&str, &str, &str),
+        from: &'static str,
+        to: &'static str,
+        error: Option<&'static str>,
+    ) -> Result<bool, TwinError> {
+        let (t, d, i) = (tenant.to_string(), device.to_string(), id.to_string());
+        let now = now_millis() as i64;
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE commands SET state = ?5, updated_at = ?6, error = coalesce(?7, error), \
+                     attempts = CASE WHEN ?5 = 'queued' THEN max(attempts - 1, 0) ELSE attempts END \
+                     WHERE tenant = ?1 AND device = ?2 AND id = ?3 \
+                     AND (state = ?4 OR (?4 = 'open' AND state IN ('queued', 'sent', 'delivered')))",
+                )?
+                .execute(params![t, d, i, from, to, now, error])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    async fn unsend(&self, tenant: &str, device: &str, id: &str) {
+        if let Err(e) = self
+            .transition((tenant, device, id), "sent", "queued", None)
+            .await
         {
             tracing::warn!(error = %e, "returning an unsent command to the queue failed");
         }
@@ -641,36 +667,19 @@ impl Commands {
         };
         let mut payload = response.payload.to_vec();
         payload.truncate(self.config.max_payload_bytes);
-        let now = now_millis();
-        let (tx, rx) = oneshot::channel();
+        let now = now_millis() as i64;
         let (t, d, r) = (tenant.to_string(), device.to_string(), rid.to_string());
-        self.store
-            .submit(Box::new(move |ctx| {
-                let result = ctx
-                    .conn
-                    .prepare_cached(
-                        "UPDATE commands SET state = ?4, status = ?5, response = ?6, updated_at = ?7 \
-                         WHERE tenant = ?1 AND device = ?2 AND id = ?3 \
-                         AND state IN ('queued', 'sent', 'delivered')",
-                    )
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            t,
-                            d,
-                            r,
-                            state,
-                            response.status,
-                            payload,
-                            now as i64
-                        ])
-                    })
-                    .map(|n| n > 0)
-                    .map_err(|e| TwinError::from(StoreError::from(e)));
-                let keep = result.is_ok();
-                reply_after_commit(tx, result, keep)
-            }))
-            .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.write(move |c| {
+            let n = c
+                .prepare_cached(
+                    "UPDATE commands SET state = ?4, status = ?5, response = ?6, updated_at = ?7 \
+                     WHERE tenant = ?1 AND device = ?2 AND id = ?3 \
+                     AND state IN ('queued', 'sent', 'delivered')",
+                )?
+                .execute(params![t, d, r, state, response.status, payload, now])?;
+            Ok(n > 0)
+        })
+        .await
     }
 
     /// The device acknowledged the request published on `topic` (MQTT PUBACK).
@@ -681,26 +690,9 @@ impl Commands {
         if self.waiters.lock().contains_key(rid) {
             return;
         }
-        let (t, d, r) = (tenant.to_string(), device.to_string(), rid.to_string());
-        let now = now_millis();
-        let (tx, rx) = oneshot::channel();
-        let submitted = self
-            .store
-            .submit(Box::new(move |ctx| {
-                let result = ctx
-                    .conn
-                    .prepare_cached(
-                        "UPDATE commands SET state = 'delivered', updated_at = ?4 \
-                         WHERE tenant = ?1 AND device = ?2 AND id = ?3 AND state = 'sent'",
-                    )
-                    .and_then(|mut s| s.execute(params![t, d, r, now as i64]))
-                    .map_err(|e| TwinError::from(StoreError::from(e)));
-                let keep = result.is_ok();
-                reply_after_commit(tx, result, keep)
-            }))
-            .await;
-        if submitted.is_ok()
-            && let Ok(Err(e)) = rx.await
+        if let Err(e) = self
+            .transition((tenant, device, rid), "sent", "delivered", None)
+            .await
         {
             tracing::warn!(error = %e, "recording a command delivery failed");
         }
@@ -711,28 +703,21 @@ impl Commands {
     pub async fn sweep(&self) -> Result<(usize, usize), TwinError> {
         let now = now_millis();
         let keep_until = now.saturating_sub(self.config.retention_secs * 1000);
-        let (tx, rx) = oneshot::channel();
-        self.store
-            .submit(Box::new(move |ctx| {
-                let result = (|| -> Result<(usize, usize), StoreError> {
-                    let expired = ctx.conn.execute(
-                        "UPDATE commands SET state = 'expired', updated_at = ?1, \
-                         error = 'its time to live passed before it finished' \
-                         WHERE state IN ('queued', 'sent', 'delivered') AND expires_at <= ?1",
-                        params![now as i64],
-                    )?;
-                    let deleted = ctx.conn.execute(
-                        "DELETE FROM commands WHERE state IN \
-                         ('succeeded', 'failed', 'expired', 'cancelled') AND updated_at < ?1",
-                        params![keep_until as i64],
-                    )?;
-                    Ok((expired, deleted))
-                })();
-                let keep = result.is_ok();
-                reply_after_commit(tx, result.map_err(TwinError::from), keep)
-            }))
-            .await?;
-        rx.await.map_err(|_| StoreError::Closed)?
+        self.write(move |c| {
+            let expired = c.execute(
+                "UPDATE commands SET state = 'expired', updated_at = ?1, \
+                 error = 'its time to live passed before it finished' \
+                 WHERE state IN ('queued', 'sent', 'delivered') AND expires_at <= ?1",
+                params![now as i64],
+            )?;
+            let deleted = c.execute(
+                "DELETE FROM commands WHERE state IN \
+                 ('succeeded', 'failed', 'expired', 'cancelled') AND updated_at < ?1",
+                params![keep_until as i64],
+            )?;
+            Ok((expired, deleted))
+        })
+        .await
     }
 
     /// Cancels an open queued command.
@@ -742,28 +727,16 @@ impl Commands {
         device: &str,
         id: &str,
     ) -> Result<QueuedCommand, TwinError> {
-        let now = now_millis();
-        let (tx, rx) = oneshot::channel();
-        let (t, d, i) = (tenant.to_string(), device.to_string(), id.to_string());
-        self.store
-            .submit(Box::new(move |ctx| {
-                let result = ctx
-                    .conn
-                    .execute(
-                        "UPDATE commands SET state = 'cancelled', updated_at = ?4, \
-                         error = 'cancelled by an operator' \
-                         WHERE tenant = ?1 AND device = ?2 AND id = ?3 \
-                         AND state IN ('queued', 'sent', 'delivered')",
-                        params![t, d, i, now as i64],
-                    )
-                    .map_err(|e| TwinError::from(StoreError::from(e)));
-                let keep = result.is_ok();
-                reply_after_commit(tx, result, keep)
-            }))
+        let changed = self
+            .transition(
+                (tenant, device, id),
+                "open",
+                "cancelled",
+                Some("cancelled by an operator"),
+            )
             .await?;
-        let changed = rx.await.map_err(|_| StoreError::Closed)??;
         let cmd = self.get(tenant, device, id).await?;
-        if changed == 0 && cmd.state != CommandState::Cancelled {
+        if !changed && cmd.state != CommandState::Cancelled {
             return Err(TwinError::Invalid(format!(
                 "command {id} is {} already and cannot be cancelled",
                 cmd.state.as_str()
