@@ -5,7 +5,7 @@
 //! (Not to be confused with `commands.rs`, which runs ctl's own command tree.)
 
 use anyhow::Result;
-use clap::{Subcommand, ValueEnum};
+use clap::Subcommand;
 use reqwest::Method;
 use serde_json::Value;
 
@@ -17,37 +17,15 @@ use super::output::{Output, Table, emit, emit_json, key_values, text, time};
 /// default).
 pub(super) const DEFAULT_DIRECT_WAIT: u64 = 30;
 
-/// State of a queued command.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum CommandState {
-    /// Stored, not sent yet.
-    Queued,
-    /// Published to the device's session.
-    Sent,
-    /// The device acknowledged the MQTT message.
-    Delivered,
-    /// The device answered with a 2xx status.
-    Succeeded,
-    /// Another status, or no answer after the last attempt.
-    Failed,
-    /// Its TTL passed first.
-    Expired,
-    /// Cancelled by an operator.
-    Cancelled,
-}
+use ferrohub_twins::commands::CommandState;
 
-impl CommandState {
-    fn as_str(self) -> &'static str {
-        match self {
-            CommandState::Queued => "queued",
-            CommandState::Sent => "sent",
-            CommandState::Delivered => "delivered",
-            CommandState::Succeeded => "succeeded",
-            CommandState::Failed => "failed",
-            CommandState::Expired => "expired",
-            CommandState::Cancelled => "cancelled",
-        }
-    }
+/// Parses `--state` (the states the API knows).
+fn parse_state(s: &str) -> Result<CommandState, String> {
+    CommandState::parse(s).ok_or_else(|| {
+        format!(
+            "unknown state {s:?}: use queued, sent, delivered, succeeded, failed, expired or cancelled"
+        )
+    })
 }
 
 #[derive(Subcommand, Debug)]
@@ -85,8 +63,9 @@ pub(super) enum CommandsCmd {
     List {
         /// Device id.
         device: String,
-        /// Only commands in this state.
-        #[arg(long, value_enum)]
+        /// Only commands in this state: queued, sent, delivered, succeeded, failed, expired or
+        /// cancelled.
+        #[arg(long, value_parser = parse_state)]
         state: Option<CommandState>,
         /// Number of commands, 1 to 1000.
         #[arg(long, default_value_t = 100, value_name = "N",
