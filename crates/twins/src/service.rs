@@ -352,8 +352,9 @@ impl Twins {
                         .map(|d| (a.key.clone(), delta_message(a.desired_version, d, a.at))),
                     Err(_) => None,
                 };
+                // Built only when someone watches (it copies the patch).
                 let change = match &answer {
-                    Ok(a) if a.changed => Some(TwinChange {
+                    Ok(a) if a.changed && changes.receiver_count() > 0 => Some(TwinChange {
                         tenant: a.key.tenant.clone(),
                         device_id: a.key.device.to_string(),
                         name: display_name(&a.key.name).to_string(),
