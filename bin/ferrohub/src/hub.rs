@@ -440,6 +440,7 @@ impl Hub {
                     .persistence
                     .then(|| config.data_dir.join("twins.db")),
                 cache_entries: config.twins.cache_entries,
+                cache_bytes: config.twins.cache_mib << 20,
                 fsync: config.storage.fsync == FsyncMode::Always,
                 ..Default::default()
             })

@@ -39,6 +39,8 @@ pub struct TwinsConfig {
     pub history_retention_days: u64,
     /// Parsed twin documents the writer keeps in memory.
     pub cache_entries: usize,
+    /// Their total size as stored JSON, in MiB (parsed, they take a few times more).
+    pub cache_mib: usize,
 }
 
 impl Default for TwinsConfig {
@@ -51,6 +53,7 @@ impl Default for TwinsConfig {
             history_per_twin: 1000,
             history_retention_days: 30,
             cache_entries: 100_000,
+            cache_mib: 64,
         }
     }
 }

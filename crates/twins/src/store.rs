@@ -122,7 +122,7 @@ pub struct WriteContext<'a> {
 impl WriteContext<'_> {
     /// The twin's document, from the cache or the database; `None` if it does not exist.
     pub fn load(&mut self, key: &TwinKey) -> Result<Option<&mut TwinDocument>, StoreError> {
-        if !self.cache.map.contains_key(key) {
+        if !self.cache.contains(key) {
             let doc: Option<String> = self
                 .conn
                 .prepare_cached(
@@ -135,30 +135,28 @@ impl WriteContext<'_> {
             let Some(doc) = doc else {
                 return Ok(None);
             };
+            let size = doc.len();
             let doc: TwinDocument =
                 serde_json::from_str(&doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            self.cache.insert(key.clone(), doc);
+            self.cache.insert(key.clone(), doc, size);
         }
-        Ok(self.cache.map.get_mut(key))
+        Ok(self.cache.get_mut(key))
     }
 
     /// Puts a new document in the cache (it is written by [`WriteContext::save`]).
-    pub fn create(&mut self, key: &TwinKey, doc: TwinDocument) -> &mut TwinDocument {
-        self.cache.insert(key.clone(), doc);
-        // Just inserted; `insert` evicts only other entries.
-        self.cache
-            .map
-            .entry(key.clone())
-            .or_insert_with(|| TwinDocument::new(0))
+    pub fn create(&mut self, key: &TwinKey, doc: TwinDocument) {
+        self.cache.insert(key.clone(), doc, 0);
     }
 
     /// Writes the cached document of `key` (after the job changed it) with a history entry.
     pub fn save(&mut self, key: &TwinKey, history: &HistoryEntry) -> Result<(), StoreError> {
         self.touched.push(key.clone());
-        let Some(doc) = self.cache.map.get(key) else {
+        let Some(doc) = self.cache.get(key) else {
             return Ok(());
         };
         let text = serde_json::to_string(doc).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (version, updated_at) = (doc.version(), doc.updated_at());
+        self.cache.set_size(key, text.len());
         self.conn
             .prepare_cached(
                 "INSERT INTO twins (tenant, device, name, version, updated_at, doc) \
@@ -170,8 +168,8 @@ impl WriteContext<'_> {
                 &*key.tenant,
                 &*key.device,
                 &*key.name,
-                doc.version() as i64,
-                doc.updated_at() as i64,
+                version as i64,
+                updated_at as i64,
                 text
             ])?;
         self.conn
@@ -184,7 +182,7 @@ impl WriteContext<'_> {
                 &*key.tenant,
                 &*key.device,
                 &*key.name,
-                doc.version() as i64,
+                version as i64,
                 history.at as i64,
                 history.actor,
                 history.section,
@@ -197,8 +195,7 @@ impl WriteContext<'_> {
     /// Forgets cached documents of `tenant` (and `device`, if given) after deleting them.
     pub fn forget(&mut self, tenant: &str, device: Option<&str>) {
         self.cache
-            .map
-            .retain(|k, _| !(&*k.tenant == tenant && device.is_none_or(|d| &*k.device == d)));
+            .retain(|k| !(&*k.tenant == tenant && device.is_none_or(|d| &*k.device == d)));
     }
 
     /// Marks `key` as changed (its cached copy is dropped if the group fails to commit).
@@ -226,18 +223,59 @@ pub struct HistoryEntry {
     pub client_token: Option<String>,
 }
 
-/// Bounded cache of parsed documents (evicts a slice of arbitrary entries when full: cheap, and
-/// the hot twins come back on their next write).
+/// Bounded cache of parsed documents, by count and by size (the stored JSON's bytes, which a
+/// parsed document exceeds a few times): when either bound is passed, a slice of arbitrary
+/// entries is evicted (cheap; the hot twins come back on their next write).
 struct DocCache {
-    map: HashMap<TwinKey, TwinDocument>,
+    map: HashMap<TwinKey, (TwinDocument, usize)>,
+    bytes: usize,
     capacity: usize,
+    max_bytes: usize,
 }
 
 impl DocCache {
-    fn insert(&mut self, key: TwinKey, doc: TwinDocument) {
-        if self.map.len() >= self.capacity && !self.map.contains_key(&key) {
-            let mut drop_n = (self.capacity / 10).max(1);
-            self.map.retain(|_, _| {
+    fn contains(&self, key: &TwinKey) -> bool {
+        self.map.contains_key(key)
+    }
+
+    fn get(&self, key: &TwinKey) -> Option<&TwinDocument> {
+        self.map.get(key).map(|(d, _)| d)
+    }
+
+    fn get_mut(&mut self, key: &TwinKey) -> Option<&mut TwinDocument> {
+        self.map.get_mut(key).map(|(d, _)| d)
+    }
+
+    fn remove(&mut self, key: &TwinKey) {
+        if let Some((_, size)) = self.map.remove(key) {
+            self.bytes -= size;
+        }
+    }
+
+    fn retain(&mut self, mut keep: impl FnMut(&TwinKey) -> bool) {
+        let mut freed = 0;
+        self.map.retain(|k, (_, size)| {
+            let kept = keep(k);
+            if !kept {
+                freed += *size;
+            }
+            kept
+        });
+        self.bytes -= freed;
+    }
+
+    fn set_size(&mut self, key: &TwinKey, size: usize) {
+        if let Some((_, s)) = self.map.get_mut(key) {
+            self.bytes = self.bytes - *s + size;
+            *s = size;
+        }
+    }
+
+    fn insert(&mut self, key: TwinKey, doc: TwinDocument, size: usize) {
+        self.remove(&key);
+        if self.map.len() >= self.capacity || self.bytes + size > self.max_bytes {
+            let mut drop_n = (self.map.len() / 10).max(1);
+            self.retain(|_| {
                 if drop_n > 0 {
                     drop_n -= 1;
                     false
@@ -246,7 +284,8 @@ impl DocCache {
                 }
             });
         }
-        self.map.insert(key, doc);
+        self.bytes += size;
+        self.map.insert(key, (doc, size));
     }
 }
 
@@ -269,6 +308,8 @@ pub struct StoreConfig {
     pub path: Option<PathBuf>,
     /// Parsed documents kept by the writer.
     pub cache_entries: usize,
+    /// Their total size as stored JSON (parsed, they take a few times more).
+    pub cache_bytes: usize,
     /// Jobs waiting for the writer before callers wait (backpressure).
     pub queue: usize,
     /// Sync every commit to disk (`synchronous = FULL`); off trades the last commits before a
@@ -281,6 +322,7 @@ impl Default for StoreConfig {
         StoreConfig {
             path: None,
             cache_entries: 100_000,
+            cache_bytes: 64 << 20,
             queue: 65_536,
             fsync: true,
         }
@@ -345,7 +387,9 @@ impl SqliteTwinStore {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let cache = DocCache {
             map: HashMap::new(),
+            bytes: 0,
             capacity: config.cache_entries.max(16),
+            max_bytes: config.cache_bytes.max(1 << 20),
         };
         let m = metrics.clone();
         let wal = config
@@ -493,7 +537,7 @@ fn writer_loop(
         if outcome.is_err() {
             // Nothing of this group is on disk: drop what the cache learnt from it.
             for k in touched.drain(..) {
-                cache.map.remove(&k);
+                cache.remove(&k);
             }
         }
         touched.clear();
@@ -570,7 +614,7 @@ fn run_group(
                 Err(e) => {
                     tracing::error!(error = %e, "twin store: releasing a savepoint failed");
                     for k in job_touched {
-                        cache.map.remove(&k);
+                        cache.remove(&k);
                     }
                     (result.then)(Err(Arc::new(e.into())));
                 }
@@ -578,7 +622,7 @@ fn run_group(
         } else {
             drop(sp);
             for k in job_touched {
-                cache.map.remove(&k);
+                cache.remove(&k);
             }
             done.push((false, result.then));
         }
@@ -610,5 +654,40 @@ pub fn reply_after_commit<T: Send + 'static>(
                 _ => answer,
             });
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> TwinKey {
+        TwinKey {
+            tenant: Arc::from("t"),
+            device: Arc::from(format!("d{i}").as_str()),
+            name: Arc::from(""),
+        }
+    }
+
+    #[test]
+    fn the_document_cache_is_bounded_by_count_and_by_bytes() {
+        let mut c = DocCache {
+            map: HashMap::new(),
+            bytes: 0,
+            capacity: 100,
+            max_bytes: 10_000,
+        };
+        for i in 0..1000 {
+            c.insert(key(i), TwinDocument::new(0), 500);
+            assert!(c.bytes <= 10_000, "{} bytes", c.bytes);
+            assert!(c.map.len() <= 100);
+            assert_eq!(c.bytes, c.map.values().map(|(_, s)| s).sum::<usize>());
+        }
+        // Re-inserting and resizing keep the account exact.
+        c.insert(key(999), TwinDocument::new(0), 100);
+        c.set_size(&key(999), 700);
+        c.remove(&key(998));
+        c.retain(|k| &*k.device != "d997");
+        assert_eq!(c.bytes, c.map.values().map(|(_, s)| s).sum::<usize>());
     }
 }
