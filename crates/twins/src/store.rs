@@ -470,6 +470,13 @@ fn configure(c: &Connection, persistent: bool, fsync: bool) -> rusqlite::Result<
     // checkpoint. 1 KiB pages move a quarter of the bytes of the default 4 KiB for the same
     // updates. (Takes effect when the database is created.)
     c.execute_batch("PRAGMA page_size = 1024;")?;
+    if !persistent {
+        // An in-memory database is shared between connections through SQLite's shared cache,
+        // whose table locks would make a scan fail ("database table is locked") while the writer
+        // holds a group open, and busy_timeout does not apply to them. Scans read uncommitted
+        // instead: in memory nothing is durable anyway.
+        c.execute_batch("PRAGMA read_uncommitted = 1;")?;
+    }
     if persistent {
         // WAL: readers never block the writer. FULL: a commit is on disk when it returns, which
         // is what lets the hub acknowledge a twin update or a queued command.

@@ -549,3 +549,42 @@ async fn an_abandoned_direct_command_leaves_no_waiter() {
     let _ = call.await;
     assert_eq!(commands.waiting(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_run_while_the_writer_writes_without_errors() {
+    // In memory (a shared-cache database), readers must not trip over the writer's locks.
+    scans_during_writes(open(None)).await;
+    // On disk (WAL), neither.
+    let dir = tempfile::tempdir().unwrap();
+    scans_during_writes(open(Some(dir.path().join("twins.db")))).await;
+}
+
+async fn scans_during_writes(store: Arc<SqliteTwinStore>) {
+    let twins = Twins::new(store, TwinsConfig::default());
+    let writer = {
+        let twins = twins.clone();
+        tokio::spawn(async move {
+            for i in 0..3000u64 {
+                twins
+                    .update(
+                        key(&format!("d{}", i % 50), ""),
+                        write(Section::Reported, json!({"n": i})),
+                    )
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let mut scans = 0;
+    while !writer.is_finished() {
+        twins.names("t1", "d1").await.unwrap();
+        twins
+            .query("t1", Some("reported.n > 10"), None, 10)
+            .await
+            .unwrap();
+        twins.history(key("d2", ""), 0, 10).await.unwrap();
+        scans += 1;
+    }
+    writer.await.unwrap();
+    assert!(scans > 0);
+}
