@@ -178,6 +178,7 @@ fn spawn_device_services(
     broker.subscribe_service("$devices/+/commands/res/#", tx);
     let (tx, mut events) = tokio::sync::mpsc::channel::<SessionEvent>(65_536);
     broker.observe_sessions(tx);
+    broker.observe_deliveries("$devices/+/commands/req/#");
     let slots = Arc::new(tokio::sync::Semaphore::new(256));
     // Events in their own task: connect storms never hold up device requests, and the other
     // way round.
@@ -198,7 +199,7 @@ fn spawn_device_services(
                 session_present,
                 ..
             } = &e
-                && let Some(d) = origin.device_id.as_ref().or(origin.client_id.as_ref())
+                && let Some(d) = origin.acting_device()
             {
                 events_api.session_started(tenant.as_str(), d, *session_present);
             }
@@ -207,10 +208,6 @@ fn spawn_device_services(
             };
             let api = events_api.clone();
             tokio::spawn(async move {
-                // Anonymous clients act as the device named by their client id.
-                let device = |o: &ferrohub_adapters::mqtt::Origin| {
-                    o.device_id.clone().or_else(|| o.client_id.clone())
-                };
                 match e {
                     SessionEvent::Connected {
                         tenant,
@@ -218,8 +215,8 @@ fn spawn_device_services(
                         session_present,
                         ..
                     } => {
-                        if let Some(d) = device(&origin) {
-                            api.on_connected(tenant.as_str(), &d, session_present).await;
+                        if let Some(d) = origin.acting_device() {
+                            api.on_connected(tenant.as_str(), d, session_present).await;
                         }
                     }
                     SessionEvent::Subscribed {
@@ -227,8 +224,8 @@ fn spawn_device_services(
                         origin,
                         filters,
                     } => {
-                        if let Some(d) = device(&origin) {
-                            api.on_subscribed(tenant.as_str(), &d, &filters).await;
+                        if let Some(d) = origin.acting_device() {
+                            api.on_subscribed(tenant.as_str(), d, &filters).await;
                         }
                     }
                     SessionEvent::Delivered {
@@ -236,8 +233,8 @@ fn spawn_device_services(
                         origin,
                         topic,
                     } => {
-                        if let Some(d) = device(&origin) {
-                            api.on_delivered(tenant.as_str(), &d, &topic).await;
+                        if let Some(d) = origin.acting_device() {
+                            api.on_delivered(tenant.as_str(), d, &topic).await;
                         }
                     }
                     SessionEvent::Disconnected { .. } => {}
@@ -273,7 +270,6 @@ fn spawn_device_services(
 fn spawn_twin_sweeper(
     twins: Arc<Twins>,
     commands: Arc<Commands>,
-    history_retention_days: u64,
     mut shutdown: ferrohub_adapters::shutdown::Shutdown,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -288,22 +284,11 @@ fn spawn_twin_sweeper(
                 tracing::warn!(error = %e, "expiring queued commands failed");
             }
             n += 1;
-            if history_retention_days > 0 && n % 720 == 1 {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0);
-                let cutoff = now.saturating_sub(history_retention_days * 86_400_000);
-                loop {
-                    match twins.prune_history(cutoff, 10_000).await {
-                        Ok(10_000) => continue,
-                        Ok(_) => break,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "pruning twin history failed");
-                            break;
-                        }
-                    }
-                }
+            // Hourly (and at start).
+            if n % 720 == 1
+                && let Err(e) = twins.apply_history_retention().await
+            {
+                tracing::warn!(error = %e, "pruning twin history failed");
             }
         }
     })
@@ -511,7 +496,6 @@ impl Hub {
         tasks.push(spawn_twin_sweeper(
             twins.clone(),
             commands.clone(),
-            config.twins.history_retention_days,
             shutdown.clone(),
         ));
         tasks.push(spawn_provisioning(

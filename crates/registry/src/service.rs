@@ -325,34 +325,6 @@ impl PendingEvent {
     }
 }
 
-/// [`DeviceAccess::closing_reason`]: 0 is no reason yet.
-fn reason_code(r: DisconnectReason) -> u8 {
-    match r {
-        DisconnectReason::ClientDisconnect => 1,
-        DisconnectReason::ConnectionLost => 2,
-        DisconnectReason::KeepAliveTimeout => 3,
-        DisconnectReason::TakenOver => 4,
-        DisconnectReason::Kicked => 5,
-        DisconnectReason::NotAuthorized => 6,
-        DisconnectReason::ServerShutdown => 7,
-        DisconnectReason::ProtocolError => 8,
-    }
-}
-
-fn reason_from_code(c: u8) -> Option<DisconnectReason> {
-    Some(match c {
-        1 => DisconnectReason::ClientDisconnect,
-        2 => DisconnectReason::ConnectionLost,
-        3 => DisconnectReason::KeepAliveTimeout,
-        4 => DisconnectReason::TakenOver,
-        5 => DisconnectReason::Kicked,
-        6 => DisconnectReason::NotAuthorized,
-        7 => DisconnectReason::ServerShutdown,
-        8 => DisconnectReason::ProtocolError,
-        _ => return None,
-    })
-}
-
 /// The registry: one per hub.
 pub struct Registry {
     store: SqliteStore,
@@ -2965,7 +2937,7 @@ impl Registry {
         if !access.recorded.load(Ordering::Relaxed) {
             return;
         }
-        let reason = reason_from_code(access.closing_reason.load(Ordering::Relaxed));
+        let reason = DisconnectReason::from_code(access.closing_reason.load(Ordering::Relaxed));
         let mut p = self.pending_connectivity.lock();
         let now = now_millis();
         if self.config.connectivity_history > 0 {
@@ -3127,7 +3099,7 @@ pub struct DeviceAccess {
     protocol: &'static str,
     /// The connect was recorded (so its end is too).
     recorded: AtomicBool,
-    /// Why the connection is ending ([`reason_code`]; 0 = not said).
+    /// Why the connection is ending ([`DisconnectReason::code`]; 0 = not said).
     closing_reason: AtomicU8,
 }
 
@@ -3184,7 +3156,7 @@ impl Access for DeviceAccess {
         // The first reason given counts.
         let _ = self.closing_reason.compare_exchange(
             0,
-            reason_code(reason),
+            reason.code(),
             Ordering::Relaxed,
             Ordering::Relaxed,
         );

@@ -469,12 +469,9 @@ fn update_request(
                 ));
             }
             let reason = reason.as_str().unwrap_or("rejected by the device");
-            // The document keeps 256 bytes of a reason; so does the history.
-            let mut end = reason.len().min(256);
-            while !reason.is_char_boundary(end) {
-                end -= 1;
-            }
-            rejections.push((path.clone(), reason[..end].to_string()));
+            // The document keeps this much of a reason; so does the history.
+            let reason = crate::document::truncate(reason, crate::document::MAX_REASON_BYTES);
+            rejections.push((path.clone(), reason.to_string()));
         }
     }
     if reported.is_none() && rejections.is_empty() {

@@ -1070,7 +1070,7 @@ fn lookup<'a>(root: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
 }
 
 /// `s` cut to at most `max` bytes at a character boundary.
-fn truncate(s: &str, max: usize) -> &str {
+pub(crate) fn truncate(s: &str, max: usize) -> &str {
     if s.len() <= max {
         return s;
     }

@@ -161,7 +161,6 @@ pub struct Twins {
     store: Arc<SqliteTwinStore>,
     config: TwinsConfig,
     changes: broadcast::Sender<TwinChange>,
-    link: parking_lot::RwLock<Option<Arc<dyn DeviceLink>>>,
     deltas: DeltaQueues,
 }
 
@@ -247,7 +246,6 @@ impl Twins {
             store,
             config,
             changes,
-            link: parking_lot::RwLock::new(None),
             deltas: DeltaQueues::new(),
         })
     }
@@ -284,15 +282,9 @@ impl Twins {
         }
     }
 
-    /// The store (shared with the command service).
-    pub fn store(&self) -> &Arc<SqliteTwinStore> {
-        &self.store
-    }
-
     /// Connects the service to the devices (the broker), so that desired changes reach them.
     /// Must be called inside a tokio runtime: it starts the delta publishers.
     pub fn set_link(&self, link: Arc<dyn DeviceLink>) {
-        *self.link.write() = Some(link.clone());
         for mut rx in self.deltas.receivers.lock().drain(..) {
             let link = link.clone();
             tokio::spawn(async move {
@@ -306,11 +298,6 @@ impl Twins {
         self.deltas
             .linked
             .store(true, std::sync::atomic::Ordering::Release);
-    }
-
-    /// The device link, if wired.
-    pub fn link(&self) -> Option<Arc<dyn DeviceLink>> {
-        self.link.read().clone()
     }
 
     /// A stream of committed changes (lossy for watchers that fall behind: they get a `Lagged`
@@ -489,23 +476,6 @@ impl Twins {
                 "device {device} has no twin named {name}"
             ))),
         }
-    }
-
-    /// The current delta message of a twin, if its delta is not empty.
-    pub async fn delta_message(&self, key: TwinKey) -> Result<Option<String>, TwinError> {
-        Ok(self
-            .read(key, |doc| {
-                let delta = doc.delta();
-                (!delta.is_empty()).then(|| {
-                    delta_message(
-                        doc.section_version(Section::Desired),
-                        &delta,
-                        doc.updated_at(),
-                    )
-                })
-            })
-            .await?
-            .flatten())
     }
 
     /// The names of a device's twins (stored form; empty = default).
@@ -690,9 +660,28 @@ impl Twins {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
+    /// Deletes the history entries older than `twins.history_retention_days` (none when it is
+    /// 0), 10,000 per writer job so that twin writes go on in between. Returns how many went.
+    pub async fn apply_history_retention(&self) -> Result<usize, TwinError> {
+        const BATCH: usize = 10_000;
+        let days = self.config.history_retention_days;
+        if days == 0 {
+            return Ok(0);
+        }
+        let cutoff = now_millis().saturating_sub(days * 86_400_000);
+        let mut total = 0;
+        loop {
+            let n = self.prune_history(cutoff, BATCH).await?;
+            total += n;
+            if n < BATCH {
+                return Ok(total);
+            }
+        }
+    }
+
     /// Deletes history entries older than `cutoff` (ms), at most `batch` of them; returns how
     /// many went.
-    pub async fn prune_history(&self, cutoff: u64, batch: usize) -> Result<usize, TwinError> {
+    async fn prune_history(&self, cutoff: u64, batch: usize) -> Result<usize, TwinError> {
         let (tx, rx) = oneshot::channel();
         self.store
             .submit(Box::new(move |ctx| {

@@ -26,6 +26,32 @@ pub enum DisconnectReason {
 }
 
 impl DisconnectReason {
+    /// Every reason, in a fixed order (see [`DisconnectReason::code`]).
+    pub const ALL: [DisconnectReason; 8] = [
+        DisconnectReason::ClientDisconnect,
+        DisconnectReason::ConnectionLost,
+        DisconnectReason::KeepAliveTimeout,
+        DisconnectReason::TakenOver,
+        DisconnectReason::Kicked,
+        DisconnectReason::NotAuthorized,
+        DisconnectReason::ServerShutdown,
+        DisconnectReason::ProtocolError,
+    ];
+
+    /// A small non-zero number for the reason (its place in [`DisconnectReason::ALL`] plus one),
+    /// for storing it in an atomic where 0 means "none yet".
+    pub fn code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|r| *r == self)
+            .map_or(0, |i| i as u8 + 1)
+    }
+
+    /// The reason of a [`DisconnectReason::code`]; `None` for 0 or an unknown code.
+    pub fn from_code(code: u8) -> Option<DisconnectReason> {
+        Self::ALL.get(usize::from(code.checked_sub(1)?)).copied()
+    }
+
     /// The stable name used in lifecycle events, the API and metrics.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -42,17 +68,7 @@ impl DisconnectReason {
 
     /// Parses [`DisconnectReason::as_str`].
     pub fn parse(s: &str) -> Option<DisconnectReason> {
-        Some(match s {
-            "client_disconnect" => DisconnectReason::ClientDisconnect,
-            "connection_lost" => DisconnectReason::ConnectionLost,
-            "keep_alive_timeout" => DisconnectReason::KeepAliveTimeout,
-            "taken_over" => DisconnectReason::TakenOver,
-            "kicked" => DisconnectReason::Kicked,
-            "not_authorized" => DisconnectReason::NotAuthorized,
-            "server_shutdown" => DisconnectReason::ServerShutdown,
-            "protocol_error" => DisconnectReason::ProtocolError,
-            _ => return None,
-        })
+        Self::ALL.iter().find(|r| r.as_str() == s).copied()
     }
 }
 
@@ -67,21 +83,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_round_trip() {
-        for r in [
-            DisconnectReason::ClientDisconnect,
-            DisconnectReason::ConnectionLost,
-            DisconnectReason::KeepAliveTimeout,
-            DisconnectReason::TakenOver,
-            DisconnectReason::Kicked,
-            DisconnectReason::NotAuthorized,
-            DisconnectReason::ServerShutdown,
-            DisconnectReason::ProtocolError,
-        ] {
+    fn names_and_codes_round_trip() {
+        for r in DisconnectReason::ALL {
             assert_eq!(DisconnectReason::parse(r.as_str()), Some(r));
+            assert_eq!(DisconnectReason::from_code(r.code()), Some(r));
+            assert_ne!(r.code(), 0);
             let json = serde_json::to_string(&r).unwrap_or_default();
             assert_eq!(json, format!("\"{}\"", r.as_str()));
         }
+        assert_eq!(DisconnectReason::from_code(0), None);
+        assert_eq!(DisconnectReason::from_code(9), None);
         assert_eq!(DisconnectReason::parse("nope"), None);
     }
 }

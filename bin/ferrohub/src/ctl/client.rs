@@ -240,6 +240,50 @@ impl Client {
         self.call(Method::GET, segments, query, Body::Empty).await
     }
 
+    /// `GET` of a paged listing: its `items`, starting at `cursor`; with `all`, following the
+    /// cursor the hub returns in `next_field` until the last page. Returns the items and the
+    /// cursor of the next page (`None` on the last one).
+    pub(crate) async fn get_pages(
+        &self,
+        segments: &[&str],
+        query: &[(&str, String)],
+        mut cursor: Option<String>,
+        all: bool,
+        next_field: &str,
+    ) -> Result<(Vec<Value>, Option<String>)> {
+        let mut items = Vec::new();
+        loop {
+            let mut q = query.to_vec();
+            if let Some(c) = &cursor {
+                q.push(("cursor", c.clone()));
+            }
+            let page = self.get(segments, &q).await?;
+            items.extend(
+                page.get("items")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .cloned(),
+            );
+            let next = page
+                .get(next_field)
+                .and_then(Value::as_str)
+                .filter(|c| !c.is_empty())
+                .map(str::to_string);
+            match next {
+                Some(n) if all => {
+                    if cursor.as_deref() == Some(n.as_str()) {
+                        return Err(
+                            Failure::new("the hub returned the same cursor twice", None).into()
+                        );
+                    }
+                    cursor = Some(n);
+                }
+                next => return Ok((items, next)),
+            }
+        }
+    }
+
     /// `GET` of a text document (e.g. a PEM certificate).
     pub(crate) async fn get_text(&self, segments: &[&str]) -> Result<String> {
         let resp = self.send(Method::GET, segments, &[], Body::Empty).await?;

@@ -185,36 +185,10 @@ async fn list_devices(ctx: &Ctx, a: DevicesList) -> Result<()> {
     let limit = a.limit.unwrap_or(if a.all { 1000 } else { 100 });
     q.push(("limit", limit.to_string()));
     let path = ["tenants", ctx.tenant.as_str(), "devices"];
-    let mut all: Vec<Value> = Vec::new();
-    let mut cursor = a.cursor.clone();
-    let next = loop {
-        let mut query = q.clone();
-        if let Some(c) = &cursor {
-            query.push(("cursor", c.clone()));
-        }
-        let page = ctx.client.get(&path, &query).await?;
-        all.extend(
-            page.get("items")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .cloned(),
-        );
-        let next = page
-            .get("next_cursor")
-            .and_then(Value::as_str)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string);
-        match next {
-            Some(n) if a.all => {
-                if cursor.as_deref() == Some(n.as_str()) {
-                    return Err(Failure::new("the hub returned the same cursor twice", None).into());
-                }
-                cursor = Some(n);
-            }
-            other => break other,
-        }
-    };
+    let (all, next) = ctx
+        .client
+        .get_pages(&path, &q, a.cursor.clone(), a.all, "next_cursor")
+        .await?;
     if ctx.output == Output::Json {
         return emit_json(&json!({ "items": all, "next_cursor": next }));
     }

@@ -337,36 +337,10 @@ async fn query(
     let limit = limit.unwrap_or(if all { 1000 } else { 100 });
     base.push(("limit", limit.to_string()));
     let path = ["tenants", ctx.tenant.as_str(), "twins"];
-    let mut items: Vec<Value> = Vec::new();
-    let mut cursor = cursor;
-    let next = loop {
-        let mut q = base.clone();
-        if let Some(c) = &cursor {
-            q.push(("cursor", c.clone()));
-        }
-        let page = ctx.client.get(&path, &q).await?;
-        items.extend(
-            page.get("items")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .cloned(),
-        );
-        let next = page
-            .get("next")
-            .and_then(Value::as_str)
-            .filter(|c| !c.is_empty())
-            .map(str::to_string);
-        match next {
-            Some(n) if all => {
-                if cursor.as_deref() == Some(n.as_str()) {
-                    return Err(Failure::new("the hub returned the same cursor twice", None).into());
-                }
-                cursor = Some(n);
-            }
-            other => break other,
-        }
-    };
+    let (items, next) = ctx
+        .client
+        .get_pages(&path, &base, cursor, all, "next")
+        .await?;
     if ctx.output == Output::Json {
         return emit_json(&json!({ "items": items, "next": next }));
     }

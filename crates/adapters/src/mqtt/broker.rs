@@ -67,6 +67,14 @@ pub struct Origin {
     pub device_id: Option<Arc<str>>,
 }
 
+impl Origin {
+    /// The device the client acts as: its registered device, else (anonymous clients and static
+    /// users) the device named by its client id.
+    pub fn acting_device(&self) -> Option<&Arc<str>> {
+        self.device_id.as_ref().or(self.client_id.as_ref())
+    }
+}
+
 /// What the broker tells session observers (connectivity, twins, commands).
 #[derive(Debug, Clone)]
 pub enum SessionEvent {
@@ -92,7 +100,8 @@ pub enum SessionEvent {
         /// When (ms).
         at: u64,
     },
-    /// A client acknowledged (PUBACK / PUBCOMP) a command request (`$devices/…/commands/req/…`).
+    /// A client acknowledged (PUBACK / PUBCOMP) a message on a topic a service asked receipts
+    /// for ([`Broker::observe_deliveries`]).
     Delivered {
         /// Tenant.
         tenant: TenantId,
@@ -163,6 +172,8 @@ pub struct Broker {
     services: RwLock<Vec<ServiceSubscription>>,
     /// Services listening to connects, disconnects and reserved subscriptions.
     session_observers: RwLock<Vec<mpsc::Sender<SessionEvent>>>,
+    /// Reserved topic filters whose acknowledged deliveries services hear of.
+    delivery_filters: RwLock<Vec<String>>,
 }
 
 impl Broker {
@@ -189,6 +200,7 @@ impl Broker {
             shutdown,
             services: RwLock::new(Vec::new()),
             session_observers: RwLock::new(Vec::new()),
+            delivery_filters: RwLock::new(Vec::new()),
         });
         broker.restore(recovered);
         broker
@@ -855,6 +867,23 @@ impl Broker {
     /// event is dropped and counted (`dropped_total{reason="service_busy"}`).
     pub fn observe_sessions(&self, tx: mpsc::Sender<SessionEvent>) {
         self.session_observers.write().push(tx);
+    }
+
+    /// Asks for [`SessionEvent::Delivered`] when a client acknowledges a message on a topic
+    /// matching `filter` (a reserved `$` filter, e.g. the command service's requests).
+    pub fn observe_deliveries(&self, filter: &str) {
+        self.delivery_filters.write().push(filter.to_string());
+    }
+
+    /// Whether acknowledging a delivery on `topic` is to be reported (only reserved topics
+    /// are looked at, so ordinary traffic pays one byte comparison).
+    pub(crate) fn wants_receipt(&self, topic: &str) -> bool {
+        topic.starts_with('$')
+            && self
+                .delivery_filters
+                .read()
+                .iter()
+                .any(|f| ferrohub_types::filter_matches(f, topic))
     }
 
     /// Hands `event` to every session observer (dropped and counted where one is full).

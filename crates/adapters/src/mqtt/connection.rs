@@ -1204,9 +1204,8 @@ impl Connection {
         };
         drop(ob);
         self.broker.metrics.inflight.sub(1);
-        // The command service tracks delivery of its requests (`delivered`).
-        let topic = done.out.message.topic.as_str();
-        if topic.starts_with("$devices/") && topic.contains("/commands/req/") {
+        // Services that asked for receipts (the command service: `delivered`) hear of it.
+        if self.broker.wants_receipt(done.out.message.topic.as_str()) {
             self.broker.notify_observers(SessionEvent::Delivered {
                 tenant: self.session.tenant.clone(),
                 origin: self.origin(),
