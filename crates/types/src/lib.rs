@@ -8,6 +8,7 @@ pub mod auth;
 pub mod lifecycle;
 mod message;
 mod qos;
+pub mod telemetry;
 mod tenant;
 mod topic;
 
