@@ -59,6 +59,8 @@ pub struct HubConfig {
     pub twins: ferrohub_twins::TwinsConfig,
     /// Commands to devices.
     pub commands: ferrohub_twins::commands::CommandsConfig,
+    /// Telemetry: ingest topics, payload formats, timestamps, retention, the engine's head.
+    pub telemetry: ferrohub_telemetry::service::TelemetryConfig,
     /// Logging.
     pub log: LogConfig,
 }
@@ -76,6 +78,7 @@ impl Default for HubConfig {
             admin_token: String::new(),
             registry: ferrohub_registry::RegistryConfig::default(),
             twins: ferrohub_twins::TwinsConfig::default(),
+            telemetry: ferrohub_telemetry::service::TelemetryConfig::default(),
             commands: ferrohub_twins::commands::CommandsConfig::default(),
             log: LogConfig::default(),
         }

@@ -14,6 +14,7 @@ use ferrohub_adapters::mqtt::{
 use ferrohub_adapters::shutdown::{Shutdown, ShutdownTrigger};
 use ferrohub_registry::{Purge, Registry, SqliteOptions, SqliteStore};
 use ferrohub_store::{BrokerStore, FsyncPolicy, RecoveredState, StoreConfig};
+use ferrohub_telemetry::service::{IngestOutcome, Offer, Telemetry};
 use ferrohub_twins::Twins;
 use ferrohub_twins::commands::Commands;
 use ferrohub_twins::device_api::{DeviceApi, DeviceMessage};
@@ -43,10 +44,91 @@ pub struct Hub {
     pub twins: Arc<Twins>,
     /// The command service.
     pub commands: Arc<Commands>,
+    /// The telemetry service (`None` when `telemetry.enabled` is false).
+    pub telemetry: Option<Arc<Telemetry>>,
     /// The admin token generated at first start (shown once), if one was.
     pub bootstrap_token: Option<String>,
     trigger: ShutdownTrigger,
     tasks: Vec<JoinHandle<()>>,
+}
+
+/// Opens the time-series engine in `data_dir/telemetry` (replaying its WAL) and starts the
+/// telemetry service.
+async fn open_telemetry(config: &HubConfig) -> Result<Arc<Telemetry>> {
+    let dir = config.data_dir.join("telemetry");
+    let t = &config.telemetry;
+    let mut ecfg = ferrohub_tsdb::EngineConfig::new(&dir);
+    ecfg.fsync = config.storage.fsync == FsyncMode::Always;
+    ecfg.flush_interval = Duration::from_secs(t.flush_interval_secs.max(1));
+    ecfg.head_max_points = t.head_max_points.max(1);
+    ecfg.default_retention_days = (t.retention_days > 0).then_some(t.retention_days);
+    let started = std::time::Instant::now();
+    let engine = tokio::task::spawn_blocking(move || ferrohub_tsdb::Engine::open(ecfg))
+        .await
+        .context("opening the telemetry engine")?
+        .with_context(|| format!("opening the telemetry engine in {}", dir.display()))?;
+    let r = engine.recovery();
+    tracing::info!(
+        parts = r.parts,
+        wal_segments = r.wal_segments,
+        replayed_points = r.wal_points,
+        millis = started.elapsed().as_millis() as u64,
+        "telemetry engine open"
+    );
+    for d in &r.wal_damage {
+        tracing::warn!(segment = %d.segment, offset = d.offset, skipped_bytes = d.skipped_bytes, reason = %d.reason,
+            "telemetry WAL: damaged tail skipped (points after it were never acknowledged)");
+    }
+    for p in &r.corrupt_parts {
+        tracing::error!(part = %p, "telemetry part unreadable: renamed to .corrupt and skipped");
+    }
+    Telemetry::start(engine, t.clone(), dir.join("settings.json"))
+        .context("starting the telemetry service")
+}
+
+/// The broker's message sink: telemetry publications go to the telemetry service on the
+/// publisher's path, and their QoS 1/2 acknowledgement waits for the engine's commit.
+struct TelemetrySink(Arc<Telemetry>);
+
+impl ferrohub_adapters::mqtt::MessageSink for TelemetrySink {
+    fn offer(
+        &self,
+        tenant: &TenantId,
+        message: &Arc<ferrohub_types::Message>,
+        origin: &ferrohub_adapters::mqtt::Origin,
+    ) -> Option<ferrohub_adapters::mqtt::SinkWait> {
+        use ferrohub_adapters::mqtt::SinkOutcome;
+        let content_type = message
+            .properties
+            .as_ref()
+            .and_then(|p| p.content_type.as_deref());
+        let fallback = origin.device_id.as_deref().or(origin.client_id.as_deref());
+        let map = |o: IngestOutcome| match o {
+            IngestOutcome::Stored => SinkOutcome::Stored,
+            IngestOutcome::Invalid(why) => SinkOutcome::Invalid(why),
+            IngestOutcome::Busy => SinkOutcome::Busy,
+            IngestOutcome::Failed(why) => SinkOutcome::Failed(why),
+        };
+        match self.0.offer(
+            tenant,
+            message.topic.as_str(),
+            &message.payload,
+            content_type,
+            fallback,
+            message.received_at as i64,
+        )? {
+            Offer::Ready(o) => {
+                let o = map(o);
+                Some(Box::pin(async move { o }))
+            }
+            Offer::Pending(rx) => Some(Box::pin(async move {
+                match rx.await {
+                    Ok(o) => map(o),
+                    Err(_) => SinkOutcome::Failed("the telemetry service stopped".into()),
+                }
+            })),
+        }
+    }
 }
 
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
@@ -438,6 +520,11 @@ impl Hub {
         let twin_store = Arc::new(twin_store);
         let twins = Twins::new(twin_store.clone(), config.twins.clone());
         let commands = Commands::new(twin_store, config.commands.clone());
+        let telemetry = if config.telemetry.enabled {
+            Some(open_telemetry(&config).await?)
+        } else {
+            None
+        };
         let (trigger, shutdown) = Shutdown::new();
         let broker = Broker::new(
             config.mqtt.clone(),
@@ -475,6 +562,9 @@ impl Hub {
                     }
                 })
             }));
+        }
+        if let Some(t) = &telemetry {
+            broker.set_sink(Arc::new(TelemetrySink(t.clone())));
         }
         let link: Arc<dyn DeviceLink> = Arc::new(BrokerLink {
             broker: Arc::downgrade(&broker),
@@ -581,15 +671,20 @@ impl Hub {
                 registry: Some(registry.clone()),
                 twins: Some(twins.clone()),
                 commands: Some(commands.clone()),
+                telemetry: telemetry.clone(),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
                     let (t, c, d) = (twins.clone(), commands.clone(), device_api.clone());
+                    let tm = telemetry.clone();
                     Arc::new(move |out: &mut String| {
                         b.render_metrics(out);
                         r.metrics.render(out);
                         t.render_metrics(out);
                         c.render_metrics(out);
+                        if let Some(tm) = &tm {
+                            tm.render_metrics(out);
+                        }
                         use std::fmt::Write;
                         let _ = writeln!(
                             out,
@@ -626,6 +721,7 @@ impl Hub {
             registry,
             twins,
             commands,
+            telemetry,
             bootstrap_token,
             trigger,
             tasks,
@@ -646,6 +742,12 @@ impl Hub {
         // The disconnects of the shutdown itself (reason server_shutdown) happened after the
         // registry's background flush stopped.
         self.registry.flush_connectivity().await;
+        if let Some(t) = self.telemetry {
+            // Seal the head into parts so the next start has no WAL to replay.
+            let engine = t.engine().clone();
+            drop(t);
+            let _ = tokio::task::spawn_blocking(move || engine.close()).await;
+        }
         tracing::info!("stopped");
     }
 }

@@ -41,6 +41,8 @@ pub struct ApiState {
     pub twins: Option<Arc<ferrohub_twins::Twins>>,
     /// The command service; `None` answers its routes with 503.
     pub commands: Option<Arc<ferrohub_twins::commands::Commands>>,
+    /// The telemetry service; `None` answers its routes with 503.
+    pub telemetry: Option<Arc<ferrohub_telemetry::service::Telemetry>>,
 }
 
 /// The HTTP routes: health, readiness and metrics, and the operator API under `/api/v1`.

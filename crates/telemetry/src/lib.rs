@@ -1,9 +1,12 @@
-//! Telemetry ingest: payload decoders, InfluxDB line protocol, and (later) the service that feeds
-//! the time-series engine.
+//! Telemetry ingest: payload decoders, InfluxDB line protocol, and the service that feeds the
+//! time-series engine (`ferrohub-tsdb`).
 //!
 //! [`decode`] turns a device's MQTT payload (JSON, CBOR or MessagePack) into
 //! [`Sample`](ferrohub_types::telemetry::Sample)s; [`lineproto`] parses the body of an InfluxDB
-//! v2 write request and maps its points onto Ferrohub series.
+//! v2 write request and maps its points onto Ferrohub series; [`service`] is the
+//! [`Telemetry`](service::Telemetry) service: MQTT ingest on the publisher's path (acknowledged
+//! once durable), HTTP writes and per-tenant settings.
 
 pub mod decode;
 pub mod lineproto;
+pub mod service;

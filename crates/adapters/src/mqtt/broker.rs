@@ -44,6 +44,34 @@ pub(crate) struct Published {
     /// Resolves when the persisted part (queued copies for persistent sessions, retained
     /// message, extra ops) is durable; `None` when nothing had to be persisted.
     pub commit: Option<Commit>,
+    /// Resolves when the message sink (telemetry) has stored what it took from the message.
+    pub sink: Option<SinkWait>,
+}
+
+/// What a [`MessageSink`] did with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkOutcome {
+    /// Stored durably.
+    Stored,
+    /// The payload could not be used (MQTT 5 publishers get PUBACK 0x99 with the reason).
+    Invalid(String),
+    /// The sink is overloaded: refused like a full queue (0x97; a 3.1.1 publisher is disconnected
+    /// unacknowledged so that it resends).
+    Busy,
+    /// Storing failed: the publisher's connection is closed without an acknowledgement.
+    Failed(String),
+}
+
+/// Resolves with a [`SinkOutcome`]; the publisher's acknowledgement waits for it.
+pub type SinkWait = std::pin::Pin<Box<dyn std::future::Future<Output = SinkOutcome> + Send>>;
+
+/// Takes ordinary (non-`$`) publications a hub service stores (telemetry). Unlike a service
+/// subscription it runs on the publisher's path, so that a QoS 1/2 publication is acknowledged
+/// only once the sink has made it durable.
+pub trait MessageSink: Send + Sync + 'static {
+    /// Offers a message; `None` when the sink does not take its topic. Must not block.
+    fn offer(&self, tenant: &TenantId, message: &Arc<Message>, origin: &Origin)
+    -> Option<SinkWait>;
 }
 
 /// A message for a hub service (provisioning, twins, commands, jobs), from any tenant.
@@ -174,6 +202,8 @@ pub struct Broker {
     session_observers: RwLock<Vec<mpsc::Sender<SessionEvent>>>,
     /// Reserved topic filters whose acknowledged deliveries services hear of.
     delivery_filters: RwLock<Vec<String>>,
+    /// The message sink (telemetry ingest), if one is installed.
+    sink: std::sync::OnceLock<Arc<dyn MessageSink>>,
 }
 
 impl Broker {
@@ -201,6 +231,7 @@ impl Broker {
             services: RwLock::new(Vec::new()),
             session_observers: RwLock::new(Vec::new()),
             delivery_filters: RwLock::new(Vec::new()),
+            sink: std::sync::OnceLock::new(),
         });
         broker.restore(recovered);
         broker
@@ -718,8 +749,15 @@ impl Broker {
             } else {
                 (false, false)
             };
+        let sink = match self.sink.get() {
+            Some(sink) if publisher != 0 && !message.topic.as_str().starts_with('$') => {
+                sink.offer(tenant, &message, origin.unwrap_or(&Origin::default()))
+            }
+            _ => None,
+        };
         let mut result = Published {
-            matched: !scratch.is_empty() || to_service,
+            matched: !scratch.is_empty() || to_service || sink.is_some(),
+            sink,
             // A service that cannot take a QoS 1/2 message refuses it like a full queue: the
             // publisher is never told it was accepted (MQTT 5: 0x97).
             refused: service_refused && message.qos != QoS::AtMostOnce,
@@ -800,6 +838,16 @@ impl Broker {
             filter: filter.to_string(),
             tx,
         });
+    }
+
+    /// Installs the message sink (once; later calls are ignored and return false).
+    pub fn set_sink(&self, sink: Arc<dyn MessageSink>) -> bool {
+        self.sink.set(sink).is_ok()
+    }
+
+    /// Whether a message sink is installed (connections then pass the publisher's origin).
+    pub(crate) fn has_sink(&self) -> bool {
+        self.sink.get().is_some()
     }
 
     fn deliver_to_services(

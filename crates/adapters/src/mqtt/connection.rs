@@ -30,7 +30,7 @@ use tokio::time::{Instant, timeout};
 use super::auth::{
     Access, Admission, AuthExchange, AuthStep, Credentials, Grant, PeerCertificates, Refusal,
 };
-use super::broker::{Broker, Origin, PendingWill, SessionEvent, now_millis};
+use super::broker::{Broker, Origin, PendingWill, SessionEvent, SinkOutcome, SinkWait, now_millis};
 use super::metrics::DropReason;
 use super::session::{Inflight, InflightState, Kick, Outgoing, Session};
 
@@ -277,8 +277,9 @@ struct Connection {
     problem_info: bool,
     rbuf: BytesMut,
     wbuf: BytesMut,
-    /// Acknowledgements in the order they must be sent, some waiting for a store commit.
-    pending_acks: VecDeque<(Packet, Option<Commit>)>,
+    /// Acknowledgements in the order they must be sent, some waiting for a store commit or the
+    /// message sink.
+    pending_acks: VecDeque<PendingAck>,
     /// Inbound QoS 1/2 PUBLISHes not yet fully acknowledged (Receive Maximum enforcement).
     inbound_unacked: usize,
     store_ops: Vec<StoreOp>,
@@ -715,8 +716,10 @@ impl Connection {
                 let ops = std::mem::take(&mut self.store_ops);
                 Box::pin(self.broker.submit(ops)).await;
             }
-            self.flush_ready_acks();
-            let commit_waiting = matches!(self.pending_acks.front(), Some((_, Some(_))));
+            if let Err(close) = self.flush_ready_acks() {
+                return close;
+            }
+            let commit_waiting = self.pending_acks.front().is_some_and(PendingAck::waits);
             let can_read =
                 self.wbuf.len() < WRITE_HIGH_WATER && self.pending_acks.len() < MAX_PENDING_ACKS;
             tokio::select! {
@@ -726,16 +729,12 @@ impl Connection {
                 }
                 res = async {
                     match self.pending_acks.front_mut() {
-                        Some((_, Some(commit))) => commit.await,
-                        _ => std::future::pending().await,
+                        Some(p) => p.settle().await,
+                        None => std::future::pending().await,
                     }
                 }, if commit_waiting => {
-                    if let Err(e) = res {
-                        tracing::error!(error = %e, "store commit failed; closing connection so the client retries");
-                        return Close::Reason(reason::UNSPECIFIED_ERROR, "message could not be persisted");
-                    }
-                    if let Some((_, commit)) = self.pending_acks.front_mut() {
-                        *commit = None;
+                    if let Err(close) = self.apply_settled(res) {
+                        return close;
                     }
                 }
                 res = writer.write(&self.wbuf), if !self.wbuf.is_empty() => {
@@ -852,10 +851,18 @@ impl Connection {
 
     /// Sends an acknowledgement in order: immediately if nothing is waiting before it.
     fn queue_ack(&mut self, packet: Packet, commit: Option<Commit>) {
-        if commit.is_none() && self.pending_acks.is_empty() {
+        self.queue_ack_after(packet, commit, None);
+    }
+
+    fn queue_ack_after(&mut self, packet: Packet, commit: Option<Commit>, sink: Option<SinkWait>) {
+        if commit.is_none() && sink.is_none() && self.pending_acks.is_empty() {
             self.write_ack(packet);
         } else {
-            self.pending_acks.push_back((packet, commit));
+            self.pending_acks.push_back(PendingAck {
+                packet,
+                commit,
+                sink,
+            });
         }
     }
 
@@ -866,20 +873,68 @@ impl Connection {
         self.write(&packet);
     }
 
-    /// Writes acknowledgements at the head of the queue whose commits have resolved.
-    fn flush_ready_acks(&mut self) {
-        while let Some((_, commit)) = self.pending_acks.front_mut() {
-            if let Some(c) = commit {
-                match c.now_or_never() {
-                    Some(Ok(())) => *commit = None,
-                    // A failed commit is handled by the select branch, which closes the connection.
-                    Some(Err(_)) | None => return,
-                }
+    /// Applies what the head acknowledgement waited for: a failed commit or sink closes the
+    /// connection (the client resends); an unusable payload or a busy sink changes the reason code.
+    fn apply_settled(&mut self, res: Result<Option<SinkOutcome>, Close>) -> Result<(), Close> {
+        let outcome = res?;
+        let v5 = self.version.is_v5();
+        let (code, why) = match outcome {
+            None | Some(SinkOutcome::Stored) => return Ok(()),
+            Some(SinkOutcome::Invalid(why)) => (reason::PAYLOAD_FORMAT_INVALID, why),
+            Some(SinkOutcome::Busy) if v5 => (
+                reason::QUOTA_EXCEEDED,
+                "telemetry ingest is overloaded; retry later".to_string(),
+            ),
+            Some(SinkOutcome::Busy) => {
+                return Err(Close::Reason(
+                    reason::QUOTA_EXCEEDED,
+                    "telemetry ingest is overloaded",
+                ));
             }
-            if let Some((packet, _)) = self.pending_acks.pop_front() {
-                self.write_ack(packet);
+            Some(SinkOutcome::Failed(why)) => {
+                tracing::error!(error = %why, "storing telemetry failed; closing connection so the client retries");
+                return Err(Close::Reason(
+                    reason::UNSPECIFIED_ERROR,
+                    "message could not be persisted",
+                ));
+            }
+        };
+        let problem_info = self.problem_info;
+        let Some(front) = self.pending_acks.front_mut() else {
+            return Ok(());
+        };
+        let failed_pubrec = matches!(front.packet, Packet::PubRec(_));
+        if let Packet::PubAck(r) | Packet::PubRec(r) = &mut front.packet
+            && r.code < 0x80
+        {
+            r.code = code;
+            if problem_info {
+                r.properties.reason_string = Some(why);
+            }
+            if failed_pubrec {
+                // A failed PUBREC ends the exchange.
+                let id = r.packet_id;
+                self.session.control.lock().inbound_qos2.remove(&id);
+                self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
             }
         }
+        Ok(())
+    }
+
+    /// Writes acknowledgements at the head of the queue whose waits have resolved.
+    fn flush_ready_acks(&mut self) -> Result<(), Close> {
+        while let Some(front) = self.pending_acks.front_mut() {
+            if front.waits() {
+                match front.settle().now_or_never() {
+                    Some(res) => self.apply_settled(res)?,
+                    None => return Ok(()),
+                }
+            }
+            if let Some(p) = self.pending_acks.pop_front() {
+                self.write_ack(p.packet);
+            }
+        }
+        Ok(())
     }
 
     async fn handle_publish(&mut self, p: Publish) -> Result<(), Close> {
@@ -1061,10 +1116,7 @@ impl Connection {
             });
         }
         // Services hear reserved topics only; only they need to know who published.
-        let origin = message
-            .topic
-            .as_str()
-            .starts_with('$')
+        let origin = (message.topic.as_str().starts_with('$') || self.broker.has_sink())
             .then(|| self.origin());
         let published = self
             .broker
@@ -1111,7 +1163,7 @@ impl Connection {
                 // A failed PUBREC ends the exchange.
                 self.inbound_unacked -= 1;
             }
-            self.queue_ack(ack, published.commit);
+            self.queue_ack_after(ack, published.commit, published.sink);
         }
         Ok(())
     }
@@ -1865,6 +1917,43 @@ fn decode_error_text(e: &DecodeError) -> &'static str {
         DecodeError::Malformed(s) | DecodeError::Protocol(s) => s,
         DecodeError::TooLarge { .. } => "packet exceeds maximum packet size",
         DecodeError::UnsupportedProtocol { .. } => "unsupported protocol",
+    }
+}
+
+/// An acknowledgement waiting for what it promises: the store commit of what the broker must not
+/// lose, and the message sink's storage (telemetry).
+struct PendingAck {
+    packet: Packet,
+    commit: Option<Commit>,
+    sink: Option<SinkWait>,
+}
+
+impl PendingAck {
+    fn waits(&self) -> bool {
+        self.commit.is_some() || self.sink.is_some()
+    }
+
+    /// Waits for the commit, then the sink; each is cleared once resolved (so a cancelled wait
+    /// resumes where it stopped).
+    async fn settle(&mut self) -> Result<Option<SinkOutcome>, Close> {
+        if let Some(commit) = &mut self.commit {
+            if let Err(e) = commit.await {
+                tracing::error!(error = %e, "store commit failed; closing connection so the client retries");
+                return Err(Close::Reason(
+                    reason::UNSPECIFIED_ERROR,
+                    "message could not be persisted",
+                ));
+            }
+            self.commit = None;
+        }
+        match &mut self.sink {
+            Some(sink) => {
+                let outcome = sink.await;
+                self.sink = None;
+                Ok(Some(outcome))
+            }
+            None => Ok(None),
+        }
     }
 }
 

@@ -22,7 +22,10 @@ pub use auth::{
     Access, Admission, AuthConfig, Authenticator, Credentials, Grant, PeerCertificates, Refusal,
     StaticUsers,
 };
-pub use broker::{Broker, Origin, ServiceMessage, ServicePublished, SessionEvent};
+pub use broker::{
+    Broker, MessageSink, Origin, ServiceMessage, ServicePublished, SessionEvent, SinkOutcome,
+    SinkWait,
+};
 pub use config::{ClientIdCharset, MqttConfig};
 pub use metrics::{BrokerMetrics, DropReason};
 pub use session::Kick;
