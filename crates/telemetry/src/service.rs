@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::decode::{self, DecodeLimits, PayloadFormat};
+use crate::export::{ExportJob, ExportRequest, Exports};
 use crate::lineproto::{self, Precision};
 
 /// Default telemetry topic filter: the device is the `+` level.
@@ -165,6 +166,7 @@ pub struct Telemetry {
     settings: RwLock<BTreeMap<String, TenantSettings>>,
     settings_path: PathBuf,
     tx: mpsc::Sender<IngestJob>,
+    exports: Exports,
     /// Counters.
     pub metrics: Arc<IngestMetrics>,
 }
@@ -231,10 +233,17 @@ impl Telemetry {
             }
         };
         let (tx, rx) = mpsc::channel(cfg.queue_depth.max(1));
+        let exports = Exports::new(
+            settings_path
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("exports"),
+        );
         let t = Arc::new(Telemetry {
             engine,
             cfg,
             settings: RwLock::new(settings),
+            exports,
             settings_path,
             tx,
             metrics: Arc::new(IngestMetrics::default()),
@@ -246,6 +255,30 @@ impl Telemetry {
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// Starts an export job (see [`crate::export`]).
+    pub fn start_export(
+        &self,
+        tenant: &TenantId,
+        req: ExportRequest,
+    ) -> Result<ExportJob, TelemetryError> {
+        self.exports.start(&self.engine, tenant, req)
+    }
+
+    /// An export job of a tenant.
+    pub fn export_job(&self, tenant: &TenantId, id: u64) -> Option<ExportJob> {
+        self.exports.get(tenant, id)
+    }
+
+    /// A tenant's export jobs, newest first.
+    pub fn export_jobs(&self, tenant: &TenantId) -> Vec<ExportJob> {
+        self.exports.list(tenant)
+    }
+
+    /// Where local exports are written (`<telemetry dir>/exports`).
+    pub fn export_dir(&self) -> &std::path::Path {
+        self.exports.dir()
     }
 
     /// The hub-wide configuration.
