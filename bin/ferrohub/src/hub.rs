@@ -542,10 +542,22 @@ impl Hub {
             }));
             let b = Arc::downgrade(&broker);
             let t = twins.clone();
+            let tm = telemetry.clone();
             registry.set_purger(Arc::new(move |purge: Purge| {
                 let b = b.upgrade();
                 let t = t.clone();
+                let tm = tm.clone();
                 Box::pin(async move {
+                    // A deleted tenant's telemetry goes with it. (A decommissioned device's
+                    // points stay until the tenant's retention deletes their days.)
+                    if let (Purge::Tenant(tenant), Some(tm)) = (&purge, tm) {
+                        let engine = tm.engine().clone();
+                        let tenant = tenant.clone();
+                        let r = tokio::task::spawn_blocking(move || engine.purge_tenant(&tenant)).await;
+                        if !matches!(r, Ok(Ok(()))) {
+                            tracing::error!(result = ?r, "deleting a tenant's telemetry failed");
+                        }
+                    }
                     let (tenant, device) = match &purge {
                         Purge::Device {
                             tenant, device_id, ..

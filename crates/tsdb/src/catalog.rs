@@ -137,6 +137,18 @@ impl Catalog {
         out
     }
 
+    /// Forgets a tenant's series: they are no longer found, and a flush drops their head points
+    /// (ids stay allocated; a later write of the same key gets a new id).
+    pub fn remove_tenant(&self, tenant: &TenantId) {
+        self.keys.write().remove(tenant);
+    }
+
+    /// Whether `id` is still the live series of its key (false once its tenant was purged).
+    pub fn is_live(&self, id: SeriesId) -> bool {
+        self.get(id)
+            .is_some_and(|s| self.find(&s.tenant, &s.device, &s.metric) == Some(id))
+    }
+
     /// Tenants that have series.
     pub fn tenants(&self) -> Vec<TenantId> {
         self.keys.read().keys().cloned().collect()

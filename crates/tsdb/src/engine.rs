@@ -402,7 +402,8 @@ impl Inner {
         let started = Instant::now();
         let mut groups: BTreeMap<(TenantId, i64), Vec<SeriesData>> = BTreeMap::new();
         for id in job.head.series_ids() {
-            let Some(info) = self.catalog.get(id) else {
+            // A purged tenant's points are dropped, not sealed.
+            let Some(info) = self.catalog.get(id).filter(|_| self.catalog.is_live(id)) else {
                 continue;
             };
             let Some((ts, values)) = job.head.with_series(id, |h| h.snapshot(i64::MIN, i64::MAX))

@@ -172,6 +172,7 @@ fn merge_run(
     }
     let mut order: Vec<(Arc<str>, Arc<str>, SeriesId)> = ids
         .keys()
+        .filter(|&&id| inner.catalog.is_live(id))
         .filter_map(|&id| {
             inner
                 .catalog

@@ -577,6 +577,29 @@ impl Engine {
         maintain::compact(&self.inner, all)
     }
 
+    /// Deletes every point of a tenant: its series are forgotten at once (queries stop finding
+    /// them), its part directories deleted, and the head sealed so that the WAL segments holding
+    /// its points are deleted too. Blocks; call from a blocking context.
+    pub fn purge_tenant(&self, tenant: &TenantId) -> Result<(), TsdbError> {
+        self.inner.catalog.remove_tenant(tenant);
+        {
+            let _guard = self.inner.maintenance.lock();
+            self.inner.parts.write().remove(tenant);
+            let dir = self
+                .inner
+                .parts_dir()
+                .join(crate::engine::tenant_dir(tenant));
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(TsdbError::io("deleting", &dir, e)),
+            }
+        }
+        self.inner.retention.lock().remove(tenant.as_str());
+        maintain::save_retention(&self.inner)?;
+        self.flush_blocking()
+    }
+
     /// Calls `f` with every series of a tenant matching the filters and its points in
     /// `[from, to)`, day by day (bounded memory), for export.
     pub fn scan(

@@ -474,3 +474,40 @@ fn values_round_trip_through_parts() {
     let _ = AggFn::ALL;
     e.close();
 }
+
+#[test]
+fn purging_a_tenant_deletes_its_points_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let (gone, kept) = (TenantId::new("gone"), TenantId::new("kept"));
+    let base = now() - 3 * DAY;
+    for t in [&gone, &kept] {
+        e.write_blocking(
+            t,
+            (0..3000)
+                .map(|i| p("d", "v", base + i * 60_000, Value::Int(i)))
+                .collect(),
+        )
+        .unwrap();
+    }
+    e.flush_blocking().unwrap();
+    // More points in the head and the WAL.
+    e.write_blocking(&gone, vec![p("d", "v", now(), Value::Int(-1))])
+        .unwrap();
+    e.purge_tenant(&gone).unwrap();
+    assert!(raw_all(&e, &gone, "d", "v").is_empty());
+    assert!(!dir.path().join("parts/gone").exists());
+    assert_eq!(raw_all(&e, &kept, "d", "v").len(), 3000);
+    e.close();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    assert!(
+        raw_all(&e, &gone, "d", "v").is_empty(),
+        "nothing comes back from the WAL"
+    );
+    assert_eq!(raw_all(&e, &kept, "d", "v").len(), 3000);
+    // The tenant can write again.
+    e.write_blocking(&gone, vec![p("d", "v", now(), Value::Int(5))])
+        .unwrap();
+    assert_eq!(raw_all(&e, &gone, "d", "v").len(), 1);
+    e.close();
+}
