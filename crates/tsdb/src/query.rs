@@ -389,7 +389,8 @@ impl Engine {
                 .find(|(d, _)| *d == day)
                 .map_or(&no_parts, |(_, l)| l);
             // Per part: positions of clean series whose middle comes from the hourly table.
-            let mut hourly: Vec<HashMap<u32, &Vec<usize>>> = vec![HashMap::new(); list.len()];
+            // Indexed by the series' position in the part (dense: one slot per series of the part).
+            let mut hourly: Vec<Vec<Option<&Vec<usize>>>> = vec![Vec::new(); list.len()];
             let (ra, rb) = match res {
                 Some(r) => (bucket_start(a + r - 1, r), bucket_start(b, r)),
                 None => (a, a),
@@ -444,7 +445,12 @@ impl Engine {
                         }
                     }
                     if r == HOUR_MS {
-                        hourly[pi].insert(meta.pos, groups);
+                        let slots = &mut hourly[pi];
+                        let pos = meta.pos as usize;
+                        if slots.len() <= pos {
+                            slots.resize(pos.max(part.series.len()) + 1, None);
+                        }
+                        slots[pos] = Some(groups);
                     } else if let Some(block) = meta.minute {
                         let rows = RollupRows::decode_for(&part.file.read_block(block)?, &fns)?;
                         for (k, &bucket) in rows.bucket.iter().enumerate() {
@@ -461,12 +467,12 @@ impl Engine {
                 }
             }
             for (pi, wanted) in hourly.iter().enumerate() {
-                if wanted.is_empty() {
+                let Some(lo) = wanted.iter().position(Option::is_some) else {
                     continue;
-                }
+                };
+                let hi = wanted.iter().rposition(Option::is_some).unwrap_or(lo);
+                let (lo, hi) = (lo as u32, hi as u32);
                 let part = &list[pi];
-                let lo = wanted.keys().copied().min().unwrap_or(0);
-                let hi = wanted.keys().copied().max().unwrap_or(0);
                 for hb in part
                     .hourly
                     .iter()
@@ -478,7 +484,7 @@ impl Engine {
                         if bucket < ra || bucket >= rb {
                             continue;
                         }
-                        let Some(groups) = wanted.get(&rows.series[k]) else {
+                        let Some(Some(groups)) = wanted.get(rows.series[k] as usize) else {
                             continue;
                         };
                         if let Some(i) = acc.index(bucket) {
