@@ -1270,3 +1270,366 @@ fn twins_and_commands() {
     );
     assert_eq!(out.code, 2, "{}", out.stderr);
 }
+
+#[test]
+fn telemetry() {
+    const HOUR: i64 = 3_600_000;
+    let hub = Hub::start();
+    let t = "default";
+    let run = |args: &[&str]| ctl(&hub, ADMIN, t, args);
+    run(&["groups", "create", "wave"]).ok();
+    for (id, site) in [("s1", "a"), ("s2", "a"), ("s3", "b")] {
+        let tag = format!("site={site}");
+        run(&["devices", "create", id, "--tag", &tag]).ok();
+    }
+    run(&["groups", "add", "wave", "s3"]).ok();
+
+    // Writes: a JSON argument, a file, standard input. 12 points each, every 10 minutes from an
+    // hour boundary 3 hours ago (s2 a second later, so that timestamps differ across devices).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = (now / HOUR - 3) * HOUR;
+    let batch = |dev: i64| -> String {
+        let items: Vec<String> = (0..12)
+            .map(|i| {
+                format!(
+                    r#"{{"ts": {}, "temp": {}, "mode": "m{i}"}}"#,
+                    t0 + i * 600_000 + dev * 1000,
+                    dev * 100 + i
+                )
+            })
+            .collect();
+        format!("[{}]", items.join(","))
+    };
+    let out = run(&["telemetry", "write", "s1", &batch(0)]).ok();
+    assert_eq!(out.stdout, "stored 24 point(s) for device s1\n");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s2.json");
+    std::fs::write(&file, batch(1)).unwrap();
+    let out = run(&[
+        "telemetry",
+        "write",
+        "s2",
+        "--file",
+        file.to_str().unwrap(),
+        "-o",
+        "json",
+    ])
+    .ok();
+    assert_eq!(out.json()["points"], 24);
+    let url = hub.url();
+    let args = [
+        "--url",
+        &url,
+        "--token",
+        ADMIN,
+        "--tenant",
+        t,
+        "telemetry",
+        "write",
+        "s3",
+        "-",
+    ];
+    run_ctl(&[], &args, Some(batch(2).as_bytes())).ok();
+    // A value of another kind is refused (exit 1), the rest stored.
+    let out = run(&["telemetry", "write", "s1", r#"{"temp": "hot", "hum": 40}"#]);
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("stored 1 point(s)"), "{}", out.stdout);
+    assert!(out.stderr.contains("refused"), "{}", out.stderr);
+    let out = run(&["telemetry", "write", "ghost", r#"{"temp": 1}"#]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+
+    // Series.
+    let out = run(&["telemetry", "series", "s1"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert!(lines[0].starts_with("METRIC  KIND"), "{}", out.stdout);
+    assert_eq!(lines.len(), 4, "{}", out.stdout); // hum, mode, temp
+    assert!(
+        lines[3].starts_with("temp    numeric  11"),
+        "{}",
+        out.stdout
+    );
+
+    // Raw points: one page with a hint, every page, newest first.
+    let from = t0.to_string();
+    let out = run(&[
+        "telemetry",
+        "get",
+        "s1",
+        "temp",
+        "--from",
+        &from,
+        "--limit",
+        "5",
+    ])
+    .ok();
+    assert_eq!(out.stdout.lines().count(), 6, "{}", out.stdout);
+    assert!(
+        out.stdout.lines().nth(1).unwrap().ends_with("  0"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("--cursor"), "{}", out.stderr);
+    let all = run(&[
+        "telemetry",
+        "get",
+        "s1",
+        "temp",
+        "--from",
+        &from,
+        "--limit",
+        "5",
+        "--all",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    let points = all["points"].as_array().unwrap();
+    assert_eq!(points.len(), 12, "{all}");
+    assert!(all["next_cursor"].is_null());
+    assert_eq!(points[11]["value"], 11);
+    let desc = run(&[
+        "telemetry",
+        "get",
+        "s1",
+        "temp",
+        "--from",
+        "1d",
+        "--desc",
+        "--limit",
+        "1",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(desc["points"][0]["value"], 11);
+
+    // Aggregates of one device: the table shows the requested functions.
+    let out = run(&[
+        "telemetry",
+        "agg",
+        "s1",
+        "temp",
+        "--bucket",
+        "1h",
+        "--fn",
+        "avg,max",
+        "--from",
+        &from,
+    ])
+    .ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["TIME", "AVG", "MAX"]
+    );
+    assert_eq!(lines.len(), 3, "{}", out.stdout);
+    assert!(lines[1].ends_with("2.5  5.0"), "{}", out.stdout);
+    let agg = run(&[
+        "telemetry",
+        "agg",
+        "s1",
+        "temp",
+        "--bucket",
+        "30m",
+        "--from",
+        &from,
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(agg["bucket_ms"], 1_800_000);
+    assert_eq!(agg["buckets"][0]["count"], 3);
+    assert_eq!(agg["buckets"][0]["sum"], 3.0);
+
+    // Fleet snapshots by selection.
+    let out = run(&["telemetry", "latest", "temp"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", out.stdout);
+    assert!(lines[0].starts_with("DEVICE  TIME"), "{}", out.stdout);
+    assert!(
+        lines[2].starts_with("s2") && lines[2].ends_with("111"),
+        "{}",
+        out.stdout
+    );
+    let ids = |v: Value| -> Vec<String> {
+        v["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["device"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let site_a = run(&[
+        "telemetry",
+        "latest",
+        "temp",
+        "--tag",
+        "site=a",
+        "-o",
+        "json",
+    ])
+    .ok();
+    assert_eq!(ids(site_a.json()), ["s1", "s2"]);
+    let wave = run(&[
+        "telemetry",
+        "latest",
+        "temp",
+        "--group",
+        "wave",
+        "-o",
+        "json",
+    ])
+    .ok();
+    assert_eq!(ids(wave.json()), ["s3"]);
+    let listed = run(&[
+        "telemetry",
+        "latest",
+        "temp",
+        "--devices",
+        "s3,s1",
+        "--limit",
+        "1",
+        "--all",
+        "-o",
+        "json",
+    ])
+    .ok();
+    assert_eq!(ids(listed.json()), ["s1", "s3"]);
+
+    // Fleet aggregates grouped by a registry tag.
+    let fleet = run(&[
+        "telemetry",
+        "fleet-agg",
+        "temp",
+        "--bucket",
+        "1h",
+        "--by",
+        "tag:site",
+        "--fn",
+        "count,max",
+        "--from",
+        &from,
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    let groups = fleet["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 2, "{fleet}");
+    assert_eq!(groups[0]["group"], "a");
+    assert_eq!(groups[0]["series"], 2);
+    assert_eq!(groups[0]["buckets"][0]["count"], 12);
+    assert_eq!(groups[0]["buckets"][0]["max"], 105.0);
+    assert_eq!(groups[1]["group"], "b");
+    let out = run(&[
+        "telemetry",
+        "fleet-agg",
+        "temp",
+        "--bucket",
+        "2h",
+        "--by",
+        "device",
+        "--fn",
+        "count",
+        "--from",
+        &from,
+        "--to",
+        "now",
+    ])
+    .ok();
+    assert!(
+        out.stdout.starts_with("GROUP  SERIES  TIME"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.lines().any(|l| l.starts_with("s3")),
+        "{}",
+        out.stdout
+    );
+
+    // Settings: show, change, forever, back to the defaults.
+    let out = run(&["telemetry", "settings"]).ok();
+    assert!(
+        out.stdout.contains("30 days (hub default)"),
+        "{}",
+        out.stdout
+    );
+    assert!(
+        out.stdout.contains("devices/+/telemetry/# (hub default)"),
+        "{}",
+        out.stdout
+    );
+    let v = run(&[
+        "telemetry",
+        "settings",
+        "--retention-days",
+        "90",
+        "--format",
+        "json",
+        "--topics",
+        "plant/+/data/#,devices/+/telemetry/#",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(v["retention_days"], 90);
+    assert_eq!(v["format"], "json");
+    assert_eq!(v["topics"].as_array().unwrap().len(), 2);
+    let out = run(&["telemetry", "settings", "--retention-forever"]).ok();
+    assert!(out.stdout.contains("forever\n"), "{}", out.stdout);
+    assert!(out.stdout.contains("json\n"), "{}", out.stdout);
+    let v = run(&[
+        "telemetry",
+        "settings",
+        "--retention-default",
+        "--topics-default",
+        "--format-default",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    assert!(v["retention_days"].is_null() && v["topics"].is_null() && v["format"].is_null());
+    assert_eq!(v["effective"]["retention_days"], 30);
+    let out = run(&[
+        "telemetry",
+        "settings",
+        "--retention-days",
+        "5",
+        "--retention-forever",
+    ]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+
+    // A viewer reads but cannot write.
+    let viewer = run(&["tokens", "create", "reader", "--role", "viewer"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    ctl(&hub, &viewer, t, &["telemetry", "series", "s1"]).ok();
+    let out = ctl(
+        &hub,
+        &viewer,
+        t,
+        &["telemetry", "write", "s1", r#"{"temp": 1}"#],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("HTTP 403"), "{}", out.stderr);
+    let out = ctl(
+        &hub,
+        &viewer,
+        t,
+        &["telemetry", "settings", "--retention-days", "3"],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("HTTP 403"), "{}", out.stderr);
+}

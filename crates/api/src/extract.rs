@@ -16,7 +16,8 @@ use crate::error::ApiError;
 
 /// An authenticated operator: the registry and who is calling.
 ///
-/// Extracting it checks the bearer token, and, on routes under `/tenants/{tenant}`, that the
+/// Extracting it checks the API token (`Authorization: Bearer <token>`, or InfluxDB's
+/// `Authorization: Token <token>`), and, on routes under `/tenants/{tenant}`, that the
 /// tenant exists and is in the token's scope. A tenant outside the scope is answered exactly like
 /// a missing one (404), so a token cannot probe other tenants.
 pub struct Caller {
@@ -39,9 +40,11 @@ fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let (scheme, secret) = value.trim().split_once(' ').ok_or_else(|| {
         ApiError::unauthenticated("the Authorization header must be `Bearer <token>`")
     })?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // `Token` is InfluxDB's scheme (Telegraf, InfluxDB client libraries): the same API tokens.
+    if !scheme.eq_ignore_ascii_case("bearer") && !scheme.eq_ignore_ascii_case("token") {
         return Err(ApiError::unauthenticated(
-            "the Authorization header must use the Bearer scheme: `Authorization: Bearer <token>`",
+            "the Authorization header must use the Bearer scheme: `Authorization: Bearer <token>` \
+             (or InfluxDB's `Authorization: Token <token>`)",
         ));
     }
     let secret = secret.trim();
@@ -95,8 +98,8 @@ impl<S: Send + Sync> FromRequest<S> for Body {
             Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
-                "the request body is too large (2 MiB at most; 64 MiB for device imports): \
-                 split it into smaller requests",
+                "the request body is too large (2 MiB at most; 4 MiB for telemetry writes, 64 MiB \
+                 for device imports): split it into smaller requests",
             )),
             Err(e) => Err(ApiError::invalid(format!(
                 "the request body could not be read: {}",

@@ -3,11 +3,13 @@
 //! It serves what operations tooling needs — `/healthz` (the process is alive), `/readyz`
 //! (listeners are bound and recovered state is loaded) and `/metrics` (Prometheus text), all
 //! unauthenticated — and the operator API under `/api/v1` (bearer tokens; see
-//! `docs/http-api.md`), whose OpenAPI 3.1 document is served at `/api/v1/openapi.json`.
+//! `docs/http-api.md`), whose OpenAPI 3.1 document is served at `/api/v1/openapi.json`, and the
+//! InfluxDB v2 write API at `/api/v2/write` ([`influx`]; in the same document).
 //! Like every server in Ferrohub it takes an already-bound listener and a shutdown future.
 
 pub mod error;
 pub mod extract;
+pub mod influx;
 pub mod v1;
 
 use std::future::Future;
@@ -45,7 +47,8 @@ pub struct ApiState {
     pub telemetry: Option<Arc<ferrohub_telemetry::service::Telemetry>>,
 }
 
-/// The HTTP routes: health, readiness and metrics, and the operator API under `/api/v1`.
+/// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, and the
+/// InfluxDB v2 write API (`/api/v2/write`).
 pub fn router(state: ApiState) -> Router {
     let (api, _openapi) = v1::build();
     Router::new()

@@ -11,6 +11,7 @@ mod commands;
 mod device_commands;
 mod import;
 mod output;
+mod telemetry;
 mod twins;
 
 use std::path::PathBuf;
@@ -30,12 +31,13 @@ Examples:
   ferrohub ctl audit --action device. --since 1h
   ferrohub ctl twins set-desired boiler-17 '{\"rate\": 30}'
   ferrohub ctl commands send boiler-17 reboot --payload '{\"delay\": 5}'
+  ferrohub ctl telemetry agg boiler-17 temp --bucket 1h --from 7d
 
 Exit status: 0 on success; 1 when the command failed (the message and a hint are on stderr) or an
 import rejected rows; 2 for a command-line usage error.";
 
 /// Operates a running hub over its HTTP API: tenants, devices, credentials, groups, policies,
-/// API tokens, the audit log, device twins and commands to devices.
+/// API tokens, the audit log, device twins, commands to devices and telemetry.
 #[derive(Args, Debug)]
 #[command(after_help = CTL_EXAMPLES)]
 pub struct CtlArgs {
@@ -135,6 +137,10 @@ enum CtlCommand {
     /// Commands to devices: send (direct or queued), list, show and cancel queued ones.
     #[command(subcommand)]
     Commands(device_commands::CommandsCmd),
+    /// Telemetry: a device's series, raw points, aggregates, fleet snapshots and aggregates,
+    /// writes, and the tenant's telemetry settings.
+    #[command(subcommand)]
+    Telemetry(Box<telemetry::TelemetryCmd>),
 }
 
 // ---- tenants -------------------------------------------------------------------------------

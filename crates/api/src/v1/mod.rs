@@ -8,6 +8,7 @@ pub mod credentials;
 pub mod devices;
 pub mod import;
 pub mod pki;
+pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
 pub mod twins;
@@ -56,7 +57,8 @@ impl utoipa::Modify for BearerAuth {
     info(
         title = "Ferrohub operator API",
         description = "Manage tenants, devices, credentials, groups, policies, certificate \
-                       authorities, API tokens, the audit log, device twins and commands. Every error is \
+                       authorities, API tokens, the audit log, device twins and commands, and telemetry \
+                       (including the InfluxDB v2 write API at /api/v2/write). Every error is \
                        `{\"code\": \"...\", \"message\": \"...\"}`; see docs/http-api.md."
     ),
     modifiers(&BearerAuth),
@@ -74,6 +76,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "audit", description = "The audit log"),
         (name = "twins", description = "Device twins: desired and reported state, delta, history, fleet queries"),
         (name = "commands", description = "Commands to devices: direct (synchronous) and queued (durable)"),
+        (name = "telemetry", description = "Telemetry: writes (device payloads, InfluxDB line protocol), raw points, aggregates, fleet snapshots and aggregates, retention and ingest settings"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -145,12 +148,26 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(commands::invoke_command))
         .routes(routes!(commands::list_queued))
         .routes(routes!(commands::get_queued, commands::cancel_queued))
+        .routes(
+            routes!(telemetry::write_device, telemetry::list_device_series)
+                .layer(DefaultBodyLimit::max(telemetry::WRITE_BODY_LIMIT)),
+        )
+        .routes(routes!(telemetry::raw_points))
+        .routes(routes!(telemetry::aggregate_points))
+        .routes(routes!(telemetry::fleet_latest))
+        .routes(routes!(telemetry::fleet_aggregate))
+        .routes(routes!(telemetry::get_settings, telemetry::put_settings))
+        .routes(routes!(telemetry::apply_retention))
 }
 
-/// The API's routes under [`PREFIX`], and its OpenAPI document.
+/// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.
 pub fn build() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .nest(PREFIX, routes())
+        .routes(
+            routes!(crate::influx::write_v2)
+                .layer(DefaultBodyLimit::max(crate::influx::BODY_LIMIT)),
+        )
         .split_for_parts()
 }
 

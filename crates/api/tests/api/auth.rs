@@ -85,7 +85,25 @@ const ROUTES: &[(&str, &str)] = &[
         "DELETE",
         "/tenants/{tenant}/devices/{device}/queued-commands/{id}",
     ),
+    ("POST", "/tenants/{tenant}/devices/{device}/telemetry"),
+    ("GET", "/tenants/{tenant}/devices/{device}/telemetry"),
+    (
+        "GET",
+        "/tenants/{tenant}/devices/{device}/telemetry/{metric}",
+    ),
+    (
+        "GET",
+        "/tenants/{tenant}/devices/{device}/telemetry/{metric}/aggregate",
+    ),
+    ("GET", "/tenants/{tenant}/telemetry/latest"),
+    ("GET", "/tenants/{tenant}/telemetry/aggregate"),
+    ("GET", "/tenants/{tenant}/telemetry/settings"),
+    ("PUT", "/tenants/{tenant}/telemetry/settings"),
+    ("POST", "/tenants/{tenant}/telemetry/retention/apply"),
 ];
+
+/// Routes outside /api/v1 that the OpenAPI document also describes (full paths).
+const ROOT_ROUTES: &[(&str, &str)] = &[("POST", "/api/v2/write")];
 
 const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 
@@ -146,6 +164,11 @@ async fn openapi_document_lists_every_route_the_router_serves() {
         let expected: BTreeSet<(String, String)> = ROUTES
             .iter()
             .map(|(m, p)| (m.to_string(), format!("/api/v1{p}")))
+            .chain(
+                ROOT_ROUTES
+                    .iter()
+                    .map(|(m, p)| (m.to_string(), p.to_string())),
+            )
             .collect();
         let documented = document_routes(&doc);
         let missing: Vec<_> = expected.difference(&documented).collect();
@@ -161,11 +184,26 @@ async fn openapi_document_lists_every_route_the_router_serves() {
 
         // The router serves every documented operation: without a token each answers 401
         // (openapi.json 200), never the router's 404/405.
-        let values: BTreeMap<&str, String> = ["tenant", "device", "id", "group", "name"]
+        let values: BTreeMap<&str, String> = ["tenant", "device", "id", "group", "name", "metric"]
             .into_iter()
             .map(|k| (k, "x".to_string()))
             .collect();
         for (method, path) in &documented {
+            if !path.starts_with("/api/v1/") {
+                // The InfluxDB write API answers in InfluxDB's error shape.
+                let res = reqwest::Client::new()
+                    .request(
+                        Method::from_bytes(method.as_bytes()).unwrap(),
+                        format!("http://{}{path}", hub.http),
+                    )
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(res.status(), 401, "{method} {path}");
+                let body: Value = res.json().await.unwrap();
+                assert_eq!(body["code"], "unauthorized", "{method} {path}: {body}");
+                continue;
+            }
             let url = fill(path.trim_start_matches("/api/v1"), &values);
             let reply = anon
                 .call(Method::from_bytes(method.as_bytes()).unwrap(), &url, None)
@@ -196,7 +234,8 @@ async fn openapi_document_lists_every_route_the_router_serves() {
                     assert!(responses.contains_key("401"), "{m} {path} lacks 401");
                     assert!(responses.contains_key("404"), "{m} {path} lacks 404");
                 }
-                let bodyless = path.ends_with("/members/{device}");
+                let bodyless =
+                    path.ends_with("/members/{device}") || path.ends_with("/retention/apply");
                 if matches!(m, "post" | "put" | "patch") && !bodyless {
                     assert!(
                         op.get("requestBody").is_some(),
@@ -222,6 +261,9 @@ async fn openapi_document_lists_every_route_the_router_serves() {
             "ImportReport",
             "NewCredential",
             "AuditEvent",
+            "WriteReport",
+            "PointsPage",
+            "TelemetrySettings",
         ] {
             assert!(
                 doc["components"]["schemas"].get(schema).is_some(),
@@ -391,6 +433,7 @@ async fn without_a_registry_the_api_answers_503() {
         let state = ferrohub_api::ApiState {
             twins: None,
             commands: None,
+            telemetry: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,

@@ -91,6 +91,7 @@ fn request(
         p["cred"].clone()
     };
     values.insert("id", id);
+    values.insert("metric", "temp".to_string());
     values.remove("cred");
     let path = fill(template.trim_start_matches("/api/v1"), &values);
     let body = match (method, template.rsplit('/').next().unwrap()) {
@@ -105,6 +106,9 @@ fn request(
         }
         ("PATCH", _) => Some(json!({"name": "pwned"})),
         ("POST", "{name}") if template.contains("/commands/") => Some(json!({"cmd": "pwn"})),
+        ("POST", "telemetry") => Some(json!({"temp": 99})),
+        ("POST", "apply") => None,
+        ("PUT", "settings") => Some(json!({"keep_forever": true})),
         ("PUT", _) if template.contains("/policies/") => Some(policy()),
         ("PUT", _) if template.contains("/cas/") => Some(json!({"certificate_pem": ca_pem})),
         ("PUT", _) if template.contains("/token-keys/") => Some(json!({"pem": "not checked"})),

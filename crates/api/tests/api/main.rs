@@ -11,3 +11,4 @@ mod devices;
 mod import;
 mod isolation;
 mod registry_regressions;
+mod telemetry;
