@@ -19,7 +19,10 @@
 //! * `registry`: loads a million devices into a temporary registry and times device listings
 //!   (see [`regbench`]);
 //! * `twins` / `commands`: reported twin updates (accepted/s, accept latency) and direct-command
-//!   round trips through a running hub (see `twinbench.rs`).
+//!   round trips through a running hub (see `twinbench.rs`);
+//! * `tsdb`: the telemetry engine in-process (no hub): ingest rate, bytes per point and query
+//!   times on generated sensor series, side by side with SQLite and PostgreSQL (see
+//!   `tsdbbench.rs`).
 //!
 //! With `--fleet`, `fan-in` publishers are the fleet's devices (their credentials, client ids
 //! and topics `devices/{id}/telemetry`) and the subscriber is the fleet's monitor on
@@ -58,6 +61,7 @@ pub mod regbench;
 mod stats;
 mod sys;
 mod traffic;
+mod tsdbbench;
 mod twinbench;
 mod wire;
 
@@ -100,6 +104,9 @@ pub enum Scenario {
     Twins,
     /// Direct commands over HTTP to devices connected over MQTT (--devices, --http-concurrency).
     Commands,
+    /// The telemetry engine in-process: ingest, bytes per point, queries (--series,
+    /// --points-per-series, --fleet-devices), optionally against SQLite and PostgreSQL (--compare).
+    Tsdb,
 }
 
 impl Scenario {
@@ -115,6 +122,7 @@ impl Scenario {
             Scenario::Registry => "registry",
             Scenario::Twins => "twins",
             Scenario::Commands => "commands",
+            Scenario::Tsdb => "tsdb",
         }
     }
 }
@@ -262,7 +270,7 @@ pub struct BenchArgs {
     /// Print a progress line on stderr every second.
     #[arg(long)]
     pub progress: bool,
-    /// Runtime worker threads of the harness.
+    /// Runtime worker threads of the harness; tsdb: ingest threads (and PostgreSQL connections).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub threads: u16,
     /// Client identifier prefix (default: unique per invocation).
@@ -313,7 +321,7 @@ pub struct BenchArgs {
     /// registry: timed repetitions of each query.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub queries: u32,
-    /// registry: keep the temporary database.
+    /// registry: keep the temporary database; tsdb: keep the temporary directory.
     #[arg(long)]
     pub keep: bool,
     /// commands: the hub's HTTP port.
@@ -325,11 +333,55 @@ pub struct BenchArgs {
     /// commands: operators sending direct commands at once.
     #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub http_concurrency: u32,
+    /// tsdb: points per series of the main dataset (1 Hz; 86,400 = one day).
+    #[arg(long, default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub points_per_series: u64,
+    /// tsdb: series of the main dataset, spread evenly over ten tenants (five value profiles ×
+    /// regular and jittered timestamps); rounded up to a multiple of ten.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub series: u64,
+    /// tsdb: points per write call (also per SQLite transaction and per PostgreSQL COPY).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub batch: u64,
+    /// tsdb: data directory, kept afterwards (default: a temporary directory, removed afterwards
+    /// unless --keep).
+    #[arg(long)]
+    pub dir: Option<PathBuf>,
+    /// tsdb: sync before acknowledging (`--fsync false` to turn off): the engine's WAL, SQLite
+    /// `synchronous = FULL` (else NORMAL), PostgreSQL `synchronous_commit = on` (else off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub fsync: bool,
+    /// tsdb: also store the same points in these, comma-separated: sqlite, postgres.
+    #[arg(long, default_value = "")]
+    pub compare: String,
+    /// tsdb: PostgreSQL connection string for --compare postgres (e.g.
+    /// "host=/tmp port=54329 user=postgres dbname=postgres"); nothing is started.
+    #[arg(long, env = "FERROHUB_BENCH_PG_URL")]
+    pub pg_url: Option<String>,
+    /// tsdb: devices of the fleet dataset (one temperature series each).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub fleet_devices: u64,
+    /// tsdb: days of the fleet dataset, ending now.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..=3650))]
+    pub fleet_days: u32,
+    /// tsdb: sample spacing of the fleet dataset in seconds.
+    #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub fleet_interval_s: u32,
+    /// tsdb: devices of the fleet dataset stored in all three engines for the side-by-side
+    /// fleet query (default: --fleet-devices, or 1,000 if SQLite's measured insert rate projects
+    /// more than 10 minutes for the whole fleet).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub compare_fleet_devices: Option<u64>,
 }
 
-/// Runs `ferrohub bench` on its own two-worker tokio runtime; JSON lines go to stdout.
+/// Runs `ferrohub bench` on its own two-worker tokio runtime; JSON lines go to stdout. `tsdb`
+/// runs on plain threads instead (the engine's and the PostgreSQL client's blocking calls must
+/// not run inside a runtime).
 pub fn run_cli(args: BenchArgs) -> anyhow::Result<()> {
     validate(&args)?;
+    if args.scenario == Scenario::Tsdb {
+        return tsdbbench::run(&tsdbbench::TsdbBenchParams::from_args(&args)?);
+    }
     let fd_limit = sys::raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(usize::from(args.threads))
@@ -374,6 +426,7 @@ fn validate(a: &BenchArgs) -> anyhow::Result<()> {
         | Scenario::Registry
         | Scenario::Twins
         | Scenario::Commands => (a.devices == Some(0)).then_some("--devices"),
+        Scenario::Tsdb => None,
     };
     if let Some(flag) = zero {
         bail!("{flag} must be at least 1");
@@ -452,7 +505,7 @@ async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
         Scenario::Connect => run_connect(&a, addr).await,
         Scenario::Twins => twinbench::run_twins(&a, opts, prefix).await,
         Scenario::Commands => twinbench::run_commands(&a, opts, prefix).await,
-        Scenario::Provision | Scenario::Registry => Ok(()),
+        Scenario::Provision | Scenario::Registry | Scenario::Tsdb => Ok(()),
     }
 }
 
