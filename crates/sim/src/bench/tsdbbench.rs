@@ -1355,7 +1355,7 @@ fn pg_settings(c: &mut postgres::Client) -> anyhow::Result<serde_json::Value> {
     let version: String = c.query_one("SHOW server_version", &[])?.get(0);
     m.insert("server_version".into(), json!(version));
     for r in c.query(
-        "SELECT name, setting || coalesce(unit, '') FROM pg_settings WHERE name IN \
+        "SELECT name, current_setting(name) FROM pg_settings WHERE name IN \
          ('shared_buffers', 'work_mem', 'maintenance_work_mem', 'max_wal_size', \
          'checkpoint_timeout', 'synchronous_commit', 'fsync', 'full_page_writes', 'wal_level', \
          'wal_compression', 'max_parallel_workers_per_gather', 'jit', 'effective_cache_size')",
