@@ -158,6 +158,8 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(telemetry::fleet_aggregate))
         .routes(routes!(telemetry::get_settings, telemetry::put_settings))
         .routes(routes!(telemetry::apply_retention))
+        .routes(routes!(telemetry::start_export, telemetry::list_exports))
+        .routes(routes!(telemetry::get_export))
 }
 
 /// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.

@@ -1321,3 +1321,64 @@ mod tests {
         assert!(parse_by(Some(&"colour".into())).is_err());
     }
 }
+
+/// Starts an export of a time range of the tenant's telemetry (operator) to Parquet or CSV, in an
+/// S3-compatible store (`s3://bucket/prefix`, configured from the hub's `AWS_*` environment) or a
+/// relative folder inside the hub's export folder. Answers 202 with the job; follow its progress
+/// with `GET …/telemetry/exports/{id}`.
+#[utoipa::path(post, path = "/tenants/{tenant}/telemetry/exports", tag = "telemetry",
+    request_body = ferrohub_telemetry::export::ExportRequest,
+    params(("tenant" = String, Path, description = "Tenant id")),
+    responses((status = 202, description = "The job, running", body = ferrohub_telemetry::export::ExportJob), CommonErrors))]
+pub async fn start_export(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath(tenant): ApiPath<String>,
+    ApiJson(req): ApiJson<ferrohub_telemetry::export::ExportRequest>,
+) -> ApiResult<(
+    axum::http::StatusCode,
+    Json<ferrohub_telemetry::export::ExportJob>,
+)> {
+    c.actor.require(Role::Operator, Some(&tenant))?;
+    c.registry.tenant(&c.actor, &tenant).await?;
+    let tm = telemetry_of(&state)?;
+    let tid = TenantId::new(&tenant);
+    let job = tokio::task::spawn_blocking(move || tm.start_export(&tid, req))
+        .await
+        .map_err(|e| ApiError::internal(&e))??;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(job)))
+}
+
+/// The tenant's export jobs, newest first (the hub keeps the last 100).
+#[utoipa::path(get, path = "/tenants/{tenant}/telemetry/exports", tag = "telemetry",
+    params(("tenant" = String, Path, description = "Tenant id")),
+    responses((status = 200, description = "Jobs", body = Vec<ferrohub_telemetry::export::ExportJob>), CommonErrors))]
+pub async fn list_exports(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath(tenant): ApiPath<String>,
+) -> ApiResult<Json<Vec<ferrohub_telemetry::export::ExportJob>>> {
+    c.actor.require(Role::Viewer, Some(&tenant))?;
+    c.registry.tenant(&c.actor, &tenant).await?;
+    Ok(Json(
+        telemetry_of(&state)?.export_jobs(&TenantId::new(&tenant)),
+    ))
+}
+
+/// One export job: state (`running`, `succeeded`, `failed`), rows written, series done of total,
+/// and, when finished, the files and bytes or the error.
+#[utoipa::path(get, path = "/tenants/{tenant}/telemetry/exports/{id}", tag = "telemetry",
+    params(("tenant" = String, Path, description = "Tenant id"), ("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "The job", body = ferrohub_telemetry::export::ExportJob), CommonErrors))]
+pub async fn get_export(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath((tenant, id)): ApiPath<(String, u64)>,
+) -> ApiResult<Json<ferrohub_telemetry::export::ExportJob>> {
+    c.actor.require(Role::Viewer, Some(&tenant))?;
+    c.registry.tenant(&c.actor, &tenant).await?;
+    telemetry_of(&state)?
+        .export_job(&TenantId::new(&tenant), id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("export {id} not found")))
+}

@@ -100,6 +100,9 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/tenants/{tenant}/telemetry/settings"),
     ("PUT", "/tenants/{tenant}/telemetry/settings"),
     ("POST", "/tenants/{tenant}/telemetry/retention/apply"),
+    ("POST", "/tenants/{tenant}/telemetry/exports"),
+    ("GET", "/tenants/{tenant}/telemetry/exports"),
+    ("GET", "/tenants/{tenant}/telemetry/exports/{id}"),
 ];
 
 /// Routes outside /api/v1 that the OpenAPI document also describes (full paths).

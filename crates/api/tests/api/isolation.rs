@@ -92,6 +92,7 @@ fn request(
     };
     values.insert("id", id);
     values.insert("metric", "temp".to_string());
+    values.entry("id").or_insert_with(|| "1".to_string());
     values.remove("cred");
     let path = fill(template.trim_start_matches("/api/v1"), &values);
     let body = match (method, template.rsplit('/').next().unwrap()) {
@@ -108,6 +109,7 @@ fn request(
         ("POST", "{name}") if template.contains("/commands/") => Some(json!({"cmd": "pwn"})),
         ("POST", "telemetry") => Some(json!({"temp": 99})),
         ("POST", "apply") => None,
+        ("POST", "exports") => Some(json!({"destination": "x", "from": 0, "to": 1})),
         ("PUT", "settings") => Some(json!({"keep_forever": true})),
         ("PUT", _) if template.contains("/policies/") => Some(policy()),
         ("PUT", _) if template.contains("/cas/") => Some(json!({"certificate_pem": ca_pem})),

@@ -1040,3 +1040,67 @@ async fn settings_and_retention() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_jobs_write_csv_in_the_export_folder_with_progress() {
+    bounded(120, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("ex").await;
+        admin.device("ex", json!({"id": "d1"})).await;
+        let operator = admin.with_token(Some(&admin.token("operator", Some("ex")).await));
+        let viewer = admin.with_token(Some(&admin.token("viewer", Some("ex")).await));
+        let t0 = (now_ms() / HOUR - 2) * HOUR;
+        let batch: Vec<Value> = (0..500)
+            .map(|i| json!({"ts": t0 + i * 1000, "v": i}))
+            .collect();
+        operator
+            .post("/tenants/ex/devices/d1/telemetry", json!(batch))
+            .await
+            .expect(200);
+        let body =
+            json!({"destination": "run1", "format": "csv", "from": t0, "to": t0 + 3_600_000});
+        viewer
+            .post("/tenants/ex/telemetry/exports", body.clone())
+            .await
+            .expect_error(403, "forbidden");
+        let bad = json!({"destination": "../../etc", "from": t0, "to": t0 + 1});
+        operator
+            .post("/tenants/ex/telemetry/exports", bad)
+            .await
+            .expect(400);
+        let job = operator
+            .post("/tenants/ex/telemetry/exports", body)
+            .await
+            .expect(202);
+        let id = job["id"].as_u64().unwrap();
+        let mut done = Value::Null;
+        for _ in 0..200 {
+            done = viewer
+                .get(&format!("/tenants/ex/telemetry/exports/{id}"))
+                .await
+                .expect(200);
+            if done["state"] != "running" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(done["rows"], 500);
+        let file = done["files"][0].as_str().unwrap();
+        let text = std::fs::read_to_string(file).unwrap();
+        assert_eq!(text.lines().count(), 501);
+        assert!(text.starts_with("tenant,device,metric,ts,value,type"));
+        let list = viewer
+            .get("/tenants/ex/telemetry/exports")
+            .await
+            .expect(200);
+        assert_eq!(list.as_array().unwrap().len(), 1);
+        viewer
+            .get("/tenants/ex/telemetry/exports/999")
+            .await
+            .expect(404);
+        hub.stop().await;
+    })
+    .await;
+}
