@@ -4,6 +4,8 @@
 //! timestamps (kept within the skew window, replaced outside it), out-of-order and duplicate
 //! points, topic-derived metric names and per-tenant topic overrides.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod common;
 
 use std::time::Duration;

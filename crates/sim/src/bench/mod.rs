@@ -60,6 +60,7 @@ mod payload;
 pub mod regbench;
 mod stats;
 mod sys;
+mod telemetrybench;
 mod traffic;
 mod tsdbbench;
 mod twinbench;
@@ -107,6 +108,9 @@ pub enum Scenario {
     /// The telemetry engine in-process: ingest, bytes per point, queries (--series,
     /// --points-per-series, --fleet-devices), optionally against SQLite and PostgreSQL (--compare).
     Tsdb,
+    /// End-to-end telemetry ingest of a running hub: QoS 1 JSON telemetry from --connections
+    /// publishers for --devices devices, --metrics-per-message metrics each; stored points/s.
+    Telemetry,
 }
 
 impl Scenario {
@@ -123,6 +127,7 @@ impl Scenario {
             Scenario::Twins => "twins",
             Scenario::Commands => "commands",
             Scenario::Tsdb => "tsdb",
+            Scenario::Telemetry => "telemetry",
         }
     }
 }
@@ -301,6 +306,9 @@ pub struct BenchArgs {
     /// (default 2,000); registry: devices to load (default 1,000,000).
     #[arg(long)]
     pub devices: Option<usize>,
+    /// telemetry: metrics in each published payload.
+    #[arg(long, default_value_t = 10)]
+    pub metrics_per_message: usize,
     /// provision: the hub data directory to create; registry: where to keep the database
     /// (default: a temporary directory, removed afterwards).
     #[arg(long)]
@@ -425,6 +433,7 @@ fn validate(a: &BenchArgs) -> anyhow::Result<()> {
         | Scenario::Provision
         | Scenario::Registry
         | Scenario::Twins
+        | Scenario::Telemetry
         | Scenario::Commands => (a.devices == Some(0)).then_some("--devices"),
         Scenario::Tsdb => None,
     };
@@ -505,6 +514,7 @@ async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
         Scenario::Connect => run_connect(&a, addr).await,
         Scenario::Twins => twinbench::run_twins(&a, opts, prefix).await,
         Scenario::Commands => twinbench::run_commands(&a, opts, prefix).await,
+        Scenario::Telemetry => telemetrybench::run_telemetry(&a, opts, prefix).await,
         Scenario::Provision | Scenario::Registry | Scenario::Tsdb => Ok(()),
     }
 }
