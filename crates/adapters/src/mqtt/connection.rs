@@ -727,12 +727,10 @@ impl Connection {
                 k = &mut kicked => {
                     return Close::Kicked(k.unwrap_or(Kick::TakenOver));
                 }
-                res = async {
-                    match self.pending_acks.front_mut() {
-                        Some(p) => p.settle().await,
-                        None => std::future::pending().await,
-                    }
-                }, if commit_waiting => {
+                res = std::future::poll_fn(|cx| match self.pending_acks.front_mut() {
+                    Some(p) => p.poll_settle(cx),
+                    None => std::task::Poll::Pending,
+                }), if commit_waiting => {
                     if let Err(close) = self.apply_settled(res) {
                         return close;
                     }
@@ -925,7 +923,7 @@ impl Connection {
     fn flush_ready_acks(&mut self) -> Result<(), Close> {
         while let Some(front) = self.pending_acks.front_mut() {
             if front.waits() {
-                match front.settle().now_or_never() {
+                match std::future::poll_fn(|cx| front.poll_settle(cx)).now_or_never() {
                     Some(res) => self.apply_settled(res)?,
                     None => return Ok(()),
                 }
@@ -1933,26 +1931,37 @@ impl PendingAck {
         self.commit.is_some() || self.sink.is_some()
     }
 
-    /// Waits for the commit, then the sink; each is cleared once resolved (so a cancelled wait
-    /// resumes where it stopped).
-    async fn settle(&mut self) -> Result<Option<SinkOutcome>, Close> {
+    /// Polls the commit, then the sink; each is cleared once resolved (so waiting resumes where
+    /// it stopped). A poll function rather than an `async fn`: its state would be stored in every
+    /// connection's task.
+    fn poll_settle(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<SinkOutcome>, Close>> {
+        use std::future::Future;
+        use std::task::Poll;
         if let Some(commit) = &mut self.commit {
-            if let Err(e) = commit.await {
-                tracing::error!(error = %e, "store commit failed; closing connection so the client retries");
-                return Err(Close::Reason(
-                    reason::UNSPECIFIED_ERROR,
-                    "message could not be persisted",
-                ));
+            match std::pin::Pin::new(commit).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => {
+                    tracing::error!(error = %e, "store commit failed; closing connection so the client retries");
+                    return Poll::Ready(Err(Close::Reason(
+                        reason::UNSPECIFIED_ERROR,
+                        "message could not be persisted",
+                    )));
+                }
+                Poll::Ready(Ok(())) => self.commit = None,
             }
-            self.commit = None;
         }
         match &mut self.sink {
-            Some(sink) => {
-                let outcome = sink.await;
-                self.sink = None;
-                Ok(Some(outcome))
-            }
-            None => Ok(None),
+            Some(sink) => match sink.as_mut().poll(cx) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(outcome) => {
+                    self.sink = None;
+                    Poll::Ready(Ok(Some(outcome)))
+                }
+            },
+            None => Poll::Ready(Ok(None)),
         }
     }
 }
