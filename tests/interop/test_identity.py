@@ -66,8 +66,12 @@ def test_a_device_is_confined_to_its_own_topics(hub):
     a.on_publish = lambda cl, ud, mid, rc, props: acks.put(rc.value)
     a.publish("devices/dev-b/cmd", b"intrusion", qos=1).wait_for_publish(10)
     assert acks.get(timeout=10) == 135  # PUBACK 0x87 Not authorized
-    a.publish("devices/dev-a/telemetry", b"ok", qos=1).wait_for_publish(10)
+    a.publish("devices/dev-a/telemetry", b'{"temp": 21.5}', qos=1).wait_for_publish(10)
     assert acks.get(timeout=10) in (0, 16)  # success, or "no matching subscribers"
+    # Its own telemetry topic is stored as telemetry: a payload that is not telemetry is refused
+    # with 0x99 Payload format invalid (and nothing stored).
+    a.publish("devices/dev-a/telemetry", b"ok", qos=1).wait_for_publish(10)
+    assert acks.get(timeout=10) == 0x99
     with pytest.raises(queue.Empty):
         b.inbox.get(timeout=0.5)
     for c in (a, b):
