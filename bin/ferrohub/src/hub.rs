@@ -551,6 +551,9 @@ impl Hub {
                     // A deleted tenant's telemetry goes with it. (A decommissioned device's
                     // points stay until the tenant's retention deletes their days.)
                     if let (Purge::Tenant(tenant), Some(tm)) = (&purge, tm) {
+                        if let Err(e) = tm.forget_tenant(tenant) {
+                            tracing::error!(error = %e, "deleting a tenant's telemetry settings failed");
+                        }
                         let engine = tm.engine().clone();
                         let tenant = tenant.clone();
                         let r = tokio::task::spawn_blocking(move || engine.purge_tenant(&tenant)).await;

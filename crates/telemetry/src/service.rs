@@ -308,19 +308,52 @@ impl Telemetry {
                 }
             }
         }
-        let json = {
-            let mut all = self.settings.write();
-            if s == TenantSettings::default() {
-                all.remove(tenant.as_str());
-            } else {
-                all.insert(tenant.as_str().to_owned(), s);
-            }
-            serde_json::to_vec_pretty(&*all).map_err(|e| TelemetryError::Settings(e.to_string()))?
+        // The file first, then memory: a failed save leaves the old settings in effect.
+        let mut all = self.settings.write();
+        let mut next = all.clone();
+        if s == TenantSettings::default() {
+            next.remove(tenant.as_str());
+        } else {
+            next.insert(tenant.as_str().to_owned(), s);
+        }
+        self.save(&next)?;
+        *all = next;
+        Ok(())
+    }
+
+    /// Forgets a deleted tenant's settings (a tenant re-created with the same id starts from the
+    /// hub's defaults).
+    pub fn forget_tenant(&self, tenant: &TenantId) -> Result<(), TelemetryError> {
+        let mut all = self.settings.write();
+        if !all.contains_key(tenant.as_str()) {
+            return Ok(());
+        }
+        let mut next = all.clone();
+        next.remove(tenant.as_str());
+        self.save(&next)?;
+        *all = next;
+        Ok(())
+    }
+
+    /// Writes the settings file atomically and durably (temporary file, sync, rename, directory
+    /// sync).
+    fn save(&self, all: &BTreeMap<String, TenantSettings>) -> Result<(), TelemetryError> {
+        let err = |e: std::io::Error| {
+            TelemetryError::Settings(format!("{}: {e}", self.settings_path.display()))
         };
+        let json =
+            serde_json::to_vec_pretty(all).map_err(|e| TelemetryError::Settings(e.to_string()))?;
         let tmp = self.settings_path.with_extension("json.tmp");
-        std::fs::write(&tmp, json)
-            .and_then(|_| std::fs::rename(&tmp, &self.settings_path))
-            .map_err(|e| TelemetryError::Settings(format!("{}: {e}", self.settings_path.display())))
+        let f = std::fs::File::create(&tmp).map_err(err)?;
+        std::io::Write::write_all(&mut &f, &json).map_err(err)?;
+        f.sync_all().map_err(err)?;
+        std::fs::rename(&tmp, &self.settings_path).map_err(err)?;
+        if let Some(dir) = self.settings_path.parent() {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(err)?;
+        }
+        Ok(())
     }
 
     /// Where a publication on `topic` goes, if it is telemetry: (device or `None` if the filter

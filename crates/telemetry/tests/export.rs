@@ -109,3 +109,33 @@ async fn exports_a_selection_to_csv_and_parquet() {
     );
     assert!(bad.is_err());
 }
+
+#[tokio::test]
+async fn settings_are_saved_before_they_apply_and_forgotten_with_their_tenant() {
+    use ferrohub_telemetry::service::TenantSettings;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = EngineConfig::new(dir.path().join("telemetry"));
+    cfg.fsync = false;
+    let engine = Engine::open(cfg).unwrap();
+    let path = dir.path().join("telemetry/settings.json");
+    let t = Telemetry::start(engine, TelemetryConfig::default(), path.clone()).unwrap();
+    let tenant = TenantId::new("acme");
+    let custom = TenantSettings {
+        topics: Some(vec!["plant/+/data".into()]),
+        format: None,
+    };
+    t.set_settings(&tenant, custom.clone()).unwrap();
+    assert!(
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .contains("plant/+/data")
+    );
+    // A save that fails (the directory is gone) leaves the settings in effect unchanged.
+    std::fs::remove_dir_all(dir.path().join("telemetry")).unwrap();
+    assert!(t.set_settings(&tenant, TenantSettings::default()).is_err());
+    assert_eq!(t.settings(&tenant), custom);
+    std::fs::create_dir_all(dir.path().join("telemetry")).unwrap();
+    t.forget_tenant(&tenant).unwrap();
+    assert_eq!(t.settings(&tenant), TenantSettings::default());
+    assert!(!std::fs::read_to_string(&path).unwrap().contains("plant"));
+}

@@ -153,6 +153,33 @@ fn read_part_range(
     Ok((ts, values.unwrap_or_else(|| Values::empty(meta.kind))))
 }
 
+/// One series' points of `day` in `[a, b)`: every part of that day holding it, then the heads'
+/// points (already merged) in the range, merged with the later write winning.
+fn day_points(
+    snap: &Snapshot,
+    id: SeriesId,
+    day: i64,
+    a: i64,
+    b: i64,
+    head_ts: &[i64],
+    head_vals: &Values,
+) -> Result<(Vec<i64>, Values), TsdbError> {
+    let mut sources = Vec::new();
+    if let Some((_, list)) = snap.days.iter().find(|(d, _)| *d == day) {
+        for p in list {
+            if let Some(meta) = p.find(id).filter(|m| m.max_ts >= a && m.min_ts < b) {
+                sources.push(read_part_range(p, meta, a, b)?);
+            }
+        }
+    }
+    let lo = head_ts.partition_point(|&t| t < a);
+    let hi = head_ts.partition_point(|&t| t < b);
+    if lo < hi {
+        sources.push((head_ts[lo..hi].to_vec(), head_vals.slice(lo..hi)));
+    }
+    Ok(merge_sources(sources))
+}
+
 #[inline]
 fn fold(slot: &mut Agg, o: &Agg) {
     if slot.count == 0 {
@@ -270,20 +297,7 @@ impl Engine {
         let mut points: Vec<(i64, Value)> = Vec::new();
         for day in ordered {
             let (a, b) = clip(day, q.from, q.to);
-            let mut sources = Vec::new();
-            if let Some((_, list)) = snap.days.iter().find(|(d, _)| *d == day) {
-                for p in list {
-                    if let Some(meta) = p.find(id).filter(|m| m.max_ts >= a && m.min_ts < b) {
-                        sources.push(read_part_range(p, meta, a, b)?);
-                    }
-                }
-            }
-            let lo = head_ts.partition_point(|&t| t < a);
-            let hi = head_ts.partition_point(|&t| t < b);
-            if lo < hi {
-                sources.push((head_ts[lo..hi].to_vec(), head_vals.slice(lo..hi)));
-            }
-            let (ts, vals) = merge_sources(sources);
+            let (ts, vals) = day_points(&snap, id, day, a, b, &head_ts, &head_vals)?;
             let take = q.limit + 1 - points.len();
             if q.descending {
                 for i in (0..ts.len()).rev().take(take) {
@@ -667,20 +681,7 @@ impl Engine {
             return Ok(None);
         };
         let (a, b) = clip(day, from, to);
-        let mut sources = Vec::new();
-        if let Some((_, list)) = snap.days.iter().find(|(d, _)| *d == day) {
-            for p in list {
-                if let Some(meta) = p.find(id).filter(|m| m.max_ts >= a && m.min_ts < b) {
-                    sources.push(read_part_range(p, meta, a, b)?);
-                }
-            }
-        }
-        let lo = head_ts.partition_point(|&t| t < a);
-        let hi = head_ts.partition_point(|&t| t < b);
-        if lo < hi {
-            sources.push((head_ts[lo..hi].to_vec(), head_vals.slice(lo..hi)));
-        }
-        let (ts, vals) = merge_sources(sources);
+        let (ts, vals) = day_points(&snap, id, day, a, b, &head_ts, &head_vals)?;
         Ok(Some((ts, vals, (b < to).then_some(b))))
     }
 }
