@@ -32,6 +32,14 @@ pub const PART_VERSION: u16 = 1;
 const HEADER_LEN: u64 = 16;
 const FOOTER_LEN: u64 = 24;
 const HOURLY_BLOCK_ROWS: usize = 65_536;
+/// Rollup tags of a series in the index: none (strings), 1-minute block plus hourly rows, hourly
+/// rows only (series sparser than [`MIN_POINTS_PER_MINUTE_ROW`] points a minute).
+const ROLLUPS_NONE: u8 = 0;
+const ROLLUPS_MINUTE: u8 = 1;
+const ROLLUPS_HOURLY_ONLY: u8 = 2;
+/// A series keeps 1-minute rollups only when they hold at least this many points per row on
+/// average.
+pub const MIN_POINTS_PER_MINUTE_ROW: usize = 2;
 /// Largest index accepted (guards allocation on a corrupt footer).
 const MAX_INDEX_LEN: u64 = 1 << 31;
 
@@ -93,7 +101,8 @@ pub struct PartSeries {
     pub last: Value,
     /// Chunks, in time order.
     pub chunks: Vec<ChunkRef>,
-    /// 1-minute rollups (absent for strings).
+    /// 1-minute rollups (absent for strings and for series sparser than
+    /// [`MIN_POINTS_PER_MINUTE_ROW`] points a minute; every non-string series has hourly rows).
     pub minute: Option<BlockRef>,
 }
 
@@ -223,15 +232,21 @@ impl PartWriter {
             put_block(&mut index, val_ref);
         }
         if s.values.kind() == ValueKind::Str {
-            index.put_u8(0);
+            index.put_u8(ROLLUPS_NONE);
         } else {
             let mut minute = RollupRows::default();
             let value = |i| s.values.f64_at(i).unwrap_or(0.0);
             minute.add_series(pos_in_part, &s.ts, value, MINUTE_MS);
             self.hourly.add_series(pos_in_part, &s.ts, value, HOUR_MS);
-            minute.encode(&mut self.buf)?;
-            index.put_u8(1);
-            put_block(&mut index, self.emit_buf()?);
+            if minute.len() * MIN_POINTS_PER_MINUTE_ROW > n {
+                // A sparse series: its minute rows would hold about one point each, costing more
+                // than the points and saving a query nothing.
+                index.put_u8(ROLLUPS_HOURLY_ONLY);
+            } else {
+                minute.encode(&mut self.buf)?;
+                index.put_u8(ROLLUPS_MINUTE);
+                put_block(&mut index, self.emit_buf()?);
+            }
         }
         self.index = index;
         Ok(())
@@ -516,8 +531,9 @@ fn parse_index(buf: &[u8]) -> Result<PartIndex, TsdbError> {
             });
         }
         let minute = match r.u8()? {
-            0 => None,
-            _ => Some(read_block(&mut r)?),
+            ROLLUPS_NONE | ROLLUPS_HOURLY_ONLY => None,
+            ROLLUPS_MINUTE => Some(read_block(&mut r)?),
+            t => return Err(TsdbError::Corrupt(format!("unknown rollup tag {t}"))),
         };
         series.push(PartSeries {
             device,
@@ -556,6 +572,29 @@ mod tests {
                 .collect(),
             values,
         }
+    }
+
+    #[test]
+    fn sparse_series_keep_hourly_rollups_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("1.part");
+        let sparse = SeriesData {
+            ts: (0..288).map(|i| 1_700_000_000_000 + i * 300_000).collect(),
+            ..series("d", "slow", 288, Values::Int((0..288).collect()))
+        };
+        let dense = series("d", "fast", 600, Values::Int((0..600).collect()));
+        write_part(&path, &[dense, sparse], false).unwrap();
+        let (pf, index) = PartFile::open(&path).unwrap();
+        assert!(index.series[0].minute.is_some());
+        assert!(index.series[1].minute.is_none());
+        let rows: Vec<u32> = index
+            .hourly
+            .iter()
+            .flat_map(|h| pf.read_rollups(h.block).unwrap().series)
+            .collect();
+        assert!(rows.contains(&0) && rows.contains(&1));
+        // 24 hours of 5-minute points starting mid-hour span 25 hourly buckets.
+        assert_eq!(rows.iter().filter(|&&s| s == 1).count(), 25);
     }
 
     #[test]

@@ -447,7 +447,10 @@ impl Engine {
                 }
                 for (pi, meta) in in_parts {
                     let part = &list[pi];
-                    let Some(r) = res.filter(|_| ra < rb && meta.minute.is_some()) else {
+                    // Hourly rows exist for every non-string series (strings are not targets);
+                    // minute rows only for series dense enough to have them.
+                    let usable = |r: &i64| ra < rb && (*r == HOUR_MS || meta.minute.is_some());
+                    let Some(r) = res.filter(usable) else {
                         let (ts, v) = read_part_range(part, meta, a, b)?;
                         acc.add_raw(groups, &ts, &v);
                         continue;

@@ -221,9 +221,15 @@ proptest! {
         let mut truth: std::collections::BTreeMap<(u8, i64), f64> = Default::default();
         for round in 0..3 {
             let mut batch = Vec::new();
-            for _ in 0..3000 {
-                let d = (next() % 3) as u8;
-                let ts = base + (next() % (3 * DAY as u64 / 1000)) as i64 * 1000;
+            for i in 0..6000 {
+                // dev0 is dense (about 8 points a minute over six hours: parts keep its 1-minute
+                // rollups); dev1 and dev2 are sparse over three days (hourly rollups only).
+                let d = if i < 3000 { 0 } else { 1 + (next() % 2) as u8 };
+                let ts = if d == 0 {
+                    base + DAY + (next() % (6 * 3600)) as i64 * 1000
+                } else {
+                    base + (next() % (3 * DAY as u64 / 1000)) as i64 * 1000
+                };
                 let v = (next() % 10_000) as f64 / 100.0;
                 truth.insert((d, ts), v);
                 batch.push(p(&format!("dev{d}"), "m", ts, Value::Float(v)));
@@ -238,13 +244,17 @@ proptest! {
             let groups = vec![
                 SeriesGroup { name: "dev0".into(), devices: vec!["dev0".into()] },
                 SeriesGroup { name: "all".into(), devices: vec!["dev0".into(), "dev1".into(), "dev2".into()] },
+                SeriesGroup { name: "dev1".into(), devices: vec!["dev1".into()] },
             ];
             let q = AggregateQuery { metric: "m".into(), groups, from, to, bucket_ms: width, fns: vec![] };
             let got = match e.aggregate(&t, &q) { Ok(g) => g, Err(_) => return true };
-            let dev0: Vec<(i64, f64)> = truth.iter().filter(|((d, _), _)| *d == 0).map(|((_, t), v)| (*t, *v)).collect();
+            let of = |dev: u8| -> Vec<(i64, f64)> {
+                truth.iter().filter(|((d, _), _)| *d == dev).map(|((_, t), v)| (*t, *v)).collect()
+            };
             let mut all: Vec<(i64, f64)> = truth.iter().map(|((_, t), v)| (*t, *v)).collect();
             all.sort_by_key(|x| x.0);
-            close(&got[0].buckets, &reference(&dev0, from, to, width))
+            close(&got[0].buckets, &reference(&of(0), from, to, width))
+                && close(&got[2].buckets, &reference(&of(1), from, to, width))
                 && got[1].buckets.iter().map(|b| b.1.count).sum::<u64>() == reference(&all, from, to, width).iter().map(|b| b.1.count).sum::<u64>()
         };
         prop_assert!(check(&e));
