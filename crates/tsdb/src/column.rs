@@ -3,8 +3,8 @@
 //! A chunk is a run of up to [`MAX_CHUNK_POINTS`] points of one series, sorted by time with unique
 //! timestamps, stored as two compressed blocks:
 //!
-//! - timestamps: perfectly regular runs as `(first, step)`; anything else with `pco` on `i64`
-//!   milliseconds (pco finds the common multiple, e.g. 1000 ms, and the delta order itself);
+//! - timestamps: perfectly regular runs as `(first, step)`; anything else as `pco`-coded offsets
+//!   from a regular grid (see `Grid`; pco finds the delta order itself);
 //! - values: integers and floats with `pco` (its float-multiplier mode recognises decimal sensor
 //!   resolutions such as 0.01, which XOR codecs cannot); booleans as `pco` `u16`; strings as a
 //!   dictionary plus `pco` indices.
@@ -157,6 +157,7 @@ impl Values {
 
 const TS_REGULAR: u8 = 0;
 const TS_PCO: u8 = 1;
+const TS_GRID: u8 = 2;
 const VAL_INT: u8 = 0;
 const VAL_FLOAT: u8 = 1;
 const VAL_BOOL: u8 = 2;
@@ -185,9 +186,70 @@ pub fn encode_timestamps(ts: &[i64], out: &mut Vec<u8>) -> Result<(), TsdbError>
         out.put_varint(ts.len() as u64);
         return Ok(());
     }
+    if let Some(grid) = Grid::fit(ts) {
+        out.put_u8(TS_GRID);
+        out.put_i64(grid.first);
+        out.put_i64(grid.step);
+        out.put_varint(grid.unit as u64);
+        pco::standalone::simple_compress_into(&grid.residuals, &pco_config(), &mut *out)?;
+        return Ok(());
+    }
     out.put_u8(TS_PCO);
     pco::standalone::simple_compress_into(ts, &pco_config(), &mut *out)?;
     Ok(())
+}
+
+/// Irregular timestamps as offsets from a regular grid: `ts[i] = first + i·step + residuals[i]·unit`.
+///
+/// Jittered sampling (a 1 s period ± 20 ms) has independent offsets from the grid, while the
+/// differences of consecutive timestamps carry the jitter twice (their spread is the sum of two
+/// jitters): on ±20 ms, 5.4 bits a point from the grid against 6.3 from deltas. Timestamps that
+/// wander (event-driven data) make residuals a random walk, which pco's own delta order undoes,
+/// so the grid never costs more than plain deltas. `unit` is the greatest common divisor of the
+/// offsets from the first timestamp (e.g. 1000 for whole seconds), and `step` a multiple of it.
+struct Grid {
+    first: i64,
+    step: i64,
+    unit: i64,
+    residuals: Vec<i64>,
+}
+
+impl Grid {
+    fn fit(ts: &[i64]) -> Option<Grid> {
+        let (&first, &last) = (ts.first()?, ts.last()?);
+        if ts.len() < 3 {
+            return None;
+        }
+        let mut unit: u64 = 0;
+        for &t in &ts[1..] {
+            unit = gcd(unit, t.checked_sub(first)?.unsigned_abs());
+        }
+        let unit = i64::try_from(unit).ok().filter(|&u| u > 0)?;
+        let span = i128::from(last) - i128::from(first);
+        let steps = (ts.len() - 1) as i128;
+        // Nearest multiple of `unit` to the mean spacing.
+        let step = ((span * 2 / steps / i128::from(unit) + 1) / 2) * i128::from(unit);
+        let step = i64::try_from(step).ok()?;
+        let mut residuals = Vec::with_capacity(ts.len());
+        for (i, &t) in ts.iter().enumerate() {
+            let grid = i128::from(first) + i as i128 * i128::from(step);
+            let r = (i128::from(t) - grid) / i128::from(unit);
+            residuals.push(i64::try_from(r).ok()?);
+        }
+        Some(Grid {
+            first,
+            step,
+            unit,
+            residuals,
+        })
+    }
+}
+
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
 }
 
 /// Decodes `n` timestamps.
@@ -203,6 +265,22 @@ pub fn decode_timestamps(buf: &[u8], n: usize) -> Result<Vec<i64>, TsdbError> {
                 .collect()
         }
         TS_PCO => pco::standalone::simple_decompress::<i64>(r.rest())?,
+        TS_GRID => {
+            let first = r.i64()?;
+            let step = r.i64()?;
+            let unit = r.varint()? as i64;
+            // Wrapping: a corrupt block gives wrong timestamps (then caught by the order check
+            // of the reader or the CRC), never an overflow panic.
+            pco::standalone::simple_decompress::<i64>(r.rest())?
+                .into_iter()
+                .enumerate()
+                .map(|(i, res)| {
+                    first
+                        .wrapping_add(step.wrapping_mul(i as i64))
+                        .wrapping_add(res.wrapping_mul(unit))
+                })
+                .collect()
+        }
         t => {
             return Err(TsdbError::Corrupt(format!(
                 "unknown timestamp encoding {t}"
@@ -356,6 +434,43 @@ mod tests {
             &irr,
             &Values::Bool((0..1000).map(|i| i % 300 == 0).collect()),
         );
+    }
+
+    #[test]
+    fn jittered_timestamps_cost_less_on_a_grid() {
+        // ±20 ms of jitter on a 1 s period: the entropy floor is log2(41) bits = 0.67 bytes.
+        let mut x = 7u64;
+        let mut rand = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let ts: Vec<i64> = (0..8192)
+            .map(|i| 1_700_000_000_000 + i * 1000 + (rand() % 41) as i64 - 20)
+            .collect();
+        round_trip(&ts, &Values::Int(vec![0; ts.len()]));
+        let mut grid = Vec::new();
+        encode_timestamps(&ts, &mut grid).unwrap();
+        assert_eq!(grid[0], TS_GRID);
+        let plain = pco::standalone::simple_compress(&ts, &pco_config()).unwrap();
+        let per_point = grid.len() as f64 / ts.len() as f64;
+        assert!(grid.len() < plain.len() * 9 / 10, "{} vs {}", grid.len(), plain.len());
+        assert!(per_point < 0.70, "{per_point} bytes a timestamp");
+        // Event-driven whole seconds (random gaps): the unit is found and nothing is lost
+        // against plain deltas.
+        let mut t = 1_700_000_000_000i64;
+        let events: Vec<i64> = (0..4000)
+            .map(|_| {
+                t += 1000 * (1 + (rand() % 600) as i64);
+                t
+            })
+            .collect();
+        round_trip(&events, &Values::Int(vec![0; events.len()]));
+        let mut grid = Vec::new();
+        encode_timestamps(&events, &mut grid).unwrap();
+        let plain = pco::standalone::simple_compress(&events, &pco_config()).unwrap();
+        assert!(grid.len() <= plain.len() + 16, "{} vs {}", grid.len(), plain.len());
     }
 
     #[test]
