@@ -549,7 +549,7 @@ impl Telemetry {
         let m = &self.metrics;
         let st = self.engine.stats();
         let (parts, part_bytes) = self.engine.parts_summary();
-        let rows: [(&str, &str, &str, f64); 20] = [
+        let rows: [(&str, &str, &str, f64); 21] = [
             (
                 "ferrohub_telemetry_messages_total",
                 "Publications taken as telemetry.",
@@ -621,6 +621,12 @@ impl Telemetry {
                 "Time spent flushing.",
                 "counter",
                 g(&st.flush_millis) / 1000.0,
+            ),
+            (
+                "ferrohub_tsdb_flushes_deferred_total",
+                "Heads whose due flush waited for the previous seal (ingest outpaced sealing).",
+                "counter",
+                g(&st.flushes_deferred),
             ),
             (
                 "ferrohub_tsdb_compactions_total",

@@ -455,7 +455,12 @@ mod tests {
         assert_eq!(grid[0], TS_GRID);
         let plain = pco::standalone::simple_compress(&ts, &pco_config()).unwrap();
         let per_point = grid.len() as f64 / ts.len() as f64;
-        assert!(grid.len() < plain.len() * 9 / 10, "{} vs {}", grid.len(), plain.len());
+        assert!(
+            grid.len() < plain.len() * 9 / 10,
+            "{} vs {}",
+            grid.len(),
+            plain.len()
+        );
         assert!(per_point < 0.70, "{per_point} bytes a timestamp");
         // Event-driven whole seconds (random gaps): the unit is found and nothing is lost
         // against plain deltas.
@@ -470,7 +475,12 @@ mod tests {
         let mut grid = Vec::new();
         encode_timestamps(&events, &mut grid).unwrap();
         let plain = pco::standalone::simple_compress(&events, &pco_config()).unwrap();
-        assert!(grid.len() <= plain.len() + 16, "{} vs {}", grid.len(), plain.len());
+        assert!(
+            grid.len() <= plain.len() + 16,
+            "{} vs {}",
+            grid.len(),
+            plain.len()
+        );
     }
 
     #[test]

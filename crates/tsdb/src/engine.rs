@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,7 +43,9 @@ pub struct EngineConfig {
     pub fsync: bool,
     /// Seal the head at least this often.
     pub flush_interval: Duration,
-    /// Seal the head when it holds this many points (bounds head memory: ~16–24 bytes a point).
+    /// Seal the head when it holds this many points (~16–24 bytes a point). While the previous
+    /// head is still being sealed the head may grow to 1.5 × this before writes wait, so memory
+    /// holds at most three heads of that size (active, sealing, queued).
     pub head_max_points: usize,
     /// Keep data this many days unless a tenant says otherwise (`None`: forever).
     pub default_retention_days: Option<u32>,
@@ -51,6 +53,8 @@ pub struct EngineConfig {
     pub maintenance_interval: Duration,
     /// Bound of the write queue, in write calls.
     pub queue_depth: usize,
+    /// Threads compressing series when a head is sealed.
+    pub seal_threads: usize,
 }
 
 impl EngineConfig {
@@ -64,6 +68,7 @@ impl EngineConfig {
             default_retention_days: Some(30),
             maintenance_interval: Duration::from_secs(60),
             queue_depth: 1024,
+            seal_threads: std::thread::available_parallelism().map_or(1, |n| n.get().min(4)),
         }
     }
 }
@@ -140,6 +145,8 @@ pub struct Stats {
     pub flushes: AtomicU64,
     /// Time spent flushing, in milliseconds.
     pub flush_millis: AtomicU64,
+    /// Heads whose due flush waited for the previous seal (ingest outpaced sealing for a while).
+    pub flushes_deferred: AtomicU64,
     /// Parts written by flushes and compactions.
     pub parts_written: AtomicU64,
     /// Compactions run.
@@ -208,6 +215,8 @@ pub(crate) struct Inner {
     pub(crate) shutdown: AtomicBool,
     /// Serialises compaction and retention against each other (both replace parts).
     pub(crate) maintenance: Mutex<()>,
+    /// Frozen heads handed to the flusher and not sealed yet.
+    pub(crate) flush_pending: AtomicUsize,
 }
 
 /// The time-series engine. Cheap to clone; threads stop when [`Engine::close`] is called or the
@@ -438,8 +447,10 @@ impl Inner {
                     .map_err(|e| TsdbError::io("creating partition", dir, e))?;
             }
             let mut w = PartWriter::create(&path, self.cfg.fsync)?;
-            for s in &series {
-                w.add(s)?;
+            for window in series.chunks(SEAL_WINDOW) {
+                for encoded in encode_parallel(window, self.cfg.seal_threads)? {
+                    w.add_encoded(encoded)?;
+                }
             }
             w.finish()?;
             self.stats.parts_written.fetch_add(1, Ordering::Relaxed);
@@ -463,6 +474,53 @@ impl Inner {
             .fetch_add(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         Ok(())
     }
+}
+
+/// Series encoded together before they are written (bounds the encoded bytes held in memory).
+const SEAL_WINDOW: usize = 4096;
+
+/// Compresses `series` on up to `threads` threads (contiguous slices of about equal points),
+/// returning them in order.
+fn encode_parallel(
+    series: &[SeriesData],
+    threads: usize,
+) -> Result<Vec<part::EncodedSeries>, TsdbError> {
+    let total: usize = series.iter().map(|s| s.ts.len()).sum();
+    let threads = threads.clamp(1, series.len().max(1));
+    if threads == 1 || total < 100_000 {
+        return series.iter().map(part::encode_series).collect();
+    }
+    // Cut points so that each slice holds about total/threads points.
+    let mut cuts = vec![0];
+    let mut acc = 0;
+    for (i, s) in series.iter().enumerate() {
+        acc += s.ts.len();
+        if acc * threads >= total * cuts.len() && cuts.len() < threads && i + 1 < series.len() {
+            cuts.push(i + 1);
+        }
+    }
+    cuts.push(series.len());
+    let slices: Vec<&[SeriesData]> = cuts.windows(2).map(|w| &series[w[0]..w[1]]).collect();
+    let results: Vec<Result<Vec<part::EncodedSeries>, TsdbError>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = slices
+            .iter()
+            .skip(1)
+            .map(|slice| scope.spawn(move || slice.iter().map(part::encode_series).collect()))
+            .collect();
+        let mut out = vec![slices[0].iter().map(part::encode_series).collect()];
+        for h in handles {
+            out.push(
+                h.join()
+                    .unwrap_or_else(|_| Err(TsdbError::Codec("a sealing thread panicked".into()))),
+            );
+        }
+        out
+    });
+    let mut all = Vec::with_capacity(series.len());
+    for r in results {
+        all.extend(r?);
+    }
+    Ok(all)
 }
 
 /// Encodes a series definition record.
@@ -493,6 +551,8 @@ struct Writer {
     /// For each series id, the WAL segment that last defined it.
     defined: Vec<u64>,
     head_started: Instant,
+    /// Whether a due cut of the current head was deferred (counted once per head).
+    deferred: bool,
     flush_tx: std::sync::mpsc::SyncSender<FlushJob>,
 }
 
@@ -524,10 +584,24 @@ impl Writer {
                 }
             }
             let head_points = self.inner.heads.read().active.points();
-            let due = head_points >= self.inner.cfg.head_max_points
+            let max = self.inner.cfg.head_max_points;
+            let due = head_points >= max
                 || (head_points > 0
                     && self.head_started.elapsed() >= self.inner.cfg.flush_interval);
-            if due || !flush_waiters.is_empty() {
+            // While the flusher seals the previous head, a due cut waits (the head keeps taking
+            // writes) until the head reaches 1.5 × its bound: a cut then would block this thread,
+            // and with it every write and its acknowledgement, for as long as a seal takes.
+            let sealing = self.inner.flush_pending.load(Ordering::Acquire) > 0;
+            let hard = head_points >= max.saturating_add(max / 2);
+            if due && sealing && !hard && flush_waiters.is_empty() {
+                if !self.deferred {
+                    self.deferred = true;
+                    self.inner
+                        .stats
+                        .flushes_deferred
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            } else if due || !flush_waiters.is_empty() {
                 let waiters = std::mem::take(&mut flush_waiters);
                 if let Err((e, waiters)) = self.cut(waiters) {
                     tracing::error!(error = %e, "telemetry head could not be frozen for flushing");
@@ -624,14 +698,17 @@ impl Writer {
             old
         };
         self.head_started = Instant::now();
-        // Blocks while the flusher is still sealing the previous head: backpressure that bounds
-        // memory to two heads.
+        self.deferred = false;
+        // Blocks only when a head is being sealed and another is already queued (the writer
+        // defers cuts while sealing, up to the hard bound): backpressure that bounds memory.
         let job = FlushJob {
             head: frozen,
             wal_below: new_seq,
             done: waiters,
         };
+        self.inner.flush_pending.fetch_add(1, Ordering::AcqRel);
         if let Err(std::sync::mpsc::SendError(job)) = self.flush_tx.send(job) {
+            self.inner.flush_pending.fetch_sub(1, Ordering::AcqRel);
             return Err((TsdbError::Closed, job.done));
         }
         Ok(())
@@ -675,6 +752,7 @@ fn flusher(inner: Arc<Inner>, rx: std::sync::mpsc::Receiver<FlushJob>) {
                 .background_errors
                 .fetch_add(1, Ordering::Relaxed);
         }
+        inner.flush_pending.fetch_sub(1, Ordering::AcqRel);
         for done in job.done {
             let _ = done.send(result.as_ref().map(|_| ()).map_err(clone_error));
         }
@@ -730,6 +808,7 @@ impl Engine {
             part_seq: AtomicU64::new(1),
             shutdown: AtomicBool::new(false),
             maintenance: Mutex::new(()),
+            flush_pending: AtomicUsize::new(0),
             cfg,
         });
         let dir = inner.cfg.dir.clone();
@@ -763,6 +842,7 @@ impl Engine {
             wal,
             defined: Vec::new(),
             head_started: Instant::now(),
+            deferred: false,
             flush_tx,
         };
         let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
@@ -1125,5 +1205,38 @@ mod tests {
             let t = TenantId::new(t);
             assert_eq!(tenant_from_dir(&tenant_dir(&t)), Some(t));
         }
+    }
+
+    #[test]
+    fn parallel_sealing_writes_the_same_part_as_one_thread() {
+        // Uneven series (1 to ~40,000 points) so the slices differ in series count.
+        let series: Vec<SeriesData> = (0..40)
+            .map(|i| {
+                let n = 1 + (i * i * 25) % 40_000;
+                SeriesData {
+                    device: format!("d{i}").into(),
+                    metric: "m".into(),
+                    ts: (0..n as i64).map(|k| k * 1000 + (k * 7) % 13).collect(),
+                    values: Values::Float((0..n).map(|k| (k % 977) as f64 * 0.01).collect()),
+                }
+            })
+            .collect();
+        assert!(series.iter().map(|s| s.ts.len()).sum::<usize>() > 100_000);
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, threads: usize| {
+            let path = dir.path().join(name);
+            let mut w = PartWriter::create(&path, false).unwrap();
+            for e in encode_parallel(&series, threads).unwrap() {
+                w.add_encoded(e).unwrap();
+            }
+            w.finish().unwrap();
+            std::fs::read(path).unwrap()
+        };
+        let one = write("1.part", 1);
+        assert_eq!(write("3.part", 3), one);
+        assert_eq!(write("64.part", 64), one);
+        let (_, index) = PartFile::open(&dir.path().join("3.part")).unwrap();
+        assert_eq!(index.series.len(), 40);
+        assert_eq!(index.series[39].device, "d39");
     }
 }

@@ -197,58 +197,45 @@ impl PartWriter {
 
     /// Appends one series (sorted, unique timestamps; at least one point).
     pub fn add(&mut self, s: &SeriesData) -> Result<(), TsdbError> {
-        let n = s.ts.len();
-        if n == 0 || s.values.len() != n {
-            return Err(TsdbError::Codec(format!(
-                "series {}/{} has {n} timestamps and {} values",
-                s.device,
-                s.metric,
-                s.values.len()
-            )));
-        }
+        let encoded = encode_series(s)?;
+        self.add_encoded(encoded)
+    }
+
+    /// Appends a series encoded by [`encode_series`] (possibly on another thread).
+    pub fn add_encoded(&mut self, e: EncodedSeries) -> Result<(), TsdbError> {
         let pos_in_part = u32::try_from(self.series)
             .map_err(|_| TsdbError::Codec("too many series in one part".into()))?;
+        let mut refs = Vec::with_capacity(e.blocks.len());
+        let mut off = 0usize;
+        for &(len, crc) in &e.blocks {
+            refs.push(BlockRef {
+                off: self.pos + off as u64,
+                len,
+                crc,
+            });
+            off += len as usize;
+        }
+        self.emit(&e.bytes)?;
         self.series += 1;
-        let mut index = std::mem::take(&mut self.index);
-        index.put_str(&s.device);
-        index.put_str(&s.metric);
-        index.put_u8(kind_tag(s.values.kind()));
-        index.put_varint(n as u64);
-        index.put_zigzag(s.ts[0]);
-        index.put_zigzag(s.ts[n - 1]);
-        put_value(&mut index, &s.values.get(n - 1));
-        let nchunks = n.div_ceil(MAX_CHUNK_POINTS);
-        index.put_varint(nchunks as u64);
-        for c in 0..nchunks {
-            let range = c * MAX_CHUNK_POINTS..((c + 1) * MAX_CHUNK_POINTS).min(n);
-            column::encode_timestamps(&s.ts[range.clone()], &mut self.buf)?;
-            let ts_ref = self.emit_buf()?;
-            column::encode_values(&s.values.slice(range.clone()), &mut self.buf)?;
-            let val_ref = self.emit_buf()?;
-            index.put_zigzag(s.ts[range.start]);
-            index.put_zigzag(s.ts[range.end - 1]);
-            index.put_varint(range.len() as u64);
-            put_block(&mut index, ts_ref);
-            put_block(&mut index, val_ref);
+        self.index.extend_from_slice(&e.meta);
+        let mut blocks = refs.into_iter();
+        let mut next_block = || {
+            blocks
+                .next()
+                .ok_or_else(|| TsdbError::Codec("encoded series lacks a block".into()))
+        };
+        for &(min_ts, max_ts, count) in &e.chunks {
+            self.index.put_zigzag(min_ts);
+            self.index.put_zigzag(max_ts);
+            self.index.put_varint(u64::from(count));
+            put_block(&mut self.index, next_block()?);
+            put_block(&mut self.index, next_block()?);
         }
-        if s.values.kind() == ValueKind::Str {
-            index.put_u8(ROLLUPS_NONE);
-        } else {
-            let mut minute = RollupRows::default();
-            let value = |i| s.values.f64_at(i).unwrap_or(0.0);
-            minute.add_series(pos_in_part, &s.ts, value, MINUTE_MS);
-            self.hourly.add_series(pos_in_part, &s.ts, value, HOUR_MS);
-            if minute.len() * MIN_POINTS_PER_MINUTE_ROW > n {
-                // A sparse series: its minute rows would hold about one point each, costing more
-                // than the points and saving a query nothing.
-                index.put_u8(ROLLUPS_HOURLY_ONLY);
-            } else {
-                minute.encode(&mut self.buf)?;
-                index.put_u8(ROLLUPS_MINUTE);
-                put_block(&mut index, self.emit_buf()?);
-            }
+        self.index.put_u8(e.rollups);
+        if e.rollups == ROLLUPS_MINUTE {
+            put_block(&mut self.index, next_block()?);
         }
-        self.index = index;
+        self.hourly.append_as(&e.hourly, pos_in_part);
         Ok(())
     }
 
@@ -314,6 +301,102 @@ pub fn write_part(path: &Path, series: &[SeriesData], fsync: bool) -> Result<u64
         w.add(s)?;
     }
     w.finish()
+}
+
+/// One series compressed for a part, independent of its place in the file, so that series can be
+/// encoded on several threads and written in order.
+#[derive(Debug)]
+pub struct EncodedSeries {
+    /// The series' index entry up to its chunk list (names, kind, count, range, last value).
+    meta: Vec<u8>,
+    /// Per chunk: earliest and latest timestamp, points.
+    chunks: Vec<(i64, i64, u32)>,
+    /// The blocks, back to back: per chunk timestamps then values, then the 1-minute rollups.
+    bytes: Vec<u8>,
+    /// Length and CRC-32 of each block in `bytes`.
+    blocks: Vec<(u32, u32)>,
+    /// Which rollups the series has (`ROLLUPS_*`).
+    rollups: u8,
+    /// Its hourly rollup rows (series position 0; placed by [`PartWriter::add_encoded`]).
+    hourly: RollupRows,
+}
+
+impl EncodedSeries {
+    /// Bytes held.
+    pub fn len(&self) -> usize {
+        self.bytes.len() + self.meta.len()
+    }
+
+    /// Whether nothing is held (never true for an encoded series).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Compresses one series (sorted, unique timestamps; at least one point): its chunks, its
+/// 1-minute rollups when it is dense enough, and its hourly rows.
+pub fn encode_series(s: &SeriesData) -> Result<EncodedSeries, TsdbError> {
+    let n = s.ts.len();
+    if n == 0 || s.values.len() != n {
+        return Err(TsdbError::Codec(format!(
+            "series {}/{} has {n} timestamps and {} values",
+            s.device,
+            s.metric,
+            s.values.len()
+        )));
+    }
+    let mut e = EncodedSeries {
+        meta: Vec::with_capacity(32 + s.device.len() + s.metric.len()),
+        chunks: Vec::with_capacity(n.div_ceil(MAX_CHUNK_POINTS)),
+        bytes: Vec::new(),
+        blocks: Vec::new(),
+        rollups: ROLLUPS_NONE,
+        hourly: RollupRows::default(),
+    };
+    let block = |e: &mut EncodedSeries, start: usize| -> Result<(), TsdbError> {
+        let bytes = &e.bytes[start..];
+        let len =
+            u32::try_from(bytes.len()).map_err(|_| TsdbError::Codec("block over 4 GiB".into()))?;
+        e.blocks.push((len, crc32fast::hash(bytes)));
+        Ok(())
+    };
+    e.meta.put_str(&s.device);
+    e.meta.put_str(&s.metric);
+    e.meta.put_u8(kind_tag(s.values.kind()));
+    e.meta.put_varint(n as u64);
+    e.meta.put_zigzag(s.ts[0]);
+    e.meta.put_zigzag(s.ts[n - 1]);
+    put_value(&mut e.meta, &s.values.get(n - 1));
+    let nchunks = n.div_ceil(MAX_CHUNK_POINTS);
+    e.meta.put_varint(nchunks as u64);
+    for c in 0..nchunks {
+        let range = c * MAX_CHUNK_POINTS..((c + 1) * MAX_CHUNK_POINTS).min(n);
+        let start = e.bytes.len();
+        column::encode_timestamps(&s.ts[range.clone()], &mut e.bytes)?;
+        block(&mut e, start)?;
+        let start = e.bytes.len();
+        column::encode_values(&s.values.slice(range.clone()), &mut e.bytes)?;
+        block(&mut e, start)?;
+        e.chunks
+            .push((s.ts[range.start], s.ts[range.end - 1], range.len() as u32));
+    }
+    if s.values.kind() != ValueKind::Str {
+        let mut minute = RollupRows::default();
+        let value = |i| s.values.f64_at(i).unwrap_or(0.0);
+        minute.add_series(0, &s.ts, value, MINUTE_MS);
+        e.hourly.add_series(0, &s.ts, value, HOUR_MS);
+        if minute.len() * MIN_POINTS_PER_MINUTE_ROW > n {
+            // A sparse series: its minute rows would hold about one point each, costing more
+            // than the points and saving a query nothing.
+            e.rollups = ROLLUPS_HOURLY_ONLY;
+        } else {
+            let start = e.bytes.len();
+            minute.encode(&mut e.bytes)?;
+            block(&mut e, start)?;
+            e.rollups = ROLLUPS_MINUTE;
+        }
+    }
+    Ok(e)
 }
 
 /// The temporary name a part is written under.

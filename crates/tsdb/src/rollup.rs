@@ -204,6 +204,13 @@ impl RollupRows {
         }
     }
 
+    /// Appends `other`'s rows as rows of series `series`.
+    pub fn append_as(&mut self, other: &RollupRows, series: u32) {
+        self.series.extend(std::iter::repeat_n(series, other.len()));
+        self.bucket.extend_from_slice(&other.bucket);
+        self.aggs.extend_from_slice(&other.aggs);
+    }
+
     fn push(&mut self, series: u32, bucket: i64, agg: Agg) {
         self.series.push(series);
         self.bucket.push(bucket);
