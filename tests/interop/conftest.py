@@ -30,10 +30,12 @@ ADMIN_TOKEN = "fh_interop_admin_token_0123456789"
 
 
 class Hub:
-    def __init__(self, extra_env=None, anonymous=True):
+    def __init__(self, extra_env=None, anonymous=True, data_dir=None):
+        """`data_dir`: start on an existing data directory (the caller's: `stop` keeps it)."""
         binary = os.environ.get("FERROHUB_BIN", os.path.join(ROOT, "target", "debug", "ferrohub"))
         assert os.path.exists(binary), f"{binary} not found: run `cargo build -p ferrohub` first"
-        self.data_dir = tempfile.mkdtemp(prefix="ferrohub-interop-")
+        self.own_data_dir = data_dir is None
+        self.data_dir = data_dir or tempfile.mkdtemp(prefix="ferrohub-interop-")
         env = dict(os.environ, RUST_LOG="info", FERROHUB_STORAGE__FSYNC="never", FERROHUB_MQTT__SYS_INTERVAL_SECS="1",
                    FERROHUB_ADMIN_TOKEN=ADMIN_TOKEN,
                    # Cheap argon2id: same algorithm, lower cost, so the suite stays fast.
@@ -61,7 +63,9 @@ class Hub:
                     ready.set()
 
         threading.Thread(target=read_logs, daemon=True).start()
-        assert ready.wait(20), "hub did not start"
+        if not ready.wait(20):
+            self.stop()
+            raise AssertionError("hub did not start")
         host, port = self.addrs["mqtt"].rsplit(":", 1)
         self.host, self.port = host, int(port)
         ws_host, ws_port = self.addrs["ws"].rsplit(":", 1)
@@ -97,7 +101,14 @@ class Hub:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-        shutil.rmtree(self.data_dir, ignore_errors=True)
+            self.proc.wait(10)
+        if self.own_data_dir:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+
+    def crash(self):
+        """SIGKILL: no shutdown work at all (the data directory stays)."""
+        self.proc.kill()
+        self.proc.wait(10)
 
 
 @pytest.fixture
