@@ -1633,3 +1633,272 @@ fn telemetry() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("HTTP 403"), "{}", out.stderr);
 }
+
+#[test]
+fn telemetry_export() {
+    const HOUR: i64 = 3_600_000;
+    let hub = Hub::start();
+    let t = "default";
+    let run = |args: &[&str]| ctl(&hub, ADMIN, t, args);
+    for id in ["e1", "e2"] {
+        run(&["devices", "create", id]).ok();
+    }
+    // e1: integers and strings every minute from an hour boundary 2 hours ago; e2: floats.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let t0 = (now / HOUR - 2) * HOUR;
+    let e1: Vec<String> = (0..10)
+        .map(|i| {
+            format!(
+                r#"{{"ts": {}, "temp": {i}, "mode": "m,{i}"}}"#,
+                t0 + i * 60_000
+            )
+        })
+        .collect();
+    run(&["telemetry", "write", "e1", &format!("[{}]", e1.join(","))]).ok();
+    let e2: Vec<String> = (0..5)
+        .map(|i| format!(r#"{{"ts": {}, "temp": {i}.5}}"#, t0 + i * 60_000 + 1))
+        .collect();
+    run(&["telemetry", "write", "e2", &format!("[{}]", e2.join(","))]).ok();
+    let rfc = |ms: i64| {
+        humantime::format_rfc3339_millis(
+            std::time::UNIX_EPOCH + Duration::from_millis(ms.try_into().unwrap()),
+        )
+        .to_string()
+    };
+    // What the CSV must hold: tenant, device, metric, ts, value, type.
+    let mut temp_rows: BTreeSet<Vec<String>> = BTreeSet::new();
+    for i in 0..10 {
+        let row = [
+            t,
+            "e1",
+            "temp",
+            &rfc(t0 + i * 60_000),
+            &i.to_string(),
+            "int",
+        ];
+        temp_rows.insert(row.iter().map(|s| s.to_string()).collect());
+    }
+    for i in 0..5 {
+        let ts = rfc(t0 + i * 60_000 + 1);
+        let row = [t, "e2", "temp", &ts, &format!("{i}.5"), "float"];
+        temp_rows.insert(row.iter().map(|s| s.to_string()).collect());
+    }
+    let read_csv = |path: &str| -> (Vec<String>, Vec<Vec<String>>) {
+        assert!(
+            std::path::Path::new(path).starts_with(hub._data.path().join("telemetry/exports")),
+            "{path}"
+        );
+        let mut r = csv::Reader::from_path(path).unwrap();
+        let header = r.headers().unwrap().iter().map(str::to_string).collect();
+        let rows = r
+            .records()
+            .map(|rec| rec.unwrap().iter().map(str::to_string).collect())
+            .collect();
+        (header, rows)
+    };
+    let (from, to) = (t0.to_string(), (t0 + HOUR).to_string());
+
+    // Devices and metrics selected, JSON: the finished job; the CSV holds exactly those points.
+    let job = run(&[
+        "telemetry",
+        "export",
+        "--destination",
+        "run1",
+        "--format",
+        "csv",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--devices",
+        "e1,e2",
+        "--metrics",
+        "temp",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["rows"], 15, "{job}");
+    assert_eq!(job["series_done"], 2, "{job}");
+    assert_eq!(job["series_total"], 2, "{job}");
+    assert_eq!(job["format"], "csv");
+    let files = job["files"].as_array().unwrap();
+    assert_eq!(files.len(), 1, "{job}");
+    let path = files[0].as_str().unwrap();
+    assert!(
+        path.ends_with(&format!("run1/telemetry-{}.csv", job["id"])),
+        "{path}"
+    );
+    assert_eq!(
+        job["bytes"].as_u64().unwrap(),
+        std::fs::metadata(path).unwrap().len()
+    );
+    let (header, rows) = read_csv(path);
+    assert_eq!(
+        header,
+        ["tenant", "device", "metric", "ts", "value", "type"]
+    );
+    assert_eq!(rows.len(), 15);
+    assert_eq!(
+        rows[0],
+        [t, "e1", "temp", &rfc(t0), "0", "int"].map(String::from)
+    );
+    assert_eq!(rows.into_iter().collect::<BTreeSet<_>>(), temp_rows);
+
+    // Everything, as a table: the job's fields and its file; no progress bar on a pipe.
+    let out = run(&[
+        "telemetry",
+        "export",
+        "-d",
+        "run2",
+        "--format",
+        "csv",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--name",
+        "all",
+    ])
+    .ok();
+    assert!(
+        out.stdout.contains("state:        succeeded\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("rows:         25\n"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("series:       3 of 3\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("bytes:"), "{}", out.stdout);
+    assert!(out.stderr.is_empty(), "{}", out.stderr);
+    let file = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("file:"))
+        .unwrap()
+        .trim();
+    assert!(file.ends_with("run2/all.csv"), "{file}");
+    let (_, rows) = read_csv(file);
+    assert_eq!(rows.len(), 25);
+    let modes: Vec<&Vec<String>> = rows.iter().filter(|r| r[2] == "mode").collect();
+    assert_eq!(modes.len(), 10);
+    assert_eq!(modes[3][4], "m,3");
+    assert_eq!(modes[3][5], "string");
+    let temps: BTreeSet<Vec<String>> = rows.into_iter().filter(|r| r[2] == "temp").collect();
+    assert_eq!(temps, temp_rows);
+
+    // --no-wait prints the job as started; export-status --wait follows it to its end.
+    let started = run(&[
+        "telemetry",
+        "export",
+        "-d",
+        "run3",
+        "--from",
+        &from,
+        "--to",
+        &to,
+        "--devices",
+        "e2",
+        "--no-wait",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    let id = started["id"].as_u64().unwrap().to_string();
+    assert_eq!(started["format"], "parquet");
+    let done = run(&["telemetry", "export-status", &id, "--wait", "-o", "json"])
+        .ok()
+        .json();
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["rows"], 5);
+    assert!(
+        done["files"][0].as_str().unwrap().ends_with(".parquet"),
+        "{done}"
+    );
+    let out = run(&["telemetry", "export-status", &id]).ok();
+    assert!(out.stdout.contains("rows:         5\n"), "{}", out.stdout);
+
+    // A job that fails (its folder cannot be created: a file is in the way) is printed, and the
+    // command exits 1 with the job's error; a request the hub refuses never starts a job.
+    let exports = hub._data.path().join("telemetry/exports");
+    std::fs::create_dir_all(&exports).unwrap();
+    std::fs::write(exports.join("blocked"), b"").unwrap();
+    let out = run(&["telemetry", "export", "-d", "blocked/sub", "--from", &from]);
+    assert_eq!(out.code, 1, "{}\n{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout.contains("state:        failed\n"),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stderr.contains("failed: creating"), "{}", out.stderr);
+    let failed_id = out
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    let out = run(&["telemetry", "export-status", &failed_id, "-o", "json"]);
+    assert_eq!(out.code, 1);
+    assert_eq!(out.json()["state"], "failed");
+    let out = run(&["telemetry", "export", "-d", "../etc", "--from", &from]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("HTTP 400"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "{}", out.stdout);
+    let out = run(&[
+        "telemetry",
+        "export",
+        "-d",
+        "x",
+        "--from",
+        &to,
+        "--to",
+        &from,
+    ]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("HTTP 400"), "{}", out.stderr);
+    let out = run(&["telemetry", "export-status", "999"]);
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("not found"), "{}", out.stderr);
+    let out = run(&["telemetry", "export", "--from", &from]);
+    assert_eq!(out.code, 2, "{}", out.stderr);
+
+    // The list, newest first.
+    let list = run(&["telemetry", "exports", "-o", "json"]).ok().json();
+    let states: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["failed", "succeeded", "succeeded", "succeeded"]);
+    let out = run(&["telemetry", "exports"]).ok();
+    let lines: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(lines.len(), 5, "{}", out.stdout);
+    assert!(lines[0].starts_with("ID  STATE"), "{}", out.stdout);
+    assert!(lines[1].contains("failed"), "{}", out.stdout);
+    // A viewer follows exports but cannot start one.
+    let viewer = run(&["tokens", "create", "reader", "--role", "viewer"])
+        .ok()
+        .stdout
+        .trim()
+        .to_string();
+    ctl(&hub, &viewer, t, &["telemetry", "export-status", &id]).ok();
+    let out = ctl(
+        &hub,
+        &viewer,
+        t,
+        &["telemetry", "export", "-d", "v", "--from", &from],
+    );
+    assert_eq!(out.code, 1);
+    assert!(out.stderr.contains("HTTP 403"), "{}", out.stderr);
+}

@@ -9,6 +9,7 @@
 mod client;
 mod commands;
 mod device_commands;
+mod export;
 mod import;
 mod output;
 mod telemetry;
@@ -138,7 +139,7 @@ enum CtlCommand {
     #[command(subcommand)]
     Commands(device_commands::CommandsCmd),
     /// Telemetry: a device's series, raw points, aggregates, fleet snapshots and aggregates,
-    /// writes, and the tenant's telemetry settings.
+    /// writes, exports to Parquet/CSV, and the tenant's telemetry settings.
     #[command(subcommand)]
     Telemetry(Box<telemetry::TelemetryCmd>),
 }

@@ -1,6 +1,7 @@
 //! `ferrohub ctl telemetry`: a device's series, raw points, aggregates, fleet snapshots and fleet
-//! aggregates, writes of device payloads, and the tenant's telemetry settings
-//! (`/tenants/{t}/devices/{d}/telemetry…`, `/tenants/{t}/telemetry/…`; see `docs/telemetry.md`).
+//! aggregates, writes of device payloads, the tenant's telemetry settings
+//! (`/tenants/{t}/devices/{d}/telemetry…`, `/tenants/{t}/telemetry/…`; see `docs/telemetry.md`),
+//! and export jobs (in `export.rs`).
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -156,6 +157,35 @@ pub(super) enum TelemetryCmd {
         ferrohub ctl telemetry settings --topics 'plant/+/sensors/#,devices/+/telemetry/#' --format json\n  \
         ferrohub ctl telemetry settings --retention-default --topics-default --format-default")]
     Settings(SettingsArgs),
+    /// Exports a time range of the tenant's telemetry to Parquet or CSV files, written by the hub
+    /// in its export folder or an S3-compatible store; waits for the job under a progress bar and
+    /// prints the files, rows and bytes (exit status 1 if the job fails).
+    #[command(
+        after_help = "Examples:\n  ferrohub ctl telemetry export --destination 2026-q1 --format csv --from 2026-01-01T00:00:00Z --to 2026-04-01T00:00:00Z\n  \
+        ferrohub ctl telemetry export -d s3://archive/ferrohub --from 7d --devices boiler-1,boiler-2 --metrics temp\n  \
+        ferrohub ctl telemetry export -d nightly --from 1d --no-wait -o json | jq .id\n\n\
+        A local destination is a relative folder inside the hub's export folder \
+        (data_dir/telemetry/exports/) on the hub's machine;\ns3:// destinations use the hub's \
+        AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN."
+    )]
+    Export(super::export::ExportArgs),
+    /// Lists the tenant's export jobs, newest first (the hub keeps the last 100 since it started).
+    #[command(after_help = "Example:\n  ferrohub ctl telemetry exports")]
+    Exports,
+    /// Shows an export job: state, progress, and when finished its files and bytes or its error
+    /// (exit status 1 if it failed); --wait follows a running job to its end.
+    #[command(
+        name = "export-status",
+        after_help = "Examples:\n  ferrohub ctl telemetry export-status 3\n  \
+        ferrohub ctl telemetry export-status 3 --wait"
+    )]
+    ExportStatus {
+        /// Job id (printed by `export`, listed by `exports`).
+        id: u64,
+        /// Wait for a running job to finish, with a progress bar.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 /// A time range.
@@ -700,6 +730,11 @@ pub(super) async fn run(ctx: &Ctx, cmd: TelemetryCmd) -> Result<i32> {
                 );
                 return Ok(1);
             }
+        }
+        TelemetryCmd::Export(a) => return super::export::export(ctx, a).await,
+        TelemetryCmd::Exports => return super::export::list(ctx).await,
+        TelemetryCmd::ExportStatus { id, wait } => {
+            return super::export::status(ctx, id, wait).await;
         }
         TelemetryCmd::Settings(a) => {
             let path = ["tenants", tenant, "telemetry", "settings"];
