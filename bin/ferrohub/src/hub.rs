@@ -12,6 +12,7 @@ use ferrohub_adapters::mqtt::{
     tls_acceptor_with_verifier,
 };
 use ferrohub_adapters::shutdown::{Shutdown, ShutdownTrigger};
+use ferrohub_registry::model::TelemetryOnDecommission;
 use ferrohub_registry::{Purge, Registry, SqliteOptions, SqliteStore};
 use ferrohub_store::{BrokerStore, FsyncPolicy, RecoveredState, StoreConfig};
 use ferrohub_telemetry::service::{IngestOutcome, Offer, Telemetry};
@@ -173,6 +174,7 @@ async fn purge_from_broker(broker: &Arc<Broker>, purge: Purge) {
             tenant,
             device_id,
             client_ids,
+            ..
         } => {
             for c in client_ids {
                 broker.discard_session(&tenant, &c).await;
@@ -548,8 +550,27 @@ impl Hub {
                 let t = t.clone();
                 let tm = tm.clone();
                 Box::pin(async move {
-                    // A deleted tenant's telemetry goes with it. (A decommissioned device's
-                    // points stay until the tenant's retention deletes their days.)
+                    // A decommissioned device's telemetry goes with it when its tenant says
+                    // so (hidden at once, deleted from disk by the engine's maintainer); kept
+                    // points stay until the tenant's retention deletes their days.
+                    if let (
+                        Purge::Device {
+                            tenant,
+                            device_id,
+                            telemetry: TelemetryOnDecommission::Purge,
+                            ..
+                        },
+                        Some(tm),
+                    ) = (&purge, &tm)
+                    {
+                        let engine = tm.engine().clone();
+                        let (tenant, device) = (tenant.clone(), device_id.clone());
+                        let r = tokio::task::spawn_blocking(move || engine.purge_device(&tenant, &device)).await;
+                        if !matches!(r, Ok(Ok(_))) {
+                            tracing::error!(result = ?r, "deleting a decommissioned device's telemetry failed");
+                        }
+                    }
+                    // A deleted tenant's telemetry goes with it.
                     if let (Purge::Tenant(tenant), Some(tm)) = (&purge, tm) {
                         if let Err(e) = tm.forget_tenant(tenant) {
                             tracing::error!(error = %e, "deleting a tenant's telemetry settings failed");

@@ -369,6 +369,8 @@ pub enum Purge {
         device_id: String,
         /// Client ids whose sessions go.
         client_ids: Vec<String>,
+        /// What the tenant does with a decommissioned device's telemetry.
+        telemetry: TelemetryOnDecommission,
     },
     /// A deleted tenant: every session and retained message in it.
     Tenant(TenantId),
@@ -1448,19 +1450,21 @@ impl Registry {
         client_ids.sort();
         client_ids.dedup();
         self.revoke_live_quietly(|k| *k == key);
+        let telemetry = self
+            .tenant_runtime(tenant)
+            .map(|t| t.tenant.settings.telemetry_on_decommission)
+            .unwrap_or_default();
         self.purge(Purge::Device {
             tenant: TenantId::new(tenant),
             device_id: id.to_string(),
             client_ids,
+            telemetry,
         })
         .await;
         self.pending_connectivity.lock().forget(|k| *k == key);
         self.audit_ok(actor, tenant, "device.decommission", id)
             .await?;
-        Ok(self
-            .tenant_runtime(tenant)
-            .map(|t| t.tenant.settings.telemetry_on_decommission)
-            .unwrap_or_default())
+        Ok(telemetry)
     }
 
     fn forget_device(&self, tenant: &str, id: &str) {

@@ -461,6 +461,9 @@ impl Telemetry {
     }
 
     /// Writes a device payload received over HTTP (same formats and rules as MQTT).
+    ///
+    /// Decoding runs on the caller's task: for a large payload, call
+    /// [`Telemetry::payload_points`] on a blocking thread and then [`Telemetry::write_points`].
     pub async fn write_payload(
         &self,
         tenant: &TenantId,
@@ -468,20 +471,47 @@ impl Telemetry {
         payload: &[u8],
         format: PayloadFormat,
     ) -> Result<WriteReport, TelemetryError> {
+        let points = self.payload_points(device, payload, format)?;
+        self.write_points(tenant, points).await
+    }
+
+    /// Decodes a device payload received over HTTP into points (same formats and rules as MQTT).
+    /// CPU work without I/O: a caller with a large payload runs it on a blocking thread.
+    pub fn payload_points(
+        &self,
+        device: &str,
+        payload: &[u8],
+        format: PayloadFormat,
+    ) -> Result<Vec<Point>, TelemetryError> {
         let samples = decode::decode(payload, format, None, &self.cfg.limits)
             .map_err(|e| TelemetryError::BadRequest(e.to_string()))?;
-        let points = self.points(device, samples, now_ms());
-        self.write_points(tenant, points).await
+        Ok(self.points(device, samples, now_ms()))
     }
 
     /// Writes an InfluxDB line-protocol body. Like InfluxDB 2, a body with any bad line writes
     /// nothing and the error names the first bad line.
+    ///
+    /// Parsing runs on the caller's task: for a large body, call
+    /// [`Telemetry::line_protocol_points`] on a blocking thread and then
+    /// [`Telemetry::write_points`].
     pub async fn write_line_protocol(
         &self,
         tenant: &TenantId,
         body: &str,
         precision: Precision,
     ) -> Result<WriteReport, TelemetryError> {
+        let points = self.line_protocol_points(body, precision)?;
+        self.write_points(tenant, points).await
+    }
+
+    /// Parses an InfluxDB line-protocol body into points (counted as a line-protocol write); any
+    /// bad line fails the whole body, naming the first one. CPU work without I/O: a caller with a
+    /// large body runs it on a blocking thread.
+    pub fn line_protocol_points(
+        &self,
+        body: &str,
+        precision: Precision,
+    ) -> Result<Vec<Point>, TelemetryError> {
         self.metrics
             .line_protocol_writes
             .fetch_add(1, Ordering::Relaxed);
@@ -511,7 +541,7 @@ impl Telemetry {
                 });
             }
         }
-        self.write_points(tenant, points).await
+        Ok(points)
     }
 
     /// Writes points as they are (timestamps already final).
@@ -549,7 +579,7 @@ impl Telemetry {
         let m = &self.metrics;
         let st = self.engine.stats();
         let (parts, part_bytes) = self.engine.parts_summary();
-        let rows: [(&str, &str, &str, f64); 21] = [
+        let rows: [(&str, &str, &str, f64); 22] = [
             (
                 "ferrohub_telemetry_messages_total",
                 "Publications taken as telemetry.",
@@ -627,6 +657,12 @@ impl Telemetry {
                 "Heads whose due flush waited for the previous seal (ingest outpaced sealing).",
                 "counter",
                 g(&st.flushes_deferred),
+            ),
+            (
+                "ferrohub_tsdb_device_purges_total",
+                "Decommissioned devices whose points were deleted from disk.",
+                "counter",
+                g(&st.device_purges),
             ),
             (
                 "ferrohub_tsdb_compactions_total",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use ferrohub::config::UserEntry;
 use ferrohub_registry::Actor;
-use ferrohub_registry::model::DeviceSpec;
+use ferrohub_registry::model::{DeviceSpec, TelemetryOnDecommission};
 use ferrohub_testkit::TestHub;
 use rumqttc::v5::mqttbytes::QoS as Q5;
 
@@ -175,5 +175,67 @@ async fn a_tenant_created_again_under_a_deleted_ones_id_starts_empty() {
     );
     gw.subscribe("devices/gw/#", Q5::AtLeastOnce).await;
     gw.expect_no_publish(Duration::from_millis(500)).await;
+    hub.stop().await;
+}
+
+/// Points of `device`/`temp` in the default tenant.
+fn temp_points(hub: &TestHub, device: &str) -> usize {
+    let engine = hub.hub().telemetry.as_ref().unwrap().engine().clone();
+    engine
+        .raw(
+            &ferrohub_types::TenantId::default_tenant(),
+            &ferrohub_tsdb::RawQuery {
+                device: device.into(),
+                metric: "temp".into(),
+                from: 0,
+                to: i64::MAX / 2,
+                limit: 100_000,
+                descending: false,
+            },
+        )
+        .unwrap()
+        .points
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_devices_telemetry_is_kept_or_purged_as_the_tenant_says() {
+    let hub = TestHub::start_with(|cfg| cfg.allow_anonymous = false)
+        .await
+        .unwrap();
+    for (id, secret) in [("meter-a", "secret-a"), ("meter-b", "secret-b")] {
+        register(&hub, id, secret).await;
+        let mut dev = V5::connect(device_session_opts(&hub, id, secret, false)).await;
+        for i in 0..5 {
+            let body = format!(r#"{{"temp": {i}.5}}"#);
+            dev.publish(
+                &format!("devices/{id}/telemetry"),
+                Q5::AtLeastOnce,
+                false,
+                body.as_bytes(),
+            )
+            .await;
+            // Distinct receive timestamps.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+        assert_eq!(temp_points(&hub, id), 5);
+    }
+    let r = &hub.hub().registry;
+    let admin = Actor::system();
+    // The default keeps it.
+    let kept = r.delete_device(&admin, "default", "meter-a").await.unwrap();
+    assert_eq!(kept, TelemetryOnDecommission::Keep);
+    assert_eq!(temp_points(&hub, "meter-a"), 5);
+    // A tenant that purges: gone when the call returns, and from disk soon after.
+    let mut settings = r.tenant(&admin, "default").await.unwrap().settings;
+    settings.telemetry_on_decommission = TelemetryOnDecommission::Purge;
+    r.update_tenant(&admin, "default", None, Some(settings))
+        .await
+        .unwrap();
+    let purged = r.delete_device(&admin, "default", "meter-b").await.unwrap();
+    assert_eq!(purged, TelemetryOnDecommission::Purge);
+    assert_eq!(temp_points(&hub, "meter-b"), 0);
+    assert_eq!(temp_points(&hub, "meter-a"), 5);
+    wait_metric(&hub, "ferrohub_tsdb_device_purges_total", |v| v >= 1.0).await;
     hub.stop().await;
 }

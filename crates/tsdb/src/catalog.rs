@@ -143,6 +143,17 @@ impl Catalog {
         self.keys.write().remove(tenant);
     }
 
+    /// Forgets one device's series (as [`Catalog::remove_tenant`] does a tenant's); returns their
+    /// ids.
+    pub fn remove_device(&self, tenant: &TenantId, device: &str) -> Vec<SeriesId> {
+        self.keys
+            .write()
+            .get_mut(tenant)
+            .and_then(|devices| devices.remove(device))
+            .map(|metrics| metrics.into_values().collect())
+            .unwrap_or_default()
+    }
+
     /// Whether `id` is still the live series of its key (false once its tenant was purged).
     pub fn is_live(&self, id: SeriesId) -> bool {
         self.get(id)

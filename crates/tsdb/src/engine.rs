@@ -155,6 +155,10 @@ pub struct Stats {
     pub retention_partitions_deleted: AtomicU64,
     /// Bytes freed by retention.
     pub retention_bytes_freed: AtomicU64,
+    /// Device purges finished (their points deleted from disk).
+    pub device_purges: AtomicU64,
+    /// Bytes of parts freed by device purges.
+    pub purge_bytes_freed: AtomicU64,
     /// Background errors (flush, compaction, retention), also logged.
     pub background_errors: AtomicU64,
 }
@@ -217,6 +221,10 @@ pub(crate) struct Inner {
     pub(crate) maintenance: Mutex<()>,
     /// Frozen heads handed to the flusher and not sealed yet.
     pub(crate) flush_pending: AtomicUsize,
+    /// Purges recorded and not finished (`purges.json`).
+    pub(crate) purges: Mutex<Vec<crate::purge::PendingPurge>>,
+    /// Serialises passes over the pending device purges.
+    pub(crate) purge_pass: Mutex<()>,
 }
 
 /// The time-series engine. Cheap to clone; threads stop when [`Engine::close`] is called or the
@@ -759,8 +767,17 @@ fn flusher(inner: Arc<Inner>, rx: std::sync::mpsc::Receiver<FlushJob>) {
     }
 }
 
+/// Asks the writer to seal the head and waits until the parts are in place (blocking).
+fn request_flush(tx: &mpsc::Sender<Job>) -> Result<(), TsdbError> {
+    let (done, wait) = oneshot::channel();
+    tx.blocking_send(Job::Flush(done))
+        .map_err(|_| TsdbError::Closed)?;
+    wait.blocking_recv().map_err(|_| TsdbError::Closed)?
+}
+
 fn maintainer(inner: Arc<Inner>, tx: mpsc::WeakSender<Job>) {
     let mut last = Instant::now();
+    let mut purge_failed: Option<Instant> = None;
     while !inner.shutdown.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(200));
         // The writer checks its flush interval when it wakes; wake it. A weak sender, so that
@@ -770,6 +787,32 @@ fn maintainer(inner: Arc<Inner>, tx: mpsc::WeakSender<Job>) {
                 let _ = tx.try_send(Job::Tick);
             }
             None => return,
+        }
+        let purging = inner.purges.lock().iter().any(|p| p.device.is_some());
+        // After a failure, retry at the maintenance cadence rather than every 200 ms.
+        let retry_ok = purge_failed.is_none_or(|t| t.elapsed() >= inner.cfg.maintenance_interval);
+        if purging && retry_ok {
+            let Some(tx) = tx.upgrade() else { return };
+            let flush = || request_flush(&tx);
+            match crate::purge::finish_device_purges(&inner, flush) {
+                Ok(out) => {
+                    purge_failed = None;
+                    tracing::info!(
+                        devices = out.devices,
+                        parts = out.parts_rewritten,
+                        bytes = out.bytes_freed,
+                        "decommissioned devices' telemetry deleted"
+                    );
+                }
+                Err(e) => {
+                    purge_failed = Some(Instant::now());
+                    tracing::error!(error = %e, "deleting decommissioned devices' telemetry failed");
+                    inner
+                        .stats
+                        .background_errors
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
         if last.elapsed() < inner.cfg.maintenance_interval {
             continue;
@@ -809,6 +852,8 @@ impl Engine {
             shutdown: AtomicBool::new(false),
             maintenance: Mutex::new(()),
             flush_pending: AtomicUsize::new(0),
+            purges: Mutex::new(Vec::new()),
+            purge_pass: Mutex::new(()),
             cfg,
         });
         let dir = inner.cfg.dir.clone();
@@ -830,6 +875,7 @@ impl Engine {
             )
         })?;
         crate::maintain::load_retention(&inner)?;
+        crate::purge::load(&inner)?;
         let mut report = RecoveryReport::default();
         load_parts(&inner, &mut report)?;
         let last_seq = replay_wal(&inner, &mut report)?;
@@ -870,12 +916,19 @@ impl Engine {
             "tsdb-maintainer",
             Box::new(move || maintainer(i3, tx3)),
         )?);
-        Ok(Engine {
+        let engine = Engine {
             inner,
             tx,
             threads: Arc::new(Mutex::new(threads)),
             recovery: Arc::new(report),
-        })
+        };
+        // Before anyone can read: a purge the last run did not finish is finished now, so the
+        // points it deleted do not come back from parts or the WAL.
+        if let Err(e) = crate::purge::resume(&engine) {
+            engine.clone().close();
+            return Err(e);
+        }
+        Ok(engine)
     }
 
     /// What opening found (replayed points, damaged WAL tails, unreadable parts).
@@ -1005,11 +1058,7 @@ impl Engine {
 
     /// [`Engine::flush`] outside a runtime.
     pub fn flush_blocking(&self) -> Result<(), TsdbError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .blocking_send(Job::Flush(done))
-            .map_err(|_| TsdbError::Closed)?;
-        wait.blocking_recv().map_err(|_| TsdbError::Closed)?
+        request_flush(&self.tx)
     }
 
     /// Stops the threads after sealing the head (so the next start has no WAL to replay). Blocks;

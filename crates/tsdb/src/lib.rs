@@ -17,6 +17,7 @@ pub mod head;
 pub mod maintain;
 pub mod merge;
 pub mod part;
+mod purge;
 pub mod query;
 pub mod rollup;
 pub mod wal;
@@ -24,6 +25,7 @@ pub mod wal;
 pub use engine::{Engine, EngineConfig, RecoveryReport, Stats, WriteSummary};
 pub use error::TsdbError;
 pub use maintain::RetentionOutcome;
+pub use purge::PurgeOutcome;
 pub use query::{
     AggregateQuery, GroupBuckets, LatestPoint, RawPage, RawQuery, SeriesGroup, SeriesSummary,
 };

@@ -39,14 +39,24 @@ pub(crate) fn load_retention(inner: &Inner) -> Result<(), TsdbError> {
 
 /// Saves per-tenant retention overrides (atomically).
 pub(crate) fn save_retention(inner: &Inner) -> Result<(), TsdbError> {
-    let path = inner.cfg.dir.join(RETENTION_FILE);
-    let tmp = inner.cfg.dir.join("retention.json.tmp");
-    let json = serde_json::to_vec_pretty(&*inner.retention.lock())
-        .map_err(|e| TsdbError::Codec(e.to_string()))?;
+    let map = inner.retention.lock().clone();
+    write_json_atomic(inner, RETENTION_FILE, &map)
+}
+
+/// Writes `value` as JSON to `name` in the engine's directory: a synced temporary file renamed
+/// over the old one, then the directory synced.
+pub(crate) fn write_json_atomic(
+    inner: &Inner,
+    name: &str,
+    value: &impl serde::Serialize,
+) -> Result<(), TsdbError> {
+    let path = inner.cfg.dir.join(name);
+    let tmp = inner.cfg.dir.join(format!("{name}.tmp"));
+    let json = serde_json::to_vec_pretty(value).map_err(|e| TsdbError::Codec(e.to_string()))?;
     std::fs::write(&tmp, json).map_err(|e| TsdbError::io("writing", &tmp, e))?;
-    if let Ok(f) = std::fs::File::open(&tmp) {
-        let _ = f.sync_all();
-    }
+    std::fs::File::open(&tmp)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| TsdbError::io("syncing", &tmp, e))?;
     std::fs::rename(&tmp, &path).map_err(|e| TsdbError::io("renaming", &path, e))?;
     crate::part::sync_dir(&inner.cfg.dir)
 }
@@ -152,15 +162,17 @@ pub(crate) fn compact(inner: &Inner, force: bool) -> Result<u64, TsdbError> {
 }
 
 /// Merges `run` (contiguous by seq) into one part named after the run's highest seq (the rename
-/// replaces that part's file atomically), then swaps it in and deletes the others.
-fn merge_run(
+/// replaces that part's file atomically), then swaps it in and deletes the others. Series no
+/// longer live (purged) are left out; when nothing is left, every part of the run is deleted.
+/// Returns the merged part's size (0 when deleted).
+pub(crate) fn merge_run(
     inner: &Inner,
     tenant: &TenantId,
     day: i64,
     run: &[Arc<Part>],
-) -> Result<(), TsdbError> {
+) -> Result<u64, TsdbError> {
     let Some(last) = run.last() else {
-        return Ok(());
+        return Ok(0);
     };
     let seq = last.seq;
     let path = last.file.path().to_owned();
@@ -211,7 +223,21 @@ fn merge_run(
             values,
         })?;
     }
-    w.finish()?;
+    if w.series() == 0 {
+        drop(w);
+        {
+            let mut parts = inner.parts.write();
+            if let Some(list) = parts.get_mut(tenant).and_then(|d| d.get_mut(&day)) {
+                list.retain(|p| !run.iter().any(|r| r.seq == p.seq));
+            }
+        }
+        for p in run {
+            let path = p.file.path();
+            std::fs::remove_file(path).map_err(|e| TsdbError::io("deleting part", path, e))?;
+        }
+        return Ok(0);
+    }
+    let size = w.finish()?;
     let merged = Arc::new(inner.load_part(tenant, day, seq, &path)?);
     {
         let mut parts = inner.parts.write();
@@ -226,7 +252,7 @@ fn merge_run(
     }
     inner.stats.compactions.fetch_add(1, Ordering::Relaxed);
     inner.stats.parts_written.fetch_add(1, Ordering::Relaxed);
-    Ok(())
+    Ok(size)
 }
 
 /// Appends every value of `other` to `acc`.

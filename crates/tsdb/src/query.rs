@@ -601,26 +601,26 @@ impl Engine {
     }
 
     /// Deletes every point of a tenant: its series are forgotten at once (queries stop finding
-    /// them), its part directories deleted, and the head sealed so that the WAL segments holding
-    /// its points are deleted too. Blocks; call from a blocking context.
+    /// them), the head is sealed (which deletes the WAL segments holding its points) and its part
+    /// directories are deleted. Crash-safe: an interrupted purge is finished when the engine next
+    /// opens. Blocks; call from a blocking context.
     pub fn purge_tenant(&self, tenant: &TenantId) -> Result<(), TsdbError> {
-        self.inner.catalog.remove_tenant(tenant);
-        {
-            let _guard = self.inner.maintenance.lock();
-            self.inner.parts.write().remove(tenant);
-            let dir = self
-                .inner
-                .parts_dir()
-                .join(crate::engine::tenant_dir(tenant));
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(TsdbError::io("deleting", &dir, e)),
-            }
-        }
-        self.inner.retention.lock().remove(tenant.as_str());
-        maintain::save_retention(&self.inner)?;
-        self.flush_blocking()
+        crate::purge::purge_tenant(self, tenant)
+    }
+
+    /// Deletes every point of one device (a decommissioned device whose tenant purges its
+    /// telemetry): its series are forgotten at once, and the background maintainer removes them
+    /// from disk within about a second ([`Engine::finish_purges`] does it now). Crash-safe like
+    /// [`Engine::purge_tenant`]. Returns the number of series. Does not block on I/O beyond one
+    /// small synced file.
+    pub fn purge_device(&self, tenant: &TenantId, device: &str) -> Result<usize, TsdbError> {
+        crate::purge::purge_device(&self.inner, tenant, device)
+    }
+
+    /// Removes the points of every pending device purge from disk now (the maintainer does this
+    /// on its own). Blocks; call from a blocking context.
+    pub fn finish_purges(&self) -> Result<crate::PurgeOutcome, TsdbError> {
+        crate::purge::finish_device_purges(&self.inner, || self.flush_blocking())
     }
 
     /// Calls `f` with every series of a tenant matching the filters and its points in

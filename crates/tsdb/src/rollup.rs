@@ -118,18 +118,24 @@ impl Agg {
         self.merge(&Agg::of(ts, v));
     }
 
-    /// Merges another aggregate of disjoint points.
+    /// Merges another aggregate of disjoint points. Points of different series (a group of
+    /// devices) can share a timestamp: then `first` takes the smaller value and `last` the larger,
+    /// so the result does not depend on the order series are visited in.
     #[inline]
     pub fn merge(&mut self, o: &Agg) {
         self.count += o.count;
         self.sum += o.sum;
         self.min = self.min.min(o.min);
         self.max = self.max.max(o.max);
-        if o.first_ts < self.first_ts {
+        if o.first_ts < self.first_ts
+            || (o.first_ts == self.first_ts && o.first.total_cmp(&self.first).is_lt())
+        {
             self.first = o.first;
             self.first_ts = o.first_ts;
         }
-        if o.last_ts >= self.last_ts {
+        if o.last_ts > self.last_ts
+            || (o.last_ts == self.last_ts && o.last.total_cmp(&self.last).is_gt())
+        {
             self.last = o.last;
             self.last_ts = o.last_ts;
         }
@@ -334,6 +340,13 @@ mod tests {
         assert_eq!(ab.last, 5.0);
         assert_eq!(ab.get(AggFn::Avg), 1.0);
         assert_eq!(bucket_start(-1, 60_000), -60_000);
+        // Two devices at the same timestamps: the same answer in either order.
+        let (mut x, y) = (Agg::of(5, 2.0), Agg::of(5, 7.0));
+        let mut yx = y;
+        yx.merge(&x);
+        x.merge(&y);
+        assert_eq!(x, yx);
+        assert_eq!((x.first, x.last), (2.0, 7.0));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use ferrohub_tsdb::column::Values;
@@ -519,5 +520,143 @@ fn purging_a_tenant_deletes_its_points_everywhere() {
     e.write_blocking(&gone, vec![p("d", "v", now(), Value::Int(5))])
         .unwrap();
     assert_eq!(raw_all(&e, &gone, "d", "v").len(), 1);
+    e.close();
+}
+
+fn dir_bytes(p: &Path) -> u64 {
+    walk(p)
+        .into_iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+/// Three days of one point a minute for `device` (metrics `v` and `w`).
+fn three_days(device: &str, base: i64) -> Vec<Point> {
+    // Random values, so that the points (not the file headers) make the size.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rand = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    (0..3 * 1440)
+        .flat_map(|i| {
+            [
+                p(
+                    device,
+                    "v",
+                    base + i * 60_000,
+                    Value::Int((rand() >> 40) as i64),
+                ),
+                p(
+                    device,
+                    "w",
+                    base + i * 60_000,
+                    Value::Float((rand() >> 44) as f64 * 0.01),
+                ),
+            ]
+        })
+        .collect()
+}
+
+#[test]
+fn device_purge_deletes_its_points_and_only_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    let t = TenantId::new("acme");
+    let base = now() - now().rem_euclid(DAY) - 2 * DAY;
+    for d in ["gone", "kept"] {
+        e.write_blocking(&t, three_days(d, base)).unwrap();
+    }
+    e.flush_blocking().unwrap();
+    // A second part per day, and points in the head and the WAL.
+    e.write_blocking(&t, vec![p("gone", "v", base + 30_000, Value::Int(-1))])
+        .unwrap();
+    e.flush_blocking().unwrap();
+    e.write_blocking(&t, vec![p("gone", "v", now(), Value::Int(-2))])
+        .unwrap();
+    let before = dir_bytes(&dir.path().join("parts"));
+    assert_eq!(e.purge_device(&t, "gone").unwrap(), 2);
+    // Invisible at once.
+    assert!(raw_all(&e, &t, "gone", "v").is_empty());
+    assert!(e.list_series(&t, Some("gone")).is_empty());
+    // Now, or already done by the maintainer (which runs pending purges on its own).
+    e.finish_purges().unwrap();
+    let st = e.stats();
+    assert_eq!(st.device_purges.load(Ordering::Relaxed), 1);
+    let after = dir_bytes(&dir.path().join("parts"));
+    assert!(after < before * 6 / 10, "{after} of {before} bytes left");
+    let freed = st.purge_bytes_freed.load(Ordering::Relaxed);
+    assert!(
+        freed > (before - after) / 2,
+        "{freed} freed, {before} → {after}"
+    );
+    assert_eq!(raw_all(&e, &t, "kept", "v").len(), 3 * 1440);
+    assert_eq!(raw_all(&e, &t, "kept", "w").len(), 3 * 1440);
+    // Nothing more to do; the device can come back under the same id with fresh data only.
+    assert_eq!(e.finish_purges().unwrap().devices, 0);
+    e.write_blocking(&t, vec![p("gone", "v", now(), Value::Int(7))])
+        .unwrap();
+    e.close();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    assert_eq!(
+        raw_all(&e, &t, "gone", "v"),
+        vec![(now_floor(&e, &t), Value::Int(7))]
+    );
+    assert!(raw_all(&e, &t, "gone", "w").is_empty());
+    assert_eq!(raw_all(&e, &t, "kept", "w").len(), 3 * 1440);
+    e.close();
+}
+
+/// The timestamp of the only point of `gone/v`.
+fn now_floor(e: &Engine, t: &TenantId) -> i64 {
+    raw_all(e, t, "gone", "v")
+        .first()
+        .map(|(ts, _)| *ts)
+        .unwrap_or(-1)
+}
+
+#[test]
+fn an_interrupted_device_purge_is_finished_at_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = TenantId::new("acme");
+    let base = now() - now().rem_euclid(DAY) - 2 * DAY;
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    for d in ["gone", "kept"] {
+        e.write_blocking(&t, three_days(d, base)).unwrap();
+    }
+    e.flush_blocking().unwrap();
+    e.write_blocking(&t, vec![p("gone", "v", now(), Value::Int(-2))])
+        .unwrap();
+    e.close();
+    // The state a crash right after the purge was recorded leaves behind.
+    std::fs::write(
+        dir.path().join("purges.json"),
+        r#"[{"tenant": "acme", "device": "gone"}]"#,
+    )
+    .unwrap();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    assert!(
+        raw_all(&e, &t, "gone", "v").is_empty(),
+        "hidden before open returns"
+    );
+    // The maintainer finishes it on its own.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while dir.path().join("purges.json").exists()
+        && std::fs::read_to_string(dir.path().join("purges.json"))
+            .unwrap()
+            .trim()
+            != "[]"
+    {
+        assert!(std::time::Instant::now() < deadline, "purge not finished");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(raw_all(&e, &t, "kept", "v").len(), 3 * 1440);
+    e.close();
+    let e = Engine::open(cfg(dir.path())).unwrap();
+    assert!(raw_all(&e, &t, "gone", "v").is_empty());
+    assert!(raw_all(&e, &t, "gone", "w").is_empty());
+    assert_eq!(raw_all(&e, &t, "kept", "w").len(), 3 * 1440);
     e.close();
 }
