@@ -435,7 +435,8 @@ fn remove_local(path: &std::path::Path) {
 }
 
 /// A stem names a file in a folder: no separators, nothing a shell or a store treats specially.
-fn check_stem(stem: &str) -> Result<(), ExportError> {
+/// Public so that callers can refuse a bad name before starting an export.
+pub fn check_stem(stem: &str) -> Result<(), ExportError> {
     let bad = |reason| {
         Err(ExportError::BadStem {
             stem: stem.to_owned(),

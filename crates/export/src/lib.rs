@@ -56,7 +56,7 @@ use serde::{Deserialize, Serialize};
 pub use batch::{ExportRow, RowBatch, ValueRef};
 pub use destination::{Destination, S3Destination, S3Options};
 pub use error::ExportError;
-pub use exporter::{ExportOptions, ExportSummary, Exporter, Progress};
+pub use exporter::{ExportOptions, ExportSummary, Exporter, Progress, check_stem};
 
 /// The Parquet schema of exported files, in the Parquet message-type syntax.
 ///

@@ -187,6 +187,8 @@ impl Exports {
             .name
             .clone()
             .unwrap_or_else(|| format!("telemetry-{id}"));
+        ferrohub_export::check_stem(&stem)
+            .map_err(|e| TelemetryError::BadRequest(format!("`name`: {e}")))?;
         let series_total = engine
             .list_series(tenant, None)
             .iter()
@@ -334,7 +336,12 @@ async fn run(
                 Ok(())
             },
         );
-        if last.is_some() {
+        // Series without points in the range were never passed to the callback: once the scan
+        // is through, every selected series is done.
+        if result.is_ok() {
+            let total = job2.view.lock().series_total;
+            job2.series_done.store(total, Ordering::Relaxed);
+        } else if last.is_some() {
             job2.series_done.fetch_add(1, Ordering::Relaxed);
         }
         if !batch.is_empty() {

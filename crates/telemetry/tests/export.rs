@@ -108,6 +108,41 @@ async fn exports_a_selection_to_csv_and_parquet() {
         },
     );
     assert!(bad.is_err());
+    // A file name that is not one: refused up front (not a job that fails later).
+    let bad = t.start_export(
+        &tenant,
+        ExportRequest {
+            destination: "q1".into(),
+            format: None,
+            name: Some("../x".into()),
+            devices: None,
+            metrics: None,
+            from: 0,
+            to: 1,
+        },
+    );
+    assert!(matches!(
+        bad,
+        Err(ferrohub_telemetry::service::TelemetryError::BadRequest(_))
+    ));
+    // A series without points in the range still counts as done once the export is through.
+    let empty_range = t
+        .start_export(
+            &tenant,
+            ExportRequest {
+                destination: "q1".into(),
+                format: Some(ExportFormat::Csv),
+                name: Some("old".into()),
+                devices: None,
+                metrics: Some(vec!["state".into()]),
+                from: base - 10_000,
+                to: base + 1,
+            },
+        )
+        .unwrap();
+    let job = wait(empty_range.id).await;
+    assert_eq!(job.state, ExportState::Succeeded, "{:?}", job.error);
+    assert_eq!((job.series_done, job.series_total), (3, 3));
 }
 
 #[tokio::test]
