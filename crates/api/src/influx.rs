@@ -7,7 +7,9 @@
 //!   tenant-scoped token with another `org` is answered 404, like any tenant outside its scope.
 //!   `orgID` is accepted as a synonym of `org`; `bucket` is accepted and ignored.
 //! - Body: line protocol (see `ferrohub_telemetry::lineproto`), at most 32 MiB, optionally
-//!   `Content-Encoding: gzip` (at most 32 MiB once decompressed).
+//!   `Content-Encoding: gzip` (at most 32 MiB once decompressed). Gzip bodies and bodies over
+//!   [`crate::v1::telemetry::INLINE_DECODE_BYTES`] are decompressed and parsed on a blocking
+//!   thread.
 //! - `precision`: `ns` (default), `us`, `ms` or `s` (also `n`, `u`).
 //! - Answers as InfluxDB 2 does: `204 No Content` once the points are durable; errors as
 //!   `{"code": "...", "message": "..."}` with InfluxDB's codes (`invalid` 400 — a bad line writes
@@ -32,7 +34,7 @@ use utoipa::IntoParams;
 use crate::ApiState;
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::Caller;
-use crate::v1::telemetry::telemetry_of;
+use crate::v1::telemetry::{decode_work, telemetry_of};
 
 /// Largest request body, compressed or not.
 pub const BODY_LIMIT: usize = 32 * 1024 * 1024;
@@ -186,16 +188,21 @@ async fn write(
             ))
         }
     })?;
-    let text = if gzip {
-        tokio::task::spawn_blocking(move || gunzip(&body))
-            .await
-            .map_err(|e| ApiError::internal(&e))??
-    } else {
-        String::from_utf8(body.to_vec()).map_err(|_| not_utf8())?
-    };
-    let report = tm
-        .write_line_protocol(&TenantId::new(&tenant), &text, precision)
-        .await?;
+    // Decompressing and parsing are CPU work: a gzip body (whatever its compressed size) or a
+    // large plain one is handled on a blocking thread, so that it never holds up other requests.
+    let work = if gzip { usize::MAX } else { body.len() };
+    let parser = tm.clone();
+    let points = decode_work(work, move || {
+        let points = if gzip {
+            parser.line_protocol_points(&gunzip(&body)?, precision)
+        } else {
+            let text = std::str::from_utf8(&body).map_err(|_| not_utf8())?;
+            parser.line_protocol_points(text, precision)
+        };
+        points.map_err(ApiError::from)
+    })
+    .await?;
+    let report = tm.write_points(&TenantId::new(&tenant), points).await?;
     if !report.rejected.is_empty() {
         let shown = report.rejected.len().min(3);
         return Err(ApiError::new(

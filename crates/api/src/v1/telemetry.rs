@@ -3,12 +3,15 @@
 //! aggregates, fleet snapshots of latest values, fleet aggregates (whole selection, per device or
 //! per tag value), and the tenant's telemetry settings (retention, topics, payload format).
 //!
-//! Queries read immutable part files, so they run on blocking threads
-//! (`tokio::task::spawn_blocking`). Times in query strings are RFC 3339 (UTC), milliseconds since
+//! Nothing that scans runs on the async runtime: queries read part files and walk the engine's
+//! catalog (series listings, fleet snapshots), so they run on blocking threads
+//! (`tokio::task::spawn_blocking`), and so does decoding a write body larger than
+//! [`INLINE_DECODE_BYTES`]. Times in query strings are RFC 3339 (UTC), milliseconds since
 //! the Unix epoch, `now`, or a time ago such as `-15m`; bucket widths are durations (`30s`, `15m`,
 //! `1h`, `1d`) or milliseconds.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,6 +36,9 @@ use crate::extract::{ApiJson, ApiPath, ApiQuery, Body, Caller};
 
 /// Largest device payload accepted by `POST …/devices/{device}/telemetry`.
 pub const WRITE_BODY_LIMIT: usize = 4 * 1024 * 1024;
+/// Write bodies up to this size are decoded on the request's task; larger ones (and gzip bodies)
+/// on a blocking thread, so that a large write never holds up the runtime's other requests.
+pub const INLINE_DECODE_BYTES: usize = 64 * 1024;
 /// Default page size of raw points.
 pub const DEFAULT_RAW_LIMIT: usize = 1000;
 /// Default page size of a fleet snapshot.
@@ -96,6 +102,21 @@ async fn blocking<T: Send + 'static>(
         .await
         .map_err(|e| ApiError::internal(&e))?
         .map_err(ApiError::from)
+}
+
+/// Runs the CPU work of decoding a write body of `len` bytes: on the request's task when the body
+/// is small (at most [`INLINE_DECODE_BYTES`]: cheaper than a thread hand-off), else on a blocking
+/// thread.
+pub(crate) async fn decode_work<T: Send + 'static>(
+    len: usize,
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> ApiResult<T> {
+    if len <= INLINE_DECODE_BYTES {
+        return f();
+    }
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
 }
 
 fn now_ms() -> i64 {
@@ -381,8 +402,9 @@ pub struct FleetAggregateView {
 /// `application/msgpack`; otherwise the tenant's `format`, by default detected), the same
 /// payload shapes, and the same timestamp rules. Answers once the points are durable; a payload
 /// that cannot be used writes nothing (400). Points of a kind their series does not hold are
-/// refused one by one (listed in `rejected`). At most 4 MiB. Devices that are not in the registry
-/// (e.g. Telegraf hosts) write with `POST /api/v2/write`.
+/// refused one by one (listed in `rejected`). At most 4 MiB (decoded on a blocking thread beyond
+/// 64 KiB). Devices that are not in the registry (e.g. Telegraf hosts) write with
+/// `POST /api/v2/write`.
 #[utoipa::path(post, path = "/tenants/{tenant}/devices/{device}/telemetry", tag = "telemetry",
     request_body(content = Value, description = "A device payload, e.g. {\"temp\": 21.5, \"ts\": 1767225600000}",
         content_type = "application/json"),
@@ -406,9 +428,14 @@ pub async fn write_device(
         .and_then(PayloadFormat::from_content_type)
         .or(tm.settings(&tid).format)
         .unwrap_or(tm.config().format);
-    Ok(Json(
-        tm.write_payload(&tid, &device, &payload, format).await?,
-    ))
+    let decoder = tm.clone();
+    let points = decode_work(payload.len(), move || {
+        decoder
+            .payload_points(&device, &payload, format)
+            .map_err(ApiError::from)
+    })
+    .await?;
+    Ok(Json(tm.write_points(&tid, points).await?))
 }
 
 // ---- a device's series ---------------------------------------------------------------------
@@ -426,9 +453,9 @@ pub async fn list_device_series(
 ) -> ApiResult<Json<Vec<SeriesView>>> {
     c.actor.require(Role::Viewer, Some(&tenant))?;
     let tm = telemetry_of(&state)?;
-    let series = tm
-        .engine()
-        .list_series(&TenantId::new(&tenant), Some(&device));
+    let engine = tm.engine().clone();
+    let tid = TenantId::new(&tenant);
+    let series = blocking(move || Ok(engine.list_series(&tid, Some(&device)))).await?;
     Ok(Json(
         series
             .into_iter()
@@ -574,16 +601,11 @@ pub async fn aggregate_points(
     let fns = parse_fns(p.fns.as_deref())?;
     let tid = TenantId::new(&tenant);
     let engine = tm.engine().clone();
-    if engine
-        .list_series(&tid, Some(&device))
-        .iter()
-        .any(|s| s.metric == metric && s.kind == ValueKind::Str)
-    {
-        return Err(ApiError::invalid(format!(
-            "metric {metric:?} of device {device} holds strings, which cannot be aggregated: \
-             read its points instead (GET …/telemetry/{{metric}})"
-        )));
-    }
+    let strings = format!(
+        "metric {metric:?} of device {device} holds strings, which cannot be aggregated: read \
+         its points instead (GET …/telemetry/{{metric}})"
+    );
+    let series_device = device.clone();
     let q = AggregateQuery {
         metric,
         groups: vec![SeriesGroup {
@@ -595,7 +617,17 @@ pub async fn aggregate_points(
         bucket_ms,
         fns: fns.clone(),
     };
-    let groups = blocking(move || engine.aggregate(&tid, &q)).await?;
+    let groups = blocking(move || {
+        if engine
+            .list_series(&tid, Some(&series_device))
+            .iter()
+            .any(|s| s.metric == q.metric && s.kind == ValueKind::Str)
+        {
+            return Err(TsdbError::BadQuery(strings));
+        }
+        engine.aggregate(&tid, &q)
+    })
+    .await?;
     let buckets = groups
         .into_iter()
         .next()
@@ -721,14 +753,26 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for FleetAggregateQuery 
     }
 }
 
-/// Every device of a registry listing, walking all pages.
-async fn registry_devices(
+/// Registry devices per page of a listing.
+const REGISTRY_PAGE: u32 = 1000;
+
+fn selection_too_large() -> ApiError {
+    ApiError::invalid(format!(
+        "the selection holds more than {MAX_SELECTION} devices: narrow it with group, tag, type \
+         or devices"
+    ))
+}
+
+/// Walks a registry listing in id order, a page at a time, handing each device to `visit`
+/// (which keeps what it needs: only one page of devices is in memory) until it breaks or the
+/// listing ends.
+async fn each_registry_device(
     c: &Caller,
     tenant: &str,
     query: DeviceQuery,
     group: Option<String>,
-) -> ApiResult<Vec<Device>> {
-    let mut out = Vec::new();
+    mut visit: impl FnMut(Device) -> ApiResult<ControlFlow<()>>,
+) -> ApiResult<()> {
     let mut cursor = None;
     loop {
         let page = c
@@ -741,21 +785,19 @@ async fn registry_devices(
                     group: group.clone(),
                     sort: SortKey::Id,
                     descending: false,
-                    limit: 1000,
+                    limit: REGISTRY_PAGE,
                     cursor,
                 },
             )
             .await?;
-        out.extend(page.items);
-        if out.len() > MAX_SELECTION {
-            return Err(ApiError::invalid(format!(
-                "the selection holds more than {MAX_SELECTION} devices: narrow it with group, \
-                 tag, type or devices"
-            )));
+        for d in page.items {
+            if visit(d)?.is_break() {
+                return Ok(());
+            }
         }
         match page.next_cursor {
             Some(next) => cursor = Some(next),
-            None => return Ok(out),
+            None => return Ok(()),
         }
     }
 }
@@ -769,6 +811,10 @@ struct Member {
 /// The devices of a selection, sorted by id: the registry's devices matching group/tag/type
 /// (intersected with `devices` when given), else the `devices` list, else every device that has
 /// `metric`. With `tag_key`, each device's value of that registry tag.
+///
+/// Memory is bounded by the selection ([`MAX_SELECTION`] members at most: beyond, 400), never by
+/// the size of the registry: registry listings are walked a page at a time, keeping only the id
+/// and the grouping tag of the devices that belong to the selection.
 async fn resolve(
     c: &Caller,
     tm: &Telemetry,
@@ -783,43 +829,64 @@ async fn resolve(
             device_type: sel.device_type.clone(),
             ..DeviceQuery::default()
         };
-        let devices = registry_devices(c, tenant, query, sel.group.clone()).await?;
-        let mut members: Vec<Member> = devices
-            .into_iter()
-            .filter(|d| sel.devices.as_ref().is_none_or(|only| only.contains(&d.id)))
-            .map(|d| Member {
-                tag: tag_key.and_then(|k| d.tags.get(k).cloned()),
-                device: d.id,
-            })
-            .collect();
+        // With a device list, the listing (in id order) can stop after its largest id.
+        let last = sel.devices.as_ref().and_then(|only| only.last());
+        let mut members: Vec<Member> = Vec::new();
+        each_registry_device(c, tenant, query, sel.group.clone(), |d| {
+            if last.is_some_and(|last| d.id.as_str() > last.as_str()) {
+                return Ok(ControlFlow::Break(()));
+            }
+            if sel.devices.as_ref().is_none_or(|only| only.contains(&d.id)) {
+                if members.len() >= MAX_SELECTION {
+                    return Err(selection_too_large());
+                }
+                members.push(Member {
+                    tag: tag_key.and_then(|k| d.tags.get(k).cloned()),
+                    device: d.id,
+                });
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+        .await?;
         members.sort_by(|a, b| a.device.cmp(&b.device));
         return Ok(members);
     }
     let ids: BTreeSet<String> = match &sel.devices {
         Some(only) => only.clone(),
-        None => tm
-            .engine()
-            .list_series(&TenantId::new(tenant), None)
-            .into_iter()
-            .filter(|s| s.metric == metric)
-            .map(|s| s.device)
-            .collect(),
+        None => {
+            let engine = tm.engine().clone();
+            let (tid, metric) = (TenantId::new(tenant), metric.to_owned());
+            blocking(move || {
+                Ok(engine
+                    .list_series(&tid, None)
+                    .into_iter()
+                    .filter(|s| s.metric == metric)
+                    .map(|s| s.device)
+                    .collect())
+            })
+            .await?
+        }
     };
     if ids.len() > MAX_SELECTION {
-        return Err(ApiError::invalid(format!(
-            "the selection holds more than {MAX_SELECTION} devices: narrow it with group, tag, \
-             type or devices"
-        )));
+        return Err(selection_too_large());
     }
+    // The grouping tag of the selected devices that are in the registry (a device written over
+    // line protocol may not be): the registry is walked in id order up to the largest selected
+    // id, keeping only the selected devices that have the tag.
     let mut tags: BTreeMap<String, String> = BTreeMap::new();
-    if let Some(key) = tag_key {
-        for d in registry_devices(c, tenant, DeviceQuery::default(), None).await? {
-            if ids.contains(&d.id)
-                && let Some(v) = d.tags.get(key)
-            {
-                tags.insert(d.id, v.clone());
+    if let (Some(key), Some(last)) = (tag_key, ids.last()) {
+        each_registry_device(c, tenant, DeviceQuery::default(), None, |mut d| {
+            if d.id.as_str() > last.as_str() {
+                return Ok(ControlFlow::Break(()));
             }
-        }
+            if ids.contains(&d.id)
+                && let Some(v) = d.tags.remove(key)
+            {
+                tags.insert(d.id, v);
+            }
+            Ok(ControlFlow::Continue(()))
+        })
+        .await?;
     }
     Ok(ids
         .into_iter()
@@ -883,9 +950,9 @@ pub async fn fleet_latest(
     } else {
         None
     };
-    let latest = tm
-        .engine()
-        .latest(&TenantId::new(&tenant), &page, &p.metric);
+    let engine = tm.engine().clone();
+    let (tid, metric) = (TenantId::new(&tenant), p.metric.clone());
+    let latest = blocking(move || Ok(engine.latest(&tid, &page, &metric))).await?;
     Ok(Json(LatestPage {
         metric: p.metric,
         items: latest
@@ -969,13 +1036,19 @@ pub async fn fleet_aggregate(
     let members = resolve(&c, &tm, &tenant, &p.selection, &p.metric, tag_key).await?;
     let tid = TenantId::new(&tenant);
     // Devices that hold the metric as numbers or booleans: others would be empty groups.
-    let with_data: HashSet<String> = tm
-        .engine()
-        .list_series(&tid, None)
-        .into_iter()
-        .filter(|s| s.metric == p.metric && s.kind != ValueKind::Str)
-        .map(|s| s.device)
-        .collect();
+    let with_data: HashSet<String> = {
+        let engine = tm.engine().clone();
+        let (tid, metric) = (tid.clone(), p.metric.clone());
+        blocking(move || {
+            Ok(engine
+                .list_series(&tid, None)
+                .into_iter()
+                .filter(|s| s.metric == metric && s.kind != ValueKind::Str)
+                .map(|s| s.device)
+                .collect())
+        })
+        .await?
+    };
     let mut labels: Vec<Option<String>> = Vec::new();
     let groups: Vec<SeriesGroup> = match by {
         By::All => {

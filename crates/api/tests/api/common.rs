@@ -196,6 +196,20 @@ impl Api {
     }
 }
 
+/// Polls `GET path` every 50 ms until `done` holds for the answer (which must be 200), and
+/// returns that answer; panics after 10 s, naming the path and the last answer.
+pub async fn wait_for(api: &Api, path: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..200 {
+        last = api.get(path).await.expect(200);
+        if done(&last) {
+            return last;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{path} did not reach the expected state; the last answer was {last}");
+}
+
 /// The ids of devices.
 pub fn ids(devices: &[Value]) -> Vec<String> {
     devices

@@ -69,18 +69,6 @@ async fn until_closed(s: &mut TcpStream, within: Duration) {
     .expect("the server did not close the connection");
 }
 
-/// Polls the connectivity endpoint until `done` holds.
-async fn wait_for(api: &Api, path: &str, done: impl Fn(&Value) -> bool) -> Value {
-    for _ in 0..200 {
-        let v = api.get(path).await.expect(200);
-        if done(&v) {
-            return v;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("{path} did not reach the expected state");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn disconnect_reasons_and_history_of_a_real_mqtt_client() {
     bounded(90, async {

@@ -1074,17 +1074,12 @@ async fn export_jobs_write_csv_in_the_export_folder_with_progress() {
             .await
             .expect(202);
         let id = job["id"].as_u64().unwrap();
-        let mut done = Value::Null;
-        for _ in 0..200 {
-            done = viewer
-                .get(&format!("/tenants/ex/telemetry/exports/{id}"))
-                .await
-                .expect(200);
-            if done["state"] != "running" {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+        let done = wait_for(
+            &viewer,
+            &format!("/tenants/ex/telemetry/exports/{id}"),
+            |j| j["state"] != "running",
+        )
+        .await;
         assert_eq!(done["state"], "succeeded", "{done}");
         assert_eq!(done["rows"], 500);
         let file = done["files"][0].as_str().unwrap();
@@ -1100,6 +1095,210 @@ async fn export_jobs_write_csv_in_the_export_folder_with_progress() {
             .get("/tenants/ex/telemetry/exports/999")
             .await
             .expect(404);
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_write_bodies_are_decoded_off_the_request_task() {
+    bounded(120, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("big").await;
+        admin.device("big", json!({"id": "d1"})).await;
+        let t0 = (now_ms() / HOUR - 2) * HOUR;
+        let count = |device: &str, metric: &str| {
+            let path = format!(
+                "/tenants/big/devices/{device}/telemetry/{metric}?from={t0}&to={}&limit=100000",
+                t0 + HOUR
+            );
+            let a = admin.clone();
+            async move {
+                a.get(&path).await.expect(200)["points"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+            }
+        };
+
+        // A device payload over the inline threshold (64 KiB): 4000 points.
+        let batch: Vec<Value> = (0..4000).map(|i| json!({"ts": t0 + i, "v": i})).collect();
+        let body = serde_json::to_vec(&batch).unwrap();
+        assert!(body.len() > 64 * 1024, "{}", body.len());
+        let path = "/tenants/big/devices/d1/telemetry";
+        let r = admin
+            .raw(Method::POST, path, Some("application/json"), body.clone())
+            .await
+            .expect(200);
+        assert_eq!(r, json!({"points": 4000, "rejected": []}));
+        assert_eq!(count("d1", "v").await, 4000);
+        // A large payload that does not decode writes nothing.
+        let mut bad = body.clone();
+        bad.truncate(bad.len() - 1);
+        let bad: Vec<u8> = String::from_utf8(bad)
+            .unwrap()
+            .replace("\"v\"", "\"w\"")
+            .into();
+        let m = admin
+            .raw(Method::POST, path, Some("application/json"), bad)
+            .await
+            .expect_error(400, "invalid");
+        assert!(!m.is_empty());
+        assert_eq!(count("d1", "w").await, 0);
+
+        // Line protocol over the threshold: plain and gzip.
+        let http = Http::new(&hub);
+        let auth = format!("Token {TEST_ADMIN_TOKEN}");
+        let lines = |device: &str| -> String {
+            (0..4000)
+                .map(|i| format!("big,device={device} v={i}i {}\n", t0 + i))
+                .collect()
+        };
+        let plain = lines("lp1");
+        assert!(plain.len() > 64 * 1024);
+        let (status, body) = http
+            .write(
+                Some(&auth),
+                "org=big&precision=ms",
+                plain.into_bytes(),
+                None,
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+        assert_eq!(count("lp1", "big.v").await, 4000);
+        let (status, body) = http
+            .write(
+                Some(&auth),
+                "org=big&precision=ms",
+                gzip(lines("lp2").as_bytes()),
+                Some("gzip"),
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+        assert_eq!(count("lp2", "big.v").await, 4000);
+        // A bad last line rejects the whole large body; so does a body that is not UTF-8.
+        let mut bad = lines("lp3");
+        bad.push_str("big,device=lp3 v= 1\n");
+        let (status, body) = http
+            .write(Some(&auth), "org=big&precision=ms", bad.into_bytes(), None)
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid")),
+            "{body}"
+        );
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .starts_with("unable to parse 'big,device=lp3 v= 1'"),
+            "{body}"
+        );
+        assert_eq!(count("lp3", "big.v").await, 0);
+        let mut not_utf8 = lines("lp4").into_bytes();
+        not_utf8.extend_from_slice(b"big,device=lp4 v=1 \xff\n");
+        let (status, body) = http
+            .write(Some(&auth), "org=big&precision=ms", not_utf8, None)
+            .await;
+        assert_eq!(
+            (status, body["code"].as_str()),
+            (400, Some("invalid")),
+            "{body}"
+        );
+        assert_eq!(count("lp4", "big.v").await, 0);
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fleet_group_by_tag_walks_a_registry_of_many_pages() {
+    bounded(120, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("many").await;
+        // 2500 registry devices (three pages of the registry walk): r{i} has site s{i % 3},
+        // except every fifth, which has no site.
+        let mut csv = String::from("id,tags\n");
+        for i in 0..2500 {
+            let tags = if i % 5 == 0 {
+                format!("n={i}")
+            } else {
+                format!("site=s{};n={i}", i % 3)
+            };
+            csv.push_str(&format!("r{i:04},{tags}\n"));
+        }
+        let report = admin
+            .raw(
+                Method::POST,
+                "/tenants/many/devices/import",
+                Some("text/csv"),
+                csv.into_bytes(),
+            )
+            .await
+            .expect(200);
+        assert_eq!(report["imported"], 2500, "{report}");
+        // Data of devices spread over the pages, one without the tag, one not in the registry
+        // (sorting after every registry device).
+        let t0 = (now_ms() / HOUR - 1) * HOUR;
+        let with_data = ["r0001", "r0005", "r1501", "r2499", "zz-host"];
+        let lines: String = with_data
+            .iter()
+            .enumerate()
+            .map(|(n, d)| format!("m,device={d} v={n} {t0}\n"))
+            .collect();
+        let (status, body) = Http::new(&hub)
+            .write(
+                Some(&format!("Token {TEST_ADMIN_TOKEN}")),
+                "org=many&precision=ms",
+                lines.into_bytes(),
+                None,
+            )
+            .await;
+        assert_eq!(status, 204, "{body}");
+        let agg = |q: &str| {
+            let a = admin.clone();
+            let path = format!(
+                "/tenants/many/telemetry/aggregate?metric=m.v&bucket=1h&fn=count,sum&from={t0}&to={}&{q}",
+                t0 + HOUR
+            );
+            async move {
+                let v = a.get(&path).await.expect(200);
+                v["groups"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|g| {
+                        (
+                            g["group"].as_str().map(str::to_string),
+                            g["series"].as_u64().unwrap(),
+                            g["buckets"][0]["sum"].as_f64().unwrap(),
+                        )
+                    })
+                    .collect::<Vec<_>>()
+            }
+        };
+        let s = |v: &str| Some(v.to_string());
+        // Every device with the metric: tags found on every page; r0005 and zz-host have none.
+        assert_eq!(
+            agg("by=tag:site").await,
+            vec![(None, 2, 1.0 + 4.0), (s("s0"), 1, 3.0), (s("s1"), 2, 0.0 + 2.0)]
+        );
+        // A device list that ends early in the registry.
+        assert_eq!(
+            agg("by=tag:site&devices=r0001,r0005").await,
+            vec![(None, 1, 1.0), (s("s1"), 1, 0.0)]
+        );
+        // A registry selection (every device with site s1, on all pages) narrowed by a list.
+        assert_eq!(
+            agg("by=tag:n&tag=site:s1&devices=r0001,r1501,r2499").await,
+            vec![(s("1"), 1, 0.0), (s("1501"), 1, 2.0)]
+        );
+        assert_eq!(
+            agg("by=device&tag=site:s0").await,
+            vec![(s("r2499"), 1, 3.0)]
+        );
         hub.stop().await;
     })
     .await;
