@@ -5,6 +5,7 @@
 #
 #   scripts/bench-telemetry.sh                        # 3 runs of each scenario (about 3 minutes)
 #   scripts/bench-telemetry.sh --runs 1 --scenarios batch10
+#   scripts/bench-telemetry.sh --mosquitto            # each run also against Mosquitto (Debian's)
 #
 # Every run starts a fresh hub (release build, --allow-anonymous: the harness publishes for many
 # devices over few connections; storage.fsync = always, the default) on a new data directory.
@@ -12,6 +13,10 @@
 #   batch10     1,000 devices over 8 connections, 10 metrics a message, 64 in flight each
 #   single      1,000 devices over 8 connections, 1 metric a message (the smallest payload)
 #   fleet       10,000 devices over 100 connections, 10 metrics a message, 16 in flight each
+# With --mosquitto, every scenario of every run is repeated right after against Mosquitto
+# (allow_anonymous, no persistence) on the same load: a broker that acknowledges without storing
+# anything, so the ratio is what durable storage of every point costs. Rows are labelled
+# `<scenario>-mosquitto`.
 # Prints one JSON line per run and a Markdown table of medians. Raw lines go to
 # bench-results/telemetry-<timestamp>/.
 set -euo pipefail
@@ -23,12 +28,14 @@ HTTP_PORT=${HTTP_PORT:-28094}
 DURATION=${DURATION:-15}
 RUNS=3
 SCENARIOS=batch10,single,fleet
+MOSQUITTO=
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --runs) RUNS=$2; shift ;;
         --scenarios) SCENARIOS=$2; shift ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --mosquitto) MOSQUITTO=$(command -v mosquitto || echo /usr/sbin/mosquitto) ;;
+        -h|--help) sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-telemetry.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -67,6 +74,20 @@ run() {
     "$BIN" bench telemetry "$@" --port $PORT --http-port $HTTP_PORT --broker-pid "$HUB_PID" \
         --duration "$DURATION" --label "$name" | tee -a "$OUT/$name.jsonl"
     stop_hub
+    if [[ -n $MOSQUITTO ]]; then
+        [[ -x $MOSQUITTO ]] || { echo "mosquitto is missing (apt-get install -y mosquitto)" >&2; exit 1; }
+        printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\nmax_inflight_messages 0\nmax_queued_messages 100000\n' \
+            $((PORT + 1)) >"$OUT/mosquitto.conf"
+        "$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
+        HUB_PID=$!
+        for _ in $(seq 100); do
+            (exec 3<>/dev/tcp/127.0.0.1/$((PORT + 1))) 2>/dev/null && break
+            sleep 0.1
+        done
+        "$BIN" bench telemetry "$@" --port $((PORT + 1)) --broker-pid "$HUB_PID" \
+            --duration "$DURATION" --label "$name-mosquitto" | tee -a "$OUT/$name-mosquitto.jsonl"
+        stop_hub
+    fi
 }
 
 for r in $(seq "$RUNS"); do
