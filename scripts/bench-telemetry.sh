@@ -46,27 +46,8 @@ if [[ -z ${FERROHUB_BIN:-} ]]; then
 fi
 OUT=$ROOT/bench-results/telemetry-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
-HUB_PID=
-
-start_hub() {
-    rm -rf "$OUT/data"
-    "$BIN" serve --allow-anonymous --data-dir "$OUT/data" \
-        --mqtt-listen 127.0.0.1:$PORT --http-listen 127.0.0.1:$HTTP_PORT --ws-listen "" \
-        >"$OUT/hub.log" 2>&1 &
-    HUB_PID=$!
-    for _ in $(seq 100); do
-        (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "the hub did not start; see $OUT/hub.log" >&2
-    exit 1
-}
-
-stop_hub() {
-    [[ -n $HUB_PID ]] && kill "$HUB_PID" 2>/dev/null && wait "$HUB_PID" 2>/dev/null || true
-    HUB_PID=
-}
-trap stop_hub EXIT
+# shellcheck source=scripts/bench-hub.sh
+source "$ROOT/scripts/bench-hub.sh"
 
 run() {
     local name=$1; shift
@@ -80,10 +61,7 @@ run() {
             $((PORT + 1)) >"$OUT/mosquitto.conf"
         "$MOSQUITTO" -c "$OUT/mosquitto.conf" >"$OUT/mosquitto.log" 2>&1 &
         HUB_PID=$!
-        for _ in $(seq 100); do
-            (exec 3<>/dev/tcp/127.0.0.1/$((PORT + 1))) 2>/dev/null && break
-            sleep 0.1
-        done
+        wait_port $((PORT + 1)) || { echo "mosquitto did not start; see $OUT/mosquitto.log" >&2; exit 1; }
         "$BIN" bench telemetry "$@" --port $((PORT + 1)) --broker-pid "$HUB_PID" \
             --duration "$DURATION" --label "$name-mosquitto" | tee -a "$OUT/$name-mosquitto.jsonl"
         stop_hub

@@ -43,31 +43,12 @@ done
 [[ -x $BIN ]] || (cd "$ROOT" && cargo build --release -p ferrohub)
 OUT=$ROOT/bench-results/twins-$(date +%Y%m%d-%H%M%S)
 mkdir -p "$OUT"
-HUB_PID=
-
-start_hub() {
-    rm -rf "$OUT/data"
-    FERROHUB_ADMIN_TOKEN=$TOKEN "$BIN" serve --allow-anonymous --data-dir "$OUT/data" \
-        --mqtt-listen 127.0.0.1:$PORT --http-listen 127.0.0.1:$HTTP_PORT --ws-listen "" \
-        >"$OUT/hub.log" 2>&1 &
-    HUB_PID=$!
-    for _ in $(seq 100); do
-        (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null && return 0
-        sleep 0.1
-    done
-    echo "the hub did not start; see $OUT/hub.log" >&2
-    exit 1
-}
-
-stop_hub() {
-    [[ -n $HUB_PID ]] && kill "$HUB_PID" 2>/dev/null && wait "$HUB_PID" 2>/dev/null || true
-    HUB_PID=
-}
-trap stop_hub EXIT
+# shellcheck source=scripts/bench-hub.sh
+source "$ROOT/scripts/bench-hub.sh"
 
 run() {
     local name=$1; shift
-    start_hub
+    start_hub FERROHUB_ADMIN_TOKEN=$TOKEN
     "$BIN" bench "$@" --port $PORT --broker-pid "$HUB_PID" --label "$name" | tee -a "$OUT/$name.jsonl"
     if [[ $name == fill ]]; then
         echo "{\"scenario\":\"fill-disk\",\"twins_db_mib\":$(du -sm "$OUT/data/twins.db" | cut -f1)}" |

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::stats::Latency;
-use super::wire::{ClientOpts, Session};
+use super::wire::{ClientOpts, Session, WindowSlot, spawn_packet_reader, take_window_slot};
 use super::{BenchArgs, sys};
 
 #[derive(Debug, Serialize)]
@@ -165,7 +165,7 @@ async fn telemetry_connection(
         .await
         .context("connecting")?;
     let version = s.version;
-    let (mut rd, mut wr) = s.stream.into_split();
+    let (rd, mut wr) = s.stream.into_split();
     // Packet id → send time; ids cycle through 1..=inflight so the table is a vector.
     let sent: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; inflight + 1]));
     let window = Arc::new(tokio::sync::Semaphore::new(inflight));
@@ -173,35 +173,24 @@ async fn telemetry_connection(
     let reader = {
         let (sent, window, shared, free) =
             (sent.clone(), window.clone(), shared.clone(), free.clone());
-        let mut rbuf = s.rbuf;
-        tokio::spawn(async move {
-            loop {
-                while let Ok(Some(p)) = ferrohub_proto::mqtt::decode(&mut rbuf, version, 1 << 20) {
-                    if let Packet::PubAck(ack) = p {
-                        let at = sent
-                            .lock()
-                            .get_mut(usize::from(ack.packet_id))
-                            .and_then(Option::take);
-                        let Some(at) = at else { continue };
-                        free.lock().push(ack.packet_id);
-                        window.add_permits(1);
-                        if shared.measuring.load(Relaxed) {
-                            if ack.code < 0x80 {
-                                shared.acked.fetch_add(1, Relaxed);
-                                shared
-                                    .latency
-                                    .lock()
-                                    .record_ns(at.elapsed().as_nanos() as u64);
-                            } else {
-                                shared.refused.fetch_add(1, Relaxed);
-                            }
-                        }
-                    }
-                }
-                rbuf.reserve(64 * 1024);
-                match rd.read_buf(&mut rbuf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+        spawn_packet_reader(rd, s.rbuf, version, move |p| {
+            let Packet::PubAck(ack) = p else { return };
+            let at = sent
+                .lock()
+                .get_mut(usize::from(ack.packet_id))
+                .and_then(Option::take);
+            let Some(at) = at else { return };
+            free.lock().push(ack.packet_id);
+            window.add_permits(1);
+            if shared.measuring.load(Relaxed) {
+                if ack.code < 0x80 {
+                    shared.acked.fetch_add(1, Relaxed);
+                    shared
+                        .latency
+                        .lock()
+                        .record_ns(at.elapsed().as_nanos() as u64);
+                } else {
+                    shared.refused.fetch_add(1, Relaxed);
                 }
             }
         })
@@ -214,21 +203,14 @@ async fn telemetry_connection(
     let mut body = String::with_capacity(32 + per_message * 16);
     let mut seq: u64 = 0;
     while !shared.stop.load(Relaxed) {
-        let permit = match window.try_acquire() {
-            Ok(p) => p,
-            Err(_) => {
-                if !wbuf.is_empty() {
-                    wr.write_all(&wbuf).await.context("writing")?;
-                    wbuf.clear();
-                }
-                match tokio::time::timeout(Duration::from_secs(10), window.acquire()).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => break,
-                    Err(_) => bail!("no PUBACK for 10 s"),
-                }
-            }
-        };
-        permit.forget();
+        match take_window_slot(&window, &mut wr, &mut wbuf, Duration::from_secs(10))
+            .await
+            .context("writing")?
+        {
+            WindowSlot::Taken => {}
+            WindowSlot::Closed => break,
+            WindowSlot::TimedOut => bail!("no PUBACK for 10 s"),
+        }
         let Some(packet_id) = free.lock().pop() else {
             continue;
         };

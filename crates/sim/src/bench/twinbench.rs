@@ -29,7 +29,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 
 use super::stats::Latency;
-use super::wire::{ClientOpts, Session};
+use super::wire::{ClientOpts, Session, WindowSlot, spawn_packet_reader, take_window_slot};
 use super::{BenchArgs, sys};
 
 /// One JSON line of `bench twins`.
@@ -222,46 +222,33 @@ async fn twin_connection(
             .await
             .context("subscribing to the accepted/rejected topics")?;
     }
-    let (mut rd, mut wr) = s.stream.into_split();
+    let (rd, mut wr) = s.stream.into_split();
     let version = s.version;
     let pending: Arc<Mutex<HashMap<u64, Instant>>> = Arc::new(Mutex::new(HashMap::new()));
     let window = Arc::new(tokio::sync::Semaphore::new(inflight));
     let reader = {
         let (pending, window, shared) = (pending.clone(), window.clone(), shared.clone());
-        let mut rbuf = s.rbuf;
-        tokio::spawn(async move {
-            use tokio::io::AsyncReadExt;
-            loop {
-                while let Ok(Some(p)) = ferrohub_proto::mqtt::decode(&mut rbuf, version, 1 << 20) {
-                    if let Packet::Publish(p) = p {
-                        let Ok(answer) = serde_json::from_slice::<Answer>(&p.payload) else {
-                            continue;
-                        };
-                        let Some(token) = answer.client_token.and_then(|t| t.parse::<u64>().ok())
-                        else {
-                            continue;
-                        };
-                        let Some(sent) = pending.lock().remove(&token) else {
-                            continue;
-                        };
-                        window.add_permits(1);
-                        if shared.measuring.load(Relaxed) {
-                            if p.topic.ends_with("/accepted") {
-                                shared.accepted.fetch_add(1, Relaxed);
-                                shared
-                                    .latency
-                                    .lock()
-                                    .record_ns(sent.elapsed().as_nanos() as u64);
-                            } else {
-                                shared.rejected.fetch_add(1, Relaxed);
-                            }
-                        }
-                    }
-                }
-                rbuf.reserve(64 * 1024);
-                match rd.read_buf(&mut rbuf).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
+        spawn_packet_reader(rd, s.rbuf, version, move |p| {
+            let Packet::Publish(p) = p else { return };
+            let Ok(answer) = serde_json::from_slice::<Answer>(&p.payload) else {
+                return;
+            };
+            let Some(token) = answer.client_token.and_then(|t| t.parse::<u64>().ok()) else {
+                return;
+            };
+            let Some(sent) = pending.lock().remove(&token) else {
+                return;
+            };
+            window.add_permits(1);
+            if shared.measuring.load(Relaxed) {
+                if p.topic.ends_with("/accepted") {
+                    shared.accepted.fetch_add(1, Relaxed);
+                    shared
+                        .latency
+                        .lock()
+                        .record_ns(sent.elapsed().as_nanos() as u64);
+                } else {
+                    shared.rejected.fetch_add(1, Relaxed);
                 }
             }
         })
@@ -274,32 +261,24 @@ async fn twin_connection(
     let mut next_send = tokio::time::Instant::now();
     let mut i = 0usize;
     while !shared.stop.load(Relaxed) {
-        let permit = match window.try_acquire() {
-            Ok(p) => p,
-            Err(_) => {
-                // The window is full: send what is buffered, then wait for an answer.
-                if !wbuf.is_empty() {
-                    wr.write_all(&wbuf).await.context("writing")?;
-                    wbuf.clear();
-                }
-                match tokio::time::timeout(Duration::from_secs(5), window.acquire()).await {
-                    Ok(Ok(p)) => p,
-                    Ok(Err(_)) => break,
-                    Err(_) => {
-                        // Nothing answered for 5 s: forget what is outstanding, do not stall.
-                        let n = {
-                            let mut p = pending.lock();
-                            let n = p.len();
-                            p.clear();
-                            n
-                        };
-                        window.add_permits(n);
-                        continue;
-                    }
-                }
+        match take_window_slot(&window, &mut wr, &mut wbuf, Duration::from_secs(5))
+            .await
+            .context("writing")?
+        {
+            WindowSlot::Taken => {}
+            WindowSlot::Closed => break,
+            WindowSlot::TimedOut => {
+                // Nothing answered for 5 s: forget what is outstanding, do not stall.
+                let n = {
+                    let mut p = pending.lock();
+                    let n = p.len();
+                    p.clear();
+                    n
+                };
+                window.add_permits(n);
+                continue;
             }
-        };
-        permit.forget();
+        }
         if let Some(pace) = pace {
             next_send += pace;
             tokio::time::sleep_until(next_send).await;

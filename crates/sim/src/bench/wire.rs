@@ -485,6 +485,70 @@ impl IdPool {
     }
 }
 
+/// Spawns a task that reads `rd` until it closes, decoding packets (from what `rbuf` already
+/// holds, then the socket) and handing each to `on_packet`. Undecodable input ends the task.
+pub fn spawn_packet_reader(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut rbuf: BytesMut,
+    version: ProtocolVersion,
+    mut on_packet: impl FnMut(Packet) + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            loop {
+                match mqtt::decode(&mut rbuf, version, MAX_INBOUND_PACKET) {
+                    Ok(Some(p)) => on_packet(p),
+                    Ok(None) => break,
+                    Err(_) => return,
+                }
+            }
+            rbuf.reserve(64 * 1024);
+            match rd.read_buf(&mut rbuf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+}
+
+/// What waiting for room in an in-flight window gave.
+pub enum WindowSlot {
+    /// A slot (its permit is consumed; give it back with `add_permits(1)` on the answer).
+    Taken,
+    /// The window was closed.
+    Closed,
+    /// No answer freed a slot within the timeout.
+    TimedOut,
+}
+
+/// Takes a slot of `window`; when it is full, first writes out what `wbuf` holds (the answers
+/// that free slots may be waiting for it), then waits up to `timeout`.
+pub async fn take_window_slot(
+    window: &tokio::sync::Semaphore,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wbuf: &mut BytesMut,
+    timeout: Duration,
+) -> std::io::Result<WindowSlot> {
+    if let Ok(p) = window.try_acquire() {
+        p.forget();
+        return Ok(WindowSlot::Taken);
+    }
+    if !wbuf.is_empty() {
+        wr.write_all(wbuf).await?;
+        wbuf.clear();
+    }
+    Ok(
+        match tokio::time::timeout(timeout, window.acquire()).await {
+            Ok(Ok(p)) => {
+                p.forget();
+                WindowSlot::Taken
+            }
+            Ok(Err(_)) => WindowSlot::Closed,
+            Err(_) => WindowSlot::TimedOut,
+        },
+    )
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
