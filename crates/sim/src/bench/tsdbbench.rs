@@ -1781,48 +1781,24 @@ fn run_in(p: &TsdbBenchParams, dir: &Path) -> anyhow::Result<()> {
     let expected_a = fleet.expected(fleet.devices, from_a, to_a);
     let avg =
         |e: &Buckets| -> Buckets { e.iter().map(|(t, c, s)| (*t, *c, s / *c as f64)).collect() };
-    let (fq_u, r) = time_runs(
-        1,
-        FLEET_RUNS,
-        || {
-            hourly_avg(
-                &engine,
-                &fleet_tenant,
-                "temperature",
-                &fleet.names,
-                from_u,
-                to_u,
-            )
-        },
-        |g| g.first().map_or(0, |g| g.buckets.len() as u64),
-    )?;
-    check(
-        &mut checks,
-        "engine fleet hourly avg (now-aligned window) vs generated",
-        compare_buckets(&avg(&expected_u), &engine_buckets(&r)),
-        1e-9,
-    );
-    let (fq_a, r) = time_runs(
-        1,
-        FLEET_RUNS,
-        || {
-            hourly_avg(
-                &engine,
-                &fleet_tenant,
-                "temperature",
-                &fleet.names,
-                from_a,
-                to_a,
-            )
-        },
-        |g| g.first().map_or(0, |g| g.buckets.len() as u64),
-    )?;
-    check(
-        &mut checks,
-        "engine fleet hourly avg (hour-aligned window) vs generated",
-        compare_buckets(&avg(&expected_a), &engine_buckets(&r)),
-        1e-9,
-    );
+    // Times the all-devices hourly average over [from, to) and checks it against `expected`.
+    let mut timed_avg = |from: i64, to: i64, expected: &Buckets, window: &str| {
+        let (timing, r) = time_runs(
+            1,
+            FLEET_RUNS,
+            || hourly_avg(&engine, &fleet_tenant, "temperature", &fleet.names, from, to),
+            |g| g.first().map_or(0, |g| g.buckets.len() as u64),
+        )?;
+        check(
+            &mut checks,
+            &format!("engine fleet hourly avg ({window} window) vs generated"),
+            compare_buckets(&avg(expected), &engine_buckets(&r)),
+            1e-9,
+        );
+        anyhow::Ok(timing)
+    };
+    let fq_u = timed_avg(from_u, to_u, &expected_u, "now-aligned")?;
+    let fq_a = timed_avg(from_a, to_a, &expected_a, "hour-aligned")?;
     let (fq_pd, _) = time_runs(
         0,
         PER_DEVICE_RUNS,
