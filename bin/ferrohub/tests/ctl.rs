@@ -1751,6 +1751,7 @@ fn telemetry_export() {
     assert_eq!(rows.into_iter().collect::<BTreeSet<_>>(), temp_rows);
 
     // Everything, as a table: the job's fields and its file; no progress bar on a pipe.
+    // (Times as RFC 3339, passed through to the hub.)
     let out = run(&[
         "telemetry",
         "export",
@@ -1759,9 +1760,9 @@ fn telemetry_export() {
         "--format",
         "csv",
         "--from",
-        &from,
+        &rfc(t0),
         "--to",
-        &to,
+        &rfc(t0 + HOUR),
         "--name",
         "all",
     ])
@@ -1795,16 +1796,15 @@ fn telemetry_export() {
     let temps: BTreeSet<Vec<String>> = rows.into_iter().filter(|r| r[2] == "temp").collect();
     assert_eq!(temps, temp_rows);
 
-    // --no-wait prints the job as started; export-status --wait follows it to its end.
+    // --no-wait prints the job as started; export-status --wait follows it to its end. (From
+    // a duration ago, to the hub's now.)
     let started = run(&[
         "telemetry",
         "export",
         "-d",
         "run3",
         "--from",
-        &from,
-        "--to",
-        &to,
+        "3h",
         "--devices",
         "e2",
         "--no-wait",

@@ -12,7 +12,8 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferrohub_export::{Destination, ExportFormat, ExportOptions, Exporter, RowBatch};
+pub use ferrohub_export::ExportFormat;
+use ferrohub_export::{Destination, ExportOptions, Exporter, RowBatch};
 use ferrohub_tsdb::Engine;
 use ferrohub_tsdb::column::Values;
 use ferrohub_types::TenantId;
@@ -27,8 +28,10 @@ const BATCH_ROWS: usize = 65_536;
 /// Finished jobs remembered (per hub).
 const KEEP_JOBS: usize = 100;
 
-/// What to export and where.
-#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+/// What to export and where, with the time range resolved to milliseconds. (The HTTP API's body,
+/// `ferrohub_api::v1::telemetry::ExportBody`, also takes times as RFC 3339, `now` or `-1d`, and
+/// resolves them to this.)
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ExportRequest {
     /// `s3://bucket/prefix` (credentials and endpoint from the hub's `AWS_*` environment), or a
@@ -36,7 +39,6 @@ pub struct ExportRequest {
     pub destination: String,
     /// `parquet` (default) or `csv`.
     #[serde(default)]
-    #[schema(value_type = Option<String>)]
     pub format: Option<ExportFormat>,
     /// File name stem (default `telemetry-<job id>`).
     #[serde(default)]

@@ -55,12 +55,12 @@ pub(super) struct ExportArgs {
     #[arg(long, value_enum, default_value_t = ExportFormat::Parquet)]
     pub(super) format: ExportFormat,
     /// From this time (inclusive): RFC 3339 (2026-01-31T08:00:00Z), a duration ago (15m, 1h,
-    /// 7d), milliseconds since the epoch, or `now`.
-    #[arg(long, value_name = "TIME", value_parser = parse_when_ms)]
-    pub(super) from: i64,
+    /// 7d), milliseconds since the epoch, or `now` (durations and `now` by the hub's clock).
+    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    pub(super) from: Value,
     /// Until this time, exclusive (same forms) [default: now].
-    #[arg(long, value_name = "TIME", value_parser = parse_when_ms)]
-    pub(super) to: Option<i64>,
+    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    pub(super) to: Option<Value>,
     /// Only these devices (ids separated by commas) [default: every device].
     #[arg(long, value_name = "IDS", value_delimiter = ',')]
     pub(super) devices: Vec<String>,
@@ -77,13 +77,15 @@ pub(super) struct ExportArgs {
 }
 
 impl ExportArgs {
-    /// The API's request body.
-    fn request(&self, now_ms: i64) -> Value {
+    /// The API's request body (without `to`, the hub exports up to its now).
+    fn request(&self) -> Value {
         let mut body = Map::new();
         body.insert("destination".into(), json!(self.destination));
         body.insert("format".into(), json!(self.format.as_str()));
-        body.insert("from".into(), json!(self.from));
-        body.insert("to".into(), json!(self.to.unwrap_or(now_ms)));
+        body.insert("from".into(), self.from.clone());
+        if let Some(to) = &self.to {
+            body.insert("to".into(), to.clone());
+        }
         if !self.devices.is_empty() {
             body.insert("devices".into(), json!(self.devices));
         }
@@ -97,25 +99,28 @@ impl ExportArgs {
     }
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .ok()
-        .and_then(|d| i64::try_from(d.as_millis()).ok())
-        .unwrap_or(0)
-}
-
-/// A time as milliseconds since the epoch: `now`, milliseconds, an RFC 3339 time, or a duration
-/// ago (`1h` or `-1h`).
-fn parse_when_ms(s: &str) -> Result<i64, String> {
+/// A time for the export body, checked here and resolved by the hub (so `now` and durations
+/// follow the hub's clock): milliseconds stay a number; `now` and RFC 3339 times are sent as
+/// written; a duration ago (`1h` or `-1h`) is sent as `-1h`.
+fn parse_when(s: &str) -> Result<Value, String> {
     let s = s.trim();
     if s == "now" {
-        return Ok(now_ms());
+        return Ok(json!("now"));
     }
     if let Ok(ms) = s.parse::<i64>() {
-        return Ok(ms);
+        return Ok(json!(ms));
     }
-    super::parse_time(s.strip_prefix('-').unwrap_or(s))
+    if humantime::parse_rfc3339_weak(s).is_ok() {
+        return Ok(json!(s));
+    }
+    let ago = s.strip_prefix('-').unwrap_or(s);
+    if humantime::parse_duration(ago).is_ok() {
+        return Ok(json!(format!("-{ago}")));
+    }
+    Err(format!(
+        "{s:?} is not a time: give an RFC 3339 time (2026-01-31T08:00:00Z), a duration ago (15m, \
+         1h, 7d), milliseconds since the epoch, or `now`"
+    ))
 }
 
 /// Bytes for people: `512 B`, `47.1 KiB`, `3.2 MiB`.
@@ -317,7 +322,7 @@ fn finish(ctx: &Ctx, job: &Value) -> Result<i32> {
 
 /// `telemetry export`.
 pub(super) async fn export(ctx: &Ctx, a: ExportArgs) -> Result<i32> {
-    let body = a.request(now_ms());
+    let body = a.request();
     let job = ctx
         .client
         .call(
@@ -405,7 +410,7 @@ mod tests {
         let a = ExportArgs {
             destination: "q1".into(),
             format: ExportFormat::Csv,
-            from: 1000,
+            from: json!(1000),
             to: None,
             devices: vec!["d1".into(), "d2".into()],
             metrics: vec![],
@@ -413,36 +418,40 @@ mod tests {
             no_wait: false,
         };
         assert_eq!(
-            a.request(5000),
-            json!({"destination": "q1", "format": "csv", "from": 1000, "to": 5000,
-                   "devices": ["d1", "d2"]})
+            a.request(),
+            json!({"destination": "q1", "format": "csv", "from": 1000, "devices": ["d1", "d2"]})
         );
         let a = ExportArgs {
             destination: "s3://b/p".into(),
             format: ExportFormat::Parquet,
-            from: 0,
-            to: Some(10),
+            from: json!("-7d"),
+            to: Some(json!("2026-01-01T00:00:00Z")),
             devices: vec![],
             metrics: vec!["temp".into()],
             name: Some("x".into()),
             no_wait: true,
         };
         assert_eq!(
-            a.request(5000),
-            json!({"destination": "s3://b/p", "format": "parquet", "from": 0, "to": 10,
-                   "metrics": ["temp"], "name": "x"})
+            a.request(),
+            json!({"destination": "s3://b/p", "format": "parquet", "from": "-7d",
+                   "to": "2026-01-01T00:00:00Z", "metrics": ["temp"], "name": "x"})
         );
     }
 
     #[test]
     fn times_and_sizes() {
-        assert_eq!(parse_when_ms("1000"), Ok(1000));
-        assert_eq!(parse_when_ms("1970-01-01T00:00:01Z"), Ok(1000));
-        let ago = parse_when_ms("1h").unwrap_or(0);
-        let ago2 = parse_when_ms("-1h").unwrap_or(0);
-        assert!((ago - ago2).abs() < 5_000 && ago > 0);
-        assert!((parse_when_ms("now").unwrap_or(0) - now_ms()).abs() < 5_000);
-        assert!(parse_when_ms("yesterday").is_err());
+        assert_eq!(parse_when("1000"), Ok(json!(1000)));
+        assert_eq!(parse_when(" -5 "), Ok(json!(-5)));
+        assert_eq!(
+            parse_when("1970-01-01T00:00:01Z"),
+            Ok(json!("1970-01-01T00:00:01Z"))
+        );
+        assert_eq!(parse_when("1h"), Ok(json!("-1h")));
+        assert_eq!(parse_when("-1h"), Ok(json!("-1h")));
+        assert_eq!(parse_when("7d"), Ok(json!("-7d")));
+        assert_eq!(parse_when("now"), Ok(json!("now")));
+        assert!(parse_when("yesterday").is_err());
+        assert!(parse_when("-").is_err());
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(48_213), "47.1 KiB");
         assert_eq!(human_bytes(3 * 1024 * 1024), "3.0 MiB");

@@ -21,6 +21,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use ferrohub_registry::model::{Device, DeviceListing, DeviceQuery, Role, SortKey};
 use ferrohub_telemetry::decode::PayloadFormat;
+use ferrohub_telemetry::export::{ExportFormat, ExportRequest};
 use ferrohub_telemetry::service::{Telemetry, TelemetryError, TenantSettings, WriteReport};
 use ferrohub_tsdb::query::{MAX_BUCKETS, MAX_RAW_LIMIT};
 use ferrohub_tsdb::{Agg, AggFn, AggregateQuery, RawQuery, SeriesGroup, TsdbError};
@@ -1303,6 +1304,171 @@ pub async fn apply_retention(
     }))
 }
 
+// ---- exports ------------------------------------------------------------------------------
+
+/// A time in a JSON body: milliseconds since the Unix epoch (a number), or a string in any of
+/// the forms that times in query strings take.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(untagged)]
+pub enum TimeSpec {
+    /// Milliseconds since the Unix epoch.
+    Millis(i64),
+    /// RFC 3339 UTC (`2026-01-31T08:00:00Z`), milliseconds since the epoch, `now`, or a time ago
+    /// (`-15m`, `-1h`, `-7d`).
+    Text(String),
+}
+
+/// A time of a JSON body (field `name`): a number is milliseconds since the epoch, a string is
+/// read like a query string's time ([`parse_time`], relative to `now`).
+pub fn body_time(name: &str, v: &Value, now: i64) -> Result<i64, ApiError> {
+    match v {
+        Value::String(s) => parse_time(name, s, now),
+        Value::Number(n) => n.as_i64().ok_or_else(|| {
+            ApiError::invalid(format!(
+                "{name}: {n} is not a time: a number must be whole milliseconds since the epoch \
+                 (a signed 64-bit integer); or send a string: an RFC 3339 UTC time \
+                 (\"2026-01-31T08:00:00Z\"), \"now\", or a time ago such as \"-1d\""
+            ))
+        }),
+        other => {
+            let kind = match other {
+                Value::Null => "null",
+                Value::Bool(_) => "a boolean",
+                Value::Array(_) => "an array",
+                _ => "an object",
+            };
+            Err(ApiError::invalid(format!(
+                "{name}: {kind} is not a time: send milliseconds since the epoch (a number) or a \
+                 string: an RFC 3339 UTC time (\"2026-01-31T08:00:00Z\"), \"now\", or a time \
+                 ago such as \"-1d\""
+            )))
+        }
+    }
+}
+
+/// What to export and where: the body of `POST …/telemetry/exports`.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(as = ExportRequest)]
+pub struct ExportBody {
+    /// `s3://bucket/prefix` (credentials and endpoint from the hub's `AWS_*` environment), or a
+    /// relative folder inside the hub's export folder (`data_dir/telemetry/exports`).
+    pub destination: String,
+    /// `parquet` (default) or `csv`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "parquet")]
+    pub format: Option<ExportFormat>,
+    /// File name stem (default `telemetry-<job id>`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Only these devices (default: all).
+    #[serde(default)]
+    pub devices: Option<Vec<String>>,
+    /// Only these metrics (default: all).
+    #[serde(default)]
+    pub metrics: Option<Vec<String>>,
+    /// Start (inclusive): milliseconds since the epoch (a number), or a string: RFC 3339 UTC
+    /// (`2026-01-01T00:00:00Z`), milliseconds, `now`, or a time ago (`-15m`, `-1h`, `-7d`).
+    #[schema(value_type = TimeSpec)]
+    pub from: Value,
+    /// End (exclusive), the same forms. Default (absent or null): now.
+    #[serde(default)]
+    #[schema(value_type = Option<TimeSpec>)]
+    pub to: Option<Value>,
+}
+
+impl ExportBody {
+    /// The request with its times resolved (relative times against `now`); a bad time is a 400
+    /// naming its field.
+    pub fn resolve(self, now: i64) -> Result<ExportRequest, ApiError> {
+        let from = body_time("from", &self.from, now)?;
+        let to = match self.to.as_ref().filter(|v| !v.is_null()) {
+            Some(v) => body_time("to", v, now)?,
+            None => now,
+        };
+        if from >= to {
+            return Err(ApiError::invalid(format!(
+                "the time range is empty: from ({}) must be before to ({}); `to` is exclusive \
+                 (default: now)",
+                rfc3339(from),
+                rfc3339(to)
+            )));
+        }
+        Ok(ExportRequest {
+            destination: self.destination,
+            format: self.format,
+            name: self.name,
+            devices: self.devices,
+            metrics: self.metrics,
+            from,
+            to,
+        })
+    }
+}
+
+/// Starts an export of a time range of the tenant's telemetry (operator) to Parquet or CSV, in an
+/// S3-compatible store (`s3://bucket/prefix`, configured from the hub's `AWS_*` environment) or a
+/// relative folder inside the hub's export folder. `from` and `to` are milliseconds since the
+/// epoch or strings as in the query routes (RFC 3339, `now`, `-7d`); `to` defaults to now.
+/// Answers 202 with the job; follow its progress with `GET …/telemetry/exports/{id}`.
+#[utoipa::path(post, path = "/tenants/{tenant}/telemetry/exports", tag = "telemetry",
+    request_body = ExportBody,
+    params(("tenant" = String, Path, description = "Tenant id")),
+    responses((status = 202, description = "The job, running", body = ferrohub_telemetry::export::ExportJob), CommonErrors))]
+pub async fn start_export(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath(tenant): ApiPath<String>,
+    ApiJson(body): ApiJson<ExportBody>,
+) -> ApiResult<(
+    axum::http::StatusCode,
+    Json<ferrohub_telemetry::export::ExportJob>,
+)> {
+    c.actor.require(Role::Operator, Some(&tenant))?;
+    c.registry.tenant(&c.actor, &tenant).await?;
+    let tm = telemetry_of(&state)?;
+    let req = body.resolve(now_ms())?;
+    let tid = TenantId::new(&tenant);
+    let job = tokio::task::spawn_blocking(move || tm.start_export(&tid, req))
+        .await
+        .map_err(|e| ApiError::internal(&e))??;
+    Ok((axum::http::StatusCode::ACCEPTED, Json(job)))
+}
+
+/// The tenant's export jobs, newest first (the hub keeps the last 100).
+#[utoipa::path(get, path = "/tenants/{tenant}/telemetry/exports", tag = "telemetry",
+    params(("tenant" = String, Path, description = "Tenant id")),
+    responses((status = 200, description = "Jobs", body = Vec<ferrohub_telemetry::export::ExportJob>), CommonErrors))]
+pub async fn list_exports(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath(tenant): ApiPath<String>,
+) -> ApiResult<Json<Vec<ferrohub_telemetry::export::ExportJob>>> {
+    c.actor.require(Role::Viewer, Some(&tenant))?;
+    c.registry.tenant(&c.actor, &tenant).await?;
+    Ok(Json(
+        telemetry_of(&state)?.export_jobs(&TenantId::new(&tenant)),
+    ))
+}
+
+/// One export job: state (`running`, `succeeded`, `failed`), rows written, series done of total,
+/// and, when finished, the files and bytes or the error.
+#[utoipa::path(get, path = "/tenants/{tenant}/telemetry/exports/{id}", tag = "telemetry",
+    params(("tenant" = String, Path, description = "Tenant id"), ("id" = u64, Path, description = "Job id")),
+    responses((status = 200, description = "The job", body = ferrohub_telemetry::export::ExportJob), CommonErrors))]
+pub async fn get_export(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath((tenant, id)): ApiPath<(String, u64)>,
+) -> ApiResult<Json<ferrohub_telemetry::export::ExportJob>> {
+    c.actor.require(Role::Viewer, Some(&tenant))?;
+    c.registry.tenant(&c.actor, &tenant).await?;
+    telemetry_of(&state)?
+        .export_job(&TenantId::new(&tenant), id)
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found(format!("export {id} not found")))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1333,6 +1499,56 @@ mod tests {
         assert!(parse_time("from", "15m", now).is_err());
         assert_eq!(rfc3339(1_767_225_600_250), "2026-01-01T00:00:00.250Z");
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn export_body_times() {
+        let now = 1_767_225_600_000;
+        let resolve = |v: Value| {
+            serde_json::from_value::<ExportBody>(v)
+                .map_err(|e| ApiError::invalid(e.to_string()))
+                .and_then(|b| b.resolve(now))
+                .map(|r| (r.from, r.to))
+        };
+        let body = |from: Value, to: Option<Value>| {
+            let mut b = serde_json::json!({"destination": "d", "from": from});
+            if let Some(to) = to {
+                b["to"] = to;
+            }
+            b
+        };
+        assert_eq!(resolve(body(1000.into(), None)).unwrap(), (1000, now));
+        assert_eq!(
+            resolve(body("-1d".into(), Some("now".into()))).unwrap(),
+            (now - 86_400_000, now)
+        );
+        assert_eq!(
+            resolve(body(
+                "2025-12-31T00:00:00Z".into(),
+                Some("2026-01-01T00:00:00.250Z".into())
+            ))
+            .unwrap(),
+            (now - 86_400_000, now + 250)
+        );
+        assert_eq!(
+            resolve(body("1000".into(), Some(Value::Null))).unwrap(),
+            (1000, now)
+        );
+        for (from, to, field) in [
+            (Value::from("soon"), None, "from="),
+            (Value::from(1.5), None, "from:"),
+            (Value::from(u64::MAX), None, "from:"),
+            (Value::Bool(true), None, "from:"),
+            (Value::from(0), Some(Value::from("later")), "to="),
+            (Value::from(0), Some(serde_json::json!({"ms": 1})), "to:"),
+            (Value::from("now"), None, "empty"),
+        ] {
+            let e = resolve(body(from.clone(), to.clone())).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert!(e.message.contains(field), "{from} {to:?}: {}", e.message);
+        }
+        assert!(resolve(serde_json::json!({"destination": "d"})).is_err());
+        assert!(resolve(serde_json::json!({"destination": "d", "from": 0, "until": 1})).is_err());
     }
 
     #[test]
@@ -1393,65 +1609,4 @@ mod tests {
         assert!(parse_by(Some(&"tag:".into())).is_err());
         assert!(parse_by(Some(&"colour".into())).is_err());
     }
-}
-
-/// Starts an export of a time range of the tenant's telemetry (operator) to Parquet or CSV, in an
-/// S3-compatible store (`s3://bucket/prefix`, configured from the hub's `AWS_*` environment) or a
-/// relative folder inside the hub's export folder. Answers 202 with the job; follow its progress
-/// with `GET …/telemetry/exports/{id}`.
-#[utoipa::path(post, path = "/tenants/{tenant}/telemetry/exports", tag = "telemetry",
-    request_body = ferrohub_telemetry::export::ExportRequest,
-    params(("tenant" = String, Path, description = "Tenant id")),
-    responses((status = 202, description = "The job, running", body = ferrohub_telemetry::export::ExportJob), CommonErrors))]
-pub async fn start_export(
-    c: Caller,
-    State(state): State<ApiState>,
-    ApiPath(tenant): ApiPath<String>,
-    ApiJson(req): ApiJson<ferrohub_telemetry::export::ExportRequest>,
-) -> ApiResult<(
-    axum::http::StatusCode,
-    Json<ferrohub_telemetry::export::ExportJob>,
-)> {
-    c.actor.require(Role::Operator, Some(&tenant))?;
-    c.registry.tenant(&c.actor, &tenant).await?;
-    let tm = telemetry_of(&state)?;
-    let tid = TenantId::new(&tenant);
-    let job = tokio::task::spawn_blocking(move || tm.start_export(&tid, req))
-        .await
-        .map_err(|e| ApiError::internal(&e))??;
-    Ok((axum::http::StatusCode::ACCEPTED, Json(job)))
-}
-
-/// The tenant's export jobs, newest first (the hub keeps the last 100).
-#[utoipa::path(get, path = "/tenants/{tenant}/telemetry/exports", tag = "telemetry",
-    params(("tenant" = String, Path, description = "Tenant id")),
-    responses((status = 200, description = "Jobs", body = Vec<ferrohub_telemetry::export::ExportJob>), CommonErrors))]
-pub async fn list_exports(
-    c: Caller,
-    State(state): State<ApiState>,
-    ApiPath(tenant): ApiPath<String>,
-) -> ApiResult<Json<Vec<ferrohub_telemetry::export::ExportJob>>> {
-    c.actor.require(Role::Viewer, Some(&tenant))?;
-    c.registry.tenant(&c.actor, &tenant).await?;
-    Ok(Json(
-        telemetry_of(&state)?.export_jobs(&TenantId::new(&tenant)),
-    ))
-}
-
-/// One export job: state (`running`, `succeeded`, `failed`), rows written, series done of total,
-/// and, when finished, the files and bytes or the error.
-#[utoipa::path(get, path = "/tenants/{tenant}/telemetry/exports/{id}", tag = "telemetry",
-    params(("tenant" = String, Path, description = "Tenant id"), ("id" = u64, Path, description = "Job id")),
-    responses((status = 200, description = "The job", body = ferrohub_telemetry::export::ExportJob), CommonErrors))]
-pub async fn get_export(
-    c: Caller,
-    State(state): State<ApiState>,
-    ApiPath((tenant, id)): ApiPath<(String, u64)>,
-) -> ApiResult<Json<ferrohub_telemetry::export::ExportJob>> {
-    c.actor.require(Role::Viewer, Some(&tenant))?;
-    c.registry.tenant(&c.actor, &tenant).await?;
-    telemetry_of(&state)?
-        .export_job(&TenantId::new(&tenant), id)
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found(format!("export {id} not found")))
 }

@@ -1101,6 +1101,110 @@ async fn export_jobs_write_csv_in_the_export_folder_with_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_times_take_the_forms_of_the_query_routes() {
+    bounded(120, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("ext").await;
+        admin.device("ext", json!({"id": "d1"})).await;
+        let t0 = (now_ms() / HOUR - 2) * HOUR;
+        let batch: Vec<Value> = (0..100)
+            .map(|i| json!({"ts": t0 + i * 1000, "v": i}))
+            .collect();
+        admin
+            .post("/tenants/ext/devices/d1/telemetry", json!(batch))
+            .await
+            .expect(200);
+        let rfc = |ms: i64| {
+            let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+            humantime::format_rfc3339_millis(t).to_string()
+        };
+        let rows = |body: Value| {
+            let admin = admin.clone();
+            async move {
+                let job = admin
+                    .post("/tenants/ext/telemetry/exports", body)
+                    .await
+                    .expect(202);
+                let path = format!("/tenants/ext/telemetry/exports/{}", job["id"]);
+                let done = wait_for(&admin, &path, |j| j["state"] != "running").await;
+                assert_eq!(done["state"], "succeeded", "{done}");
+                done["rows"].as_u64().unwrap()
+            }
+        };
+        // RFC 3339, relative times and `now`; `to` absent or null is now; numbers stay ms.
+        for (from, to) in [
+            (json!(rfc(t0)), None),
+            (json!("-3h"), Some(json!("now"))),
+            (json!(t0), Some(json!(rfc(t0 + 50_000)))),
+            (json!(t0.to_string()), Some(json!(t0 + 50_000))),
+            (json!(" -3h "), Some(Value::Null)),
+        ] {
+            let mut body = json!({"destination": "times", "format": "csv", "from": from});
+            if let Some(to) = &to {
+                body["to"] = to.clone();
+            }
+            let want = if to.as_ref().is_some_and(|t| !t.is_null() && *t != "now") {
+                50
+            } else {
+                100
+            };
+            assert_eq!(rows(body.clone()).await, want, "{body}");
+        }
+        // A bad value is a 400 naming its field, and starts nothing.
+        for (body, field) in [
+            (json!({"from": "yesterday"}), "from"),
+            (json!({"from": t0, "to": "soon"}), "to"),
+            (json!({"from": true}), "from"),
+            (json!({"from": 1.5}), "from"),
+            (json!({"from": t0, "to": [1]}), "to"),
+            (json!({"from": null}), "from"),
+            (json!({"from": "-1h", "to": "-2h"}), "from"),
+            (json!({"from": "now"}), "from"),
+            (json!({}), "from"),
+        ] {
+            let mut body = body;
+            body["destination"] = json!("times");
+            let message = admin
+                .post("/tenants/ext/telemetry/exports", body.clone())
+                .await
+                .expect_error(400, "invalid");
+            assert!(message.contains(field), "{body}: {message}");
+        }
+        let jobs = admin
+            .get("/tenants/ext/telemetry/exports")
+            .await
+            .expect(200);
+        assert_eq!(jobs.as_array().unwrap().len(), 5);
+
+        // The OpenAPI document says what the fields take.
+        let doc = admin.get("/openapi.json").await.expect(200);
+        let schema = &doc["components"]["schemas"]["ExportRequest"];
+        for field in ["from", "to"] {
+            let f = schema["properties"][field].to_string();
+            assert!(f.contains("#/components/schemas/TimeSpec"), "{field}: {f}");
+        }
+        let required: Vec<&str> = schema["required"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert!(
+            required.contains(&"from") && !required.contains(&"to"),
+            "{schema}"
+        );
+        let time = doc["components"]["schemas"]["TimeSpec"].to_string();
+        assert!(
+            time.contains("integer") && time.contains("string"),
+            "{time}"
+        );
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_write_bodies_are_decoded_off_the_request_task() {
     bounded(120, async {
         let hub = TestHub::start().await.unwrap();
