@@ -15,8 +15,9 @@
 //!   `{"code": "...", "message": "..."}` with InfluxDB's codes (`invalid` 400 — a bad line writes
 //!   nothing —, `unauthorized` 401, `forbidden` 403, `not found` 404, `request too large` 413,
 //!   `unsupported media type` 415, `unprocessable entity` 422 — a partial write: points whose
-//!   series holds another kind of value were dropped, the others stored —, `internal error` 500,
-//!   `unavailable` 503).
+//!   series holds another kind of value, and points whose device id is not a valid id (1-128
+//!   characters of `A-Z a-z 0-9 . _ : -`, as in the registry), were dropped, the others stored —,
+//!   `internal error` 500, `unavailable` 503).
 
 use std::io::Read;
 
@@ -27,6 +28,7 @@ use axum::http::{HeaderMap, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use ferrohub_registry::model::Role;
 use ferrohub_telemetry::lineproto::Precision;
+use ferrohub_telemetry::service::WriteReport;
 use ferrohub_types::TenantId;
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -85,8 +87,11 @@ fn influx(e: ApiError) -> ApiError {
 /// token's, or `org` for a platform-wide token; `bucket` is ignored; the body may be gzip
 /// (`Content-Encoding: gzip`), 32 MiB at most (also decompressed). The device of a point is its
 /// `device` tag, else its `host` tag; each field is the metric `measurement.field`, with the other
-/// tags appended sorted (`cpu.usage_user{cpu=cpu0}`). A bad line rejects the whole request (400,
-/// nothing written); success is 204 once the points are durable. Errors use InfluxDB's codes.
+/// tags appended sorted (`cpu.usage_user{cpu=cpu0}`). Device ids follow the registry's rule
+/// (1-128 characters of `A-Z a-z 0-9 . _ : -`): a point whose device is not a valid id is
+/// dropped and the others are written (422, naming its line). A bad line rejects the whole
+/// request (400, nothing written); success is 204 once the points are durable. Errors use
+/// InfluxDB's codes.
 #[utoipa::path(post, path = "/api/v2/write", tag = "telemetry",
     request_body(content = String, description = "InfluxDB line protocol, e.g. `cpu,host=web1 usage=3.5 1767225600000000000`",
         content_type = "text/plain"),
@@ -99,7 +104,7 @@ fn influx(e: ApiError) -> ApiError {
         (status = 404, description = "The tenant does not exist or is outside the token's scope (`not found`)", body = ErrorBody),
         (status = 413, description = "The body is over 32 MiB, compressed or not (`request too large`)", body = ErrorBody),
         (status = 415, description = "A Content-Encoding other than gzip or identity", body = ErrorBody),
-        (status = 422, description = "Partial write: points of another kind than their series were dropped (`unprocessable entity`)", body = ErrorBody),
+        (status = 422, description = "Partial write: points of another kind than their series, and points whose device id is not valid, were dropped; the others are stored (`unprocessable entity`)", body = ErrorBody),
         (status = 500, description = "The hub failed (`internal error`)", body = ErrorBody),
         (status = 503, description = "Telemetry or the registry is not available on this hub", body = ErrorBody),
     ))]
@@ -202,22 +207,37 @@ async fn write(
         points.map_err(ApiError::from)
     })
     .await?;
-    let report = tm.write_points(&TenantId::new(&tenant), points).await?;
-    if !report.rejected.is_empty() {
-        let shown = report.rejected.len().min(3);
-        return Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "unprocessable entity",
-            format!(
-                "partial write: {} (points stored: {}; dropped={}): a series keeps the kind of \
-                 its first value — write these fields under another name",
-                report.rejected[..shown].join("; "),
-                report.points,
-                report.rejected.len()
-            ),
-        ));
+    let bad_devices = points.dropped;
+    let report = tm
+        .write_line_protocol_points(&TenantId::new(&tenant), points)
+        .await?;
+    if report.rejected_total > 0 {
+        return Err(partial_write(&report, bad_devices));
     }
     Ok(())
+}
+
+/// 422 for a write that dropped points (`bad_devices` of them for their device ids, listed first
+/// in the report; the others refused by the engine for their kind or timestamp), as InfluxDB
+/// answers a partial write.
+fn partial_write(report: &WriteReport, bad_devices: usize) -> ApiError {
+    let shown = report.rejected.len().min(3);
+    let mut message = format!(
+        "partial write: {} (points stored: {}; dropped={})",
+        report.rejected[..shown].join("; "),
+        report.points,
+        report.rejected_total
+    );
+    if report.rejected_total > bad_devices {
+        message.push_str(
+            ": a series keeps the kind of its first value — write these fields under another name",
+        );
+    }
+    ApiError::new(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "unprocessable entity",
+        message,
+    )
 }
 
 fn too_large(what: &str) -> ApiError {
@@ -274,6 +294,42 @@ mod tests {
         assert!(bomb.len() < 1_000_000);
         assert_eq!(gunzip(&bomb).unwrap_err().status, 413);
         assert_eq!(gunzip(&gz(&[0xff, 0xfe])).unwrap_err().status, 400);
+    }
+
+    #[test]
+    fn partial_write_messages() {
+        let report = WriteReport {
+            points: 4,
+            rejected: vec![
+                "line 2: device id \"a/b\" (tag `device`) is not valid: device ids are 1-128 \
+                 characters from A-Z a-z 0-9 . _ : -"
+                    .into(),
+                "series k.v of kc holds numeric values".into(),
+            ],
+            rejected_total: 3,
+        };
+        let e = partial_write(&report, 2);
+        assert_eq!(e.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(
+            e.message
+                .starts_with("partial write: line 2: device id \"a/b\""),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("(points stored: 4; dropped=3)"),
+            "{}",
+            e.message
+        );
+        assert!(
+            e.message.contains("a series keeps the kind"),
+            "{}",
+            e.message
+        );
+        // Only bad device ids: no word about kinds.
+        let e = partial_write(&report, 3);
+        assert!(e.message.ends_with("dropped=3)"), "{}", e.message);
+        assert_eq!(influx(e).code, "unprocessable entity");
     }
 
     #[test]

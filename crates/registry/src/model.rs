@@ -20,19 +20,16 @@ pub fn now_millis() -> Millis {
 }
 
 /// Checks a tenant, device, type, group, policy or CA identifier: 1–128 characters of
-/// `A-Z a-z 0-9 . _ : -`. Identifiers appear in topics (`devices/{id}/…`) and in MQTT user names
+/// `A-Z a-z 0-9 . _ : -` ([`ferrohub_types::id::is_valid_id`], the rule telemetry also holds
+/// device ids to). Identifiers appear in topics (`devices/{id}/…`) and in MQTT user names
 /// (`tenant/device`), so `/`, `+`, `#`, `$`, spaces and control characters are excluded.
 pub fn validate_id(kind: &'static str, id: &str) -> Result<(), RegistryError> {
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
-    if ok {
+    if ferrohub_types::id::is_valid_id(id) {
         Ok(())
     } else {
         Err(RegistryError::Invalid(format!(
-            "{kind} id {id:?} is not valid: use 1-128 characters from A-Z a-z 0-9 . _ : -"
+            "{kind} id {id:?} is not valid: use {}",
+            ferrohub_types::id::ID_RULE
         )))
     }
 }

@@ -36,6 +36,10 @@
 //!   default is `["device", "host"]`) that the point has as a tag key. A point with none of them
 //!   is refused. The device tag is removed from the tags; other tags, including another device
 //!   tag name, stay.
+//! - The device must be a valid device id, as in the registry ([`ferrohub_types::id`]: 1–128
+//!   characters of `A-Z a-z 0-9 . _ : -`); a point whose device is not is refused with
+//!   [`MappingError::InvalidDevice`] (the write path drops that point and stores the others, as
+//!   InfluxDB does with a bad point).
 //! - Each **field** is one sample; its metric is `measurement.field`. When tags remain, they
 //!   are appended sorted by key, as `measurement.field{k1=v1,k2=v2}`, so that points with
 //!   different tag sets stay distinct series; inside the braces `\`, `,`, `=` and `}` are
@@ -48,6 +52,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use ferrohub_types::id::{ID_RULE, is_valid_id};
 use ferrohub_types::telemetry::{MAX_METRIC_LEN, Sample, Value};
 use serde::{Deserialize, Serialize};
 
@@ -156,6 +161,8 @@ pub struct LineError {
 pub struct ParseOutcome {
     /// The points of the lines that parsed, in body order.
     pub points: Vec<LineProtocolPoint>,
+    /// The line number (from 1) of each of `points`.
+    pub lines: Vec<usize>,
     /// The first [`MAX_REPORTED_ERRORS`] bad lines, in body order.
     pub errors: Vec<LineError>,
     /// How many lines were bad (may exceed `errors.len()`).
@@ -189,7 +196,10 @@ pub fn parse(body: &str, precision: Precision) -> ParseOutcome {
             continue;
         }
         match parse_line(line, start, precision) {
-            Ok(point) => outcome.points.push(point),
+            Ok(point) => {
+                outcome.points.push(point);
+                outcome.lines.push(index + 1);
+            }
             Err(fail) => {
                 outcome.failed_lines += 1;
                 if outcome.errors.len() < MAX_REPORTED_ERRORS {
@@ -603,6 +613,16 @@ pub enum MappingError {
         /// The first of them (for the example).
         first: String,
     },
+    /// The device tag's value is not a valid device id.
+    #[error("device id {device:?} (tag `{tag}`) is not valid: device ids are {rule}", rule = ID_RULE)]
+    InvalidDevice {
+        /// The value (cut to 80 characters when longer).
+        device: String,
+        /// The tag it was in.
+        tag: String,
+        /// The point's fields (the samples it would have given).
+        fields: usize,
+    },
     /// A metric built from the point is too long or holds a control character.
     #[error(
         "invalid metric name `{metric}`: {reason} (a metric `measurement.field{{tags}}` must be 1 \
@@ -648,7 +668,14 @@ pub fn to_samples(
             first: device_tags.first().copied().unwrap_or("device").to_owned(),
         });
     };
-    let (_, device) = tags.swap_remove(index);
+    let (tag, device) = tags.swap_remove(index);
+    if !is_valid_id(&device) {
+        return Err(MappingError::InvalidDevice {
+            device: shorten(&device, 80),
+            tag,
+            fields: fields.len(),
+        });
+    }
     tags.sort_unstable_by(|a, b| a.0.cmp(&b.0));
 
     let mut suffix = String::new();

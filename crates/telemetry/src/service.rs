@@ -22,7 +22,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::decode::{self, DecodeLimits, PayloadFormat};
 use crate::export::{ExportJob, ExportRequest, Exports};
-use crate::lineproto::{self, Precision};
+use crate::lineproto::{self, MappingError, Precision};
 
 /// Default telemetry topic filter: the device is the `+` level.
 pub const DEFAULT_TOPIC: &str = "devices/+/telemetry/#";
@@ -150,6 +150,9 @@ struct IngestJob {
     done: Option<oneshot::Sender<IngestOutcome>>,
 }
 
+/// Most reasons listed in [`WriteReport::rejected`] and [`LineProtocolPoints::rejected`].
+pub const MAX_REJECTED_LISTED: usize = 100;
+
 /// Result of an HTTP write.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct WriteReport {
@@ -157,6 +160,23 @@ pub struct WriteReport {
     pub points: usize,
     /// Points refused, with why (first 100).
     pub rejected: Vec<String>,
+    /// How many points were refused in all (`rejected` lists the first 100). Not serialized.
+    #[serde(skip)]
+    pub rejected_total: usize,
+}
+
+/// The points of an InfluxDB line-protocol body ([`Telemetry::line_protocol_points`]), and the
+/// points dropped before writing: those whose device id breaks the id rule
+/// ([`ferrohub_types::id`]), as InfluxDB drops a bad point and writes the others.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LineProtocolPoints {
+    /// The points to write, timestamps final.
+    pub points: Vec<Point>,
+    /// Why points were dropped, one entry per line, naming it (`line 3: device id "a/b" …`;
+    /// the first 100 such lines).
+    pub rejected: Vec<String>,
+    /// How many points (one per field of a dropped line) were dropped.
+    pub dropped: usize,
 }
 
 /// The telemetry service.
@@ -489,11 +509,12 @@ impl Telemetry {
     }
 
     /// Writes an InfluxDB line-protocol body. Like InfluxDB 2, a body with any bad line writes
-    /// nothing and the error names the first bad line.
+    /// nothing and the error names the first bad line; a point whose device id is not valid is
+    /// dropped and the others are written (listed first in the report's `rejected`).
     ///
     /// Parsing runs on the caller's task: for a large body, call
     /// [`Telemetry::line_protocol_points`] on a blocking thread and then
-    /// [`Telemetry::write_points`].
+    /// [`Telemetry::write_line_protocol_points`].
     pub async fn write_line_protocol(
         &self,
         tenant: &TenantId,
@@ -501,17 +522,42 @@ impl Telemetry {
         precision: Precision,
     ) -> Result<WriteReport, TelemetryError> {
         let points = self.line_protocol_points(body, precision)?;
-        self.write_points(tenant, points).await
+        self.write_line_protocol_points(tenant, points).await
+    }
+
+    /// Writes the points of a line-protocol body: the report's `rejected` lists the lines dropped
+    /// for their device ids first, then the points the engine refused; `rejected_total` counts
+    /// both.
+    pub async fn write_line_protocol_points(
+        &self,
+        tenant: &TenantId,
+        lp: LineProtocolPoints,
+    ) -> Result<WriteReport, TelemetryError> {
+        let written = if lp.points.is_empty() {
+            WriteReport::default()
+        } else {
+            self.write_points(tenant, lp.points).await?
+        };
+        let mut rejected = lp.rejected;
+        rejected.extend(written.rejected);
+        rejected.truncate(MAX_REJECTED_LISTED);
+        Ok(WriteReport {
+            points: written.points,
+            rejected,
+            rejected_total: written.rejected_total + lp.dropped,
+        })
     }
 
     /// Parses an InfluxDB line-protocol body into points (counted as a line-protocol write); any
-    /// bad line fails the whole body, naming the first one. CPU work without I/O: a caller with a
-    /// large body runs it on a blocking thread.
+    /// bad line fails the whole body, naming the first one, and so does a point without a device
+    /// tag; points whose device id breaks the id rule are dropped (counted as rejected points)
+    /// and listed by line. CPU work without I/O: a caller with a large body runs it on a
+    /// blocking thread.
     pub fn line_protocol_points(
         &self,
         body: &str,
         precision: Precision,
-    ) -> Result<Vec<Point>, TelemetryError> {
+    ) -> Result<LineProtocolPoints, TelemetryError> {
         self.metrics
             .line_protocol_writes
             .fetch_add(1, Ordering::Relaxed);
@@ -528,12 +574,26 @@ impl Telemetry {
         }
         let tags: Vec<&str> = self.cfg.device_tags.iter().map(String::as_str).collect();
         let now = now_ms();
-        let mut points = Vec::with_capacity(parsed.points.len() * 2);
-        for (i, p) in parsed.points.into_iter().enumerate() {
-            let (device, samples) = lineproto::to_samples(p, &tags)
-                .map_err(|e| TelemetryError::BadRequest(format!("point {}: {e}", i + 1)))?;
+        let mut out = LineProtocolPoints {
+            points: Vec::with_capacity(parsed.points.len() * 2),
+            ..LineProtocolPoints::default()
+        };
+        for (i, (p, line)) in parsed.points.into_iter().zip(parsed.lines).enumerate() {
+            let (device, samples) = match lineproto::to_samples(p, &tags) {
+                Ok(mapped) => mapped,
+                Err(e @ MappingError::InvalidDevice { fields, .. }) => {
+                    out.dropped += fields;
+                    if out.rejected.len() < MAX_REJECTED_LISTED {
+                        out.rejected.push(format!("line {line}: {e}"));
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    return Err(TelemetryError::BadRequest(format!("point {}: {e}", i + 1)));
+                }
+            };
             for s in samples {
-                points.push(Point {
+                out.points.push(Point {
                     device: device.clone(),
                     metric: s.metric,
                     ts_ms: s.ts_ms.unwrap_or(now),
@@ -541,7 +601,10 @@ impl Telemetry {
                 });
             }
         }
-        Ok(points)
+        self.metrics
+            .points_rejected
+            .fetch_add(out.dropped as u64, Ordering::Relaxed);
+        Ok(out)
     }
 
     /// Writes points as they are (timestamps already final).
@@ -563,10 +626,11 @@ impl Telemetry {
             .fetch_add(s.rejected.len() as u64, Ordering::Relaxed);
         WriteReport {
             points: s.accepted,
+            rejected_total: s.rejected.len(),
             rejected: s
                 .rejected
                 .into_iter()
-                .take(100)
+                .take(MAX_REJECTED_LISTED)
                 .map(|(_, why)| why)
                 .collect(),
         }
@@ -612,7 +676,7 @@ impl Telemetry {
             ),
             (
                 "ferrohub_telemetry_points_rejected_total",
-                "Points refused (value kind conflicts, timestamps out of range).",
+                "Points refused (value kind conflicts, timestamps out of range, line-protocol points with invalid device ids).",
                 "counter",
                 g(&m.points_rejected),
             ),

@@ -5,6 +5,7 @@
 //! does no I/O and knows nothing of tokio, sockets or storage; every other crate builds on it.
 
 pub mod auth;
+pub mod id;
 pub mod lifecycle;
 mod message;
 mod qos;

@@ -26,6 +26,7 @@ use ferrohub_telemetry::service::{Telemetry, TelemetryError, TenantSettings, Wri
 use ferrohub_tsdb::query::{MAX_BUCKETS, MAX_RAW_LIMIT};
 use ferrohub_tsdb::{Agg, AggFn, AggregateQuery, RawQuery, SeriesGroup, TsdbError};
 use ferrohub_types::TenantId;
+use ferrohub_types::id::{ID_RULE, is_valid_id};
 use ferrohub_types::telemetry::{Value as TsValue, ValueKind};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -404,8 +405,9 @@ pub struct FleetAggregateView {
 /// payload shapes, and the same timestamp rules. Answers once the points are durable; a payload
 /// that cannot be used writes nothing (400). Points of a kind their series does not hold are
 /// refused one by one (listed in `rejected`). At most 4 MiB (decoded on a blocking thread beyond
-/// 64 KiB). Devices that are not in the registry (e.g. Telegraf hosts) write with
-/// `POST /api/v2/write`.
+/// 64 KiB). The device must be registered; an id that breaks the registry's rule (1-128
+/// characters of `A-Z a-z 0-9 . _ : -`) is refused (400) before the registry is asked. Devices
+/// that are not in the registry (e.g. Telegraf hosts) write with `POST /api/v2/write`.
 #[utoipa::path(post, path = "/tenants/{tenant}/devices/{device}/telemetry", tag = "telemetry",
     request_body(content = Value, description = "A device payload, e.g. {\"temp\": 21.5, \"ts\": 1767225600000}",
         content_type = "application/json"),
@@ -420,6 +422,11 @@ pub async fn write_device(
     Body(payload): Body,
 ) -> ApiResult<Json<WriteReport>> {
     c.actor.require(Role::Operator, Some(&tenant))?;
+    if !is_valid_id(&device) {
+        return Err(ApiError::invalid(format!(
+            "device id {device:?} is not valid: device ids are {ID_RULE}"
+        )));
+    }
     c.registry.device(&c.actor, &tenant, &device).await?;
     let tm = telemetry_of(&state)?;
     let tid = TenantId::new(&tenant);

@@ -1205,6 +1205,104 @@ async fn export_times_take_the_forms_of_the_query_routes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_ids_that_break_the_id_rule_are_refused() {
+    bounded(120, async {
+        let hub = TestHub::start().await.unwrap();
+        let admin = Api::admin(&hub);
+        admin.tenant("ids").await;
+        admin.device("ids", json!({"id": "reg-1"})).await;
+        let op = admin.token("operator", Some("ids")).await;
+        let http = Http::new(&hub);
+        let t0 = (now_ms() / HOUR - 1) * HOUR;
+        let series = |device: &str| {
+            let path = format!("/tenants/ids/devices/{}/telemetry", enc(device));
+            let a = admin.clone();
+            async move { a.get(&path).await.expect(200) }
+        };
+        let rule = "1-128 characters from A-Z a-z 0-9 . _ : -";
+
+        // Line protocol: points whose device tag is not a valid id are dropped, the others
+        // written; 422 names the lines and the rule, as InfluxDB answers a partial write.
+        let body = format!(
+            "m,device=ok-1 v=1 {t0}\n\
+             m,device=a/b v=1,w=2 {t0}\n\
+             # a comment\n\
+             m,host=x#y v=1 {t0}\n\
+             m,host=web1.example.com v=3 {t0}\n\
+             m,device=a\\ b v=1 {t0}\n\
+             m,device={} v=1 {t0}\n",
+            "d".repeat(129)
+        );
+        let (status, reply) = http
+            .write(
+                Some(&format!("Token {op}")),
+                "org=ids&precision=ms",
+                body.into_bytes(),
+                None,
+            )
+            .await;
+        assert_eq!(status, 422, "{reply}");
+        assert_eq!(reply["code"], "unprocessable entity");
+        let msg = reply["message"].as_str().unwrap();
+        assert!(
+            msg.starts_with("partial write: line 2: device id \"a/b\" (tag `device`) is not valid"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("line 4: device id \"x#y\" (tag `host`)"),
+            "{msg}"
+        );
+        assert!(msg.contains("line 6: device id \"a b\""), "{msg}");
+        assert!(msg.contains(rule), "{msg}");
+        assert!(msg.contains("(points stored: 2; dropped=5)"), "{msg}");
+        assert!(!msg.contains("kind"), "{msg}");
+        assert_eq!(series("ok-1").await[0]["metric"], "m.v");
+        assert_eq!(series("web1.example.com").await[0]["latest"], 3.0);
+        for bad in ["a/b", "x#y", "a b"] {
+            assert_eq!(series(bad).await, json!([]), "{bad}");
+        }
+        // Only bad points: nothing stored, still a partial write.
+        let (status, reply) = http
+            .write(
+                Some(&format!("Token {op}")),
+                "org=ids&precision=ms",
+                format!("m,host=$SYS v=1 {t0}\n").into_bytes(),
+                None,
+            )
+            .await;
+        assert_eq!(status, 422, "{reply}");
+        let msg = reply["message"].as_str().unwrap();
+        assert!(msg.contains("line 1: device id \"$SYS\""), "{msg}");
+        assert!(msg.contains("(points stored: 0; dropped=1)"), "{msg}");
+
+        // The device route: an id that breaks the rule is 400 naming the rule; a valid id that
+        // is not registered is 404; nothing is written either way.
+        let long = "d".repeat(129);
+        for bad in ["a/b", "x#y", "a b", "caf\u{e9}", long.as_str()] {
+            let message = admin
+                .post(
+                    &format!("/tenants/ids/devices/{}/telemetry", enc(bad)),
+                    json!({"v": 1}),
+                )
+                .await
+                .expect_error(400, "invalid");
+            assert!(message.contains(rule), "{bad}: {message}");
+            assert_eq!(series(bad).await, json!([]), "{bad}");
+        }
+        admin
+            .post("/tenants/ids/devices/nope/telemetry", json!({"v": 1}))
+            .await
+            .expect_error(404, "not_found");
+        admin
+            .post("/tenants/ids/devices/reg-1/telemetry", json!({"v": 1}))
+            .await
+            .expect(200);
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_write_bodies_are_decoded_off_the_request_task() {
     bounded(120, async {
         let hub = TestHub::start().await.unwrap();

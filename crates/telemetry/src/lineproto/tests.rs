@@ -452,6 +452,7 @@ fn comments_blank_lines_and_line_ends() {
         .map(|p| (p.measurement.as_str(), p.ts_ms))
         .collect();
     assert_eq!(got, [("cpu", Some(1)), ("mem", None), ("net", Some(2))]);
+    assert_eq!(outcome.lines, [5, 7, 9]);
     // `#` only starts a comment at the start of a line.
     assert_eq!(one("m v=\"#x\"").fields[0].1, Value::Str("#x".into()));
     assert_eq!(one("m#1 v=1").measurement, "m#1");
@@ -482,6 +483,7 @@ fn errors_carry_line_column_and_influx_message() {
     let body = "cpu v=1\n\n# c\ncpu,host=a v=\nmem v=1\ncpu v=bad";
     let outcome = parse(body, Precision::Ns);
     assert_eq!(outcome.points.len(), 2);
+    assert_eq!(outcome.lines, [1, 5]);
     assert_eq!(outcome.failed_lines, 2);
     assert_eq!(
         outcome.errors,
@@ -621,6 +623,45 @@ fn mapping_without_device() {
             .contains("no device tag names are configured"),
         "{err}"
     );
+}
+
+#[test]
+fn mapping_invalid_device_ids() {
+    // Device ids follow the registry's rule: 1-128 characters of A-Z a-z 0-9 . _ : -
+    let long = "d".repeat(129);
+    let long_line = format!("cpu,device={long} v=1,w=2");
+    for (line, want) in [
+        ("cpu,device=a/b v=1,w=2", "a/b"),
+        ("cpu,device=x#y v=1,w=2", "x#y"),
+        (r"cpu,host=a\ b v=1,w=2", "a b"),
+        ("cpu,host=caf\u{e9} v=1,w=2", "caf\u{e9}"),
+        (long_line.as_str(), long.as_str()),
+        // The preferred tag names the device even when another tag would be valid.
+        ("cpu,host=ok,device=$SYS v=1,w=2", "$SYS"),
+    ] {
+        let err = to_samples(one(line), DEVICE_TAGS).unwrap_err();
+        let MappingError::InvalidDevice { device, fields, .. } = &err else {
+            panic!("{line}: {err:?}");
+        };
+        assert_eq!(*fields, 2, "{line}");
+        assert_eq!(*device, shorten(want, 80), "{line}");
+        assert!(
+            err.to_string()
+                .ends_with("device ids are 1-128 characters from A-Z a-z 0-9 . _ : -"),
+            "{err}"
+        );
+    }
+    let err = to_samples(one("cpu,device=a/b v=1"), DEVICE_TAGS).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "device id \"a/b\" (tag `device`) is not valid: device ids are 1-128 characters from \
+         A-Z a-z 0-9 . _ : -"
+    );
+    let longest = "d".repeat(128);
+    for ok in ["web1.example.com", "edge:1_a-B", longest.as_str()] {
+        let (device, _) = to_samples(one(&format!("cpu,host={ok} v=1")), DEVICE_TAGS).unwrap();
+        assert_eq!(device, ok);
+    }
 }
 
 #[test]
