@@ -27,7 +27,9 @@ use tokio::net::TcpListener;
 
 use crate::error::ApiError;
 
-/// Renders Prometheus text exposition into the buffer.
+/// Renders Prometheus text exposition into the buffer. `/metrics` calls it on a blocking thread
+/// (`tokio::task::spawn_blocking`): the telemetry engine's summaries it includes walk every part
+/// under the engine's lock, which must not hold up an async worker.
 pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 
 /// What the HTTP handlers need.
@@ -91,16 +93,22 @@ async fn readyz(State(state): State<ApiState>) -> impl IntoResponse {
     }
 }
 
-async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
-    let mut out = String::with_capacity(8 * 1024);
-    (state.metrics)(&mut out);
-    (
+async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, ApiError> {
+    let render = state.metrics.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        let mut out = String::with_capacity(8 * 1024);
+        render(&mut out);
+        out
+    })
+    .await
+    .map_err(|e| ApiError::internal(&e))?;
+    Ok((
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         out,
-    )
+    ))
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves. Handlers see the client's address

@@ -465,3 +465,50 @@ async fn without_a_registry_the_api_answers_503() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_rendered_on_a_blocking_thread() {
+    bounded(30, async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // `Handle::block_on` works on a blocking thread and panics on an async worker: the
+        // renderer says where it ran.
+        let state = ferrohub_api::ApiState {
+            twins: None,
+            commands: None,
+            telemetry: None,
+            ready: Arc::new(AtomicBool::new(true)),
+            metrics: Arc::new(|out: &mut String| {
+                let blocking = std::panic::catch_unwind(|| {
+                    tokio::runtime::Handle::current().block_on(async {})
+                })
+                .is_ok();
+                out.push_str(&format!(
+                    "# TYPE probe gauge\nprobe {}\n",
+                    u8::from(blocking)
+                ));
+            }),
+            registry: None,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(ferrohub_api::serve(
+            listener,
+            ferrohub_api::router(state),
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        let res = reqwest::get(format!("http://{addr}/metrics"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(
+            res.headers()["content-type"],
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+        assert_eq!(res.text().await.unwrap(), "# TYPE probe gauge\nprobe 1\n");
+        let _ = tx.send(());
+        server.await.unwrap().unwrap();
+    })
+    .await;
+}
