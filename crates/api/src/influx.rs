@@ -88,7 +88,7 @@ fn influx(e: ApiError) -> ApiError {
 /// (`Content-Encoding: gzip`), 32 MiB at most (also decompressed). The device of a point is its
 /// `device` tag, else its `host` tag; each field is the metric `measurement.field`, with the other
 /// tags appended sorted (`cpu.usage_user{cpu=cpu0}`). Device ids follow the registry's rule
-/// (1-128 characters of `A-Z a-z 0-9 . _ : -`): a point whose device is not a valid id is
+/// (1-128 characters of `A-Z a-z 0-9 . _ : -`, not `.` or `..`): a point whose device is not a valid id is
 /// dropped and the others are written (422, naming its line). A bad line rejects the whole
 /// request (400, nothing written); success is 204 once the points are durable. Errors use
 /// InfluxDB's codes.

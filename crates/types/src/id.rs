@@ -9,11 +9,15 @@
 pub const MAX_ID_LEN: usize = 128;
 
 /// What an identifier may contain, as people read it (for error messages).
-pub const ID_RULE: &str = "1-128 characters from A-Z a-z 0-9 . _ : -";
+pub const ID_RULE: &str = "1-128 characters from A-Z a-z 0-9 . _ : -, not `.` or `..`";
 
-/// Whether `id` is a valid identifier: 1 to [`MAX_ID_LEN`] characters of `A-Z a-z 0-9 . _ : -`.
+/// Whether `id` is a valid identifier: 1 to [`MAX_ID_LEN`] characters of `A-Z a-z 0-9 . _ : -`,
+/// other than `.` and `..` (URL clients collapse those path segments, so they could not be
+/// addressed).
 pub fn is_valid_id(id: &str) -> bool {
     !id.is_empty()
+        && id != "."
+        && id != ".."
         && id.len() <= MAX_ID_LEN
         && id
             .bytes()
@@ -31,6 +35,8 @@ mod tests {
             "boiler-17",
             "a.b_c:d-E",
             "web1.example.com",
+            "...",
+            ".hidden",
             &"x".repeat(128),
         ] {
             assert!(is_valid_id(ok), "{ok}");
@@ -38,6 +44,8 @@ mod tests {
         for bad in [
             "",
             "a/b",
+            ".",
+            "..",
             "x#y",
             "a+b",
             "$sys",

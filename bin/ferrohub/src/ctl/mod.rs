@@ -154,7 +154,7 @@ enum TenantsCmd {
     /// Creates a tenant (platform-wide admin token).
     #[command(after_help = "Example:\n  ferrohub ctl tenants create acme --name \"ACME Corp\"")]
     Create {
-        /// Tenant id: 1-128 characters of A-Z a-z 0-9 . _ : -
+        /// Tenant id: 1-128 characters of A-Z a-z 0-9 . _ : - (not . or ..)
         id: String,
         /// Display name (default: the id).
         #[arg(long)]
@@ -324,7 +324,7 @@ enum DevicesCmd {
         --tag site=plant-a --tag floor=2 --group wave-1"
     )]
     Create {
-        /// Device id: 1-128 characters of A-Z a-z 0-9 . _ : -
+        /// Device id: 1-128 characters of A-Z a-z 0-9 . _ : - (not . or ..)
         id: String,
         /// Display name (default: the id).
         #[arg(long)]

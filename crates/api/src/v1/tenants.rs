@@ -14,7 +14,7 @@ use crate::extract::{ApiJson, ApiPath, Caller};
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTenant {
-    /// Identifier: 1-128 characters of `A-Z a-z 0-9 . _ : -`; devices connect as `tenant/device`.
+    /// Identifier: 1-128 characters of `A-Z a-z 0-9 . _ : -` (not `.` or `..`); devices connect as `tenant/device`.
     pub id: String,
     /// Display name (defaults to the id).
     #[serde(default)]

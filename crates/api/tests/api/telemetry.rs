@@ -1219,7 +1219,7 @@ async fn device_ids_that_break_the_id_rule_are_refused() {
             let a = admin.clone();
             async move { a.get(&path).await.expect(200) }
         };
-        let rule = "1-128 characters from A-Z a-z 0-9 . _ : -";
+        let rule = ferrohub_types::id::ID_RULE;
 
         // Line protocol: points whose device tag is not a valid id are dropped, the others
         // written; 422 names the lines and the rule, as InfluxDB answers a partial write.

@@ -1786,7 +1786,16 @@ fn run_in(p: &TsdbBenchParams, dir: &Path) -> anyhow::Result<()> {
         let (timing, r) = time_runs(
             1,
             FLEET_RUNS,
-            || hourly_avg(&engine, &fleet_tenant, "temperature", &fleet.names, from, to),
+            || {
+                hourly_avg(
+                    &engine,
+                    &fleet_tenant,
+                    "temperature",
+                    &fleet.names,
+                    from,
+                    to,
+                )
+            },
             |g| g.first().map_or(0, |g| g.buckets.len() as u64),
         )?;
         check(
