@@ -708,54 +708,33 @@ async fn influxdb_v2_write_api() {
         );
         assert_eq!(body.as_object().unwrap().len(), 2, "{body}");
         assert_eq!(read("z1", "good.v").await, json!([]));
-        // A point without a device tag, a gzip body that is not gzip, an unknown precision.
-        let (status, body) = http
-            .write(Some(&token), "org=ix", b"m v=1\n".to_vec(), None)
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (400, Some("invalid")),
-            "{body}"
-        );
-        let (status, body) = http
-            .write(
-                Some(&token),
-                "org=ix",
-                b"m,device=a v=1\n".to_vec(),
-                Some("gzip"),
-            )
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (400, Some("invalid")),
-            "{body}"
-        );
-        let (status, body) = http
-            .write(
-                Some(&token),
+        // A point without a device tag, a gzip body that is not gzip, an unknown precision, an
+        // encoding we do not take.
+        for (query, line, encoding, want) in [
+            ("org=ix", "m v=1\n", None, (400, "invalid")),
+            ("org=ix", "m,device=a v=1\n", Some("gzip"), (400, "invalid")),
+            (
                 "org=ix&precision=h",
-                b"m,device=a v=1\n".to_vec(),
+                "m,device=a v=1\n",
                 None,
-            )
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (400, Some("invalid")),
-            "{body}"
-        );
-        let (status, body) = http
-            .write(
-                Some(&token),
+                (400, "invalid"),
+            ),
+            (
                 "org=ix",
-                b"m,device=a v=1\n".to_vec(),
+                "m,device=a v=1\n",
                 Some("br"),
-            )
-            .await;
-        assert_eq!(
-            (status, body["code"].as_str()),
-            (415, Some("unsupported media type")),
-            "{body}"
-        );
+                (415, "unsupported media type"),
+            ),
+        ] {
+            let (status, body) = http
+                .write(Some(&token), query, line.as_bytes().to_vec(), encoding)
+                .await;
+            assert_eq!(
+                (status, body["code"].as_str()),
+                (want.0, Some(want.1)),
+                "{query} {encoding:?}: {body}"
+            );
+        }
         // A field of another kind than its series: partial write (422), the rest stored.
         let (status, body) = http
             .write(
