@@ -1005,6 +1005,26 @@ impl Engine {
         )
     }
 
+    /// The writer's job for `points` and the channel its answer comes on (`None` when every
+    /// point was refused), with the summary.
+    #[allow(clippy::type_complexity)]
+    fn write_job(
+        &self,
+        tenant: &TenantId,
+        points: Vec<Point>,
+    ) -> (
+        Option<(Job, oneshot::Receiver<Result<(), TsdbError>>)>,
+        WriteSummary,
+    ) {
+        let (mut job, summary) = self.prepare(tenant, points);
+        if job.ids.is_empty() {
+            return (None, summary);
+        }
+        let (done, wait) = oneshot::channel();
+        job.done = Some(done);
+        (Some((Job::Write(job), wait)), summary)
+    }
+
     /// Stores points of one tenant. Returns when they are durable (per `fsync`) and queryable.
     /// Points whose series holds another kind, or whose timestamp is out of range, are refused
     /// individually (listed in the summary); the others are stored.
@@ -1013,17 +1033,11 @@ impl Engine {
         tenant: &TenantId,
         points: Vec<Point>,
     ) -> Result<WriteSummary, TsdbError> {
-        let (mut job, summary) = self.prepare(tenant, points);
-        if job.ids.is_empty() {
-            return Ok(summary);
+        let (job, summary) = self.write_job(tenant, points);
+        if let Some((job, wait)) = job {
+            self.tx.send(job).await.map_err(|_| TsdbError::Closed)?;
+            wait.await.map_err(|_| TsdbError::Closed)??;
         }
-        let (done, wait) = oneshot::channel();
-        job.done = Some(done);
-        self.tx
-            .send(Job::Write(job))
-            .await
-            .map_err(|_| TsdbError::Closed)?;
-        wait.await.map_err(|_| TsdbError::Closed)??;
         Ok(summary)
     }
 
@@ -1033,16 +1047,11 @@ impl Engine {
         tenant: &TenantId,
         points: Vec<Point>,
     ) -> Result<WriteSummary, TsdbError> {
-        let (mut job, summary) = self.prepare(tenant, points);
-        if job.ids.is_empty() {
-            return Ok(summary);
+        let (job, summary) = self.write_job(tenant, points);
+        if let Some((job, wait)) = job {
+            self.tx.blocking_send(job).map_err(|_| TsdbError::Closed)?;
+            wait.blocking_recv().map_err(|_| TsdbError::Closed)??;
         }
-        let (done, wait) = oneshot::channel();
-        job.done = Some(done);
-        self.tx
-            .blocking_send(Job::Write(job))
-            .map_err(|_| TsdbError::Closed)?;
-        wait.blocking_recv().map_err(|_| TsdbError::Closed)??;
         Ok(summary)
     }
 
