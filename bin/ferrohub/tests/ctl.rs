@@ -1397,8 +1397,9 @@ fn telemetry() {
         "get",
         "s1",
         "temp",
+        // The form the docs use: a duration ago with a leading minus.
         "--from",
-        "1d",
+        "-1d",
         "--desc",
         "--limit",
         "1",

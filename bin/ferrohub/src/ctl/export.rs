@@ -56,10 +56,10 @@ pub(super) struct ExportArgs {
     pub(super) format: ExportFormat,
     /// From this time (inclusive): RFC 3339 (2026-01-31T08:00:00Z), a duration ago (15m, 1h,
     /// 7d), milliseconds since the epoch, or `now` (durations and `now` by the hub's clock).
-    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    #[arg(long, value_name = "TIME", value_parser = parse_when, allow_hyphen_values = true)]
     pub(super) from: Value,
     /// Until this time, exclusive (same forms) [default: now].
-    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    #[arg(long, value_name = "TIME", value_parser = parse_when, allow_hyphen_values = true)]
     pub(super) to: Option<Value>,
     /// Only these devices (ids separated by commas) [default: every device].
     #[arg(long, value_name = "IDS", value_delimiter = ',')]

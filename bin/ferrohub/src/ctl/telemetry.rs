@@ -193,10 +193,10 @@ pub(super) enum TelemetryCmd {
 pub(super) struct RangeArgs {
     /// From this time: RFC 3339 (2026-01-31T08:00:00Z), a duration ago (15m, 1h, 7d),
     /// milliseconds since the epoch, or `now` [default: 24 hours ago].
-    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    #[arg(long, value_name = "TIME", value_parser = parse_when, allow_hyphen_values = true)]
     from: Option<String>,
     /// Until this time, exclusive (same forms) [default: now].
-    #[arg(long, value_name = "TIME", value_parser = parse_when)]
+    #[arg(long, value_name = "TIME", value_parser = parse_when, allow_hyphen_values = true)]
     to: Option<String>,
 }
 
