@@ -86,6 +86,9 @@ enum Command {
     Config(ServeArgs),
     /// Benchmark an MQTT broker (ours or any other) and print one JSON line per run.
     Bench(Box<ferrohub_sim::bench::BenchArgs>),
+    /// Simulate a fleet of devices publishing realistic telemetry to an MQTT broker (ours or any
+    /// other): device profiles as TOML, ramp-up, bounded runs, a summary table or JSON.
+    Sim(Box<ferrohub_sim::sim::SimArgs>),
     /// Operate a running hub over its HTTP API: tenants, devices (and bulk import),
     /// credentials, groups, policies, API tokens, the audit log.
     Ctl(ferrohub::ctl::CtlArgs),
@@ -134,6 +137,22 @@ fn main() -> Result<()> {
         Command::Bench(args) => {
             init_logging(LogFormat::Text, "warn");
             ferrohub_sim::bench::run_cli(*args)
+        }
+        Command::Sim(args) => {
+            init_logging(LogFormat::Text, "warn");
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(args.worker_threads())
+                .enable_all()
+                .thread_name("sim")
+                .build()
+                .context("starting the simulator runtime")?;
+            rt.block_on(ferrohub_sim::sim::run_cli(*args, async {
+                // Ctrl-C / SIGTERM stop a run early (it still drains and prints its summary).
+                if let Err(e) = wait_for_signal().await {
+                    eprintln!("warning: {e:#}; the run can only stop by its own bounds");
+                    std::future::pending::<()>().await;
+                }
+            }))
         }
         Command::Serve(args) => {
             let cfg = args.load()?;

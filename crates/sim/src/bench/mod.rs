@@ -58,13 +58,13 @@ mod idle;
 mod ladder;
 mod payload;
 pub mod regbench;
-mod stats;
-mod sys;
+pub(crate) mod stats;
+pub(crate) mod sys;
 mod telemetrybench;
 mod traffic;
 mod tsdbbench;
 mod twinbench;
-mod wire;
+pub(crate) mod wire;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -144,14 +144,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
-    fn version(self) -> ProtocolVersion {
+    /// The codec's protocol version.
+    pub fn version(self) -> ProtocolVersion {
         match self {
             Protocol::V3 => ProtocolVersion::V311,
             Protocol::V5 => ProtocolVersion::V5,
         }
     }
 
-    fn label(self) -> &'static str {
+    /// `3.1.1` or `5.0`.
+    pub fn label(self) -> &'static str {
         match self {
             Protocol::V3 => "3.1.1",
             Protocol::V5 => "5.0",

@@ -1,0 +1,588 @@
+//! `ferrohub sim`: fleets of simulated devices publishing realistic telemetry to any MQTT broker.
+//!
+//! * [`profile`]: device profiles as TOML data (built-ins in `crates/sim/profiles/`, or the
+//!   user's files), checked up front with errors that name the key;
+//! * [`generate`]: a device's values, deterministic in (seed, device index, tick);
+//! * `encode`: payloads in JSON, CBOR or MessagePack, one sample or a batch per message;
+//! * [`run`]: one task and one MQTT connection per device (the bench harness's raw client,
+//!   `crate::bench::wire`), ramp-up, QoS 0/1 with a bounded in-flight window, bounded runs;
+//! * `report`: the live progress line and the final summary (table or JSON).
+//!
+//! See `docs/sim.md` for the user's guide and the profile reference.
+
+mod encode;
+pub mod generate;
+pub mod profile;
+mod report;
+mod rng;
+pub mod run;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use ferrohub_types::QoS;
+
+pub use encode::{EncodeError, encode};
+pub use generate::{DeviceSim, Sample, Value};
+pub use profile::{Format, Mix, Overrides, Profile, ProfileError};
+pub use report::Summary;
+pub use run::{DeviceSpec, RunConfig};
+
+use crate::bench::Protocol;
+use crate::bench::fleet;
+use crate::bench::wire::{ClientOpts, Creds};
+
+/// Arguments of `ferrohub sim`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: SimCommand,
+}
+
+/// The `ferrohub sim` subcommands.
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum SimCommand {
+    /// Connect simulated devices to an MQTT broker and publish their telemetry.
+    #[command(after_help = "Examples:\n  \
+        ferrohub sim run --devices 1000 --profile environment --duration 10m\n  \
+        ferrohub sim run -n 200 --profile rotating-machine:1 --profile smart-meter:3 \
+        --set bearing_fault_after=5m\n  \
+        ferrohub sim run -n 20 --messages-per-device 5 --interval 100ms --json\n  \
+        ferrohub sim run --fleet fleet.jsonl --first-index 10000 -n 10000   # second process\n\n\
+        Prints a summary table on stdout (--json: one JSON object) and, when stderr is a \
+        terminal, a progress line on stderr. Exits non-zero if no device connected.")]
+    Run(Box<RunArgs>),
+    /// List the built-in profiles, or print one as TOML (a starting point for your own).
+    Profiles(ProfilesArgs),
+    /// Print the payloads a device would publish, without connecting.
+    Preview(PreviewArgs),
+}
+
+/// Arguments of `ferrohub sim run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
+    pub host: String,
+    /// Broker MQTT/TCP port.
+    #[arg(long, default_value_t = 1883, help_heading = "Broker")]
+    pub port: u16,
+    /// MQTT version: v5 (5.0) or v3 (3.1.1).
+    #[arg(long, value_enum, default_value_t = Protocol::V5, help_heading = "Broker")]
+    pub protocol: Protocol,
+    /// QoS of the publications: 0, or 1 (waits for PUBACKs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1), help_heading = "Broker")]
+    pub qos: u8,
+    /// User name for every device ("{device}" is replaced by the device id; default with
+    /// --password: the device id).
+    #[arg(long, help_heading = "Broker")]
+    pub username: Option<String>,
+    /// Password shared by every device.
+    #[arg(
+        long,
+        env = "FERROHUB_SIM_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Broker"
+    )]
+    pub password: Option<String>,
+    /// Fleet file written by `ferrohub bench provision` (one JSON line per device): device ids
+    /// and their own credentials, in file order; --first-index and --devices select a range.
+    #[arg(long, value_name = "FILE", help_heading = "Broker")]
+    pub fleet: Option<PathBuf>,
+    /// Keep Alive sent in CONNECT, seconds (a device pings when it has nothing to send).
+    #[arg(long, default_value_t = 60, help_heading = "Broker")]
+    pub keep_alive: u16,
+    /// Longest wait for the TCP handshake and CONNACK.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Broker")]
+    pub connect_timeout: Duration,
+
+    /// Devices this process simulates (default 10; with --fleet, the rest of the fleet).
+    #[arg(long, short = 'n', help_heading = "Fleet")]
+    pub devices: Option<u64>,
+    /// Index of this process's first device: device ids are <prefix>-<index>, so several
+    /// processes can take distinct ranges (and get the same values as one process would).
+    #[arg(long, default_value_t = 0, help_heading = "Fleet")]
+    pub first_index: u64,
+    /// Device id prefix.
+    #[arg(long, default_value = "sim", help_heading = "Fleet")]
+    pub prefix: String,
+    /// Profile: a built-in name (see `ferrohub sim profiles`) or a TOML file; NAME:WEIGHT mixes
+    /// several (repeat the flag), e.g. --profile environment:3 --profile ./pump.toml:1.
+    #[arg(
+        long = "profile",
+        short = 'p',
+        value_name = "NAME[:WEIGHT]",
+        default_value = "environment",
+        help_heading = "Fleet"
+    )]
+    pub profiles: Vec<String>,
+    /// Set a profile parameter declared in its [params] (repeatable), e.g.
+    /// --set bearing_fault_after=30m.
+    #[arg(long = "set", value_name = "NAME=VALUE", help_heading = "Fleet")]
+    pub set: Vec<String>,
+    /// Seed of every generator: the same seed, device index and tick give the same values.
+    #[arg(long, default_value_t = 0, help_heading = "Fleet")]
+    pub seed: u64,
+    /// Topic template: {device} (the device id), {index}, {profile}.
+    #[arg(
+        long,
+        default_value = "devices/{device}/telemetry",
+        help_heading = "Fleet"
+    )]
+    pub topic: String,
+    /// Override every profile's sampling interval (e.g. 100ms, 5s).
+    #[arg(long, value_parser = parse_duration, help_heading = "Fleet")]
+    pub interval: Option<Duration>,
+    /// Override every profile's samples per message.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(profile::MAX_BATCH)), help_heading = "Fleet")]
+    pub batch: Option<u32>,
+    /// Override every profile's payload format.
+    #[arg(long, value_enum, help_heading = "Fleet")]
+    pub format: Option<Format>,
+
+    /// Stop after this long (e.g. 30s, 10m, 2h); without it and --messages-per-device, run
+    /// until Ctrl-C.
+    #[arg(long, value_parser = parse_duration, help_heading = "Run")]
+    pub duration: Option<Duration>,
+    /// Stop each device after this many messages.
+    #[arg(long, help_heading = "Run")]
+    pub messages_per_device: Option<u64>,
+    /// Devices started per second (0: as fast as --connect-concurrency allows).
+    #[arg(long, default_value_t = 100.0, help_heading = "Run")]
+    pub connect_rate: f64,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Run")]
+    pub connect_concurrency: u32,
+    /// QoS 1 messages awaiting PUBACK per connection (capped by the broker's Receive Maximum).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
+    pub inflight: u16,
+    /// A connection whose in-flight window stays full this long counts as lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Run")]
+    pub ack_timeout: Duration,
+    /// After the run stops, how long devices wait for outstanding PUBACKs.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
+    pub drain: Duration,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
+    pub threads: u16,
+
+    /// Print the summary as one JSON object instead of a table.
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+    /// No progress line (it is never drawn when stderr is not a terminal).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
+}
+
+/// Arguments of `ferrohub sim profiles`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ProfilesArgs {
+    /// Print this built-in profile's TOML.
+    pub name: Option<String>,
+}
+
+/// Arguments of `ferrohub sim preview`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct PreviewArgs {
+    /// Profile: a built-in name or a TOML file.
+    #[arg(long, short = 'p', default_value = "environment")]
+    pub profile: String,
+    /// Set a profile parameter (repeatable), e.g. --set bearing_fault_after=0s.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Device index.
+    #[arg(long, default_value_t = 0)]
+    pub index: u64,
+    /// Messages to print.
+    #[arg(long, short = 'n', default_value_t = 5)]
+    pub messages: u64,
+    /// Skip this many messages first (e.g. to look past a fault's start).
+    #[arg(long, default_value_t = 0)]
+    pub skip: u64,
+    /// Time of the first sample: RFC 3339 or milliseconds since the epoch (default: now).
+    #[arg(long)]
+    pub start: Option<String>,
+    /// Override the sampling interval.
+    #[arg(long, value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+    /// Override the samples per message.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=i64::from(profile::MAX_BATCH)))]
+    pub batch: Option<u32>,
+    /// Override the payload format (CBOR and MessagePack are printed as hex).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+impl RunArgs {
+    /// Parses `ferrohub sim run`'s flags (without the command words), e.g. for tests and for
+    /// callers that build a run from a flag line.
+    pub fn try_parse_from<I, T>(args: I) -> Result<RunArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("run"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.run)
+    }
+}
+
+impl SimArgs {
+    /// Worker threads the runtime should have.
+    pub fn worker_threads(&self) -> usize {
+        match &self.command {
+            SimCommand::Run(r) => usize::from(r.threads),
+            _ => 1,
+        }
+    }
+}
+
+/// `"10s"`, `"1h 30m"`, `"250ms"` or a number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if let Ok(secs) = s.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 && secs <= 1e12 {
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        return Err(format!("{s:?} is not a duration"));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 500ms, 10s, 5m or 2h ({e})"))
+}
+
+/// Runs `ferrohub sim` (inside a tokio runtime the caller built). `shutdown` stops a run early
+/// (the binary passes Ctrl-C / SIGTERM).
+pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    match args.command {
+        SimCommand::Profiles(p) => profiles_cmd(&p),
+        SimCommand::Preview(p) => preview_cmd(&p),
+        SimCommand::Run(r) => {
+            let summary = run_args(&r, shutdown).await?;
+            if r.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&summary).context("rendering the summary")?
+                );
+            } else {
+                print!("{}", summary.table());
+            }
+            if summary.connected == 0 {
+                bail!(
+                    "no device connected to {}{}",
+                    summary.broker,
+                    summary
+                        .first_error
+                        .as_deref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn profiles_cmd(p: &ProfilesArgs) -> anyhow::Result<()> {
+    if let Some(name) = &p.name {
+        let Some(text) = profile::builtin_text(name) else {
+            bail!(
+                "no built-in profile {name:?} (built-in profiles: {})",
+                profile::builtin_names().join(", ")
+            );
+        };
+        print!("{text}");
+        return Ok(());
+    }
+    let mut rows = Vec::new();
+    for name in profile::builtin_names() {
+        let prof = profile::load(name, &Overrides::default())?;
+        let params = if prof.params.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "  [params: {}]",
+                prof.params
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        rows.push((
+            prof.name.clone(),
+            format!(
+                "every {} · {} · {}{}\n    {}",
+                humantime::format_duration(prof.interval),
+                prof.format.name(),
+                prof.metric_names().collect::<Vec<_>>().join(", "),
+                params,
+                prof.description
+            ),
+        ));
+    }
+    let width = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0);
+    for (n, d) in rows {
+        println!("{n:<width$}  {d}");
+    }
+    println!("\n`ferrohub sim profiles NAME` prints one as TOML; docs/sim.md is the reference.");
+    Ok(())
+}
+
+fn parse_start(s: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = s.trim().parse::<i64>() {
+        return Ok(ms);
+    }
+    let t = humantime::parse_rfc3339_weak(s.trim()).with_context(|| {
+        format!("--start {s:?}: expected RFC 3339 (2026-01-01T12:00:00Z) or epoch milliseconds")
+    })?;
+    let d = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("--start is before 1970")?;
+    i64::try_from(d.as_millis()).context("--start is too far in the future")
+}
+
+fn preview_cmd(p: &PreviewArgs) -> anyhow::Result<()> {
+    let overrides = Overrides::parse(&p.set)?;
+    let mut mix = Mix::load(std::slice::from_ref(&p.profile), &overrides)?;
+    mix.override_all(p.interval, p.batch, p.format);
+    let prof = mix.pick(p.index).clone();
+    check_interval(prof.interval)?;
+    let start = match &p.start {
+        Some(s) => parse_start(s)?,
+        None => std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_millis()).unwrap_or(0))
+            .unwrap_or(0),
+    };
+    let mut sim = DeviceSim::new(prof.clone(), p.seed, p.index, start);
+    let mut samples = vec![Sample::default(); prof.batch as usize];
+    let mut out = Vec::new();
+    for m in 0..p.skip.saturating_add(p.messages) {
+        for s in &mut samples {
+            sim.next_into(s);
+        }
+        if m < p.skip {
+            continue;
+        }
+        out.clear();
+        encode(prof.format, &prof, &samples, &mut out)?;
+        match prof.format {
+            Format::Json => println!("{}", String::from_utf8_lossy(&out)),
+            _ => println!(
+                "{} bytes: {}",
+                out.len(),
+                out.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ),
+        }
+    }
+    Ok(())
+}
+
+fn check_interval(d: Duration) -> anyhow::Result<()> {
+    if d < Duration::from_millis(1) {
+        bail!("--interval must be at least 1ms");
+    }
+    Ok(())
+}
+
+/// A topic template: `{device}`, `{index}` and `{profile}` are replaced per device.
+#[derive(Debug, Clone)]
+pub struct TopicTemplate(String);
+
+impl TopicTemplate {
+    /// Checks the placeholders.
+    pub fn parse(t: &str) -> anyhow::Result<TopicTemplate> {
+        let mut rest = t;
+        while let Some(open) = rest.find('{') {
+            let Some(close) = rest[open..].find('}') else {
+                bail!("--topic {t:?}: unclosed {{");
+            };
+            let name = &rest[open + 1..open + close];
+            if !["device", "index", "profile"].contains(&name) {
+                bail!(
+                    "--topic {t:?}: unknown placeholder {{{name}}} (use {{device}}, {{index}}, {{profile}})"
+                );
+            }
+            rest = &rest[open + close + 1..];
+        }
+        if t.is_empty() || t.contains(['+', '#', '\0']) {
+            bail!("--topic {t:?}: a topic to publish on may not be empty or contain + # or NUL");
+        }
+        Ok(TopicTemplate(t.to_string()))
+    }
+
+    /// The topic of one device.
+    pub fn render(&self, device: &str, index: u64, profile: &str) -> String {
+        self.0
+            .replace("{device}", device)
+            .replace("{index}", &index.to_string())
+            .replace("{profile}", profile)
+    }
+}
+
+/// Checks the arguments, loads the profiles, builds the device list and runs the fleet.
+pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow::Result<Summary> {
+    if !(a.connect_rate.is_finite() && a.connect_rate >= 0.0) {
+        bail!("--connect-rate must be a non-negative number of devices per second");
+    }
+    if a.duration.is_some_and(|d| d.is_zero()) {
+        bail!("--duration must be above zero");
+    }
+    if a.messages_per_device == Some(0) {
+        bail!("--messages-per-device must be at least 1");
+    }
+    if a.devices == Some(0) {
+        bail!("--devices must be at least 1");
+    }
+    if let Some(i) = a.interval {
+        check_interval(i)?;
+    }
+    if a.prefix.is_empty() && a.fleet.is_none() {
+        bail!("--prefix may not be empty");
+    }
+    let overrides = Overrides::parse(&a.set)?;
+    let mut mix = Mix::load(&a.profiles, &overrides)?;
+    mix.override_all(a.interval, a.batch, a.format);
+    let topic = TopicTemplate::parse(&a.topic)?;
+    let devices = device_specs(a, &mix, &topic)?;
+    let fd_limit = crate::bench::sys::raise_fd_limit();
+    let usable = fd_limit.saturating_sub(64);
+    if devices.len() as u64 > usable {
+        bail!(
+            "{} devices need {} sockets, but this process may open about {usable} (`ulimit -n` \
+             is {fd_limit}): run several processes with distinct --first-index ranges",
+            devices.len(),
+            devices.len()
+        );
+    }
+    let addr = run::resolve(&a.host, a.port)
+        .await
+        .with_context(|| format!("resolving {}:{}", a.host, a.port))?;
+    let cfg = RunConfig {
+        opts: ClientOpts {
+            addr,
+            version: a.protocol.version(),
+            username: None,
+            password: None,
+            keep_alive: a.keep_alive,
+            timeout: a.connect_timeout,
+        },
+        broker: format!("{}:{}", a.host, a.port),
+        qos: if a.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        },
+        seed: a.seed,
+        connect_rate: a.connect_rate,
+        connect_concurrency: a.connect_concurrency as usize,
+        duration: a.duration,
+        messages_per_device: a.messages_per_device,
+        inflight: a.inflight,
+        ack_timeout: a.ack_timeout,
+        drain: a.drain,
+        progress: !a.no_progress,
+    };
+    if cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let bound = match (a.duration, a.messages_per_device) {
+            (None, None) => "until Ctrl-C".to_string(),
+            (Some(d), None) => format!("for {}", humantime::format_duration(d)),
+            (None, Some(m)) => format!("{m} messages per device"),
+            (Some(d), Some(m)) => format!(
+                "{m} messages per device, at most {}",
+                humantime::format_duration(d)
+            ),
+        };
+        eprintln!(
+            "[sim] {} devices → {} (MQTT {}, QoS {}), {bound}",
+            devices.len(),
+            cfg.broker,
+            a.protocol.label(),
+            a.qos
+        );
+    }
+    Ok(run::run(cfg, devices, shutdown).await?)
+}
+
+/// The devices of this process: ids, credentials, profiles and topics.
+pub fn device_specs(
+    a: &RunArgs,
+    mix: &Mix,
+    topic: &TopicTemplate,
+) -> anyhow::Result<Vec<DeviceSpec>> {
+    let spec = |index: u64, id: String, creds: Option<Creds>| {
+        let profile = mix.pick(index).clone();
+        DeviceSpec {
+            topic: Arc::from(topic.render(&id, index, &profile.name).as_str()),
+            index,
+            id,
+            creds,
+            profile,
+        }
+    };
+    if let Some(path) = &a.fleet {
+        let all = fleet::devices(&fleet::read(path)?, 0);
+        let first = usize::try_from(a.first_index).unwrap_or(usize::MAX);
+        if first >= all.len() {
+            bail!(
+                "{} has {} devices; --first-index {} is past its end",
+                path.display(),
+                all.len(),
+                a.first_index
+            );
+        }
+        let n = match a.devices {
+            None => all.len() - first,
+            Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        };
+        if first.saturating_add(n) > all.len() {
+            bail!(
+                "{} has {} devices; --first-index {} --devices {n} goes past its end",
+                path.display(),
+                all.len(),
+                a.first_index
+            );
+        }
+        return Ok(all[first..first + n]
+            .iter()
+            .enumerate()
+            .map(|(k, e)| {
+                let creds = (e.username.is_some() || e.password.is_some()).then(|| Creds {
+                    username: e.username.clone(),
+                    password: e.password.clone().map(Bytes::from),
+                });
+                spec(a.first_index + k as u64, e.client_id.clone(), creds)
+            })
+            .collect());
+    }
+    let n = a.devices.unwrap_or(10);
+    let Some(end) = a.first_index.checked_add(n) else {
+        bail!("--first-index + --devices overflows");
+    };
+    Ok((a.first_index..end)
+        .map(|index| {
+            let id = format!("{}-{index}", a.prefix);
+            let creds = (a.username.is_some() || a.password.is_some()).then(|| Creds {
+                username: Some(match &a.username {
+                    Some(u) => u.replace("{device}", &id),
+                    None => id.clone(),
+                }),
+                password: a.password.clone().map(Bytes::from),
+            });
+            spec(index, id, creds)
+        })
+        .collect())
+}
