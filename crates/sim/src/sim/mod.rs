@@ -254,7 +254,7 @@ impl SimArgs {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     if let Ok(secs) = s.parse::<f64>() {
-        if secs.is_finite() && secs >= 0.0 && secs <= 1e12 {
+        if (0.0..=1e12).contains(&secs) {
             return Ok(Duration::from_secs_f64(secs));
         }
         return Err(format!("{s:?} is not a duration"));
@@ -585,4 +585,60 @@ pub fn device_specs(
             spec(index, id, creds)
         })
         .collect())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topic_templates() {
+        let t = TopicTemplate::parse("plant/{profile}/{device}/t{index}").unwrap();
+        assert_eq!(t.render("sim-3", 3, "pump"), "plant/pump/sim-3/t3");
+        for bad in ["devices/{id}/t", "devices/{device", "a/+/b", "a/#", ""] {
+            assert!(TopicTemplate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("1h 30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1500));
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn device_ranges_and_credentials() {
+        let a = RunArgs::try_parse_from([
+            "-n",
+            "3",
+            "--first-index",
+            "10",
+            "--prefix",
+            "d",
+            "--password",
+            "pw",
+            "--profile",
+            "environment:1",
+            "--profile",
+            "smart-meter:1",
+        ])
+        .unwrap();
+        let mix = Mix::load(&a.profiles, &Overrides::default()).unwrap();
+        let topic = TopicTemplate::parse(&a.topic).unwrap();
+        let devs = device_specs(&a, &mix, &topic).unwrap();
+        let ids: Vec<&str> = devs.iter().map(|d| d.id.as_str()).collect();
+        assert_eq!(ids, ["d-10", "d-11", "d-12"]);
+        assert_eq!(&*devs[1].topic, "devices/d-11/telemetry");
+        let c = devs[2].creds.as_ref().unwrap();
+        assert_eq!(c.username.as_deref(), Some("d-12"));
+        assert_eq!(c.password.as_deref(), Some(&b"pw"[..]));
+        // Profiles follow the index, not the position in this process.
+        for d in &devs {
+            assert_eq!(d.profile.name, mix.pick(d.index).name);
+        }
+    }
 }

@@ -876,7 +876,7 @@ fn compile(spec: ProfileSpec, params: BTreeMap<String, String>) -> Result<Profil
         }
         let resolution = match m.resolution {
             None => default_resolution,
-            Some(r) if r == 0.0 => None,
+            Some(0.0) => None,
             Some(r) if r.is_finite() && r > 0.0 => Some(r),
             Some(r) => {
                 return err(
