@@ -537,7 +537,7 @@ pub(crate) fn haversine_m(a: (f64, f64), b: (f64, f64)) -> f64 {
 // ---------------------------------------------------------------------------------------------
 // Loading.
 
-/// Where a profile comes from and which `--set` overrides apply to it.
+/// `--set name=value` overrides of profile parameters (keys of a profile's `[params]`).
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
     /// `name → TOML value` (`--set name=value`).
