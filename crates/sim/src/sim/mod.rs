@@ -641,4 +641,35 @@ mod tests {
             assert_eq!(d.profile.name, mix.pick(d.index).name);
         }
     }
+
+    #[test]
+    fn fleet_files_give_ids_and_credentials() {
+        let path = std::env::temp_dir().join(format!("fh-sim-fleet-{}.jsonl", std::process::id()));
+        let mut text = String::new();
+        for i in 0..3 {
+            text += &format!(
+                "{{\"role\":\"device\",\"client_id\":\"bd-{i}\",\"username\":\"bd-{i}\",\"password\":\"p{i}\"}}\n"
+            );
+        }
+        text += "{\"role\":\"monitor\",\"client_id\":\"bench-monitor\"}\n";
+        std::fs::write(&path, text).unwrap();
+        let file = path.to_string_lossy().to_string();
+        let parse = |extra: &[&str]| {
+            let mut v = vec!["--fleet", file.as_str()];
+            v.extend_from_slice(extra);
+            RunArgs::try_parse_from(v).unwrap()
+        };
+        let mix = Mix::load(&["environment".to_string()], &Overrides::default()).unwrap();
+        let topic = TopicTemplate::parse("devices/{device}/telemetry").unwrap();
+        let devs = device_specs(&parse(&["--first-index", "1"]), &mix, &topic).unwrap();
+        assert_eq!(devs.len(), 2);
+        assert_eq!((devs[0].index, devs[0].id.as_str()), (1, "bd-1"));
+        assert_eq!(&*devs[1].topic, "devices/bd-2/telemetry");
+        let c = devs[1].creds.as_ref().unwrap();
+        assert_eq!(c.username.as_deref(), Some("bd-2"));
+        assert_eq!(c.password.as_deref(), Some(&b"p2"[..]));
+        assert!(device_specs(&parse(&["--first-index", "3"]), &mix, &topic).is_err());
+        assert!(device_specs(&parse(&["--first-index", "1", "-n", "3"]), &mix, &topic).is_err());
+        let _ = std::fs::remove_file(&path);
+    }
 }
