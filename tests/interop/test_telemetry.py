@@ -373,24 +373,32 @@ def test_influx_line_protocol_gzip_write_and_read_back(hub):
     lines_s = "\n".join([
         "# a comment, then a blank line",
         "",
-        r'weather\ station\,v2,host=web\ 1,loc\=ation=roof\,north temp=21.5,count=42i,big=7u,ok=T,'
+        r'weather\ station\,v2,host=web-1,loc\=ation=roof\,north temp=21.5,count=42i,big=7u,ok=T,'
         r'note="say \"hi\" \\ bye" ' + str(base_s + 10),
-        r'weather\ station\,v2,host=web\ 1,loc\=ation=roof\,north temp=-3e-2,ok=false ' + str(base_s + 70),
+        r'weather\ station\,v2,host=web-1,loc\=ation=roof\,north temp=-3e-2,ok=false ' + str(base_s + 70),
     ]) + "\n"
     status, headers, body = influx_write(hub, token, lines_s, precision="s")
     assert status == 204, body
     assert body == b""
     # precision=ms, CRLF line ends; `device` wins over `host` (which stays a tag).
     lines_ms = "\r\n".join([
-        f"cpu,host=web\\ 1,cpu=cpu0 usage_user=3.5,usage_idle=96.5 {base + 20_500}",
-        f"cpu,host=web\\ 1,cpu=cpu0 usage_user=4.25 {base + 21_250}",
+        f"cpu,host=web-1,cpu=cpu0 usage_user=3.5,usage_idle=96.5 {base + 20_500}",
+        f"cpu,host=web-1,cpu=cpu0 usage_user=4.25 {base + 21_250}",
         f"cpu,device=edge-7,host=web\\ 1 usage_user=1i {base + 22_000}",
     ])
     status, _, body = influx_write(hub, token, lines_ms, precision="ms")
     assert status == 204, body
 
+    # A device id that is not one (a space): that point is dropped, the others are written (422).
+    status, _, body = influx_write(
+        hub, token, f"cpu,host=web\\ 1 v=1 {base + 23_000}\ncpu,host=web-2 spare=2 {base + 23_000}",
+        precision="ms")
+    assert status == 422, body
+    assert b"web 1" in body and b"not valid" in body, body
+    assert points(hub, "web-2", "cpu.spare", base, base + HOUR_MS) == [(base + 23_000, 2.0)]
+
     frm, to = base, base + HOUR_MS
-    dev = "web 1"
+    dev = "web-1"
     suffix = r"{loc\=ation=roof\,north}"
     m = "weather station,v2."
     assert typed(points(hub, dev, m + "temp" + suffix, frm, to)) == \
