@@ -180,22 +180,7 @@ async fn a_tenant_created_again_under_a_deleted_ones_id_starts_empty() {
 
 /// Points of `device`/`temp` in the default tenant.
 fn temp_points(hub: &TestHub, device: &str) -> usize {
-    let engine = hub.hub().telemetry.as_ref().unwrap().engine().clone();
-    engine
-        .raw(
-            &ferrohub_types::TenantId::default_tenant(),
-            &ferrohub_tsdb::RawQuery {
-                device: device.into(),
-                metric: "temp".into(),
-                from: 0,
-                to: i64::MAX / 2,
-                limit: 100_000,
-                descending: false,
-            },
-        )
-        .unwrap()
-        .points
-        .len()
+    stored_points(hub, device, "temp").len()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,15 +5,16 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::stored_points;
 use ferrohub_sim::sim::profile::{self, Overrides};
 use ferrohub_sim::sim::{self, DeviceSim, RunArgs, SimArgs, SimCommand, Summary};
 use ferrohub_testkit::TestHub;
-use ferrohub_tsdb::RawQuery;
-use ferrohub_types::TenantId;
 use ferrohub_types::telemetry::Value as HubValue;
 
 /// Every test gives up after this long instead of hanging.
@@ -38,24 +39,6 @@ async fn run(a: &RunArgs) -> Summary {
         .await
         .expect("the run did not stop by itself")
         .unwrap()
-}
-
-fn points(hub: &TestHub, device: &str, metric: &str) -> Vec<(i64, HubValue)> {
-    let engine = hub.hub().telemetry.as_ref().unwrap().engine().clone();
-    engine
-        .raw(
-            &TenantId::default_tenant(),
-            &RawQuery {
-                device: device.into(),
-                metric: metric.into(),
-                from: 0,
-                to: i64::MAX / 2,
-                limit: 100_000,
-                descending: false,
-            },
-        )
-        .unwrap()
-        .points
 }
 
 async fn hub_counter(hub: &TestHub, name: &str) -> f64 {
@@ -85,7 +68,7 @@ fn to_hub(v: &sim::Value) -> HubValue {
 fn check_device(hub: &TestHub, profile: &str, seed: u64, index: u64, device: &str, samples: usize) {
     let p = Arc::new(profile::load(profile, &Overrides::default()).unwrap());
     let names: Vec<String> = p.metric_names().map(String::from).collect();
-    let first = points(hub, device, &names[0]);
+    let first = stored_points(hub, device, &names[0]);
     assert_eq!(first.len(), samples, "{device} {}: {first:?}", names[0]);
     // The interval of the run (the test overrides it) from the stored timestamps.
     let step = first[1].0 - first[0].0;
@@ -94,7 +77,7 @@ fn check_device(hub: &TestHub, profile: &str, seed: u64, index: u64, device: &st
     let mut sim = DeviceSim::new(Arc::new(p2), seed, index, first[0].0);
     let expected: Vec<_> = (0..samples).map(|_| sim.next_sample()).collect();
     for (m, name) in names.iter().enumerate() {
-        let stored = points(hub, device, name);
+        let stored = stored_points(hub, device, name);
         let want: Vec<(i64, HubValue)> = expected
             .iter()
             .map(|s| (s.ts_ms, to_hub(&s.values[m])))
@@ -152,8 +135,8 @@ async fn bounded_runs_deliver_exactly_the_expected_points() {
     }
     // And nothing else: 200 messages, 3 metrics × (100 + 200) samples.
     let total: usize = (0..20)
-        .map(|i| points(&hub, &format!("s5-{i}"), "humidity").len())
-        .chain((100..120).map(|i| points(&hub, &format!("s3-{i}"), "humidity").len()))
+        .map(|i| stored_points(&hub, &format!("s5-{i}"), "humidity").len())
+        .chain((100..120).map(|i| stored_points(&hub, &format!("s3-{i}"), "humidity").len()))
         .sum();
     assert_eq!(total, 300);
     assert_eq!(
@@ -207,7 +190,7 @@ async fn mixed_profiles_in_cbor_reach_the_engine() {
         let p = mix.pick(i);
         for name in p.metric_names() {
             assert_eq!(
-                points(&hub, &format!("mix-{i}"), name).len(),
+                stored_points(&hub, &format!("mix-{i}"), name).len(),
                 3,
                 "mix-{i} ({}) {name}",
                 p.name
@@ -218,10 +201,10 @@ async fn mixed_profiles_in_cbor_reach_the_engine() {
     let gps = (0..12)
         .find(|i| mix.pick(*i).name == "gps-tracker")
         .unwrap();
-    let inside = points(&hub, &format!("mix-{gps}"), "in_depot");
+    let inside = stored_points(&hub, &format!("mix-{gps}"), "in_depot");
     assert!(inside.iter().all(|(_, v)| matches!(v, HubValue::Bool(_))));
     let cold = (0..12).find(|i| mix.pick(*i).name == "cold-chain").unwrap();
-    let state = points(&hub, &format!("mix-{cold}"), "unit_state");
+    let state = stored_points(&hub, &format!("mix-{cold}"), "unit_state");
     assert!(state.iter().all(|(_, v)| matches!(v, HubValue::Str(_))));
     hub.stop().await;
 }

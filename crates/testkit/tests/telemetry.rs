@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use common::*;
 use ferrohub_testkit::TestHub;
-use ferrohub_tsdb::{AggFn, AggregateQuery, RawQuery, SeriesGroup};
+use ferrohub_tsdb::{AggFn, AggregateQuery, SeriesGroup};
 use ferrohub_types::TenantId;
 use ferrohub_types::telemetry::Value;
 use rumqttc::v5::mqttbytes::QoS as Q5;
@@ -23,24 +23,6 @@ fn now_ms() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-fn points(hub: &TestHub, device: &str, metric: &str) -> Vec<(i64, Value)> {
-    let engine = hub.hub().telemetry.as_ref().unwrap().engine().clone();
-    engine
-        .raw(
-            &TenantId::default_tenant(),
-            &RawQuery {
-                device: device.into(),
-                metric: metric.into(),
-                from: 0,
-                to: i64::MAX / 2,
-                limit: 100_000,
-                descending: false,
-            },
-        )
-        .unwrap()
-        .points
 }
 
 fn cbor(v: &serde_json::Value) -> Vec<u8> {
@@ -69,15 +51,21 @@ async fn every_payload_format_round_trips_over_mqtt5_and_311() {
         Some(m5::PubAckReason::Success)
     );
     assert_eq!(
-        points(&hub, "dev-a", "temp"),
+        stored_points(&hub, "dev-a", "temp"),
         vec![(t0, Value::Float(21.5))]
     );
-    assert_eq!(points(&hub, "dev-a", "ok"), vec![(t0, Value::Bool(true))]);
     assert_eq!(
-        points(&hub, "dev-a", "state"),
+        stored_points(&hub, "dev-a", "ok"),
+        vec![(t0, Value::Bool(true))]
+    );
+    assert_eq!(
+        stored_points(&hub, "dev-a", "state"),
         vec![(t0, Value::Str("idle".into()))]
     );
-    assert_eq!(points(&hub, "dev-a", "env.hum"), vec![(t0, Value::Int(40))]);
+    assert_eq!(
+        stored_points(&hub, "dev-a", "env.hum"),
+        vec![(t0, Value::Int(40))]
+    );
     // CBOR named by the MQTT 5 content type; a topic suffix prefixes the metric names.
     let body =
         cbor(&serde_json::json!([{"ts": t0 + 1000, "rpm": 1500}, {"ts": t0 + 2000, "rpm": 1510}]));
@@ -97,7 +85,7 @@ async fn every_payload_format_round_trips_over_mqtt5_and_311() {
         Some(m5::PubAckReason::Success)
     );
     assert_eq!(
-        points(&hub, "dev-a", "motor.rpm"),
+        stored_points(&hub, "dev-a", "motor.rpm"),
         vec![(t0 + 1000, Value::Int(1500)), (t0 + 2000, Value::Int(1510))]
     );
     // MessagePack detected without a content type; a bare scalar named by the topic.
@@ -106,7 +94,7 @@ async fn every_payload_format_round_trips_over_mqtt5_and_311() {
     v5.publish("devices/dev-a/telemetry", Q5::AtLeastOnce, false, &body)
         .await;
     assert_eq!(
-        points(&hub, "dev-a", "power"),
+        stored_points(&hub, "dev-a", "power"),
         vec![(t0 + 3000, Value::Float(3.25))]
     );
     v5.publish(
@@ -116,7 +104,7 @@ async fn every_payload_format_round_trips_over_mqtt5_and_311() {
         b"229.5",
     )
     .await;
-    let v = points(&hub, "dev-a", "voltage");
+    let v = stored_points(&hub, "dev-a", "voltage");
     assert_eq!(v.len(), 1);
     assert!(
         (v[0].0 - now_ms()).abs() < 10_000,
@@ -146,11 +134,11 @@ async fn every_payload_format_round_trips_over_mqtt5_and_311() {
     )
     .await;
     wait_until(Duration::from_secs(5), "QoS 0 point stored", || {
-        points(&hub, "dev-b", "x").len() == 3
+        stored_points(&hub, "dev-b", "x").len() == 3
     })
     .await;
     assert_eq!(
-        points(&hub, "dev-b", "x"),
+        stored_points(&hub, "dev-b", "x"),
         vec![
             (t0, Value::Int(1)),
             (t0 + 1, Value::Int(2)),
@@ -190,7 +178,7 @@ async fn bad_payloads_are_refused_with_0x99_and_never_stored() {
         .await,
         Some(m5::PubAckReason::Success)
     );
-    assert_eq!(points(&hub, "dev-c", "t").len(), 1);
+    assert_eq!(stored_points(&hub, "dev-c", "t").len(), 1);
     // 3.1.1 has no negative acknowledgement: acknowledged (the message was routed) but not stored,
     // and counted.
     let mut v4 = V4::connect(v4_opts(&hub, "dev-d")).await;
@@ -201,7 +189,7 @@ async fn bad_payloads_are_refused_with_0x99_and_never_stored() {
         b"garbage",
     )
     .await;
-    assert!(points(&hub, "dev-d", "garbage").is_empty());
+    assert!(stored_points(&hub, "dev-d", "garbage").is_empty());
     let t = hub.hub().telemetry.as_ref().unwrap();
     assert_eq!(
         t.metrics.invalid.load(std::sync::atomic::Ordering::Relaxed),
@@ -233,7 +221,7 @@ async fn timestamps_out_of_order_duplicates_and_skew() {
         .await;
     }
     assert_eq!(
-        points(&hub, "dev-e", "v"),
+        stored_points(&hub, "dev-e", "v"),
         vec![
             (now - 7 * day, Value::Int(2)),
             (now - 2000, Value::Int(3)),
@@ -250,7 +238,7 @@ async fn timestamps_out_of_order_duplicates_and_skew() {
         )
         .await;
     }
-    let w = points(&hub, "dev-e", "w");
+    let w = stored_points(&hub, "dev-e", "w");
     assert!(
         w.len() <= 2 && w.iter().all(|(t, _)| (t - now_ms()).abs() < 10_000),
         "{w:?}"
@@ -265,7 +253,7 @@ async fn timestamps_out_of_order_duplicates_and_skew() {
     // Sealed into parts and compacted, the answers are the same; aggregates match.
     t.engine().flush().await.unwrap();
     t.engine().compact(true).unwrap();
-    assert_eq!(points(&hub, "dev-e", "v").len(), 3);
+    assert_eq!(stored_points(&hub, "dev-e", "v").len(), 3);
     let agg = t
         .engine()
         .aggregate(
@@ -319,7 +307,7 @@ async fn telemetry_survives_a_graceful_restart_and_tenants_can_change_topics() {
         br#"{"bar": 180}"#,
     )
     .await;
-    assert_eq!(points(&hub, "press-7", "hydraulics.bar").len(), 1);
+    assert_eq!(stored_points(&hub, "press-7", "hydraulics.bar").len(), 1);
     // The default topic is no longer telemetry for this tenant.
     v5.publish(
         "devices/dev-f/telemetry",
@@ -328,7 +316,7 @@ async fn telemetry_survives_a_graceful_restart_and_tenants_can_change_topics() {
         br#"{"a": 2}"#,
     )
     .await;
-    assert_eq!(points(&hub, "dev-f", "a").len(), 1);
+    assert_eq!(stored_points(&hub, "dev-f", "a").len(), 1);
     assert!(
         t.set_settings(
             &TenantId::default_tenant(),
@@ -345,7 +333,7 @@ async fn telemetry_survives_a_graceful_restart_and_tenants_can_change_topics() {
     let mut cfg = ferrohub_testkit::test_config(dir.path().to_path_buf());
     cfg.data_dir = dir.path().to_path_buf();
     let hub = TestHub::start_config(cfg).await.unwrap();
-    assert_eq!(points(&hub, "dev-f", "a").len(), 1);
-    assert_eq!(points(&hub, "press-7", "hydraulics.bar").len(), 1);
+    assert_eq!(stored_points(&hub, "dev-f", "a").len(), 1);
+    assert_eq!(stored_points(&hub, "press-7", "hydraulics.bar").len(), 1);
     hub.stop().await;
 }

@@ -177,3 +177,11 @@ pub fn build() -> (axum::Router<ApiState>, utoipa::openapi::OpenApi) {
 pub fn openapi() -> utoipa::openapi::OpenApi {
     build().1
 }
+
+/// Query parameters as a handler receives them, from literal pairs (for the modules' tests).
+#[cfg(test)]
+pub(crate) fn test_pairs(q: &[(&str, &str)]) -> Vec<(String, String)> {
+    q.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}

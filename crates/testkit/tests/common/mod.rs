@@ -846,3 +846,26 @@ pub async fn raw_subscribe_collect(
         }
     }
 }
+
+/// Every point the hub's telemetry engine holds for a series of the default tenant.
+pub fn stored_points(
+    hub: &TestHub,
+    device: &str,
+    metric: &str,
+) -> Vec<(i64, ferrohub_types::telemetry::Value)> {
+    let engine = hub.hub().telemetry.as_ref().unwrap().engine().clone();
+    engine
+        .raw(
+            &ferrohub_types::TenantId::default_tenant(),
+            &ferrohub_tsdb::RawQuery {
+                device: device.into(),
+                metric: metric.into(),
+                from: 0,
+                to: i64::MAX / 2,
+                limit: 100_000,
+                descending: false,
+            },
+        )
+        .unwrap()
+        .points
+}
