@@ -24,6 +24,16 @@ use super::metrics::{BrokerMetrics, DropReason};
 use super::session::{Attachment, Inflight, InflightState, Kick, Outgoing, PushOutcome, Session};
 use crate::shutdown::Shutdown;
 
+/// What offering a shared-subscription message to the rest of its group gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Handing {
+    /// A member took it.
+    Handed,
+    /// Members exist but none took it (full queues, or they were ending too).
+    Refused,
+    /// No other member.
+    NoMember,
+}
 /// Milliseconds since the Unix epoch.
 pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
@@ -574,6 +584,11 @@ impl Broker {
     async fn redispatch_shared(self: &Arc<Self>, session: &Arc<Session>, include_inflight: bool) {
         let moved: Vec<Outgoing> = {
             let mut ob = session.outbox.lock();
+            if include_inflight {
+                // Ending: from here on a publication that picked this session is given back
+                // (Session::offer) and handed to another member by the publisher.
+                ob.ended = true;
+            }
             let mut moved = Vec::new();
             let mut kept = std::collections::VecDeque::with_capacity(ob.queue.len());
             for out in ob.queue.drain(..) {
@@ -605,19 +620,12 @@ impl Broker {
         if moved.is_empty() {
             return;
         }
-        let tenant_router = self.router.tenant(&session.tenant);
         // Dequeues of this session's copies, logged only for messages that really left it.
         let mut ops = Vec::new();
         let mut kept = Vec::new();
         for out in moved {
-            let member = out
-                .share
-                .as_ref()
-                .and_then(|share| tenant_router.redispatch(share, session.id()));
-            let handed = match member {
-                Some((member, qos)) => self.hand_over(&session.tenant, &member, qos, &out).await,
-                None => false,
-            };
+            let handed =
+                self.hand_to_group(&session.tenant, session, &out).await == Handing::Handed;
             if !handed && !include_inflight {
                 // Nobody else can take it: it stays with this (persistent) session.
                 kept.push(out);
@@ -646,6 +654,51 @@ impl Broker {
             }
         }
         self.submit(ops).await;
+    }
+
+    /// A message that `ended` (a session that has just ended) was to get: through a shared
+    /// subscription, it goes to another member of the group; otherwise it is dropped like any
+    /// message of an ended session. A QoS 1/2 message that members exist for but none could take
+    /// is refused (the publisher is told), never dropped silently.
+    async fn hand_to_another_member(
+        &self,
+        tenant: &TenantId,
+        ended: &Arc<Session>,
+        out: Outgoing,
+    ) -> PushOutcome {
+        match self.hand_to_group(tenant, ended, &out).await {
+            Handing::Handed => PushOutcome::Queued,
+            Handing::Refused if out.qos != QoS::AtMostOnce => PushOutcome::Refused,
+            Handing::Refused | Handing::NoMember => {
+                self.metrics.drop_message(DropReason::SessionEnded);
+                PushOutcome::Dropped
+            }
+        }
+    }
+
+    /// Offers `out` (a shared-subscription message of `from`) to other members of its group: a
+    /// few tries, since members can be leaving at the same time.
+    async fn hand_to_group(
+        &self,
+        tenant: &TenantId,
+        from: &Arc<Session>,
+        out: &Outgoing,
+    ) -> Handing {
+        let Some(share) = &out.share else {
+            return Handing::NoMember;
+        };
+        let tenant_router = self.router.tenant(tenant);
+        let mut result = Handing::NoMember;
+        for _ in 0..4 {
+            let Some((member, qos)) = tenant_router.redispatch(share, from.id()) else {
+                break;
+            };
+            if self.hand_over(tenant, &member, qos, out).await {
+                return Handing::Handed;
+            }
+            result = Handing::Refused;
+        }
+        result
     }
 
     /// Gives a copy of `out` to another share-group member, persisting it first when the member's
@@ -679,8 +732,12 @@ impl Broker {
             .await;
         }
         let message_id = copy.message_id;
-        if member.push(copy) != PushOutcome::Refused {
-            return true;
+        match member.offer(copy) {
+            Ok(PushOutcome::Refused) => {}
+            Ok(_) => return true,
+            // The member ended after it was chosen: it handed its messages on already, so this
+            // copy is not delivered by it.
+            Err(_) => {}
         }
         if persisted {
             self.submit(vec![StoreOp::Dequeue {
@@ -804,7 +861,7 @@ impl Broker {
             let persisted =
                 message_id != 0 && m.qos != QoS::AtMostOnce && m.subscriber.is_persistent();
             let client_id = persisted.then(|| m.subscriber.client_id.clone());
-            let outcome = m.subscriber.push(Outgoing {
+            let offered = m.subscriber.offer(Outgoing {
                 message: message.clone(),
                 qos: m.qos,
                 retain: m.retain,
@@ -812,6 +869,22 @@ impl Broker {
                 message_id: if persisted { message_id } else { 0 },
                 share: m.share,
             });
+            let outcome = match offered {
+                Ok(outcome) => outcome,
+                Err(out) => {
+                    // The subscriber's session ended between routing and now. Its copy in the
+                    // store goes; a shared-subscription message goes to another member.
+                    if let Some(client_id) = client_id.clone() {
+                        undo.push(StoreOp::Dequeue {
+                            tenant: tenant.clone(),
+                            client_id,
+                            message_id,
+                        });
+                    }
+                    self.hand_to_another_member(tenant, &m.subscriber, out)
+                        .await
+                }
+            };
             if outcome == PushOutcome::Refused {
                 result.refused = true;
                 if let Some(client_id) = client_id {

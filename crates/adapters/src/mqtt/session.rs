@@ -76,6 +76,10 @@ pub struct Outbox {
     /// Sent and unacknowledged, in send order, by packet identifier.
     pub inflight: IndexMap<u16, Inflight>,
     next_packet_id: u16,
+    /// The session has ended (its shared-subscription messages were handed on): nothing may be
+    /// queued any more. Set under this lock, so a publication that chose this session just before
+    /// it ended is either moved on with the rest or given back by [`Session::offer`].
+    pub ended: bool,
 }
 
 impl Outbox {
@@ -189,22 +193,37 @@ impl Session {
     /// queue makes room for QoS 1/2 by dropping its oldest QoS 0 message; with no QoS 0 to drop,
     /// a QoS 1/2 message is refused.
     pub fn push(&self, out: Outgoing) -> PushOutcome {
+        match self.offer(out) {
+            Ok(outcome) => outcome,
+            Err(_) => {
+                self.metrics.drop_message(DropReason::SessionEnded);
+                PushOutcome::Dropped
+            }
+        }
+    }
+
+    /// [`Session::push`], except that a session that has ended gives the message back (`Err`), so
+    /// that a shared-subscription message can go to another member of its group.
+    pub fn offer(&self, out: Outgoing) -> Result<PushOutcome, Outgoing> {
         let online = self.online.load(Relaxed);
         if out.qos == QoS::AtMostOnce && !online && !self.queue_qos0_offline {
             self.metrics.drop_message(DropReason::OfflineQos0);
-            return PushOutcome::Dropped;
+            return Ok(PushOutcome::Dropped);
         }
         let mut ob = self.outbox.lock();
+        if ob.ended {
+            return Err(out);
+        }
         if ob.queue.len() >= self.max_queued {
             if out.qos == QoS::AtMostOnce {
                 drop(ob);
                 self.metrics.drop_message(DropReason::QueueFull);
-                return PushOutcome::Dropped;
+                return Ok(PushOutcome::Dropped);
             }
             if ob.qos0_queued == 0 {
                 drop(ob);
                 self.metrics.drop_message(DropReason::QuotaRefused);
-                return PushOutcome::Refused;
+                return Ok(PushOutcome::Refused);
             }
             if let Some(pos) = ob.queue.iter().position(|o| o.qos == QoS::AtMostOnce) {
                 ob.queue.remove(pos);
@@ -223,7 +242,7 @@ impl Session {
         if was_empty && online {
             self.wake.notify_one();
         }
-        PushOutcome::Queued
+        Ok(PushOutcome::Queued)
     }
 
     /// Empties queue and in-flight window (session end), returning what was in them.
@@ -248,5 +267,48 @@ impl Subscriber for Session {
 
     fn is_available(&self) -> bool {
         self.online.load(Relaxed) && self.outbox.lock().queue.len() < self.max_queued
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use ferrohub_types::{Message, TopicLimits, TopicName};
+
+    fn outgoing(qos: QoS) -> Outgoing {
+        Outgoing {
+            message: Arc::new(Message {
+                topic: TopicName::new("t", &TopicLimits::default()).unwrap(),
+                payload: bytes::Bytes::from_static(b"x"),
+                qos,
+                retain: false,
+                received_at: 0,
+                properties: None,
+            }),
+            qos,
+            retain: false,
+            subscription_ids: SmallVec::new(),
+            message_id: 0,
+            share: None,
+        }
+    }
+
+    #[test]
+    fn an_ended_session_gives_messages_back() {
+        let metrics = Arc::new(BrokerMetrics::default());
+        let s = Session::new(1, TenantId::new("t"), "c".into(), 10, true, metrics.clone());
+        assert_eq!(
+            s.offer(outgoing(QoS::AtLeastOnce)).ok(),
+            Some(PushOutcome::Queued)
+        );
+        s.outbox.lock().ended = true;
+        // A publication that chose this session before it ended comes back to its publisher
+        // (which hands a shared-subscription message to another member) ...
+        assert!(s.offer(outgoing(QoS::AtLeastOnce)).is_err());
+        // ... and `push` counts it as dropped with the session, never queues it.
+        assert_eq!(s.push(outgoing(QoS::AtLeastOnce)), PushOutcome::Dropped);
+        assert_eq!(metrics.dropped(DropReason::SessionEnded), 1);
+        assert_eq!(s.outbox.lock().queue.len(), 1);
     }
 }
