@@ -446,6 +446,13 @@ impl Telemetry {
         let Some(device) = device.or(fallback_device).filter(|d| !d.is_empty()) else {
             return invalid("the telemetry topic names no device".into());
         };
+        if !ferrohub_types::id::is_valid_id(device) {
+            return invalid(format!(
+                "the telemetry topic names device {device:?}, which is not a valid device id \
+                 ({})",
+                ferrohub_types::id::ID_RULE
+            ));
+        }
         let format = content_type
             .and_then(PayloadFormat::from_content_type)
             .unwrap_or(default_format);

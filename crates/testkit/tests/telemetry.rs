@@ -179,6 +179,18 @@ async fn bad_payloads_are_refused_with_0x99_and_never_stored() {
         Some(m5::PubAckReason::Success)
     );
     assert_eq!(stored_points(&hub, "dev-c", "t").len(), 1);
+    // A topic level that is not a device id (anonymous clients may publish anywhere): refused.
+    assert_eq!(
+        v5.publish(
+            "devices/dev c/telemetry",
+            Q5::AtLeastOnce,
+            false,
+            br#"{"t": 1}"#
+        )
+        .await,
+        Some(m5::PubAckReason::PayloadFormatInvalid)
+    );
+    assert!(stored_points(&hub, "dev c", "t").is_empty());
     // 3.1.1 has no negative acknowledgement: acknowledged (the message was routed) but not stored,
     // and counted.
     let mut v4 = V4::connect(v4_opts(&hub, "dev-d")).await;
@@ -193,7 +205,7 @@ async fn bad_payloads_are_refused_with_0x99_and_never_stored() {
     let t = hub.hub().telemetry.as_ref().unwrap();
     assert_eq!(
         t.metrics.invalid.load(std::sync::atomic::Ordering::Relaxed),
-        5
+        6
     );
     hub.stop().await;
 }
