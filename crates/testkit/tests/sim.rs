@@ -1,7 +1,9 @@
 //! `ferrohub sim` against a real hub in-process: a bounded run over MQTT 5 and 3.1.1 delivers
 //! exactly the expected messages, the hub's telemetry engine holds exactly the expected points
 //! (the same values the generators compute offline), runs stop by their duration or the caller's
-//! shutdown, credentials are passed, and a run where no device connects is an error.
+//! shutdown, credentials are passed, and a run where no device connects is an error. With chaos,
+//! devices that drop their connections reconnect and deliver every message that was not lost on
+//! purpose, and misbehaving devices get the hub's 0x99 answers while the others are unaffected.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -106,6 +108,9 @@ async fn bounded_runs_deliver_exactly_the_expected_points() {
     assert_eq!(s5.protocol, "5.0");
     assert!(s5.latency_p50_ms > 0.0 && s5.latency_p99_ms >= s5.latency_p50_ms);
     assert!(s5.first_error.is_none());
+    // Chaos off: no reconnects, no chaos actions, no error answers.
+    assert_eq!((s5.reconnects, s5.reconnect_failures), (0, 0), "{s5:?}");
+    assert!(s5.chaos.is_empty() && s5.answers.is_empty(), "{s5:?}");
 
     // MQTT 3.1.1, MessagePack (no content type: the hub detects it), batches of two samples,
     // devices 100..119 of a fleet.
@@ -300,4 +305,71 @@ async fn nothing_listening_is_an_error() {
     let s = run(&a).await;
     assert_eq!((s.connected, s.failed_connects), (0, 2));
     assert!(s.first_error.unwrap().contains("connect"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_disconnects_reconnect_and_deliver_every_message_not_lost() {
+    let hub = TestHub::start().await.unwrap();
+    let (devices, per_device, seed) = (6u64, 30u64, 3u64);
+    let s = run(&args(
+        hub.mqtt,
+        &format!(
+            "--devices {devices} --prefix cd --messages-per-device {per_device} --interval 50ms \
+            --connect-rate 0 --seed {seed} --chaos-disconnect 60 --reconnect-backoff 20ms..200ms \
+            --chaos-loss 0.1 --chaos-latency 1..5 --chaos-burst 5@300ms --chaos-clock-skew 2s"
+        ),
+    ))
+    .await;
+    let chaos = sim::chaos::Chaos {
+        loss: 0.1,
+        ..Default::default()
+    };
+    let lost: Vec<u64> = (0..devices)
+        .map(|i| (0..per_device).filter(|m| chaos.lost(seed, i, *m)).count() as u64)
+        .collect();
+    let total_lost: u64 = lost.iter().sum();
+    assert!(total_lost > 0);
+    assert_eq!((s.connected, s.errors), (devices, 0), "{s:?}");
+    let disconnects = s.chaos.get("disconnect").copied().unwrap_or(0);
+    assert!(disconnects > 0, "{s:?}");
+    assert_eq!(s.reconnects, disconnects, "{s:?}");
+    assert_eq!(s.chaos.get("loss").copied(), Some(total_lost), "{s:?}");
+    assert!(s.chaos.get("burst").copied().unwrap_or(0) > 0, "{s:?}");
+    assert!(s.chaos.get("latency").copied().unwrap_or(0) > 0, "{s:?}");
+    assert_eq!(s.messages_sent, devices * per_device - total_lost, "{s:?}");
+    assert_eq!(s.messages_acked, s.messages_sent, "{s:?}");
+    for i in 0..devices {
+        let stored = stored_points(&hub, &format!("cd-{i}"), "humidity");
+        assert_eq!(stored.len() as u64, per_device - lost[i as usize], "cd-{i}");
+    }
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_devices_meet_the_hubs_protections_and_others_are_unaffected() {
+    let hub = TestHub::start().await.unwrap();
+    let (devices, per_device, seed, fraction) = (10u64, 20u64, 5u64, 0.5);
+    let s = run(&args(
+        hub.mqtt,
+        &format!(
+            "--devices {devices} --prefix mb --messages-per-device {per_device} --interval 20ms \
+            --connect-rate 0 --seed {seed} --chaos-misbehave {fraction} \
+            --reconnect-backoff 20ms..200ms"
+        ),
+    ))
+    .await;
+    let bad: Vec<u64> = (0..devices)
+        .filter(|i| sim::chaos::misbehaves(fraction, seed, *i))
+        .collect();
+    assert!(!bad.is_empty() && bad.len() < devices as usize, "{bad:?}");
+    assert_eq!(s.connected, devices, "{s:?}");
+    assert!(s.chaos.get("malformed").copied().unwrap_or(0) > 0, "{s:?}");
+    assert!(s.answers.get("PUBACK 0x99").copied().unwrap_or(0) > 0, "{s:?}");
+    // Well-behaved devices: every point stored.
+    for i in (0..devices).filter(|i| !bad.contains(i)) {
+        let stored = stored_points(&hub, &format!("mb-{i}"), "humidity");
+        assert_eq!(stored.len() as u64, per_device, "mb-{i}: {s:?}");
+    }
+    assert!(hub_counter(&hub, "ferrohub_telemetry_invalid_total").await > 0.0);
+    hub.stop().await;
 }

@@ -6,10 +6,13 @@
 //! * `encode`: payloads in JSON, CBOR or MessagePack, one sample or a batch per message;
 //! * [`run`]: one task and one MQTT connection per device (the bench harness's raw client,
 //!   `crate::bench::wire`), ramp-up, QoS 0/1 with a bounded in-flight window, bounded runs;
+//! * [`chaos`]: reconnects with back-off, and chaos (random disconnects, latency, loss, clock
+//!   skew, bursts, misbehaving devices), deterministic under the seed;
 //! * `report`: the live progress line and the final summary (table or JSON).
 //!
 //! See `docs/sim.md` for the user's guide and the profile reference.
 
+pub mod chaos;
 mod encode;
 pub mod generate;
 pub mod profile;
@@ -177,6 +180,40 @@ pub struct RunArgs {
     /// No progress line (it is never drawn when stderr is not a terminal).
     #[arg(long, help_heading = "Output")]
     pub no_progress: bool,
+
+    /// Back-off between reconnection attempts: MIN[..MAX] (doubling from MIN up to MAX, with
+    /// jitter; plain numbers are milliseconds).
+    #[arg(long, default_value = "100ms..5s", value_parser = chaos::parse_backoff, help_heading = "Reconnect")]
+    pub reconnect_backoff: (Duration, Duration),
+    /// Consecutive failed reconnection attempts after which a device gives up (0: a lost
+    /// connection is not re-established).
+    #[arg(long, default_value_t = 10, help_heading = "Reconnect")]
+    pub reconnect_attempts: u32,
+    /// Retries of a device's first connect (0: a device whose first connect fails gives up).
+    #[arg(long, default_value_t = 0, help_heading = "Reconnect")]
+    pub connect_retries: u32,
+
+    /// Random disconnects: mean disconnects per device per minute (0.5), or the mean time between
+    /// two (2m); the device drops its connection and reconnects after a random pause.
+    #[arg(long, value_name = "RATE", value_parser = chaos::parse_rate, help_heading = "Chaos")]
+    pub chaos_disconnect: Option<f64>,
+    /// Application-level delay before each publish: MS or MS..MS (uniform in the range).
+    #[arg(long, value_name = "MS[..MS]", value_parser = chaos::parse_latency, help_heading = "Chaos")]
+    pub chaos_latency: Option<(Duration, Duration)>,
+    /// Application-level loss: this share of messages is skipped (counted, never sent).
+    #[arg(long, value_name = "FRACTION", value_parser = chaos::parse_fraction, help_heading = "Chaos")]
+    pub chaos_loss: Option<f64>,
+    /// Offset each device's timestamps by its own random skew within ±this (e.g. 30s).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, help_heading = "Chaos")]
+    pub chaos_clock_skew: Option<Duration>,
+    /// Bursts: now and then (about every INTERVAL per device, default 1m) a device sends its
+    /// next N messages at once.
+    #[arg(long, value_name = "N[@INTERVAL]", value_parser = chaos::parse_burst, help_heading = "Chaos")]
+    pub chaos_burst: Option<(u32, Duration)>,
+    /// This share of devices misbehaves: with some of their messages they also send an
+    /// oversized payload, malformed JSON or a flood.
+    #[arg(long, value_name = "FRACTION", value_parser = chaos::parse_fraction, help_heading = "Chaos")]
+    pub chaos_misbehave: Option<f64>,
 }
 
 /// Arguments of `ferrohub sim profiles`.
@@ -495,6 +532,20 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
         ack_timeout: a.ack_timeout,
         drain: a.drain,
         progress: !a.no_progress,
+        reconnect: chaos::Reconnect {
+            min: a.reconnect_backoff.0,
+            max: a.reconnect_backoff.1,
+            attempts: a.reconnect_attempts,
+            connect_retries: a.connect_retries,
+        },
+        chaos: chaos::Chaos {
+            disconnect_per_min: a.chaos_disconnect.unwrap_or(0.0),
+            latency: a.chaos_latency,
+            loss: a.chaos_loss.unwrap_or(0.0),
+            clock_skew: a.chaos_clock_skew.unwrap_or_default(),
+            burst: a.chaos_burst,
+            misbehave: a.chaos_misbehave.unwrap_or(0.0),
+        },
     };
     if cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let bound = match (a.duration, a.messages_per_device) {

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::chaos::Action;
 use super::run::{RunConfig, Shared};
 
 /// The outcome of `ferrohub sim run`.
@@ -57,6 +58,20 @@ pub struct Summary {
     pub latency_max_ms: f64,
     /// Wall time of the run, seconds (ramp-up and drain included).
     pub duration_s: f64,
+    /// Connections re-established after a lost connection or a chaos disconnect.
+    #[serde(default)]
+    pub reconnects: u64,
+    /// Reconnection attempts that failed.
+    #[serde(default)]
+    pub reconnect_failures: u64,
+    /// Chaos actions taken, by kind (`disconnect`, `latency`, `loss`, `burst`, `oversized`,
+    /// `malformed`, `flood`); only kinds that happened.
+    #[serde(default)]
+    pub chaos: BTreeMap<String, u64>,
+    /// The broker's error answers by packet and reason code (`"PUBACK 0x99"`, `"DISCONNECT
+    /// 0x95"`, `"CONNACK 0x86"`), including those to deliberate misbehaviour.
+    #[serde(default)]
+    pub answers: BTreeMap<String, u64>,
     /// The run was stopped by a signal.
     pub interrupted: bool,
     /// The first error any device met.
@@ -107,6 +122,15 @@ impl Summary {
             latency_p99_ms: q(0.99),
             latency_max_ms: lat.as_ref().map_or(0.0, |l| l.max_ms()),
             duration_s: secs,
+            reconnects: s.reconnects.load(Relaxed),
+            reconnect_failures: s.reconnect_failures.load(Relaxed),
+            chaos: Action::ALL
+                .iter()
+                .zip(&s.chaos)
+                .map(|(a, c)| (a.name().to_string(), c.load(Relaxed)))
+                .filter(|(_, c)| *c > 0)
+                .collect(),
+            answers: s.answers.lock().clone(),
             interrupted,
             first_error: s.first_error.lock().clone(),
         }
@@ -153,6 +177,27 @@ impl Summary {
                 self.errors, self.refused, self.connections_lost, self.unacked
             ),
         ));
+        if self.reconnects > 0 || self.reconnect_failures > 0 {
+            rows.push((
+                "reconnects",
+                format!(
+                    "{} ({} failed attempts)",
+                    self.reconnects, self.reconnect_failures
+                ),
+            ));
+        }
+        let join = |m: &BTreeMap<String, u64>| {
+            m.iter()
+                .map(|(k, v)| format!("{k} {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        if !self.chaos.is_empty() {
+            rows.push(("chaos", join(&self.chaos)));
+        }
+        if !self.answers.is_empty() {
+            rows.push(("broker answers", join(&self.answers)));
+        }
         rows.push(("msgs/s", format!("{:.1}", self.msgs_per_s)));
         if self.qos > 0 {
             rows.push(("PUBACK p50", ms(self.latency_p50_ms)));

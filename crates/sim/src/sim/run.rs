@@ -11,6 +11,7 @@
 //! caller's shutdown future resolved) each device waits up to `drain` for its outstanding
 //! PUBACKs, sends DISCONNECT and closes.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,13 +27,14 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::chaos::{self, Action, Chaos, Misbehaviour, Reconnect};
 use super::encode::encode;
 use super::generate::{self, DeviceSim, Sample};
 use super::profile::Profile;
 use super::report::{Progress, Summary};
 use crate::bench::stats::Latency;
 use crate::bench::wire::{
-    ClientOpts, Creds, Session, WindowSlot, spawn_packet_reader, take_window_slot,
+    ClientOpts, ConnError, Creds, Session, WindowSlot, spawn_packet_reader, take_window_slot,
 };
 
 /// One simulated device of this process.
@@ -77,7 +79,14 @@ pub struct RunConfig {
     pub drain: Duration,
     /// Print a progress line on stderr every second.
     pub progress: bool,
+    /// How devices reconnect.
+    pub reconnect: Reconnect,
+    /// Chaos (all off by default).
+    pub chaos: Chaos,
 }
+
+/// Size of an oversized payload (above Ferrohub's default maximum packet size of 1 MiB).
+pub const OVERSIZE_BYTES: usize = 2 * 1024 * 1024;
 
 /// Why a run could not start.
 #[derive(Debug, Error)]
@@ -105,11 +114,29 @@ pub(crate) struct Shared {
     pub refused: AtomicU64,
     pub lost: AtomicU64,
     pub unacked: AtomicU64,
+    pub reconnects: AtomicU64,
+    pub reconnect_failures: AtomicU64,
+    pub chaos: [AtomicU64; Action::ALL.len()],
+    pub answers: Mutex<BTreeMap<String, u64>>,
     pub first_error: Mutex<Option<String>>,
     pub latency: Vec<Mutex<Latency>>,
 }
 
 impl Shared {
+    fn chaos(&self, a: Action) {
+        if let Some(c) = self.chaos.get(a as usize) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn answer(&self, packet: &str, code: u8) {
+        *self
+            .answers
+            .lock()
+            .entry(format!("{packet} {code:#04x}"))
+            .or_insert(0) += 1;
+    }
+
     fn note_error(&self, e: impl FnOnce() -> String) {
         let mut first = self.first_error.lock();
         if first.is_none() {
@@ -160,6 +187,10 @@ pub async fn run(
         refused: AtomicU64::new(0),
         lost: AtomicU64::new(0),
         unacked: AtomicU64::new(0),
+        reconnects: AtomicU64::new(0),
+        reconnect_failures: AtomicU64::new(0),
+        chaos: Default::default(),
+        answers: Mutex::new(BTreeMap::new()),
         first_error: Mutex::new(None),
         latency,
     });
@@ -267,8 +298,10 @@ async fn launch(
 }
 
 /// Packet ids in flight on one connection: send times indexed by id, and the free ids.
+/// Packet ids in flight on one connection: send times indexed by id (and whether the message was
+/// a deliberate misbehaviour, whose answer is counted apart), and the free ids.
 struct InFlight {
-    sent: Vec<Option<Instant>>,
+    sent: Vec<Option<(Instant, bool)>>,
     free: Vec<u16>,
 }
 
@@ -280,8 +313,12 @@ impl InFlight {
         }
     }
 
+    /// Regular messages awaiting their PUBACK.
     fn outstanding(&self) -> u64 {
-        self.sent.iter().filter(|s| s.is_some()).count() as u64
+        self.sent
+            .iter()
+            .filter(|s| matches!(s, Some((_, false))))
+            .count() as u64
     }
 }
 
@@ -295,6 +332,18 @@ enum End {
     Lost(String),
     /// The window stayed full for the ack timeout.
     AckTimeout,
+    /// A chaos disconnect is due.
+    Chaos,
+}
+
+/// What a connection's end means for the device.
+enum Outcome {
+    /// The device is done (with the error it met, if any).
+    Finished(Result<(), String>),
+    /// The connection was lost: reconnect after a back-off.
+    Lost(String),
+    /// The device dropped its connection on purpose: reconnect after a pause.
+    Chaos,
 }
 
 fn now_ms() -> i64 {
@@ -310,6 +359,69 @@ fn times(d: Duration, n: u64) -> Duration {
     Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
 }
 
+/// What a device keeps across its connections: its generator and its place in its schedule.
+struct DevState {
+    sim: DeviceSim,
+    samples: Vec<Sample>,
+    /// The samples of message `m` are generated but the message is not sent yet.
+    pending: bool,
+    /// Time of the first sample.
+    first: tokio::time::Instant,
+    /// Messages of the device so far (sent or lost).
+    m: u64,
+    /// Messages still to send at once (a burst).
+    burst_left: u64,
+    /// Bursts so far.
+    bursts: u64,
+    next_burst: Option<tokio::time::Instant>,
+    misbehaves: bool,
+    /// The misbehaviour of this message was sent already (before a reconnect).
+    misbehaved_at: Option<u64>,
+    /// Connections so far.
+    conn: u64,
+}
+
+impl DevState {
+    fn new(cfg: &RunConfig, spec: &DeviceSpec) -> DevState {
+        let profile = spec.profile.clone();
+        let phase = profile
+            .interval
+            .mul_f64(generate::phase(cfg.seed, spec.index));
+        let first = tokio::time::Instant::now() + phase;
+        let start_ms = now_ms()
+            .saturating_add(i64::try_from(phase.as_millis()).unwrap_or(0))
+            .saturating_add(cfg.chaos.skew_ms(cfg.seed, spec.index));
+        let batch = profile.batch.max(1) as usize;
+        DevState {
+            sim: DeviceSim::new(profile, cfg.seed, spec.index, start_ms),
+            samples: vec![Sample::default(); batch],
+            pending: false,
+            first,
+            m: 0,
+            burst_left: 0,
+            bursts: 0,
+            next_burst: cfg
+                .chaos
+                .burst_after(cfg.seed, spec.index, 0)
+                .map(|(_, d)| first + d),
+            misbehaves: cfg.chaos.misbehaves(cfg.seed, spec.index),
+            misbehaved_at: None,
+            conn: 0,
+        }
+    }
+}
+
+/// Sleeps `d` unless the run stops first (then false).
+async fn pause_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    if *stop.borrow() {
+        return false;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(d) => true,
+        _ = stop.wait_for(|s| *s) => false,
+    }
+}
+
 async fn device(
     cfg: Arc<RunConfig>,
     shared: Arc<Shared>,
@@ -317,28 +429,127 @@ async fn device(
     permit: OwnedSemaphorePermit,
     mut stop: watch::Receiver<bool>,
 ) {
-    let connect = Session::connect_as(&cfg.opts, spec.id.clone(), spec.creds.as_ref(), 8 * 1024);
-    let session = tokio::select! {
-        r = connect => r,
-        _ = stop.wait_for(|s| *s) => return,
-    };
-    drop(permit);
-    let session = match session {
-        Ok(s) => s,
-        Err(e) => {
-            shared.failed_connects.fetch_add(1, Relaxed);
-            shared.note_error(|| format!("{}: connect: {e}", spec.id));
+    let mut permit = Some(permit);
+    let mut state: Option<DevState> = None;
+    // Consecutive failed attempts, and every attempt (the key of the back-off draws).
+    let mut attempt: u32 = 0;
+    let mut tries: u64 = 0;
+    loop {
+        let connect =
+            Session::connect_as(&cfg.opts, spec.id.clone(), spec.creds.as_ref(), 8 * 1024);
+        let session = tokio::select! {
+            r = connect => r,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        drop(permit.take());
+        let session = match session {
+            Ok(s) => s,
+            Err(e) => {
+                if let ConnError::Refused { code, .. } = &e {
+                    shared.answer("CONNACK", *code);
+                }
+                let limit = match state {
+                    None => cfg.reconnect.connect_retries,
+                    Some(_) => {
+                        shared.reconnect_failures.fetch_add(1, Relaxed);
+                        cfg.reconnect.attempts
+                    }
+                };
+                if attempt >= limit {
+                    if state.is_none() {
+                        shared.failed_connects.fetch_add(1, Relaxed);
+                    }
+                    shared.note_error(|| format!("{}: connect: {e}", spec.id));
+                    return;
+                }
+                let pause = cfg.reconnect.backoff(cfg.seed, spec.index, attempt, tries);
+                attempt += 1;
+                tries += 1;
+                if !pause_or_stop(pause, &mut stop).await {
+                    return;
+                }
+                continue;
+            }
+        };
+        attempt = 0;
+        let st = match &mut state {
+            Some(st) => {
+                shared.reconnects.fetch_add(1, Relaxed);
+                st
+            }
+            None => {
+                shared.connected.fetch_add(1, Relaxed);
+                state.insert(DevState::new(&cfg, &spec))
+            }
+        };
+        shared.online.fetch_add(1, Relaxed);
+        let outcome = publish_loop(&cfg, &shared, &spec, session, st, &mut stop).await;
+        shared.online.fetch_sub(1, Relaxed);
+        let pause = match outcome {
+            Outcome::Finished(Ok(())) => return,
+            Outcome::Finished(Err(e)) => {
+                shared.note_error(|| format!("{}: {e}", spec.id));
+                return;
+            }
+            Outcome::Lost(e) => {
+                shared.note_error(|| format!("{}: {e}", spec.id));
+                if cfg.reconnect.attempts == 0 {
+                    return;
+                }
+                let p = cfg.reconnect.backoff(cfg.seed, spec.index, 0, tries);
+                tries += 1;
+                p
+            }
+            Outcome::Chaos => cfg
+                .chaos
+                .pause(&cfg.reconnect, cfg.seed, spec.index, st.conn),
+        };
+        if !pause_or_stop(pause, &mut stop).await {
             return;
         }
-    };
-    shared.connected.fetch_add(1, Relaxed);
-    shared.online.fetch_add(1, Relaxed);
-    let end = publish_loop(&cfg, &shared, &spec, session, &mut stop).await;
-    shared.online.fetch_sub(1, Relaxed);
-    match end {
-        Ok(()) => {}
-        Err(e) => shared.note_error(|| format!("{}: {e}", spec.id)),
     }
+}
+
+/// The reason a connection ended: what the broker said in its DISCONNECT, or `what`.
+fn lost(server_said: &Mutex<Option<String>>, what: String) -> End {
+    End::Lost(server_said.lock().take().unwrap_or(what))
+}
+
+/// Takes a window slot and a packet id for a QoS 1 message.
+#[allow(clippy::too_many_arguments)]
+async fn take_id(
+    cfg: &RunConfig,
+    window: &Semaphore,
+    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wbuf: &mut BytesMut,
+    inflight: &Mutex<InFlight>,
+    stop: &mut watch::Receiver<bool>,
+    reader: &mut JoinHandle<()>,
+    server_said: &Mutex<Option<String>>,
+    bad: bool,
+) -> Result<u16, End> {
+    let slot = tokio::select! {
+        r = take_window_slot(window, wr, wbuf, cfg.ack_timeout) => r,
+        _ = stop.wait_for(|s| *s) => return Err(End::Stopped),
+        _ = reader => return Err(lost(server_said, "the broker closed the connection".into())),
+    };
+    match slot {
+        Ok(WindowSlot::Taken) => {}
+        Ok(WindowSlot::Closed) => return Err(End::Stopped),
+        Ok(WindowSlot::TimedOut) => return Err(End::AckTimeout),
+        Err(e) => return Err(lost(server_said, format!("writing: {e}"))),
+    }
+    let mut f = inflight.lock();
+    let Some(id) = f.free.pop() else {
+        // Unreachable: a permit is only returned together with its id.
+        return Err(End::Lost(
+            "internal error: a window slot without a packet id".into(),
+        ));
+    };
+    if let Some(slot) = f.sent.get_mut(usize::from(id)) {
+        *slot = Some((Instant::now(), bad));
+    }
+    Ok(id)
 }
 
 async fn publish_loop(
@@ -346,8 +557,9 @@ async fn publish_loop(
     shared: &Arc<Shared>,
     spec: &DeviceSpec,
     session: Session,
+    st: &mut DevState,
     stop: &mut watch::Receiver<bool>,
-) -> Result<(), String> {
+) -> Outcome {
     let version = session.version;
     let qos1 = cfg.qos != QoS::AtMostOnce;
     let window_size = usize::from(cfg.inflight.min(session.server_receive_max).max(1));
@@ -377,8 +589,14 @@ async fn publish_loop(
                     }
                     at
                 };
-                let Some(at) = at else { return };
+                let Some((at, bad)) = at else { return };
                 window.add_permits(1);
+                if ack.code >= 0x80 {
+                    shared.answer("PUBACK", ack.code);
+                }
+                if bad {
+                    return;
+                }
                 if ack.code < 0x80 {
                     shared.acked.fetch_add(1, Relaxed);
                     if let Some(l) = shared.latency.get(stripe) {
@@ -401,6 +619,7 @@ async fn publish_loop(
                 }
             }
             Packet::Disconnect(d) => {
+                shared.answer("DISCONNECT", d.code);
                 *server_said.lock() = Some(format!(
                     "the broker sent DISCONNECT {:#04x} ({})",
                     d.code,
@@ -414,11 +633,8 @@ async fn publish_loop(
     let profile = spec.profile.clone();
     let interval = profile.interval;
     let batch = u64::from(profile.batch.max(1));
-    let phase = interval.mul_f64(generate::phase(cfg.seed, spec.index));
-    let first = tokio::time::Instant::now() + phase;
-    let start_ms = now_ms().saturating_add(i64::try_from(phase.as_millis()).unwrap_or(0));
-    let mut sim = DeviceSim::new(profile.clone(), cfg.seed, spec.index, start_ms);
-    let mut samples = vec![Sample::default(); batch as usize];
+    let chaos = &cfg.chaos;
+    let (seed, index) = (cfg.seed, spec.index);
     let mut payload = Vec::with_capacity(256);
     let mut wbuf = BytesMut::with_capacity(1024);
     let ping_every = cfg.opts.ping_every();
@@ -431,18 +647,48 @@ async fn publish_loop(
     } else {
         PublishProperties::default()
     };
-    let lost = |server_said: &Mutex<Option<String>>, what: String| {
-        End::Lost(server_said.lock().take().unwrap_or(what))
-    };
-    let mut m: u64 = 0;
+    let disconnect_at = chaos
+        .disconnect_after(seed, index, st.conn)
+        .map(|d| tokio::time::Instant::now() + d);
+    st.conn += 1;
     let end = 'run: loop {
-        if cfg.messages_per_device.is_some_and(|limit| m >= limit) {
+        if cfg.messages_per_device.is_some_and(|limit| st.m >= limit) {
             break End::Done;
         }
-        // The message is due when its last sample is taken.
-        let due = first + times(interval, m * batch + batch - 1);
+        let now = tokio::time::Instant::now();
+        if disconnect_at.is_some_and(|t| now >= t) {
+            break End::Chaos;
+        }
+        if let Some(at) = st.next_burst.filter(|at| now >= *at) {
+            st.bursts += 1;
+            match chaos.burst_after(seed, index, st.bursts) {
+                Some((n, d)) => {
+                    st.burst_left += u64::from(n);
+                    st.next_burst = Some(at + d);
+                    shared.chaos(Action::Burst);
+                }
+                None => st.next_burst = None,
+            }
+        }
+        // The message is due when its last sample is taken (in a burst: now).
+        let due = if st.burst_left > 0 {
+            now
+        } else {
+            st.first + times(interval, st.m * batch + batch - 1)
+        };
+        let event = [disconnect_at, st.next_burst].into_iter().flatten().min();
         loop {
-            let wake = due.min(last_write + ping_every);
+            let now = tokio::time::Instant::now();
+            if now >= due {
+                break;
+            }
+            if event.is_some_and(|e| now >= e) {
+                continue 'run;
+            }
+            let mut wake = due.min(last_write + ping_every);
+            if let Some(e) = event {
+                wake = wake.min(e);
+            }
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = stop.wait_for(|s| *s) => break 'run End::Stopped,
@@ -450,8 +696,12 @@ async fn publish_loop(
                     break 'run lost(&server_said, "the broker closed the connection".into())
                 }
             }
-            if tokio::time::Instant::now() >= due {
+            let now = tokio::time::Instant::now();
+            if now >= due {
                 break;
+            }
+            if now < last_write + ping_every {
+                continue;
             }
             // Nothing to send for a while: keep the connection alive.
             if let Err(e) = mqtt::encode(&Packet::PingReq, version, &mut wbuf) {
@@ -463,36 +713,112 @@ async fn publish_loop(
             wbuf.clear();
             last_write = tokio::time::Instant::now();
         }
-        for s in &mut samples {
-            sim.next_into(s);
+        let m = st.m;
+        if !st.pending {
+            for s in &mut st.samples {
+                st.sim.next_into(s);
+            }
+            st.pending = true;
+            if chaos.lost(seed, index, m) {
+                shared.chaos(Action::Loss);
+                st.pending = false;
+                st.m += 1;
+                st.burst_left = st.burst_left.saturating_sub(1);
+                continue;
+            }
         }
         payload.clear();
-        if let Err(e) = encode(profile.format, &profile, &samples, &mut payload) {
+        if let Err(e) = encode(profile.format, &profile, &st.samples, &mut payload) {
             break End::Lost(e.to_string());
         }
-        let packet_id = if qos1 {
-            let slot = tokio::select! {
-                r = take_window_slot(&window, &mut wr, &mut wbuf, cfg.ack_timeout) => r,
+        if let Some(d) = chaos.latency(seed, index, m) {
+            shared.chaos(Action::Latency);
+            tokio::select! {
+                _ = tokio::time::sleep(d) => {}
                 _ = stop.wait_for(|s| *s) => break 'run End::Stopped,
                 _ = &mut reader.0 => {
                     break 'run lost(&server_said, "the broker closed the connection".into())
                 }
-            };
-            match slot {
-                Ok(WindowSlot::Taken) => {}
-                Ok(WindowSlot::Closed) => break End::Stopped,
-                Ok(WindowSlot::TimedOut) => break End::AckTimeout,
-                Err(e) => break lost(&server_said, format!("writing: {e}")),
             }
-            let mut f = inflight.lock();
-            let Some(id) = f.free.pop() else {
-                // Unreachable: a permit is only returned together with its id.
-                break End::Lost("internal error: a window slot without a packet id".into());
+        }
+        let bad = if st.misbehaves && st.misbehaved_at != Some(m) {
+            chaos.misbehaviour(seed, index, m)
+        } else {
+            None
+        };
+        if let Some(kind) = bad {
+            st.misbehaved_at = Some(m);
+            let (copies, qos, bad_payload) = match kind {
+                Misbehaviour::Flood => {
+                    shared.chaos(Action::Flood);
+                    (chaos::FLOOD_COPIES, QoS::AtMostOnce, Bytes::copy_from_slice(&payload))
+                }
+                Misbehaviour::Malformed => {
+                    shared.chaos(Action::Malformed);
+                    let ts = st.samples.first().map_or(0, |s| s.ts_ms);
+                    (1, cfg.qos, Bytes::from(format!("{{\"ts\":{ts},\"broken\":")))
+                }
+                Misbehaviour::Oversized => {
+                    shared.chaos(Action::Oversized);
+                    (1, cfg.qos, Bytes::from(vec![b' '; OVERSIZE_BYTES]))
+                }
             };
-            if let Some(slot) = f.sent.get_mut(usize::from(id)) {
-                *slot = Some(Instant::now());
+            for _ in 0..copies {
+                let packet_id = if qos == QoS::AtMostOnce {
+                    0
+                } else {
+                    match take_id(
+                        cfg,
+                        &window,
+                        &mut wr,
+                        &mut wbuf,
+                        &inflight,
+                        stop,
+                        &mut reader.0,
+                        &server_said,
+                        true,
+                    )
+                    .await
+                    {
+                        Ok(id) => id,
+                        Err(end) => break 'run end,
+                    }
+                };
+                let publish = Publish {
+                    dup: false,
+                    qos,
+                    retain: false,
+                    topic: spec.topic.clone(),
+                    packet_id,
+                    properties: properties.clone(),
+                    payload: bad_payload.clone(),
+                };
+                if let Err(e) = mqtt::encode(&Packet::Publish(publish), version, &mut wbuf) {
+                    break 'run End::Lost(format!("encoding PUBLISH: {e}"));
+                }
             }
-            id
+            if let Err(e) = wr.write_all(&wbuf).await {
+                break lost(&server_said, format!("writing: {e}"));
+            }
+            wbuf.clear();
+        }
+        let packet_id = if qos1 {
+            match take_id(
+                cfg,
+                &window,
+                &mut wr,
+                &mut wbuf,
+                &inflight,
+                stop,
+                &mut reader.0,
+                &server_said,
+                false,
+            )
+            .await
+            {
+                Ok(id) => id,
+                Err(end) => break 'run end,
+            }
         } else {
             0
         };
@@ -515,16 +841,20 @@ async fn publish_loop(
         last_write = tokio::time::Instant::now();
         shared.sent.fetch_add(1, Relaxed);
         shared.samples.fetch_add(batch, Relaxed);
-        m += 1;
+        st.pending = false;
+        st.m += 1;
+        st.burst_left = st.burst_left.saturating_sub(1);
     };
 
-    let result = match end {
-        End::Done | End::Stopped => {
+    let outcome = match end {
+        End::Done | End::Stopped | End::Chaos => {
+            let chaos_end = matches!(end, End::Chaos);
             let mut lost_during_drain = None;
             if qos1 {
                 let all = u32::try_from(window_size).unwrap_or(u32::MAX);
+                let wait = if chaos_end { cfg.ack_timeout } else { cfg.drain };
                 tokio::select! {
-                    r = tokio::time::timeout(cfg.drain, window.acquire_many(all)) => {
+                    r = tokio::time::timeout(wait, window.acquire_many(all)) => {
                         if let Ok(Ok(p)) = r {
                             p.forget();
                         }
@@ -541,7 +871,15 @@ async fn publish_loop(
             shared.unacked.fetch_add(missing, Relaxed);
             if let Some(why) = lost_during_drain {
                 shared.lost.fetch_add(1, Relaxed);
-                Err(why)
+                if chaos_end {
+                    Outcome::Lost(why)
+                } else {
+                    Outcome::Finished(Err(why))
+                }
+            } else if chaos_end {
+                // Dropped without a DISCONNECT, as a network failure would.
+                shared.chaos(Action::Disconnect);
+                Outcome::Chaos
             } else {
                 let _ = mqtt::encode(
                     &Packet::Disconnect(Disconnect::default()),
@@ -551,12 +889,12 @@ async fn publish_loop(
                 let _ = wr.write_all(&wbuf).await;
                 let _ = wr.shutdown().await;
                 if missing > 0 {
-                    Err(format!(
+                    Outcome::Finished(Err(format!(
                         "{missing} message(s) still unacknowledged {:?} after the run stopped",
                         cfg.drain
-                    ))
+                    )))
                 } else {
-                    Ok(())
+                    Outcome::Finished(Ok(()))
                 }
             }
         }
@@ -565,7 +903,7 @@ async fn publish_loop(
             shared
                 .unacked
                 .fetch_add(inflight.lock().outstanding(), Relaxed);
-            Err(why)
+            Outcome::Lost(why)
         }
         End::AckTimeout => {
             shared.lost.fetch_add(1, Relaxed);
@@ -573,14 +911,14 @@ async fn publish_loop(
                 .unacked
                 .fetch_add(inflight.lock().outstanding(), Relaxed);
             let _ = wr.shutdown().await;
-            Err(format!(
+            Outcome::Lost(format!(
                 "no PUBACK for {:?} with {window_size} message(s) in flight",
                 cfg.ack_timeout
             ))
         }
     };
     drop(reader);
-    result
+    outcome
 }
 
 /// The broker's address for a host and port.
