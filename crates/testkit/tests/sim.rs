@@ -364,7 +364,10 @@ async fn misbehaving_devices_meet_the_hubs_protections_and_others_are_unaffected
     assert!(!bad.is_empty() && bad.len() < devices as usize, "{bad:?}");
     assert_eq!(s.connected, devices, "{s:?}");
     assert!(s.chaos.get("malformed").copied().unwrap_or(0) > 0, "{s:?}");
-    assert!(s.answers.get("PUBACK 0x99").copied().unwrap_or(0) > 0, "{s:?}");
+    assert!(
+        s.answers.get("PUBACK 0x99").copied().unwrap_or(0) > 0,
+        "{s:?}"
+    );
     // Well-behaved devices: every point stored.
     for i in (0..devices).filter(|i| !bad.contains(i)) {
         let stored = stored_points(&hub, &format!("mb-{i}"), "humidity");

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use super::generate::device_key;
-use super::rng::{derive, unit, uniform};
+use super::rng::{derive, uniform, unit};
 
 const SALT_BACKOFF: u64 = 0xC4A0_0001;
 const SALT_DISCONNECT: u64 = 0xC4A0_0002;

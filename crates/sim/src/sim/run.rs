@@ -751,12 +751,20 @@ async fn publish_loop(
             let (copies, qos, bad_payload) = match kind {
                 Misbehaviour::Flood => {
                     shared.chaos(Action::Flood);
-                    (chaos::FLOOD_COPIES, QoS::AtMostOnce, Bytes::copy_from_slice(&payload))
+                    (
+                        chaos::FLOOD_COPIES,
+                        QoS::AtMostOnce,
+                        Bytes::copy_from_slice(&payload),
+                    )
                 }
                 Misbehaviour::Malformed => {
                     shared.chaos(Action::Malformed);
                     let ts = st.samples.first().map_or(0, |s| s.ts_ms);
-                    (1, cfg.qos, Bytes::from(format!("{{\"ts\":{ts},\"broken\":")))
+                    (
+                        1,
+                        cfg.qos,
+                        Bytes::from(format!("{{\"ts\":{ts},\"broken\":")),
+                    )
                 }
                 Misbehaviour::Oversized => {
                     shared.chaos(Action::Oversized);
@@ -852,7 +860,11 @@ async fn publish_loop(
             let mut lost_during_drain = None;
             if qos1 {
                 let all = u32::try_from(window_size).unwrap_or(u32::MAX);
-                let wait = if chaos_end { cfg.ack_timeout } else { cfg.drain };
+                let wait = if chaos_end {
+                    cfg.ack_timeout
+                } else {
+                    cfg.drain
+                };
                 tokio::select! {
                     r = tokio::time::timeout(wait, window.acquire_many(all)) => {
                         if let Ok(Ok(p)) = r {
