@@ -373,6 +373,12 @@ async fn misbehaving_devices_meet_the_hubs_protections_and_others_are_unaffected
         let stored = stored_points(&hub, &format!("mb-{i}"), "humidity");
         assert_eq!(stored.len() as u64, per_device, "mb-{i}: {s:?}");
     }
+    // Every regular message is acknowledged or counted as unacknowledged, never both.
+    assert_eq!(
+        s.messages_acked + s.refused + s.unacked,
+        s.messages_sent,
+        "{s:?}"
+    );
     assert!(hub_counter(&hub, "ferrohub_telemetry_invalid_total").await > 0.0);
     hub.stop().await;
 }

@@ -157,6 +157,20 @@ impl Shared {
 /// Aborts the task when dropped (the packet reader of a device that was itself aborted).
 struct AbortOnDrop(JoinHandle<()>);
 
+impl AbortOnDrop {
+    /// Aborts the task and waits (at most a second) until it has stopped, so that it counts no
+    /// PUBACK after the device counted its outstanding messages.
+    async fn stop(&mut self) {
+        self.0.abort();
+        for _ in 0..1000 {
+            if self.0.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+}
+
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
@@ -843,6 +857,14 @@ async fn publish_loop(
             break End::Lost(format!("encoding PUBLISH: {e}"));
         }
         if let Err(e) = wr.write_all(&wbuf).await {
+            // Not sent: not awaited either (it is sent again after a reconnect).
+            if qos1 {
+                let mut f = inflight.lock();
+                if let Some(slot) = f.sent.get_mut(usize::from(packet_id)) {
+                    *slot = None;
+                    f.free.push(packet_id);
+                }
+            }
             break lost(&server_said, format!("writing: {e}"));
         }
         wbuf.clear();
@@ -879,6 +901,7 @@ async fn publish_loop(
                     }
                 }
             }
+            reader.stop().await;
             let missing = inflight.lock().outstanding();
             shared.unacked.fetch_add(missing, Relaxed);
             if let Some(why) = lost_during_drain {
@@ -911,6 +934,7 @@ async fn publish_loop(
             }
         }
         End::Lost(why) => {
+            reader.stop().await;
             shared.lost.fetch_add(1, Relaxed);
             shared
                 .unacked
@@ -918,6 +942,7 @@ async fn publish_loop(
             Outcome::Lost(why)
         }
         End::AckTimeout => {
+            reader.stop().await;
             shared.lost.fetch_add(1, Relaxed);
             shared
                 .unacked
