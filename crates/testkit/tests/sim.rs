@@ -305,6 +305,20 @@ async fn nothing_listening_is_an_error() {
     let s = run(&a).await;
     assert_eq!((s.connected, s.failed_connects), (0, 2));
     assert!(s.first_error.unwrap().contains("connect"));
+
+    // With retries, each device tries three times (backing off) before it gives up.
+    let a = args(
+        port,
+        "--devices 2 --messages-per-device 1 --connect-retries 2 --reconnect-backoff 10ms..40ms",
+    );
+    let t0 = std::time::Instant::now();
+    let s = run(&a).await;
+    assert_eq!((s.connected, s.failed_connects, s.reconnects), (0, 2, 0));
+    assert!(
+        t0.elapsed() >= Duration::from_millis(15),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -368,6 +382,14 @@ async fn misbehaving_devices_meet_the_hubs_protections_and_others_are_unaffected
         s.answers.get("PUBACK 0x99").copied().unwrap_or(0) > 0,
         "{s:?}"
     );
+    // An oversized payload makes the hub close the connection (0x95); the device reconnects.
+    if s.chaos.contains_key("oversized") {
+        assert!(
+            s.answers.get("DISCONNECT 0x95").copied().unwrap_or(0) > 0,
+            "{s:?}"
+        );
+        assert!(s.reconnects > 0, "{s:?}");
+    }
     // Well-behaved devices: every point stored.
     for i in (0..devices).filter(|i| !bad.contains(i)) {
         let stored = stored_points(&hub, &format!("mb-{i}"), "humidity");

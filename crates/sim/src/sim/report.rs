@@ -268,6 +268,10 @@ impl Progress {
         if failed > 0 {
             let _ = write!(line, ", {failed} failed");
         }
+        let reconnects = s.reconnects.load(Relaxed);
+        if reconnects > 0 {
+            let _ = write!(line, ", {reconnects} reconnects");
+        }
         let _ = write!(
             line,
             ")  sent {sent}  acked {}  {rate:.0} msg/s  errors {errors}  p50 {:.1} ms  p99 {:.1} ms",
