@@ -39,6 +39,9 @@ pub struct HubConfig {
     pub data_dir: PathBuf,
     /// Development mode: any client may connect without credentials.
     pub allow_anonymous: bool,
+    /// Demo mode: create the `demo` tenant (first start) and run a simulated fleet of 50 devices
+    /// in-process against the MQTT listener (`ferrohub serve --demo`, `FERROHUB_DEMO=true`).
+    pub demo: bool,
     /// Listener addresses.
     pub listeners: Listeners,
     /// TLS certificate and key (enables the `mqtts` listener).
@@ -70,6 +73,7 @@ impl Default for HubConfig {
         HubConfig {
             data_dir: PathBuf::from("./data"),
             allow_anonymous: false,
+            demo: false,
             listeners: Listeners::default(),
             tls: TlsConfig::default(),
             mqtt: MqttConfig::default(),

@@ -430,6 +430,13 @@ fn spawn_provisioning(
 impl Hub {
     /// Starts everything `config` asks for.
     pub async fn start(config: HubConfig) -> Result<Hub> {
+        if config.demo && HubConfig::addr("mqtt", &config.listeners.mqtt)?.is_none() {
+            anyhow::bail!(
+                "demo mode (--demo, demo = true, FERROHUB_DEMO) needs the MQTT/TCP listener: its \
+                 simulated devices connect to it; set listeners.mqtt (e.g. --mqtt-listen \
+                 127.0.0.1:1883) or turn demo mode off"
+            );
+        }
         let (store, recovered) = if config.storage.persistence {
             std::fs::create_dir_all(&config.data_dir).with_context(|| {
                 format!("creating data directory {}", config.data_dir.display())
@@ -489,6 +496,12 @@ impl Hub {
             .await
             .context("creating the first admin token")?
             .filter(|_| secret.is_none());
+        // Demo mode: the tenant, devices and credentials (the fleet starts once MQTT listens).
+        let demo_fleet = if config.demo {
+            Some(crate::demo::prepare(&registry, &config.data_dir).await?)
+        } else {
+            None
+        };
         let auth = AuthConfig {
             authenticator: Arc::new(HubAuthenticator {
                 users: StaticUsers::new(
@@ -746,6 +759,9 @@ impl Hub {
         }
         if let Some(t) = spawn_sys_publisher(broker.clone()) {
             tasks.push(t);
+        }
+        if let (Some(fleet_file), Some(mqtt)) = (demo_fleet, hub_addrs[0]) {
+            tasks.push(crate::demo::spawn(mqtt, fleet_file, shutdown.clone())?);
         }
         ready.store(true, Ordering::Relaxed);
         Ok(Hub {

@@ -4,4 +4,5 @@
 
 pub mod config;
 pub mod ctl;
+pub mod demo;
 pub mod hub;

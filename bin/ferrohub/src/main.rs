@@ -45,6 +45,10 @@ struct ServeArgs {
     /// Development mode: let any client connect without credentials (a warning is logged).
     #[arg(long)]
     allow_anonymous: bool,
+    /// Demo mode: create a `demo` tenant with 50 simulated devices of mixed profiles (first
+    /// start) and run them in-process against the MQTT listener until shutdown.
+    #[arg(long)]
+    demo: bool,
     /// Log format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -70,6 +74,9 @@ impl ServeArgs {
         }
         if self.allow_anonymous {
             cfg.allow_anonymous = true;
+        }
+        if self.demo {
+            cfg.demo = true;
         }
         if let Some(f) = self.log_format {
             cfg.log.format = f;
