@@ -46,7 +46,11 @@ async fn get(hub: &Hub, path: &str) -> Value {
 
 /// Device id → (profile tag, site tag, online) as the API lists them.
 async fn devices(hub: &Hub) -> BTreeMap<String, (String, String, bool)> {
-    let page = get(hub, &format!("/tenants/{}/devices?limit=1000", demo::TENANT)).await;
+    let page = get(
+        hub,
+        &format!("/tenants/{}/devices?limit=1000", demo::TENANT),
+    )
+    .await;
     page["items"]
         .as_array()
         .unwrap()
@@ -68,7 +72,10 @@ async fn devices(hub: &Hub) -> BTreeMap<String, (String, String, bool)> {
 async fn points(hub: &Hub, device: &str, metric: &str) -> usize {
     let page = get(
         hub,
-        &format!("/tenants/{}/devices/{device}/telemetry/{metric}", demo::TENANT),
+        &format!(
+            "/tenants/{}/devices/{device}/telemetry/{metric}",
+            demo::TENANT
+        ),
     )
     .await;
     page["points"].as_array().map_or(0, Vec::len)
