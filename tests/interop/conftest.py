@@ -125,3 +125,33 @@ def wait_for(predicate, timeout=10.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def paho_device(hub, client_id, username, password, version):
+    """A paho-mqtt client connected to the hub (clean start) with its network loop running.
+
+    Received messages go to `client.inbox`, publish acknowledgements `(mid, reason, properties)`
+    to `client.acks`; fails the test if the hub refuses the connection within 10 s.
+    """
+    import queue
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=version)
+    c.inbox = queue.Queue()
+    c.acks = queue.Queue()
+    connack = queue.Queue()
+    c.on_connect = lambda cl, ud, flags, rc, props=None: connack.put(rc)
+    c.on_message = lambda cl, ud, msg: c.inbox.put(msg)
+    c.on_publish = lambda cl, ud, mid, rc, props: c.acks.put((mid, rc, props))
+    c.username_pw_set(username, password)
+    if version == mqtt.MQTTv5:
+        c.connect(hub.host, hub.port, keepalive=30, clean_start=True, properties=Properties(PacketTypes.CONNECT))
+    else:
+        c.connect(hub.host, hub.port, keepalive=30)
+    c.loop_start()
+    rc = connack.get(timeout=10)
+    assert rc == 0, f"connect refused: {rc}"
+    return c

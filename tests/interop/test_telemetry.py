@@ -35,7 +35,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 import pytest
 
-from conftest import ADMIN_TOKEN, Hub, wait_for
+from conftest import ADMIN_TOKEN, Hub, paho_device, wait_for
 
 TENANT = "default"
 VERSIONS = {"v311": mqtt.MQTTv311, "v5": mqtt.MQTTv5}
@@ -128,21 +128,7 @@ def aggregate(hub, device, metric, frm, to, bucket, fn=None):
 
 def device_client(hub, name):
     device, secret = DEVICES[name]
-    version = VERSIONS[name]
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=device, protocol=version)
-    connack = queue.Queue()
-    c.acks = queue.Queue()
-    c.on_connect = lambda cl, ud, flags, rc, props=None: connack.put(rc)
-    c.on_publish = lambda cl, ud, mid, rc, props: c.acks.put((mid, rc, props))
-    c.username_pw_set(device, secret)
-    if version == mqtt.MQTTv5:
-        c.connect(hub.host, hub.port, keepalive=30, clean_start=True, properties=Properties(PacketTypes.CONNECT))
-    else:
-        c.connect(hub.host, hub.port, keepalive=30)
-    c.loop_start()
-    rc = connack.get(timeout=10)
-    assert rc == 0, f"connect refused: {rc}"
-    return c
+    return paho_device(hub, device, device, secret, VERSIONS[name])
 
 
 def publish(c, topic, payload, content_type=None):

@@ -14,7 +14,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 import pytest
 
-from conftest import Hub, require_program, wait_for
+from conftest import Hub, paho_device, require_program, wait_for
 
 DEVICE = "sensor-1"
 SECRET = "s3cret-sensor-1"
@@ -48,20 +48,7 @@ def topic(rest):
 
 
 def device_client(hub, version, cid=DEVICE):
-    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=version)
-    c.inbox = queue.Queue()
-    connack = queue.Queue()
-    c.on_connect = lambda cl, ud, flags, rc, props=None: connack.put(rc)
-    c.on_message = lambda cl, ud, msg: c.inbox.put(msg)
-    c.username_pw_set(DEVICE, SECRET)
-    if version == mqtt.MQTTv5:
-        c.connect(hub.host, hub.port, keepalive=30, clean_start=True, properties=Properties(PacketTypes.CONNECT))
-    else:
-        c.connect(hub.host, hub.port, keepalive=30)
-    c.loop_start()
-    rc = connack.get(timeout=10)
-    assert rc == 0, f"connect refused: {rc}"
-    return c
+    return paho_device(hub, cid, DEVICE, SECRET, version)
 
 
 def subscribe(c, topics):

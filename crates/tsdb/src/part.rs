@@ -321,18 +321,6 @@ pub struct EncodedSeries {
     hourly: RollupRows,
 }
 
-impl EncodedSeries {
-    /// Bytes held.
-    pub fn len(&self) -> usize {
-        self.bytes.len() + self.meta.len()
-    }
-
-    /// Whether nothing is held (never true for an encoded series).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
 /// Compresses one series (sorted, unique timestamps; at least one point): its chunks, its
 /// 1-minute rollups when it is dense enough, and its hourly rows.
 pub fn encode_series(s: &SeriesData) -> Result<EncodedSeries, TsdbError> {

@@ -99,6 +99,18 @@ fn parse_vmrss(status: &str) -> Option<u64> {
     Some(kb * 1024)
 }
 
+/// Cores a process used between two samples taken `elapsed` seconds apart.
+pub fn cpu_cores(
+    before: Option<ProcSample>,
+    after: Option<ProcSample>,
+    elapsed: f64,
+) -> Option<f64> {
+    match (before, after) {
+        (Some(b), Some(a)) => Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() / elapsed),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

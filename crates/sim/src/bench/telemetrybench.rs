@@ -142,10 +142,7 @@ pub async fn run_telemetry(
         refused: shared.refused.load(Relaxed),
         p50_ms: lat.quantile_ms(0.5),
         p99_ms: lat.quantile_ms(0.99),
-        broker_cpu_cores: match (before, after) {
-            (Some(b), Some(a)) => Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() / elapsed),
-            _ => None,
-        },
+        broker_cpu_cores: sys::cpu_cores(before, after, elapsed),
         broker_rss_mib: after.map(|s| s.rss_bytes as f64 / (1024.0 * 1024.0)),
     };
     println!("{}", serde_json::to_string(&report)?);

@@ -164,22 +164,11 @@ pub async fn run_twins(a: &BenchArgs, opts: Arc<ClientOpts>, run: String) -> any
         p50_ms: lat.quantile_ms(0.5),
         p99_ms: lat.quantile_ms(0.99),
         max_ms: lat.max_ms(),
-        broker_cpu_cores: cpu_cores(before, after, elapsed),
+        broker_cpu_cores: sys::cpu_cores(before, after, elapsed),
         broker_rss_mib: after.map(|s| s.rss_bytes as f64 / (1024.0 * 1024.0)),
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
-}
-
-fn cpu_cores(
-    before: Option<sys::ProcSample>,
-    after: Option<sys::ProcSample>,
-    elapsed: f64,
-) -> Option<f64> {
-    match (before, after) {
-        (Some(b), Some(a)) => Some(a.cpu.saturating_sub(b.cpu).as_secs_f64() / elapsed),
-        _ => None,
-    }
 }
 
 #[derive(serde::Deserialize)]
@@ -448,7 +437,7 @@ pub async fn run_commands(a: &BenchArgs, opts: Arc<ClientOpts>, run: String) -> 
         p50_ms: lat.quantile_ms(0.5),
         p99_ms: lat.quantile_ms(0.99),
         max_ms: lat.max_ms(),
-        broker_cpu_cores: cpu_cores(before, after, elapsed),
+        broker_cpu_cores: sys::cpu_cores(before, after, elapsed),
         broker_rss_mib: after.map(|s| s.rss_bytes as f64 / (1024.0 * 1024.0)),
     };
     println!("{}", serde_json::to_string(&report)?);
