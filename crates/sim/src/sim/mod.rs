@@ -15,6 +15,7 @@
 pub mod chaos;
 mod encode;
 pub mod generate;
+pub mod multi;
 pub mod profile;
 mod report;
 mod rng;
@@ -32,7 +33,7 @@ use ferrohub_types::QoS;
 pub use encode::{EncodeError, encode};
 pub use generate::{DeviceSim, Sample, Value};
 pub use profile::{Format, Mix, Overrides, Profile, ProfileError};
-pub use report::Summary;
+pub use report::{ProgressMode, Snapshot, Summary};
 pub use run::{DeviceSpec, RunConfig};
 
 use crate::bench::Protocol;
@@ -56,9 +57,12 @@ pub enum SimCommand {
         ferrohub sim run -n 200 --profile rotating-machine:1 --profile smart-meter:3 \
         --set bearing_fault_after=5m\n  \
         ferrohub sim run -n 20 --messages-per-device 5 --interval 100ms --json\n  \
-        ferrohub sim run --fleet fleet.jsonl --first-index 10000 -n 10000   # second process\n\n\
+        ferrohub sim run -n 19000 --processes 2 --duration 1m   # two processes, one summary\n  \
+        ferrohub sim run --fleet fleet.jsonl --first-index 10000 -n 10000   # by hand\n\n\
         Prints a summary table on stdout (--json: one JSON object) and, when stderr is a \
-        terminal, a progress line on stderr. Exits non-zero if no device connected.")]
+        terminal, a progress line on stderr. Exits non-zero if no device connected.",
+        // Workers of --processes get the parent's arguments plus their own range: the last wins.
+        args_override_self = true)]
     Run(Box<RunArgs>),
     /// List the built-in profiles, or print one as TOML (a starting point for your own).
     Profiles(ProfilesArgs),
@@ -170,9 +174,16 @@ pub struct RunArgs {
     /// After the run stops, how long devices wait for outstanding PUBACKs.
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
     pub drain: Duration,
-    /// Runtime worker threads.
+    /// Runtime worker threads (of each process).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
     pub threads: u16,
+    /// Spread the devices over this many processes (contiguous index ranges, one merged
+    /// summary). A fleet larger than one process may hold sockets for is spread automatically.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024), help_heading = "Run")]
+    pub processes: u64,
+    /// Run as a worker of --processes: progress and summary as JSON lines on stdout.
+    #[arg(long, hide = true)]
+    pub worker: bool,
 
     /// Print the summary as one JSON object instead of a table.
     #[arg(long, help_heading = "Output")]
@@ -267,6 +278,7 @@ impl RunArgs {
         T: Into<std::ffi::OsString> + Clone,
     {
         #[derive(clap::Parser)]
+        #[command(args_override_self = true)]
         struct Wrapper {
             #[command(flatten)]
             run: RunArgs,
@@ -307,7 +319,38 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
         SimCommand::Profiles(p) => profiles_cmd(&p),
         SimCommand::Preview(p) => preview_cmd(&p),
         SimCommand::Run(r) => {
-            let summary = run_args(&r, shutdown).await?;
+            let summary = if r.worker {
+                let summary = run_args(&r, shutdown).await?;
+                let done = multi::WorkerLine::Done {
+                    latency_us: summary.latency_us.clone(),
+                    summary: Box::new(summary),
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string(&done).context("rendering the summary")?
+                );
+                return Ok(());
+            } else {
+                let (_, _, devices) = plan(&r)?;
+                let first = devices.first().map_or(r.first_index, |d| d.index);
+                let count = devices.len() as u64;
+                drop(devices);
+                let per_process = per_process_limit();
+                let needed = count.div_ceil(per_process.max(1));
+                if needed > r.processes && !r.no_progress {
+                    eprintln!(
+                        "[sim] {count} devices need more sockets than one process may open \
+                         (about {per_process}): using {needed} processes"
+                    );
+                }
+                let processes = r.processes.max(needed);
+                if processes > 1 {
+                    let args = std::env::args_os().skip(1).collect();
+                    multi::run(args, first, count, processes, !r.no_progress, shutdown).await?
+                } else {
+                    run_args(&r, shutdown).await?
+                }
+            };
             if r.json {
                 println!(
                     "{}",
@@ -327,9 +370,21 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
                         .unwrap_or_default()
                 );
             }
+            if summary.failed_workers > 0 {
+                bail!(
+                    "{} of {} processes ended without a summary",
+                    summary.failed_workers,
+                    summary.processes
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// Devices one process may simulate: its socket limit less a margin for everything else.
+fn per_process_limit() -> u64 {
+    crate::bench::sys::raise_fd_limit().saturating_sub(64)
 }
 
 fn profiles_cmd(p: &ProfilesArgs) -> anyhow::Result<()> {
@@ -490,19 +545,15 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     if a.prefix.is_empty() && a.fleet.is_none() {
         bail!("--prefix may not be empty");
     }
-    let overrides = Overrides::parse(&a.set)?;
-    let mut mix = Mix::load(&a.profiles, &overrides)?;
-    mix.override_all(a.interval, a.batch, a.format);
-    let topic = TopicTemplate::parse(&a.topic)?;
-    let devices = device_specs(a, &mix, &topic)?;
-    let fd_limit = crate::bench::sys::raise_fd_limit();
-    let usable = fd_limit.saturating_sub(64);
+    let (_, _, devices) = plan(a)?;
+    let usable = per_process_limit();
     if devices.len() as u64 > usable {
         bail!(
-            "{} devices need {} sockets, but this process may open about {usable} (`ulimit -n` \
-             is {fd_limit}): run several processes with distinct --first-index ranges",
+            "{} devices need {} sockets, but this process may open about {usable}: use \
+             --processes {} (or several processes with distinct --first-index ranges)",
             devices.len(),
-            devices.len()
+            devices.len(),
+            (devices.len() as u64).div_ceil(usable.max(1))
         );
     }
     let addr = run::resolve(&a.host, a.port)
@@ -531,7 +582,13 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
         inflight: a.inflight,
         ack_timeout: a.ack_timeout,
         drain: a.drain,
-        progress: !a.no_progress,
+        progress: if a.worker {
+            ProgressMode::JsonLines
+        } else if a.no_progress {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Terminal
+        },
         reconnect: chaos::Reconnect {
             min: a.reconnect_backoff.0,
             max: a.reconnect_backoff.1,
@@ -547,7 +604,9 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             misbehave: a.chaos_misbehave.unwrap_or(0.0),
         },
     };
-    if cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if cfg.progress == ProgressMode::Terminal
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
         let bound = match (a.duration, a.messages_per_device) {
             (None, None) => "until Ctrl-C".to_string(),
             (Some(d), None) => format!("for {}", humantime::format_duration(d)),
@@ -566,6 +625,16 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
         );
     }
     Ok(run::run(cfg, devices, shutdown).await?)
+}
+
+/// The run's profiles, topic template and devices, checked.
+fn plan(a: &RunArgs) -> anyhow::Result<(Mix, TopicTemplate, Vec<DeviceSpec>)> {
+    let overrides = Overrides::parse(&a.set)?;
+    let mut mix = Mix::load(&a.profiles, &overrides)?;
+    mix.override_all(a.interval, a.batch, a.format);
+    let topic = TopicTemplate::parse(&a.topic)?;
+    let devices = device_specs(a, &mix, &topic)?;
+    Ok((mix, topic, devices))
 }
 
 /// The devices of this process: ids, credentials, profiles and topics.

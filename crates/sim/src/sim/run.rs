@@ -31,7 +31,7 @@ use super::chaos::{self, Action, Chaos, Misbehaviour, Reconnect};
 use super::encode::encode;
 use super::generate::{self, DeviceSim, Sample};
 use super::profile::Profile;
-use super::report::{Progress, Summary};
+use super::report::{Progress, ProgressMode, Summary};
 use crate::bench::stats::Latency;
 use crate::bench::wire::{
     ClientOpts, ConnError, Creds, Session, WindowSlot, spawn_packet_reader, take_window_slot,
@@ -77,8 +77,8 @@ pub struct RunConfig {
     pub ack_timeout: Duration,
     /// After the stop, how long a device waits for its outstanding PUBACKs.
     pub drain: Duration,
-    /// Print a progress line on stderr every second.
-    pub progress: bool,
+    /// How progress is shown.
+    pub progress: ProgressMode,
     /// How devices reconnect.
     pub reconnect: Reconnect,
     /// Chaos (all off by default).
@@ -219,6 +219,8 @@ pub async fn run(
     let cfg = Arc::new(cfg);
     let (stop_tx, stop_rx) = watch::channel(false);
     let started = Instant::now();
+    let cpu_at_start = crate::bench::sys::self_cpu();
+    let mut steady = SteadyWindow::default();
     let mut launcher = tokio::spawn(launch(cfg.clone(), shared.clone(), devices, stop_rx));
     let mut progress = Progress::new(cfg.progress);
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
@@ -235,13 +237,18 @@ pub async fn run(
         let hard_stop = stopped_at.map(|t| t + grace);
         tokio::select! {
             _ = &mut launcher => break true,
-            _ = ticker.tick() => progress.update(&shared, started.elapsed()),
+            _ = ticker.tick() => {
+                progress.update(&shared, started.elapsed());
+                steady.tick(&cfg, &shared);
+            }
             _ = sleep_until_opt(deadline), if stopped_at.is_none() => {
+                steady.stop(&cfg, &shared);
                 let _ = stop_tx.send(true);
                 stopped_at = Some(tokio::time::Instant::now());
             }
             _ = &mut shutdown, if !interrupted => {
                 interrupted = true;
+                steady.stop(&cfg, &shared);
                 let _ = stop_tx.send(true);
                 stopped_at.get_or_insert_with(tokio::time::Instant::now);
             }
@@ -254,16 +261,62 @@ pub async fn run(
     if !finished_cleanly {
         let _ = launcher.await;
     }
+    steady.stop(&cfg, &shared);
     let elapsed = started.elapsed();
     progress.finish(&shared, elapsed);
-    Ok(Summary::new(
-        &cfg,
-        &shared,
-        elapsed,
-        first_index,
-        profiles,
-        interrupted,
-    ))
+    let mut summary = Summary::new(&cfg, &shared, elapsed, first_index, profiles, interrupted);
+    summary.cpu_s = crate::bench::sys::self_cpu()
+        .saturating_sub(cpu_at_start)
+        .as_secs_f64();
+    summary.steady_s = steady.seconds();
+    summary.steady_msgs = steady.messages();
+    summary.steady_msgs_per_s = summary.steady_msgs as f64 / summary.steady_s.max(1e-9);
+    Ok(summary)
+}
+
+/// The steady part of a run: from the first second every device is connected to the stop, so
+/// that a rate is not diluted by the ramp-up or the drain.
+#[derive(Default)]
+struct SteadyWindow {
+    start: Option<(Instant, u64)>,
+    end: Option<(Instant, u64)>,
+}
+
+impl SteadyWindow {
+    /// Messages counted by the run's rate: acknowledged at QoS 1, sent at QoS 0.
+    fn counted(cfg: &RunConfig, shared: &Shared) -> u64 {
+        if cfg.qos == QoS::AtMostOnce {
+            shared.sent.load(Relaxed)
+        } else {
+            shared.acked.load(Relaxed)
+        }
+    }
+
+    fn tick(&mut self, cfg: &RunConfig, shared: &Shared) {
+        if self.start.is_none() && shared.connected.load(Relaxed) >= shared.devices {
+            self.start = Some((Instant::now(), Self::counted(cfg, shared)));
+        }
+    }
+
+    fn stop(&mut self, cfg: &RunConfig, shared: &Shared) {
+        if self.start.is_some() && self.end.is_none() {
+            self.end = Some((Instant::now(), Self::counted(cfg, shared)));
+        }
+    }
+
+    fn seconds(&self) -> f64 {
+        match (self.start, self.end) {
+            (Some((a, _)), Some((b, _))) => b.saturating_duration_since(a).as_secs_f64(),
+            _ => 0.0,
+        }
+    }
+
+    fn messages(&self) -> u64 {
+        match (self.start, self.end) {
+            (Some((_, a)), Some((_, b))) => b.saturating_sub(a),
+            _ => 0,
+        }
+    }
 }
 
 async fn sleep_until_opt(at: Option<tokio::time::Instant>) {
