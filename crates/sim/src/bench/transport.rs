@@ -625,3 +625,86 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for WsIo<S> {
             .map_err(ws_err)
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    /// A WebSocket server end on `io` that selects the `mqtt` subprotocol when `select` is set.
+    async fn accept(
+        io: tokio::io::DuplexStream,
+        select: bool,
+    ) -> Result<WebSocketStream<tokio::io::DuplexStream>, tungstenite::Error> {
+        #[allow(clippy::result_large_err)]
+        let cb = move |_: &Request, mut resp: Response| {
+            if select {
+                resp.headers_mut()
+                    .insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
+            }
+            Ok(resp)
+        };
+        tokio_tungstenite::accept_hdr_async(io, cb).await
+    }
+
+    #[tokio::test]
+    async fn websocket_bytes_may_span_and_share_frames() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut ws = accept(b, true).await.unwrap();
+            // One 10-byte "packet" over three frames, then two in one frame.
+            for part in [&b"01234"[..], b"567", b"89", b"abcdefghij"] {
+                ws.send(WsMessage::Binary(Bytes::copy_from_slice(part)))
+                    .await
+                    .unwrap();
+            }
+            // What the client writes arrives as one binary frame per write.
+            let got = ws.next().await.unwrap().unwrap();
+            ws.close(None).await.unwrap();
+            got
+        });
+        let mut client = Flushed::new(ws_handshake("ws://localhost/mqtt", a).await.unwrap());
+        let mut buf = Vec::new();
+        while buf.len() < 20 {
+            let mut chunk = [0u8; 64];
+            let n = client.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        assert_eq!(&buf, b"0123456789abcdefghij");
+        client.write_all(b"two packets!").await.unwrap();
+        assert_eq!(
+            server.await.unwrap(),
+            WsMessage::Binary(Bytes::from_static(b"two packets!"))
+        );
+        // The close frame reads as the end of the stream.
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn websocket_server_must_select_mqtt() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move { accept(b, false).await.map(|_| ()) });
+        let e = ws_handshake("ws://localhost/mqtt", a).await.err().unwrap();
+        assert!(e.to_string().contains("WebSocket handshake"), "{e}");
+        let _ = server.await;
+    }
+
+    #[test]
+    fn tls_settings_check_their_inputs() {
+        assert!(TlsSettings::new(None, false).is_ok());
+        let e = TlsSettings::new(Some(("x.pem", b"not pem")), false)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("x.pem"), "{e}");
+        let s = TlsSettings::new(None, true).unwrap();
+        assert!(s.config(Some((b"", b""))).is_err());
+        assert!(server_name("localhost").is_ok());
+        assert!(server_name("127.0.0.1").is_ok());
+        assert!(server_name("not a name").is_err());
+    }
+}

@@ -170,3 +170,44 @@ pub fn device_tls(
         _ => Ok(None),
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn setup_of(flags: &str) -> anyhow::Result<Setup> {
+        setup(&RunArgs::try_parse_from(flags.split_whitespace()).unwrap())
+    }
+
+    #[test]
+    fn ports_and_broker_names_follow_the_transport() {
+        let s = setup_of("").unwrap();
+        assert_eq!((s.port, s.broker.as_str()), (1883, "127.0.0.1:1883"));
+        assert!(matches!(s.transport, Transport::Tcp) && s.tls.is_none());
+        let s = setup_of("--transport tls --host ::1").unwrap();
+        assert_eq!((s.port, s.broker.as_str()), (8883, "mqtts://[::1]:8883"));
+        assert!(s.tls.is_some());
+        let s = setup_of("--transport ws").unwrap();
+        assert_eq!(s.broker, "ws://127.0.0.1:8083/mqtt");
+        let s = setup_of("--transport wss --host h.example --port 443 --ws-path /x").unwrap();
+        assert_eq!(s.broker, "wss://h.example:443/x");
+        assert_eq!(s.transport.name(), "wss");
+    }
+
+    #[test]
+    fn tls_flags_need_a_tls_transport() {
+        for flags in ["--insecure", "--server-name x", "--transport ws --insecure"] {
+            let e = setup_of(flags).err().unwrap().to_string();
+            assert!(e.contains("needs --transport tls or wss"), "{flags}: {e}");
+        }
+        assert!(setup_of("--transport ws --ws-path mqtt").is_err());
+        assert!(setup_of("--transport tls --server-name bad_name!").is_err());
+        let e = setup_of("--transport tls --ca /nonexistent.pem")
+            .err()
+            .unwrap();
+        assert!(format!("{e:#}").contains("/nonexistent.pem"), "{e:#}");
+        // --cert and --key go together.
+        assert!(RunArgs::try_parse_from(["--cert", "c.pem"]).is_err());
+    }
+}
