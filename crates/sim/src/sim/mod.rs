@@ -144,8 +144,8 @@ pub struct RunArgs {
 
     /// Register this run's devices (<prefix>-<index>) through the hub's HTTP API, each with a
     /// generated password, before connecting. Devices that exist already are reused: they get a
-    /// new password and their older passwords stop working.
-    #[arg(long, conflicts_with_all = ["fleet", "username", "password"], help_heading = "Provisioning")]
+    /// new password and their older passwords stop working. A --password is not used.
+    #[arg(long, conflicts_with_all = ["fleet", "username"], help_heading = "Provisioning")]
     pub provision: bool,
     /// The hub's HTTP address (as for `ferrohub ctl`).
     #[arg(
