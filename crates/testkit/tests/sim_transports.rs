@@ -382,3 +382,67 @@ async fn mutual_tls_with_each_devices_own_certificate() {
     assert_eq!(s.connected, 0, "{s:?}");
     hub.stop().await;
 }
+
+/// Creates an API token of `role` confined to `tenant`; returns its secret.
+async fn token(hub: &TestHub, role: &str, tenant: &str) -> String {
+    let v: serde_json::Value = reqwest::Client::new()
+        .post(format!("{}/tokens", hub.api_url()))
+        .bearer_auth(TEST_ADMIN_TOKEN)
+        .json(&serde_json::json!({"name": format!("sim-{role}"), "role": role, "tenant": tenant}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["secret"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provisioning_in_a_tenant_needs_its_operator_token() {
+    let hub = TestHub::start_with(|cfg| cfg.allow_anonymous = false)
+        .await
+        .unwrap();
+    reqwest::Client::new()
+        .post(format!("{}/tenants", hub.api_url()))
+        .bearer_auth(TEST_ADMIN_TOKEN)
+        .json(&serde_json::json!({"id": "acme"}))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap();
+    let viewer = token(&hub, "viewer", "acme").await;
+    let operator = token(&hub, "operator", "acme").await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("acme.jsonl");
+    let flags = |token: &str| {
+        format!(
+            "--provision --api http://{} --token {token} --tenant acme --fleet-out {} \
+             --devices 3 --prefix acme --messages-per-device 2 --interval 10ms --connect-rate 0",
+            hub.http,
+            out.display()
+        )
+    };
+
+    // A viewer token: refused, and the error names the role needed.
+    let e = format!(
+        "{:#}",
+        try_run(&args(hub.mqtt, &flags(&viewer))).await.unwrap_err()
+    );
+    assert!(e.contains("403") && e.contains("operator"), "{e}");
+    assert!(!out.exists());
+
+    // The tenant's operator token: devices connect as acme/<id> with their own passwords.
+    let s = run(&args(hub.mqtt, &flags(&operator))).await;
+    assert_eq!(
+        (s.connected, s.messages_acked, s.errors),
+        (3, 6, 0),
+        "{s:?}"
+    );
+    let lines = fleet_lines(&out);
+    assert_eq!(lines[2]["username"], "acme/acme-2");
+    hub.stop().await;
+}
