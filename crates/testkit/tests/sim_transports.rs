@@ -1,8 +1,9 @@
 //! `ferrohub sim run` over its other transports and with provisioning, against a real hub
-//! in-process: bounded runs over TLS, mutual TLS (each device its own certificate) and WebSocket
-//! deliver exactly the expected PUBACKs and stored points; wrong trust or paths fail with a
-//! reason; `--provision` registers the devices through the API, they connect with their own
-//! generated passwords, and a second run reuses them (resetting the passwords).
+//! in-process: bounded runs over TLS, mutual TLS (each device its own certificate), WebSocket and
+//! WebSocket over TLS (through a TLS-terminating proxy) deliver exactly the expected PUBACKs and
+//! stored points; wrong trust or paths fail with a reason; `--provision` registers the devices
+//! through the API, they connect with their own generated passwords, a second run reuses them
+//! (resetting the passwords), and tokens without the operator role are refused with a reason.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -203,6 +204,57 @@ async fn websocket_runs_deliver_every_message() {
         e.contains("WebSocket handshake") && e.contains("404"),
         "{e}"
     );
+    hub.stop().await;
+}
+
+/// A TLS-terminating proxy in front of `target` (as a load balancer in front of the hub's
+/// WebSocket listener would be): the hub serves WebSocket without TLS.
+async fn tls_proxy(pki: &Pki, target: SocketAddr) -> SocketAddr {
+    let acceptor = ferrohub_adapters::mqtt::tls_acceptor(
+        &std::fs::read(pki.path("server.pem")).unwrap(),
+        &std::fs::read(pki.path("server.key")).unwrap(),
+        None,
+        false,
+    )
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let (Ok(mut tls), Ok(mut up)) = (
+                    acceptor.accept(tcp).await,
+                    tokio::net::TcpStream::connect(target).await,
+                ) else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_over_tls_delivers_every_message() {
+    let pki = pki();
+    let hub = TestHub::start().await.unwrap();
+    let proxy = tls_proxy(&pki, hub.ws).await;
+    let flags = format!(
+        "--transport wss --ca {} --server-name localhost --devices 5 --prefix wss \
+         --messages-per-device 4 --interval 10ms --connect-rate 0",
+        pki.arg("ca.pem")
+    );
+    let s = run(&args(proxy, &flags)).await;
+    assert_eq!((s.connected, s.failed_connects), (5, 0), "{s:?}");
+    assert_eq!(
+        (s.messages_sent, s.messages_acked, s.errors),
+        (20, 20, 0),
+        "{s:?}"
+    );
+    assert_eq!(s.broker, format!("wss://{proxy}/mqtt"));
+    check_stored(&hub, "wss", 5, 4);
     hub.stop().await;
 }
 
