@@ -694,6 +694,50 @@ mod tests {
         let _ = server.await;
     }
 
+    /// A buffering writer whose flush is not done at the first attempt (a full socket).
+    #[derive(Default)]
+    struct Buffering {
+        buffered: Vec<u8>,
+        flushed: Vec<u8>,
+        flush_polls: usize,
+    }
+
+    impl AsyncWrite for Buffering {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(4);
+            self.get_mut().buffered.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+        fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            this.flush_polls += 1;
+            if this.flush_polls % 2 == 1 {
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            let b = std::mem::take(&mut this.buffered);
+            this.flushed.extend_from_slice(&b);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_complete_only_once_flushed() {
+        let mut w = Flushed::new(Buffering::default());
+        w.write_all(b"0123456789").await.unwrap();
+        // Everything written is out of the buffer, without a call to flush, and nothing twice.
+        assert_eq!(w.inner.flushed, b"0123456789");
+        assert!(w.inner.buffered.is_empty());
+        assert_eq!(w.unflushed, 0);
+    }
+
     #[test]
     fn tls_settings_check_their_inputs() {
         assert!(TlsSettings::new(None, false).is_ok());
