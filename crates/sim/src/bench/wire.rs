@@ -126,7 +126,8 @@ pub struct Session {
 }
 
 impl Session {
-    /// Opens a connection over the options' transport, sends CONNECT (clean start) and waits for a successful CONNACK.
+    /// Opens a connection over the options' transport, sends CONNECT (clean start) and waits
+    /// for a successful CONNACK.
     pub async fn connect(
         opts: &ClientOpts,
         client_id: String,

@@ -75,9 +75,14 @@ pub struct RunArgs {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
     pub host: String,
-    /// Broker port [default: 1883 with --transport tcp, 8883 tls, 8083 ws, 8084 wss].
-    #[arg(long, help_heading = "Broker")]
-    pub port: Option<u16>,
+    /// Broker port (default by --transport: 1883 tcp, 8883 tls, 8083 ws, 8084 wss).
+    #[arg(
+        long,
+        default_value_t = 1883,
+        default_value_ifs = [("transport", "tls", "8883"), ("transport", "ws", "8083"), ("transport", "wss", "8084")],
+        help_heading = "Broker"
+    )]
+    pub port: u16,
     /// MQTT version: v5 (5.0) or v3 (3.1.1).
     #[arg(long, value_enum, default_value_t = Protocol::V5, help_heading = "Broker")]
     pub protocol: Protocol,

@@ -24,16 +24,6 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    /// The usual port of the transport (Ferrohub's defaults; 8084 is the common wss port).
-    pub fn default_port(self) -> u16 {
-        match self {
-            TransportKind::Tcp => 1883,
-            TransportKind::Tls => 8883,
-            TransportKind::Ws => 8083,
-            TransportKind::Wss => 8084,
-        }
-    }
-
     fn uses_tls(self) -> bool {
         matches!(self, TransportKind::Tls | TransportKind::Wss)
     }
@@ -93,7 +83,7 @@ pub fn setup(a: &RunArgs) -> anyhow::Result<Setup> {
     if !a.ws_path.starts_with('/') {
         bail!("--ws-path must start with `/` (e.g. /mqtt)");
     }
-    let port = a.port.unwrap_or(kind.default_port());
+    let port = a.port;
     let hostport = authority(&a.host, port);
     let tls = if kind.uses_tls() {
         let settings = tls_settings(a)?;
@@ -190,6 +180,10 @@ mod tests {
         assert!(s.tls.is_some());
         let s = setup_of("--transport ws").unwrap();
         assert_eq!(s.broker, "ws://127.0.0.1:8083/mqtt");
+        let s = setup_of("--transport wss").unwrap();
+        assert_eq!(s.port, 8084);
+        let s = setup_of("--transport tls --port 1883").unwrap();
+        assert_eq!(s.port, 1883);
         let s = setup_of("--transport wss --host h.example --port 443 --ws-path /x").unwrap();
         assert_eq!(s.broker, "wss://h.example:443/x");
         assert_eq!(s.transport.name(), "wss");
