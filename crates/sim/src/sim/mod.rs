@@ -17,9 +17,11 @@ mod encode;
 pub mod generate;
 pub mod multi;
 pub mod profile;
+pub mod provision;
 mod report;
 mod rng;
 pub mod run;
+pub mod transport;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -35,6 +37,7 @@ pub use generate::{DeviceSim, Sample, Value};
 pub use profile::{Format, Mix, Overrides, Profile, ProfileError};
 pub use report::{ProgressMode, Snapshot, Summary};
 pub use run::{DeviceSpec, RunConfig};
+pub use transport::TransportKind;
 
 use crate::bench::Protocol;
 use crate::bench::fleet;
@@ -76,8 +79,13 @@ pub struct RunArgs {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
     pub host: String,
-    /// Broker MQTT/TCP port.
-    #[arg(long, default_value_t = 1883, help_heading = "Broker")]
+    /// Broker port (default by --transport: 1883 tcp, 8883 tls, 8083 ws, 8084 wss).
+    #[arg(
+        long,
+        default_value_t = 1883,
+        default_value_ifs = [("transport", "tls", "8883"), ("transport", "ws", "8083"), ("transport", "wss", "8084")],
+        help_heading = "Broker"
+    )]
     pub port: u16,
     /// MQTT version: v5 (5.0) or v3 (3.1.1).
     #[arg(long, value_enum, default_value_t = Protocol::V5, help_heading = "Broker")]
@@ -107,6 +115,91 @@ pub struct RunArgs {
     /// Longest wait for the TCP handshake and CONNACK.
     #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Broker")]
     pub connect_timeout: Duration,
+
+    /// How devices reach the broker: MQTT over TCP, TLS, WebSocket or WebSocket over TLS.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp, help_heading = "Transport")]
+    pub transport: TransportKind,
+    /// PEM file of CA certificates to trust (tls, wss, and an https:// --api), in addition to
+    /// the public web roots; e.g. the CA that signed the hub's `tls.cert_file`.
+    #[arg(long, value_name = "FILE", help_heading = "Transport")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM chain) every device presents (mutual TLS); a fleet entry's own
+    /// `cert_pem` takes precedence.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "key",
+        help_heading = "Transport"
+    )]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cert",
+        help_heading = "Transport"
+    )]
+    pub key: Option<PathBuf>,
+    /// INSECURE: do not verify the server's certificate (any server can pose as the broker);
+    /// for test setups only.
+    #[arg(long, help_heading = "Transport")]
+    pub insecure: bool,
+    /// Server name for SNI and the certificate check [default: --host].
+    #[arg(long, value_name = "NAME", help_heading = "Transport")]
+    pub server_name: Option<String>,
+    /// WebSocket path (ws, wss).
+    #[arg(long, value_name = "PATH", default_value = crate::bench::transport::DEFAULT_WS_PATH, help_heading = "Transport")]
+    pub ws_path: String,
+
+    /// Register this run's devices (<prefix>-<index>) through the hub's HTTP API, each with a
+    /// generated password, before connecting. Devices that exist already are reused: they get a
+    /// new password and their older passwords stop working. A --password is not used.
+    #[arg(long, conflicts_with_all = ["fleet", "username"], help_heading = "Provisioning")]
+    pub provision: bool,
+    /// The hub's HTTP address (as for `ferrohub ctl`).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERROHUB_URL",
+        default_value = "http://127.0.0.1:8080",
+        help_heading = "Provisioning"
+    )]
+    pub api: String,
+    /// Operator API token (`fh_...`); prefer the environment variable.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FERROHUB_TOKEN",
+        hide_env_values = true,
+        help_heading = "Provisioning"
+    )]
+    pub token: Option<String>,
+    /// Tenant the devices are registered in (their MQTT user name is TENANT/DEVICE outside the
+    /// default tenant).
+    #[arg(
+        long,
+        value_name = "TENANT",
+        env = "FERROHUB_TENANT",
+        default_value = "default",
+        help_heading = "Provisioning"
+    )]
+    pub tenant: String,
+    /// Also issue each device a certificate from the tenant's built-in CA (kept in the fleet
+    /// file; used with --transport tls or wss).
+    #[arg(long, requires = "provision", help_heading = "Provisioning")]
+    pub provision_certs: bool,
+    /// Write the provisioned devices and their secrets to this fleet file (JSON lines, mode
+    /// 0600), for later runs with --fleet.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "provision",
+        help_heading = "Provisioning"
+    )]
+    pub fleet_out: Option<PathBuf>,
+    /// API calls in flight at once while provisioning.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256), help_heading = "Provisioning")]
+    pub provision_concurrency: u32,
 
     /// Devices this process simulates (default 10; with --fleet, the rest of the fleet).
     #[arg(long, short = 'n', help_heading = "Fleet")]
@@ -331,7 +424,9 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
                 );
                 return Ok(());
             } else {
-                let (_, _, devices) = plan(&r)?;
+                // The range to split (a provisioned run's devices are named like generated ones).
+                let (mix, topic) = profiles_and_topic(&r)?;
+                let devices = device_specs(&r, &mix, &topic)?;
                 let first = devices.first().map_or(r.first_index, |d| d.index);
                 let count = devices.len() as u64;
                 drop(devices);
@@ -344,6 +439,14 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
                     );
                 }
                 let processes = r.processes.max(needed);
+                if processes > 1 && r.fleet_out.is_some() {
+                    bail!(
+                        "--fleet-out cannot be written by {processes} processes at once: provision \
+                         in one process first (ferrohub sim run --provision --fleet-out FILE \
+                         --messages-per-device 1 ...), then run with --fleet FILE --processes \
+                         {processes}"
+                    );
+                }
                 if processes > 1 {
                     let args = std::env::args_os().skip(1).collect();
                     multi::run(args, first, count, processes, !r.no_progress, shutdown).await?
@@ -545,7 +648,13 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     if a.prefix.is_empty() && a.fleet.is_none() {
         bail!("--prefix may not be empty");
     }
-    let (_, _, devices) = plan(a)?;
+    let setup = transport::setup(a)?;
+    let (mix, topic) = profiles_and_topic(a)?;
+    let devices = if a.provision {
+        provisioned_specs(a, &mix, &topic, setup.tls.as_ref()).await?
+    } else {
+        device_specs(a, &mix, &topic)?
+    };
     let usable = per_process_limit();
     if devices.len() as u64 > usable {
         bail!(
@@ -556,9 +665,9 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             (devices.len() as u64).div_ceil(usable.max(1))
         );
     }
-    let addr = run::resolve(&a.host, a.port)
+    let addr = run::resolve(&a.host, setup.port)
         .await
-        .with_context(|| format!("resolving {}:{}", a.host, a.port))?;
+        .with_context(|| format!("resolving {}:{}", a.host, setup.port))?;
     let cfg = RunConfig {
         opts: ClientOpts {
             addr,
@@ -567,8 +676,9 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             password: None,
             keep_alive: a.keep_alive,
             timeout: a.connect_timeout,
+            transport: setup.transport,
         },
-        broker: format!("{}:{}", a.host, a.port),
+        broker: setup.broker,
         qos: if a.qos == 0 {
             QoS::AtMostOnce
         } else {
@@ -627,14 +737,13 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     Ok(run::run(cfg, devices, shutdown).await?)
 }
 
-/// The run's profiles, topic template and devices, checked.
-fn plan(a: &RunArgs) -> anyhow::Result<(Mix, TopicTemplate, Vec<DeviceSpec>)> {
+/// The run's profiles and topic template, checked.
+fn profiles_and_topic(a: &RunArgs) -> anyhow::Result<(Mix, TopicTemplate)> {
     let overrides = Overrides::parse(&a.set)?;
     let mut mix = Mix::load(&a.profiles, &overrides)?;
     mix.override_all(a.interval, a.batch, a.format);
     let topic = TopicTemplate::parse(&a.topic)?;
-    let devices = device_specs(a, &mix, &topic)?;
-    Ok((mix, topic, devices))
+    Ok((mix, topic))
 }
 
 /// The devices of this process: ids, credentials, profiles and topics.
@@ -654,6 +763,10 @@ pub fn device_specs(
         }
     };
     if let Some(path) = &a.fleet {
+        let tls = match a.transport {
+            TransportKind::Tls | TransportKind::Wss => Some(transport::tls_settings(a)?),
+            TransportKind::Tcp | TransportKind::Ws => None,
+        };
         let all = fleet::devices(&fleet::read(path)?, 0);
         let first = usize::try_from(a.first_index).unwrap_or(usize::MAX);
         if first >= all.len() {
@@ -676,17 +789,14 @@ pub fn device_specs(
                 a.first_index
             );
         }
-        return Ok(all[first..first + n]
+        return all[first..first + n]
             .iter()
             .enumerate()
             .map(|(k, e)| {
-                let creds = (e.username.is_some() || e.password.is_some()).then(|| Creds {
-                    username: e.username.clone(),
-                    password: e.password.clone().map(Bytes::from),
-                });
-                spec(a.first_index + k as u64, e.client_id.clone(), creds)
+                let creds = fleet_creds(e, tls.as_ref())?;
+                Ok(spec(a.first_index + k as u64, e.client_id.clone(), creds))
             })
-            .collect());
+            .collect();
     }
     let n = a.devices.unwrap_or(10);
     let Some(end) = a.first_index.checked_add(n) else {
@@ -701,10 +811,84 @@ pub fn device_specs(
                     None => id.clone(),
                 }),
                 password: a.password.clone().map(Bytes::from),
+                tls: None,
             });
             spec(index, id, creds)
         })
         .collect())
+}
+
+/// A fleet entry's credentials: user name, password and, over TLS (`tls`), its own client
+/// certificate.
+fn fleet_creds(
+    e: &fleet::FleetEntry,
+    tls: Option<&crate::bench::transport::TlsSettings>,
+) -> anyhow::Result<Option<Creds>> {
+    let tls = transport::device_tls(
+        tls,
+        &e.client_id,
+        e.cert_pem.as_deref(),
+        e.key_pem.as_deref(),
+    )?;
+    Ok(
+        (e.username.is_some() || e.password.is_some() || tls.is_some()).then(|| Creds {
+            username: e.username.clone(),
+            password: e.password.clone().map(Bytes::from),
+            tls,
+        }),
+    )
+}
+
+/// `--provision`: registers this run's devices through the API (or reuses them), writes
+/// `--fleet-out`, and gives each device its new credentials.
+async fn provisioned_specs(
+    a: &RunArgs,
+    mix: &Mix,
+    topic: &TopicTemplate,
+    tls: Option<&crate::bench::transport::TlsSettings>,
+) -> anyhow::Result<Vec<DeviceSpec>> {
+    let n = a.devices.unwrap_or(10);
+    let Some(end) = a.first_index.checked_add(n) else {
+        bail!("--first-index + --devices overflows");
+    };
+    let ids: Vec<(u64, String)> = (a.first_index..end)
+        .map(|index| (index, format!("{}-{index}", a.prefix)))
+        .collect();
+    let params = provision::Params {
+        api: a.api.clone(),
+        token: a.token.clone(),
+        tenant: a.tenant.clone(),
+        devices: ids
+            .iter()
+            .map(|(index, id)| (id.clone(), mix.pick(*index).name.clone()))
+            .collect(),
+        certificates: a.provision_certs,
+        concurrency: a.provision_concurrency as usize,
+        progress: !a.no_progress,
+    };
+    let api_tls = match tls {
+        Some(t) => t.clone(),
+        None => transport::tls_settings(a)?,
+    };
+    let (entries, _) = provision::provision(&params, &api_tls)
+        .await
+        .with_context(|| format!("provisioning through {}", a.api))?;
+    if let Some(path) = &a.fleet_out {
+        provision::write_fleet(path, &entries)?;
+    }
+    ids.into_iter()
+        .zip(&entries)
+        .map(|((index, id), e)| {
+            let profile = mix.pick(index).clone();
+            Ok(DeviceSpec {
+                topic: Arc::from(topic.render(&id, index, &profile.name).as_str()),
+                index,
+                id,
+                creds: fleet_creds(e, tls)?,
+                profile,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -587,7 +587,7 @@ fn lost(server_said: &Mutex<Option<String>>, what: String) -> End {
 async fn take_id(
     cfg: &RunConfig,
     window: &Semaphore,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wr: &mut crate::bench::transport::MqttWrite,
     wbuf: &mut BytesMut,
     inflight: &Mutex<InFlight>,
     stop: &mut watch::Receiver<bool>,
