@@ -72,6 +72,27 @@ pub struct Summary {
     /// 0x95"`, `"CONNACK 0x86"`), including those to deliberate misbehaviour.
     #[serde(default)]
     pub answers: BTreeMap<String, u64>,
+    /// QoS 1 messages sent again after a reconnect (not counted in `messages_sent` again).
+    #[serde(default)]
+    pub resent: u64,
+    /// Twin updates the devices sent (reports at connect, health, applied desired settings).
+    #[serde(default)]
+    pub twin_reports: u64,
+    /// Desired settings applied (and reported back).
+    #[serde(default)]
+    pub desired_applied: u64,
+    /// Desired settings refused (unknown to the device, or a bad value), with a reason.
+    #[serde(default)]
+    pub desired_rejected: u64,
+    /// Commands answered (any status).
+    #[serde(default)]
+    pub commands_answered: u64,
+    /// Reboots done on command.
+    #[serde(default)]
+    pub reboots: u64,
+    /// Incoming messages dropped because a device's inbox was full.
+    #[serde(default)]
+    pub incoming_dropped: u64,
     /// The run was stopped by a signal.
     pub interrupted: bool,
     /// The first error any device met.
@@ -131,6 +152,13 @@ impl Summary {
                 .filter(|(_, c)| *c > 0)
                 .collect(),
             answers: s.answers.lock().clone(),
+            resent: s.resent.load(Relaxed),
+            twin_reports: s.twin_reports.load(Relaxed),
+            desired_applied: s.desired_applied.load(Relaxed),
+            desired_rejected: s.desired_rejected.load(Relaxed),
+            commands_answered: s.commands_answered.load(Relaxed),
+            reboots: s.reboots.load(Relaxed),
+            incoming_dropped: s.incoming_dropped.load(Relaxed),
             interrupted,
             first_error: s.first_error.lock().clone(),
         }
@@ -192,6 +220,24 @@ impl Summary {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        if self.resent > 0 {
+            rows.push(("resent", self.resent.to_string()));
+        }
+        if self.twin_reports + self.commands_answered + self.incoming_dropped > 0 {
+            rows.push((
+                "behaviour",
+                format!(
+                    "twin reports {}, desired applied {} (rejected {}), commands answered {}, \
+                     reboots {}, incoming dropped {}",
+                    self.twin_reports,
+                    self.desired_applied,
+                    self.desired_rejected,
+                    self.commands_answered,
+                    self.reboots,
+                    self.incoming_dropped
+                ),
+            ));
+        }
         if !self.chaos.is_empty() {
             rows.push(("chaos", join(&self.chaos)));
         }
