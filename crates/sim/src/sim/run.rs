@@ -141,6 +141,35 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Counters at zero for `devices` devices.
+    fn new(devices: u64, latency: Vec<Mutex<Latency>>) -> Shared {
+        Shared {
+            devices,
+            connected: AtomicU64::new(0),
+            online: AtomicU64::new(0),
+            failed_connects: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            unacked: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            reconnect_failures: AtomicU64::new(0),
+            resent: AtomicU64::new(0),
+            twin_reports: AtomicU64::new(0),
+            desired_applied: AtomicU64::new(0),
+            desired_rejected: AtomicU64::new(0),
+            commands_answered: AtomicU64::new(0),
+            reboots: AtomicU64::new(0),
+            incoming_dropped: AtomicU64::new(0),
+            chaos: Default::default(),
+            answers: Mutex::new(BTreeMap::new()),
+            first_error: Mutex::new(None),
+            latency,
+        }
+    }
+
     fn chaos(&self, a: Action) {
         if let Some(c) = self.chaos.get(a as usize) {
             c.fetch_add(1, Relaxed);
@@ -213,31 +242,7 @@ pub async fn run(
         .map(|_| Latency::new(2).map(Mutex::new))
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| RunError::Histogram(e.to_string()))?;
-    let shared = Arc::new(Shared {
-        devices: devices.len() as u64,
-        connected: AtomicU64::new(0),
-        online: AtomicU64::new(0),
-        failed_connects: AtomicU64::new(0),
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        samples: AtomicU64::new(0),
-        refused: AtomicU64::new(0),
-        lost: AtomicU64::new(0),
-        unacked: AtomicU64::new(0),
-        reconnects: AtomicU64::new(0),
-        reconnect_failures: AtomicU64::new(0),
-        resent: AtomicU64::new(0),
-        twin_reports: AtomicU64::new(0),
-        desired_applied: AtomicU64::new(0),
-        desired_rejected: AtomicU64::new(0),
-        commands_answered: AtomicU64::new(0),
-        reboots: AtomicU64::new(0),
-        incoming_dropped: AtomicU64::new(0),
-        chaos: Default::default(),
-        answers: Mutex::new(BTreeMap::new()),
-        first_error: Mutex::new(None),
-        latency,
-    });
+    let shared = Arc::new(Shared::new(devices.len() as u64, latency));
     let mut profiles: Vec<(String, u64)> = Vec::new();
     for d in &devices {
         match profiles.iter_mut().find(|(n, _)| *n == d.profile.name) {
@@ -1548,4 +1553,103 @@ pub async fn resolve(host: &str, port: u16) -> std::io::Result<SocketAddr> {
                 format!("{host}:{port} resolves to no address"),
             )
         })
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn config() -> RunConfig {
+        RunConfig {
+            opts: ClientOpts {
+                addr: SocketAddr::from(([127, 0, 0, 1], 1)),
+                version: mqtt::ProtocolVersion::V5,
+                username: None,
+                password: None,
+                keep_alive: 60,
+                timeout: Duration::from_secs(1),
+            },
+            broker: String::new(),
+            qos: QoS::AtLeastOnce,
+            seed: 0,
+            connect_rate: 0.0,
+            connect_concurrency: 1,
+            duration: None,
+            messages_per_device: None,
+            inflight: 16,
+            ack_timeout: Duration::from_secs(1),
+            drain: Duration::from_secs(1),
+            progress: false,
+            reconnect: Reconnect::default(),
+            chaos: Chaos::default(),
+            behaviour: Behaviour::default(),
+            session_expiry: 300,
+        }
+    }
+
+    /// 20,000 devices must fit in one process: what each holds while idle stays small.
+    #[tokio::test]
+    async fn a_device_stays_small() {
+        let cfg = Arc::new(config());
+        let profile = super::super::profile::load("environment", &Default::default()).unwrap();
+        let spec = DeviceSpec {
+            index: 0,
+            id: "sim-0".into(),
+            creds: None,
+            profile: Arc::new(profile),
+            topic: Arc::from("devices/sim-0/telemetry"),
+        };
+        let st = DevState::new(&cfg, &spec);
+        assert!(
+            std::mem::size_of_val(&st) <= 512,
+            "{}",
+            std::mem::size_of_val(&st)
+        );
+        let (_stop_tx, stop) = watch::channel(false);
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        let latency = vec![Mutex::new(Latency::new(2).unwrap())];
+        let shared = Arc::new(Shared::new(1, latency));
+        let task = device(cfg, shared, spec, permit, stop);
+        // The task's own state (sockets and buffers come on top: 8 KiB read, 1 KiB write).
+        assert!(
+            std::mem::size_of_val(&task) <= 4096,
+            "{}",
+            std::mem::size_of_val(&task)
+        );
+    }
+
+    #[test]
+    fn sessions_asked_for() {
+        let mut cfg = config();
+        let first = session_request(&cfg, true);
+        assert_eq!((first.clean_start, first.expiry_secs), (true, Some(300)));
+        assert!(!session_request(&cfg, false).clean_start);
+        cfg.opts.version = mqtt::ProtocolVersion::V311;
+        assert!(!session_request(&cfg, true).clean_start);
+        cfg.session_expiry = 0;
+        assert_eq!(session_request(&cfg, false), SessionRequest::CLEAN);
+    }
+
+    #[test]
+    fn outstanding_messages_are_taken_oldest_first_and_ids_claimed() {
+        let mut f = InFlight::new(4);
+        let t0 = Instant::now();
+        for (id, ms, bad) in [(3u16, 2u64, false), (1, 1, false), (2, 0, true)] {
+            assert!(f.claim(id));
+            f.sent[usize::from(id)] = Some(Sent {
+                at: t0 + Duration::from_millis(ms),
+                bad,
+                payload: Bytes::from(vec![id as u8]),
+            });
+        }
+        assert!(!f.claim(3));
+        let out = f.take_outstanding();
+        // Deliberate misbehaviour is never resent.
+        assert_eq!(
+            out,
+            vec![(1, Bytes::from_static(&[1])), (3, Bytes::from_static(&[3]))]
+        );
+        assert!(f.sent.iter().all(Option::is_none));
+    }
 }
