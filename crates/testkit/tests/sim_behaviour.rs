@@ -75,17 +75,22 @@ impl Background {
 /// The operator API with the admin token.
 struct Api {
     http: reqwest::Client,
+    /// `…/api/v1/tenants/{tenant}`.
     base: String,
 }
 
 impl Api {
     fn new(hub: &TestHub) -> Api {
+        Api::in_tenant(hub, "default")
+    }
+
+    fn in_tenant(hub: &TestHub, tenant: &str) -> Api {
         Api {
             http: reqwest::Client::builder()
                 .timeout(Duration::from_secs(20))
                 .build()
                 .unwrap(),
-            base: hub.api_url(),
+            base: format!("{}/tenants/{tenant}", hub.api_url()),
         }
     }
 
@@ -110,7 +115,7 @@ impl Api {
         let (status, body) = self
             .call(
                 reqwest::Method::POST,
-                "/tenants/default/devices",
+                "/devices",
                 Some(json!({ "id": device })),
             )
             .await;
@@ -121,7 +126,7 @@ impl Api {
         let (status, body) = self
             .call(
                 reqwest::Method::GET,
-                &format!("/tenants/default/devices/{device}/twins/default"),
+                &format!("/devices/{device}/twins/default"),
                 None,
             )
             .await;
@@ -133,7 +138,7 @@ impl Api {
         let (status, body) = self
             .call(
                 reqwest::Method::PATCH,
-                &format!("/tenants/default/devices/{device}/twins/default/desired"),
+                &format!("/devices/{device}/twins/default/desired"),
                 Some(patch),
             )
             .await;
@@ -144,7 +149,7 @@ impl Api {
     async fn command(&self, device: &str, name: &str, body: Value) -> (u16, Value) {
         self.call(
             reqwest::Method::POST,
-            &format!("/tenants/default/devices/{device}/commands/{name}?timeout=5"),
+            &format!("/devices/{device}/commands/{name}?timeout=5"),
             Some(body),
         )
         .await
@@ -375,6 +380,24 @@ async fn pure_telemetry_without_twin_and_commands() {
         assert!(s.twin_reports >= 1, "{s:?}");
         api.twin_until("pt-0", "reports firmware", |t| {
             t["reported"]["firmware"] == "sim-1.0.0"
+        })
+        .await;
+        hub.stop().await;
+    })
+    .await
+    .expect("test bound");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_devices_report_firmware_and_answer_commands() {
+    tokio::time::timeout(BOUND, async {
+        let hub = TestHub::start_with(|cfg| cfg.demo = true).await.unwrap();
+        let api = Api::in_tenant(&hub, ferrohub::demo::TENANT);
+        api.wait_listening("demo-00").await;
+        let (_, body) = api.command("demo-00", "get_config", json!({})).await;
+        assert_eq!(body["status"], 200, "{body}");
+        api.twin_until("demo-00", "reports firmware and health", |t| {
+            t["reported"]["firmware"] == "sim-1.0.0" && t["reported"]["health"].is_object()
         })
         .await;
         hub.stop().await;
