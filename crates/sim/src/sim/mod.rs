@@ -8,6 +8,8 @@
 //!   `crate::bench::wire`), ramp-up, QoS 0/1 with a bounded in-flight window, bounded runs;
 //! * [`chaos`]: reconnects with back-off, and chaos (random disconnects, latency, loss, clock
 //!   skew, bursts, misbehaving devices), deterministic under the seed;
+//! * [`behave`]: what devices do besides telemetry: twin reports (firmware, health), desired
+//!   settings applied, commands answered;
 //! * `report`: the live progress line and the final summary (table or JSON).
 //!
 //! See `docs/sim.md` for the user's guide and the profile reference.

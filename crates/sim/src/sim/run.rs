@@ -10,6 +10,13 @@
 //! When the run stops (its duration is over, every device sent `messages_per_device`, or the
 //! caller's shutdown future resolved) each device waits up to `drain` for its outstanding
 //! PUBACKs, sends DISCONNECT and closes.
+//!
+//! Besides telemetry a device subscribes to its twin delta and command requests (unless turned
+//! off) and handles what arrives between two messages: its packet reader queues incoming PUBLISH
+//! packets in a small bounded inbox (overflow is dropped and counted, never waited for). Its
+//! session outlives a lost connection (Clean Start = 0 and a Session Expiry on reconnects), and
+//! the QoS 1 messages unacknowledged when a connection ends are resent on the next one: with
+//! DUP = 1 and their packet ids when the broker resumed the session, as new ones otherwise.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
