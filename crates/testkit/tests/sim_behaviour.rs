@@ -423,12 +423,17 @@ async fn lost_connections_resend_what_was_not_acknowledged() {
         let hub = TestHub::start().await.unwrap();
         let (devices, per_device, seed) = (6u64, 40u64, 11u64);
         let mut resent = 0;
-        for (protocol, prefix) in [("v5", "rs5"), ("v3", "rs3")] {
+        // Persistent sessions (resent with their packet ids) over both versions, and clean ones
+        // (resent as new publications).
+        for (protocol, prefix, session) in
+            [("v5", "rs5", "5m"), ("v3", "rs3", "5m"), ("v5", "rsc", "0")]
+        {
             // Disconnects drop the connection at once, with bursts keeping messages in flight.
             let s = run(&args(
                 hub.mqtt,
                 &format!(
                     "--protocol {protocol} --devices {devices} --prefix {prefix} \
+                    --session-expiry {session} \
                     --messages-per-device {per_device} --interval 20ms --connect-rate 0 \
                     --seed {seed} --chaos-disconnect 120 --chaos-burst 10@200ms \
                     --chaos-loss 0.1 --reconnect-backoff 20ms..200ms --no-twin --no-commands"
