@@ -123,6 +123,26 @@ pub struct Session {
     pub server_receive_max: u16,
     /// Broker address, for error messages.
     pub addr: SocketAddr,
+    /// CONNACK's Session Present flag: the broker resumed a session of this client id.
+    pub session_present: bool,
+}
+
+/// The session a CONNECT asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRequest {
+    /// Clean Start (5.0) / Clean Session (3.1.1).
+    pub clean_start: bool,
+    /// Session Expiry Interval in seconds (5.0 only; 3.1.1 brokers keep a Clean Session = 0
+    /// session by their own rules).
+    pub expiry_secs: Option<u32>,
+}
+
+impl SessionRequest {
+    /// A fresh session that ends with the connection.
+    pub const CLEAN: SessionRequest = SessionRequest {
+        clean_start: true,
+        expiry_secs: None,
+    };
 }
 
 impl Session {
@@ -142,6 +162,17 @@ impl Session {
         client_id: String,
         creds: Option<&Creds>,
         buf_capacity: usize,
+    ) -> Result<Session, ConnError> {
+        Session::connect_session(opts, client_id, creds, buf_capacity, SessionRequest::CLEAN).await
+    }
+
+    /// [`connect_as`](Self::connect_as) asking for the session `request` describes.
+    pub async fn connect_session(
+        opts: &ClientOpts,
+        client_id: String,
+        creds: Option<&Creds>,
+        buf_capacity: usize,
+        request: SessionRequest,
     ) -> Result<Session, ConnError> {
         let addr = opts.addr;
         let device_tls = creds.and_then(|c| c.tls.as_ref());
@@ -164,10 +195,12 @@ impl Session {
             version: opts.version,
             server_receive_max: u16::MAX,
             addr,
+            session_present: false,
         };
         let properties = if opts.version.is_v5() {
             ConnectProperties {
                 receive_maximum: Some(u16::MAX),
+                session_expiry_interval: request.expiry_secs,
                 ..ConnectProperties::default()
             }
         } else {
@@ -179,7 +212,7 @@ impl Session {
         };
         let connect = mqtt::Connect {
             protocol: opts.version,
-            clean_start: true,
+            clean_start: request.clean_start,
             keep_alive: opts.keep_alive,
             client_id,
             will: None,
@@ -196,6 +229,7 @@ impl Session {
                 if let Some(m) = ack.properties.receive_maximum {
                     s.server_receive_max = m.max(1);
                 }
+                s.session_present = ack.session_present;
                 Ok(s)
             }
             Packet::ConnAck(ack) => Err(ConnError::Refused {

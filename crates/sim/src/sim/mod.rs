@@ -8,10 +8,13 @@
 //!   `crate::bench::wire`), ramp-up, QoS 0/1 with a bounded in-flight window, bounded runs;
 //! * [`chaos`]: reconnects with back-off, and chaos (random disconnects, latency, loss, clock
 //!   skew, bursts, misbehaving devices), deterministic under the seed;
+//! * [`behave`]: what devices do besides telemetry: twin reports (firmware, health), desired
+//!   settings applied, commands answered;
 //! * `report`: the live progress line and the final summary (table or JSON).
 //!
 //! See `docs/sim.md` for the user's guide and the profile reference.
 
+pub mod behave;
 pub mod chaos;
 mod encode;
 pub mod generate;
@@ -318,6 +321,25 @@ pub struct RunArgs {
     /// oversized payload, malformed JSON or a flood.
     #[arg(long, value_name = "FRACTION", value_parser = chaos::parse_fraction, help_heading = "Chaos")]
     pub chaos_misbehave: Option<f64>,
+
+    /// Devices do not report firmware and health in their twin nor apply desired settings (no
+    /// subscription to the twin delta).
+    #[arg(long, help_heading = "Behaviour")]
+    pub no_twin: bool,
+    /// Devices do not subscribe to their command requests nor answer them.
+    #[arg(long, help_heading = "Behaviour")]
+    pub no_commands: bool,
+    /// Period of the health reports in the twin after the one at connect (0: only at connect).
+    #[arg(long, default_value = "1m", value_parser = parse_duration, help_heading = "Behaviour")]
+    pub health_every: Duration,
+    /// Firmware version the devices report.
+    #[arg(long, default_value = behave::DEFAULT_FIRMWARE, help_heading = "Behaviour")]
+    pub firmware: String,
+    /// Session Expiry Interval: the broker keeps a device's session (subscriptions, messages
+    /// queued for it) this long after a lost connection, and unacknowledged messages are resent
+    /// with their packet ids; 0: clean sessions (3.1.1: Clean Session = 1).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "Behaviour")]
+    pub session_expiry: Duration,
 }
 
 /// Arguments of `ferrohub sim profiles`.
@@ -713,6 +735,13 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             burst: a.chaos_burst,
             misbehave: a.chaos_misbehave.unwrap_or(0.0),
         },
+        behaviour: behave::Behaviour {
+            twin: !a.no_twin,
+            commands: !a.no_commands,
+            health_every: (!a.health_every.is_zero()).then_some(a.health_every),
+            firmware: Arc::from(a.firmware.as_str()),
+        },
+        session_expiry: u32::try_from(a.session_expiry.as_secs()).unwrap_or(u32::MAX),
     };
     if cfg.progress == ProgressMode::Terminal
         && std::io::IsTerminal::is_terminal(&std::io::stderr())

@@ -13,7 +13,7 @@ use super::run::{RunConfig, Shared};
 use crate::bench::stats::Latency;
 
 /// The outcome of `ferrohub sim run`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     /// Broker address as given.
     pub broker: String,
@@ -73,6 +73,27 @@ pub struct Summary {
     /// 0x95"`, `"CONNACK 0x86"`), including those to deliberate misbehaviour.
     #[serde(default)]
     pub answers: BTreeMap<String, u64>,
+    /// QoS 1 messages sent again after a reconnect (not counted in `messages_sent` again).
+    #[serde(default)]
+    pub resent: u64,
+    /// Twin updates the devices sent (reports at connect, health, applied desired settings).
+    #[serde(default)]
+    pub twin_reports: u64,
+    /// Desired settings applied (and reported back).
+    #[serde(default)]
+    pub desired_applied: u64,
+    /// Desired settings refused (unknown to the device, or a bad value), with a reason.
+    #[serde(default)]
+    pub desired_rejected: u64,
+    /// Commands answered (any status).
+    #[serde(default)]
+    pub commands_answered: u64,
+    /// Reboots done on command.
+    #[serde(default)]
+    pub reboots: u64,
+    /// Incoming messages dropped because a device's inbox was full.
+    #[serde(default)]
+    pub incoming_dropped: u64,
     /// The run was stopped by a signal.
     pub interrupted: bool,
     /// The first error any device met.
@@ -163,6 +184,13 @@ impl Summary {
                 .filter(|(_, c)| *c > 0)
                 .collect(),
             answers: s.answers.lock().clone(),
+            resent: s.resent.load(Relaxed),
+            twin_reports: s.twin_reports.load(Relaxed),
+            desired_applied: s.desired_applied.load(Relaxed),
+            desired_rejected: s.desired_rejected.load(Relaxed),
+            commands_answered: s.commands_answered.load(Relaxed),
+            reboots: s.reboots.load(Relaxed),
+            incoming_dropped: s.incoming_dropped.load(Relaxed),
             interrupted,
             first_error: s.first_error.lock().clone(),
             cpu_s: 0.0,
@@ -181,7 +209,7 @@ impl Summary {
     pub fn merge(parts: Vec<Summary>, latency: &Latency) -> Summary {
         let mut parts = parts.into_iter();
         let Some(mut m) = parts.next() else {
-            return Summary::empty();
+            return Summary::default();
         };
         for p in parts {
             m.first_index = m.first_index.min(p.first_index);
@@ -200,6 +228,13 @@ impl Summary {
             m.errors += p.errors;
             m.duration_s = m.duration_s.max(p.duration_s);
             m.reconnects += p.reconnects;
+            m.resent += p.resent;
+            m.twin_reports += p.twin_reports;
+            m.desired_applied += p.desired_applied;
+            m.desired_rejected += p.desired_rejected;
+            m.commands_answered += p.commands_answered;
+            m.reboots += p.reboots;
+            m.incoming_dropped += p.incoming_dropped;
             m.reconnect_failures += p.reconnect_failures;
             for (k, v) in p.chaos {
                 *m.chaos.entry(k).or_insert(0) += v;
@@ -228,45 +263,6 @@ impl Summary {
         m.latency_max_ms = latency.max_ms();
         m.latency_us = latency.pairs();
         m
-    }
-
-    fn empty() -> Summary {
-        Summary {
-            broker: String::new(),
-            protocol: String::new(),
-            qos: 0,
-            seed: 0,
-            first_index: 0,
-            devices: 0,
-            profiles: BTreeMap::new(),
-            connected: 0,
-            failed_connects: 0,
-            messages_sent: 0,
-            messages_acked: 0,
-            samples_sent: 0,
-            refused: 0,
-            connections_lost: 0,
-            unacked: 0,
-            errors: 0,
-            msgs_per_s: 0.0,
-            latency_p50_ms: 0.0,
-            latency_p99_ms: 0.0,
-            latency_max_ms: 0.0,
-            duration_s: 0.0,
-            reconnects: 0,
-            reconnect_failures: 0,
-            chaos: BTreeMap::new(),
-            answers: BTreeMap::new(),
-            interrupted: false,
-            first_error: None,
-            cpu_s: 0.0,
-            steady_s: 0.0,
-            steady_msgs: 0,
-            steady_msgs_per_s: 0.0,
-            processes: 0,
-            failed_workers: 0,
-            latency_us: Vec::new(),
-        }
     }
 
     /// The summary as an aligned two-column table.
@@ -340,6 +336,24 @@ impl Summary {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        if self.resent > 0 {
+            rows.push(("resent", self.resent.to_string()));
+        }
+        if self.twin_reports + self.commands_answered + self.incoming_dropped > 0 {
+            rows.push((
+                "behaviour",
+                format!(
+                    "twin reports {}, desired applied {} (rejected {}), commands answered {}, \
+                     reboots {}, incoming dropped {}",
+                    self.twin_reports,
+                    self.desired_applied,
+                    self.desired_rejected,
+                    self.commands_answered,
+                    self.reboots,
+                    self.incoming_dropped
+                ),
+            ));
+        }
         if !self.chaos.is_empty() {
             rows.push(("chaos", join(&self.chaos)));
         }
@@ -551,5 +565,39 @@ impl Progress {
             self.update(s, elapsed);
             eprintln!();
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    /// Every count of a summary, set to `n` through its JSON form (so a counter added later is
+    /// covered without touching this test).
+    fn with_counts(n: u64) -> Summary {
+        let mut v = serde_json::to_value(Summary::default()).unwrap();
+        for (k, x) in v.as_object_mut().unwrap() {
+            if x.is_u64() && !["qos", "seed", "first_index"].contains(&k.as_str()) {
+                *x = n.into();
+            }
+        }
+        v["duration_s"] = 2.0.into();
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn merging_adds_every_count() {
+        let mut latency = Latency::new(2).unwrap();
+        latency.record_ns(3_000_000);
+        let m = Summary::merge(vec![with_counts(1), with_counts(2)], &latency);
+        let v = serde_json::to_value(&m).unwrap();
+        for (k, x) in v.as_object().unwrap() {
+            if x.is_u64() && !["qos", "seed", "first_index"].contains(&k.as_str()) {
+                assert_eq!(x.as_u64(), Some(3), "{k} is not added up when merging");
+            }
+        }
+        assert_eq!(m.duration_s, 2.0);
+        assert!((m.latency_p99_ms - 3.0).abs() < 0.05);
     }
 }
