@@ -3,19 +3,19 @@
 # process drives, and what it costs in CPU, against Ferrohub and Mosquitto (Debian's) on this
 # machine. Release build; every run starts a fresh broker.
 #
-#   scripts/bench-sim.sh                       # 3 runs of each scenario (about 12 minutes)
+#   scripts/bench-sim.sh                       # 3 runs of each scenario (about 15 minutes)
 #   scripts/bench-sim.sh --runs 1 --scenarios light
 #   scripts/bench-sim.sh --mosquitto           # each scenario also against Mosquitto
 #
 # Scenarios (19,000 devices: the most one process may hold here, with a margin; MQTT 5, one sample
-# a message, JSON, `--topic bench/{device}` so the broker routes without storing):
+# a message, JSON, `--topic bench/{device}` so the broker routes without storing; 60 s runs):
 #   light    1 message/s per device (19,000 msgs/s offered), QoS 1: the simulator's CPU at ≤ 20k/s
 #   heavy    every 150 ms (126,667 msgs/s offered), QoS 0
 #   heavyq1  every 150 ms, QoS 1 (each message waits for its PUBACK; 16 in flight per device)
 #   procs    2 processes × 9,500 devices every 150 ms, QoS 0 (one merged summary)
-# Devices connect at 2,000/s; rates are the summary's steady rate (from the first second every
-# device was connected to the stop), the simulator's CPU is its own (`cpu_s`, all processes) over
-# the run's wall time, the broker's from /proc over the same span.
+# Devices connect at 2,000/s; rates and the simulator's CPU are the summary's steady window (from
+# the first second every device was connected to the stop: `steady_msgs_per_s`, `steady_cpu_s`),
+# the broker's CPU is from /proc over the whole run (ramp-up included).
 # Prints one JSON line per run and a Markdown table of medians; raw lines go to
 # bench-results/sim-<timestamp>/.
 set -euo pipefail
@@ -24,7 +24,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=${FERROHUB_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/ferrohub}
 PORT=${PORT:-21895}
 HTTP_PORT=${HTTP_PORT:-28095}
-DURATION=${DURATION:-40}
+DURATION=${DURATION:-60}
 RUNS=3
 SCENARIOS=light,heavy,heavyq1,procs
 MOSQUITTO=
@@ -78,20 +78,23 @@ print(json.dumps({
     "qos": s["qos"], "steady_msgs_per_s": round(s.get("steady_msgs_per_s", 0)),
     "msgs_per_s": round(s["msgs_per_s"]), "errors": s["errors"],
     "p50_ms": s["latency_p50_ms"], "p99_ms": s["latency_p99_ms"],
-    "sim_cpu_cores": round(s.get("cpu_s", 0) / max(s["duration_s"], 1e-9), 3),
-    "sim_cpu_us_per_msg": round(1e6 * s.get("cpu_s", 0) / max(s["messages_sent"], 1), 2),
+    "sim_cpu_cores": round(s.get("steady_cpu_s", 0) / max(s.get("steady_s", 0), 1e-9), 3),
+    "sim_cpu_us_per_msg": round(1e6 * s.get("steady_cpu_s", 0) / max(s.get("steady_msgs", 0), 1), 2),
     "broker_cpu_cores": round((float(c1) - float(c0)) / wall, 3),
 }))
 EOF
 }
 
+# The heavy scenarios measure publishing alone (devices still report their twin in `light`).
+PURE="--no-twin --no-commands"
+
 scenario() {
     local s=$1 pid=$2 port=$3 label=$4
     case $s in
         light) sim_run "$label" "$pid" "$port" -n 19000 --interval 1s --qos 1 ;;
-        heavy) sim_run "$label" "$pid" "$port" -n 19000 --interval 150ms --qos 0 ;;
-        heavyq1) sim_run "$label" "$pid" "$port" -n 19000 --interval 150ms --qos 1 ;;
-        procs) sim_run "$label" "$pid" "$port" -n 19000 --processes 2 --interval 150ms --qos 0 ;;
+        heavy) sim_run "$label" "$pid" "$port" -n 19000 --interval 150ms --qos 0 $PURE ;;
+        heavyq1) sim_run "$label" "$pid" "$port" -n 19000 --interval 150ms --qos 1 $PURE ;;
+        procs) sim_run "$label" "$pid" "$port" -n 19000 --processes 2 --interval 150ms --qos 0 $PURE ;;
         *) echo "unknown scenario $s" >&2; exit 2 ;;
     esac
 }

@@ -111,6 +111,10 @@ pub struct Summary {
     /// `steady_msgs / steady_s`: the sustained rate, without ramp-up and drain.
     #[serde(default)]
     pub steady_msgs_per_s: f64,
+    /// CPU time the simulator used in the steady window, seconds (all processes): divided by
+    /// `steady_s`, the cores it takes to sustain `steady_msgs_per_s`.
+    #[serde(default)]
+    pub steady_cpu_s: f64,
     /// Processes the run was spread over (`--processes`; 1 for a single process).
     #[serde(default = "one")]
     pub processes: u64,
@@ -197,6 +201,7 @@ impl Summary {
             steady_s: 0.0,
             steady_msgs: 0,
             steady_msgs_per_s: 0.0,
+            steady_cpu_s: 0.0,
             processes: 1,
             failed_workers: 0,
             latency_us: lat.as_ref().map(Latency::pairs).unwrap_or_default(),
@@ -211,7 +216,9 @@ impl Summary {
         let Some(mut m) = parts.next() else {
             return Summary::default();
         };
+        let mut steady_cores = m.steady_cores();
         for p in parts {
+            steady_cores += p.steady_cores();
             m.first_index = m.first_index.min(p.first_index);
             m.devices += p.devices;
             for (k, v) in p.profiles {
@@ -258,11 +265,22 @@ impl Summary {
             m.messages_sent
         };
         m.msgs_per_s = counted as f64 / m.duration_s.max(1e-9);
+        // Concurrent windows: the processes' cores add up, over the shortest window.
+        m.steady_cpu_s = steady_cores * m.steady_s;
         m.latency_p50_ms = latency.quantile_ms(0.5);
         m.latency_p99_ms = latency.quantile_ms(0.99);
         m.latency_max_ms = latency.max_ms();
         m.latency_us = latency.pairs();
         m
+    }
+
+    /// Cores the simulator took in the steady window (0 without one).
+    pub fn steady_cores(&self) -> f64 {
+        if self.steady_s > 0.0 {
+            self.steady_cpu_s / self.steady_s
+        } else {
+            0.0
+        }
     }
 
     /// The summary as an aligned two-column table.
@@ -365,8 +383,10 @@ impl Summary {
             rows.push((
                 "steady msgs/s",
                 format!(
-                    "{:.1} (over {:.1} s with every device connected)",
-                    self.steady_msgs_per_s, self.steady_s
+                    "{:.1} (over {:.1} s with every device connected; sim CPU {:.2} cores)",
+                    self.steady_msgs_per_s,
+                    self.steady_s,
+                    self.steady_cores()
                 ),
             ));
         }

@@ -315,6 +315,7 @@ pub async fn run(
         .as_secs_f64();
     summary.steady_s = steady.seconds();
     summary.steady_msgs = steady.messages();
+    summary.steady_cpu_s = steady.cpu();
     summary.steady_msgs_per_s = summary.steady_msgs as f64 / summary.steady_s.max(1e-9);
     Ok(summary)
 }
@@ -323,8 +324,9 @@ pub async fn run(
 /// that a rate is not diluted by the ramp-up or the drain.
 #[derive(Default)]
 struct SteadyWindow {
-    start: Option<(Instant, u64)>,
-    end: Option<(Instant, u64)>,
+    /// When it started, the messages counted then, and this process's CPU time then.
+    start: Option<(Instant, u64, Duration)>,
+    end: Option<(Instant, u64, Duration)>,
 }
 
 impl SteadyWindow {
@@ -339,27 +341,43 @@ impl SteadyWindow {
 
     fn tick(&mut self, cfg: &RunConfig, shared: &Shared) {
         if self.start.is_none() && shared.connected.load(Relaxed) >= shared.devices {
-            self.start = Some((Instant::now(), Self::counted(cfg, shared)));
+            self.start = Some((
+                Instant::now(),
+                Self::counted(cfg, shared),
+                crate::bench::sys::self_cpu(),
+            ));
         }
     }
 
     fn stop(&mut self, cfg: &RunConfig, shared: &Shared) {
         if self.start.is_some() && self.end.is_none() {
-            self.end = Some((Instant::now(), Self::counted(cfg, shared)));
+            self.end = Some((
+                Instant::now(),
+                Self::counted(cfg, shared),
+                crate::bench::sys::self_cpu(),
+            ));
         }
     }
 
     fn seconds(&self) -> f64 {
         match (self.start, self.end) {
-            (Some((a, _)), Some((b, _))) => b.saturating_duration_since(a).as_secs_f64(),
+            (Some((a, ..)), Some((b, ..))) => b.saturating_duration_since(a).as_secs_f64(),
             _ => 0.0,
         }
     }
 
     fn messages(&self) -> u64 {
         match (self.start, self.end) {
-            (Some((_, a)), Some((_, b))) => b.saturating_sub(a),
+            (Some((_, a, _)), Some((_, b, _))) => b.saturating_sub(a),
             _ => 0,
+        }
+    }
+
+    /// CPU time this process used in the window.
+    fn cpu(&self) -> f64 {
+        match (self.start, self.end) {
+            (Some((.., a)), Some((.., b))) => b.saturating_sub(a).as_secs_f64(),
+            _ => 0.0,
         }
     }
 }
