@@ -488,7 +488,7 @@ impl IdPool {
 /// Spawns a task that reads `rd` until it closes, decoding packets (from what `rbuf` already
 /// holds, then the socket) and handing each to `on_packet`. Undecodable input ends the task.
 pub fn spawn_packet_reader(
-    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut rd: impl tokio::io::AsyncRead + Unpin + Send + 'static,
     mut rbuf: BytesMut,
     version: ProtocolVersion,
     mut on_packet: impl FnMut(Packet) + Send + 'static,
@@ -525,7 +525,7 @@ pub enum WindowSlot {
 /// that free slots may be waiting for it), then waits up to `timeout`.
 pub async fn take_window_slot(
     window: &tokio::sync::Semaphore,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
     wbuf: &mut BytesMut,
     timeout: Duration,
 ) -> std::io::Result<WindowSlot> {

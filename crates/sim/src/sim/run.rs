@@ -100,7 +100,7 @@ pub enum RunError {
 }
 
 /// Histogram stripes: PUBACKs of different devices record into different locks.
-const STRIPES: usize = 16;
+pub(crate) const STRIPES: usize = 16;
 
 /// Counters of a run, shared by every device task.
 pub(crate) struct Shared {
@@ -123,13 +123,39 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Zeroed counters for `devices` devices (`sim replay` counts with them too).
+    pub(crate) fn new(devices: u64) -> Result<Shared, RunError> {
+        let latency = (0..STRIPES)
+            .map(|_| Latency::new(2).map(Mutex::new))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| RunError::Histogram(e.to_string()))?;
+        Ok(Shared {
+            devices,
+            connected: AtomicU64::new(0),
+            online: AtomicU64::new(0),
+            failed_connects: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
+            acked: AtomicU64::new(0),
+            samples: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            lost: AtomicU64::new(0),
+            unacked: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            reconnect_failures: AtomicU64::new(0),
+            chaos: Default::default(),
+            answers: Mutex::new(BTreeMap::new()),
+            first_error: Mutex::new(None),
+            latency,
+        })
+    }
+
     fn chaos(&self, a: Action) {
         if let Some(c) = self.chaos.get(a as usize) {
             c.fetch_add(1, Relaxed);
         }
     }
 
-    fn answer(&self, packet: &str, code: u8) {
+    pub(crate) fn answer(&self, packet: &str, code: u8) {
         *self
             .answers
             .lock()
@@ -137,7 +163,7 @@ impl Shared {
             .or_insert(0) += 1;
     }
 
-    fn note_error(&self, e: impl FnOnce() -> String) {
+    pub(crate) fn note_error(&self, e: impl FnOnce() -> String) {
         let mut first = self.first_error.lock();
         if first.is_none() {
             *first = Some(e());
@@ -186,28 +212,7 @@ pub async fn run(
     if devices.is_empty() {
         return Err(RunError::NoDevices);
     }
-    let latency = (0..STRIPES)
-        .map(|_| Latency::new(2).map(Mutex::new))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| RunError::Histogram(e.to_string()))?;
-    let shared = Arc::new(Shared {
-        devices: devices.len() as u64,
-        connected: AtomicU64::new(0),
-        online: AtomicU64::new(0),
-        failed_connects: AtomicU64::new(0),
-        sent: AtomicU64::new(0),
-        acked: AtomicU64::new(0),
-        samples: AtomicU64::new(0),
-        refused: AtomicU64::new(0),
-        lost: AtomicU64::new(0),
-        unacked: AtomicU64::new(0),
-        reconnects: AtomicU64::new(0),
-        reconnect_failures: AtomicU64::new(0),
-        chaos: Default::default(),
-        answers: Mutex::new(BTreeMap::new()),
-        first_error: Mutex::new(None),
-        latency,
-    });
+    let shared = Arc::new(Shared::new(devices.len() as u64)?);
     let mut profiles: Vec<(String, u64)> = Vec::new();
     for d in &devices {
         match profiles.iter_mut().find(|(n, _)| *n == d.profile.name) {
