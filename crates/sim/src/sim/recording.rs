@@ -306,7 +306,7 @@ fn finite(f: f64, s: &str) -> Result<Value, String> {
 
 /// A value of the export's `type`.
 fn typed(s: &str, kind: &str) -> Result<Value, String> {
-    let bad = || format!("value {s:?} is not a {kind}");
+    let bad = || format!("value {s:?} is not of type {kind}");
     Ok(match kind {
         "float" => finite(s.trim().parse::<f64>().map_err(|_| bad())?, s)?,
         "int" => Value::Int(s.trim().parse().map_err(|_| bad())?),
