@@ -848,11 +848,32 @@ impl Messages {
         let mut rows = self.slice.drain(..).peekable();
         while let Some(first) = rows.next() {
             let mut values = first.values;
+            // Positions of the metrics, once a device has enough that a scan per value would
+            // cost (an export gives one row per metric).
+            let mut index: Option<HashMap<Arc<str>, usize>> = None;
             while let Some(r) = rows.next_if(|r| r.device == first.device) {
                 for (m, v) in r.values {
-                    match values.iter_mut().find(|(n, _)| *n == m) {
+                    if index.is_none() && values.len() >= 16 {
+                        index = Some(
+                            values
+                                .iter()
+                                .enumerate()
+                                .map(|(i, (k, _))| (k.clone(), i))
+                                .collect(),
+                        );
+                    }
+                    let at = match &index {
+                        Some(ix) => ix.get(&m).copied(),
+                        None => values.iter().position(|(n, _)| *n == m),
+                    };
+                    match at.and_then(|i| values.get_mut(i)) {
                         Some(slot) => slot.1 = v,
-                        None => values.push((m, v)),
+                        None => {
+                            if let Some(ix) = index.as_mut() {
+                                ix.insert(m.clone(), values.len());
+                            }
+                            values.push((m, v));
+                        }
                     }
                 }
             }
@@ -1072,6 +1093,24 @@ mod tests {
             ),
             "{e}"
         );
+    }
+
+    #[test]
+    fn rows_of_one_device_and_time_are_one_message_and_the_later_value_wins() {
+        let mut text = String::from("tenant,device,metric,ts,value,type\n");
+        for m in 0..40 {
+            text += &format!("t,d1,m{m},1000,{m},int\n");
+        }
+        text += "t,d1,m3,1000,-3,int\nt,d1,m39,1000,-39,int\n";
+        let (_dir, path) = write("dup.csv", &text);
+        let (r, _) = scan(&path, true).unwrap();
+        let got = all(&r);
+        assert_eq!(got.len(), 1);
+        let values = &got[0].2;
+        assert_eq!(values.len(), 40);
+        assert_eq!(values[3], ("m3".into(), Value::Int(-3)));
+        assert_eq!(values[39], ("m39".into(), Value::Int(-39)));
+        assert_eq!(values[38], ("m38".into(), Value::Int(38)));
     }
 
     #[test]

@@ -277,7 +277,11 @@ pub async fn replay_args(
         strict: a.strict,
         max_runs: a.max_runs,
     };
-    let rec = tokio::task::spawn_blocking(move || {
+    let mut shutdown = std::pin::pin!(shutdown);
+    if !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        eprintln!("[sim] checking {} file(s)…", files.len());
+    }
+    let scan = tokio::task::spawn_blocking(move || {
         let mut shown = 0u64;
         let r = Recording::scan(&files, opts, &mut |bad| {
             shown += 1;
@@ -289,9 +293,11 @@ pub async fn replay_args(
             eprintln!("[sim] ... {} more bad rows skipped", shown - BAD_ROWS_SHOWN);
         }
         r
-    })
-    .await
-    .context("reading the recording")??;
+    });
+    let rec = tokio::select! {
+        r = scan => r.context("reading the recording")??,
+        _ = &mut shutdown => bail!("interrupted while reading the recording"),
+    };
     if rec.rows == 0 {
         bail!(
             "no usable rows in {}",
@@ -367,7 +373,7 @@ pub async fn replay_args(
             a.speed
         );
     }
-    let mut s = replay(cfg, Arc::new(rec), devices, shutdown).await?;
+    let mut s = replay(cfg, Arc::new(rec), devices, &mut shutdown).await?;
     s.replay.files = a.files.iter().map(|p| p.display().to_string()).collect();
     Ok(s)
 }
@@ -1244,6 +1250,77 @@ mod tests {
         for bad in ["0", "-1", "fast", "inf", "NaN"] {
             assert!(parse_speed(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(subcommand)]
+            sim: super::super::SimCommand,
+        }
+        <Cli as clap::CommandFactory>::command().debug_assert();
+        let a = ReplayArgs::try_parse_from(["r.csv", "--speed", "max", "--loop", "3"]).unwrap();
+        assert_eq!((a.speed, a.loops, a.files.len()), (Speed::Max, 3, 1));
+        assert!(ReplayArgs::try_parse_from(["--speed", "2"]).is_err());
+    }
+
+    #[test]
+    fn devices_take_fleet_or_shared_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec_path = dir.path().join("r.csv");
+        std::fs::write(&rec_path, "ts,device,v\n1,a,1\n2,b,2\n").unwrap();
+        let rec = Recording::scan(
+            std::slice::from_ref(&rec_path),
+            ScanOptions {
+                strict: true,
+                max_runs: 10,
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        let topic = TopicTemplate::parse("t/{device}/{index}").unwrap();
+        let parse = |extra: &[&str]| {
+            let mut v = vec![rec_path.to_str().unwrap()];
+            v.extend_from_slice(extra);
+            ReplayArgs::try_parse_from(v).unwrap()
+        };
+        let devs = replay_devices(&parse(&["--password", "pw"]), &rec, &topic).unwrap();
+        assert_eq!((&*devs[1].id, &*devs[1].topic), ("b", "t/b/1"));
+        let c = devs[1].creds.as_ref().unwrap();
+        assert_eq!(c.username.as_deref(), Some("b"));
+        assert_eq!(c.password.as_deref(), Some(&b"pw"[..]));
+        assert!(
+            replay_devices(&parse(&[]), &rec, &topic).unwrap()[0]
+                .creds
+                .is_none()
+        );
+
+        let fleet = dir.path().join("fleet.jsonl");
+        std::fs::write(
+            &fleet,
+            "{\"role\":\"device\",\"client_id\":\"b\",\"username\":\"ub\",\"password\":\"pb\"}\n\
+             {\"role\":\"device\",\"client_id\":\"a\",\"username\":\"ua\",\"password\":\"pa\"}\n",
+        )
+        .unwrap();
+        let f = fleet.to_str().unwrap();
+        let devs = replay_devices(&parse(&["--fleet", f]), &rec, &topic).unwrap();
+        let c = devs[0].creds.as_ref().unwrap();
+        assert_eq!(
+            (c.username.as_deref(), c.password.as_deref()),
+            (Some("ua"), Some(&b"pa"[..]))
+        );
+        std::fs::write(
+            &fleet,
+            "{\"role\":\"device\",\"client_id\":\"a\",\"password\":\"pa\"}\n",
+        )
+        .unwrap();
+        let e = replay_devices(&parse(&["--fleet", f]), &rec, &topic).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("device \"b\" of the recording is not in"),
+            "{e}"
+        );
     }
 
     #[test]
