@@ -327,9 +327,13 @@ async fn speed_scales_the_pace_and_shift_moves_the_timestamps() {
         let (path, t0) = paced_csv(dir.path(), 5, 500);
         let before = now_ms();
         let started = Instant::now();
-        let s = replay(&args(hub.mqtt, &[&path], "--speed 4 --shift-to-now"))
-            .await
-            .unwrap();
+        let s = replay(&args(
+            hub.mqtt,
+            &[&path],
+            "--speed 4 --shift-to-now --format msgpack",
+        ))
+        .await
+        .unwrap();
         let took = started.elapsed();
         let after = now_ms();
         assert!(
@@ -410,10 +414,14 @@ async fn bad_rows_are_skipped_or_fail_with_strict() {
             "{e:#}"
         );
         assert!(points(&hub, "bad-1", "v").await.is_empty());
-        let s = replay(&args(hub.mqtt, &[&path], "--speed max"))
+        let s = replay(&args(hub.mqtt, &[&path], "--speed max --protocol v3"))
             .await
             .unwrap();
         assert_eq!((s.replay.rows, s.replay.bad_rows), (2, 1), "{s:?}");
+        assert_eq!(
+            (s.run.protocol.as_str(), s.run.messages_acked),
+            ("3.1.1", 2)
+        );
         assert_eq!(
             points(&hub, "bad-1", "v").await,
             [(t0, json!(1)), (t0 + 2, json!(3))]

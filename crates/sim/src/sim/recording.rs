@@ -274,18 +274,21 @@ pub fn parse_ts(s: &str) -> Result<i64, String> {
     Ok(ms - offset_min * 60_000)
 }
 
-/// A value of unknown kind: boolean, integer, float or string; empty is none.
+/// A value of unknown kind: boolean, integer, float or string; empty (or blank) is none.
+/// Spaces around a boolean or a number are ignored (`21.5, 3` as hand-written CSV has them); a
+/// string is kept exactly.
 fn infer(s: &str) -> Result<Option<Value>, String> {
-    if s.is_empty() {
+    let t = s.trim();
+    if t.is_empty() {
         return Ok(None);
     }
-    Ok(Some(match s {
+    Ok(Some(match t {
         "true" => Value::Bool(true),
         "false" => Value::Bool(false),
         _ => {
-            if let Ok(i) = s.parse::<i64>() {
+            if let Ok(i) = t.parse::<i64>() {
                 Value::Int(i)
-            } else if let Ok(f) = s.parse::<f64>() {
+            } else if let Ok(f) = t.parse::<f64>() {
                 finite(f, s)?
             } else {
                 Value::Str(Arc::from(s))
@@ -396,7 +399,7 @@ impl Parser {
                 kind,
             } => {
                 let ts = parse_ts(field(*ts)?)?;
-                let dev = field(*d)?;
+                let dev = field(*d)?.trim();
                 check_device(dev)?;
                 let m = field(*metric)?;
                 check_metric(m)?;
@@ -431,7 +434,7 @@ impl Parser {
                 metrics,
             } => {
                 let ts = parse_ts(field(*ts)?)?;
-                let dev = field(*d)?;
+                let dev = field(*d)?.trim();
                 check_device(dev)?;
                 let mut values = Vec::with_capacity(metrics.len());
                 for (i, m) in metrics {
@@ -1035,7 +1038,7 @@ mod tests {
     #[test]
     fn wide_files_infer_kinds_and_skip_empty_cells() {
         let text = "device,ts,temp,count,on,mode\n\
-            d1,1000,21.5,3,true,auto\n\
+            d1, 1000, 21.5, 3,true,auto\n\
             d2,1000,,4,,\n\
             d1,2000,22,5,false,\n\
             d2,2000,,,,\n";
