@@ -1,10 +1,13 @@
 //! `ferrohub sim replay` against real hubs in-process: a wide CSV replayed into hub A, exported
 //! by A as CSV, and the export replayed into hub B gives B exactly A's points (values, kinds and
 //! timestamps, read back through the HTTP API); `--speed` scales the pace, `--shift-to-now` moves
-//! the timestamps, `--loop` continues the timeline; bad rows are skipped or fail with `--strict`;
-//! a replay that sends nothing is an error.
+//! the timestamps, `--loop` continues the timeline; a device whose connection is taken over
+//! reconnects and sends the rest; bad rows are skipped or fail with `--strict`; a replay that
+//! sends nothing is an error.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -380,6 +383,43 @@ async fn speed_scales_the_pace_and_shift_moves_the_timestamps() {
         let got: Vec<(i64, Json)> = stored.into_iter().map(|(t, v)| (t - first, v)).collect();
         let want: Vec<(i64, Json)> = (0..6).map(|i| (i * 1000, json!(i % 3))).collect();
         assert_eq!(got, want);
+        hub.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_connection_is_reestablished_and_the_rest_is_sent() {
+    tokio::time::timeout(BOUND, async {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = TestHub::start().await.unwrap();
+        // Four rows a second apart at the recorded pace; half-way through the first gap another
+        // client takes the device's client id over, and the hub closes the replay's connection.
+        let (path, _) = paced_csv(dir.path(), 4, 1000);
+        let a = args(
+            hub.mqtt,
+            &[&path],
+            "--speed 1 --shift-to-now --reconnect-backoff 10ms..50ms",
+        );
+        let run = tokio::spawn(async move { replay(&a).await });
+        // The first row is stored when the clock has started: kick in the middle of the gap.
+        while points(&hub, "pace", "v").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let thief = common::V5::connect(common::v5_opts(&hub, "pace")).await;
+        let s = run.await.unwrap().unwrap();
+        drop(thief);
+        assert_eq!(
+            (s.run.messages_sent, s.run.messages_acked, s.run.reconnects),
+            (4, 4, 1),
+            "{s:?}"
+        );
+        assert_eq!(s.run.connections_lost, 1, "{s:?}");
+        let stored = points(&hub, "pace", "v").await;
+        let values: Vec<Json> = stored.into_iter().map(|(_, v)| v).collect();
+        assert_eq!(values, [json!(0), json!(1), json!(2), json!(3)]);
         hub.stop().await;
     })
     .await

@@ -40,7 +40,7 @@ use crate::bench::wire::{
 };
 
 /// Messages queued per device between the scheduler and the device's connection.
-const DEVICE_QUEUE: usize = 64;
+const DEVICE_QUEUE: usize = 16;
 /// Messages queued between the reading thread and the scheduler.
 const READ_AHEAD: usize = 1024;
 /// Bad rows printed on stderr (the rest are counted).
