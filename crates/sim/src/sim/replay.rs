@@ -515,18 +515,30 @@ impl Serialize for Payload<'_> {
     }
 }
 
+/// A payload could not be encoded (not expected: every value is a plain scalar).
+#[derive(Debug, Error)]
+#[error("encoding a {format} payload: {message}")]
+pub struct PayloadError {
+    format: &'static str,
+    message: String,
+}
+
 /// Encodes one message's payload.
 pub fn encode_payload(
     format: Format,
     ts: i64,
     values: &[(Arc<str>, Value)],
     out: &mut Vec<u8>,
-) -> Result<(), String> {
+) -> Result<(), PayloadError> {
     let p = Payload { ts, values };
+    let fail = |message: String| PayloadError {
+        format: format.name(),
+        message,
+    };
     match format {
-        Format::Json => serde_json::to_writer(&mut *out, &p).map_err(|e| e.to_string()),
-        Format::Cbor => ciborium::into_writer(&p, &mut *out).map_err(|e| e.to_string()),
-        Format::Msgpack => rmp_serde::encode::write(&mut *out, &p).map_err(|e| e.to_string()),
+        Format::Json => serde_json::to_writer(&mut *out, &p).map_err(|e| fail(e.to_string())),
+        Format::Cbor => ciborium::into_writer(&p, &mut *out).map_err(|e| fail(e.to_string())),
+        Format::Msgpack => rmp_serde::encode::write(&mut *out, &p).map_err(|e| fail(e.to_string())),
     }
 }
 
@@ -1156,7 +1168,7 @@ async fn device_task(
         }
         payload.clear();
         if let Err(e) = encode_payload(cfg.format, msg.ts, &msg.values, &mut payload) {
-            shared.note_error(|| format!("{}: encoding: {e}", dev.id));
+            shared.note_error(|| format!("{}: {e}", dev.id));
             dropped += 1;
             continue;
         }
