@@ -234,7 +234,7 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
     /// Recorded telemetry: CSV as `ferrohub ctl telemetry export --format csv` writes it, or a
-    /// wide CSV (ts,device,<metric>,...); `.gz` files are gunzipped. Several files are replayed
+    /// wide CSV (ts,device,METRIC,...); `.gz` files are gunzipped. Several files are replayed
     /// as one recording.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
