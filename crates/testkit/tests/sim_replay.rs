@@ -1,6 +1,6 @@
 //! `ferrohub sim replay` against real hubs in-process: a wide CSV replayed into hub A, exported
-//! by A as CSV, and the export replayed into hub B gives B exactly A's points (values, kinds and
-//! timestamps, read back through the HTTP API); `--speed` scales the pace, `--shift-to-now` moves
+//! by A as CSV (and Parquet), and the export replayed into hub B (and C) gives exactly A's points
+//! (values, kinds and timestamps, read back through the HTTP API); `--speed` scales the pace, `--shift-to-now` moves
 //! the timestamps, `--loop` continues the timeline; a device whose connection is taken over
 //! reconnects and sends the rest; bad rows are skipped or fail with `--strict`; a replay that
 //! sends nothing is an error.
@@ -127,13 +127,13 @@ async fn metrics(hub: &TestHub, device: &str) -> Vec<String> {
     m
 }
 
-/// Exports the default tenant's telemetry of `[from, to)` as CSV; the file's path.
-async fn export_csv(hub: &TestHub, from: i64, to: i64) -> PathBuf {
+/// Exports the default tenant's telemetry of `[from, to)` as `format`; the file's path.
+async fn export(hub: &TestHub, format: &str, from: i64, to: i64) -> PathBuf {
     let job = api(
         hub,
         reqwest::Method::POST,
         "/tenants/default/telemetry/exports",
-        Some(json!({"destination": "rec", "format": "csv", "from": from, "to": to})),
+        Some(json!({"destination": "rec", "format": format, "from": from, "to": to})),
     )
     .await;
     let path = format!("/tenants/default/telemetry/exports/{}", job["id"]);
@@ -274,8 +274,8 @@ async fn an_export_replayed_into_another_hub_gives_the_same_points() {
         check_hub(&a, t0, 0).await;
 
         // A's export, sorted by series: one run per series, merged back into time order.
-        let export = export_csv(&a, t0 - 1, t0 + 3_600_000).await;
-        let text = std::fs::read_to_string(&export).unwrap();
+        let csv = export(&a, "csv", t0 - 1, t0 + 3_600_000).await;
+        let text = std::fs::read_to_string(&csv).unwrap();
         assert!(
             text.starts_with("tenant,device,metric,ts,value,type\n"),
             "{text}"
@@ -283,7 +283,7 @@ async fn an_export_replayed_into_another_hub_gives_the_same_points() {
 
         // Hub B: the export, in CBOR.
         let b = TestHub::start().await.unwrap();
-        let s = replay(&args(b.mqtt, &[&export], "--speed max --format cbor"))
+        let s = replay(&args(b.mqtt, &[&csv], "--speed max --format cbor"))
             .await
             .unwrap();
         assert_eq!(s.replay.layouts, ["export"]);
@@ -301,8 +301,23 @@ async fn an_export_replayed_into_another_hub_gives_the_same_points() {
                 assert_eq!(points(&a, &device, m).await, points(&b, &device, m).await);
             }
         }
-        a.stop().await;
         b.stop().await;
+
+        // Hub C: A's Parquet export (converted to CSV on the fly).
+        let parquet = export(&a, "parquet", t0 - 1, t0 + 3_600_000).await;
+        let c = TestHub::start().await.unwrap();
+        let s = replay(&args(c.mqtt, &[&parquet], "--speed max"))
+            .await
+            .unwrap();
+        assert_eq!(s.replay.layouts, ["export"]);
+        assert_eq!(
+            (s.run.messages_sent, s.run.messages_acked, s.run.errors),
+            (messages, messages, 0),
+            "{s:?}"
+        );
+        check_hub(&c, t0, 0).await;
+        a.stop().await;
+        c.stop().await;
     })
     .await
     .expect("test timed out");

@@ -68,8 +68,9 @@ pub enum SimCommand {
     Profiles(ProfilesArgs),
     /// Print the payloads a device would publish, without connecting.
     Preview(PreviewArgs),
-    /// Publish recorded telemetry again: the hub's CSV export or a wide CSV, one connection per
-    /// recorded device, at the recorded pace, faster, or as fast as acknowledgements allow.
+    /// Publish recorded telemetry again: the hub's export (CSV or Parquet) or a wide CSV, one
+    /// connection per recorded device, at the recorded pace, faster, or as fast as
+    /// acknowledgements allow.
     #[command(after_help = "Examples:\n  \
         ferrohub sim replay export.csv --speed max --password secret\n  \
         ferrohub sim replay day.csv.gz --speed 10 --shift-to-now --fleet fleet.jsonl\n  \
@@ -234,8 +235,8 @@ pub struct RunArgs {
 #[derive(clap::Args, Debug, Clone)]
 pub struct ReplayArgs {
     /// Recorded telemetry: CSV as `ferrohub ctl telemetry export --format csv` writes it, or a
-    /// wide CSV (ts,device,METRIC,...); `.gz` files are gunzipped. Several files are replayed
-    /// as one recording.
+    /// wide CSV (ts,device,METRIC,...); `.gz` files are gunzipped; the hub's Parquet export is
+    /// read through a temporary CSV. Several files are replayed as one recording.
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
 

@@ -15,6 +15,13 @@
 //! Timestamps are RFC 3339 (`2026-01-01T00:00:00.000Z`, `+02:00` offsets allowed; no offset means
 //! UTC) or integer milliseconds since the Unix epoch. A file ending in `.gz` is gunzipped.
 //!
+//! A **Parquet** file of the hub's export (`PARQUET_SCHEMA` of `ferrohub-export`: `device`,
+//! `metric`, `ts` and one of `value_float`, `value_int`, `value_bool`, `value_str`; recognised by
+//! its magic bytes) is first converted, row group by row group, into an anonymous temporary CSV
+//! of the export layout, which is then read like any export (bad rows are reported with the line
+//! of that CSV: row N of the Parquet file is line N + 1). That costs disk (the CSV is several
+//! times the Parquet file's size), not memory.
+//!
 //! # Memory
 //!
 //! A first pass ([`Recording::scan`]) checks every row (reporting bad ones with their line), lists
@@ -80,6 +87,14 @@ pub enum RecordingError {
     /// A bad row, with `--strict`.
     #[error("{0}")]
     BadRow(BadRow),
+    /// A Parquet file could not be read.
+    #[error("{}: reading Parquet: {source}", path.display())]
+    Parquet {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        source: parquet::errors::ParquetError,
+    },
     /// Time goes backwards too often to merge.
     #[error(
         "{}: time goes backwards more than {limit} times: the file is sorted neither by time nor \
@@ -472,11 +487,20 @@ struct Run {
     end: u64,
 }
 
+/// Where a file's CSV comes from.
+#[derive(Debug)]
+enum Source {
+    /// The file itself (`gz`: gunzipped on the fly).
+    File { gz: bool },
+    /// A Parquet file converted into an anonymous temporary CSV.
+    Converted(Arc<File>),
+}
+
 /// One file of a recording, as the first pass saw it.
 #[derive(Debug)]
 struct FileIndex {
     path: PathBuf,
-    gz: bool,
+    source: Source,
     layout: Layout,
     runs: Vec<Run>,
 }
@@ -524,6 +548,85 @@ fn open(path: &Path) -> Result<(Box<dyn Read + Send>, bool), RecordingError> {
     })
 }
 
+/// Whether `path` starts with Parquet's magic bytes.
+fn is_parquet(path: &Path) -> Result<bool, RecordingError> {
+    let mut magic = [0u8; 4];
+    let mut f = File::open(path).map_err(|source| RecordingError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(f.read_exact(&mut magic).is_ok() && &magic == b"PAR1")
+}
+
+/// Converts a Parquet export into a temporary CSV of the export layout (epoch-millisecond
+/// times, floats written to round-trip), streaming row group by row group.
+fn parquet_to_csv(path: &Path) -> Result<File, RecordingError> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let io_err = |source| RecordingError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let pq = |source| RecordingError::Parquet {
+        path: path.to_path_buf(),
+        source,
+    };
+    let reader = SerializedFileReader::new(File::open(path).map_err(io_err)?).map_err(pq)?;
+    let columns: Vec<String> = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    for want in ["device", "metric", "ts"] {
+        if !columns.iter().any(|c| c == want) {
+            return Err(RecordingError::UnknownFormat {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "a Parquet file without a `{want}` column; expected the hub's export \
+                     (tenant, device, metric, ts, value_float, value_int, value_bool, value_str)"
+                ),
+            });
+        }
+    }
+    let tmp = tempfile::tempfile().map_err(io_err)?;
+    let mut w = csv::Writer::from_writer(io::BufWriter::with_capacity(256 * 1024, tmp));
+    let csv_err = |source| RecordingError::Csv {
+        path: path.to_path_buf(),
+        source,
+    };
+    w.write_record(["device", "metric", "ts", "value", "type"])
+        .map_err(csv_err)?;
+    let (mut device, mut metric, mut ts, mut value) =
+        (String::new(), String::new(), String::new(), String::new());
+    for row in reader.get_row_iter(None).map_err(pq)? {
+        let row = row.map_err(pq)?;
+        let mut kind = "";
+        for s in [&mut device, &mut metric, &mut ts, &mut value] {
+            s.clear();
+        }
+        for (name, field) in row.get_column_iter() {
+            match (name.as_str(), field) {
+                ("device", Field::Str(d)) => device.push_str(d),
+                ("metric", Field::Str(m)) => metric.push_str(m),
+                ("ts", Field::TimestampMillis(t) | Field::Long(t)) => ts = t.to_string(),
+                ("value_float", Field::Double(f)) => (value, kind) = (format!("{f:?}"), "float"),
+                ("value_int", Field::Long(i)) => (value, kind) = (i.to_string(), "int"),
+                ("value_bool", Field::Bool(b)) => (value, kind) = (b.to_string(), "bool"),
+                ("value_str", Field::Str(v)) => (value, kind) = (v.clone(), "string"),
+                _ => {}
+            }
+        }
+        // A row without a value keeps an empty type: the first pass reports it.
+        w.write_record([&*device, &*metric, &*ts, &*value, kind])
+            .map_err(csv_err)?;
+    }
+    let buffered = w.into_inner().map_err(|e| io_err(e.into_error()))?;
+    buffered.into_inner().map_err(|e| io_err(e.into_error()))
+}
+
 fn csv_reader<R: Read>(r: R, capacity: usize) -> csv::Reader<R> {
     csv::ReaderBuilder::new()
         .has_headers(false)
@@ -546,7 +649,21 @@ impl Recording {
         let (mut rows, mut values, mut bad_rows) = (0u64, 0u64, 0u64);
         let mut total_runs = 0usize;
         for path in paths {
-            let (read, gz) = open(path)?;
+            let gz = path
+                .extension()
+                .is_some_and(|e| e.eq_ignore_ascii_case("gz"));
+            let (read, source): (Box<dyn Read + Send>, Source) = if !gz && is_parquet(path)? {
+                let csv = Arc::new(parquet_to_csv(path)?);
+                let read = RangeRead {
+                    file: csv.clone(),
+                    pos: 0,
+                    end: u64::MAX,
+                };
+                (Box::new(read), Source::Converted(csv))
+            } else {
+                let (read, gz) = open(path)?;
+                (read, Source::File { gz })
+            };
             let mut peek = io::BufReader::new(read);
             let magic = io::BufRead::fill_buf(&mut peek)
                 .map_err(|source| RecordingError::Io {
@@ -558,9 +675,7 @@ impl Recording {
             if magic.as_deref() == Some(b"PAR1") {
                 return Err(RecordingError::UnknownFormat {
                     path: path.clone(),
-                    reason: "Parquet is not supported by replay yet; export CSV \
-                             (`ferrohub ctl telemetry export --format csv`)"
-                        .into(),
+                    reason: "a gzipped Parquet file: gunzip it first".into(),
                 });
             }
             let mut rdr = csv_reader(peek, MAX_RUN_BUFFER);
@@ -635,7 +750,7 @@ impl Recording {
             }
             files.push(FileIndex {
                 path: path.clone(),
-                gz,
+                source,
                 layout,
                 runs,
             });
@@ -673,7 +788,9 @@ impl Recording {
                 path: f.path.clone(),
                 source,
             };
-            let shared: Arc<File> = if f.gz {
+            let shared: Arc<File> = if let Source::Converted(csv) = &f.source {
+                csv.clone()
+            } else if let Source::File { gz: true } = f.source {
                 if f.runs.len() == 1 {
                     // One run: stream the decompressed file from its first record.
                     let (read, _) = open(&f.path)?;
@@ -1123,7 +1240,6 @@ mod tests {
             ("a,b,c\n1,2,3\n", "has no ts column"),
             ("ts,temp\n1,2\n", "has no device column"),
             ("ts,device\n1,d\n", "no metric columns"),
-            ("PAR1....", "Parquet is not supported"),
         ] {
             let (_dir, path) = write("x.csv", text);
             let e = scan(&path, false).err().unwrap().to_string();
@@ -1132,6 +1248,10 @@ mod tests {
                 "{text:?}: {e}"
             );
         }
+        // Parquet's magic bytes, then nothing a Parquet reader can use.
+        let (_dir, path) = write("x.csv", "PAR1....");
+        let e = scan(&path, false).err().unwrap().to_string();
+        assert!(e.contains("x.csv: reading Parquet"), "{e}");
     }
 
     #[test]
