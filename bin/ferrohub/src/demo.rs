@@ -280,6 +280,8 @@ mod tests {
         assert_eq!(a.devices, Some(DEVICES as u64));
         assert!(a.duration.is_none() && a.messages_per_device.is_none());
         assert_eq!(a.profiles.len(), PROFILES.len());
+        // Demo devices report firmware and health and answer commands.
+        assert!(!a.no_twin && !a.no_commands);
         let a = run_args("[::]:7".parse().unwrap(), Path::new("f")).unwrap();
         assert_eq!(a.host, "::1");
     }

@@ -285,7 +285,7 @@ async fn idle_conn(
 }
 
 async fn send(
-    stream: &mut tokio::net::TcpStream,
+    stream: &mut super::transport::MqttStream,
     wbuf: &mut BytesMut,
     version: mqtt::ProtocolVersion,
     p: &Packet,

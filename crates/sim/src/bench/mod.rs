@@ -62,6 +62,7 @@ pub(crate) mod stats;
 pub(crate) mod sys;
 mod telemetrybench;
 mod traffic;
+pub mod transport;
 mod tsdbbench;
 mod twinbench;
 pub(crate) mod wire;
@@ -495,6 +496,7 @@ async fn run(a: BenchArgs, fd_limit: u64) -> anyhow::Result<()> {
         password: a.password.clone().map(Bytes::from),
         keep_alive: a.keep_alive,
         timeout: Duration::from_secs_f64(a.connect_timeout),
+        transport: wire::Transport::Tcp,
     });
     let prefix = a.client_prefix.clone().unwrap_or_else(unique_prefix);
     // Keep a margin of descriptors for the runtime, stdio and the routing check.
@@ -739,6 +741,7 @@ fn fleet_clients(a: &BenchArgs) -> anyhow::Result<Option<FleetClients>> {
         (!a.fleet_anonymous).then(|| wire::Creds {
             username: e.username.clone(),
             password: e.password.clone().map(Bytes::from),
+            tls: None,
         })
     };
     let devices: Vec<_> = fleet::devices(&all, a.publishers as usize)

@@ -37,6 +37,21 @@ impl Latency {
         }
     }
 
+    /// The recorded latencies as (microseconds, count) pairs, for sending to another process.
+    pub fn pairs(&self) -> Vec<(u64, u64)> {
+        self.h
+            .iter_recorded()
+            .map(|v| (v.value_iterated_to(), v.count_at_value()))
+            .collect()
+    }
+
+    /// Adds latencies given as [`pairs`](Self::pairs).
+    pub fn add_pairs(&mut self, pairs: &[(u64, u64)]) {
+        for &(us, n) in pairs {
+            self.h.saturating_record_n(us.clamp(1, MAX_MICROS), n);
+        }
+    }
+
     /// Number of samples.
     #[cfg(test)]
     pub fn count(&self) -> u64 {
@@ -103,5 +118,20 @@ mod tests {
         all.merge(&c);
         assert_eq!(all.count(), 202);
         assert_eq!(Latency::new(2).unwrap().quantile_ms(0.99), 0.0);
+    }
+
+    #[test]
+    fn pairs_carry_a_histogram_to_another_process() {
+        let mut a = Latency::new(2).unwrap();
+        for ms in [1, 1, 2, 3, 5, 8, 13, 200] {
+            a.record_ns(ms * 1_000_000);
+        }
+        let mut b = Latency::new(2).unwrap();
+        b.add_pairs(&a.pairs());
+        assert_eq!(b.count(), a.count());
+        for q in [0.0, 0.5, 0.9, 0.99, 1.0] {
+            assert_eq!(b.quantile_ms(q), a.quantile_ms(q), "q {q}");
+        }
+        assert_eq!(b.max_ms(), a.max_ms());
     }
 }

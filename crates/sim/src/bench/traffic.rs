@@ -528,13 +528,13 @@ async fn publisher(
 ) -> PubStats {
     let mut st = PubStats::default();
     let Session {
-        mut stream,
+        stream,
         mut rbuf,
         mut wbuf,
         version,
         ..
     } = s;
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = stream.into_split();
     let mut ids = IdPool::default();
     let mut tick = tokio::time::interval_at(sh.start + t.phase, t.tick);
     tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -747,14 +747,14 @@ async fn subscriber(
         error: None,
     };
     let Session {
-        mut stream,
+        stream,
         mut rbuf,
         mut wbuf,
         version,
         ..
     } = s;
     let read_chunk = rbuf.capacity().clamp(4096, 64 * 1024);
-    let (mut rd, mut wr) = stream.split();
+    let (mut rd, mut wr) = stream.into_split();
     let mut last_seq: Vec<Option<u32>> = vec![None; pub_count as usize];
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     loop {

@@ -1,5 +1,6 @@
-//! One MQTT client connection over tokio TCP, spoken with `ferrohub-proto`'s codec: connecting,
-//! subscribing, pre-encoded PUBLISH templates and QoS 1 packet-identifier bookkeeping.
+//! One MQTT client connection (over TCP, TLS or WebSocket: [`super::transport`]), spoken with
+//! `ferrohub-proto`'s codec: connecting, subscribing, pre-encoded PUBLISH templates and QoS 1
+//! packet-identifier bookkeeping.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,10 +13,11 @@ use ferrohub_proto::mqtt::{
 };
 use ferrohub_types::QoS;
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::payload::{self, STAMP_LEN, Stamp};
+use super::transport::{self, TransportError};
+pub use super::transport::{DeviceTls, MqttStream, Transport};
 
 /// Largest packet the harness accepts from a broker (payloads are at most this minus headers).
 pub const MAX_INBOUND_PACKET: usize = 16 * 1024 * 1024;
@@ -23,7 +25,10 @@ pub const MAX_INBOUND_PACKET: usize = 16 * 1024 * 1024;
 /// Why a connection could not be set up or failed while running.
 #[derive(Debug, Error)]
 pub enum ConnError {
-    /// TCP connect, read or write failed.
+    /// TCP connect, TLS or WebSocket handshake failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Read or write failed.
     #[error("{stage} {addr}: {source}")]
     Io {
         /// What we were doing.
@@ -79,8 +84,10 @@ pub struct ClientOpts {
     pub password: Option<Bytes>,
     /// Keep Alive sent in CONNECT (seconds); connections ping at half this period.
     pub keep_alive: u16,
-    /// How long to wait for CONNACK / SUBACK / the TCP handshake.
+    /// How long to wait for CONNACK / SUBACK / the TCP (TLS, WebSocket) handshake.
     pub timeout: Duration,
+    /// TCP (the default), TLS or WebSocket.
+    pub transport: Transport,
 }
 
 /// Credentials of one connection, overriding [`ClientOpts`]' user name and password.
@@ -90,6 +97,8 @@ pub struct Creds {
     pub username: Option<String>,
     /// Password.
     pub password: Option<Bytes>,
+    /// Its own TLS configuration (a client certificate), used when the transport is TLS.
+    pub tls: Option<DeviceTls>,
 }
 
 impl ClientOpts {
@@ -102,8 +111,8 @@ impl ClientOpts {
 /// An established MQTT connection with its own read and write buffers.
 #[derive(Debug)]
 pub struct Session {
-    /// The socket.
-    pub stream: TcpStream,
+    /// The connection.
+    pub stream: MqttStream,
     /// Bytes read but not yet decoded.
     pub rbuf: BytesMut,
     /// Bytes encoded but not yet written.
@@ -114,10 +123,31 @@ pub struct Session {
     pub server_receive_max: u16,
     /// Broker address, for error messages.
     pub addr: SocketAddr,
+    /// CONNACK's Session Present flag: the broker resumed a session of this client id.
+    pub session_present: bool,
+}
+
+/// The session a CONNECT asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionRequest {
+    /// Clean Start (5.0) / Clean Session (3.1.1).
+    pub clean_start: bool,
+    /// Session Expiry Interval in seconds (5.0 only; 3.1.1 brokers keep a Clean Session = 0
+    /// session by their own rules).
+    pub expiry_secs: Option<u32>,
+}
+
+impl SessionRequest {
+    /// A fresh session that ends with the connection.
+    pub const CLEAN: SessionRequest = SessionRequest {
+        clean_start: true,
+        expiry_secs: None,
+    };
 }
 
 impl Session {
-    /// Opens a TCP connection, sends CONNECT (clean start) and waits for a successful CONNACK.
+    /// Opens a connection over the options' transport, sends CONNECT (clean start) and waits
+    /// for a successful CONNACK.
     pub async fn connect(
         opts: &ClientOpts,
         client_id: String,
@@ -133,21 +163,31 @@ impl Session {
         creds: Option<&Creds>,
         buf_capacity: usize,
     ) -> Result<Session, ConnError> {
+        Session::connect_session(opts, client_id, creds, buf_capacity, SessionRequest::CLEAN).await
+    }
+
+    /// [`connect_as`](Self::connect_as) asking for the session `request` describes.
+    pub async fn connect_session(
+        opts: &ClientOpts,
+        client_id: String,
+        creds: Option<&Creds>,
+        buf_capacity: usize,
+        request: SessionRequest,
+    ) -> Result<Session, ConnError> {
         let addr = opts.addr;
-        let stream = tokio::time::timeout(opts.timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ConnError::Timeout("the TCP handshake"))?
-            .map_err(|source| ConnError::Io {
-                stage: "connecting to",
-                addr,
-                source,
-            })?;
-        // We batch writes ourselves; Nagle would only add latency.
-        stream.set_nodelay(true).map_err(|source| ConnError::Io {
-            stage: "configuring socket to",
-            addr,
-            source,
-        })?;
+        let device_tls = creds.and_then(|c| c.tls.as_ref());
+        let stream = tokio::time::timeout(
+            opts.timeout,
+            transport::open(addr, &opts.transport, device_tls),
+        )
+        .await
+        .map_err(|_| {
+            ConnError::Timeout(match opts.transport {
+                Transport::Tcp => "the TCP handshake",
+                Transport::Tls(_) => "the TCP and TLS handshakes",
+                Transport::Ws { .. } => "the TCP and WebSocket handshakes",
+            })
+        })??;
         let mut s = Session {
             stream,
             rbuf: BytesMut::with_capacity(buf_capacity),
@@ -155,10 +195,12 @@ impl Session {
             version: opts.version,
             server_receive_max: u16::MAX,
             addr,
+            session_present: false,
         };
         let properties = if opts.version.is_v5() {
             ConnectProperties {
                 receive_maximum: Some(u16::MAX),
+                session_expiry_interval: request.expiry_secs,
                 ..ConnectProperties::default()
             }
         } else {
@@ -170,7 +212,7 @@ impl Session {
         };
         let connect = mqtt::Connect {
             protocol: opts.version,
-            clean_start: true,
+            clean_start: request.clean_start,
             keep_alive: opts.keep_alive,
             client_id,
             will: None,
@@ -187,6 +229,7 @@ impl Session {
                 if let Some(m) = ack.properties.receive_maximum {
                     s.server_receive_max = m.max(1);
                 }
+                s.session_present = ack.session_present;
                 Ok(s)
             }
             Packet::ConnAck(ack) => Err(ConnError::Refused {
@@ -488,7 +531,7 @@ impl IdPool {
 /// Spawns a task that reads `rd` until it closes, decoding packets (from what `rbuf` already
 /// holds, then the socket) and handing each to `on_packet`. Undecodable input ends the task.
 pub fn spawn_packet_reader(
-    mut rd: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    mut rd: impl AsyncRead + Unpin + Send + 'static,
     mut rbuf: BytesMut,
     version: ProtocolVersion,
     mut on_packet: impl FnMut(Packet) + Send + 'static,
@@ -525,7 +568,7 @@ pub enum WindowSlot {
 /// that free slots may be waiting for it), then waits up to `timeout`.
 pub async fn take_window_slot(
     window: &tokio::sync::Semaphore,
-    wr: &mut (impl tokio::io::AsyncWrite + Unpin),
+    wr: &mut (impl AsyncWrite + Unpin),
     wbuf: &mut BytesMut,
     timeout: Duration,
 ) -> std::io::Result<WindowSlot> {

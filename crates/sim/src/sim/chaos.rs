@@ -6,6 +6,8 @@
 
 use std::time::Duration;
 
+use ferrohub_proto::mqtt::{self, ProtocolVersion};
+
 use super::generate::device_key;
 use super::rng::{derive, uniform, unit};
 
@@ -88,6 +90,127 @@ pub enum Misbehaviour {
     Malformed,
     /// The message many times at once.
     Flood,
+    /// A packet that breaks the MQTT packet format or protocol, written raw on the socket (the
+    /// broker must close the connection: MQTT 5 with DISCONNECT 0x81 or 0x82).
+    Packet(BadPacket),
+}
+
+/// Packet-level malformations of `--chaos-misbehave`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BadPacket {
+    /// A PUBLISH with QoS 3 (both QoS bits set): malformed.
+    Qos3,
+    /// A Remaining Length of five bytes (at most four are allowed): malformed.
+    RemainingLength,
+    /// A PUBLISH whose topic is not UTF-8: malformed.
+    TopicUtf8,
+    /// A SUBSCRIBE whose reserved header flags are 0000 instead of 0010: malformed.
+    ReservedFlags,
+    /// A second CONNECT on a connected session: a protocol error.
+    SecondConnect,
+}
+
+impl BadPacket {
+    /// Every kind, in draw order.
+    pub const ALL: [BadPacket; 5] = [
+        BadPacket::Qos3,
+        BadPacket::RemainingLength,
+        BadPacket::TopicUtf8,
+        BadPacket::ReservedFlags,
+        BadPacket::SecondConnect,
+    ];
+
+    /// Its chaos counter.
+    pub fn action(self) -> Action {
+        match self {
+            BadPacket::Qos3 => Action::PacketQos3,
+            BadPacket::RemainingLength => Action::PacketLength,
+            BadPacket::TopicUtf8 => Action::PacketUtf8,
+            BadPacket::ReservedFlags => Action::PacketFlags,
+            BadPacket::SecondConnect => Action::PacketConnect,
+        }
+    }
+
+    /// The raw bytes, for a device `client_id` publishing on `topic`.
+    pub fn bytes(self, version: ProtocolVersion, client_id: &str, topic: &str) -> Vec<u8> {
+        let v5 = version.is_v5();
+        // A QoS 0 PUBLISH with a 2-byte payload: fixed header, topic, properties (v5), payload.
+        let publish = |first: u8, topic: &[u8]| {
+            let mut body = Vec::with_capacity(topic.len() + 8);
+            body.extend_from_slice(&u16::try_from(topic.len()).unwrap_or(0).to_be_bytes());
+            body.extend_from_slice(topic);
+            if v5 {
+                body.push(0);
+            }
+            body.extend_from_slice(b"{}");
+            let mut out = vec![first];
+            push_vbi(&mut out, body.len());
+            out.extend_from_slice(&body);
+            out
+        };
+        match self {
+            BadPacket::Qos3 => {
+                // QoS bits 11 need a packet id to be read; the codec refuses it first.
+                let mut p = publish(0x36, topic.as_bytes());
+                p.extend_from_slice(&[0, 1]);
+                if let Some(len) = p.get_mut(1) {
+                    *len = len.wrapping_add(2);
+                }
+                p
+            }
+            BadPacket::RemainingLength => vec![0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01],
+            BadPacket::TopicUtf8 => {
+                let mut t = b"devices/".to_vec();
+                t.extend_from_slice(&[0xC3, 0x28, 0xFF]);
+                publish(0x30, &t)
+            }
+            BadPacket::ReservedFlags => {
+                // SUBSCRIBE packet id 1, "a/b" at QoS 0, with header 0x80 instead of 0x82.
+                let mut body = vec![0, 1];
+                if v5 {
+                    body.push(0);
+                }
+                body.extend_from_slice(&[0, 3, b'a', b'/', b'b', 0]);
+                let mut out = vec![0x80];
+                push_vbi(&mut out, body.len());
+                out.extend_from_slice(&body);
+                out
+            }
+            BadPacket::SecondConnect => {
+                let connect = mqtt::Connect {
+                    protocol: version,
+                    clean_start: true,
+                    keep_alive: 60,
+                    client_id: client_id.to_string(),
+                    will: None,
+                    username: None,
+                    password: None,
+                    properties: mqtt::ConnectProperties::default(),
+                };
+                let mut buf = bytes::BytesMut::new();
+                match mqtt::encode(&mqtt::Packet::Connect(Box::new(connect)), version, &mut buf) {
+                    Ok(()) => buf.to_vec(),
+                    // Unreachable for a client id of a device; still a bad packet.
+                    Err(_) => vec![0x10, 0x00],
+                }
+            }
+        }
+    }
+}
+
+/// Appends an MQTT Variable Byte Integer.
+fn push_vbi(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let mut b = (n % 128) as u8;
+        n /= 128;
+        if n > 0 {
+            b |= 0x80;
+        }
+        out.push(b);
+        if n == 0 {
+            return;
+        }
+    }
 }
 
 /// Chaos actions, counted by kind in the summary.
@@ -107,11 +230,21 @@ pub enum Action {
     Malformed,
     /// A flood was sent.
     Flood,
+    /// A PUBLISH with QoS 3 was sent.
+    PacketQos3,
+    /// A packet with a bad Remaining Length was sent.
+    PacketLength,
+    /// A PUBLISH with a topic that is not UTF-8 was sent.
+    PacketUtf8,
+    /// A packet with reserved header flags set wrong was sent.
+    PacketFlags,
+    /// A second CONNECT was sent.
+    PacketConnect,
 }
 
 impl Action {
     /// Every kind, in summary order.
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 12] = [
         Action::Disconnect,
         Action::Latency,
         Action::Loss,
@@ -119,6 +252,11 @@ impl Action {
         Action::Oversized,
         Action::Malformed,
         Action::Flood,
+        Action::PacketQos3,
+        Action::PacketLength,
+        Action::PacketUtf8,
+        Action::PacketFlags,
+        Action::PacketConnect,
     ];
 
     /// Its name in the summary.
@@ -131,6 +269,11 @@ impl Action {
             Action::Oversized => "oversized",
             Action::Malformed => "malformed",
             Action::Flood => "flood",
+            Action::PacketQos3 => "packet_qos3",
+            Action::PacketLength => "packet_length",
+            Action::PacketUtf8 => "packet_utf8",
+            Action::PacketFlags => "packet_flags",
+            Action::PacketConnect => "packet_connect",
         }
     }
 }
@@ -208,12 +351,15 @@ impl Chaos {
             return None;
         }
         let kind = unit(derive(derive(key, SALT_MISBEHAVE_KIND), m));
-        Some(if kind < 0.2 {
+        Some(if kind < 0.15 {
             Misbehaviour::Oversized
-        } else if kind < 0.8 {
+        } else if kind < 0.6 {
             Misbehaviour::Malformed
-        } else {
+        } else if kind < 0.75 {
             Misbehaviour::Flood
+        } else {
+            let k = ((kind - 0.75) / 0.25 * BadPacket::ALL.len() as f64) as usize;
+            Misbehaviour::Packet(BadPacket::ALL[k.min(BadPacket::ALL.len() - 1)])
         })
     }
 }
@@ -337,6 +483,44 @@ mod tests {
         assert!(parse_burst("0").is_err() && parse_burst("x@1s").is_err());
         assert!(parse_fraction("1.5").is_err());
         assert!(parse_backoff("0").is_err());
+    }
+
+    #[test]
+    fn bad_packets_are_refused_by_the_codec_with_the_expected_reason() {
+        for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+            for kind in BadPacket::ALL {
+                let raw = kind.bytes(version, "sim-1", "devices/sim-1/telemetry");
+                let mut buf = bytes::BytesMut::from(&raw[..]);
+                let got = mqtt::decode(&mut buf, version, 1 << 20);
+                match kind {
+                    // Well-formed: the broker refuses it as a protocol error (0x82) once connected.
+                    BadPacket::SecondConnect => {
+                        assert!(matches!(got, Ok(Some(mqtt::Packet::Connect(_)))), "{got:?}")
+                    }
+                    _ => {
+                        let Err(e) = got else {
+                            panic!("{kind:?} {version:?} decoded: {got:?}")
+                        };
+                        assert_eq!(
+                            e.reason_code(),
+                            mqtt::reason::MALFORMED_PACKET,
+                            "{kind:?} {e}"
+                        );
+                    }
+                }
+            }
+        }
+        let c = Chaos {
+            misbehave: 1.0,
+            ..Chaos::default()
+        };
+        let kinds: std::collections::HashSet<_> = (0..5000)
+            .filter_map(|m| c.misbehaviour(3, 1, m))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|k| format!("{k:?}"))
+            .collect();
+        assert_eq!(kinds.len(), 3 + BadPacket::ALL.len(), "{kinds:?}");
     }
 
     #[test]

@@ -100,6 +100,8 @@ pub struct DeviceSim {
     profile: Arc<Profile>,
     key: u64,
     start_ms: i64,
+    /// The tick taken at `start_ms` (not 0 once the interval was changed live).
+    start_tick: u64,
     interval_us: u128,
     dt: f64,
     tick: u64,
@@ -114,6 +116,7 @@ impl DeviceSim {
         DeviceSim {
             key: device_key(seed, index),
             start_ms,
+            start_tick: 0,
             interval_us: profile.interval.as_micros().max(1),
             dt: profile.interval.as_secs_f64(),
             tick: 0,
@@ -135,9 +138,18 @@ impl DeviceSim {
 
     /// The time of tick `n`, milliseconds since the Unix epoch.
     pub fn time_of(&self, n: u64) -> i64 {
-        let off = u128::from(n) * self.interval_us / 1000;
+        let off = u128::from(n.saturating_sub(self.start_tick)) * self.interval_us / 1000;
         self.start_ms
             .saturating_add(i64::try_from(off).unwrap_or(i64::MAX))
+    }
+
+    /// Changes the sampling interval from the next tick on, which is taken at `next_ms` (a
+    /// device told to sample faster or slower; the series keeps its ticks and memory).
+    pub fn set_interval(&mut self, interval: std::time::Duration, next_ms: i64) {
+        self.start_tick = self.tick;
+        self.start_ms = next_ms;
+        self.interval_us = interval.as_micros().max(1);
+        self.dt = interval.as_secs_f64();
     }
 
     /// The next sample.

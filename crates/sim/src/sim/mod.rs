@@ -8,21 +8,27 @@
 //!   `crate::bench::wire`), ramp-up, QoS 0/1 with a bounded in-flight window, bounded runs;
 //! * [`chaos`]: reconnects with back-off, and chaos (random disconnects, latency, loss, clock
 //!   skew, bursts, misbehaving devices), deterministic under the seed;
+//! * [`behave`]: what devices do besides telemetry: twin reports (firmware, health), desired
+//!   settings applied, commands answered;
 //! * `report`: the live progress line and the final summary (table or JSON);
-//! * [`recording`] and [`replay`]: recorded telemetry (the hub's CSV export, or a wide CSV)
+//! * [`recording`] and [`replay`]: recorded telemetry (the hub's export, or a wide CSV)
 //!   published again by its devices, at its recorded pace or faster.
 //!
 //! See `docs/sim.md` for the user's guide and the profile reference.
 
+pub mod behave;
 pub mod chaos;
 mod encode;
 pub mod generate;
+pub mod multi;
 pub mod profile;
+pub mod provision;
 pub mod recording;
 pub mod replay;
 mod report;
 mod rng;
 pub mod run;
+pub mod transport;
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -36,8 +42,9 @@ use ferrohub_types::QoS;
 pub use encode::{EncodeError, encode};
 pub use generate::{DeviceSim, Sample, Value};
 pub use profile::{Format, Mix, Overrides, Profile, ProfileError};
-pub use report::Summary;
+pub use report::{ProgressMode, Snapshot, Summary};
 pub use run::{DeviceSpec, RunConfig};
+pub use transport::TransportKind;
 
 use crate::bench::Protocol;
 use crate::bench::fleet;
@@ -60,9 +67,12 @@ pub enum SimCommand {
         ferrohub sim run -n 200 --profile rotating-machine:1 --profile smart-meter:3 \
         --set bearing_fault_after=5m\n  \
         ferrohub sim run -n 20 --messages-per-device 5 --interval 100ms --json\n  \
-        ferrohub sim run --fleet fleet.jsonl --first-index 10000 -n 10000   # second process\n\n\
+        ferrohub sim run -n 19000 --processes 2 --duration 1m   # two processes, one summary\n  \
+        ferrohub sim run --fleet fleet.jsonl --first-index 10000 -n 10000   # by hand\n\n\
         Prints a summary table on stdout (--json: one JSON object) and, when stderr is a \
-        terminal, a progress line on stderr. Exits non-zero if no device connected.")]
+        terminal, a progress line on stderr. Exits non-zero if no device connected.",
+        // Workers of --processes get the parent's arguments plus their own range: the last wins.
+        args_override_self = true)]
     Run(Box<RunArgs>),
     /// List the built-in profiles, or print one as TOML (a starting point for your own).
     Profiles(ProfilesArgs),
@@ -87,8 +97,13 @@ pub struct RunArgs {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
     pub host: String,
-    /// Broker MQTT/TCP port.
-    #[arg(long, default_value_t = 1883, help_heading = "Broker")]
+    /// Broker port (default by --transport: 1883 tcp, 8883 tls, 8083 ws, 8084 wss).
+    #[arg(
+        long,
+        default_value_t = 1883,
+        default_value_ifs = [("transport", "tls", "8883"), ("transport", "ws", "8083"), ("transport", "wss", "8084")],
+        help_heading = "Broker"
+    )]
     pub port: u16,
     /// MQTT version: v5 (5.0) or v3 (3.1.1).
     #[arg(long, value_enum, default_value_t = Protocol::V5, help_heading = "Broker")]
@@ -118,6 +133,91 @@ pub struct RunArgs {
     /// Longest wait for the TCP handshake and CONNACK.
     #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Broker")]
     pub connect_timeout: Duration,
+
+    /// How devices reach the broker: MQTT over TCP, TLS, WebSocket or WebSocket over TLS.
+    #[arg(long, value_enum, default_value_t = TransportKind::Tcp, help_heading = "Transport")]
+    pub transport: TransportKind,
+    /// PEM file of CA certificates to trust (tls, wss, and an https:// --api), in addition to
+    /// the public web roots; e.g. the CA that signed the hub's `tls.cert_file`.
+    #[arg(long, value_name = "FILE", help_heading = "Transport")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate (PEM chain) every device presents (mutual TLS); a fleet entry's own
+    /// `cert_pem` takes precedence.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "key",
+        help_heading = "Transport"
+    )]
+    pub cert: Option<PathBuf>,
+    /// Private key (PEM) of --cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "cert",
+        help_heading = "Transport"
+    )]
+    pub key: Option<PathBuf>,
+    /// INSECURE: do not verify the server's certificate (any server can pose as the broker);
+    /// for test setups only.
+    #[arg(long, help_heading = "Transport")]
+    pub insecure: bool,
+    /// Server name for SNI and the certificate check [default: --host].
+    #[arg(long, value_name = "NAME", help_heading = "Transport")]
+    pub server_name: Option<String>,
+    /// WebSocket path (ws, wss).
+    #[arg(long, value_name = "PATH", default_value = crate::bench::transport::DEFAULT_WS_PATH, help_heading = "Transport")]
+    pub ws_path: String,
+
+    /// Register this run's devices (<prefix>-<index>) through the hub's HTTP API, each with a
+    /// generated password, before connecting. Devices that exist already are reused: they get a
+    /// new password and their older passwords stop working. A --password is not used.
+    #[arg(long, conflicts_with_all = ["fleet", "username"], help_heading = "Provisioning")]
+    pub provision: bool,
+    /// The hub's HTTP address (as for `ferrohub ctl`).
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FERROHUB_URL",
+        default_value = "http://127.0.0.1:8080",
+        help_heading = "Provisioning"
+    )]
+    pub api: String,
+    /// Operator API token (`fh_...`); prefer the environment variable.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "FERROHUB_TOKEN",
+        hide_env_values = true,
+        help_heading = "Provisioning"
+    )]
+    pub token: Option<String>,
+    /// Tenant the devices are registered in (their MQTT user name is TENANT/DEVICE outside the
+    /// default tenant).
+    #[arg(
+        long,
+        value_name = "TENANT",
+        env = "FERROHUB_TENANT",
+        default_value = "default",
+        help_heading = "Provisioning"
+    )]
+    pub tenant: String,
+    /// Also issue each device a certificate from the tenant's built-in CA (kept in the fleet
+    /// file; used with --transport tls or wss).
+    #[arg(long, requires = "provision", help_heading = "Provisioning")]
+    pub provision_certs: bool,
+    /// Write the provisioned devices and their secrets to this fleet file (JSON lines, mode
+    /// 0600), for later runs with --fleet.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "provision",
+        help_heading = "Provisioning"
+    )]
+    pub fleet_out: Option<PathBuf>,
+    /// API calls in flight at once while provisioning.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=256), help_heading = "Provisioning")]
+    pub provision_concurrency: u32,
 
     /// Devices this process simulates (default 10; with --fleet, the rest of the fleet).
     #[arg(long, short = 'n', help_heading = "Fleet")]
@@ -185,9 +285,16 @@ pub struct RunArgs {
     /// After the run stops, how long devices wait for outstanding PUBACKs.
     #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
     pub drain: Duration,
-    /// Runtime worker threads.
+    /// Runtime worker threads (of each process).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
     pub threads: u16,
+    /// Spread the devices over this many processes (contiguous index ranges, one merged
+    /// summary). A fleet larger than one process may hold sockets for is spread automatically.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024), help_heading = "Run")]
+    pub processes: u64,
+    /// Run as a worker of --processes: progress and summary as JSON lines on stdout.
+    #[arg(long, hide = true)]
+    pub worker: bool,
 
     /// Print the summary as one JSON object instead of a table.
     #[arg(long, help_heading = "Output")]
@@ -229,6 +336,25 @@ pub struct RunArgs {
     /// oversized payload, malformed JSON or a flood.
     #[arg(long, value_name = "FRACTION", value_parser = chaos::parse_fraction, help_heading = "Chaos")]
     pub chaos_misbehave: Option<f64>,
+
+    /// Devices do not report firmware and health in their twin nor apply desired settings (no
+    /// subscription to the twin delta).
+    #[arg(long, help_heading = "Behaviour")]
+    pub no_twin: bool,
+    /// Devices do not subscribe to their command requests nor answer them.
+    #[arg(long, help_heading = "Behaviour")]
+    pub no_commands: bool,
+    /// Period of the health reports in the twin after the one at connect (0: only at connect).
+    #[arg(long, default_value = "1m", value_parser = parse_duration, help_heading = "Behaviour")]
+    pub health_every: Duration,
+    /// Firmware version the devices report.
+    #[arg(long, default_value = behave::DEFAULT_FIRMWARE, help_heading = "Behaviour")]
+    pub firmware: String,
+    /// Session Expiry Interval: the broker keeps a device's session (subscriptions, messages
+    /// queued for it) this long after a lost connection, and unacknowledged messages are resent
+    /// with their packet ids; 0: clean sessions (3.1.1: Clean Session = 1).
+    #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "Behaviour")]
+    pub session_expiry: Duration,
 }
 
 /// Arguments of `ferrohub sim replay`.
@@ -412,6 +538,7 @@ impl RunArgs {
         T: Into<std::ffi::OsString> + Clone,
     {
         #[derive(clap::Parser)]
+        #[command(args_override_self = true)]
         struct Wrapper {
             #[command(flatten)]
             run: RunArgs,
@@ -454,7 +581,48 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
         SimCommand::Preview(p) => preview_cmd(&p),
         SimCommand::Replay(r) => replay::cli(&r, shutdown).await,
         SimCommand::Run(r) => {
-            let summary = run_args(&r, shutdown).await?;
+            let summary = if r.worker {
+                let summary = run_args(&r, shutdown).await?;
+                let done = multi::WorkerLine::Done {
+                    latency_us: summary.latency_us.clone(),
+                    summary: Box::new(summary),
+                };
+                println!(
+                    "{}",
+                    serde_json::to_string(&done).context("rendering the summary")?
+                );
+                return Ok(());
+            } else {
+                // The range to split (a provisioned run's devices are named like generated ones).
+                let (mix, topic) = profiles_and_topic(&r)?;
+                let devices = device_specs(&r, &mix, &topic)?;
+                let first = devices.first().map_or(r.first_index, |d| d.index);
+                let count = devices.len() as u64;
+                drop(devices);
+                let per_process = per_process_limit();
+                let needed = count.div_ceil(per_process.max(1));
+                if needed > r.processes && !r.no_progress {
+                    eprintln!(
+                        "[sim] {count} devices need more sockets than one process may open \
+                         (about {per_process}): using {needed} processes"
+                    );
+                }
+                let processes = r.processes.max(needed);
+                if processes > 1 && r.fleet_out.is_some() {
+                    bail!(
+                        "--fleet-out cannot be written by {processes} processes at once: provision \
+                         in one process first (ferrohub sim run --provision --fleet-out FILE \
+                         --messages-per-device 1 ...), then run with --fleet FILE --processes \
+                         {processes}"
+                    );
+                }
+                if processes > 1 {
+                    let args = std::env::args_os().skip(1).collect();
+                    multi::run(args, first, count, processes, !r.no_progress, shutdown).await?
+                } else {
+                    run_args(&r, shutdown).await?
+                }
+            };
             if r.json {
                 println!(
                     "{}",
@@ -474,9 +642,21 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
                         .unwrap_or_default()
                 );
             }
+            if summary.failed_workers > 0 {
+                bail!(
+                    "{} of {} processes ended without a summary",
+                    summary.failed_workers,
+                    summary.processes
+                );
+            }
             Ok(())
         }
     }
+}
+
+/// Devices one process may simulate: its socket limit less a margin for everything else.
+fn per_process_limit() -> u64 {
+    crate::bench::sys::raise_fd_limit().saturating_sub(64)
 }
 
 fn profiles_cmd(p: &ProfilesArgs) -> anyhow::Result<()> {
@@ -637,24 +817,26 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     if a.prefix.is_empty() && a.fleet.is_none() {
         bail!("--prefix may not be empty");
     }
-    let overrides = Overrides::parse(&a.set)?;
-    let mut mix = Mix::load(&a.profiles, &overrides)?;
-    mix.override_all(a.interval, a.batch, a.format);
-    let topic = TopicTemplate::parse(&a.topic)?;
-    let devices = device_specs(a, &mix, &topic)?;
-    let fd_limit = crate::bench::sys::raise_fd_limit();
-    let usable = fd_limit.saturating_sub(64);
+    let setup = transport::setup(a)?;
+    let (mix, topic) = profiles_and_topic(a)?;
+    let devices = if a.provision {
+        provisioned_specs(a, &mix, &topic, setup.tls.as_ref()).await?
+    } else {
+        device_specs(a, &mix, &topic)?
+    };
+    let usable = per_process_limit();
     if devices.len() as u64 > usable {
         bail!(
-            "{} devices need {} sockets, but this process may open about {usable} (`ulimit -n` \
-             is {fd_limit}): run several processes with distinct --first-index ranges",
+            "{} devices need {} sockets, but this process may open about {usable}: use \
+             --processes {} (or several processes with distinct --first-index ranges)",
             devices.len(),
-            devices.len()
+            devices.len(),
+            (devices.len() as u64).div_ceil(usable.max(1))
         );
     }
-    let addr = run::resolve(&a.host, a.port)
+    let addr = run::resolve(&a.host, setup.port)
         .await
-        .with_context(|| format!("resolving {}:{}", a.host, a.port))?;
+        .with_context(|| format!("resolving {}:{}", a.host, setup.port))?;
     let cfg = RunConfig {
         opts: ClientOpts {
             addr,
@@ -663,8 +845,9 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             password: None,
             keep_alive: a.keep_alive,
             timeout: a.connect_timeout,
+            transport: setup.transport,
         },
-        broker: format!("{}:{}", a.host, a.port),
+        broker: setup.broker,
         qos: if a.qos == 0 {
             QoS::AtMostOnce
         } else {
@@ -678,7 +861,13 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
         inflight: a.inflight,
         ack_timeout: a.ack_timeout,
         drain: a.drain,
-        progress: !a.no_progress,
+        progress: if a.worker {
+            ProgressMode::JsonLines
+        } else if a.no_progress {
+            ProgressMode::Off
+        } else {
+            ProgressMode::Terminal
+        },
         reconnect: chaos::Reconnect {
             min: a.reconnect_backoff.0,
             max: a.reconnect_backoff.1,
@@ -693,8 +882,17 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             burst: a.chaos_burst,
             misbehave: a.chaos_misbehave.unwrap_or(0.0),
         },
+        behaviour: behave::Behaviour {
+            twin: !a.no_twin,
+            commands: !a.no_commands,
+            health_every: (!a.health_every.is_zero()).then_some(a.health_every),
+            firmware: Arc::from(a.firmware.as_str()),
+        },
+        session_expiry: u32::try_from(a.session_expiry.as_secs()).unwrap_or(u32::MAX),
     };
-    if cfg.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if cfg.progress == ProgressMode::Terminal
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
         let bound = match (a.duration, a.messages_per_device) {
             (None, None) => "until Ctrl-C".to_string(),
             (Some(d), None) => format!("for {}", humantime::format_duration(d)),
@@ -715,6 +913,15 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     Ok(run::run(cfg, devices, shutdown).await?)
 }
 
+/// The run's profiles and topic template, checked.
+fn profiles_and_topic(a: &RunArgs) -> anyhow::Result<(Mix, TopicTemplate)> {
+    let overrides = Overrides::parse(&a.set)?;
+    let mut mix = Mix::load(&a.profiles, &overrides)?;
+    mix.override_all(a.interval, a.batch, a.format);
+    let topic = TopicTemplate::parse(&a.topic)?;
+    Ok((mix, topic))
+}
+
 /// The devices of this process: ids, credentials, profiles and topics.
 pub fn device_specs(
     a: &RunArgs,
@@ -732,6 +939,10 @@ pub fn device_specs(
         }
     };
     if let Some(path) = &a.fleet {
+        let tls = match a.transport {
+            TransportKind::Tls | TransportKind::Wss => Some(transport::tls_settings(a)?),
+            TransportKind::Tcp | TransportKind::Ws => None,
+        };
         let all = fleet::devices(&fleet::read(path)?, 0);
         let first = usize::try_from(a.first_index).unwrap_or(usize::MAX);
         if first >= all.len() {
@@ -754,17 +965,14 @@ pub fn device_specs(
                 a.first_index
             );
         }
-        return Ok(all[first..first + n]
+        return all[first..first + n]
             .iter()
             .enumerate()
             .map(|(k, e)| {
-                let creds = (e.username.is_some() || e.password.is_some()).then(|| Creds {
-                    username: e.username.clone(),
-                    password: e.password.clone().map(Bytes::from),
-                });
-                spec(a.first_index + k as u64, e.client_id.clone(), creds)
+                let creds = fleet_creds(e, tls.as_ref())?;
+                Ok(spec(a.first_index + k as u64, e.client_id.clone(), creds))
             })
-            .collect());
+            .collect();
     }
     let n = a.devices.unwrap_or(10);
     let Some(end) = a.first_index.checked_add(n) else {
@@ -779,10 +987,84 @@ pub fn device_specs(
                     None => id.clone(),
                 }),
                 password: a.password.clone().map(Bytes::from),
+                tls: None,
             });
             spec(index, id, creds)
         })
         .collect())
+}
+
+/// A fleet entry's credentials: user name, password and, over TLS (`tls`), its own client
+/// certificate.
+fn fleet_creds(
+    e: &fleet::FleetEntry,
+    tls: Option<&crate::bench::transport::TlsSettings>,
+) -> anyhow::Result<Option<Creds>> {
+    let tls = transport::device_tls(
+        tls,
+        &e.client_id,
+        e.cert_pem.as_deref(),
+        e.key_pem.as_deref(),
+    )?;
+    Ok(
+        (e.username.is_some() || e.password.is_some() || tls.is_some()).then(|| Creds {
+            username: e.username.clone(),
+            password: e.password.clone().map(Bytes::from),
+            tls,
+        }),
+    )
+}
+
+/// `--provision`: registers this run's devices through the API (or reuses them), writes
+/// `--fleet-out`, and gives each device its new credentials.
+async fn provisioned_specs(
+    a: &RunArgs,
+    mix: &Mix,
+    topic: &TopicTemplate,
+    tls: Option<&crate::bench::transport::TlsSettings>,
+) -> anyhow::Result<Vec<DeviceSpec>> {
+    let n = a.devices.unwrap_or(10);
+    let Some(end) = a.first_index.checked_add(n) else {
+        bail!("--first-index + --devices overflows");
+    };
+    let ids: Vec<(u64, String)> = (a.first_index..end)
+        .map(|index| (index, format!("{}-{index}", a.prefix)))
+        .collect();
+    let params = provision::Params {
+        api: a.api.clone(),
+        token: a.token.clone(),
+        tenant: a.tenant.clone(),
+        devices: ids
+            .iter()
+            .map(|(index, id)| (id.clone(), mix.pick(*index).name.clone()))
+            .collect(),
+        certificates: a.provision_certs,
+        concurrency: a.provision_concurrency as usize,
+        progress: !a.no_progress,
+    };
+    let api_tls = match tls {
+        Some(t) => t.clone(),
+        None => transport::tls_settings(a)?,
+    };
+    let (entries, _) = provision::provision(&params, &api_tls)
+        .await
+        .with_context(|| format!("provisioning through {}", a.api))?;
+    if let Some(path) = &a.fleet_out {
+        provision::write_fleet(path, &entries)?;
+    }
+    ids.into_iter()
+        .zip(&entries)
+        .map(|((index, id), e)| {
+            let profile = mix.pick(index).clone();
+            Ok(DeviceSpec {
+                topic: Arc::from(topic.render(&id, index, &profile.name).as_str()),
+                index,
+                id,
+                creds: fleet_creds(e, tls)?,
+                profile,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]

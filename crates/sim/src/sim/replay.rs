@@ -27,16 +27,19 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
+use super::behave::Behaviour;
 use super::chaos::{Chaos, Reconnect};
 use super::generate::Value;
 use super::profile::Format;
 use super::recording::{Message, Recording, RecordingError, ScanOptions};
-use super::report::{Progress, Summary};
+use super::report::{Progress, ProgressMode, Summary};
 use super::run::{self, RunConfig, RunError, STRIPES, Shared};
 use super::{ReplayArgs, TopicTemplate};
 use crate::bench::fleet;
+use crate::bench::stats::Latency;
 use crate::bench::wire::{
-    ClientOpts, ConnError, Creds, Session, WindowSlot, spawn_packet_reader, take_window_slot,
+    ClientOpts, ConnError, Creds, Session, Transport, WindowSlot, spawn_packet_reader,
+    take_window_slot,
 };
 
 /// Messages queued per device between the scheduler and the device's connection.
@@ -332,6 +335,7 @@ pub async fn replay_args(
                 password: None,
                 keep_alive: a.keep_alive,
                 timeout: a.connect_timeout,
+                transport: Transport::Tcp,
             },
             broker: format!("{}:{}", a.host, a.port),
             qos: if a.qos == 0 {
@@ -347,7 +351,11 @@ pub async fn replay_args(
             inflight: a.inflight,
             ack_timeout: a.ack_timeout,
             drain: a.drain,
-            progress: !a.no_progress,
+            progress: if a.no_progress {
+                ProgressMode::Off
+            } else {
+                ProgressMode::Terminal
+            },
             reconnect: Reconnect {
                 min: a.reconnect_backoff.0,
                 max: a.reconnect_backoff.1,
@@ -355,13 +363,16 @@ pub async fn replay_args(
                 connect_retries: a.connect_retries,
             },
             chaos: Chaos::default(),
+            // Replayed devices send their recording and nothing else, over clean sessions.
+            behaviour: Behaviour::off(),
+            session_expiry: 0,
         },
         speed: a.speed,
         shift_to_now: a.shift_to_now,
         loops: a.loops,
         format: a.format,
     };
-    if cfg.run.progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+    if !a.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         eprintln!(
             "[sim] replaying {} rows of {} devices ({:.1} s recorded) → {} (MQTT {}, QoS {}), speed {}",
             rec.rows,
@@ -450,6 +461,7 @@ fn replay_devices(
                 (e.username.is_some() || e.password.is_some()).then(|| Creds {
                     username: e.username.clone(),
                     password: e.password.clone().map(Bytes::from),
+                    tls: None,
                 })
             }
             None => (a.username.is_some() || a.password.is_some()).then(|| Creds {
@@ -458,6 +470,7 @@ fn replay_devices(
                     None => id.to_string(),
                 }),
                 password: a.password.clone().map(Bytes::from),
+                tls: None,
             }),
         };
         out.push(ReplayDevice {
@@ -555,7 +568,11 @@ pub async fn replay(
             rec.devices.names().len(),
         ));
     }
-    let shared = Arc::new(Shared::new(devices.len() as u64)?);
+    let latency = (0..STRIPES)
+        .map(|_| Latency::new(2).map(Mutex::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| RunError::Histogram(e.to_string()))?;
+    let shared = Arc::new(Shared::new(devices.len() as u64, latency));
     let cfg = Arc::new(cfg);
     let started = Instant::now();
     let (stop_tx, stop_rx) = watch::channel(false);
