@@ -250,6 +250,76 @@ async fn runs_stop_by_duration_or_shutdown() {
     hub.stop().await;
 }
 
+/// Established connections to `port` by local (source) IPv4 address, from /proc/net/tcp (read
+/// while it changes, it may list a socket twice: counted once by its local address and port).
+fn connections_by_source(port: u16) -> std::collections::BTreeMap<String, usize> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut sockets = std::collections::BTreeSet::new();
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    for line in table.lines().skip(1) {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let (Some(local), Some(remote), Some(state)) = (f.get(1), f.get(2), f.get(3)) else {
+            continue;
+        };
+        let port_of = |a: &str| u16::from_str_radix(a.split(':').nth(1).unwrap_or(""), 16).ok();
+        if *state != "01" || port_of(remote) != Some(port) || !sockets.insert(local.to_string()) {
+            continue;
+        }
+        // Addresses are little-endian hex: 0200007F is 127.0.0.2.
+        let ip = u32::from_str_radix(local.split(':').next().unwrap_or(""), 16).unwrap_or(0);
+        let ip = std::net::Ipv4Addr::from(ip.swap_bytes());
+        *out.entry(ip.to_string()).or_insert(0) += 1;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_connect_from_the_source_addresses_in_turn() {
+    let hub = TestHub::start().await.unwrap();
+    let a = args(
+        hub.mqtt,
+        "--devices 6 --prefix src --interval 50ms --source-address 127.0.0.2 \
+         --source-address 127.0.0.3 --connect-rate 0 --no-twin --no-commands",
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(async move {
+        sim::run_args(&a, async {
+            let _ = stop_rx.await;
+        })
+        .await
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let seen = loop {
+        let seen = connections_by_source(hub.mqtt.port());
+        if seen.values().sum::<usize>() >= 6
+            && hub_counter(&hub, "ferrohub_mqtt_connections").await >= 6.0
+        {
+            break seen;
+        }
+        assert!(std::time::Instant::now() < deadline, "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let _ = stop_tx.send(());
+    let s = tokio::time::timeout(BOUND, running)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen.get("127.0.0.2"), Some(&3), "{seen:?}");
+    assert_eq!(seen.get("127.0.0.3"), Some(&3), "{seen:?}");
+    assert_eq!((s.connected, s.errors), (6, 0), "{s:?}");
+    // An address this machine does not have is a clear connect error.
+    let bad = run(&args(
+        hub.mqtt,
+        "--devices 1 --prefix srcbad --messages-per-device 1 --source-address 192.0.2.1",
+    ))
+    .await;
+    assert_eq!(bad.connected, 0);
+    let e = bad.first_error.unwrap_or_default();
+    assert!(e.contains("source address 192.0.2.1"), "{e}");
+    hub.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_credentials_and_failed_connects() {
     let hub = TestHub::start_with(|cfg| {

@@ -280,16 +280,32 @@ pub enum TransportError {
     },
 }
 
-/// Opens a connection to `addr` over `transport`; `device_tls` replaces the transport's TLS
-/// configuration (a device's own client certificate).
+/// A TCP connection to `addr` from the local address `ip` (any free port).
+async fn connect_from(ip: std::net::IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if ip.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(ip, 0)).map_err(|e| {
+        std::io::Error::new(e.kind(), format!("binding to the source address {ip}: {e}"))
+    })?;
+    socket.connect(addr).await
+}
+
+/// Opens a connection to `addr` over `transport`, from the local address `from` if given;
+/// `device_tls` replaces the transport's TLS configuration (a device's own client certificate).
 pub async fn open(
     addr: SocketAddr,
     transport: &Transport,
     device_tls: Option<&DeviceTls>,
+    from: Option<std::net::IpAddr>,
 ) -> Result<MqttStream, TransportError> {
-    let tcp = TcpStream::connect(addr)
-        .await
-        .map_err(|source| TransportError::Connect { addr, source })?;
+    let tcp = match from {
+        None => TcpStream::connect(addr).await,
+        Some(ip) => connect_from(ip, addr).await,
+    }
+    .map_err(|source| TransportError::Connect { addr, source })?;
     // We batch writes ourselves; Nagle would only add latency.
     tcp.set_nodelay(true)
         .map_err(|source| TransportError::Connect { addr, source })?;

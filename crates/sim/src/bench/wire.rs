@@ -127,21 +127,25 @@ pub struct Session {
     pub session_present: bool,
 }
 
-/// The session a CONNECT asks for.
+/// What one connection asks for: its session, and where it connects from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SessionRequest {
+pub struct ConnectRequest {
     /// Clean Start (5.0) / Clean Session (3.1.1).
     pub clean_start: bool,
     /// Session Expiry Interval in seconds (5.0 only; 3.1.1 brokers keep a Clean Session = 0
     /// session by their own rules).
     pub expiry_secs: Option<u32>,
+    /// Local address to connect from (`None`: the system's choice). Each source address has its
+    /// own ephemeral ports towards one broker address.
+    pub source: Option<std::net::IpAddr>,
 }
 
-impl SessionRequest {
+impl ConnectRequest {
     /// A fresh session that ends with the connection.
-    pub const CLEAN: SessionRequest = SessionRequest {
+    pub const CLEAN: ConnectRequest = ConnectRequest {
         clean_start: true,
         expiry_secs: None,
+        source: None,
     };
 }
 
@@ -163,7 +167,7 @@ impl Session {
         creds: Option<&Creds>,
         buf_capacity: usize,
     ) -> Result<Session, ConnError> {
-        Session::connect_session(opts, client_id, creds, buf_capacity, SessionRequest::CLEAN).await
+        Session::connect_session(opts, client_id, creds, buf_capacity, ConnectRequest::CLEAN).await
     }
 
     /// [`connect_as`](Self::connect_as) asking for the session `request` describes.
@@ -172,13 +176,13 @@ impl Session {
         client_id: String,
         creds: Option<&Creds>,
         buf_capacity: usize,
-        request: SessionRequest,
+        request: ConnectRequest,
     ) -> Result<Session, ConnError> {
         let addr = opts.addr;
         let device_tls = creds.and_then(|c| c.tls.as_ref());
         let stream = tokio::time::timeout(
             opts.timeout,
-            transport::open(addr, &opts.transport, device_tls),
+            transport::open(addr, &opts.transport, device_tls, request.source),
         )
         .await
         .map_err(|_| {

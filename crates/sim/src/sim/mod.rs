@@ -133,6 +133,11 @@ pub struct RunArgs {
     /// Longest wait for the TCP handshake and CONNACK.
     #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Broker")]
     pub connect_timeout: Duration,
+    /// Local address to connect from (repeatable; devices take them in turn by index), e.g.
+    /// 127.0.0.2 on loopback: each source address has its own ephemeral ports (about 28,000)
+    /// towards one broker address.
+    #[arg(long = "source-address", value_name = "IP", help_heading = "Broker")]
+    pub source_addresses: Vec<std::net::IpAddr>,
 
     /// How devices reach the broker: MQTT over TCP, TLS, WebSocket or WebSocket over TLS.
     #[arg(long, value_enum, default_value_t = TransportKind::Tcp, help_heading = "Transport")]
@@ -889,6 +894,7 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             firmware: Arc::from(a.firmware.as_str()),
         },
         session_expiry: u32::try_from(a.session_expiry.as_secs()).unwrap_or(u32::MAX),
+        sources: a.source_addresses.clone(),
     };
     if cfg.progress == ProgressMode::Terminal
         && std::io::IsTerminal::is_terminal(&std::io::stderr())

@@ -366,6 +366,7 @@ pub async fn replay_args(
             // Replayed devices send their recording and nothing else, over clean sessions.
             behaviour: Behaviour::off(),
             session_expiry: 0,
+            sources: Vec::new(),
         },
         speed: a.speed,
         shift_to_now: a.shift_to_now,

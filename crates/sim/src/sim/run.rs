@@ -45,7 +45,7 @@ use super::profile::Profile;
 use super::report::{Progress, ProgressMode, Summary};
 use crate::bench::stats::Latency;
 use crate::bench::wire::{
-    ClientOpts, ConnError, Creds, Session, SessionRequest, WindowSlot, spawn_packet_reader,
+    ClientOpts, ConnError, ConnectRequest, Creds, Session, WindowSlot, spawn_packet_reader,
     take_window_slot,
 };
 
@@ -101,6 +101,9 @@ pub struct RunConfig {
     /// subscriptions and the messages queued for it) this long after a lost connection. 0: clean
     /// sessions (3.1.1: Clean Session = 1), unacknowledged messages are resent as new ones.
     pub session_expiry: u32,
+    /// Local addresses devices connect from, by device index round-robin (empty: the system's
+    /// choice).
+    pub sources: Vec<std::net::IpAddr>,
 }
 
 /// Size of an oversized payload (above Ferrohub's default maximum packet size of 1 MiB).
@@ -644,19 +647,28 @@ impl DevState {
 
 /// The session a device asks for: a fresh one at its first connect (3.1.1: the broker's), the
 /// same one after a reconnect, so messages queued for it and its subscriptions survive.
-fn session_request(cfg: &RunConfig, first: bool) -> SessionRequest {
+fn session_request(cfg: &RunConfig, first: bool, index: u64) -> ConnectRequest {
+    let source = match cfg.sources.len() {
+        0 => None,
+        n => cfg.sources.get((index % n as u64) as usize).copied(),
+    };
     if cfg.session_expiry == 0 {
-        return SessionRequest::CLEAN;
+        return ConnectRequest {
+            source,
+            ..ConnectRequest::CLEAN
+        };
     }
     if cfg.opts.version.is_v5() {
-        SessionRequest {
+        ConnectRequest {
             clean_start: first,
             expiry_secs: Some(cfg.session_expiry),
+            source,
         }
     } else {
-        SessionRequest {
+        ConnectRequest {
             clean_start: false,
             expiry_secs: None,
+            source,
         }
     }
 }
@@ -708,7 +720,7 @@ async fn connections(
             spec.id.clone(),
             spec.creds.as_ref(),
             8 * 1024,
-            session_request(cfg, state.is_none()),
+            session_request(cfg, state.is_none(), spec.index),
         ));
         let session = tokio::select! {
             r = connect => r,
@@ -1648,6 +1660,7 @@ mod tests {
             chaos: Chaos::default(),
             behaviour: Behaviour::default(),
             session_expiry: 300,
+            sources: Vec::new(),
         }
     }
 
@@ -1685,13 +1698,21 @@ mod tests {
     #[test]
     fn sessions_asked_for() {
         let mut cfg = config();
-        let first = session_request(&cfg, true);
+        let first = session_request(&cfg, true, 0);
         assert_eq!((first.clean_start, first.expiry_secs), (true, Some(300)));
-        assert!(!session_request(&cfg, false).clean_start);
+        assert!(!session_request(&cfg, false, 0).clean_start);
         cfg.opts.version = mqtt::ProtocolVersion::V311;
-        assert!(!session_request(&cfg, true).clean_start);
+        assert!(!session_request(&cfg, true, 0).clean_start);
         cfg.session_expiry = 0;
-        assert_eq!(session_request(&cfg, false), SessionRequest::CLEAN);
+        assert_eq!(session_request(&cfg, false, 0), ConnectRequest::CLEAN);
+        // Source addresses go round by device index.
+        cfg.sources = vec![[127, 0, 0, 2].into(), [127, 0, 0, 3].into()];
+        for (index, last) in [(0, 2), (1, 3), (2, 2), (7, 3)] {
+            assert_eq!(
+                session_request(&cfg, true, index).source,
+                Some([127, 0, 0, last].into())
+            );
+        }
     }
 
     #[test]
