@@ -2,7 +2,7 @@
 //! by A as CSV (and Parquet), and the export replayed into hub B (and C) gives exactly A's points
 //! (values, kinds and timestamps, read back through the HTTP API); `--speed` scales the pace, `--shift-to-now` moves
 //! the timestamps, `--loop` continues the timeline; a device whose connection is taken over
-//! reconnects and sends the rest; bad rows are skipped or fail with `--strict`; a replay that
+//! reconnects, sends again what was in flight, and sends the rest; bad rows are skipped or fail with `--strict`; a replay that
 //! sends nothing is an error.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -435,6 +435,62 @@ async fn a_lost_connection_is_reestablished_and_the_rest_is_sent() {
         let stored = points(&hub, "pace", "v").await;
         let values: Vec<Json> = stored.into_iter().map(|(_, v)| v).collect();
         assert_eq!(values, [json!(0), json!(1), json!(2), json!(3)]);
+        hub.stop().await;
+    })
+    .await
+    .expect("test timed out");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_in_flight_on_a_lost_connection_are_resent() {
+    tokio::time::timeout(BOUND, async {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = TestHub::start().await.unwrap();
+        // One device replaying 20,000 rows as fast as acks allow while its client id is taken
+        // over again and again: whatever was in flight is sent again, so every point arrives.
+        let n = 20_000;
+        let path = dir.path().join("burst.csv");
+        let t0 = now_ms() - 600_000;
+        let mut text = String::from("ts,device,v\n");
+        for i in 0..n {
+            text += &format!("{},burst,{i}\n", t0 + i);
+        }
+        std::fs::write(&path, text).unwrap();
+        let a = args(
+            hub.mqtt,
+            &[&path],
+            "--speed max --inflight 64 --reconnect-backoff 5ms..20ms --reconnect-attempts 50",
+        );
+        let run = tokio::spawn(async move { replay(&a).await });
+        while points(&hub, "burst", "v").await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let mut thieves = Vec::new();
+        for _ in 0..3 {
+            if run.is_finished() {
+                break;
+            }
+            thieves.push(common::V5::connect(common::v5_opts(&hub, "burst")).await);
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+        let s = run.await.unwrap().unwrap();
+        drop(thieves);
+        assert_eq!(
+            (s.run.messages_sent, s.run.unacked, s.run.reconnects),
+            (n as u64, 0, s.run.connections_lost),
+            "sent, unacked, reconnects; resent {}",
+            s.run.resent
+        );
+        assert!(s.run.reconnects >= 1, "{:?}", s.replay);
+        // Each message is acknowledged once: a resent one was not acknowledged before.
+        assert_eq!(s.run.messages_acked, s.run.messages_sent);
+        let stored = points(&hub, "burst", "v").await;
+        let want: Vec<(i64, Json)> = (0..n).map(|i| (t0 + i, json!(i))).collect();
+        assert_eq!(stored.len(), want.len());
+        assert!(
+            stored == want,
+            "the stored points differ from the recording"
+        );
         hub.stop().await;
     })
     .await

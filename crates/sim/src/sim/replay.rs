@@ -10,6 +10,7 @@
 //! holds the scheduler up, so memory stays bounded and `--speed max` goes as fast as the
 //! acknowledgements allow. Counters, the progress line and the summary are `sim run`'s.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -854,9 +855,10 @@ async fn connect(
     }
 }
 
-/// Packet ids in flight: send times by id, and the free ids.
+/// Packet ids in flight: send times and payloads by id (to resend them after a lost
+/// connection), and the free ids.
 struct InFlight {
-    sent: Vec<Option<Instant>>,
+    sent: Vec<Option<(Instant, Bytes)>>,
     free: Vec<u16>,
 }
 
@@ -925,7 +927,7 @@ impl Conn {
                         }
                         at
                     };
-                    let Some(at) = at else { return };
+                    let Some((at, _)) = at else { return };
                     window.add_permits(1);
                     if ack.code < 0x80 {
                         shared.acked.fetch_add(1, Relaxed);
@@ -1043,7 +1045,7 @@ impl Conn {
                 ));
             };
             if let Some(slot) = f.sent.get_mut(usize::from(id)) {
-                *slot = Some(Instant::now());
+                *slot = Some((Instant::now(), publish.payload.clone()));
             }
             publish.packet_id = id;
         }
@@ -1062,14 +1064,32 @@ impl Conn {
         r
     }
 
-    /// The connection is lost: its unacknowledged messages are counted.
-    fn abandon(self, shared: &Shared) {
+    /// Stops the packet reader and waits (at most a second) until it has, so that no PUBACK
+    /// is counted after the outstanding messages are.
+    async fn stop_reader(&mut self) {
         self.reader.abort();
+        for _ in 0..1000 {
+            if self.reader.is_finished() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// The connection is lost: the payloads it left unacknowledged, oldest first.
+    async fn abandon(mut self, shared: &Shared) -> Vec<Bytes> {
+        self.stop_reader().await;
         shared.lost.fetch_add(1, Relaxed);
-        shared
-            .unacked
-            .fetch_add(self.inflight.lock().outstanding(), Relaxed);
         shared.online.fetch_sub(1, Relaxed);
+        let mut left: Vec<(Instant, Bytes)> = self
+            .inflight
+            .lock()
+            .sent
+            .iter_mut()
+            .filter_map(Option::take)
+            .collect();
+        left.sort_by_key(|(at, _)| *at);
+        left.into_iter().map(|(_, p)| p).collect()
     }
 
     /// Waits up to the drain for the outstanding acknowledgements, then disconnects.
@@ -1085,14 +1105,7 @@ impl Conn {
                 _ = &mut self.reader => self.reader_done = true,
             }
         }
-        self.reader.abort();
-        // Give the reader a moment to stop, so that it counts no PUBACK after this count.
-        for _ in 0..1000 {
-            if self.reader.is_finished() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
+        self.stop_reader().await;
         let missing = self.inflight.lock().outstanding();
         shared.unacked.fetch_add(missing, Relaxed);
         if missing > 0 {
@@ -1114,8 +1127,105 @@ impl Conn {
     }
 }
 
-/// One device: publishes what the scheduler hands it, reconnecting when its connection is lost.
-/// Returns the messages it had to drop (it could not connect).
+/// One device across its connections.
+struct Device {
+    cfg: Arc<ReplayConfig>,
+    shared: Arc<Shared>,
+    dev: ReplayDevice,
+    index: u64,
+    conn: Option<Conn>,
+    /// Payloads lost connections left unacknowledged, oldest first: resent (as new publications)
+    /// after the reconnect, before anything new. The hub replaces a point written twice, so a
+    /// resent message never duplicates one.
+    resend: VecDeque<Bytes>,
+    gave_up: bool,
+    tries: u64,
+    properties: PublishProperties,
+}
+
+impl Device {
+    fn publish(&self, payload: Bytes) -> Publish {
+        Publish {
+            dup: false,
+            qos: self.cfg.run.qos,
+            retain: false,
+            topic: self.dev.topic.clone(),
+            packet_id: 0,
+            properties: self.properties.clone(),
+            payload,
+        }
+    }
+
+    /// The connection ended with `end`: what it left unacknowledged goes first in line.
+    async fn lose(&mut self, end: &End) {
+        note_end(&self.shared, &self.dev, end);
+        if let Some(c) = self.conn.take() {
+            let mut left: VecDeque<Bytes> = c.abandon(&self.shared).await.into();
+            left.append(&mut self.resend);
+            self.resend = left;
+        }
+    }
+
+    /// No more connections: what waits to be resent is unacknowledged.
+    fn give_up(&mut self) {
+        self.gave_up = true;
+        self.shared
+            .unacked
+            .fetch_add(self.resend.len() as u64, Relaxed);
+        self.resend.clear();
+    }
+
+    /// Connects if needed and resends what lost connections left unacknowledged. False: no
+    /// connection (the device gave up, or the replay stopped).
+    async fn ready(&mut self, stop: &mut watch::Receiver<bool>) -> bool {
+        loop {
+            if self.conn.is_none() {
+                if self.cfg.run.reconnect.attempts == 0 {
+                    return false;
+                }
+                let Some(s) = connect(
+                    &self.cfg,
+                    &self.shared,
+                    &self.dev,
+                    self.index,
+                    true,
+                    &mut self.tries,
+                    stop,
+                )
+                .await
+                else {
+                    return false;
+                };
+                self.shared.reconnects.fetch_add(1, Relaxed);
+                self.conn = Some(Conn::start(s, &self.cfg, &self.shared, self.index));
+            }
+            let mut failed = None;
+            while let Some(p) = self.resend.front().cloned() {
+                let publish = self.publish(p);
+                let Some(c) = self.conn.as_mut() else { break };
+                match c.publish(&self.cfg, publish, stop).await {
+                    Ok(()) => {
+                        self.resend.pop_front();
+                        self.shared.resent.fetch_add(1, Relaxed);
+                    }
+                    Err(End::Stopped) => return false,
+                    Err(end) => {
+                        failed = Some(end);
+                        break;
+                    }
+                }
+            }
+            match failed {
+                None => return true,
+                Some(end) => self.lose(&end).await,
+            }
+        }
+    }
+}
+
+/// One device: publishes what the scheduler hands it; a lost connection is re-established and
+/// what it left unacknowledged sent again. Returns the messages it had to drop (it could not
+/// connect, or the replay stopped).
 async fn device_task(
     cfg: Arc<ReplayConfig>,
     shared: Arc<Shared>,
@@ -1125,11 +1235,6 @@ async fn device_task(
     mut rx: mpsc::Receiver<Out>,
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
-    let mut conn = session.map(|s| Conn::start(s, &cfg, &shared, index));
-    let mut gave_up = conn.is_none();
-    let mut tries = 0u64;
-    let mut dropped = 0u64;
-    let mut payload = Vec::with_capacity(256);
     let ping_every = cfg.run.opts.ping_every();
     let properties = if cfg.run.opts.version.is_v5() {
         PublishProperties {
@@ -1139,10 +1244,24 @@ async fn device_task(
     } else {
         PublishProperties::default()
     };
+    let mut d = Device {
+        conn: session.map(|s| Conn::start(s, &cfg, &shared, index)),
+        gave_up: false,
+        cfg,
+        shared,
+        dev,
+        index,
+        resend: VecDeque::new(),
+        tries: 0,
+        properties,
+    };
+    d.gave_up = d.conn.is_none();
+    let mut dropped = 0u64;
+    let mut payload = Vec::with_capacity(256);
     loop {
-        let ping_at = conn.as_ref().map(|c| c.last_write + ping_every);
+        let ping_at = d.conn.as_ref().map(|c| c.last_write + ping_every);
         let closed = async {
-            match conn.as_mut() {
+            match d.conn.as_mut() {
                 Some(c) => c.closed().await,
                 None => std::future::pending().await,
             }
@@ -1163,87 +1282,64 @@ async fn device_task(
             Next::End => break,
             Next::Msg(m) => m,
             Next::Ping | Next::Closed => {
-                if let Some(mut c) = conn.take() {
-                    let end = if matches!(next, Next::Ping) {
-                        c.ping().await.err()
-                    } else {
-                        Some(c.lost("the broker closed the connection"))
-                    };
-                    match end {
-                        None => conn = Some(c),
-                        Some(end) => {
-                            note_end(&shared, &dev, &end);
-                            c.abandon(&shared);
-                        }
+                let end = match (&mut d.conn, matches!(next, Next::Ping)) {
+                    (Some(c), true) => c.ping().await.err(),
+                    (Some(c), false) => Some(c.lost("the broker closed the connection")),
+                    (None, _) => None,
+                };
+                if let Some(end) = end {
+                    d.lose(&end).await;
+                    // What was in flight is resent now, not when the next message is due.
+                    if !d.resend.is_empty() && !d.ready(&mut stop).await && !*stop.borrow() {
+                        d.give_up();
                     }
                 }
                 continue;
             }
         };
-        if gave_up {
+        if d.gave_up {
             dropped += 1;
             continue;
         }
         payload.clear();
-        if let Err(e) = encode_payload(cfg.format, msg.ts, &msg.values, &mut payload) {
-            shared.note_error(|| format!("{}: {e}", dev.id));
+        if let Err(e) = encode_payload(d.cfg.format, msg.ts, &msg.values, &mut payload) {
+            d.shared.note_error(|| format!("{}: {e}", d.dev.id));
             dropped += 1;
             continue;
         }
         let payload = Bytes::copy_from_slice(&payload);
-        // Until it is written: a lost connection is re-established and the message sent again.
+        // Until it is written: a lost connection is re-established first.
         loop {
-            let c = match conn.as_mut() {
-                Some(c) => c,
-                None => {
-                    if cfg.run.reconnect.attempts == 0 {
-                        gave_up = true;
-                        break;
-                    }
-                    let Some(s) =
-                        connect(&cfg, &shared, &dev, index, true, &mut tries, &mut stop).await
-                    else {
-                        gave_up = true;
-                        break;
-                    };
-                    shared.reconnects.fetch_add(1, Relaxed);
-                    conn.insert(Conn::start(s, &cfg, &shared, index))
+            if !d.ready(&mut stop).await {
+                if !*stop.borrow() {
+                    d.give_up();
                 }
-            };
-            let publish = Publish {
-                dup: false,
-                qos: cfg.run.qos,
-                retain: false,
-                topic: dev.topic.clone(),
-                packet_id: 0,
-                properties: properties.clone(),
-                payload: payload.clone(),
-            };
-            match c.publish(&cfg, publish, &mut stop).await {
+                dropped += 1;
+                break;
+            }
+            let publish = d.publish(payload.clone());
+            let Some(c) = d.conn.as_mut() else { continue };
+            match c.publish(&d.cfg, publish, &mut stop).await {
                 Ok(()) => {
-                    shared.sent.fetch_add(1, Relaxed);
-                    shared.samples.fetch_add(msg.values.len() as u64, Relaxed);
+                    d.shared.sent.fetch_add(1, Relaxed);
+                    d.shared.samples.fetch_add(msg.values.len() as u64, Relaxed);
                     break;
                 }
                 Err(End::Stopped) => {
                     dropped += 1;
                     break;
                 }
-                Err(end) => {
-                    note_end(&shared, &dev, &end);
-                    if let Some(c) = conn.take() {
-                        c.abandon(&shared);
-                    }
-                }
+                Err(end) => d.lose(&end).await,
             }
         }
-        if gave_up {
-            dropped += 1;
-        }
     }
-    if let Some(c) = conn {
-        c.finish(&cfg, &shared).await;
+    if !d.resend.is_empty() && !d.gave_up && !*stop.borrow() {
+        d.ready(&mut stop).await;
     }
+    if let Some(c) = d.conn.take() {
+        c.finish(&d.cfg, &d.shared).await;
+    }
+    d.shared.unacked.fetch_add(d.resend.len() as u64, Relaxed);
     // Whatever is still queued after a stop was not sent.
     rx.close();
     while rx.recv().await.is_some() {
