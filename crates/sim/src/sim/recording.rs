@@ -32,8 +32,8 @@
 //! reads, one shared file handle) with a buffer of 64 MiB / runs (1–64 KiB), so memory is bounded
 //! by the number of runs, not the file's size; files with more than `max_runs` runs (neither
 //! sorted by time nor by series) are refused. The rows that share one timestamp are held together
-//! to be grouped per device. A gzipped file with more than one run is decompressed once into an
-//! anonymous temporary file for the merge (gzip cannot be read from the middle).
+//! to be grouped per device. A gzipped file with more than one run is decompressed into an
+//! anonymous temporary file for each merge (each `--loop`; gzip cannot be read from the middle).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};

@@ -8,7 +8,9 @@
 //! `start + (ts - first_ts) / speed`, or at once with `--speed max` — and hands it to its device's
 //! task through a bounded queue; a device whose queue is full (its in-flight window is full)
 //! holds the scheduler up, so memory stays bounded and `--speed max` goes as fast as the
-//! acknowledgements allow. Counters, the progress line and the summary are `sim run`'s.
+//! acknowledgements allow. A lost connection is re-established and the QoS 1 messages it left
+//! unacknowledged are sent again before anything new (the hub replaces a point written twice).
+//! Counters, the progress line and the summary are `sim run`'s.
 
 use std::collections::VecDeque;
 use std::future::Future;
