@@ -271,6 +271,20 @@ async fn an_export_replayed_into_another_hub_gives_the_same_points() {
         assert_eq!((s.run.errors, s.replay.bad_rows), (0, 0), "{s:?}");
         assert_eq!(s.replay.layouts, ["wide"]);
         assert_eq!((s.replay.first_ts, s.replay.shift_ms), (t0, 0));
+        // --json: `sim run`'s fields and a `replay` object, read back the same.
+        let v = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["messages_sent"], json!(messages));
+        assert_eq!(v["replay"]["rows"], json!(DEVICES * ROWS));
+        let back: ReplaySummary = serde_json::from_value(v).unwrap();
+        assert_eq!(
+            (back.replay, back.run.messages_sent),
+            (s.replay.clone(), messages)
+        );
+        let table = s.table();
+        assert!(
+            table.contains("messages sent") && table.contains("(0 bad, skipped; 1 runs merged)"),
+            "{table}"
+        );
         check_hub(&a, t0, 0).await;
 
         // A's export, sorted by series: one run per series, merged back into time order.
