@@ -10,7 +10,9 @@
 //!   skew, bursts, misbehaving devices), deterministic under the seed;
 //! * [`behave`]: what devices do besides telemetry: twin reports (firmware, health), desired
 //!   settings applied, commands answered;
-//! * `report`: the live progress line and the final summary (table or JSON).
+//! * `report`: the live progress line and the final summary (table or JSON);
+//! * [`recording`] and [`replay`]: recorded telemetry (the hub's export, or a wide CSV)
+//!   published again by its devices, at its recorded pace or faster.
 //!
 //! See `docs/sim.md` for the user's guide and the profile reference.
 
@@ -21,6 +23,8 @@ pub mod generate;
 pub mod multi;
 pub mod profile;
 pub mod provision;
+pub mod recording;
+pub mod replay;
 mod report;
 mod rng;
 pub mod run;
@@ -74,6 +78,17 @@ pub enum SimCommand {
     Profiles(ProfilesArgs),
     /// Print the payloads a device would publish, without connecting.
     Preview(PreviewArgs),
+    /// Publish recorded telemetry again: the hub's export (CSV or Parquet) or a wide CSV, one
+    /// connection per recorded device, at the recorded pace, faster, or as fast as
+    /// acknowledgements allow.
+    #[command(after_help = "Examples:\n  \
+        ferrohub sim replay export.csv --speed max --password secret\n  \
+        ferrohub sim replay day.csv.gz --speed 10 --shift-to-now --fleet fleet.jsonl\n  \
+        ferrohub sim replay wide.csv --speed 1 --loop 3 --qos 0\n\n\
+        Prints a summary table on stdout (--json: one JSON object) and, when stderr is a \
+        terminal, a progress line on stderr. Bad rows are reported on stderr as FILE:LINE and \
+        skipped (--strict: the first one fails the replay). Exits non-zero if nothing was sent.")]
+    Replay(Box<ReplayArgs>),
 }
 
 /// Arguments of `ferrohub sim run`.
@@ -347,6 +362,136 @@ pub struct RunArgs {
     pub session_expiry: Duration,
 }
 
+/// Arguments of `ferrohub sim replay`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ReplayArgs {
+    /// Recorded telemetry: CSV as `ferrohub ctl telemetry export --format csv` writes it, or a
+    /// wide CSV (ts,device,METRIC,...); `.gz` files are gunzipped; the hub's Parquet export is
+    /// read through a temporary CSV. Several files are replayed as one recording.
+    #[arg(required = true, value_name = "FILE")]
+    pub files: Vec<PathBuf>,
+
+    /// Broker host.
+    #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
+    pub host: String,
+    /// Broker MQTT/TCP port.
+    #[arg(long, default_value_t = 1883, help_heading = "Broker")]
+    pub port: u16,
+    /// MQTT version: v5 (5.0) or v3 (3.1.1).
+    #[arg(long, value_enum, default_value_t = Protocol::V5, help_heading = "Broker")]
+    pub protocol: Protocol,
+    /// QoS of the publications: 0, or 1 (waits for PUBACKs).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1), help_heading = "Broker")]
+    pub qos: u8,
+    /// User name for every device ("{device}" is replaced by the device id; default with
+    /// --password: the device id).
+    #[arg(long, help_heading = "Broker")]
+    pub username: Option<String>,
+    /// Password shared by every device.
+    #[arg(
+        long,
+        env = "FERROHUB_SIM_PASSWORD",
+        hide_env_values = true,
+        help_heading = "Broker"
+    )]
+    pub password: Option<String>,
+    /// Fleet file written by `ferrohub bench provision`: each recorded device connects with the
+    /// credentials of the entry with its id (every recorded device must have one).
+    #[arg(long, value_name = "FILE", help_heading = "Broker")]
+    pub fleet: Option<PathBuf>,
+    /// Keep Alive sent in CONNECT, seconds (a device pings when it has nothing to send).
+    #[arg(long, default_value_t = 60, help_heading = "Broker")]
+    pub keep_alive: u16,
+    /// Longest wait for the TCP handshake and CONNACK.
+    #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Broker")]
+    pub connect_timeout: Duration,
+
+    /// Pace: 1 (as recorded), 10 (ten times faster), 0.5, or max (as fast as acks allow).
+    #[arg(long, default_value = "1", value_parser = replay::parse_speed, help_heading = "Replay")]
+    pub speed: replay::Speed,
+    /// Move the recording so that its first record is at the start of the replay (gaps kept);
+    /// by default the recorded timestamps are sent (backfill).
+    #[arg(long, help_heading = "Replay")]
+    pub shift_to_now: bool,
+    /// Play the recording this many times; each loop continues the timeline of the previous
+    /// one (timestamps move on by the recording's span plus its first interval).
+    #[arg(
+        long = "loop",
+        value_name = "N",
+        default_value_t = 1,
+        help_heading = "Replay"
+    )]
+    pub loops: u32,
+    /// Topic template: {device} (the device id), {index} (its order of appearance).
+    #[arg(
+        long,
+        default_value = "devices/{device}/telemetry",
+        help_heading = "Replay"
+    )]
+    pub topic: String,
+    /// Payload format.
+    #[arg(long, value_enum, default_value_t = Format::Json, help_heading = "Replay")]
+    pub format: Format,
+    /// Fail at the first bad row (default: report it with FILE:LINE and skip it).
+    #[arg(long, help_heading = "Replay")]
+    pub strict: bool,
+    /// Most runs of increasing time the files may be split into (an export has one per series;
+    /// each costs a small read buffer during the merge).
+    #[arg(long, default_value_t = recording::DEFAULT_MAX_RUNS, help_heading = "Replay")]
+    pub max_runs: usize,
+
+    /// Handshakes in flight at once (every device connects before the replay starts).
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Run")]
+    pub connect_concurrency: u32,
+    /// QoS 1 messages awaiting PUBACK per connection (capped by the broker's Receive Maximum).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
+    pub inflight: u16,
+    /// A connection whose in-flight window stays full this long counts as lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Run")]
+    pub ack_timeout: Duration,
+    /// After the replay, how long devices wait for outstanding PUBACKs.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
+    pub drain: Duration,
+    /// Runtime worker threads.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
+    pub threads: u16,
+    /// Back-off between reconnection attempts: MIN[..MAX].
+    #[arg(long, default_value = "100ms..5s", value_parser = chaos::parse_backoff, help_heading = "Run")]
+    pub reconnect_backoff: (Duration, Duration),
+    /// Consecutive failed reconnection attempts after which a device gives up (its remaining
+    /// messages are dropped and counted).
+    #[arg(long, default_value_t = 10, help_heading = "Run")]
+    pub reconnect_attempts: u32,
+    /// Retries of a device's first connect.
+    #[arg(long, default_value_t = 0, help_heading = "Run")]
+    pub connect_retries: u32,
+
+    /// Print the summary as one JSON object instead of a table.
+    #[arg(long, help_heading = "Output")]
+    pub json: bool,
+    /// No progress line (it is never drawn when stderr is not a terminal).
+    #[arg(long, help_heading = "Output")]
+    pub no_progress: bool,
+}
+
+impl ReplayArgs {
+    /// Parses `ferrohub sim replay`'s arguments (without the command words).
+    pub fn try_parse_from<I, T>(args: I) -> Result<ReplayArgs, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(clap::Parser)]
+        struct Wrapper {
+            #[command(flatten)]
+            replay: ReplayArgs,
+        }
+        let argv = std::iter::once(std::ffi::OsString::from("replay"))
+            .chain(args.into_iter().map(Into::into));
+        <Wrapper as clap::Parser>::try_parse_from(argv).map(|w| w.replay)
+    }
+}
+
 /// Arguments of `ferrohub sim profiles`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ProfilesArgs {
@@ -414,6 +559,7 @@ impl SimArgs {
     pub fn worker_threads(&self) -> usize {
         match &self.command {
             SimCommand::Run(r) => usize::from(r.threads),
+            SimCommand::Replay(r) => usize::from(r.threads),
             _ => 1,
         }
     }
@@ -438,6 +584,7 @@ pub async fn run_cli(args: SimArgs, shutdown: impl Future<Output = ()>) -> anyho
     match args.command {
         SimCommand::Profiles(p) => profiles_cmd(&p),
         SimCommand::Preview(p) => preview_cmd(&p),
+        SimCommand::Replay(r) => replay::cli(&r, shutdown).await,
         SimCommand::Run(r) => {
             let summary = if r.worker {
                 let summary = run_args(&r, shutdown).await?;

@@ -121,7 +121,7 @@ pub enum RunError {
 }
 
 /// Histogram stripes: PUBACKs of different devices record into different locks.
-const STRIPES: usize = 16;
+pub(crate) const STRIPES: usize = 16;
 
 /// Counters of a run, shared by every device task.
 pub(crate) struct Shared {
@@ -152,7 +152,7 @@ pub(crate) struct Shared {
 
 impl Shared {
     /// Counters at zero for `devices` devices.
-    fn new(devices: u64, latency: Vec<Mutex<Latency>>) -> Shared {
+    pub(crate) fn new(devices: u64, latency: Vec<Mutex<Latency>>) -> Shared {
         Shared {
             devices,
             connected: AtomicU64::new(0),
@@ -186,7 +186,7 @@ impl Shared {
         }
     }
 
-    fn answer(&self, packet: &str, code: u8) {
+    pub(crate) fn answer(&self, packet: &str, code: u8) {
         *self
             .answers
             .lock()
@@ -199,7 +199,7 @@ impl Shared {
         *self.answers.lock().entry(what.to_string()).or_insert(0) += 1;
     }
 
-    fn note_error(&self, e: impl FnOnce() -> String) {
+    pub(crate) fn note_error(&self, e: impl FnOnce() -> String) {
         let mut first = self.first_error.lock();
         if first.is_none() {
             *first = Some(e());
