@@ -398,14 +398,15 @@ impl Compiler {
                 }
             };
             let args = self.args(&args[..1], mode)?;
+            let shape = without_positions(whole);
             let slot = match self
                 .slots
                 .iter()
-                .position(|(e, k)| e == whole && *k == kind)
+                .position(|(e, k)| *e == shape && *k == kind)
             {
                 Some(i) => i,
                 None => {
-                    self.slots.push((whole.clone(), kind));
+                    self.slots.push((shape, kind));
                     self.slots.len() - 1
                 }
             };
@@ -488,6 +489,32 @@ impl Compiler {
     }
 }
 
+/// The expression with every position zeroed: two call sites with the same text compare equal.
+fn without_positions(e: &Expr) -> Expr {
+    const Z: Pos = Pos { line: 0, column: 0 };
+    let b = |e: &Expr| Box::new(without_positions(e));
+    match e {
+        Expr::Ident(n, _) => Expr::Ident(n.clone(), Z),
+        Expr::Star(_) => Expr::Star(Z),
+        Expr::Call(n, _, a) => Expr::Call(n.clone(), Z, a.iter().map(without_positions).collect()),
+        Expr::Field(x, k) => Expr::Field(b(x), k.clone()),
+        Expr::Index(x, i) => Expr::Index(b(x), b(i)),
+        Expr::Neg(x) => Expr::Neg(b(x)),
+        Expr::Not(x) => Expr::Not(b(x)),
+        Expr::Binary(op, l, r) => Expr::Binary(*op, b(l), b(r)),
+        Expr::Is(x, n, w) => Expr::Is(b(x), *n, *w),
+        Expr::Case(o, w, e) => Expr::Case(
+            o.as_deref().map(b),
+            w.iter()
+                .map(|(a, t)| (without_positions(a), without_positions(t)))
+                .collect(),
+            e.as_deref().map(b),
+        ),
+        Expr::Array(items) => Expr::Array(items.iter().map(without_positions).collect()),
+        other => other.clone(),
+    }
+}
+
 fn first_line(s: &str) -> String {
     s.lines().last().unwrap_or(s).trim().to_string()
 }
@@ -538,10 +565,10 @@ impl CompiledRule {
         let mut items = Vec::with_capacity(st.items.len());
         for (i, it) in st.items.iter().enumerate() {
             match it {
-                SelectItem::Star => {
+                SelectItem::Star(pos) => {
                     if window.is_some() {
                         return Err(RuleError::new(
-                            st.from_pos,
+                            *pos,
                             "`SELECT *` cannot be used with WINDOW: select aggregates such as avg(x) AS x",
                         ));
                     }

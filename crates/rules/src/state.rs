@@ -19,6 +19,9 @@ use crate::functions::Args;
 use crate::value::{Val, dec_val, num_val};
 use crate::{Lookup, MessageContext};
 
+/// Beyond this z-score a value does not update the EWMA variance.
+const OUTLIER_Z: f64 = 3.0;
+
 /// Kinds of stateful functions.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum SlotKind {
@@ -113,7 +116,11 @@ impl SlotState {
         let d = v - self.mean;
         let incr = alpha * d;
         self.mean += incr;
-        self.var = (1.0 - alpha) * (self.var + d * incr);
+        // An outlier (|z| > 3) moves the mean but not the variance: a drift does not widen its
+        // own baseline before it is flagged.
+        if z.abs() <= OUTLIER_Z {
+            self.var = (1.0 - alpha) * (self.var + d * incr);
+        }
         dec_val(z)
     }
 }

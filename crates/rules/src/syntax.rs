@@ -236,7 +236,7 @@ pub(crate) enum Expr {
 
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum SelectItem {
-    Star,
+    Star(Pos),
     Expr(Expr, Option<String>, Pos),
 }
 
@@ -355,7 +355,7 @@ impl Parser {
             let pos = self.pos();
             if self.is_sym("*") && !value {
                 self.bump();
-                items.push(SelectItem::Star);
+                items.push(SelectItem::Star(pos));
             } else {
                 let e = self.expr()?;
                 let alias = if self.eat_kw("as") {
