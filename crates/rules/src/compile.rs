@@ -275,26 +275,6 @@ impl Compiler {
             }
             Ok(())
         };
-        for a in args {
-            if let Expr::Star(p) = a
-                && !matches!(
-                    name,
-                    "count"
-                        | "encode"
-                        | "md5"
-                        | "sha1"
-                        | "sha256"
-                        | "sha512"
-                        | "get_or_default"
-                        | "isundefined"
-                )
-            {
-                return Err(RuleError::new(
-                    *p,
-                    format!("`*` is not an argument of `{name}`"),
-                ));
-            }
-        }
         if AGGREGATES.contains(&name) {
             if mode != Mode::Window {
                 let msg = if self.windowed {

@@ -507,6 +507,13 @@ impl Parser {
         Ok(())
     }
 
+    /// One more link of a left-nested chain (`a + b + c …`, `a.b.c …`): counts as depth.
+    fn chain(&mut self, n: &mut u32) -> Result<(), RuleError> {
+        self.enter()?;
+        *n += 1;
+        Ok(())
+    }
+
     pub(crate) fn expr(&mut self) -> Result<Expr, RuleError> {
         self.enter()?;
         let r = self.or();
@@ -516,19 +523,25 @@ impl Parser {
 
     fn or(&mut self) -> Result<Expr, RuleError> {
         let mut l = self.and()?;
+        let mut n = 0;
         while self.eat_kw("or") {
+            self.chain(&mut n)?;
             let r = self.and()?;
             l = Expr::Binary(BinOp::Or, Box::new(l), Box::new(r));
         }
+        self.depth -= n;
         Ok(l)
     }
 
     fn and(&mut self) -> Result<Expr, RuleError> {
         let mut l = self.not()?;
+        let mut n = 0;
         while self.eat_kw("and") {
+            self.chain(&mut n)?;
             let r = self.not()?;
             l = Expr::Binary(BinOp::And, Box::new(l), Box::new(r));
         }
+        self.depth -= n;
         Ok(l)
     }
 
@@ -571,23 +584,29 @@ impl Parser {
 
     fn concat(&mut self) -> Result<Expr, RuleError> {
         let mut l = self.additive()?;
+        let mut n = 0;
         while self.eat_sym("||") {
+            self.chain(&mut n)?;
             let r = self.additive()?;
             l = Expr::Binary(BinOp::Concat, Box::new(l), Box::new(r));
         }
+        self.depth -= n;
         Ok(l)
     }
 
     fn additive(&mut self) -> Result<Expr, RuleError> {
         let mut l = self.multiplicative()?;
+        let mut n = 0;
         loop {
             let op = if self.eat_sym("+") {
                 BinOp::Add
             } else if self.eat_sym("-") {
                 BinOp::Sub
             } else {
+                self.depth -= n;
                 return Ok(l);
             };
+            self.chain(&mut n)?;
             let r = self.multiplicative()?;
             l = Expr::Binary(op, Box::new(l), Box::new(r));
         }
@@ -595,6 +614,7 @@ impl Parser {
 
     fn multiplicative(&mut self) -> Result<Expr, RuleError> {
         let mut l = self.unary()?;
+        let mut n = 0;
         loop {
             let op = if self.eat_sym("*") {
                 BinOp::Mul
@@ -603,8 +623,10 @@ impl Parser {
             } else if self.eat_sym("%") {
                 BinOp::Mod
             } else {
+                self.depth -= n;
                 return Ok(l);
             };
+            self.chain(&mut n)?;
             let r = self.unary()?;
             l = Expr::Binary(op, Box::new(l), Box::new(r));
         }
@@ -629,7 +651,11 @@ impl Parser {
 
     fn postfix(&mut self) -> Result<Expr, RuleError> {
         let mut e = self.primary()?;
+        let mut n = 0;
         loop {
+            if self.is_sym(".") || self.is_sym("[") {
+                self.chain(&mut n)?;
+            }
             if self.eat_sym(".") {
                 let key = self.name("after `.` (a field name)")?;
                 e = Expr::Field(Box::new(e), key);
@@ -638,6 +664,7 @@ impl Parser {
                 self.expect_sym("]", "to close the index")?;
                 e = Expr::Index(Box::new(e), Box::new(idx));
             } else {
+                self.depth -= n;
                 return Ok(e);
             }
         }
