@@ -76,7 +76,7 @@ impl SlotState {
                 Some(v) => {
                     let out = match self.prev.as_ref().and_then(Val::f64) {
                         Some(p) if ts > self.prev_ts => {
-                            dec_val((v - p) * 1000.0 / (ts - self.prev_ts) as f64)
+                            dec_val((v - p) * 1000.0 / (ts as f64 - self.prev_ts as f64))
                         }
                         Some(_) => return Val::Undefined, // not newer: ignored
                         None => Val::Undefined,
@@ -354,9 +354,8 @@ impl RuleRunner {
     ) -> Result<(), EvalError> {
         self.seq += 1;
         let seq = self.seq;
-        let rule = Arc::clone(&self.rule);
-        if !rule.is_stateful() {
-            if let Some(value) = rule.run(msg, lookup, &mut [], seq)? {
+        if !self.rule.is_stateful() {
+            if let Some(value) = self.rule.run(msg, lookup, &mut [], seq)? {
                 out.push(Output {
                     value,
                     window: None,
@@ -365,6 +364,7 @@ impl RuleRunner {
             }
             return Ok(());
         }
+        let rule = Arc::clone(&self.rule);
         let env = Env {
             msg,
             lookup,
@@ -406,7 +406,7 @@ impl RuleRunner {
         let limits = self.limits;
         let ks = self.key_state(&key);
         // Window starts containing t: multiples of `step` in (t - size, t].
-        let last = t.div_euclid(step) * step;
+        let last = t.div_euclid(step).saturating_mul(step);
         let mut start = last;
         let mut starts: SmallVec<[i64; 8]> = SmallVec::new();
         while start > t.saturating_sub(size) && starts.len() < 1001 {
