@@ -702,7 +702,7 @@ impl CompiledRule {
     /// Builds the output of a closed window.
     pub(crate) fn emit(&self, emit: &Emit, lookup: &dyn Lookup) -> Option<Json> {
         let msg = MessageContext {
-            tenant: "",
+            tenant: &emit.tenant,
             topic: "",
             client_id: "",
             principal: "",

@@ -65,6 +65,8 @@ pub(crate) struct Emit {
     pub carried: Vec<Val<'static>>,
     pub start_ms: i64,
     pub end_ms: i64,
+    /// Tenant of the window's messages (lookups at emission stay in it).
+    pub tenant: String,
 }
 
 /// Everything an expression can see.

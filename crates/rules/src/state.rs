@@ -294,6 +294,8 @@ struct KeyState {
     closed_until: Option<i64>,
     watermark: Option<i64>,
     last_seen: u64,
+    /// Tenant of the key's latest message.
+    tenant: String,
 }
 
 /// Runs one compiled rule with its per-key state. Stateless rules work too (no state kept).
@@ -442,13 +444,17 @@ impl RuleRunner {
             self.stats.late_messages += 1;
         }
         let ks = self.key_state(&key);
+        if ks.tenant != msg.tenant {
+            msg.tenant.clone_into(&mut ks.tenant);
+        }
         ks.watermark = Some(ks.watermark.map_or(t, |w| w.max(t)));
         let until = ks
             .watermark
             .unwrap_or(t)
             .saturating_sub(limits.allowed_lateness_ms);
         let closed = close_until(ks, until, size);
-        self.emit_all(&key, closed, size, lookup, out);
+        let tenant = ks.tenant.clone();
+        self.emit_all(&key, &tenant, closed, size, lookup, out);
         Ok(())
     }
 
@@ -465,17 +471,17 @@ impl RuleRunner {
         };
         let size = window.size_ms();
         let until = now_ms.saturating_sub(self.limits.allowed_lateness_ms);
-        let mut all: Vec<(String, Vec<OpenWindow>)> = Vec::new();
+        let mut all: Vec<(String, String, Vec<OpenWindow>)> = Vec::new();
         for (k, ks) in self.keys.iter_mut() {
             let closed = close_until(ks, until, size);
             if !closed.is_empty() {
-                all.push((k.clone(), closed));
+                all.push((k.clone(), ks.tenant.clone(), closed));
             }
         }
         all.sort_by(|a, b| a.0.cmp(&b.0));
         let mut batch = Vec::new();
-        for (k, closed) in all {
-            self.emit_all(&k, closed, size, lookup, &mut batch);
+        for (k, tenant, closed) in all {
+            self.emit_all(&k, &tenant, closed, size, lookup, &mut batch);
         }
         batch.sort_by_key(|o: &Output| o.window.map_or(0, |w| w.1));
         out.extend(batch);
@@ -485,6 +491,7 @@ impl RuleRunner {
     fn emit_all(
         &mut self,
         key: &str,
+        tenant: &str,
         closed: Vec<OpenWindow>,
         size: i64,
         lookup: &dyn Lookup,
@@ -502,6 +509,7 @@ impl RuleRunner {
                 aggs,
                 carried: std::mem::take(&mut w.carried),
                 start_ms: w.start,
+                tenant: tenant.to_string(),
                 end_ms: end,
             };
             self.stats.windows_emitted += 1;

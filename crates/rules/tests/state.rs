@@ -416,3 +416,76 @@ fn rule_set_matches_each_filter_once_and_tags_outputs() {
     assert!(!set.remove("hot"));
     assert_eq!(set.stats("avg").unwrap().windows_emitted, 1);
 }
+
+#[test]
+fn window_expressions_mix_aggregates_and_message_values() {
+    let mut r = runner(
+        "SELECT max(v) - min(v) AS range, avg(v) * 2 AS double_avg, concat(unit, ':', count(*)) AS label, \
+         ts AS last_ts, window_end() - window_start() AS len, 'const' AS c \
+         FROM 'm' GROUP BY k WINDOW TUMBLING(0.5)",
+    );
+    send(
+        &mut r,
+        "m",
+        0,
+        json!({"v": 2, "unit": "C", "ts": 1, "k": 3}),
+    );
+    send(
+        &mut r,
+        "m",
+        100,
+        json!({"v": 6, "unit": "F", "ts": 2, "k": 3}),
+    );
+    let out = send(&mut r, "m", 500, json!({"v": 0, "k": 3}));
+    assert_eq!(
+        values(&out),
+        vec![
+            json!({"range": 4, "double_avg": 8, "label": "F:2", "last_ts": 2, "len": 500, "c": "const"})
+        ]
+    );
+    assert_eq!(out[0].key, "3", "a numeric key as its JSON text");
+}
+
+#[test]
+fn windows_before_the_epoch_and_ticks_of_stateless_rules() {
+    let mut r = runner("SELECT count(*) AS n, window_start() AS ws FROM 'm' WINDOW TUMBLING(10)");
+    send(&mut r, "m", -1, json!({}));
+    let out = send(&mut r, "m", 0, json!({}));
+    assert_eq!(values(&out), vec![json!({"n": 1, "ws": -10_000})]);
+    let mut r = runner("SELECT * FROM 'm'");
+    let mut out = Vec::new();
+    r.tick(i64::MAX, &NoLookup, &mut out).unwrap();
+    assert!(out.is_empty());
+}
+
+struct Sites;
+
+impl ferrohub_rules::Lookup for Sites {
+    fn twin(&self, _: &str, _: &str) -> Option<Value> {
+        None
+    }
+    fn device(&self, tenant: &str, device: &str) -> Option<Value> {
+        (tenant == "acme").then(|| json!({"tags": {"site": format!("site-of-{device}")}}))
+    }
+}
+
+#[test]
+fn lookups_at_window_close_stay_in_the_tenant() {
+    let rule = Arc::new(
+        Rule::compile(
+            "SELECT device(concat('d', max(v))).tags.site AS site FROM 'm' WINDOW TUMBLING(1)",
+        )
+        .unwrap(),
+    );
+    let mut r = RuleRunner::new(rule, RunnerLimits::default());
+    let mut out = Vec::new();
+    let p = json!({"v": 7});
+    r.on_message(
+        &MessageContext::new("acme", "m", &p).at(0),
+        &Sites,
+        &mut out,
+    )
+    .unwrap();
+    r.tick(1_000, &Sites, &mut out).unwrap();
+    assert_eq!(values(&out), vec![json!({"site": "site-of-d7"})]);
+}
