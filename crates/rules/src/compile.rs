@@ -119,14 +119,19 @@ fn edit_distance(a: &str, b: &str) -> usize {
 fn unknown_function(name: &str, pos: Pos) -> RuleError {
     let best = function_names()
         .into_iter()
-        .map(|n| (edit_distance(name, n), n))
+        .map(|n| {
+            // A known name that the unknown one extends or abbreviates (`stddev_samp`) is close.
+            let prefix =
+                n.len().min(name.len()) >= 3 && (name.starts_with(n) || n.starts_with(name));
+            (if prefix { 1 } else { edit_distance(name, n) }, n)
+        })
         .min_by_key(|(d, _)| *d)
         .filter(|(d, n)| *d <= 2.max(n.len() / 3));
     let hint = match best {
-        Some((_, n)) => format!(" — did you mean `{n}`?"),
-        None => " (see docs/rules.md for the list of functions)".to_string(),
+        Some((_, n)) => format!("did you mean `{n}`?"),
+        None => "docs/rules.md lists the functions".to_string(),
     };
-    RuleError::new(pos, format!("unknown function `{name}`{hint}"))
+    RuleError::new(pos, format!("unknown function `{name}`")).with_hint(hint)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

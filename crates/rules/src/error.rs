@@ -3,8 +3,11 @@
 use crate::syntax::Pos;
 
 /// A rule that does not compile: where, and what to change.
+///
+/// Displayed as `<message> at <line>:<column>[ — <hint>]`, e.g.
+/// "unknown function `avgg` at 1:8 — did you mean `avg`?".
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{message} at {line}:{column}")]
+#[error("{message} at {line}:{column}{}", hint.as_ref().map(|h| format!(" — {h}")).unwrap_or_default())]
 pub struct RuleError {
     /// Line of the offending token, from 1.
     pub line: u32,
@@ -12,6 +15,8 @@ pub struct RuleError {
     pub column: u32,
     /// What is wrong and what to change, without the position.
     pub message: String,
+    /// A suggestion, when there is one (e.g. the function name that was probably meant).
+    pub hint: Option<String>,
 }
 
 impl RuleError {
@@ -20,7 +25,13 @@ impl RuleError {
             line: pos.line,
             column: pos.column,
             message: message.into(),
+            hint: None,
         }
+    }
+
+    pub(crate) fn with_hint(mut self, hint: impl Into<String>) -> RuleError {
+        self.hint = Some(hint.into());
+        self
     }
 }
 

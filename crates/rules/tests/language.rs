@@ -457,13 +457,8 @@ fn topic_filters() {
 #[test]
 fn parse_errors_point_at_line_and_column() {
     let cases: &[(&str, u32, u32, &str)] = &[
-        (
-            "SELECT avgg(x) FROM 't'",
-            1,
-            8,
-            "unknown function `avgg` — did you mean `avg`?",
-        ),
-        ("SELECT uper(x) FROM 't'", 1, 8, "did you mean `upper`?"),
+        ("SELECT avgg(x) FROM 't'", 1, 8, "unknown function `avgg`"),
+        ("SELECT uper(x) FROM 't'", 1, 8, "unknown function `uper`"),
         ("SELECT x FROM 't' WHERE", 1, 24, "expected an expression"),
         (
             "SELECT x\nFROM t",
@@ -574,8 +569,20 @@ fn parse_errors_point_at_line_and_column() {
     let e = err("SELECT avgg(x) FROM 't'");
     assert_eq!(
         e.to_string(),
-        "unknown function `avgg` — did you mean `avg`? at 1:8"
+        "unknown function `avgg` at 1:8 — did you mean `avg`?"
     );
+    assert_eq!(e.hint.as_deref(), Some("did you mean `avg`?"));
+    assert_eq!(
+        err("SELECT uper(x) FROM 't'").hint.as_deref(),
+        Some("did you mean `upper`?")
+    );
+    assert_eq!(
+        err("SELECT stddev_samp(x) FROM 't'").hint.as_deref(),
+        Some("did you mean `stddev`?")
+    );
+    let e = err("SELECT qqqqqqqq(x) FROM 't'");
+    assert_eq!(e.hint.as_deref(), Some("docs/rules.md lists the functions"));
+    assert!(err("SELECT x FROM 't' WHERE").hint.is_none());
 }
 
 #[test]
@@ -692,4 +699,14 @@ fn every_function_is_documented() {
         missing.is_empty(),
         "functions missing from docs/rules.md: {missing:?}"
     );
+}
+
+#[test]
+fn compiled_rules_can_be_shared_across_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<CompiledRule>();
+    send::<ferrohub_rules::RuleRunner>();
+    send::<ferrohub_rules::RuleSet>();
+    send_sync::<ferrohub_rules::RuleError>();
 }
