@@ -65,7 +65,32 @@ impl RuleSet {
     pub fn remove(&mut self, id: &str) -> bool {
         let before = self.entries.len();
         self.entries.retain(|e| &*e.id != id);
-        before != self.entries.len()
+        if before == self.entries.len() {
+            return false;
+        }
+        // Drop filters no rule uses any more, so they are not matched for nothing.
+        let mut used = vec![false; self.filters.len()];
+        for e in &self.entries {
+            used[e.filter] = true;
+        }
+        let mut remap = vec![0; self.filters.len()];
+        let mut kept = Vec::with_capacity(self.filters.len());
+        for (i, f) in std::mem::take(&mut self.filters).into_iter().enumerate() {
+            if used[i] {
+                remap[i] = kept.len();
+                kept.push(f);
+            }
+        }
+        self.filters = kept;
+        for e in &mut self.entries {
+            e.filter = remap[e.filter];
+        }
+        true
+    }
+
+    /// Number of distinct topic filters (each matched at most once per message).
+    pub fn filter_count(&self) -> usize {
+        self.filters.len()
     }
 
     /// Number of rules.

@@ -412,8 +412,22 @@ fn rule_set_matches_each_filter_once_and_tags_outputs() {
     assert_eq!(&*out[0].0, "avg");
     assert_eq!(out[0].1.value, json!({"a": 35}));
     assert!(errs.is_empty());
+    assert_eq!(set.filter_count(), 3, "'d/+/m' is shared by two rules");
     assert!(set.remove("hot"));
     assert!(!set.remove("hot"));
+    assert_eq!(set.filter_count(), 3);
+    assert!(set.remove("other"));
+    assert_eq!(set.filter_count(), 2);
+    // The remaining rules still see their messages after the filters were renumbered.
+    out.clear();
+    set.on_message(
+        &MessageContext::new("acme", "d/a/m", &p).at(6_000),
+        &NoLookup,
+        &mut out,
+        &mut errs,
+    );
+    assert_eq!(out.len(), 1);
+    assert_eq!(&*out[0].0, "all");
     assert_eq!(set.stats("avg").unwrap().windows_emitted, 1);
 }
 
