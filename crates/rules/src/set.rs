@@ -1,0 +1,154 @@
+//! [`RuleSet`]: many rules on one message stream, each topic filter matched once per message.
+
+use std::sync::Arc;
+
+use ferrohub_types::TopicFilter;
+
+use crate::compile::CompiledRule;
+use crate::error::EvalError;
+use crate::state::{Output, RuleRunner, RunnerLimits, RunnerStats};
+use crate::{Lookup, MessageContext};
+
+struct Entry {
+    id: Arc<str>,
+    runner: RuleRunner,
+    filter: usize,
+}
+
+/// The active rules of one tenant (or of a whole hub): offer every message once, collect the
+/// outputs tagged with their rule id.
+#[derive(Default)]
+pub struct RuleSet {
+    entries: Vec<Entry>,
+    filters: Vec<TopicFilter>,
+    /// Per-message scratch: 0 unknown, 1 no match, 2 match, by filter index.
+    matched: Vec<u8>,
+    limits: RunnerLimits,
+}
+
+impl std::fmt::Debug for RuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleSet")
+            .field("rules", &self.entries.len())
+            .field("filters", &self.filters.len())
+            .finish()
+    }
+}
+
+impl RuleSet {
+    /// An empty set whose runners get `limits`.
+    pub fn new(limits: RunnerLimits) -> RuleSet {
+        RuleSet {
+            limits,
+            ..RuleSet::default()
+        }
+    }
+
+    /// Adds or replaces (with fresh state) the rule `id`.
+    pub fn insert(&mut self, id: &str, rule: Arc<CompiledRule>) {
+        self.remove(id);
+        let filter = match self.filters.iter().position(|f| f == rule.topic_filter()) {
+            Some(i) => i,
+            None => {
+                self.filters.push(rule.topic_filter().clone());
+                self.filters.len() - 1
+            }
+        };
+        self.entries.push(Entry {
+            id: Arc::from(id),
+            runner: RuleRunner::new(rule, self.limits),
+            filter,
+        });
+    }
+
+    /// Removes the rule `id` and its state; whether it was there.
+    pub fn remove(&mut self, id: &str) -> bool {
+        let before = self.entries.len();
+        self.entries.retain(|e| &*e.id != id);
+        if before == self.entries.len() {
+            return false;
+        }
+        // Drop filters no rule uses any more, so they are not matched for nothing.
+        let mut used = vec![false; self.filters.len()];
+        for e in &self.entries {
+            used[e.filter] = true;
+        }
+        let mut remap = vec![0; self.filters.len()];
+        let mut kept = Vec::with_capacity(self.filters.len());
+        for (i, f) in std::mem::take(&mut self.filters).into_iter().enumerate() {
+            if used[i] {
+                remap[i] = kept.len();
+                kept.push(f);
+            }
+        }
+        self.filters = kept;
+        for e in &mut self.entries {
+            e.filter = remap[e.filter];
+        }
+        true
+    }
+
+    /// Number of distinct topic filters (each matched at most once per message).
+    pub fn filter_count(&self) -> usize {
+        self.filters.len()
+    }
+
+    /// Number of rules.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether there are no rules.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Counters of the rule `id`.
+    pub fn stats(&self, id: &str) -> Option<RunnerStats> {
+        self.entries
+            .iter()
+            .find(|e| &*e.id == id)
+            .map(|e| e.runner.stats())
+    }
+
+    /// Offers one message to every rule whose filter matches. A rule failing to evaluate does not
+    /// stop the others: its error is returned in `errors`.
+    pub fn on_message(
+        &mut self,
+        msg: &MessageContext<'_>,
+        lookup: &dyn Lookup,
+        out: &mut Vec<(Arc<str>, Output)>,
+        errors: &mut Vec<(Arc<str>, EvalError)>,
+    ) {
+        self.matched.clear();
+        self.matched.resize(self.filters.len(), 0);
+        let mut buf = Vec::new();
+        for e in &mut self.entries {
+            let m = &mut self.matched[e.filter];
+            if *m == 0 {
+                *m = if self.filters[e.filter].matches(msg.topic) {
+                    2
+                } else {
+                    1
+                };
+            }
+            if *m != 2 {
+                continue;
+            }
+            if let Err(err) = e.runner.process(msg, lookup, &mut buf) {
+                errors.push((Arc::clone(&e.id), err));
+            }
+            out.extend(buf.drain(..).map(|o| (Arc::clone(&e.id), o)));
+        }
+    }
+
+    /// Closes idle windows of every rule (see [`RuleRunner::tick`]).
+    pub fn tick(&mut self, now_ms: i64, lookup: &dyn Lookup, out: &mut Vec<(Arc<str>, Output)>) {
+        let mut buf = Vec::new();
+        for e in &mut self.entries {
+            // tick never fails today; keep going regardless.
+            let _ = e.runner.tick(now_ms, lookup, &mut buf);
+            out.extend(buf.drain(..).map(|o| (Arc::clone(&e.id), o)));
+        }
+    }
+}
