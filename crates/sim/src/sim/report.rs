@@ -267,6 +267,13 @@ impl Summary {
         m.msgs_per_s = counted as f64 / m.duration_s.max(1e-9);
         // Concurrent windows: the processes' cores add up, over the shortest window.
         m.steady_cpu_s = steady_cores * m.steady_s;
+        if m.steady_s <= 0.0 {
+            // A process never had all its devices connected: the run as a whole had no steady
+            // window, and a rate over the other processes alone would mislead.
+            m.steady_msgs_per_s = 0.0;
+            m.steady_msgs = 0;
+            m.steady_cpu_s = 0.0;
+        }
         m.latency_p50_ms = latency.quantile_ms(0.5);
         m.latency_p99_ms = latency.quantile_ms(0.99);
         m.latency_max_ms = latency.max_ms();
@@ -619,5 +626,31 @@ mod tests {
         }
         assert_eq!(m.duration_s, 2.0);
         assert!((m.latency_p99_ms - 3.0).abs() < 0.05);
+    }
+
+    #[test]
+    fn steady_windows_merge_only_when_every_process_had_one() {
+        let part = |s: f64, rate: f64, cpu: f64| Summary {
+            steady_s: s,
+            steady_msgs_per_s: rate,
+            steady_msgs: (s * rate) as u64,
+            steady_cpu_s: cpu,
+            ..Summary::default()
+        };
+        let lat = Latency::new(2).unwrap();
+        let m = Summary::merge(vec![part(10.0, 100.0, 5.0), part(8.0, 50.0, 2.0)], &lat);
+        assert_eq!(m.steady_s, 8.0);
+        assert_eq!(m.steady_msgs_per_s, 150.0);
+        // 0.5 + 0.25 cores.
+        assert!(
+            (m.steady_cores() - 0.75).abs() < 1e-9,
+            "{}",
+            m.steady_cores()
+        );
+        let m = Summary::merge(vec![part(10.0, 100.0, 5.0), part(0.0, 0.0, 0.0)], &lat);
+        assert_eq!(
+            (m.steady_s, m.steady_msgs_per_s, m.steady_msgs),
+            (0.0, 0.0, 0)
+        );
     }
 }
