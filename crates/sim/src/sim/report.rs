@@ -610,6 +610,7 @@ mod tests {
             }
         }
         v["duration_s"] = 2.0.into();
+        v["steady_s"] = 1.0.into();
         serde_json::from_value(v).unwrap()
     }
 
