@@ -276,13 +276,13 @@ mod tests {
     #[test]
     fn fleet_arguments_parse_and_target_loopback() {
         let a = run_args("0.0.0.0:1883".parse().unwrap(), Path::new("/x/demo.jsonl")).unwrap();
-        assert_eq!((a.host.as_str(), a.port), ("127.0.0.1", 1883));
+        assert_eq!((a.broker.host.as_str(), a.broker.port), ("127.0.0.1", 1883));
         assert_eq!(a.devices, Some(DEVICES as u64));
         assert!(a.duration.is_none() && a.messages_per_device.is_none());
         assert_eq!(a.profiles.len(), PROFILES.len());
         // Demo devices report firmware and health and answer commands.
         assert!(!a.no_twin && !a.no_commands);
         let a = run_args("[::]:7".parse().unwrap(), Path::new("f")).unwrap();
-        assert_eq!(a.host, "::1");
+        assert_eq!(a.broker.host, "::1");
     }
 }

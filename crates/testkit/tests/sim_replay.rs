@@ -586,3 +586,39 @@ async fn nothing_sent_is_an_error() {
     .unwrap_err();
     assert!(err.to_string().contains("nothing could be sent"), "{err:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_shares_the_transports_of_sim_run() {
+    tokio::time::timeout(BOUND, async {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = TestHub::start().await.unwrap();
+        let t0 = now_ms() - 60_000;
+        let path = dir.path().join("ws.csv");
+        std::fs::write(
+            &path,
+            format!(
+                "ts,device,v\n{t0},ws-1,1.5\n{},ws-2,2.5\n{},ws-1,3.5\n",
+                t0 + 10,
+                t0 + 20
+            ),
+        )
+        .unwrap();
+        // Over the hub's WebSocket listener, from a second loopback address.
+        let s = replay(&args(
+            hub.ws,
+            &[&path],
+            "--transport ws --speed max --source-address 127.0.0.2",
+        ))
+        .await
+        .unwrap();
+        assert_eq!(s.run.broker, format!("ws://{}/mqtt", hub.ws), "{s:?}");
+        assert_eq!((s.run.messages_acked, s.run.errors), (3, 0), "{s:?}");
+        let stored = points(&hub, "ws-1", "v").await;
+        assert_eq!(stored.len(), 2, "{stored:?}");
+        assert_eq!(stored[0].0, t0);
+        assert_eq!(points(&hub, "ws-2", "v").await.len(), 1);
+        hub.stop().await;
+    })
+    .await
+    .expect("the test did not finish in time");
+}

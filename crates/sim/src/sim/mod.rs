@@ -91,9 +91,10 @@ pub enum SimCommand {
     Replay(Box<ReplayArgs>),
 }
 
-/// Arguments of `ferrohub sim run`.
+/// How simulated devices reach the broker: address, MQTT version, QoS, shared credentials and
+/// transport (`sim run` and `sim replay` share these flags).
 #[derive(clap::Args, Debug, Clone)]
-pub struct RunArgs {
+pub struct BrokerArgs {
     /// Broker host.
     #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
     pub host: String,
@@ -123,10 +124,6 @@ pub struct RunArgs {
         help_heading = "Broker"
     )]
     pub password: Option<String>,
-    /// Fleet file written by `ferrohub bench provision` (one JSON line per device): device ids
-    /// and their own credentials, in file order; --first-index and --devices select a range.
-    #[arg(long, value_name = "FILE", help_heading = "Broker")]
-    pub fleet: Option<PathBuf>,
     /// Keep Alive sent in CONNECT, seconds (a device pings when it has nothing to send).
     #[arg(long, default_value_t = 60, help_heading = "Broker")]
     pub keep_alive: u16,
@@ -173,6 +170,62 @@ pub struct RunArgs {
     /// WebSocket path (ws, wss).
     #[arg(long, value_name = "PATH", default_value = crate::bench::transport::DEFAULT_WS_PATH, help_heading = "Transport")]
     pub ws_path: String,
+}
+
+impl BrokerArgs {
+    /// QoS of the publications.
+    pub fn qos(&self) -> QoS {
+        if self.qos == 0 {
+            QoS::AtMostOnce
+        } else {
+            QoS::AtLeastOnce
+        }
+    }
+
+    /// Resolves the broker and builds the options every device connects with, over `transport`
+    /// to `port` (from [`transport::setup`]).
+    pub async fn client_opts(
+        &self,
+        transport: crate::bench::transport::Transport,
+        port: u16,
+    ) -> anyhow::Result<ClientOpts> {
+        let addr = run::resolve(&self.host, port)
+            .await
+            .with_context(|| format!("resolving {}:{port}", self.host))?;
+        Ok(ClientOpts {
+            addr,
+            version: self.protocol.version(),
+            username: None,
+            password: None,
+            keep_alive: self.keep_alive,
+            timeout: self.connect_timeout,
+            transport,
+        })
+    }
+
+    /// The credentials device `id` presents from --username/--password (none without them).
+    pub fn shared_creds(&self, id: &str) -> Option<Creds> {
+        (self.username.is_some() || self.password.is_some()).then(|| Creds {
+            username: Some(match &self.username {
+                Some(u) => u.replace("{device}", id),
+                None => id.to_string(),
+            }),
+            password: self.password.clone().map(Bytes::from),
+            tls: None,
+        })
+    }
+}
+
+/// Arguments of `ferrohub sim run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RunArgs {
+    /// The broker and how to reach it.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Fleet file written by `ferrohub bench provision` (one JSON line per device): device ids
+    /// and their own credentials, in file order; --first-index and --devices select a range.
+    #[arg(long, value_name = "FILE", help_heading = "Broker")]
+    pub fleet: Option<PathBuf>,
 
     /// Register this run's devices (<prefix>-<index>) through the hub's HTTP API, each with a
     /// generated password, before connecting. Devices that exist already are reused: they get a
@@ -371,40 +424,13 @@ pub struct ReplayArgs {
     #[arg(required = true, value_name = "FILE")]
     pub files: Vec<PathBuf>,
 
-    /// Broker host.
-    #[arg(long, default_value = "127.0.0.1", help_heading = "Broker")]
-    pub host: String,
-    /// Broker MQTT/TCP port.
-    #[arg(long, default_value_t = 1883, help_heading = "Broker")]
-    pub port: u16,
-    /// MQTT version: v5 (5.0) or v3 (3.1.1).
-    #[arg(long, value_enum, default_value_t = Protocol::V5, help_heading = "Broker")]
-    pub protocol: Protocol,
-    /// QoS of the publications: 0, or 1 (waits for PUBACKs).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(0..=1), help_heading = "Broker")]
-    pub qos: u8,
-    /// User name for every device ("{device}" is replaced by the device id; default with
-    /// --password: the device id).
-    #[arg(long, help_heading = "Broker")]
-    pub username: Option<String>,
-    /// Password shared by every device.
-    #[arg(
-        long,
-        env = "FERROHUB_SIM_PASSWORD",
-        hide_env_values = true,
-        help_heading = "Broker"
-    )]
-    pub password: Option<String>,
+    /// The broker and how to reach it.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
     /// Fleet file written by `ferrohub bench provision`: each recorded device connects with the
     /// credentials of the entry with its id (every recorded device must have one).
     #[arg(long, value_name = "FILE", help_heading = "Broker")]
     pub fleet: Option<PathBuf>,
-    /// Keep Alive sent in CONNECT, seconds (a device pings when it has nothing to send).
-    #[arg(long, default_value_t = 60, help_heading = "Broker")]
-    pub keep_alive: u16,
-    /// Longest wait for the TCP handshake and CONNACK.
-    #[arg(long, default_value = "10s", value_parser = parse_duration, help_heading = "Broker")]
-    pub connect_timeout: Duration,
 
     /// Pace: 1 (as recorded), 10 (ten times faster), 0.5, or max (as fast as acks allow).
     #[arg(long, default_value = "1", value_parser = replay::parse_speed, help_heading = "Replay")]
@@ -822,7 +848,7 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     if a.prefix.is_empty() && a.fleet.is_none() {
         bail!("--prefix may not be empty");
     }
-    let setup = transport::setup(a)?;
+    let setup = transport::setup(&a.broker)?;
     let (mix, topic) = profiles_and_topic(a)?;
     let devices = if a.provision {
         provisioned_specs(a, &mix, &topic, setup.tls.as_ref()).await?
@@ -839,25 +865,10 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             (devices.len() as u64).div_ceil(usable.max(1))
         );
     }
-    let addr = run::resolve(&a.host, setup.port)
-        .await
-        .with_context(|| format!("resolving {}:{}", a.host, setup.port))?;
     let cfg = RunConfig {
-        opts: ClientOpts {
-            addr,
-            version: a.protocol.version(),
-            username: None,
-            password: None,
-            keep_alive: a.keep_alive,
-            timeout: a.connect_timeout,
-            transport: setup.transport,
-        },
+        opts: a.broker.client_opts(setup.transport, setup.port).await?,
         broker: setup.broker,
-        qos: if a.qos == 0 {
-            QoS::AtMostOnce
-        } else {
-            QoS::AtLeastOnce
-        },
+        qos: a.broker.qos(),
         seed: a.seed,
         connect_rate: a.connect_rate,
         connect_concurrency: a.connect_concurrency as usize,
@@ -894,7 +905,7 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             firmware: Arc::from(a.firmware.as_str()),
         },
         session_expiry: u32::try_from(a.session_expiry.as_secs()).unwrap_or(u32::MAX),
-        sources: a.source_addresses.clone(),
+        sources: a.broker.source_addresses.clone(),
     };
     if cfg.progress == ProgressMode::Terminal
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
@@ -912,8 +923,8 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             "[sim] {} devices → {} (MQTT {}, QoS {}), {bound}",
             devices.len(),
             cfg.broker,
-            a.protocol.label(),
-            a.qos
+            a.broker.protocol.label(),
+            a.broker.qos
         );
     }
     Ok(run::run(cfg, devices, shutdown).await?)
@@ -945,8 +956,8 @@ pub fn device_specs(
         }
     };
     if let Some(path) = &a.fleet {
-        let tls = match a.transport {
-            TransportKind::Tls | TransportKind::Wss => Some(transport::tls_settings(a)?),
+        let tls = match a.broker.transport {
+            TransportKind::Tls | TransportKind::Wss => Some(transport::tls_settings(&a.broker)?),
             TransportKind::Tcp | TransportKind::Ws => None,
         };
         let all = fleet::devices(&fleet::read(path)?, 0);
@@ -987,14 +998,7 @@ pub fn device_specs(
     Ok((a.first_index..end)
         .map(|index| {
             let id = format!("{}-{index}", a.prefix);
-            let creds = (a.username.is_some() || a.password.is_some()).then(|| Creds {
-                username: Some(match &a.username {
-                    Some(u) => u.replace("{device}", &id),
-                    None => id.clone(),
-                }),
-                password: a.password.clone().map(Bytes::from),
-                tls: None,
-            });
+            let creds = a.broker.shared_creds(&id);
             spec(index, id, creds)
         })
         .collect())
@@ -1002,7 +1006,7 @@ pub fn device_specs(
 
 /// A fleet entry's credentials: user name, password and, over TLS (`tls`), its own client
 /// certificate.
-fn fleet_creds(
+pub(crate) fn fleet_creds(
     e: &fleet::FleetEntry,
     tls: Option<&crate::bench::transport::TlsSettings>,
 ) -> anyhow::Result<Option<Creds>> {
@@ -1050,7 +1054,7 @@ async fn provisioned_specs(
     };
     let api_tls = match tls {
         Some(t) => t.clone(),
-        None => transport::tls_settings(a)?,
+        None => transport::tls_settings(&a.broker)?,
     };
     let (entries, _) = provision::provision(&params, &api_tls)
         .await

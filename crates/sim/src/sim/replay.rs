@@ -36,13 +36,12 @@ use super::generate::Value;
 use super::profile::Format;
 use super::recording::{Message, Recording, RecordingError, ScanOptions};
 use super::report::{Progress, ProgressMode, Summary};
-use super::run::{self, RunConfig, RunError, STRIPES, Shared};
+use super::run::{RunConfig, RunError, STRIPES, Shared};
 use super::{ReplayArgs, TopicTemplate};
 use crate::bench::fleet;
 use crate::bench::stats::Latency;
 use crate::bench::wire::{
-    ClientOpts, ConnError, Creds, Session, Transport, WindowSlot, spawn_packet_reader,
-    take_window_slot,
+    ConnError, ConnectRequest, Creds, Session, WindowSlot, spawn_packet_reader, take_window_slot,
 };
 
 /// Messages queued per device between the scheduler and the device's connection.
@@ -113,6 +112,8 @@ pub struct ReplayDevice {
     pub creds: Option<Creds>,
     /// The topic it publishes on.
     pub topic: Arc<str>,
+    /// Local address it connects from (`--source-address`, in turn by device).
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// Why a replay failed.
@@ -314,7 +315,8 @@ pub async fn replay_args(
                 .join(", ")
         );
     }
-    let devices = replay_devices(a, &rec, &topic)?;
+    let setup = super::transport::setup(&a.broker)?;
+    let devices = replay_devices(a, &rec, &topic, setup.tls.as_ref())?;
     let fd_limit = crate::bench::sys::raise_fd_limit();
     let usable = fd_limit.saturating_sub(64);
     if devices.len() as u64 > usable {
@@ -326,26 +328,11 @@ pub async fn replay_args(
     }
     let span = rec.last_ts - rec.first_ts;
     warn_skew(a, &rec, span);
-    let addr = run::resolve(&a.host, a.port)
-        .await
-        .with_context(|| format!("resolving {}:{}", a.host, a.port))?;
     let cfg = ReplayConfig {
         run: RunConfig {
-            opts: ClientOpts {
-                addr,
-                version: a.protocol.version(),
-                username: None,
-                password: None,
-                keep_alive: a.keep_alive,
-                timeout: a.connect_timeout,
-                transport: Transport::Tcp,
-            },
-            broker: format!("{}:{}", a.host, a.port),
-            qos: if a.qos == 0 {
-                QoS::AtMostOnce
-            } else {
-                QoS::AtLeastOnce
-            },
+            opts: a.broker.client_opts(setup.transport, setup.port).await?,
+            broker: setup.broker,
+            qos: a.broker.qos(),
             seed: 0,
             connect_rate: 0.0,
             connect_concurrency: a.connect_concurrency as usize,
@@ -369,7 +356,7 @@ pub async fn replay_args(
             // Replayed devices send their recording and nothing else, over clean sessions.
             behaviour: Behaviour::off(),
             session_expiry: 0,
-            sources: Vec::new(),
+            sources: a.broker.source_addresses.clone(),
         },
         speed: a.speed,
         shift_to_now: a.shift_to_now,
@@ -383,8 +370,8 @@ pub async fn replay_args(
             devices.len(),
             span as f64 / 1000.0,
             cfg.run.broker,
-            a.protocol.label(),
-            a.qos,
+            a.broker.protocol.label(),
+            a.broker.qos,
             a.speed
         );
     }
@@ -438,6 +425,7 @@ fn replay_devices(
     a: &ReplayArgs,
     rec: &Recording,
     topic: &TopicTemplate,
+    tls: Option<&crate::bench::transport::TlsSettings>,
 ) -> anyhow::Result<Vec<ReplayDevice>> {
     let fleet = match &a.fleet {
         Some(path) => {
@@ -462,24 +450,15 @@ fn replay_devices(
                         path.display()
                     );
                 };
-                (e.username.is_some() || e.password.is_some()).then(|| Creds {
-                    username: e.username.clone(),
-                    password: e.password.clone().map(Bytes::from),
-                    tls: None,
-                })
+                super::fleet_creds(e, tls)?
             }
-            None => (a.username.is_some() || a.password.is_some()).then(|| Creds {
-                username: Some(match &a.username {
-                    Some(u) => u.replace("{device}", id),
-                    None => id.to_string(),
-                }),
-                password: a.password.clone().map(Bytes::from),
-                tls: None,
-            }),
+            None => a.broker.shared_creds(id),
         };
+        let sources = &a.broker.source_addresses;
         out.push(ReplayDevice {
             id: id.clone(),
             creds,
+            source: (!sources.is_empty()).then(|| sources[index % sources.len()]),
             topic: Arc::from(topic.render(id, index as u64, "replay").as_str()),
         });
     }
@@ -831,7 +810,13 @@ async fn connect(
             return None;
         }
         let r = tokio::select! {
-            r = Session::connect_as(&cfg.run.opts, dev.id.to_string(), dev.creds.as_ref(), 8 * 1024) => r,
+            r = Box::pin(Session::connect_session(
+                &cfg.run.opts,
+                dev.id.to_string(),
+                dev.creds.as_ref(),
+                8 * 1024,
+                ConnectRequest { source: dev.source, ..ConnectRequest::CLEAN },
+            )) => r,
             _ = stop.wait_for(|s| *s) => return None,
         };
         let e = match r {
@@ -1413,13 +1398,13 @@ mod tests {
             v.extend_from_slice(extra);
             ReplayArgs::try_parse_from(v).unwrap()
         };
-        let devs = replay_devices(&parse(&["--password", "pw"]), &rec, &topic).unwrap();
+        let devs = replay_devices(&parse(&["--password", "pw"]), &rec, &topic, None).unwrap();
         assert_eq!((&*devs[1].id, &*devs[1].topic), ("b", "t/b/1"));
         let c = devs[1].creds.as_ref().unwrap();
         assert_eq!(c.username.as_deref(), Some("b"));
         assert_eq!(c.password.as_deref(), Some(&b"pw"[..]));
         assert!(
-            replay_devices(&parse(&[]), &rec, &topic).unwrap()[0]
+            replay_devices(&parse(&[]), &rec, &topic, None).unwrap()[0]
                 .creds
                 .is_none()
         );
@@ -1432,7 +1417,7 @@ mod tests {
         )
         .unwrap();
         let f = fleet.to_str().unwrap();
-        let devs = replay_devices(&parse(&["--fleet", f]), &rec, &topic).unwrap();
+        let devs = replay_devices(&parse(&["--fleet", f]), &rec, &topic, None).unwrap();
         let c = devs[0].creds.as_ref().unwrap();
         assert_eq!(
             (c.username.as_deref(), c.password.as_deref()),
@@ -1443,7 +1428,7 @@ mod tests {
             "{\"role\":\"device\",\"client_id\":\"a\",\"password\":\"pa\"}\n",
         )
         .unwrap();
-        let e = replay_devices(&parse(&["--fleet", f]), &rec, &topic).unwrap_err();
+        let e = replay_devices(&parse(&["--fleet", f]), &rec, &topic, None).unwrap_err();
         assert!(
             e.to_string()
                 .contains("device \"b\" of the recording is not in"),

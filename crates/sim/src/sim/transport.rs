@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use anyhow::{Context, bail};
 
-use super::RunArgs;
+use super::BrokerArgs;
 use crate::bench::transport::{self, DeviceTls, TlsClient, TlsSettings, Transport};
 
 /// `--transport`.
@@ -50,7 +50,7 @@ fn authority(host: &str, port: u16) -> String {
 }
 
 /// The roots of `--ca` (and `--insecure`), for the broker and an https:// API.
-pub fn tls_settings(a: &RunArgs) -> anyhow::Result<TlsSettings> {
+pub fn tls_settings(a: &BrokerArgs) -> anyhow::Result<TlsSettings> {
     let ca = match &a.ca {
         Some(p) => Some((
             p.display().to_string(),
@@ -65,7 +65,7 @@ pub fn tls_settings(a: &RunArgs) -> anyhow::Result<TlsSettings> {
 }
 
 /// Checks the transport flags and builds the transport.
-pub fn setup(a: &RunArgs) -> anyhow::Result<Setup> {
+pub fn setup(a: &BrokerArgs) -> anyhow::Result<Setup> {
     let kind = a.transport;
     if !kind.uses_tls() {
         let tls_flag = [
@@ -165,9 +165,14 @@ pub fn device_tls(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::sim::RunArgs;
 
     fn setup_of(flags: &str) -> anyhow::Result<Setup> {
-        setup(&RunArgs::try_parse_from(flags.split_whitespace()).unwrap())
+        setup(
+            &super::super::RunArgs::try_parse_from(flags.split_whitespace())
+                .unwrap()
+                .broker,
+        )
     }
 
     #[test]
