@@ -22,25 +22,12 @@ use ferrohub_types::telemetry::Value as HubValue;
 /// Every test gives up after this long instead of hanging.
 const BOUND: Duration = Duration::from_secs(60);
 
-/// `ferrohub sim run` flags against `addr`; `flags` is split at whitespace.
 fn args(addr: SocketAddr, flags: &str) -> RunArgs {
-    let port = addr.port().to_string();
-    let mut v = vec![
-        "--host",
-        "127.0.0.1",
-        "--port",
-        port.as_str(),
-        "--no-progress",
-    ];
-    v.extend(flags.split_whitespace());
-    RunArgs::try_parse_from(v).unwrap()
+    common::sim_args(addr, flags)
 }
 
 async fn run(a: &RunArgs) -> Summary {
-    tokio::time::timeout(BOUND, sim::run_args(a, std::future::pending()))
-        .await
-        .expect("the run did not stop by itself")
-        .unwrap()
+    common::try_sim_run(a, BOUND).await.unwrap()
 }
 
 async fn hub_counter(hub: &TestHub, name: &str) -> f64 {

@@ -869,3 +869,31 @@ pub fn stored_points(
         .unwrap()
         .points
 }
+
+/// `ferrohub sim run` flags against the broker at `addr` (no progress line); `flags` is split at
+/// whitespace.
+pub fn sim_args(addr: SocketAddr, flags: &str) -> ferrohub_sim::sim::RunArgs {
+    let port = addr.port().to_string();
+    let mut v = vec![
+        "--host",
+        "127.0.0.1",
+        "--port",
+        port.as_str(),
+        "--no-progress",
+    ];
+    v.extend(flags.split_whitespace());
+    ferrohub_sim::sim::RunArgs::try_parse_from(v).expect("sim run flags")
+}
+
+/// Runs `a`, which must stop by itself within `bound`.
+pub async fn try_sim_run(
+    a: &ferrohub_sim::sim::RunArgs,
+    bound: Duration,
+) -> anyhow::Result<ferrohub_sim::sim::Summary> {
+    tokio::time::timeout(
+        bound,
+        ferrohub_sim::sim::run_args(a, std::future::pending()),
+    )
+    .await
+    .expect("the run did not stop by itself")
+}
