@@ -410,9 +410,11 @@ pub struct RunArgs {
     pub firmware: String,
     /// Session Expiry Interval: the broker keeps a device's session (subscriptions, messages
     /// queued for it) this long after a lost connection, and unacknowledged messages are resent
-    /// with their packet ids; 0: clean sessions (3.1.1: Clean Session = 1).
-    #[arg(long, default_value = "5m", value_parser = parse_duration, help_heading = "Behaviour")]
-    pub session_expiry: Duration,
+    /// with their packet ids; 0: clean sessions. [default: 5m over MQTT 5; clean sessions over
+    /// 3.1.1, where any other value asks for Clean Session = 0 and the broker keeps the session
+    /// by its own rule, e.g. a week on Ferrohub]
+    #[arg(long, value_parser = parse_duration, help_heading = "Behaviour")]
+    pub session_expiry: Option<Duration>,
 }
 
 /// Arguments of `ferrohub sim replay`.
@@ -590,6 +592,9 @@ impl SimArgs {
         }
     }
 }
+
+/// Session Expiry Interval MQTT 5 devices ask for unless told (seconds).
+const DEFAULT_SESSION_EXPIRY_SECS: u32 = 300;
 
 /// `"10s"`, `"1h 30m"`, `"250ms"` or a number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -904,7 +909,12 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
             health_every: (!a.health_every.is_zero()).then_some(a.health_every),
             firmware: Arc::from(a.firmware.as_str()),
         },
-        session_expiry: u32::try_from(a.session_expiry.as_secs()).unwrap_or(u32::MAX),
+        session_expiry: match a.session_expiry {
+            Some(d) => u32::try_from(d.as_secs()).unwrap_or(u32::MAX),
+            // 3.1.1 has no expiry to ask for: a persistent session would outlive the run.
+            None if a.broker.protocol.version().is_v5() => DEFAULT_SESSION_EXPIRY_SECS,
+            None => 0,
+        },
         sources: a.broker.source_addresses.clone(),
     };
     if cfg.progress == ProgressMode::Terminal
