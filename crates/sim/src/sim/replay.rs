@@ -883,7 +883,13 @@ impl Drop for Conn {
 }
 
 impl Conn {
-    fn start(session: Session, cfg: &ReplayConfig, shared: &Arc<Shared>, index: u64) -> Conn {
+    fn start(
+        session: Session,
+        cfg: &ReplayConfig,
+        shared: &Arc<Shared>,
+        index: u64,
+        device: Arc<str>,
+    ) -> Conn {
         let version = session.version;
         let window_size = usize::from(cfg.run.inflight.min(session.server_receive_max).max(1));
         let inflight = Arc::new(Mutex::new(InFlight {
@@ -916,27 +922,10 @@ impl Conn {
                     };
                     let Some((at, _)) = at else { return };
                     window.add_permits(1);
-                    if ack.code < 0x80 {
-                        shared.acked.fetch_add(1, Relaxed);
-                        if let Some(l) = shared.latency.get(stripe) {
-                            l.lock().record_ns(at.elapsed().as_nanos() as u64);
-                        }
-                    } else {
+                    if ack.code >= 0x80 {
                         shared.answer("PUBACK", ack.code);
-                        shared.refused.fetch_add(1, Relaxed);
-                        shared.note_error(|| {
-                            format!(
-                                "PUBACK {:#04x} ({}){}",
-                                ack.code,
-                                mqtt::reason::name(ack.code),
-                                ack.properties
-                                    .reason_string
-                                    .as_deref()
-                                    .map(|r| format!(": {r}"))
-                                    .unwrap_or_default()
-                            )
-                        });
                     }
+                    shared.count_puback(&ack, at, stripe, &device);
                 }
                 Packet::Disconnect(d) => {
                     shared.answer("DISCONNECT", d.code);
@@ -1184,7 +1173,13 @@ impl Device {
                     return false;
                 };
                 self.shared.reconnects.fetch_add(1, Relaxed);
-                self.conn = Some(Conn::start(s, &self.cfg, &self.shared, self.index));
+                self.conn = Some(Conn::start(
+                    s,
+                    &self.cfg,
+                    &self.shared,
+                    self.index,
+                    self.dev.id.clone(),
+                ));
             }
             let mut failed = None;
             while let Some(p) = self.resend.front().cloned() {
@@ -1232,7 +1227,7 @@ async fn device_task(
         PublishProperties::default()
     };
     let mut d = Device {
-        conn: session.map(|s| Conn::start(s, &cfg, &shared, index)),
+        conn: session.map(|s| Conn::start(s, &cfg, &shared, index, dev.id.clone())),
         gave_up: false,
         cfg,
         shared,

@@ -151,6 +151,37 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// Counts the PUBACK of a regular message written at `at`: acknowledged (with its latency,
+    /// in latency stripe `stripe`) or refused (the first refusal is the run's first error).
+    pub(crate) fn count_puback(
+        &self,
+        ack: &mqtt::PubResponse,
+        at: Instant,
+        stripe: usize,
+        device: &str,
+    ) {
+        if ack.code < 0x80 {
+            self.acked.fetch_add(1, Relaxed);
+            if let Some(l) = self.latency.get(stripe) {
+                l.lock().record_ns(at.elapsed().as_nanos() as u64);
+            }
+            return;
+        }
+        self.refused.fetch_add(1, Relaxed);
+        self.note_error(|| {
+            format!(
+                "{device}: PUBACK {:#04x} ({}){}",
+                ack.code,
+                mqtt::reason::name(ack.code),
+                ack.properties
+                    .reason_string
+                    .as_deref()
+                    .map(|r| format!(": {r}"))
+                    .unwrap_or_default()
+            )
+        });
+    }
+
     /// Counters at zero for `devices` devices.
     pub(crate) fn new(devices: u64, latency: Vec<Mutex<Latency>>) -> Shared {
         Shared {
@@ -926,26 +957,7 @@ async fn publish_loop(
                 if sent.bad {
                     return;
                 }
-                if ack.code < 0x80 {
-                    shared.acked.fetch_add(1, Relaxed);
-                    if let Some(l) = shared.latency.get(stripe) {
-                        l.lock().record_ns(sent.at.elapsed().as_nanos() as u64);
-                    }
-                } else {
-                    shared.refused.fetch_add(1, Relaxed);
-                    shared.note_error(|| {
-                        format!(
-                            "{id}: PUBACK {:#04x} ({}){}",
-                            ack.code,
-                            mqtt::reason::name(ack.code),
-                            ack.properties
-                                .reason_string
-                                .as_deref()
-                                .map(|r| format!(": {r}"))
-                                .unwrap_or_default()
-                        )
-                    });
-                }
+                shared.count_puback(&ack, sent.at, stripe, &id);
             }
             Packet::Publish(p) => {
                 {
