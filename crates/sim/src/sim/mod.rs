@@ -172,6 +172,50 @@ pub struct BrokerArgs {
     pub ws_path: String,
 }
 
+/// How devices keep their connections and messages going (`sim run` and `sim replay`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DeliveryArgs {
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Run")]
+    pub connect_concurrency: u32,
+    /// QoS 1 messages awaiting PUBACK per connection (capped by the broker's Receive Maximum).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
+    pub inflight: u16,
+    /// A connection whose in-flight window stays full this long counts as lost.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Run")]
+    pub ack_timeout: Duration,
+    /// After the run stops, how long devices wait for outstanding PUBACKs.
+    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
+    pub drain: Duration,
+    /// Runtime worker threads (of each process).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
+    pub threads: u16,
+    /// Back-off between reconnection attempts: MIN[..MAX] (doubling from MIN up to MAX, with
+    /// jitter; plain numbers are milliseconds).
+    #[arg(long, default_value = "100ms..5s", value_parser = chaos::parse_backoff, help_heading = "Reconnect")]
+    pub reconnect_backoff: (Duration, Duration),
+    /// Consecutive failed reconnection attempts after which a device gives up (0: a lost
+    /// connection is not re-established; a replaying device's remaining messages are then
+    /// dropped and counted).
+    #[arg(long, default_value_t = 10, help_heading = "Reconnect")]
+    pub reconnect_attempts: u32,
+    /// Retries of a device's first connect (0: a device whose first connect fails gives up).
+    #[arg(long, default_value_t = 0, help_heading = "Reconnect")]
+    pub connect_retries: u32,
+}
+
+impl DeliveryArgs {
+    /// How devices reconnect.
+    pub fn reconnect(&self) -> chaos::Reconnect {
+        chaos::Reconnect {
+            min: self.reconnect_backoff.0,
+            max: self.reconnect_backoff.1,
+            attempts: self.reconnect_attempts,
+            connect_retries: self.connect_retries,
+        }
+    }
+}
+
 impl BrokerArgs {
     /// QoS of the publications.
     pub fn qos(&self) -> QoS {
@@ -331,21 +375,9 @@ pub struct RunArgs {
     /// Devices started per second (0: as fast as --connect-concurrency allows).
     #[arg(long, default_value_t = 100.0, help_heading = "Run")]
     pub connect_rate: f64,
-    /// Handshakes in flight at once.
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Run")]
-    pub connect_concurrency: u32,
-    /// QoS 1 messages awaiting PUBACK per connection (capped by the broker's Receive Maximum).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
-    pub inflight: u16,
-    /// A connection whose in-flight window stays full this long counts as lost.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Run")]
-    pub ack_timeout: Duration,
-    /// After the run stops, how long devices wait for outstanding PUBACKs.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
-    pub drain: Duration,
-    /// Runtime worker threads (of each process).
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
-    pub threads: u16,
+    /// Handshakes, in-flight window, acknowledgements, reconnects, threads.
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
     /// Spread the devices over this many processes (contiguous index ranges, one merged
     /// summary). A fleet larger than one process may hold sockets for is spread automatically.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1024), help_heading = "Run")]
@@ -360,18 +392,6 @@ pub struct RunArgs {
     /// No progress line (it is never drawn when stderr is not a terminal).
     #[arg(long, help_heading = "Output")]
     pub no_progress: bool,
-
-    /// Back-off between reconnection attempts: MIN[..MAX] (doubling from MIN up to MAX, with
-    /// jitter; plain numbers are milliseconds).
-    #[arg(long, default_value = "100ms..5s", value_parser = chaos::parse_backoff, help_heading = "Reconnect")]
-    pub reconnect_backoff: (Duration, Duration),
-    /// Consecutive failed reconnection attempts after which a device gives up (0: a lost
-    /// connection is not re-established).
-    #[arg(long, default_value_t = 10, help_heading = "Reconnect")]
-    pub reconnect_attempts: u32,
-    /// Retries of a device's first connect (0: a device whose first connect fails gives up).
-    #[arg(long, default_value_t = 0, help_heading = "Reconnect")]
-    pub connect_retries: u32,
 
     /// Random disconnects: mean disconnects per device per minute (0.5), or the mean time between
     /// two (2m); the device drops its connection and reconnects after a random pause.
@@ -468,31 +488,10 @@ pub struct ReplayArgs {
     #[arg(long, default_value_t = recording::DEFAULT_MAX_RUNS, help_heading = "Replay")]
     pub max_runs: usize,
 
-    /// Handshakes in flight at once (every device connects before the replay starts).
-    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Run")]
-    pub connect_concurrency: u32,
-    /// QoS 1 messages awaiting PUBACK per connection (capped by the broker's Receive Maximum).
-    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Run")]
-    pub inflight: u16,
-    /// A connection whose in-flight window stays full this long counts as lost.
-    #[arg(long, default_value = "30s", value_parser = parse_duration, help_heading = "Run")]
-    pub ack_timeout: Duration,
-    /// After the replay, how long devices wait for outstanding PUBACKs.
-    #[arg(long, default_value = "5s", value_parser = parse_duration, help_heading = "Run")]
-    pub drain: Duration,
-    /// Runtime worker threads.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256), help_heading = "Run")]
-    pub threads: u16,
-    /// Back-off between reconnection attempts: MIN[..MAX].
-    #[arg(long, default_value = "100ms..5s", value_parser = chaos::parse_backoff, help_heading = "Run")]
-    pub reconnect_backoff: (Duration, Duration),
-    /// Consecutive failed reconnection attempts after which a device gives up (its remaining
-    /// messages are dropped and counted).
-    #[arg(long, default_value_t = 10, help_heading = "Run")]
-    pub reconnect_attempts: u32,
-    /// Retries of a device's first connect.
-    #[arg(long, default_value_t = 0, help_heading = "Run")]
-    pub connect_retries: u32,
+    /// Handshakes (every device connects before the replay starts), in-flight window,
+    /// acknowledgements, reconnects, threads.
+    #[command(flatten)]
+    pub delivery: DeliveryArgs,
 
     /// Print the summary as one JSON object instead of a table.
     #[arg(long, help_heading = "Output")]
@@ -586,8 +585,8 @@ impl SimArgs {
     /// Worker threads the runtime should have.
     pub fn worker_threads(&self) -> usize {
         match &self.command {
-            SimCommand::Run(r) => usize::from(r.threads),
-            SimCommand::Replay(r) => usize::from(r.threads),
+            SimCommand::Run(r) => usize::from(r.delivery.threads),
+            SimCommand::Replay(r) => usize::from(r.delivery.threads),
             _ => 1,
         }
     }
@@ -876,12 +875,12 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
         qos: a.broker.qos(),
         seed: a.seed,
         connect_rate: a.connect_rate,
-        connect_concurrency: a.connect_concurrency as usize,
+        connect_concurrency: a.delivery.connect_concurrency as usize,
         duration: a.duration,
         messages_per_device: a.messages_per_device,
-        inflight: a.inflight,
-        ack_timeout: a.ack_timeout,
-        drain: a.drain,
+        inflight: a.delivery.inflight,
+        ack_timeout: a.delivery.ack_timeout,
+        drain: a.delivery.drain,
         progress: if a.worker {
             ProgressMode::JsonLines
         } else if a.no_progress {
@@ -889,12 +888,7 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
         } else {
             ProgressMode::Terminal
         },
-        reconnect: chaos::Reconnect {
-            min: a.reconnect_backoff.0,
-            max: a.reconnect_backoff.1,
-            attempts: a.reconnect_attempts,
-            connect_retries: a.connect_retries,
-        },
+        reconnect: a.delivery.reconnect(),
         chaos: chaos::Chaos {
             disconnect_per_min: a.chaos_disconnect.unwrap_or(0.0),
             latency: a.chaos_latency,

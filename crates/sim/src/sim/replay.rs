@@ -31,7 +31,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::behave::Behaviour;
-use super::chaos::{Chaos, Reconnect};
+use super::chaos::Chaos;
 use super::generate::Value;
 use super::profile::Format;
 use super::recording::{Message, Recording, RecordingError, ScanOptions};
@@ -335,23 +335,18 @@ pub async fn replay_args(
             qos: a.broker.qos(),
             seed: 0,
             connect_rate: 0.0,
-            connect_concurrency: a.connect_concurrency as usize,
+            connect_concurrency: a.delivery.connect_concurrency as usize,
             duration: None,
             messages_per_device: None,
-            inflight: a.inflight,
-            ack_timeout: a.ack_timeout,
-            drain: a.drain,
+            inflight: a.delivery.inflight,
+            ack_timeout: a.delivery.ack_timeout,
+            drain: a.delivery.drain,
             progress: if a.no_progress {
                 ProgressMode::Off
             } else {
                 ProgressMode::Terminal
             },
-            reconnect: Reconnect {
-                min: a.reconnect_backoff.0,
-                max: a.reconnect_backoff.1,
-                attempts: a.reconnect_attempts,
-                connect_retries: a.connect_retries,
-            },
+            reconnect: a.delivery.reconnect(),
             chaos: Chaos::default(),
             // Replayed devices send their recording and nothing else, over clean sessions.
             behaviour: Behaviour::off(),
