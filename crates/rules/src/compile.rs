@@ -7,7 +7,7 @@ use ferrohub_types::TopicFilter;
 use serde_json::Value as Json;
 
 use crate::error::{EvalError, RuleError};
-use crate::eval::{AggSpec, Emit, Env, Node, RegexFn, Seg};
+use crate::eval::{AggSpec, Emit, Env, FieldCache, NO_FIELD, Node, RegexFn, Seg};
 use crate::functions::FUNCTIONS;
 use crate::state::{AggKind, SlotKind, SlotState};
 use crate::syntax::{BinOp, Expr, Parser, Pos, SelectItem, Statement, WindowSpec};
@@ -65,6 +65,9 @@ pub struct CompiledRule {
     pub(crate) slot_kinds: Vec<SlotKind>,
     pub(crate) aggs: Vec<AggSpec>,
     pub(crate) carried: Vec<Node>,
+    /// Top-level payload fields read by the rule, indexed by the field ids of
+    /// [`Node::Payload`] (a [`crate::RuleSet`] resolves each once per message for all rules).
+    pub(crate) fields: Vec<Box<str>>,
 }
 
 /// Entry point of the language: `Rule::compile(sql)`.
@@ -148,6 +151,8 @@ struct Compiler {
     aggs: Vec<AggSpec>,
     carried: Vec<Node>,
     windowed: bool,
+    /// Distinct top-level payload fields the rule reads, by [`Node::Payload`] field id.
+    fields: Vec<Box<str>>,
 }
 
 fn is_window_level(e: &Expr) -> bool {
@@ -199,8 +204,17 @@ impl Compiler {
             Expr::Int(i) => Node::Const(Val::Int(*i)),
             Expr::Dec(d) => Node::Const(crate::value::dec_val(*d)),
             Expr::Str(s) => Node::Const(Val::Str(Cow::Owned(s.clone()))),
-            Expr::Ident(name, _) => Node::Payload(Box::new([Seg::Key(name.as_str().into())])),
-            Expr::Star(_) => Node::Payload(Box::new([])),
+            Expr::Ident(name, _) => {
+                let field = match self.fields.iter().position(|f| **f == **name) {
+                    Some(i) => i,
+                    None => {
+                        self.fields.push(name.as_str().into());
+                        self.fields.len() - 1
+                    }
+                };
+                Node::Payload(Box::new([Seg::Key(name.as_str().into())]), field as u32)
+            }
+            Expr::Star(_) => Node::Payload(Box::new([]), NO_FIELD),
             Expr::Field(base, key) => {
                 let base = self.expr(base, mode)?;
                 push_seg(base, Seg::Key(key.as_str().into()))
@@ -506,10 +520,11 @@ fn first_line(s: &str) -> String {
 
 fn push_seg(base: Node, seg: Seg) -> Node {
     match base {
-        Node::Payload(segs) => {
+        Node::Payload(segs, field) => {
+            let field = if segs.is_empty() { NO_FIELD } else { field };
             let mut v = segs.into_vec();
             v.push(seg);
-            Node::Payload(v.into_boxed_slice())
+            Node::Payload(v.into_boxed_slice(), field)
         }
         other => Node::Get(Box::new(other), seg),
     }
@@ -606,6 +621,7 @@ impl CompiledRule {
             slot_kinds: c.slots.iter().map(|s| s.1).collect(),
             aggs: c.aggs,
             carried: c.carried,
+            fields: c.fields,
         })
     }
 
@@ -645,7 +661,7 @@ impl CompiledRule {
         if self.is_stateful() {
             return Err(EvalError::NeedsState);
         }
-        self.run(msg, lookup, &mut [], 0)
+        self.run(msg, lookup, &mut [], 0, None)
     }
 
     /// Evaluates only the WHERE clause of a stateless rule (no output is built).
@@ -658,6 +674,7 @@ impl CompiledRule {
             lookup,
             emit: None,
             seq: 0,
+            fields: None,
         };
         Ok(self
             .where_
@@ -671,12 +688,14 @@ impl CompiledRule {
         lookup: &dyn Lookup,
         slots: &mut [SlotState],
         seq: u64,
+        fields: Option<&FieldCache<'_>>,
     ) -> Result<Option<Json>, EvalError> {
         let env = Env {
             msg,
             lookup,
             emit: None,
             seq,
+            fields,
         };
         if let Some(w) = &self.where_
             && !matches!(w.eval(&env, slots), Val::Bool(true))
@@ -720,6 +739,7 @@ impl CompiledRule {
             lookup,
             emit: Some(emit),
             seq: 0,
+            fields: None,
         };
         self.project(&env, &mut [])
     }

@@ -31,8 +31,9 @@ pub(crate) enum RegexFn {
 #[derive(Debug, Clone)]
 pub(crate) enum Node {
     Const(Val<'static>),
-    /// A path from the payload root (empty: the whole payload).
-    Payload(Box<[Seg]>),
+    /// A path from the payload root (empty: the whole payload), and the rule's field id of its
+    /// first key ([`NO_FIELD`] when it does not start with a key; see [`FieldCache`]).
+    Payload(Box<[Seg]>, u32),
     /// A path step applied to a computed value.
     Get(Box<Node>, Seg),
     /// `expr[expr]` with a computed index or key.
@@ -69,6 +70,33 @@ pub(crate) struct Emit {
     pub tenant: String,
 }
 
+/// Field id of a [`Node::Payload`] path that does not start with a key.
+pub(crate) const NO_FIELD: u32 = u32::MAX;
+
+/// Top-level payload fields resolved once per message and shared by the rules of a
+/// [`crate::RuleSet`]: `slots[map[id]]` is `Some(payload.get(key))` for the rule's field `id`
+/// named `key` (`None`: not resolved, looked up directly).
+pub(crate) struct FieldCache<'a> {
+    /// Rule field id → slot.
+    pub map: &'a [u32],
+    pub slots: &'a [Option<Option<&'a Json>>],
+}
+
+impl<'a> FieldCache<'a> {
+    /// `payload.get(key)` through the cache, for the rule field `id` named `key`.
+    #[inline]
+    fn get(&self, id: u32, key: &str, payload: &'a Json) -> Option<&'a Json> {
+        match self
+            .map
+            .get(id as usize)
+            .and_then(|&slot| self.slots.get(slot as usize))
+        {
+            Some(Some(v)) => *v,
+            _ => payload.get(key),
+        }
+    }
+}
+
 /// Everything an expression can see.
 pub(crate) struct Env<'a> {
     pub msg: &'a MessageContext<'a>,
@@ -76,6 +104,8 @@ pub(crate) struct Env<'a> {
     pub emit: Option<&'a Emit>,
     /// Arrival sequence number of the message (caches stateful results within one message).
     pub seq: u64,
+    /// Per-message cache of top-level fields (rules run through a [`crate::RuleSet`]).
+    pub fields: Option<&'a FieldCache<'a>>,
 }
 
 /// Aggregate specifications of a windowed rule.
@@ -93,7 +123,15 @@ impl Node {
     pub(crate) fn eval<'a>(&'a self, env: &Env<'a>, slots: &mut [SlotState]) -> Val<'a> {
         match self {
             Node::Const(v) => v.reborrow(),
-            Node::Payload(segs) => walk(env.msg.payload, segs),
+            Node::Payload(segs, field) => match (env.fields, segs.split_first()) {
+                (Some(cache), Some((Seg::Key(k), rest))) if *field != NO_FIELD => {
+                    match cache.get(*field, k, env.msg.payload) {
+                        Some(v) => walk(v, rest),
+                        None => Val::Undefined,
+                    }
+                }
+                _ => walk(env.msg.payload, segs),
+            },
             Node::Get(base, seg) => {
                 let v = base.eval(env, slots);
                 match seg {

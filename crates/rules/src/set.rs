@@ -3,9 +3,11 @@
 use std::sync::Arc;
 
 use ferrohub_types::TopicFilter;
+use smallvec::SmallVec;
 
 use crate::compile::CompiledRule;
 use crate::error::EvalError;
+use crate::eval::FieldCache;
 use crate::state::{Output, RuleRunner, RunnerLimits, RunnerStats};
 use crate::{Lookup, MessageContext};
 
@@ -13,7 +15,12 @@ struct Entry {
     id: Arc<str>,
     runner: RuleRunner,
     filter: usize,
+    /// The rule's field ids → slots of the set's per-message field cache.
+    fields: Box<[u32]>,
 }
+
+/// Per-message field cache slots kept inline (more distinct fields spill to the heap).
+type Slots<'a> = SmallVec<[Option<Option<&'a serde_json::Value>>; 32]>;
 
 /// The active rules of one tenant (or of a whole hub): offer every message once, collect the
 /// outputs tagged with their rule id.
@@ -23,6 +30,10 @@ pub struct RuleSet {
     filters: Vec<TopicFilter>,
     /// Per-message scratch: 0 unknown, 1 no match, 2 match, by filter index.
     matched: Vec<u8>,
+    /// Distinct top-level payload fields read by the rules (slots of the field cache).
+    fields: Vec<Box<str>>,
+    /// Slots read by the rules of each filter (resolved when the filter matches).
+    filter_fields: Vec<Vec<u32>>,
     limits: RunnerLimits,
 }
 
@@ -58,7 +69,9 @@ impl RuleSet {
             id: Arc::from(id),
             runner: RuleRunner::new(rule, self.limits),
             filter,
+            fields: Box::new([]),
         });
+        self.index_fields();
     }
 
     /// Removes the rule `id` and its state; whether it was there.
@@ -85,7 +98,36 @@ impl RuleSet {
         for e in &mut self.entries {
             e.filter = remap[e.filter];
         }
+        self.index_fields();
         true
+    }
+
+    /// Rebuilds the field table: distinct top-level fields, each rule's slots, each filter's.
+    fn index_fields(&mut self) {
+        self.fields.clear();
+        self.filter_fields.clear();
+        self.filter_fields.resize(self.filters.len(), Vec::new());
+        for e in &mut self.entries {
+            e.fields = e
+                .runner
+                .rule()
+                .fields
+                .iter()
+                .map(|f| match self.fields.iter().position(|t| t == f) {
+                    Some(i) => i as u32,
+                    None => {
+                        self.fields.push(f.clone());
+                        (self.fields.len() - 1) as u32
+                    }
+                })
+                .collect();
+            let ff = &mut self.filter_fields[e.filter];
+            for &s in &e.fields {
+                if !ff.contains(&s) {
+                    ff.push(s);
+                }
+            }
+        }
     }
 
     /// Number of distinct topic filters (each matched at most once per message).
@@ -123,10 +165,18 @@ impl RuleSet {
         self.matched.clear();
         self.matched.resize(self.filters.len(), 0);
         let mut buf = Vec::new();
+        let mut slots: Slots<'_> = smallvec::smallvec![None; self.fields.len()];
         for e in &mut self.entries {
             let m = &mut self.matched[e.filter];
             if *m == 0 {
                 *m = if self.filters[e.filter].matches(msg.topic) {
+                    // Resolve the fields this filter's rules read, once for all of them.
+                    for &s in &self.filter_fields[e.filter] {
+                        let slot = &mut slots[s as usize];
+                        if slot.is_none() {
+                            *slot = Some(msg.payload.get(&*self.fields[s as usize]));
+                        }
+                    }
                     2
                 } else {
                     1
@@ -135,7 +185,11 @@ impl RuleSet {
             if *m != 2 {
                 continue;
             }
-            if let Err(err) = e.runner.process(msg, lookup, &mut buf) {
+            let cache = FieldCache {
+                map: &e.fields,
+                slots: &slots,
+            };
+            if let Err(err) = e.runner.process(msg, lookup, &mut buf, Some(&cache)) {
                 errors.push((Arc::clone(&e.id), err));
             }
             out.extend(buf.drain(..).map(|o| (Arc::clone(&e.id), o)));
