@@ -65,9 +65,9 @@ pub struct CompiledRule {
     pub(crate) slot_kinds: Vec<SlotKind>,
     pub(crate) aggs: Vec<AggSpec>,
     pub(crate) carried: Vec<Node>,
-    /// Top-level payload fields read by the rule, indexed by the field ids of
-    /// [`Node::Payload`] (a [`crate::RuleSet`] resolves each once per message for all rules).
-    pub(crate) fields: Vec<Box<str>>,
+    /// Distinct payload paths read by the rule, indexed by the path ids of [`Node::Payload`]
+    /// (a [`crate::RuleSet`] resolves each once per message for all its rules).
+    pub(crate) fields: Vec<Box<[Seg]>>,
 }
 
 /// Entry point of the language: `Rule::compile(sql)`.
@@ -151,8 +151,6 @@ struct Compiler {
     aggs: Vec<AggSpec>,
     carried: Vec<Node>,
     windowed: bool,
-    /// Distinct top-level payload fields the rule reads, by [`Node::Payload`] field id.
-    fields: Vec<Box<str>>,
 }
 
 fn is_window_level(e: &Expr) -> bool {
@@ -205,14 +203,7 @@ impl Compiler {
             Expr::Dec(d) => Node::Const(crate::value::dec_val(*d)),
             Expr::Str(s) => Node::Const(Val::Str(Cow::Owned(s.clone()))),
             Expr::Ident(name, _) => {
-                let field = match self.fields.iter().position(|f| **f == **name) {
-                    Some(i) => i,
-                    None => {
-                        self.fields.push(name.as_str().into());
-                        self.fields.len() - 1
-                    }
-                };
-                Node::Payload(Box::new([Seg::Key(name.as_str().into())]), field as u32)
+                Node::Payload(Box::new([Seg::Key(name.as_str().into())]), NO_FIELD)
             }
             Expr::Star(_) => Node::Payload(Box::new([]), NO_FIELD),
             Expr::Field(base, key) => {
@@ -520,11 +511,10 @@ fn first_line(s: &str) -> String {
 
 fn push_seg(base: Node, seg: Seg) -> Node {
     match base {
-        Node::Payload(segs, field) => {
-            let field = if segs.is_empty() { NO_FIELD } else { field };
+        Node::Payload(segs, _) => {
             let mut v = segs.into_vec();
             v.push(seg);
-            Node::Payload(v.into_boxed_slice(), field)
+            Node::Payload(v.into_boxed_slice(), NO_FIELD)
         }
         other => Node::Get(Box::new(other), seg),
     }
@@ -580,7 +570,7 @@ impl CompiledRule {
                 }
             }
         }
-        let where_ = match &st.where_ {
+        let mut where_ = match &st.where_ {
             Some(w) => {
                 if c.windowed && is_window_level(w) {
                     let pos = expr_pos(w).unwrap_or(st.from_pos);
@@ -598,7 +588,7 @@ impl CompiledRule {
             }
             None => None,
         };
-        let key = match &st.group_by {
+        let mut key = match &st.group_by {
             Some((g, pos)) => {
                 if is_window_level(g) {
                     return Err(RuleError::new(
@@ -610,6 +600,28 @@ impl CompiledRule {
             }
             None => None,
         };
+        // Number the distinct payload paths (ids of `Node::Payload`).
+        let mut fields: Vec<Box<[Seg]>> = Vec::new();
+        let mut intern = |segs: &[Seg]| match fields.iter().position(|f| **f == *segs) {
+            Some(i) => i as u32,
+            None => {
+                fields.push(segs.into());
+                (fields.len() - 1) as u32
+            }
+        };
+        for it in &mut items {
+            if let Item::Expr(_, n) = it {
+                n.number_paths(&mut intern);
+            }
+        }
+        for n in where_
+            .iter_mut()
+            .chain(key.iter_mut())
+            .chain(c.aggs.iter_mut().filter_map(|a| a.arg.as_mut()))
+            .chain(c.carried.iter_mut())
+        {
+            n.number_paths(&mut intern);
+        }
         Ok(CompiledRule {
             sql: sql.to_string(),
             filter,
@@ -621,7 +633,7 @@ impl CompiledRule {
             slot_kinds: c.slots.iter().map(|s| s.1).collect(),
             aggs: c.aggs,
             carried: c.carried,
-            fields: c.fields,
+            fields,
         })
     }
 

@@ -13,7 +13,7 @@ use crate::value::{Num, Val, dec_val, sql_cmp, sql_eq};
 use crate::{Lookup, MessageContext};
 
 /// One step of a JSON path, split at compile time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Seg {
     Key(Box<str>),
     Idx(i64),
@@ -31,8 +31,8 @@ pub(crate) enum RegexFn {
 #[derive(Debug, Clone)]
 pub(crate) enum Node {
     Const(Val<'static>),
-    /// A path from the payload root (empty: the whole payload), and the rule's field id of its
-    /// first key ([`NO_FIELD`] when it does not start with a key; see [`FieldCache`]).
+    /// A path from the payload root (empty: the whole payload), and its id among the rule's
+    /// paths ([`NO_FIELD`] for the whole payload; see [`FieldCache`]).
     Payload(Box<[Seg]>, u32),
     /// A path step applied to a computed value.
     Get(Box<Node>, Seg),
@@ -70,31 +70,36 @@ pub(crate) struct Emit {
     pub tenant: String,
 }
 
-/// Field id of a [`Node::Payload`] path that does not start with a key.
+/// Path id of a [`Node::Payload`] without one (the whole payload).
 pub(crate) const NO_FIELD: u32 = u32::MAX;
 
-/// Top-level payload fields resolved once per message and shared by the rules of a
-/// [`crate::RuleSet`]: `slots[map[id]]` is `Some(payload.get(key))` for the rule's field `id`
-/// named `key` (`None`: not resolved, looked up directly).
+/// Payload paths resolved once per message and shared by the rules of a [`crate::RuleSet`]:
+/// `slots[map[id]]` is `Some(resolve(payload, path))` for the rule's path `id` (`None`: not
+/// resolved, walked directly).
 pub(crate) struct FieldCache<'a> {
-    /// Rule field id → slot.
+    /// Rule path id → slot.
     pub map: &'a [u32],
     pub slots: &'a [Option<Option<&'a Json>>],
 }
 
-impl<'a> FieldCache<'a> {
-    /// `payload.get(key)` through the cache, for the rule field `id` named `key`.
-    #[inline]
-    fn get(&self, id: u32, key: &str, payload: &'a Json) -> Option<&'a Json> {
-        match self
-            .map
-            .get(id as usize)
-            .and_then(|&slot| self.slots.get(slot as usize))
-        {
-            Some(Some(v)) => *v,
-            _ => payload.get(key),
-        }
+/// The value at `segs` from `v`, if any.
+pub(crate) fn resolve<'a>(mut v: &'a Json, segs: &[Seg]) -> Option<&'a Json> {
+    for s in segs {
+        v = match s {
+            Seg::Key(k) => v.get(k.as_ref())?,
+            Seg::Idx(i) => {
+                let a = v.as_array()?;
+                let len = i64::try_from(a.len()).ok()?;
+                let i = if *i < 0 { len + i } else { *i };
+                if (0..len).contains(&i) {
+                    a.get(i as usize)?
+                } else {
+                    return None;
+                }
+            }
+        };
     }
+    Some(v)
 }
 
 /// Everything an expression can see.
@@ -123,15 +128,16 @@ impl Node {
     pub(crate) fn eval<'a>(&'a self, env: &Env<'a>, slots: &mut [SlotState]) -> Val<'a> {
         match self {
             Node::Const(v) => v.reborrow(),
-            Node::Payload(segs, field) => match (env.fields, segs.split_first()) {
-                (Some(cache), Some((Seg::Key(k), rest))) if *field != NO_FIELD => {
-                    match cache.get(*field, k, env.msg.payload) {
-                        Some(v) => walk(v, rest),
-                        None => Val::Undefined,
-                    }
+            Node::Payload(segs, id) => {
+                let cached = env.fields.and_then(|c| {
+                    let slot = *c.map.get(*id as usize)?;
+                    *c.slots.get(slot as usize)?
+                });
+                match cached.unwrap_or_else(|| resolve(env.msg.payload, segs)) {
+                    Some(v) => Val::from_json(v),
+                    None => Val::Undefined,
                 }
-                _ => walk(env.msg.payload, segs),
-            },
+            }
             Node::Get(base, seg) => {
                 let v = base.eval(env, slots);
                 match seg {
@@ -263,26 +269,50 @@ impl Node {
     }
 }
 
-fn walk<'a>(mut v: &'a Json, segs: &[Seg]) -> Val<'a> {
-    for s in segs {
-        let next = match s {
-            Seg::Key(k) => v.get(k.as_ref()),
-            Seg::Idx(i) => v.as_array().and_then(|a| {
-                let len = i64::try_from(a.len()).ok()?;
-                let i = if *i < 0 { len + i } else { *i };
-                if (0..len).contains(&i) {
-                    a.get(i as usize)
-                } else {
-                    None
+impl Node {
+    /// Calls `f` on the path of every [`Node::Payload`] with a non-empty path and stores the id
+    /// it returns.
+    pub(crate) fn number_paths(&mut self, f: &mut impl FnMut(&[Seg]) -> u32) {
+        match self {
+            Node::Payload(segs, id) => {
+                if !segs.is_empty() {
+                    *id = f(segs);
                 }
-            }),
-        };
-        match next {
-            Some(n) => v = n,
-            None => return Val::Undefined,
+            }
+            Node::Const(_)
+            | Node::AggRef(_)
+            | Node::Carried(_)
+            | Node::WindowStart
+            | Node::WindowEnd => {}
+            Node::Get(n, _) | Node::Neg(n) | Node::Not(n) | Node::Is(n, _, _) => n.number_paths(f),
+            Node::Index(a, b) | Node::And(a, b) | Node::Or(a, b) | Node::Bin(_, a, b) => {
+                a.number_paths(f);
+                b.number_paths(f);
+            }
+            Node::Case(op, whens, else_) => {
+                for n in op.iter_mut().chain(else_.iter_mut()) {
+                    n.number_paths(f);
+                }
+                for (w, t) in whens.iter_mut() {
+                    w.number_paths(f);
+                    t.number_paths(f);
+                }
+            }
+            Node::Array(ns)
+            | Node::Call(_, ns)
+            | Node::Regex(_, _, ns)
+            | Node::Stateful(_, _, ns) => {
+                for n in ns.iter_mut() {
+                    n.number_paths(f);
+                }
+            }
+            Node::Twin(n) | Node::Device(n) => {
+                if let Some(n) = n {
+                    n.number_paths(f);
+                }
+            }
         }
     }
-    Val::from_json(v)
 }
 
 fn regex_fn<'a>(kind: RegexFn, pre: Option<&regex::Regex>, a: &Args<'a>) -> Val<'a> {

@@ -7,7 +7,7 @@ use smallvec::SmallVec;
 
 use crate::compile::CompiledRule;
 use crate::error::EvalError;
-use crate::eval::FieldCache;
+use crate::eval::{FieldCache, Seg, resolve};
 use crate::state::{Output, RuleRunner, RunnerLimits, RunnerStats};
 use crate::{Lookup, MessageContext};
 
@@ -15,7 +15,7 @@ struct Entry {
     id: Arc<str>,
     runner: RuleRunner,
     filter: usize,
-    /// The rule's field ids → slots of the set's per-message field cache.
+    /// The rule's path ids → slots of the set's per-message field cache.
     fields: Box<[u32]>,
 }
 
@@ -30,8 +30,8 @@ pub struct RuleSet {
     filters: Vec<TopicFilter>,
     /// Per-message scratch: 0 unknown, 1 no match, 2 match, by filter index.
     matched: Vec<u8>,
-    /// Distinct top-level payload fields read by the rules (slots of the field cache).
-    fields: Vec<Box<str>>,
+    /// Distinct payload paths read by the rules (slots of the per-message field cache).
+    fields: Vec<Box<[Seg]>>,
     /// Slots read by the rules of each filter (resolved when the filter matches).
     filter_fields: Vec<Vec<u32>>,
     limits: RunnerLimits,
@@ -102,7 +102,7 @@ impl RuleSet {
         true
     }
 
-    /// Rebuilds the field table: distinct top-level fields, each rule's slots, each filter's.
+    /// Rebuilds the field table: distinct payload paths, each rule's slots, each filter's.
     fn index_fields(&mut self) {
         self.fields.clear();
         self.filter_fields.clear();
@@ -170,11 +170,11 @@ impl RuleSet {
             let m = &mut self.matched[e.filter];
             if *m == 0 {
                 *m = if self.filters[e.filter].matches(msg.topic) {
-                    // Resolve the fields this filter's rules read, once for all of them.
+                    // Resolve the paths this filter's rules read, once for all of them.
                     for &s in &self.filter_fields[e.filter] {
                         let slot = &mut slots[s as usize];
                         if slot.is_none() {
-                            *slot = Some(msg.payload.get(&*self.fields[s as usize]));
+                            *slot = Some(resolve(msg.payload, &self.fields[s as usize]));
                         }
                     }
                     2
