@@ -7,7 +7,7 @@ use ferrohub_types::TopicFilter;
 use serde_json::Value as Json;
 
 use crate::error::{EvalError, RuleError};
-use crate::eval::{AggSpec, Emit, Env, FieldCache, NO_FIELD, Node, RegexFn, Seg};
+use crate::eval::{AggSpec, Emit, Env, FieldCache, NO_CALL, NO_FIELD, Node, RegexFn, Seg};
 use crate::functions::FUNCTIONS;
 use crate::state::{AggKind, SlotKind, SlotState};
 use crate::syntax::{BinOp, Expr, Parser, Pos, SelectItem, Statement, WindowSpec};
@@ -68,6 +68,9 @@ pub struct CompiledRule {
     /// Distinct payload paths read by the rule, indexed by the path ids of [`Node::Payload`]
     /// (a [`crate::RuleSet`] resolves each once per message for all its rules).
     pub(crate) fields: Vec<Box<[Seg]>>,
+    /// Message-only function calls of the rule, indexed by the call ids of [`Node::Call`], as
+    /// structural keys (a [`crate::RuleSet`] evaluates a call shared by rules once per message).
+    pub(crate) calls: Vec<String>,
 }
 
 /// Entry point of the language: `Rule::compile(sql)`.
@@ -475,7 +478,9 @@ impl Compiler {
             return Err(unknown_function(name, pos));
         };
         arity(*min, *max)?;
-        Ok(Node::Call(*f, self.args(args, mode)?))
+        // `newuuid()` differs at each call: never shared between rules.
+        let id = if name == "newuuid" { NO_CALL } else { 0 };
+        Ok(Node::Call(*f, self.args(args, mode)?, id))
     }
 }
 
@@ -600,27 +605,42 @@ impl CompiledRule {
             }
             None => None,
         };
-        // Number the distinct payload paths (ids of `Node::Payload`).
-        let mut fields: Vec<Box<[Seg]>> = Vec::new();
-        let mut intern = |segs: &[Seg]| match fields.iter().position(|f| **f == *segs) {
-            Some(i) => i as u32,
-            None => {
-                fields.push(segs.into());
-                (fields.len() - 1) as u32
-            }
-        };
-        for it in &mut items {
-            if let Item::Expr(_, n) = it {
-                n.number_paths(&mut intern);
-            }
-        }
-        for n in where_
+        // Number the message-only calls (by structure, before any id inside them is set), then
+        // the distinct payload paths.
+        let mut roots: Vec<&mut Node> = items
             .iter_mut()
+            .filter_map(|it| match it {
+                Item::Expr(_, n) => Some(n),
+                Item::Star => None,
+            })
+            .chain(where_.iter_mut())
             .chain(key.iter_mut())
             .chain(c.aggs.iter_mut().filter_map(|a| a.arg.as_mut()))
             .chain(c.carried.iter_mut())
-        {
-            n.number_paths(&mut intern);
+            .collect();
+        let mut calls: Vec<String> = Vec::new();
+        let mut fields: Vec<Box<[Seg]>> = Vec::new();
+        for n in &mut roots {
+            n.number_calls(&mut |call| {
+                let k = format!("{call:?}");
+                let id = calls.iter().position(|c| *c == k).unwrap_or(calls.len());
+                if id == calls.len() {
+                    calls.push(k);
+                }
+                id as u32
+            });
+        }
+        for n in &mut roots {
+            n.number_paths(&mut |segs| {
+                let id = fields
+                    .iter()
+                    .position(|f| **f == *segs)
+                    .unwrap_or(fields.len());
+                if id == fields.len() {
+                    fields.push(segs.into());
+                }
+                id as u32
+            });
         }
         Ok(CompiledRule {
             sql: sql.to_string(),
@@ -634,6 +654,7 @@ impl CompiledRule {
             aggs: c.aggs,
             carried: c.carried,
             fields,
+            calls,
         })
     }
 

@@ -1,6 +1,7 @@
 //! The compiled expression tree ([`Node`]) and its evaluator.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::cmp::Ordering;
 
 use serde_json::Value as Json;
@@ -46,7 +47,9 @@ pub(crate) enum Node {
     Is(Box<Node>, bool, IsWhat),
     Case(Option<Box<Node>>, Box<[(Node, Node)]>, Option<Box<Node>>),
     Array(Box<[Node]>),
-    Call(FnPtr, Box<[Node]>),
+    /// A function call, and its id among the rule's message-only calls ([`NO_CALL`]: none;
+    /// see [`FieldCache`]).
+    Call(FnPtr, Box<[Node]>, u32),
     Regex(RegexFn, Option<Box<regex::Regex>>, Box<[Node]>),
     Twin(Option<Box<Node>>),
     Device(Option<Box<Node>>),
@@ -76,10 +79,23 @@ pub(crate) const NO_FIELD: u32 = u32::MAX;
 /// Payload paths resolved once per message and shared by the rules of a [`crate::RuleSet`]:
 /// `slots[map[id]]` is `Some(resolve(payload, path))` for the rule's path `id` (`None`: not
 /// resolved, walked directly).
+///
+/// Likewise function calls that depend only on the message and appear in several rules are
+/// evaluated once per message (on first use): `calls[call_map[id]]` for the rule's call `id`.
 pub(crate) struct FieldCache<'a> {
     /// Rule path id → slot.
     pub map: &'a [u32],
     pub slots: &'a [Option<Option<&'a Json>>],
+    /// Rule call id → slot of `calls` ([`NO_CALL`]: not shared).
+    pub call_map: &'a [u32],
+    pub calls: &'a [OnceCell<Val<'static>>],
+}
+
+impl FieldCache<'_> {
+    fn call(&self, id: u32) -> Option<&OnceCell<Val<'static>>> {
+        let slot = *self.call_map.get(id as usize)?;
+        self.calls.get(slot as usize)
+    }
 }
 
 /// The value at `segs` from `v`, if any.
@@ -222,7 +238,15 @@ impl Node {
                 }
                 Val::Json(Cow::Owned(Json::Array(out)))
             }
-            Node::Call(f, args) => {
+            Node::Call(f, args, id) => {
+                if let Some(cell) = env.fields.and_then(|c| c.call(*id)) {
+                    return cell
+                        .get_or_init(|| {
+                            let a: Args<'a> = args.iter().map(|n| n.eval(env, slots)).collect();
+                            f(a, env).into_owned()
+                        })
+                        .reborrow();
+                }
                 let a: Args<'a> = args.iter().map(|n| n.eval(env, slots)).collect();
                 f(a, env)
             }
@@ -269,49 +293,92 @@ impl Node {
     }
 }
 
+/// Call id of a function call that is not shared between rules (`newuuid()`, or one whose
+/// arguments involve state, windows or lookups).
+pub(crate) const NO_CALL: u32 = u32::MAX;
+
 impl Node {
-    /// Calls `f` on the path of every [`Node::Payload`] with a non-empty path and stores the id
-    /// it returns.
-    pub(crate) fn number_paths(&mut self, f: &mut impl FnMut(&[Seg]) -> u32) {
+    /// Applies `f` to each direct child.
+    fn each_child(&mut self, f: &mut dyn FnMut(&mut Node)) {
         match self {
-            Node::Payload(segs, id) => {
-                if !segs.is_empty() {
-                    *id = f(segs);
-                }
-            }
-            Node::Const(_)
+            Node::Payload(..)
+            | Node::Const(_)
             | Node::AggRef(_)
             | Node::Carried(_)
             | Node::WindowStart
             | Node::WindowEnd => {}
-            Node::Get(n, _) | Node::Neg(n) | Node::Not(n) | Node::Is(n, _, _) => n.number_paths(f),
+            Node::Get(n, _) | Node::Neg(n) | Node::Not(n) | Node::Is(n, _, _) => f(n),
             Node::Index(a, b) | Node::And(a, b) | Node::Or(a, b) | Node::Bin(_, a, b) => {
-                a.number_paths(f);
-                b.number_paths(f);
+                f(a);
+                f(b);
             }
             Node::Case(op, whens, else_) => {
-                for n in op.iter_mut().chain(else_.iter_mut()) {
-                    n.number_paths(f);
+                if let Some(n) = op {
+                    f(n);
                 }
                 for (w, t) in whens.iter_mut() {
-                    w.number_paths(f);
-                    t.number_paths(f);
+                    f(w);
+                    f(t);
+                }
+                if let Some(n) = else_ {
+                    f(n);
                 }
             }
             Node::Array(ns)
-            | Node::Call(_, ns)
+            | Node::Call(_, ns, _)
             | Node::Regex(_, _, ns)
-            | Node::Stateful(_, _, ns) => {
-                for n in ns.iter_mut() {
-                    n.number_paths(f);
-                }
-            }
+            | Node::Stateful(_, _, ns) => ns.iter_mut().for_each(f),
             Node::Twin(n) | Node::Device(n) => {
                 if let Some(n) = n {
-                    n.number_paths(f);
+                    f(n);
                 }
             }
         }
+    }
+
+    /// Calls `f` on the path of every [`Node::Payload`] with a non-empty path and stores the id
+    /// it returns.
+    pub(crate) fn number_paths(&mut self, f: &mut dyn FnMut(&[Seg]) -> u32) {
+        if let Node::Payload(segs, id) = self
+            && !segs.is_empty()
+        {
+            *id = f(segs);
+        }
+        self.each_child(&mut |n| n.number_paths(f));
+    }
+
+    /// Whether the value depends only on the message (no state, window, lookup or randomness),
+    /// so that rules may share it.
+    fn message_only(&mut self) -> bool {
+        let mut ok = !matches!(
+            self,
+            Node::Stateful(..)
+                | Node::AggRef(_)
+                | Node::Carried(_)
+                | Node::WindowStart
+                | Node::WindowEnd
+                | Node::Twin(_)
+                | Node::Device(_)
+                | Node::Call(_, _, NO_CALL)
+        );
+        self.each_child(&mut |n| ok &= n.message_only());
+        ok
+    }
+
+    /// Calls `f` on every function call that depends only on the message (outermost first, before
+    /// any path or inner call is numbered) and stores the id it returns.
+    pub(crate) fn number_calls(&mut self, f: &mut dyn FnMut(&Node) -> u32) {
+        if matches!(self, Node::Call(_, _, id) if *id != NO_CALL) {
+            let id = if self.message_only() {
+                f(self)
+            } else {
+                NO_CALL
+            };
+            if let Node::Call(_, _, slot) = self {
+                *slot = id;
+            }
+        }
+        self.each_child(&mut |n| n.number_calls(f));
     }
 }
 

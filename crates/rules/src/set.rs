@@ -1,5 +1,6 @@
 //! [`RuleSet`]: many rules on one message stream, each topic filter matched once per message.
 
+use std::cell::OnceCell;
 use std::sync::Arc;
 
 use ferrohub_types::TopicFilter;
@@ -7,8 +8,9 @@ use smallvec::SmallVec;
 
 use crate::compile::CompiledRule;
 use crate::error::EvalError;
-use crate::eval::{FieldCache, Seg, resolve};
+use crate::eval::{FieldCache, NO_CALL, Seg, resolve};
 use crate::state::{Output, RuleRunner, RunnerLimits, RunnerStats};
+use crate::value::Val;
 use crate::{Lookup, MessageContext};
 
 struct Entry {
@@ -17,6 +19,9 @@ struct Entry {
     filter: usize,
     /// The rule's path ids → slots of the set's per-message field cache.
     fields: Box<[u32]>,
+    /// The rule's call ids → slots of the set's per-message call cache ([`NO_CALL`]: the call
+    /// appears in no other rule).
+    calls: Box<[u32]>,
 }
 
 /// Per-message field cache slots kept inline (more distinct fields spill to the heap).
@@ -34,6 +39,8 @@ pub struct RuleSet {
     fields: Vec<Box<[Seg]>>,
     /// Slots read by the rules of each filter (resolved when the filter matches).
     filter_fields: Vec<Vec<u32>>,
+    /// Number of message-only calls that appear in several rules (slots of the call cache).
+    shared_calls: usize,
     limits: RunnerLimits,
 }
 
@@ -70,6 +77,7 @@ impl RuleSet {
             runner: RuleRunner::new(rule, self.limits),
             filter,
             fields: Box::new([]),
+            calls: Box::new([]),
         });
         self.index_fields();
     }
@@ -104,6 +112,43 @@ impl RuleSet {
 
     /// Rebuilds the field table: distinct payload paths, each rule's slots, each filter's.
     fn index_fields(&mut self) {
+        // Calls: a slot for each structural key that appears in two rules or more.
+        let (calls, shared) = {
+            let mut count: hashbrown::HashMap<&str, u32> = hashbrown::HashMap::new();
+            for e in &self.entries {
+                let mut keys: Vec<&str> =
+                    e.runner.rule().calls.iter().map(String::as_str).collect();
+                keys.sort_unstable();
+                keys.dedup();
+                for k in keys {
+                    *count.entry(k).or_default() += 1;
+                }
+            }
+            let mut slot_of: hashbrown::HashMap<&str, u32> = hashbrown::HashMap::new();
+            let calls: Vec<Box<[u32]>> = self
+                .entries
+                .iter()
+                .map(|e| {
+                    e.runner
+                        .rule()
+                        .calls
+                        .iter()
+                        .map(|k| {
+                            if count.get(k.as_str()).copied().unwrap_or(0) < 2 {
+                                return NO_CALL;
+                            }
+                            let n = slot_of.len() as u32;
+                            *slot_of.entry(k.as_str()).or_insert(n)
+                        })
+                        .collect()
+                })
+                .collect();
+            (calls, slot_of.len())
+        };
+        self.shared_calls = shared;
+        for (e, c) in self.entries.iter_mut().zip(calls) {
+            e.calls = c;
+        }
         self.fields.clear();
         self.filter_fields.clear();
         self.filter_fields.resize(self.filters.len(), Vec::new());
@@ -166,6 +211,8 @@ impl RuleSet {
         self.matched.resize(self.filters.len(), 0);
         let mut buf = Vec::new();
         let mut slots: Slots<'_> = smallvec::smallvec![None; self.fields.len()];
+        let calls: SmallVec<[OnceCell<Val<'static>>; 8]> =
+            (0..self.shared_calls).map(|_| OnceCell::new()).collect();
         for e in &mut self.entries {
             let m = &mut self.matched[e.filter];
             if *m == 0 {
@@ -188,6 +235,8 @@ impl RuleSet {
             let cache = FieldCache {
                 map: &e.fields,
                 slots: &slots,
+                call_map: &e.calls,
+                calls: &calls,
             };
             if let Err(err) = e.runner.process(msg, lookup, &mut buf, Some(&cache)) {
                 errors.push((Arc::clone(&e.id), err));

@@ -176,3 +176,24 @@ proptest! {
         same_outputs(&rules(), &removed, &msgs);
     }
 }
+
+#[test]
+fn newuuid_is_not_shared_between_rules() {
+    let mut set = RuleSet::new(RunnerLimits::default());
+    for i in 0..2 {
+        let sql = "SELECT newuuid() AS u, upper(status) AS s FROM '#'";
+        set.insert(&format!("r{i}"), Arc::new(Rule::compile(sql).unwrap()));
+    }
+    let payload = json!({"status": "ok"});
+    let (mut out, mut errs) = (Vec::new(), Vec::new());
+    set.on_message(
+        &MessageContext::new("acme", "a/b", &payload),
+        &NoLookup,
+        &mut out,
+        &mut errs,
+    );
+    assert_eq!(out.len(), 2);
+    assert_eq!(out[0].1.value["s"], "OK");
+    assert_eq!(out[1].1.value["s"], "OK");
+    assert_ne!(out[0].1.value["u"], out[1].1.value["u"]);
+}
