@@ -1,5 +1,7 @@
 //! Micro-benchmark of rule evaluation, single thread:
-//! `cargo run --release -p ferrohub-rules --example bench_rules [seconds per case]`.
+//! `cargo run --release -p ferrohub-rules --example bench_rules [seconds per run] [runs] [case]`
+//! (defaults: 1 s, 3 runs, all cases; each case prints the median of its runs; `case` runs only
+//! the cases whose name contains it, e.g. `100`).
 //!
 //! 1. one simple filter rule, `SELECT * FROM 'devices/+/telemetry' WHERE temperature > 30`
 //!    (topic match + WHERE + output for the ~25 % of messages that pass);
@@ -43,41 +45,76 @@ fn messages(n: usize, all_cold: bool) -> Vec<Msg> {
         .collect()
 }
 
-fn run(name: &str, per: Duration, evals_per_msg: u64, mut f: impl FnMut() -> u64) {
-    // Warm up, then run for `per`.
+struct Opts {
+    per: Duration,
+    runs: usize,
+    only: String,
+}
+
+fn run(name: &str, o: &Opts, evals_per_msg: u64, mut f: impl FnMut() -> u64) {
+    if !name.contains(o.only.as_str()) {
+        return;
+    }
+    // Warm up, then `runs` runs of `per` each; the median rate is reported.
     let w = Instant::now();
-    while w.elapsed() < per / 5 {
+    while w.elapsed() < o.per / 5 {
         black_box(f());
     }
-    let start = Instant::now();
-    let (mut msgs, mut hits) = (0u64, 0u64);
-    while start.elapsed() < per {
-        let (m, h) = (1024u64, f());
-        msgs += m;
-        hits += h;
+    let mut rates = Vec::with_capacity(o.runs);
+    let mut cpu_rates = Vec::with_capacity(o.runs);
+    let mut outputs_per_msg = 0.0;
+    for _ in 0..o.runs {
+        let start = Instant::now();
+        let cpu_start = cpu_ns();
+        let (mut msgs, mut hits) = (0u64, 0u64);
+        while start.elapsed() < o.per {
+            let (m, h) = (1024u64, f());
+            msgs += m;
+            hits += h;
+        }
+        rates.push(msgs as f64 / start.elapsed().as_secs_f64());
+        if let (Some(a), Some(b)) = (cpu_start, cpu_ns()) {
+            cpu_rates.push(msgs as f64 / ((b - a) as f64 / 1e9));
+        }
+        outputs_per_msg = hits as f64 / msgs as f64;
     }
-    let secs = start.elapsed().as_secs_f64();
+    let all: Vec<String> = rates.iter().map(|r| format!("{:.0}", r)).collect();
+    rates.sort_by(f64::total_cmp);
+    let median = rates[rates.len() / 2];
+    cpu_rates.sort_by(f64::total_cmp);
+    let cpu = cpu_rates
+        .get(cpu_rates.len() / 2)
+        .map_or(String::new(), |r| {
+            format!("; {r:.0} messages per CPU second")
+        });
     println!(
-        "{name:<58} {:>12.0} messages/s {:>13.0} rule evaluations/s  ({} outputs)",
-        msgs as f64 / secs,
-        (msgs * evals_per_msg) as f64 / secs,
-        hits
+        "{name:<58} {median:>12.0} messages/s {:>13.0} rule evaluations/s  ({outputs_per_msg:.2} outputs/message; runs: {}{cpu})",
+        median * evals_per_msg as f64,
+        all.join(" ")
     );
 }
 
+/// CPU time of this thread in ns (Linux: `/proc/thread-self/schedstat`), which a busy shared
+/// machine disturbs less than wall time.
+fn cpu_ns() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/thread-self/schedstat").ok()?;
+    s.split_whitespace().next()?.parse().ok()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let secs: f64 = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3.0);
-    let per = Duration::from_secs_f64(secs);
+    let arg = |i: usize| std::env::args().nth(i);
+    let o = Opts {
+        per: Duration::from_secs_f64(arg(1).and_then(|s| s.parse().ok()).unwrap_or(1.0)),
+        runs: arg(2).and_then(|s| s.parse().ok()).unwrap_or(3).max(1),
+        only: arg(3).unwrap_or_default(),
+    };
     let stream = messages(1024, false);
     let cold = messages(1024, true);
 
     let simple = Rule::compile("SELECT * FROM 'devices/+/telemetry' WHERE temperature > 30")?;
     run(
         "1 rule: topic match + WHERE + SELECT * (25 % pass)",
-        per,
+        &o,
         1,
         || {
             let mut hits = 0;
@@ -93,7 +130,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             hits
         },
     );
-    run("1 rule: WHERE false (no allocation)", per, 1, || {
+    run("1 rule: WHERE false (no allocation)", &o, 1, || {
         let mut hits = 0;
         for m in &cold {
             let msg = MessageContext::new("acme", &m.topic, &m.payload);
@@ -135,7 +172,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (mut out, mut errs) = (Vec::new(), Vec::new());
     run(
         "100 rules (RuleSet, mixed filters, one topic filter)",
-        per,
+        &o,
         100,
         || {
             let mut hits = 0;

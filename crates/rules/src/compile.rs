@@ -7,7 +7,7 @@ use ferrohub_types::TopicFilter;
 use serde_json::Value as Json;
 
 use crate::error::{EvalError, RuleError};
-use crate::eval::{AggSpec, Emit, Env, Node, RegexFn, Seg};
+use crate::eval::{AggSpec, Emit, Env, FieldCache, NO_CALL, NO_FIELD, Node, RegexFn, Seg};
 use crate::functions::FUNCTIONS;
 use crate::state::{AggKind, SlotKind, SlotState};
 use crate::syntax::{BinOp, Expr, Parser, Pos, SelectItem, Statement, WindowSpec};
@@ -65,6 +65,12 @@ pub struct CompiledRule {
     pub(crate) slot_kinds: Vec<SlotKind>,
     pub(crate) aggs: Vec<AggSpec>,
     pub(crate) carried: Vec<Node>,
+    /// Distinct payload paths read by the rule, indexed by the path ids of [`Node::Payload`]
+    /// (a [`crate::RuleSet`] resolves each once per message for all its rules).
+    pub(crate) fields: Vec<Box<[Seg]>>,
+    /// Message-only function calls of the rule, indexed by the call ids of [`Node::Call`], as
+    /// structural keys (a [`crate::RuleSet`] evaluates a call shared by rules once per message).
+    pub(crate) calls: Vec<String>,
 }
 
 /// Entry point of the language: `Rule::compile(sql)`.
@@ -199,8 +205,10 @@ impl Compiler {
             Expr::Int(i) => Node::Const(Val::Int(*i)),
             Expr::Dec(d) => Node::Const(crate::value::dec_val(*d)),
             Expr::Str(s) => Node::Const(Val::Str(Cow::Owned(s.clone()))),
-            Expr::Ident(name, _) => Node::Payload(Box::new([Seg::Key(name.as_str().into())])),
-            Expr::Star(_) => Node::Payload(Box::new([])),
+            Expr::Ident(name, _) => {
+                Node::Payload(Box::new([Seg::Key(name.as_str().into())]), NO_FIELD)
+            }
+            Expr::Star(_) => Node::Payload(Box::new([]), NO_FIELD),
             Expr::Field(base, key) => {
                 let base = self.expr(base, mode)?;
                 push_seg(base, Seg::Key(key.as_str().into()))
@@ -470,7 +478,9 @@ impl Compiler {
             return Err(unknown_function(name, pos));
         };
         arity(*min, *max)?;
-        Ok(Node::Call(*f, self.args(args, mode)?))
+        // `newuuid()` differs at each call: never shared between rules.
+        let id = if name == "newuuid" { NO_CALL } else { 0 };
+        Ok(Node::Call(*f, self.args(args, mode)?, id))
     }
 }
 
@@ -506,10 +516,10 @@ fn first_line(s: &str) -> String {
 
 fn push_seg(base: Node, seg: Seg) -> Node {
     match base {
-        Node::Payload(segs) => {
+        Node::Payload(segs, _) => {
             let mut v = segs.into_vec();
             v.push(seg);
-            Node::Payload(v.into_boxed_slice())
+            Node::Payload(v.into_boxed_slice(), NO_FIELD)
         }
         other => Node::Get(Box::new(other), seg),
     }
@@ -565,7 +575,7 @@ impl CompiledRule {
                 }
             }
         }
-        let where_ = match &st.where_ {
+        let mut where_ = match &st.where_ {
             Some(w) => {
                 if c.windowed && is_window_level(w) {
                     let pos = expr_pos(w).unwrap_or(st.from_pos);
@@ -583,7 +593,7 @@ impl CompiledRule {
             }
             None => None,
         };
-        let key = match &st.group_by {
+        let mut key = match &st.group_by {
             Some((g, pos)) => {
                 if is_window_level(g) {
                     return Err(RuleError::new(
@@ -595,6 +605,43 @@ impl CompiledRule {
             }
             None => None,
         };
+        // Number the message-only calls (by structure, before any id inside them is set), then
+        // the distinct payload paths.
+        let mut roots: Vec<&mut Node> = items
+            .iter_mut()
+            .filter_map(|it| match it {
+                Item::Expr(_, n) => Some(n),
+                Item::Star => None,
+            })
+            .chain(where_.iter_mut())
+            .chain(key.iter_mut())
+            .chain(c.aggs.iter_mut().filter_map(|a| a.arg.as_mut()))
+            .chain(c.carried.iter_mut())
+            .collect();
+        let mut calls: Vec<String> = Vec::new();
+        let mut fields: Vec<Box<[Seg]>> = Vec::new();
+        for n in &mut roots {
+            n.number_calls(&mut |call| {
+                let k = format!("{call:?}");
+                let id = calls.iter().position(|c| *c == k).unwrap_or(calls.len());
+                if id == calls.len() {
+                    calls.push(k);
+                }
+                id as u32
+            });
+        }
+        for n in &mut roots {
+            n.number_paths(&mut |segs| {
+                let id = fields
+                    .iter()
+                    .position(|f| **f == *segs)
+                    .unwrap_or(fields.len());
+                if id == fields.len() {
+                    fields.push(segs.into());
+                }
+                id as u32
+            });
+        }
         Ok(CompiledRule {
             sql: sql.to_string(),
             filter,
@@ -606,6 +653,8 @@ impl CompiledRule {
             slot_kinds: c.slots.iter().map(|s| s.1).collect(),
             aggs: c.aggs,
             carried: c.carried,
+            fields,
+            calls,
         })
     }
 
@@ -645,7 +694,7 @@ impl CompiledRule {
         if self.is_stateful() {
             return Err(EvalError::NeedsState);
         }
-        self.run(msg, lookup, &mut [], 0)
+        self.run(msg, lookup, &mut [], 0, None)
     }
 
     /// Evaluates only the WHERE clause of a stateless rule (no output is built).
@@ -658,6 +707,7 @@ impl CompiledRule {
             lookup,
             emit: None,
             seq: 0,
+            fields: None,
         };
         Ok(self
             .where_
@@ -671,12 +721,14 @@ impl CompiledRule {
         lookup: &dyn Lookup,
         slots: &mut [SlotState],
         seq: u64,
+        fields: Option<&FieldCache<'_>>,
     ) -> Result<Option<Json>, EvalError> {
         let env = Env {
             msg,
             lookup,
             emit: None,
             seq,
+            fields,
         };
         if let Some(w) = &self.where_
             && !matches!(w.eval(&env, slots), Val::Bool(true))
@@ -720,6 +772,7 @@ impl CompiledRule {
             lookup,
             emit: Some(emit),
             seq: 0,
+            fields: None,
         };
         self.project(&env, &mut [])
     }

@@ -1,6 +1,7 @@
 //! The compiled expression tree ([`Node`]) and its evaluator.
 
 use std::borrow::Cow;
+use std::cell::OnceCell;
 use std::cmp::Ordering;
 
 use serde_json::Value as Json;
@@ -13,7 +14,7 @@ use crate::value::{Num, Val, dec_val, sql_cmp, sql_eq};
 use crate::{Lookup, MessageContext};
 
 /// One step of a JSON path, split at compile time.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Seg {
     Key(Box<str>),
     Idx(i64),
@@ -31,8 +32,9 @@ pub(crate) enum RegexFn {
 #[derive(Debug, Clone)]
 pub(crate) enum Node {
     Const(Val<'static>),
-    /// A path from the payload root (empty: the whole payload).
-    Payload(Box<[Seg]>),
+    /// A path from the payload root (empty: the whole payload), and its id among the rule's
+    /// paths ([`NO_FIELD`] for the whole payload; see [`FieldCache`]).
+    Payload(Box<[Seg]>, u32),
     /// A path step applied to a computed value.
     Get(Box<Node>, Seg),
     /// `expr[expr]` with a computed index or key.
@@ -45,7 +47,9 @@ pub(crate) enum Node {
     Is(Box<Node>, bool, IsWhat),
     Case(Option<Box<Node>>, Box<[(Node, Node)]>, Option<Box<Node>>),
     Array(Box<[Node]>),
-    Call(FnPtr, Box<[Node]>),
+    /// A function call, and its id among the rule's message-only calls ([`NO_CALL`]: none;
+    /// see [`FieldCache`]).
+    Call(FnPtr, Box<[Node]>, u32),
     Regex(RegexFn, Option<Box<regex::Regex>>, Box<[Node]>),
     Twin(Option<Box<Node>>),
     Device(Option<Box<Node>>),
@@ -69,6 +73,51 @@ pub(crate) struct Emit {
     pub tenant: String,
 }
 
+/// Path id of a [`Node::Payload`] without one (the whole payload).
+pub(crate) const NO_FIELD: u32 = u32::MAX;
+
+/// Payload paths resolved once per message and shared by the rules of a [`crate::RuleSet`]:
+/// `slots[map[id]]` is `Some(resolve(payload, path))` for the rule's path `id` (`None`: not
+/// resolved, walked directly).
+///
+/// Likewise function calls that depend only on the message and appear in several rules are
+/// evaluated once per message (on first use): `calls[call_map[id]]` for the rule's call `id`.
+pub(crate) struct FieldCache<'a> {
+    /// Rule path id → slot.
+    pub map: &'a [u32],
+    pub slots: &'a [Option<Option<&'a Json>>],
+    /// Rule call id → slot of `calls` ([`NO_CALL`]: not shared).
+    pub call_map: &'a [u32],
+    pub calls: &'a [OnceCell<Val<'static>>],
+}
+
+impl FieldCache<'_> {
+    fn call(&self, id: u32) -> Option<&OnceCell<Val<'static>>> {
+        let slot = *self.call_map.get(id as usize)?;
+        self.calls.get(slot as usize)
+    }
+}
+
+/// The value at `segs` from `v`, if any.
+pub(crate) fn resolve<'a>(mut v: &'a Json, segs: &[Seg]) -> Option<&'a Json> {
+    for s in segs {
+        v = match s {
+            Seg::Key(k) => v.get(k.as_ref())?,
+            Seg::Idx(i) => {
+                let a = v.as_array()?;
+                let len = i64::try_from(a.len()).ok()?;
+                let i = if *i < 0 { len + i } else { *i };
+                if (0..len).contains(&i) {
+                    a.get(i as usize)?
+                } else {
+                    return None;
+                }
+            }
+        };
+    }
+    Some(v)
+}
+
 /// Everything an expression can see.
 pub(crate) struct Env<'a> {
     pub msg: &'a MessageContext<'a>,
@@ -76,6 +125,8 @@ pub(crate) struct Env<'a> {
     pub emit: Option<&'a Emit>,
     /// Arrival sequence number of the message (caches stateful results within one message).
     pub seq: u64,
+    /// Per-message cache of top-level fields (rules run through a [`crate::RuleSet`]).
+    pub fields: Option<&'a FieldCache<'a>>,
 }
 
 /// Aggregate specifications of a windowed rule.
@@ -93,7 +144,16 @@ impl Node {
     pub(crate) fn eval<'a>(&'a self, env: &Env<'a>, slots: &mut [SlotState]) -> Val<'a> {
         match self {
             Node::Const(v) => v.reborrow(),
-            Node::Payload(segs) => walk(env.msg.payload, segs),
+            Node::Payload(segs, id) => {
+                let cached = env.fields.and_then(|c| {
+                    let slot = *c.map.get(*id as usize)?;
+                    *c.slots.get(slot as usize)?
+                });
+                match cached.unwrap_or_else(|| resolve(env.msg.payload, segs)) {
+                    Some(v) => Val::from_json(v),
+                    None => Val::Undefined,
+                }
+            }
             Node::Get(base, seg) => {
                 let v = base.eval(env, slots);
                 match seg {
@@ -178,7 +238,15 @@ impl Node {
                 }
                 Val::Json(Cow::Owned(Json::Array(out)))
             }
-            Node::Call(f, args) => {
+            Node::Call(f, args, id) => {
+                if let Some(cell) = env.fields.and_then(|c| c.call(*id)) {
+                    return cell
+                        .get_or_init(|| {
+                            let a: Args<'a> = args.iter().map(|n| n.eval(env, slots)).collect();
+                            f(a, env).into_owned()
+                        })
+                        .reborrow();
+                }
                 let a: Args<'a> = args.iter().map(|n| n.eval(env, slots)).collect();
                 f(a, env)
             }
@@ -225,26 +293,93 @@ impl Node {
     }
 }
 
-fn walk<'a>(mut v: &'a Json, segs: &[Seg]) -> Val<'a> {
-    for s in segs {
-        let next = match s {
-            Seg::Key(k) => v.get(k.as_ref()),
-            Seg::Idx(i) => v.as_array().and_then(|a| {
-                let len = i64::try_from(a.len()).ok()?;
-                let i = if *i < 0 { len + i } else { *i };
-                if (0..len).contains(&i) {
-                    a.get(i as usize)
-                } else {
-                    None
+/// Call id of a function call that is not shared between rules (`newuuid()`, or one whose
+/// arguments involve state, windows or lookups).
+pub(crate) const NO_CALL: u32 = u32::MAX;
+
+impl Node {
+    /// Applies `f` to each direct child.
+    fn each_child(&mut self, f: &mut dyn FnMut(&mut Node)) {
+        match self {
+            Node::Payload(..)
+            | Node::Const(_)
+            | Node::AggRef(_)
+            | Node::Carried(_)
+            | Node::WindowStart
+            | Node::WindowEnd => {}
+            Node::Get(n, _) | Node::Neg(n) | Node::Not(n) | Node::Is(n, _, _) => f(n),
+            Node::Index(a, b) | Node::And(a, b) | Node::Or(a, b) | Node::Bin(_, a, b) => {
+                f(a);
+                f(b);
+            }
+            Node::Case(op, whens, else_) => {
+                if let Some(n) = op {
+                    f(n);
                 }
-            }),
-        };
-        match next {
-            Some(n) => v = n,
-            None => return Val::Undefined,
+                for (w, t) in whens.iter_mut() {
+                    f(w);
+                    f(t);
+                }
+                if let Some(n) = else_ {
+                    f(n);
+                }
+            }
+            Node::Array(ns)
+            | Node::Call(_, ns, _)
+            | Node::Regex(_, _, ns)
+            | Node::Stateful(_, _, ns) => ns.iter_mut().for_each(f),
+            Node::Twin(n) | Node::Device(n) => {
+                if let Some(n) = n {
+                    f(n);
+                }
+            }
         }
     }
-    Val::from_json(v)
+
+    /// Calls `f` on the path of every [`Node::Payload`] with a non-empty path and stores the id
+    /// it returns.
+    pub(crate) fn number_paths(&mut self, f: &mut dyn FnMut(&[Seg]) -> u32) {
+        if let Node::Payload(segs, id) = self
+            && !segs.is_empty()
+        {
+            *id = f(segs);
+        }
+        self.each_child(&mut |n| n.number_paths(f));
+    }
+
+    /// Whether the value depends only on the message (no state, window, lookup or randomness),
+    /// so that rules may share it.
+    fn message_only(&mut self) -> bool {
+        let mut ok = !matches!(
+            self,
+            Node::Stateful(..)
+                | Node::AggRef(_)
+                | Node::Carried(_)
+                | Node::WindowStart
+                | Node::WindowEnd
+                | Node::Twin(_)
+                | Node::Device(_)
+                | Node::Call(_, _, NO_CALL)
+        );
+        self.each_child(&mut |n| ok &= n.message_only());
+        ok
+    }
+
+    /// Calls `f` on every function call that depends only on the message (outermost first, before
+    /// any path or inner call is numbered) and stores the id it returns.
+    pub(crate) fn number_calls(&mut self, f: &mut dyn FnMut(&Node) -> u32) {
+        if matches!(self, Node::Call(_, _, id) if *id != NO_CALL) {
+            let id = if self.message_only() {
+                f(self)
+            } else {
+                NO_CALL
+            };
+            if let Node::Call(_, _, slot) = self {
+                *slot = id;
+            }
+        }
+        self.each_child(&mut |n| n.number_calls(f));
+    }
 }
 
 fn regex_fn<'a>(kind: RegexFn, pre: Option<&regex::Regex>, a: &Args<'a>) -> Val<'a> {

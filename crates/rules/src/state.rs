@@ -14,7 +14,7 @@ use smallvec::SmallVec;
 
 use crate::compile::CompiledRule;
 use crate::error::EvalError;
-use crate::eval::{Emit, Env, eval_owned};
+use crate::eval::{Emit, Env, FieldCache, eval_owned};
 use crate::functions::Args;
 use crate::value::{Val, dec_val, num_val};
 use crate::{Lookup, MessageContext};
@@ -344,7 +344,7 @@ impl RuleRunner {
         if !self.rule.matches_topic(msg.topic) {
             return Ok(());
         }
-        self.process(msg, lookup, out)
+        self.process(msg, lookup, out, None)
     }
 
     /// `on_message` for a message already known to match the topic filter.
@@ -353,11 +353,12 @@ impl RuleRunner {
         msg: &MessageContext<'_>,
         lookup: &dyn Lookup,
         out: &mut Vec<Output>,
+        fields: Option<&FieldCache<'_>>,
     ) -> Result<(), EvalError> {
         self.seq += 1;
         let seq = self.seq;
         if !self.rule.is_stateful() {
-            if let Some(value) = self.rule.run(msg, lookup, &mut [], seq)? {
+            if let Some(value) = self.rule.run(msg, lookup, &mut [], seq, fields)? {
                 out.push(Output {
                     value,
                     window: None,
@@ -372,6 +373,7 @@ impl RuleRunner {
             lookup,
             emit: None,
             seq,
+            fields,
         };
         let Some(window) = rule.window() else {
             let key = rule.key_of(&env);
@@ -380,7 +382,7 @@ impl RuleRunner {
             if ks.slots.len() != n {
                 ks.slots = vec![SlotState::default(); n];
             }
-            if let Some(value) = rule.run(msg, lookup, &mut ks.slots, seq)? {
+            if let Some(value) = rule.run(msg, lookup, &mut ks.slots, seq, fields)? {
                 out.push(Output {
                     value,
                     window: None,
