@@ -327,20 +327,25 @@ function mergeDiff(from, to) {
 }
 
 function renderTwin(section, base, t, id, signal) {
-  let doc = null;
+  // `edited`: the desired state and document version the editor started from. The patch is
+  // computed against it and sent with If-Match on that version.
+  let edited = null;
   let dirty = false;
   const desired = h('textarea', { id: 'desired-editor', spellcheck: 'false', 'aria-describedby': 'desired-help desired-status', oninput: () => { dirty = true; validate(); } });
   const status = h('p', { id: 'desired-status', role: 'status', 'aria-live': 'polite' });
   const reported = h('pre', { class: 'json', id: 'twin-reported', tabindex: 0, 'aria-label': 'Reported state' });
   const delta = h('pre', { class: 'json', id: 'twin-delta', tabindex: 0, 'aria-label': 'Delta', 'aria-live': 'polite' });
+  const acks = h('ul', { id: 'twin-acks', class: 'acks', 'aria-label': 'What the device did with each desired key' });
   const version = h('span', { class: 'notice', id: 'twin-version' });
   const save = h('button', { type: 'submit', id: 'desired-save' }, 'Save desired');
   const validate = () => {
     try {
       const v = JSON.parse(desired.value || '{}');
       if (!v || typeof v !== 'object' || Array.isArray(v)) throw new Error('desired must be a JSON object');
-      status.textContent = dirty ? 'Unsaved changes.' : '';
-      status.className = 'notice';
+      // A live reload of the twin keeps "Saved" or a conflict on screen; it clears only what
+      // validation itself wrote.
+      if (dirty) { status.textContent = 'Unsaved changes.'; status.className = 'notice'; }
+      else if (status.className === 'error' || status.textContent === 'Unsaved changes.') { status.textContent = ''; status.className = 'notice'; }
       save.disabled = false;
       return v;
     } catch (e) {
@@ -351,35 +356,59 @@ function renderTwin(section, base, t, id, signal) {
     }
   };
   const show = (d, replaceEditor) => {
-    doc = d;
     version.textContent = `version ${d.version}`;
     reported.textContent = json(d.reported);
     delta.textContent = Object.keys(d.delta || {}).length ? json(d.delta) : '{} — in sync';
-    if (replaceEditor || !dirty) { desired.value = json(d.desired); dirty = false; validate(); }
+    acks.replaceChildren(...Object.entries(d.acks || {}).map(([key, a]) =>
+      h('li', { 'data-key': key, 'data-status': a.status }, h('span', { class: 'mono' }, key), `: ${a.status}`, a.reason ? ` — ${a.reason}` : '')));
+    if (replaceEditor || !dirty) {
+      edited = { desired: d.desired || {}, version: d.version };
+      desired.value = json(d.desired);
+      dirty = false;
+      validate();
+    }
   };
-  const load = replaceEditor => get(base + '/twins/default', { signal }).then(d => show(d, replaceEditor));
+  const load = replaceEditor => get(base + '/twins/default', { signal }).then(d => { show(d, replaceEditor); return d; });
+  const sameJson = (a, b) => JSON.stringify(a ?? {}) === JSON.stringify(b ?? {});
   const form = h('form', {
     onsubmit: async e => {
       e.preventDefault();
       const next = validate();
-      if (!next || !doc) return;
-      const patch = mergeDiff(doc.desired || {}, next);
+      if (!next || !edited) return;
+      const patch = mergeDiff(edited.desired, next);
       if (!Object.keys(patch).length) { status.textContent = 'Nothing changed.'; return; }
       save.disabled = true;
-      try {
-        const { body } = await call('PATCH', base + '/twins/default/desired', { body: patch, headers: { 'If-Match': `"${doc.version}"` } });
-        dirty = false;
-        show(body, true);
-        status.textContent = `Saved (version ${body.version}).`;
-        status.className = 'ok';
-      } catch (err) {
-        save.disabled = false;
-        if (err.status === 409) {
-          status.replaceChildren(h('span', { class: 'error' }, 'The twin changed since you loaded it. '),
-            h('button', { type: 'button', class: 'secondary', onclick: () => load(true) }, 'Load the current twin'),
-            ' (your edit is discarded; apply it again).');
-        } else status.replaceChildren(errorBox(err));
+      // The version counts reported changes too, which a busy device makes every few seconds:
+      // a 409 is a conflict only if desired itself moved on; otherwise retry on the new version.
+      for (let attempt = 0; attempt < 5; attempt++) {
+        try {
+          const { body } = await call('PATCH', base + '/twins/default/desired', { body: patch, headers: { 'If-Match': `"${edited.version}"` } });
+          dirty = false;
+          show(body, true);
+          status.textContent = `Saved (version ${body.version}).`;
+          status.className = 'ok';
+          return;
+        } catch (err) {
+          if (err.status === 409) {
+            try {
+              const fresh = await get(base + '/twins/default', { signal });
+              if (sameJson(fresh.desired, edited.desired)) { edited.version = fresh.version; continue; }
+            } catch (again) { err = again; }
+            if (err.status === 409) {
+              save.disabled = false;
+              status.replaceChildren(h('span', { class: 'error' }, 'The twin changed since you loaded it. '),
+                h('button', { type: 'button', class: 'secondary', onclick: () => load(true) }, 'Load the current twin'),
+                ' (your edit is discarded; apply it again).');
+              return;
+            }
+          }
+          save.disabled = false;
+          status.replaceChildren(errorBox(err));
+          return;
+        }
       }
+      save.disabled = false;
+      status.replaceChildren(errorBox(new Error('The twin keeps changing; try saving again.')));
     },
   },
   h('label', { for: 'desired-editor' }, 'Desired (JSON)'), desired,
@@ -389,7 +418,7 @@ function renderTwin(section, base, t, id, signal) {
     h('div', { class: 'grid3' },
       h('div', {}, form),
       h('div', {}, h('h3', {}, 'Reported'), reported),
-      h('div', {}, h('h3', {}, 'Delta'), delta)));
+      h('div', {}, h('h3', {}, 'Delta'), delta, h('h3', {}, 'Desired keys'), acks)));
   load(true).catch(e => { if (e.name !== 'AbortError') section.append(errorBox(e)); });
   // Live: every accepted change of this device's twins reloads the document.
   stream(path`/tenants/${t}/twins/watch?device=${id}`, () => {
@@ -423,7 +452,7 @@ function renderCommand(base) {
 }
 
 const RANGES = [
-  { label: '15 min', ms: 9e5, bucket: '15s' },
+  { label: '15 min', ms: 9e5, bucket: '5s' },
   { label: '1 h', ms: 36e5, bucket: '1m' },
   { label: '6 h', ms: 216e5, bucket: '5m' },
   { label: '24 h', ms: 864e5, bucket: '15m' },
