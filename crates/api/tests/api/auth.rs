@@ -58,6 +58,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tokens"),
     ("DELETE", "/tokens/{id}"),
     ("GET", "/audit"),
+    ("GET", "/tenants/{tenant}/overview"),
+    ("GET", "/tenants/{tenant}/overview/stream"),
     ("GET", "/tenants/{tenant}/devices/{device}/twins"),
     ("GET", "/tenants/{tenant}/devices/{device}/twins/{name}"),
     (
