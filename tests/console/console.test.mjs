@@ -72,10 +72,12 @@ test('sign in and see the fleet overview live', async () => {
   await page.getByRole('button', { name: 'Sign in' }).click();
   await page.getByRole('heading', { name: /Fleet overview/ }).waitFor();
   // Several tenants (default, demo): the platform admin picks one.
-  await page.getByLabel('Tenant').selectOption('demo');
+  await page.locator('#tenant-select').selectOption('demo');
   await page.getByRole('heading', { name: 'Fleet overview — demo' }).waitFor();
   await eventually('50 devices in the overview', async () => (await page.locator('#stat-total').textContent()) === '50');
   await page.getByText(/Live · updated/).waitFor();
+  // The platform admin sees the whole hub's message rates (the demo fleet publishes every 2 s).
+  await eventually('a message rate', async () => Number((await page.locator('#stat-in').textContent()).replace(/[^0-9.]/g, '')) > 0);
   await shot('02-overview');
 });
 

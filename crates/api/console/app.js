@@ -138,9 +138,14 @@ function stat(label, id) {
 function renderOverview() {
   const t = tenant();
   const state = h('p', { class: 'notice', role: 'status' }, 'Connecting…');
+  // Hub-wide broker figures come only to platform-wide tokens; the section stays hidden otherwise.
+  const hubStats = h('section', { 'aria-labelledby': 'hub-title', hidden: true },
+    h('h2', { id: 'hub-title' }, 'Whole hub (all tenants)'),
+    h('div', { class: 'stats' }, stat('Messages in / s', 'stat-in'), stat('Messages out / s', 'stat-out'), stat('MQTT connections', 'stat-connections')));
   setView('Overview',
     h('h1', {}, `Fleet overview — ${t}`),
     h('div', { class: 'stats', 'aria-live': 'polite' }, stat('Devices', 'stat-total'), stat('Online', 'stat-online'), stat('Offline', 'stat-offline')),
+    hubStats,
     state);
   const ctrl = new AbortController();
   onCleanup(() => ctrl.abort());
@@ -150,6 +155,13 @@ function renderOverview() {
     document.getElementById('stat-total').textContent = o.devices.total.toLocaleString();
     document.getElementById('stat-online').textContent = o.devices.online.toLocaleString();
     document.getElementById('stat-offline').textContent = o.devices.offline.toLocaleString();
+    if (o.hub) {
+      hubStats.hidden = false;
+      const rate = v => (v === undefined || v === null ? '–' : v.toLocaleString(undefined, { maximumFractionDigits: 1 }));
+      document.getElementById('stat-in').textContent = rate(o.hub.messages_in_per_sec);
+      document.getElementById('stat-out').textContent = rate(o.hub.messages_out_per_sec);
+      document.getElementById('stat-connections').textContent = o.hub.connections.toLocaleString();
+    }
     state.textContent = `Live · updated ${new Date(o.at).toLocaleTimeString()}`;
   }, {
     signal: ctrl.signal,

@@ -34,6 +34,20 @@ use crate::error::ApiError;
 /// under the engine's lock, which must not hold up an async worker.
 pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 
+/// Hub-wide broker counters for the fleet overview (not per tenant: shown to platform tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerFigures {
+    /// Open MQTT connections, all tenants.
+    pub connections: u64,
+    /// PUBLISH packets received since the start.
+    pub messages_received: u64,
+    /// PUBLISH packets sent since the start.
+    pub messages_sent: u64,
+}
+
+/// Reads [`BrokerFigures`] (cheap: a few atomic loads).
+pub type BrokerFiguresSource = Arc<dyn Fn() -> BrokerFigures + Send + Sync>;
+
 /// What the HTTP handlers need.
 #[derive(Clone)]
 pub struct ApiState {
@@ -49,6 +63,8 @@ pub struct ApiState {
     pub commands: Option<Arc<ferrohub_twins::commands::Commands>>,
     /// The telemetry service; `None` answers its routes with 503.
     pub telemetry: Option<Arc<ferrohub_telemetry::service::Telemetry>>,
+    /// The broker's counters for the fleet overview; `None` leaves them out.
+    pub broker: Option<BrokerFiguresSource>,
 }
 
 /// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, the

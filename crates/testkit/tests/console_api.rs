@@ -273,12 +273,24 @@ async fn the_overview_counts_devices_once_and_as_a_stream() {
         assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
         let first = read_events(&mut res, "overview", 1).await;
         assert_eq!(first[0]["devices"]["total"], 3);
+        // A platform token gets the hub-wide broker figures, rates from the second event on.
+        assert!(
+            first[0]["hub"]["messages_received"].is_u64(),
+            "{}",
+            first[0]
+        );
+        assert!(first[0]["hub"].get("messages_in_per_sec").is_none());
         // A device created meanwhile shows in a later figure, without a new request.
         create_devices(&hub, "acme", &["d4"]).await;
         let mut seen = 3;
         for _ in 0..5 {
             let next = read_events(&mut res, "overview", 1).await;
             seen = next[0]["devices"]["total"].as_u64().unwrap();
+            assert!(
+                next[0]["hub"]["messages_in_per_sec"].is_f64(),
+                "{}",
+                next[0]
+            );
             if seen == 4 {
                 break;
             }
@@ -320,10 +332,10 @@ async fn the_overview_stream_respects_auth_tenant_scope_and_bounds() {
             .await
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-        assert_eq!(
-            read_events(&mut res, "overview", 1).await[0]["tenant"],
-            "acme"
-        );
+        let seen = read_events(&mut res, "overview", 1).await;
+        assert_eq!(seen[0]["tenant"], "acme");
+        // Hub-wide figures span every tenant: not for a tenant's token.
+        assert!(seen[0].get("hub").is_none(), "{}", seen[0]);
         // Bounds of the interval; unknown parameters are refused.
         for q in ["?interval=0", "?interval=61", "?interval=x", "?every=2"] {
             let res = stream_request(&hub, "acme", q, Some(&viewer))

@@ -12,16 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use axum::Json;
 use axum::extract::Extension;
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use ferrohub_registry::model::Role;
-use ferrohub_registry::{Registry, RegistryStore};
+use ferrohub_registry::{Actor, Registry, RegistryStore};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use crate::Closing;
 use crate::error::{ApiError, ApiResult, CommonErrors};
 use crate::extract::{ApiPath, ApiQuery, Caller};
+use crate::{ApiState, BrokerFiguresSource, Closing};
 
 /// How many overview streams may be open at once in the process.
 pub const MAX_OVERVIEW_STREAMS: usize = 256;
@@ -39,6 +40,24 @@ pub struct DeviceCounts {
     pub offline: u64,
 }
 
+/// Hub-wide broker figures (all tenants), for platform-wide tokens only.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HubFigures {
+    /// Open MQTT connections.
+    pub connections: u64,
+    /// PUBLISH packets received since the hub started.
+    pub messages_received: u64,
+    /// PUBLISH packets sent since the hub started.
+    pub messages_sent: u64,
+    /// Received per second since the stream's previous event (absent in the first and in
+    /// `GET …/overview`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_in_per_sec: Option<f64>,
+    /// Sent per second since the stream's previous event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_out_per_sec: Option<f64>,
+}
+
 /// The fleet overview of a tenant at one moment.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct Overview {
@@ -48,9 +67,19 @@ pub struct Overview {
     pub at: u64,
     /// Device counts.
     pub devices: DeviceCounts,
+    /// Hub-wide broker figures: only for platform-wide tokens (they span every tenant).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hub: Option<HubFigures>,
 }
 
-async fn take(registry: &Registry, tenant: &str) -> Result<Overview, ApiError> {
+/// The figures now; `previous` (the stream's last event) gives the per-second rates.
+async fn take(
+    registry: &Registry,
+    actor: &Actor,
+    broker: Option<&BrokerFiguresSource>,
+    tenant: &str,
+    previous: Option<&Overview>,
+) -> Result<Overview, ApiError> {
     let total = registry
         .store()
         .count_devices(tenant)
@@ -61,6 +90,22 @@ async fn take(registry: &Registry, tenant: &str) -> Result<Overview, ApiError> {
     let at = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
+    let hub = broker.filter(|_| actor.tenant.is_none()).map(|read| {
+        let now = read();
+        let rate = |current: u64, before: Option<u64>| {
+            let (prev_at, before) = (previous?.at, before?);
+            let secs = at.checked_sub(prev_at).filter(|ms| *ms > 0)? as f64 / 1000.0;
+            Some(current.saturating_sub(before) as f64 / secs)
+        };
+        let prev = previous.and_then(|p| p.hub.as_ref());
+        HubFigures {
+            connections: now.connections,
+            messages_received: now.messages_received,
+            messages_sent: now.messages_sent,
+            messages_in_per_sec: rate(now.messages_received, prev.map(|p| p.messages_received)),
+            messages_out_per_sec: rate(now.messages_sent, prev.map(|p| p.messages_sent)),
+        }
+    });
     Ok(Overview {
         tenant: tenant.to_string(),
         at,
@@ -69,6 +114,7 @@ async fn take(registry: &Registry, tenant: &str) -> Result<Overview, ApiError> {
             online,
             offline: total - online,
         },
+        hub,
     })
 }
 
@@ -78,10 +124,13 @@ async fn take(registry: &Registry, tenant: &str) -> Result<Overview, ApiError> {
     responses((status = 200, description = "The overview", body = Overview), CommonErrors))]
 pub async fn get_overview(
     c: Caller,
+    State(state): State<ApiState>,
     ApiPath(tenant): ApiPath<String>,
 ) -> ApiResult<Json<Overview>> {
     c.actor.require(Role::Viewer, Some(&tenant))?;
-    Ok(Json(take(&c.registry, &tenant).await?))
+    Ok(Json(
+        take(&c.registry, &c.actor, state.broker.as_ref(), &tenant, None).await?,
+    ))
 }
 
 /// Query of the overview stream.
@@ -91,6 +140,15 @@ pub async fn get_overview(
 pub struct StreamParams {
     /// Seconds between two figures, 1 to 60 (default 2).
     pub interval: Option<u64>,
+}
+
+/// What a stream reads its figures from, and its previous figures (for rates).
+struct Source {
+    registry: Arc<Registry>,
+    actor: Actor,
+    broker: Option<BrokerFiguresSource>,
+    tenant: Arc<str>,
+    previous: Option<Overview>,
 }
 
 /// Decrements the open-stream count when a stream ends (client gone, or shutdown).
@@ -125,6 +183,7 @@ impl Drop for StreamSlot {
         CommonErrors))]
 pub async fn overview_stream(
     c: Caller,
+    State(state): State<ApiState>,
     closing: Option<Extension<Closing>>,
     ApiPath(tenant): ApiPath<String>,
     ApiQuery(p): ApiQuery<StreamParams>,
@@ -156,17 +215,36 @@ pub async fn overview_stream(
     });
     let mut ticker = tokio::time::interval(Duration::from_secs(every));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let state = (registry, tenant, ticker, closing, slot);
-    let stream = futures_util::stream::unfold(state, |mut s| async move {
-        let (registry, tenant, ticker, closing, _) = &mut s;
+    let source = Source {
+        registry,
+        actor: c.actor,
+        broker: state.broker,
+        tenant,
+        previous: None,
+    };
+    let s = (source, ticker, closing, slot);
+    let stream = futures_util::stream::unfold(s, |mut s| async move {
+        let (source, ticker, closing, _) = &mut s;
         tokio::select! {
             () = closing.as_mut() => return None,
             _ = ticker.tick() => {}
         }
-        let event = match take(registry, tenant).await {
-            Ok(o) => serde_json::to_string(&o)
-                .map(|data| Event::default().event("overview").data(data))
-                .unwrap_or_else(|_| Event::default().comment("unserialisable")),
+        let taken = take(
+            &source.registry,
+            &source.actor,
+            source.broker.as_ref(),
+            &source.tenant,
+            source.previous.as_ref(),
+        )
+        .await;
+        let event = match taken {
+            Ok(o) => {
+                let event = serde_json::to_string(&o)
+                    .map(|data| Event::default().event("overview").data(data))
+                    .unwrap_or_else(|_| Event::default().comment("unserialisable"));
+                source.previous = Some(o);
+                event
+            }
             Err(e) => Event::default().event("error").data(e.message),
         };
         Some((Ok(event), s))

@@ -442,6 +442,7 @@ async fn without_a_registry_the_api_answers_503() {
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
+            broker: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
@@ -491,6 +492,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
                 ));
             }),
             registry: None,
+            broker: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
