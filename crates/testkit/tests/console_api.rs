@@ -351,7 +351,7 @@ async fn the_overview_stream_respects_auth_tenant_scope_and_bounds() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn open_overview_streams_end_when_the_hub_shuts_down() {
+async fn open_event_streams_end_when_the_hub_shuts_down() {
     bounded(async {
         let hub = TestHub::start().await.unwrap();
         let mut res = stream_request(&hub, "default", "?interval=60", Some(TEST_ADMIN_TOKEN))
@@ -360,6 +360,32 @@ async fn open_overview_streams_end_when_the_hub_shuts_down() {
             .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         read_events(&mut res, "overview", 1).await;
+        // The console's other stream, a device's twin changes, ends the same way.
+        admin(
+            &hub,
+            Method::POST,
+            "/tenants/default/devices",
+            Some(json!({"id": "w1"})),
+        )
+        .await;
+        let mut watch = reqwest::Client::new()
+            .get(format!(
+                "{}/tenants/default/twins/watch?device=w1",
+                hub.api_url()
+            ))
+            .bearer_auth(TEST_ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(watch.status(), StatusCode::OK);
+        admin(
+            &hub,
+            Method::PATCH,
+            "/tenants/default/devices/w1/twins/default/desired",
+            Some(json!({"a": 1})),
+        )
+        .await;
+        read_events(&mut watch, "change", 1).await;
         // Shutdown does not wait for the client to hang up: it ends the stream.
         tokio::time::timeout(Duration::from_secs(15), hub.stop())
             .await
@@ -369,6 +395,11 @@ async fn open_overview_streams_end_when_the_hub_shuts_down() {
         })
         .await;
         assert!(end.is_ok(), "the stream ended");
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = watch.chunk().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "the twin watch ended");
     })
     .await;
 }
