@@ -163,3 +163,22 @@ test('invoke ping on the demo device and see its response', async () => {
   });
   await shot('08-command');
 });
+
+test('credentials: a new password as a mosquitto_pub line, a certificate bundle to download', async () => {
+  await page.getByRole('button', { name: 'New password' }).click();
+  await eventually('the mosquitto_pub line', async () => {
+    const text = await page.locator('#credential-out').textContent();
+    return text.includes(`mosquitto_pub -h`) && text.includes(`-u demo/${DEVICE} -P '`);
+  });
+  await page.getByRole('button', { name: 'New certificate' }).click();
+  const link = page.getByRole('link', { name: `${DEVICE}.pem` });
+  await link.waitFor();
+  const download = page.waitForEvent('download');
+  await link.click();
+  const file = await (await download).path();
+  const { readFileSync } = await import('node:fs');
+  assert.match(readFileSync(file, 'utf8'), /BEGIN CERTIFICATE/);
+  await page.getByRole('link', { name: `${DEVICE}.key` }).waitFor();
+  await page.getByRole('link', { name: 'ca.pem' }).waitFor();
+  await shot('09-credentials');
+});

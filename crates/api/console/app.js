@@ -289,6 +289,7 @@ function renderDevice(id) {
         try { await call('PATCH', base, { body: { status: d.status === 'enabled' ? 'disabled' : 'enabled' } }); announce('Device status changed'); loadInfo(); } catch (e) { info.append(errorBox(e)); }
       } }, d.status === 'enabled' ? 'Disable' : 'Enable'),
       h('button', { type: 'button', class: 'secondary', onclick: () => resetPassword(d) }, 'New password'),
+      h('button', { type: 'button', class: 'secondary', onclick: () => issueCertificate(d) }, 'New certificate'),
       h('button', { type: 'button', class: 'secondary', onclick: async () => {
         if (!confirm(`Delete device ${d.id}? Its credentials and twin go with it.`)) return;
         try { await call('DELETE', base); location.hash = '#/devices'; } catch (e) { info.append(errorBox(e)); }
@@ -316,6 +317,25 @@ function renderDevice(id) {
       const cmd = `mosquitto_pub -h ${host} -p 1883 -u ${t}/${d.id} -P '${body.secret}' -i ${d.id} -q 1 -t devices/${d.id}/telemetry -m '{"temp": 21.5}'`;
       out.replaceChildren(h('p', {}, 'New password (shown only now; the device\'s older passwords stay valid until revoked):'),
         h('pre', { class: 'json' }, cmd));
+    } catch (e) { out.replaceChildren(errorBox(e)); }
+  };
+
+  // A certificate from the tenant's built-in CA with a generated key: the bundle is offered as
+  // files (the key is in this answer only) with the matching mosquitto_pub line.
+  const issueCertificate = async d => {
+    const out = document.getElementById('credential-out');
+    try {
+      const { body } = await call('POST', base + '/credentials', { body: { kind: 'certificate' } });
+      const file = (name, text) => {
+        const url = URL.createObjectURL(new Blob([text], { type: 'application/x-pem-file' }));
+        onCleanup(() => URL.revokeObjectURL(url));
+        return h('a', { href: url, download: name, class: 'download' }, name);
+      };
+      const host = location.hostname || 'localhost';
+      const cmd = `mosquitto_pub -h ${host} -p 8883 --cafile ca.pem --cert ${d.id}.pem --key ${d.id}.key -i ${d.id} -q 1 -t devices/${d.id}/telemetry -m '{"temp": 21.5}'`;
+      out.replaceChildren(h('p', {}, 'New certificate (download the key now: it is not kept). Files: ',
+        file(`${d.id}.pem`, body.certificate_pem), ' · ', file(`${d.id}.key`, body.private_key_pem), ' · ', file('ca.pem', body.ca_pem)),
+      h('pre', { class: 'json' }, cmd));
     } catch (e) { out.replaceChildren(errorBox(e)); }
   };
 
