@@ -182,3 +182,25 @@ test('credentials: a new password as a mosquitto_pub line, a certificate bundle 
   await page.getByRole('link', { name: 'ca.pem' }).waitFor();
   await shot('09-credentials');
 });
+
+test('keyboard only on a tablet-sized screen: skip link, search, open a device', async () => {
+  await page.setViewportSize({ width: 820, height: 1180 });
+  await page.goto(hub.url + '/#/devices');
+  await page.getByRole('heading', { name: 'Devices — demo' }).waitFor();
+  // The skip link leads to the content; a page change also moves focus there.
+  await page.locator('.skip').focus();
+  await page.keyboard.press('Enter');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'main');
+  await page.keyboard.press('Tab');
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'search');
+  await page.keyboard.type('demo-1');
+  await page.keyboard.press('Enter');
+  await eventually('ten matches', async () => (await page.locator('tbody tr').count()) === 10
+    && (await page.locator('tbody tr a').first().textContent()) === 'demo-10');
+  await page.locator('tbody tr a').first().focus();
+  await page.keyboard.press('Enter');
+  await page.getByRole('heading', { name: 'demo-10', exact: true }).waitFor();
+  // Nothing wider than the screen.
+  assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth));
+  await shot('10-tablet-device');
+});

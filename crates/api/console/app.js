@@ -66,6 +66,8 @@ async function route() {
 }
 
 window.addEventListener('hashchange', route);
+// The skip link must not change the hash (the router owns it): it only moves focus.
+document.querySelector('.skip').addEventListener('click', e => { e.preventDefault(); main.focus(); });
 setUnauthenticatedHandler(() => signOut('Your session ended: the token is no longer valid. Sign in again.'));
 
 // ---- sign-in, tenants, sign-out ----------------------------------------------------------------
@@ -393,6 +395,7 @@ function renderTwin(section, base, t, id, signal) {
     delta.textContent = Object.keys(d.delta || {}).length ? json(d.delta) : '{} — in sync';
     acks.replaceChildren(...Object.entries(d.acks || {}).map(([key, a]) =>
       h('li', { 'data-key': key, 'data-status': a.status }, h('span', { class: 'mono' }, key), `: ${a.status}`, a.reason ? ` — ${a.reason}` : '')));
+    if (!acks.children.length) acks.append(h('li', { class: 'notice' }, 'No desired key set yet.'));
     if (replaceEditor || !dirty) {
       edited = { desired: d.desired || {}, version: d.version };
       desired.value = json(d.desired);
