@@ -721,6 +721,14 @@ impl Hub {
                 twins: Some(twins.clone()),
                 commands: Some(commands.clone()),
                 telemetry: telemetry.clone(),
+                broker: {
+                    let m = broker.metrics.clone();
+                    Some(Arc::new(move || ferrohub_api::BrokerFigures {
+                        connections: m.connections.load(Ordering::Relaxed).max(0) as u64,
+                        messages_received: m.received_total(),
+                        messages_sent: m.sent_total(),
+                    }))
+                },
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();

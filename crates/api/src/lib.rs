@@ -4,9 +4,11 @@
 //! (listeners are bound and recovered state is loaded) and `/metrics` (Prometheus text), all
 //! unauthenticated — and the operator API under `/api/v1` (bearer tokens; see
 //! `docs/http-api.md`), whose OpenAPI 3.1 document is served at `/api/v1/openapi.json`, and the
-//! InfluxDB v2 write API at `/api/v2/write` ([`influx`]; in the same document).
+//! InfluxDB v2 write API at `/api/v2/write` ([`influx`]; in the same document), and the embedded
+//! operator console at `/` ([`console`]).
 //! Like every server in Ferrohub it takes an already-bound listener and a shutdown future.
 
+pub mod console;
 pub mod error;
 pub mod extract;
 pub mod influx;
@@ -32,6 +34,20 @@ use crate::error::ApiError;
 /// under the engine's lock, which must not hold up an async worker.
 pub type MetricsRenderer = Arc<dyn Fn(&mut String) + Send + Sync>;
 
+/// Hub-wide broker counters for the fleet overview (not per tenant: shown to platform tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerFigures {
+    /// Open MQTT connections, all tenants.
+    pub connections: u64,
+    /// PUBLISH packets received since the start.
+    pub messages_received: u64,
+    /// PUBLISH packets sent since the start.
+    pub messages_sent: u64,
+}
+
+/// Reads [`BrokerFigures`] (cheap: a few atomic loads).
+pub type BrokerFiguresSource = Arc<dyn Fn() -> BrokerFigures + Send + Sync>;
+
 /// What the HTTP handlers need.
 #[derive(Clone)]
 pub struct ApiState {
@@ -47,27 +63,41 @@ pub struct ApiState {
     pub commands: Option<Arc<ferrohub_twins::commands::Commands>>,
     /// The telemetry service; `None` answers its routes with 503.
     pub telemetry: Option<Arc<ferrohub_telemetry::service::Telemetry>>,
+    /// The broker's counters for the fleet overview; `None` leaves them out.
+    pub broker: Option<BrokerFiguresSource>,
 }
 
-/// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, and the
-/// InfluxDB v2 write API (`/api/v2/write`).
+/// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, the
+/// InfluxDB v2 write API (`/api/v2/write`) and the operator console (`/`, `/console/{file}`, and
+/// its shell for any other path outside `/api`).
 pub fn router(state: ApiState) -> Router {
     let (api, _openapi) = v1::build();
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/", get(console::shell))
+        .route("/console/{file}", get(console::asset))
         .merge(api)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
 }
 
-async fn no_route(method: Method, uri: Uri) -> ApiError {
+async fn no_route(
+    method: Method,
+    uri: Uri,
+    headers: axum::http::HeaderMap,
+) -> axum::response::Response {
+    // The console routes on the client: a reload or bookmark of one of its pages gets the shell.
+    if (method == Method::GET || method == Method::HEAD) && console::is_console_path(uri.path()) {
+        return console::shell(method, headers).await;
+    }
     ApiError::not_found(format!(
         "there is no route {method} {}; the operator API is described at /api/v1/openapi.json",
         uri.path()
     ))
+    .into_response()
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
@@ -111,17 +141,37 @@ async fn metrics(State(state): State<ApiState>) -> Result<impl IntoResponse, Api
     ))
 }
 
+/// Tells long-lived responses (Server-Sent Events streams) that the server is shutting down, so
+/// that they end and graceful shutdown does not wait for clients to hang up. [`serve`] adds it to
+/// every request; a router served otherwise has none, and its streams end with their client.
+#[derive(Clone)]
+pub struct Closing(pub tokio::sync::watch::Receiver<bool>);
+
+impl Closing {
+    /// Resolves once the server is shutting down (at once if it already is).
+    pub async fn wait(mut self) {
+        // An error means the sender is gone, which also means the server is stopping.
+        let _ = self.0.wait_for(|closing| *closing).await;
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` resolves. Handlers see the client's address
-/// (`ConnectInfo<SocketAddr>`): API actions are audited with it.
+/// (`ConnectInfo<SocketAddr>`): API actions are audited with it. When `shutdown` resolves, open
+/// event streams are ended (see [`Closing`]) before graceful shutdown waits for requests.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let (closing_tx, closing_rx) = tokio::sync::watch::channel(false);
+    let router = router.layer(axum::Extension(Closing(closing_rx)));
     axum::serve(
         listener,
         router.into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown)
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    })
     .await
 }

@@ -360,6 +360,8 @@ pub struct DeviceQuery {
     pub status: Option<DeviceStatus>,
     /// Name prefix.
     pub name_prefix: Option<String>,
+    /// Id prefix (the console's device search: a range on the primary key, fast at any size).
+    pub id_prefix: Option<String>,
     /// Connected now (as last flushed; at most a second behind).
     pub online: Option<bool>,
 }
@@ -377,6 +379,10 @@ impl DeviceQuery {
                 .name_prefix
                 .as_ref()
                 .is_none_or(|p| d.name.starts_with(p.as_str()))
+            && self
+                .id_prefix
+                .as_ref()
+                .is_none_or(|p| d.id.starts_with(p.as_str()))
             && self.online.is_none_or(|o| d.connectivity.online == o)
     }
 }

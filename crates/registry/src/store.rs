@@ -991,6 +991,12 @@ impl RegistryStore for SqliteStore {
             qb.push(" AND d.name < ");
             qb.push_bind(format!("{p}\u{10FFFF}"));
         }
+        if let Some(p) = &q.id_prefix {
+            qb.push(" AND d.id >= ");
+            qb.push_bind(p);
+            qb.push(" AND d.id < ");
+            qb.push_bind(format!("{p}\u{10FFFF}"));
+        }
         if let Some(o) = q.online {
             qb.push(" AND d.online = ");
             qb.push_bind(i64::from(o));

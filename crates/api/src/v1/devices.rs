@@ -32,7 +32,7 @@ fn parse_bool(name: &str, v: &str) -> Result<bool, ApiError> {
     }
 }
 
-/// Parses `tag=key:value&type=..&status=..&name_prefix=..&online=..&group=..&sort=..&order=..
+/// Parses `tag=key:value&type=..&status=..&name_prefix=..&id_prefix=..&online=..&group=..&sort=..&order=..
 /// &limit=..&cursor=..`.
 pub fn parse_listing(pairs: Vec<(String, String)>) -> Result<DeviceListing, ApiError> {
     let mut l = DeviceListing {
@@ -65,6 +65,7 @@ pub fn parse_listing(pairs: Vec<(String, String)>) -> Result<DeviceListing, ApiE
                 })
             }
             "name_prefix" => l.query.name_prefix = Some(v),
+            "id_prefix" => l.query.id_prefix = Some(v),
             "online" => l.query.online = Some(parse_bool("online", &v)?),
             "group" => l.group = Some(v),
             "sort" => {
@@ -102,7 +103,7 @@ pub fn parse_listing(pairs: Vec<(String, String)>) -> Result<DeviceListing, ApiE
             other => {
                 return Err(ApiError::invalid(format!(
                     "unknown query parameter {other:?}: the filters are tag, type, status, \
-                     name_prefix, online, group, sort, order, limit and cursor"
+                     name_prefix, id_prefix, online, group, sort, order, limit and cursor"
                 )));
             }
         }
@@ -132,6 +133,7 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for DeviceListQuery {
         ("type" = Option<String>, Query, description = "Device type"),
         ("status" = Option<DeviceStatus>, Query, description = "enabled or disabled"),
         ("name_prefix" = Option<String>, Query, description = "Names starting with this"),
+        ("id_prefix" = Option<String>, Query, description = "Ids starting with this"),
         ("online" = Option<bool>, Query, description = "Connected now (as last flushed, at most a second behind)"),
         ("group" = Option<String>, Query, description = "Members of this static or dynamic group"),
         ("sort" = Option<SortKey>, Query, description = "id (default), name, created_at or last_seen"),

@@ -7,6 +7,7 @@ pub mod commands;
 pub mod credentials;
 pub mod devices;
 pub mod import;
+pub mod overview;
 pub mod pki;
 pub mod telemetry;
 pub mod tenants;
@@ -77,6 +78,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "twins", description = "Device twins: desired and reported state, delta, history, fleet queries"),
         (name = "commands", description = "Commands to devices: direct (synchronous) and queued (durable)"),
         (name = "telemetry", description = "Telemetry: writes (device payloads, InfluxDB line protocol), raw points, aggregates, fleet snapshots and aggregates, retention and ingest settings"),
+        (name = "overview", description = "Fleet overview figures of the console, once or streamed"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -145,6 +147,8 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(twins::query_twins))
         .routes(routes!(twins::count_twins))
         .routes(routes!(twins::watch_twins))
+        .routes(routes!(overview::get_overview))
+        .routes(routes!(overview::overview_stream))
         .routes(routes!(commands::invoke_command))
         .routes(routes!(commands::list_queued))
         .routes(routes!(commands::get_queued, commands::cancel_queued))

@@ -328,6 +328,7 @@ pub struct WatchParams {
 pub async fn watch_twins(
     c: Caller,
     State(state): State<ApiState>,
+    closing: Option<axum::extract::Extension<crate::Closing>>,
     ApiPath(tenant): ApiPath<String>,
     ApiQuery(p): ApiQuery<WatchParams>,
 ) -> ApiResult<Sse<impl futures_util::Stream<Item = Result<Event, Infallible>>>> {
@@ -335,11 +336,21 @@ pub async fn watch_twins(
     let rx = twins_of(&state)?.watch();
     let tenant: Arc<str> = Arc::from(tenant.as_str());
     let device = p.device;
-    let stream = futures_util::stream::unfold(rx, move |mut rx| {
+    // Ends when the server shuts down, so that graceful shutdown does not wait for watchers (the
+    // console keeps one open per device page).
+    let closing: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> = match closing {
+        Some(axum::extract::Extension(c)) => Box::pin(c.wait()),
+        None => Box::pin(std::future::pending()),
+    };
+    let stream = futures_util::stream::unfold((rx, closing), move |(mut rx, mut closing)| {
         let (tenant, device) = (tenant.clone(), device.clone());
         async move {
             loop {
-                match rx.recv().await {
+                let received = tokio::select! {
+                    () = closing.as_mut() => return None,
+                    r = rx.recv() => r,
+                };
+                match received {
                     Ok(change) => {
                         if change.tenant != tenant
                             || device.as_deref().is_some_and(|d| d != change.device_id)
@@ -349,12 +360,15 @@ pub async fn watch_twins(
                         let Ok(data) = serde_json::to_string(&change) else {
                             continue;
                         };
-                        return Some((Ok(Event::default().event("change").data(data)), rx));
+                        return Some((
+                            Ok(Event::default().event("change").data(data)),
+                            (rx, closing),
+                        ));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
                         return Some((
                             Ok(Event::default().event("lagged").data(n.to_string())),
-                            rx,
+                            (rx, closing),
                         ));
                     }
                     Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,

@@ -58,6 +58,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tokens"),
     ("DELETE", "/tokens/{id}"),
     ("GET", "/audit"),
+    ("GET", "/tenants/{tenant}/overview"),
+    ("GET", "/tenants/{tenant}/overview/stream"),
     ("GET", "/tenants/{tenant}/devices/{device}/twins"),
     ("GET", "/tenants/{tenant}/devices/{device}/twins/{name}"),
     (
@@ -440,6 +442,7 @@ async fn without_a_registry_the_api_answers_503() {
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
+            broker: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
@@ -489,6 +492,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
                 ));
             }),
             registry: None,
+            broker: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(

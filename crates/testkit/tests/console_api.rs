@@ -1,0 +1,489 @@
+//! The operator console's HTTP surface against an in-process hub: the shell at `/` (and at any
+//! non-API path) with its Content-Security-Policy, the assets' content types, ETag/304 and gzip,
+//! the fleet overview (once and as a Server-Sent Events stream: auth, tenant scope, bounds, end at
+//! shutdown) and the device listing's `id_prefix` search the console uses. Every test is bounded
+//! in time and stops its hub.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use ferrohub_testkit::{TEST_ADMIN_TOKEN, TestHub};
+use reqwest::{Method, StatusCode, header};
+use serde_json::{Value, json};
+
+const TEST_LIMIT: Duration = Duration::from_secs(60);
+
+async fn bounded<F: std::future::Future<Output = ()>>(f: F) {
+    tokio::time::timeout(TEST_LIMIT, f)
+        .await
+        .expect("test did not finish within 60 s");
+}
+
+fn origin(hub: &TestHub) -> String {
+    hub.api_url().trim_end_matches("/api/v1").to_string()
+}
+
+async fn api(
+    hub: &TestHub,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = reqwest::Client::new()
+        .request(method, format!("{}{path}", hub.api_url()))
+        .bearer_auth(token);
+    if let Some(b) = body {
+        req = req
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(b.to_string());
+    }
+    let res = req.send().await.unwrap();
+    let status = res.status().as_u16();
+    let text = res.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn admin(hub: &TestHub, method: Method, path: &str, body: Option<Value>) -> Value {
+    let (status, body) = api(hub, TEST_ADMIN_TOKEN, method, path, body).await;
+    assert!((200..300).contains(&status), "{path}: {status} {body}");
+    body
+}
+
+/// A token of `role` scoped to `tenant`; returns its secret.
+async fn scoped_token(hub: &TestHub, tenant: &str, role: &str) -> String {
+    let r = admin(
+        hub,
+        Method::POST,
+        "/tokens",
+        Some(json!({"name": format!("{role} of {tenant}"), "role": role, "tenant": tenant})),
+    )
+    .await;
+    r["secret"].as_str().unwrap().to_string()
+}
+
+async fn create_devices(hub: &TestHub, tenant: &str, ids: &[&str]) {
+    for id in ids {
+        admin(
+            hub,
+            Method::POST,
+            &format!("/tenants/{tenant}/devices"),
+            Some(json!({"id": id, "name": format!("name of {id}")})),
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shell_is_served_at_the_root_and_any_non_api_path_with_a_strict_csp() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        let http = reqwest::Client::new();
+        for path in ["/", "/devices/d1", "/some/deep/link"] {
+            let res = http
+                .get(format!("{}{path}", origin(&hub)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{path}");
+            let h = res.headers().clone();
+            assert_eq!(h[header::CONTENT_TYPE], "text/html; charset=utf-8");
+            let csp = h[header::CONTENT_SECURITY_POLICY].to_str().unwrap();
+            assert!(csp.starts_with("default-src 'self'"), "{csp}");
+            assert!(
+                csp.contains("script-src 'self'") && !csp.contains("unsafe-inline"),
+                "{csp}"
+            );
+            assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+            assert_eq!(h[header::X_CONTENT_TYPE_OPTIONS], "nosniff");
+            assert_eq!(h[header::CACHE_CONTROL], "no-cache");
+            assert!(h.contains_key(header::ETAG));
+            let body = res.text().await.unwrap();
+            assert!(body.contains("<script type=\"module\" src=\"/console/app.js\">"));
+            // No inline script: every <script> has a src.
+            assert_eq!(
+                body.matches("<script").count(),
+                body.matches("<script type=\"module\" src=").count()
+            );
+        }
+        // The APIs keep their JSON 404s.
+        for path in ["/api/v1/nothing-here", "/api/other", "/console/missing.js"] {
+            let res = http
+                .get(format!("{}{path}", origin(&hub)))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::NOT_FOUND, "{path}");
+            assert_ne!(
+                res.headers()[header::CONTENT_TYPE],
+                "text/html; charset=utf-8",
+                "{path}"
+            );
+        }
+        // A POST to a console path is not the shell.
+        let res = http
+            .post(format!("{}/devices", origin(&hub)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assets_have_their_content_types_etags_304s_and_gzip() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        let http = reqwest::Client::new();
+        for (file, content_type) in [
+            ("index.html", "text/html; charset=utf-8"),
+            ("app.js", "text/javascript; charset=utf-8"),
+            ("api.js", "text/javascript; charset=utf-8"),
+            ("chart.js", "text/javascript; charset=utf-8"),
+            ("app.css", "text/css; charset=utf-8"),
+            ("favicon.svg", "image/svg+xml"),
+        ] {
+            let url = format!("{}/console/{file}", origin(&hub));
+            let res = http.get(&url).send().await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{file}");
+            assert_eq!(res.headers()[header::CONTENT_TYPE], content_type, "{file}");
+            assert!(
+                res.headers().contains_key(header::CONTENT_SECURITY_POLICY),
+                "{file}"
+            );
+            assert!(
+                !res.headers().contains_key(header::CONTENT_ENCODING),
+                "{file}: not asked for gzip"
+            );
+            let etag = res.headers()[header::ETAG].to_str().unwrap().to_string();
+            assert!(etag.starts_with('"') && etag.ends_with('"'), "{etag}");
+            let plain = res.bytes().await.unwrap();
+            assert!(!plain.is_empty());
+
+            // Revalidation: the same ETag is a 304 without a body; another is a 200.
+            let res = http
+                .get(&url)
+                .header(header::IF_NONE_MATCH, &etag)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::NOT_MODIFIED, "{file}");
+            assert_eq!(res.headers()[header::ETAG].to_str().unwrap(), etag);
+            assert!(res.bytes().await.unwrap().is_empty());
+            let res = http
+                .get(&url)
+                .header(header::IF_NONE_MATCH, "\"other\"")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{file}");
+
+            // Gzip when accepted (the SVG icon is too small to gain and stays plain).
+            let res = http
+                .get(&url)
+                .header(header::ACCEPT_ENCODING, "gzip")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            if file != "favicon.svg" {
+                assert_eq!(res.headers()[header::CONTENT_ENCODING], "gzip", "{file}");
+                let gz = res.bytes().await.unwrap();
+                let mut out = Vec::new();
+                std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut out)
+                    .unwrap();
+                assert_eq!(out, plain, "{file}: gzip body decodes to the file");
+            }
+        }
+        let res = http
+            .head(format!("{}/console/app.js", origin(&hub)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        hub.stop().await;
+    })
+    .await;
+}
+
+/// Reads from an event stream until `want` events named `name` arrived; returns their data.
+async fn read_events(res: &mut reqwest::Response, name: &str, want: usize) -> Vec<Value> {
+    let mut buf = String::new();
+    let mut out = Vec::new();
+    while out.len() < want {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), res.chunk())
+            .await
+            .expect("an event within 10 s")
+            .unwrap()
+            .expect("the stream is open");
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        while let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut event = "message";
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(e) = line.strip_prefix("event:") {
+                    event = if e.trim() == name { name } else { "other" };
+                } else if let Some(d) = line.strip_prefix("data:") {
+                    data.push_str(d.trim_start());
+                }
+            }
+            if event == name {
+                out.push(serde_json::from_str(&data).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn stream_request(
+    hub: &TestHub,
+    tenant: &str,
+    query: &str,
+    token: Option<&str>,
+) -> reqwest::RequestBuilder {
+    let req = reqwest::Client::new().get(format!(
+        "{}/tenants/{tenant}/overview/stream{query}",
+        hub.api_url()
+    ));
+    match token {
+        Some(t) => req.bearer_auth(t),
+        None => req,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_counts_devices_once_and_as_a_stream() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        admin(&hub, Method::POST, "/tenants", Some(json!({"id": "acme"}))).await;
+        create_devices(&hub, "acme", &["d1", "d2", "d3"]).await;
+        let o = admin(&hub, Method::GET, "/tenants/acme/overview", None).await;
+        assert_eq!(o["tenant"], "acme");
+        assert_eq!(o["devices"], json!({"total": 3, "online": 0, "offline": 3}));
+        assert!(o["at"].as_u64().unwrap() > 0);
+
+        let mut res = stream_request(&hub, "acme", "?interval=1", Some(TEST_ADMIN_TOKEN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+        let first = read_events(&mut res, "overview", 1).await;
+        assert_eq!(first[0]["devices"]["total"], 3);
+        // A platform token gets the hub-wide broker figures, rates from the second event on.
+        assert!(
+            first[0]["hub"]["messages_received"].is_u64(),
+            "{}",
+            first[0]
+        );
+        assert!(first[0]["hub"].get("messages_in_per_sec").is_none());
+        // A device created meanwhile shows in a later figure, without a new request.
+        create_devices(&hub, "acme", &["d4"]).await;
+        let mut seen = 3;
+        for _ in 0..5 {
+            let next = read_events(&mut res, "overview", 1).await;
+            seen = next[0]["devices"]["total"].as_u64().unwrap();
+            assert!(
+                next[0]["hub"]["messages_in_per_sec"].is_f64(),
+                "{}",
+                next[0]
+            );
+            if seen == 4 {
+                break;
+            }
+        }
+        assert_eq!(seen, 4);
+        drop(res);
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_overview_stream_respects_auth_tenant_scope_and_bounds() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        for t in ["acme", "other"] {
+            admin(&hub, Method::POST, "/tenants", Some(json!({"id": t}))).await;
+        }
+        let viewer = scoped_token(&hub, "acme", "viewer").await;
+
+        let res = stream_request(&hub, "acme", "", None).send().await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let res = stream_request(&hub, "acme", "", Some("fh_wrong_token_0000000000"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        // Another tenant is answered like a missing one.
+        let res = stream_request(&hub, "other", "", Some(&viewer))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        let (status, _) = api(&hub, &viewer, Method::GET, "/tenants/other/overview", None).await;
+        assert_eq!(status, 404);
+        // A viewer of its own tenant may watch.
+        let mut res = stream_request(&hub, "acme", "", Some(&viewer))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let seen = read_events(&mut res, "overview", 1).await;
+        assert_eq!(seen[0]["tenant"], "acme");
+        // Hub-wide figures span every tenant: not for a tenant's token.
+        assert!(seen[0].get("hub").is_none(), "{}", seen[0]);
+        // Bounds of the interval; unknown parameters are refused.
+        for q in ["?interval=0", "?interval=61", "?interval=x", "?every=2"] {
+            let res = stream_request(&hub, "acme", q, Some(&viewer))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::BAD_REQUEST, "{q}");
+        }
+        drop(res);
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_event_streams_end_when_the_hub_shuts_down() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        let mut res = stream_request(&hub, "default", "?interval=60", Some(TEST_ADMIN_TOKEN))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        read_events(&mut res, "overview", 1).await;
+        // The console's other stream, a device's twin changes, ends the same way.
+        admin(
+            &hub,
+            Method::POST,
+            "/tenants/default/devices",
+            Some(json!({"id": "w1"})),
+        )
+        .await;
+        let mut watch = reqwest::Client::new()
+            .get(format!(
+                "{}/tenants/default/twins/watch?device=w1",
+                hub.api_url()
+            ))
+            .bearer_auth(TEST_ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(watch.status(), StatusCode::OK);
+        admin(
+            &hub,
+            Method::PATCH,
+            "/tenants/default/devices/w1/twins/default/desired",
+            Some(json!({"a": 1})),
+        )
+        .await;
+        read_events(&mut watch, "change", 1).await;
+        // Shutdown does not wait for the client to hang up: it ends the stream.
+        tokio::time::timeout(Duration::from_secs(15), hub.stop())
+            .await
+            .expect("the hub stops with a stream open");
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = res.chunk().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "the stream ended");
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = watch.chunk().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "the twin watch ended");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_device_listing_searches_by_id_prefix() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        admin(&hub, Method::POST, "/tenants", Some(json!({"id": "acme"}))).await;
+        create_devices(
+            &hub,
+            "acme",
+            &["pump-1", "pump-2", "pump-10", "valve-1", "pum"],
+        )
+        .await;
+        let ids = |page: &Value| -> Vec<String> {
+            page["items"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let page = admin(
+            &hub,
+            Method::GET,
+            "/tenants/acme/devices?id_prefix=pump-",
+            None,
+        )
+        .await;
+        assert_eq!(ids(&page), ["pump-1", "pump-10", "pump-2"]);
+        let page = admin(
+            &hub,
+            Method::GET,
+            "/tenants/acme/devices?id_prefix=pump-1&sort=id&order=desc",
+            None,
+        )
+        .await;
+        assert_eq!(ids(&page), ["pump-10", "pump-1"]);
+        // Paged: the cursor keeps the filter.
+        let page = admin(
+            &hub,
+            Method::GET,
+            "/tenants/acme/devices?id_prefix=pump&limit=2",
+            None,
+        )
+        .await;
+        // "pum" is shorter than the prefix: not a match.
+        assert_eq!(ids(&page), ["pump-1", "pump-10"]);
+        let cursor = page["next_cursor"].as_str().unwrap();
+        let page = admin(
+            &hub,
+            Method::GET,
+            &format!("/tenants/acme/devices?id_prefix=pump&limit=2&cursor={cursor}"),
+            None,
+        )
+        .await;
+        assert_eq!(ids(&page), ["pump-2"]);
+        // With other filters, and nothing matching.
+        let page = admin(
+            &hub,
+            Method::GET,
+            "/tenants/acme/devices?id_prefix=valve&status=enabled",
+            None,
+        )
+        .await;
+        assert_eq!(ids(&page), ["valve-1"]);
+        let page = admin(
+            &hub,
+            Method::GET,
+            "/tenants/acme/devices?id_prefix=zzz",
+            None,
+        )
+        .await;
+        assert!(ids(&page).is_empty());
+        // The parameter is in the OpenAPI document.
+        let doc = admin(&hub, Method::GET, "/openapi.json", None).await;
+        let params = doc["paths"]["/api/v1/tenants/{tenant}/devices"]["get"]["parameters"]
+            .as_array()
+            .unwrap();
+        assert!(params.iter().any(|p| p["name"] == "id_prefix"));
+        assert!(doc["paths"]["/api/v1/tenants/{tenant}/overview/stream"]["get"].is_object());
+        assert!(doc["paths"]["/api/v1/tenants/{tenant}/overview"]["get"].is_object());
+        hub.stop().await;
+    })
+    .await;
+}
