@@ -13,3 +13,10 @@ pub use error::{Result, RulesError};
 pub use model::{ActionSpec, RuleSpec, StoredRule, WebhookSpec};
 pub use store::{RuleStore, SqliteRuleStore};
 pub use template::Template;
+pub mod actions;
+pub mod service;
+pub mod stats;
+
+pub use actions::{DeadLetter, Publisher};
+pub use service::{DryRun, Inbound, RulesConfig, RulesService, Sample};
+pub use stats::RuleStats;
