@@ -47,6 +47,8 @@ pub struct Hub {
     pub commands: Arc<Commands>,
     /// The telemetry service (`None` when `telemetry.enabled` is false).
     pub telemetry: Option<Arc<Telemetry>>,
+    /// The rules service.
+    pub rules: Arc<ferrohub_rules_service::RulesService>,
     /// The admin token generated at first start (shown once), if one was.
     pub bootstrap_token: Option<String>,
     trigger: ShutdownTrigger,
@@ -129,6 +131,72 @@ impl ferrohub_adapters::mqtt::MessageSink for TelemetrySink {
                 }
             })),
         }
+    }
+}
+
+/// How rule actions publish: through the router as the hub itself, so no rule hears what a rule
+/// republished (loop protection). Reserved `$` topics are refused.
+struct RulesPublisher(std::sync::Weak<Broker>);
+
+impl ferrohub_rules_service::Publisher for RulesPublisher {
+    fn publish(
+        &self,
+        tenant: &str,
+        topic: &str,
+        payload: bytes::Bytes,
+        qos: u8,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        let (tenant, topic) = (TenantId::new(tenant), topic.to_string());
+        Box::pin(async move {
+            if topic.starts_with('$') {
+                return Err(format!(
+                    "`{topic}` is a reserved topic; rules may not publish there"
+                ));
+            }
+            if let Err(e) =
+                ferrohub_types::TopicName::new(&topic, &ferrohub_types::TopicLimits::default())
+            {
+                return Err(format!("`{topic}` is not a valid topic: {e}"));
+            }
+            let Some(broker) = self.0.upgrade() else {
+                return Err("the hub is shutting down".into());
+            };
+            let qos = if qos == 0 {
+                ferrohub_types::QoS::AtMostOnce
+            } else {
+                ferrohub_types::QoS::AtLeastOnce
+            };
+            let p = broker
+                .publish_from_service_with(&tenant, &topic, payload, qos, None)
+                .await;
+            if p.refused {
+                return Err("a subscriber's queue was full or the store refused it".into());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Shows ordinary client publications to the rules service (never blocks the publisher).
+struct RulesTap(Arc<ferrohub_rules_service::RulesService>);
+
+impl ferrohub_adapters::mqtt::MessageTap for RulesTap {
+    fn observe(
+        &self,
+        tenant: &TenantId,
+        message: &Arc<ferrohub_types::Message>,
+        origin: &ferrohub_adapters::mqtt::Origin,
+    ) {
+        self.0.offer(tenant.as_str(), message.topic.as_str(), || {
+            ferrohub_rules_service::Inbound {
+                tenant: Arc::from(tenant.as_str()),
+                topic: message.topic.as_arc().clone(),
+                payload: message.payload.clone(),
+                client_id: origin.client_id.clone(),
+                device: origin.device_id.clone(),
+                timestamp_ms: message.received_at as i64,
+            }
+        });
     }
 }
 
@@ -615,6 +683,25 @@ impl Hub {
         if let Some(t) = &telemetry {
             broker.set_sink(Arc::new(TelemetrySink(t.clone())));
         }
+        let rules_store = if config.storage.persistence {
+            let path = config.data_dir.join("rules.db");
+            ferrohub_rules_service::SqliteRuleStore::open(
+                &path,
+                config.storage.fsync == FsyncMode::Always,
+            )
+            .await
+            .with_context(|| format!("opening the rules database {}", path.display()))?
+        } else {
+            ferrohub_rules_service::SqliteRuleStore::in_memory()
+                .await
+                .context("opening the in-memory rules store")?
+        };
+        let rules = ferrohub_rules_service::RulesService::new(
+            Arc::new(rules_store),
+            Arc::new(RulesPublisher(Arc::downgrade(&broker))),
+            ferrohub_rules_service::RulesConfig::default(),
+        );
+        broker.set_tap(Arc::new(RulesTap(rules.clone())));
         let link: Arc<dyn DeviceLink> = Arc::new(BrokerLink {
             broker: Arc::downgrade(&broker),
             registry: registry.clone(),
@@ -622,6 +709,15 @@ impl Hub {
         twins.set_link(link.clone());
         commands.set_link(link.clone());
         let mut tasks = Vec::new();
+        {
+            let mut sd = shutdown.clone();
+            tasks.push(
+                rules
+                    .start(async move { sd.wait().await })
+                    .await
+                    .context("starting the rules service")?,
+            );
+        }
         {
             let mut sd = shutdown.clone();
             tasks.push(registry.spawn_background(async move { sd.wait().await }));
@@ -721,12 +817,15 @@ impl Hub {
                 twins: Some(twins.clone()),
                 commands: Some(commands.clone()),
                 telemetry: telemetry.clone(),
+                rules: Some(rules.clone()),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
                     let (t, c, d) = (twins.clone(), commands.clone(), device_api.clone());
                     let tm = telemetry.clone();
+                    let rl = rules.clone();
                     Arc::new(move |out: &mut String| {
+                        rl.render_metrics(out);
                         b.render_metrics(out);
                         r.metrics.render(out);
                         t.render_metrics(out);
@@ -774,6 +873,7 @@ impl Hub {
             twins,
             commands,
             telemetry,
+            rules,
             bootstrap_token,
             trigger,
             tasks,

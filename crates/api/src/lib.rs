@@ -47,6 +47,8 @@ pub struct ApiState {
     pub commands: Option<Arc<ferrohub_twins::commands::Commands>>,
     /// The telemetry service; `None` answers its routes with 503.
     pub telemetry: Option<Arc<ferrohub_telemetry::service::Telemetry>>,
+    /// The rules service; `None` answers its routes with 503.
+    pub rules: Option<Arc<ferrohub_rules_service::RulesService>>,
 }
 
 /// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, and the

@@ -437,6 +437,7 @@ async fn without_a_registry_the_api_answers_503() {
             twins: None,
             commands: None,
             telemetry: None,
+            rules: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
@@ -477,6 +478,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             twins: None,
             commands: None,
             telemetry: None,
+            rules: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| {
                 let blocking = std::panic::catch_unwind(|| {
