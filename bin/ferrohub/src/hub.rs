@@ -616,6 +616,25 @@ impl Hub {
             recovered,
             shutdown.clone(),
         );
+        let rules_store = if config.storage.persistence {
+            let path = config.data_dir.join("rules.db");
+            ferrohub_rules_service::SqliteRuleStore::open(
+                &path,
+                config.storage.fsync == FsyncMode::Always,
+            )
+            .await
+            .with_context(|| format!("opening the rules database {}", path.display()))?
+        } else {
+            ferrohub_rules_service::SqliteRuleStore::in_memory()
+                .await
+                .context("opening the in-memory rules store")?
+        };
+        let rules = ferrohub_rules_service::RulesService::new(
+            Arc::new(rules_store),
+            Arc::new(RulesPublisher(Arc::downgrade(&broker))),
+            ferrohub_rules_service::RulesConfig::default(),
+        );
+        broker.set_tap(Arc::new(RulesTap(rules.clone())));
         {
             let b = Arc::downgrade(&broker);
             registry.set_kicker(Arc::new(move |tenant: &TenantId, client_id: &str| {
@@ -626,11 +645,20 @@ impl Hub {
             let b = Arc::downgrade(&broker);
             let t = twins.clone();
             let tm = telemetry.clone();
+            let rl = rules.clone();
             registry.set_purger(Arc::new(move |purge: Purge| {
                 let b = b.upgrade();
                 let t = t.clone();
                 let tm = tm.clone();
+                let rl = rl.clone();
                 Box::pin(async move {
+                    // A deleted tenant's rules stop and go (a tenant created later under the
+                    // same id starts with none).
+                    if let Purge::Tenant(tenant) = &purge
+                        && let Err(e) = rl.forget_tenant(tenant.as_str()).await
+                    {
+                        tracing::error!(error = %e, "deleting a tenant's rules failed");
+                    }
                     // A decommissioned device's telemetry goes with it when its tenant says
                     // so (hidden at once, deleted from disk by the engine's maintainer); kept
                     // points stay until the tenant's retention deletes their days.
@@ -683,25 +711,6 @@ impl Hub {
         if let Some(t) = &telemetry {
             broker.set_sink(Arc::new(TelemetrySink(t.clone())));
         }
-        let rules_store = if config.storage.persistence {
-            let path = config.data_dir.join("rules.db");
-            ferrohub_rules_service::SqliteRuleStore::open(
-                &path,
-                config.storage.fsync == FsyncMode::Always,
-            )
-            .await
-            .with_context(|| format!("opening the rules database {}", path.display()))?
-        } else {
-            ferrohub_rules_service::SqliteRuleStore::in_memory()
-                .await
-                .context("opening the in-memory rules store")?
-        };
-        let rules = ferrohub_rules_service::RulesService::new(
-            Arc::new(rules_store),
-            Arc::new(RulesPublisher(Arc::downgrade(&broker))),
-            ferrohub_rules_service::RulesConfig::default(),
-        );
-        broker.set_tap(Arc::new(RulesTap(rules.clone())));
         let link: Arc<dyn DeviceLink> = Arc::new(BrokerLink {
             broker: Arc::downgrade(&broker),
             registry: registry.clone(),

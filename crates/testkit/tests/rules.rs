@@ -500,3 +500,42 @@ async fn rules_survive_a_restart() {
     assert_eq!(p.topic, "out/x");
     hub.stop().await;
 }
+
+#[tokio::test]
+async fn a_deleted_tenants_rules_go_with_it() {
+    let hub = TestHub::start().await.unwrap();
+    let new_tenant = json!({"id": "tenant-c"});
+    let (status, _) = api(
+        &hub,
+        reqwest::Method::POST,
+        "/tenants",
+        Some(new_tenant.clone()),
+    )
+    .await;
+    assert_eq!(status, 201);
+    create_rule(
+        &hub,
+        "tenant-c",
+        json!({"id": "r", "sql": "SELECT * FROM 'a'"}),
+    )
+    .await;
+    let (status, body) = api(&hub, reqwest::Method::DELETE, "/tenants/tenant-c", None).await;
+    assert!(status == 204 || status == 200, "{status} {body}");
+    let (status, _) = api(&hub, reqwest::Method::POST, "/tenants", Some(new_tenant)).await;
+    assert_eq!(status, 201);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, rules) =
+            api(&hub, reqwest::Method::GET, "/tenants/tenant-c/rules", None).await;
+        assert_eq!(status, 200);
+        if rules == json!([]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old tenant's rules are still there: {rules}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    hub.stop().await;
+}
