@@ -408,3 +408,44 @@ async fn rules_survive_a_restart() {
     assert!(offer(&svc, "a", "x", json!({"k": 1})));
     until("output after restart", || published.lock().len() == 1).await;
 }
+
+#[tokio::test]
+async fn a_full_input_queue_drops_evaluations_visibly() {
+    let store = SqliteRuleStore::in_memory().await.expect("store");
+    let published: Published = Arc::default();
+    let config = RulesConfig {
+        input_queue: 2,
+        ..RulesConfig::default()
+    };
+    // Not started: nothing drains the input queue.
+    let svc = RulesService::new(Arc::new(store), Arc::new(Recorder(published)), config);
+    svc.create("a", "r", republish("SELECT * FROM 'x'", "o"), true)
+        .await
+        .expect("create");
+    svc.create("a", "other", republish("SELECT * FROM 'y'", "o"), true)
+        .await
+        .expect("create");
+    for n in 0..5 {
+        // The offer never blocks and still reports that a rule wanted the message.
+        assert!(offer(&svc, "a", "x", json!({ "n": n })));
+    }
+    let s = svc.stats("a", "r").await.expect("stats");
+    assert_eq!(s.dropped_queue_full, 3);
+    assert_eq!(
+        svc.stats("a", "other")
+            .await
+            .expect("stats")
+            .dropped_queue_full,
+        0
+    );
+    let mut text = String::new();
+    svc.render_metrics(&mut text);
+    assert!(
+        text.contains("ferrohub_rules_input_dropped_total 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ferrohub_rule_dropped{tenant="a",rule="r"} 3"#),
+        "{text}"
+    );
+}
