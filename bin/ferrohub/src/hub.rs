@@ -632,7 +632,7 @@ impl Hub {
         let rules = ferrohub_rules_service::RulesService::new(
             Arc::new(rules_store),
             Arc::new(RulesPublisher(Arc::downgrade(&broker))),
-            ferrohub_rules_service::RulesConfig::default(),
+            config.rules.service_config(),
         );
         broker.set_tap(Arc::new(RulesTap(rules.clone())));
         {
