@@ -207,7 +207,12 @@ impl ErrorAction {
             .and_then(Json::as_str)
             .unwrap_or("")
             .to_string();
-        let ctx = MessageContext::new("", &topic, &doc);
+        let tenant = doc
+            .get("tenant")
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_string();
+        let ctx = MessageContext::new(&tenant, &topic, &doc);
         let job = self.plan.render(&ctx, &NoLookup, &doc);
         if let Err(job) = self.queue.offer(job) {
             self.queue.counters.dead_letters.fetch_add(1, Relaxed);
