@@ -64,6 +64,8 @@ pub struct HubConfig {
     pub commands: ferrohub_twins::commands::CommandsConfig,
     /// Telemetry: ingest topics, payload formats, timestamps, retention, the engine's head.
     pub telemetry: ferrohub_telemetry::service::TelemetryConfig,
+    /// Rules running in the hub: queue bounds and limits.
+    pub rules: RulesSettings,
     /// Logging.
     pub log: LogConfig,
 }
@@ -84,7 +86,48 @@ impl Default for HubConfig {
             twins: ferrohub_twins::TwinsConfig::default(),
             telemetry: ferrohub_telemetry::service::TelemetryConfig::default(),
             commands: ferrohub_twins::commands::CommandsConfig::default(),
+            rules: RulesSettings::default(),
             log: LogConfig::default(),
+        }
+    }
+}
+
+/// `[rules]`: bounds of the rules service's queues (see `docs/rules.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct RulesSettings {
+    /// Messages waiting for evaluation, all tenants; when full, messages are not evaluated
+    /// (counted per rule).
+    pub input_queue: usize,
+    /// Jobs waiting per action of a rule; a job that does not fit becomes a dead letter.
+    pub action_queue: usize,
+    /// Dead letters kept per rule (the oldest are evicted).
+    pub dead_letters: usize,
+    /// Rules per tenant (bounds the per-rule metric series).
+    pub max_rules_per_tenant: usize,
+}
+
+impl Default for RulesSettings {
+    fn default() -> Self {
+        let d = ferrohub_rules_service::RulesConfig::default();
+        RulesSettings {
+            input_queue: d.input_queue,
+            action_queue: d.action_queue,
+            dead_letters: d.dead_letters,
+            max_rules_per_tenant: d.max_rules_per_tenant,
+        }
+    }
+}
+
+impl RulesSettings {
+    /// The rules service's configuration (zero bounds become 1).
+    pub fn service_config(&self) -> ferrohub_rules_service::RulesConfig {
+        ferrohub_rules_service::RulesConfig {
+            input_queue: self.input_queue.max(1),
+            action_queue: self.action_queue.max(1),
+            dead_letters: self.dead_letters.max(1),
+            max_rules_per_tenant: self.max_rules_per_tenant.max(1),
+            ..ferrohub_rules_service::RulesConfig::default()
         }
     }
 }

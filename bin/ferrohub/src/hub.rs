@@ -47,6 +47,8 @@ pub struct Hub {
     pub commands: Arc<Commands>,
     /// The telemetry service (`None` when `telemetry.enabled` is false).
     pub telemetry: Option<Arc<Telemetry>>,
+    /// The rules service.
+    pub rules: Arc<ferrohub_rules_service::RulesService>,
     /// The admin token generated at first start (shown once), if one was.
     pub bootstrap_token: Option<String>,
     trigger: ShutdownTrigger,
@@ -129,6 +131,72 @@ impl ferrohub_adapters::mqtt::MessageSink for TelemetrySink {
                 }
             })),
         }
+    }
+}
+
+/// How rule actions publish: through the router as the hub itself, so no rule hears what a rule
+/// republished (loop protection). Reserved `$` topics are refused.
+struct RulesPublisher(std::sync::Weak<Broker>);
+
+impl ferrohub_rules_service::Publisher for RulesPublisher {
+    fn publish(
+        &self,
+        tenant: &str,
+        topic: &str,
+        payload: bytes::Bytes,
+        qos: u8,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        let (tenant, topic) = (TenantId::new(tenant), topic.to_string());
+        Box::pin(async move {
+            if topic.starts_with('$') {
+                return Err(format!(
+                    "`{topic}` is a reserved topic; rules may not publish there"
+                ));
+            }
+            if let Err(e) =
+                ferrohub_types::TopicName::new(&topic, &ferrohub_types::TopicLimits::default())
+            {
+                return Err(format!("`{topic}` is not a valid topic: {e}"));
+            }
+            let Some(broker) = self.0.upgrade() else {
+                return Err("the hub is shutting down".into());
+            };
+            let qos = if qos == 0 {
+                ferrohub_types::QoS::AtMostOnce
+            } else {
+                ferrohub_types::QoS::AtLeastOnce
+            };
+            let p = broker
+                .publish_from_service_with(&tenant, &topic, payload, qos, None)
+                .await;
+            if p.refused {
+                return Err("a subscriber's queue was full or the store refused it".into());
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Shows ordinary client publications to the rules service (never blocks the publisher).
+struct RulesTap(Arc<ferrohub_rules_service::RulesService>);
+
+impl ferrohub_adapters::mqtt::MessageTap for RulesTap {
+    fn observe(
+        &self,
+        tenant: &TenantId,
+        message: &Arc<ferrohub_types::Message>,
+        origin: &ferrohub_adapters::mqtt::Origin,
+    ) {
+        self.0.offer(tenant.as_str(), message.topic.as_str(), || {
+            ferrohub_rules_service::Inbound {
+                tenant: Arc::from(tenant.as_str()),
+                topic: message.topic.as_arc().clone(),
+                payload: message.payload.clone(),
+                client_id: origin.client_id.clone(),
+                device: origin.device_id.clone(),
+                timestamp_ms: message.received_at as i64,
+            }
+        });
     }
 }
 
@@ -548,6 +616,25 @@ impl Hub {
             recovered,
             shutdown.clone(),
         );
+        let rules_store = if config.storage.persistence {
+            let path = config.data_dir.join("rules.db");
+            ferrohub_rules_service::SqliteRuleStore::open(
+                &path,
+                config.storage.fsync == FsyncMode::Always,
+            )
+            .await
+            .with_context(|| format!("opening the rules database {}", path.display()))?
+        } else {
+            ferrohub_rules_service::SqliteRuleStore::in_memory()
+                .await
+                .context("opening the in-memory rules store")?
+        };
+        let rules = ferrohub_rules_service::RulesService::new(
+            Arc::new(rules_store),
+            Arc::new(RulesPublisher(Arc::downgrade(&broker))),
+            config.rules.service_config(),
+        );
+        broker.set_tap(Arc::new(RulesTap(rules.clone())));
         {
             let b = Arc::downgrade(&broker);
             registry.set_kicker(Arc::new(move |tenant: &TenantId, client_id: &str| {
@@ -558,11 +645,20 @@ impl Hub {
             let b = Arc::downgrade(&broker);
             let t = twins.clone();
             let tm = telemetry.clone();
+            let rl = rules.clone();
             registry.set_purger(Arc::new(move |purge: Purge| {
                 let b = b.upgrade();
                 let t = t.clone();
                 let tm = tm.clone();
+                let rl = rl.clone();
                 Box::pin(async move {
+                    // A deleted tenant's rules stop and go (a tenant created later under the
+                    // same id starts with none).
+                    if let Purge::Tenant(tenant) = &purge
+                        && let Err(e) = rl.forget_tenant(tenant.as_str()).await
+                    {
+                        tracing::error!(error = %e, "deleting a tenant's rules failed");
+                    }
                     // A decommissioned device's telemetry goes with it when its tenant says
                     // so (hidden at once, deleted from disk by the engine's maintainer); kept
                     // points stay until the tenant's retention deletes their days.
@@ -622,6 +718,15 @@ impl Hub {
         twins.set_link(link.clone());
         commands.set_link(link.clone());
         let mut tasks = Vec::new();
+        {
+            let mut sd = shutdown.clone();
+            tasks.push(
+                rules
+                    .start(async move { sd.wait().await })
+                    .await
+                    .context("starting the rules service")?,
+            );
+        }
         {
             let mut sd = shutdown.clone();
             tasks.push(registry.spawn_background(async move { sd.wait().await }));
@@ -729,12 +834,15 @@ impl Hub {
                         messages_sent: m.sent_total(),
                     }))
                 },
+                rules: Some(rules.clone()),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
                     let (t, c, d) = (twins.clone(), commands.clone(), device_api.clone());
                     let tm = telemetry.clone();
+                    let rl = rules.clone();
                     Arc::new(move |out: &mut String| {
+                        rl.render_metrics(out);
                         b.render_metrics(out);
                         r.metrics.render(out);
                         t.render_metrics(out);
@@ -782,6 +890,7 @@ impl Hub {
             twins,
             commands,
             telemetry,
+            rules,
             bootstrap_token,
             trigger,
             tasks,

@@ -1903,3 +1903,83 @@ fn telemetry_export() {
     assert_eq!(out.code, 1);
     assert!(out.stderr.contains("HTTP 403"), "{}", out.stderr);
 }
+
+#[test]
+fn rules() {
+    let hub = Hub::start();
+    let run = |args: &[&str]| ctl(&hub, ADMIN, "default", args);
+    // A compile error names line and column, and fails.
+    let bad = run(&["rules", "create", "bad", "--sql", "SELECT avgg(x) FROM 'a'"]);
+    assert_ne!(bad.code, 0);
+    assert!(bad.stderr.contains("1:8"), "{}", bad.stderr);
+    let created = run(&[
+        "rules",
+        "create",
+        "hot",
+        "--sql",
+        "SELECT temp FROM 'devices/+/telemetry' WHERE temp > 30",
+        "--action",
+        "republish=alerts/${topic(2)}",
+    ])
+    .ok()
+    .json();
+    assert_eq!(
+        (created["version"].as_u64(), created["enabled"].as_bool()),
+        (Some(1), Some(true))
+    );
+    let list = run(&["rules", "list"]).ok();
+    assert!(list.stdout.contains("hot"), "{}", list.stdout);
+    let dry = run(&[
+        "rules",
+        "dry-run",
+        "hot",
+        "--topic",
+        "devices/d1/telemetry",
+        "--payload",
+        r#"{"temp": 31}"#,
+    ])
+    .ok()
+    .json();
+    assert_eq!(dry["output"]["temp"], 31);
+    assert_eq!(dry["actions"][0]["topic"], "alerts/d1");
+    let dry = run(&[
+        "rules",
+        "dry-run",
+        "--sql",
+        "SELECT x * 2 AS y FROM 'a'",
+        "--topic",
+        "a",
+        "--payload",
+        r#"{"x": 2}"#,
+    ])
+    .ok()
+    .json();
+    assert_eq!(dry["output"]["y"], 4);
+    let disabled = run(&["rules", "disable", "hot"]).ok().json();
+    assert_eq!(
+        (disabled["version"].as_u64(), disabled["enabled"].as_bool()),
+        (Some(2), Some(false))
+    );
+    let updated = run(&[
+        "rules",
+        "update",
+        "hot",
+        "--sql",
+        "SELECT temp FROM 'devices/#'",
+    ])
+    .ok()
+    .json();
+    assert_eq!(updated["version"], 3);
+    assert_eq!(
+        updated["actions"][0]["topic"], "alerts/${topic(2)}",
+        "actions kept"
+    );
+    let stats = run(&["rules", "stats", "hot"]).ok();
+    assert!(stats.stdout.contains("matched"), "{}", stats.stdout);
+    assert_eq!(
+        run(&["rules", "dead-letters", "hot"]).ok().json(),
+        serde_json::json!([])
+    );
+    run(&["rules", "delete", "hot"]).ok();
+    assert_ne!(run(&["rules", "get", "hot"]).code, 0);
+}

@@ -65,6 +65,8 @@ pub struct ApiState {
     pub telemetry: Option<Arc<ferrohub_telemetry::service::Telemetry>>,
     /// The broker's counters for the fleet overview; `None` leaves them out.
     pub broker: Option<BrokerFiguresSource>,
+    /// The rules service; `None` answers its routes with 503.
+    pub rules: Option<Arc<ferrohub_rules_service::RulesService>>,
 }
 
 /// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, the

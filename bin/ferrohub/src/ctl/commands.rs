@@ -35,6 +35,7 @@ pub(crate) async fn dispatch(ctx: &Ctx, command: CtlCommand) -> Result<i32> {
         CtlCommand::Twins(c) => return super::twins::run(ctx, c).await,
         CtlCommand::Commands(c) => return super::device_commands::run(ctx, c).await,
         CtlCommand::Telemetry(c) => return super::telemetry::run(ctx, *c).await,
+        CtlCommand::Rules(c) => return super::rules::run(ctx, c).await,
     }
     Ok(0)
 }

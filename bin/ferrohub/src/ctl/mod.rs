@@ -12,6 +12,7 @@ mod device_commands;
 mod export;
 mod import;
 mod output;
+mod rules;
 mod telemetry;
 mod twins;
 
@@ -142,6 +143,10 @@ enum CtlCommand {
     /// writes, exports to Parquet/CSV, and the tenant's telemetry settings.
     #[command(subcommand)]
     Telemetry(Box<telemetry::TelemetryCmd>),
+    /// Rules running in the hub: list, show, create, update, enable/disable, delete, dry runs,
+    /// stats and dead letters.
+    #[command(subcommand)]
+    Rules(rules::RulesCmd),
 }
 
 // ---- tenants -------------------------------------------------------------------------------

@@ -84,6 +84,15 @@ pub trait MessageSink: Send + Sync + 'static {
     -> Option<SinkWait>;
 }
 
+/// Watches ordinary (non-`$`) publications of clients without taking part in their
+/// acknowledgement (the rules service). Called on the publisher's path: must not block; a tap
+/// that cannot keep up drops and counts on its own side. Publications of the hub itself
+/// (`publish_from_service`) are never shown to it.
+pub trait MessageTap: Send + Sync + 'static {
+    /// Sees one publication.
+    fn observe(&self, tenant: &TenantId, message: &Arc<Message>, origin: &Origin);
+}
+
 /// A message for a hub service (provisioning, twins, commands, jobs), from any tenant.
 #[derive(Debug, Clone)]
 pub struct ServiceMessage {
@@ -214,6 +223,8 @@ pub struct Broker {
     delivery_filters: RwLock<Vec<String>>,
     /// The message sink (telemetry ingest), if one is installed.
     sink: std::sync::OnceLock<Arc<dyn MessageSink>>,
+    /// The message tap (rules), if one is installed.
+    tap: std::sync::OnceLock<Arc<dyn MessageTap>>,
 }
 
 impl Broker {
@@ -242,6 +253,7 @@ impl Broker {
             session_observers: RwLock::new(Vec::new()),
             delivery_filters: RwLock::new(Vec::new()),
             sink: std::sync::OnceLock::new(),
+            tap: std::sync::OnceLock::new(),
         });
         broker.restore(recovered);
         broker
@@ -806,6 +818,12 @@ impl Broker {
             } else {
                 (false, false)
             };
+        if publisher != 0
+            && !message.topic.as_str().starts_with('$')
+            && let Some(tap) = self.tap.get()
+        {
+            tap.observe(tenant, &message, origin.unwrap_or(&Origin::default()));
+        }
         let sink = match self.sink.get() {
             Some(sink) if publisher != 0 && !message.topic.as_str().starts_with('$') => {
                 sink.offer(tenant, &message, origin.unwrap_or(&Origin::default()))
@@ -918,9 +936,14 @@ impl Broker {
         self.sink.set(sink).is_ok()
     }
 
-    /// Whether a message sink is installed (connections then pass the publisher's origin).
+    /// Installs the message tap (once; later calls are ignored and return false).
+    pub fn set_tap(&self, tap: Arc<dyn MessageTap>) -> bool {
+        self.tap.set(tap).is_ok()
+    }
+
+    /// Whether a message sink or tap is installed (connections then pass the publisher's origin).
     pub(crate) fn has_sink(&self) -> bool {
-        self.sink.get().is_some()
+        self.sink.get().is_some() || self.tap.get().is_some()
     }
 
     fn deliver_to_services(

@@ -23,8 +23,8 @@ pub use auth::{
     StaticUsers,
 };
 pub use broker::{
-    Broker, MessageSink, Origin, ServiceMessage, ServicePublished, SessionEvent, SinkOutcome,
-    SinkWait,
+    Broker, MessageSink, MessageTap, Origin, ServiceMessage, ServicePublished, SessionEvent,
+    SinkOutcome, SinkWait,
 };
 pub use config::{ClientIdCharset, MqttConfig};
 pub use metrics::{BrokerMetrics, DropReason};

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod import;
 pub mod overview;
 pub mod pki;
+pub mod rules;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
@@ -79,6 +80,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "commands", description = "Commands to devices: direct (synchronous) and queued (durable)"),
         (name = "telemetry", description = "Telemetry: writes (device payloads, InfluxDB line protocol), raw points, aggregates, fleet snapshots and aggregates, retention and ingest settings"),
         (name = "overview", description = "Fleet overview figures of the console, once or streamed"),
+        (name = "rules", description = "Rules running in the hub: SQL, actions (republish, webhook), versions, dry runs, stats, dead letters"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -164,6 +166,18 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(telemetry::apply_retention))
         .routes(routes!(telemetry::start_export, telemetry::list_exports))
         .routes(routes!(telemetry::get_export))
+        .routes(routes!(rules::list_rules, rules::create_rule))
+        .routes(routes!(
+            rules::get_rule,
+            rules::update_rule,
+            rules::delete_rule
+        ))
+        .routes(routes!(rules::enable_rule))
+        .routes(routes!(rules::disable_rule))
+        .routes(routes!(rules::dry_run_rule))
+        .routes(routes!(rules::dry_run_sql))
+        .routes(routes!(rules::rule_stats))
+        .routes(routes!(rules::rule_dead_letters))
 }
 
 /// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.

@@ -105,6 +105,17 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tenants/{tenant}/telemetry/exports"),
     ("GET", "/tenants/{tenant}/telemetry/exports"),
     ("GET", "/tenants/{tenant}/telemetry/exports/{id}"),
+    ("GET", "/tenants/{tenant}/rules"),
+    ("POST", "/tenants/{tenant}/rules"),
+    ("GET", "/tenants/{tenant}/rules/{rule}"),
+    ("PUT", "/tenants/{tenant}/rules/{rule}"),
+    ("DELETE", "/tenants/{tenant}/rules/{rule}"),
+    ("POST", "/tenants/{tenant}/rules/{rule}/enable"),
+    ("POST", "/tenants/{tenant}/rules/{rule}/disable"),
+    ("POST", "/tenants/{tenant}/rules/{rule}/dry-run"),
+    ("POST", "/tenants/{tenant}/rules:dry-run"),
+    ("GET", "/tenants/{tenant}/rules/{rule}/stats"),
+    ("GET", "/tenants/{tenant}/rules/{rule}/dead-letters"),
 ];
 
 /// Routes outside /api/v1 that the OpenAPI document also describes (full paths).
@@ -189,10 +200,11 @@ async fn openapi_document_lists_every_route_the_router_serves() {
 
         // The router serves every documented operation: without a token each answers 401
         // (openapi.json 200), never the router's 404/405.
-        let values: BTreeMap<&str, String> = ["tenant", "device", "id", "group", "name", "metric"]
-            .into_iter()
-            .map(|k| (k, "x".to_string()))
-            .collect();
+        let values: BTreeMap<&str, String> =
+            ["tenant", "device", "id", "group", "name", "metric", "rule"]
+                .into_iter()
+                .map(|k| (k, "x".to_string()))
+                .collect();
         for (method, path) in &documented {
             if !path.starts_with("/api/v1/") {
                 // The InfluxDB write API answers in InfluxDB's error shape.
@@ -239,8 +251,10 @@ async fn openapi_document_lists_every_route_the_router_serves() {
                     assert!(responses.contains_key("401"), "{m} {path} lacks 401");
                     assert!(responses.contains_key("404"), "{m} {path} lacks 404");
                 }
-                let bodyless =
-                    path.ends_with("/members/{device}") || path.ends_with("/retention/apply");
+                let bodyless = path.ends_with("/members/{device}")
+                    || path.ends_with("/retention/apply")
+                    || path.ends_with("/enable")
+                    || path.ends_with("/disable");
                 if matches!(m, "post" | "put" | "patch") && !bodyless {
                     assert!(
                         op.get("requestBody").is_some(),
@@ -439,6 +453,7 @@ async fn without_a_registry_the_api_answers_503() {
             twins: None,
             commands: None,
             telemetry: None,
+            rules: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
@@ -480,6 +495,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             twins: None,
             commands: None,
             telemetry: None,
+            rules: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| {
                 let blocking = std::panic::catch_unwind(|| {

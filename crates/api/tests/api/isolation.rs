@@ -92,6 +92,7 @@ fn request(
     };
     values.insert("id", id);
     values.insert("metric", "temp".to_string());
+    values.insert("rule", "r1".to_string());
     values.entry("id").or_insert_with(|| "1".to_string());
     values.remove("cred");
     let path = fill(template.trim_start_matches("/api/v1"), &values);
@@ -111,6 +112,13 @@ fn request(
         ("POST", "apply") => None,
         ("POST", "exports") => Some(json!({"destination": "x", "from": 0, "to": 1})),
         ("PUT", "settings") => Some(json!({"keep_forever": true})),
+        ("POST", "rules") => Some(json!({"id": "intruder", "sql": "SELECT * FROM 'a'"})),
+        ("POST", "enable" | "disable") => None,
+        ("POST", "dry-run") => Some(json!({"topic": "a", "payload": {}})),
+        ("POST", "rules:dry-run") => {
+            Some(json!({"sql": "SELECT * FROM 'a'", "sample": {"topic": "a"}}))
+        }
+        ("PUT", "{rule}") => Some(json!({"sql": "SELECT * FROM 'a'"})),
         ("PUT", _) if template.contains("/policies/") => Some(policy()),
         ("PUT", _) if template.contains("/cas/") => Some(json!({"certificate_pem": ca_pem})),
         ("PUT", _) if template.contains("/token-keys/") => Some(json!({"pem": "not checked"})),

@@ -1,0 +1,813 @@
+//! [`RulesService`]: the enabled rules of every tenant, evaluated on one task fed by the router
+//! through a bounded queue, with their actions on per-action queues.
+//!
+//! - **Input** (`input_queue`, default 10 000): the broker offers ordinary client publications
+//!   on its publisher's path; only messages some enabled rule of the tenant matches are queued.
+//!   When full, the message is not evaluated: counted per rule (`dropped_queue_full`) and in
+//!   `ferrohub_rules_input_dropped_total`. Rules are a consumer like a QoS 0 subscriber: the
+//!   publisher is never refused or slowed because of them, and its QoS 1 acknowledgement does
+//!   not wait for rules (the message is still delivered to subscribers and stored).
+//! - **Evaluation**: one task, so per-key window state needs no locks; windows are ticked every
+//!   second. A rule never sees another tenant's messages (rules are indexed by tenant).
+//! - **Actions**: see [`crate::actions`].
+//! - **Loop protection**: actions publish as the hub itself, and the broker offers rules only
+//!   what clients publish, so no republished message re-enters any rule.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use ferrohub_rules::{CompiledRule, Lookup, MessageContext, NoLookup, RuleRunner, RunnerLimits};
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value as Json, json};
+use tokio::sync::mpsc;
+
+use crate::actions::{
+    ActionQueue, DeadLetter, DeadLetters, Failure, Job, Publisher, WorkerContext, now_ms,
+    spawn_worker,
+};
+use crate::error::{Result, RulesError};
+use crate::model::{ActionSpec, RuleSpec, StoredRule, validate_id};
+use crate::stats::{ActionCounters, RuleCounters, RuleStats};
+use crate::store::RuleStore;
+use crate::template::Template;
+
+/// Limits of the rules service.
+#[derive(Debug, Clone)]
+pub struct RulesConfig {
+    /// Messages waiting for evaluation, all tenants.
+    pub input_queue: usize,
+    /// Jobs waiting per action of a rule.
+    pub action_queue: usize,
+    /// Dead letters kept per rule (oldest evicted).
+    pub dead_letters: usize,
+    /// Rules per tenant (bounds the per-rule metric series).
+    pub max_rules_per_tenant: usize,
+    /// State limits of each rule.
+    pub limits: RunnerLimits,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            input_queue: 10_000,
+            action_queue: 1_000,
+            dead_letters: 100,
+            max_rules_per_tenant: 1_000,
+            limits: RunnerLimits::default(),
+        }
+    }
+}
+
+/// A message offered to the rules.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Tenant.
+    pub tenant: Arc<str>,
+    /// Topic.
+    pub topic: Arc<str>,
+    /// Raw payload (parsed as JSON once, `Null` otherwise).
+    pub payload: Bytes,
+    /// Publisher's client id.
+    pub client_id: Option<Arc<str>>,
+    /// Publisher's registered device.
+    pub device: Option<Arc<str>>,
+    /// Unix ms.
+    pub timestamp_ms: i64,
+}
+
+/// A sample message for a dry run.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sample {
+    /// Topic.
+    pub topic: String,
+    /// The payload (JSON).
+    #[serde(default)]
+    pub payload: Json,
+    /// Client id.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Unix ms (default: now).
+    #[serde(default)]
+    pub timestamp: Option<i64>,
+}
+
+/// What a dry run gives.
+#[derive(Debug, Clone, Serialize)]
+pub struct DryRun {
+    /// Whether the sample's topic matches the rule's FROM.
+    pub topic_matches: bool,
+    /// The output (`null`: WHERE failed, or a windowed rule that emits only at window close).
+    pub output: Option<Json>,
+    /// What each action would do with it.
+    pub actions: Vec<Json>,
+}
+
+/// Counters and dead letters of a rule: kept across updates and disable/enable.
+struct RuleShared {
+    counters: Arc<RuleCounters>,
+    dead_letters: Arc<DeadLetters>,
+}
+
+enum Plan {
+    Republish {
+        topic: Template,
+        qos: u8,
+    },
+    Webhook {
+        url: Template,
+        headers: Vec<(String, Template)>,
+        body: Option<Template>,
+    },
+}
+
+impl Plan {
+    fn new(spec: &ActionSpec) -> Result<Plan> {
+        Ok(match spec {
+            ActionSpec::Republish { topic, qos } => Plan::Republish {
+                topic: Template::parse(topic)?,
+                qos: *qos,
+            },
+            ActionSpec::Webhook(w) => Plan::Webhook {
+                url: Template::parse(&w.url)?,
+                headers: w
+                    .headers
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), Template::parse(v)?)))
+                    .collect::<Result<_>>()?,
+                body: w.body.as_deref().map(Template::parse).transpose()?,
+            },
+        })
+    }
+
+    fn render(&self, msg: &MessageContext<'_>, lookup: &dyn Lookup, output: &Json) -> Job {
+        match self {
+            Plan::Republish { topic, qos } => Job::Republish {
+                topic: topic.render(msg, lookup),
+                payload: Bytes::from(output.to_string()),
+                qos: *qos,
+            },
+            Plan::Webhook { url, headers, body } => Job::Webhook {
+                url: url.render(msg, lookup),
+                headers: headers
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.render(msg, lookup)))
+                    .collect(),
+                body: Bytes::from(match body {
+                    Some(b) => b.render(msg, lookup),
+                    None => output.to_string(),
+                }),
+            },
+        }
+    }
+
+    fn describe(job: &Job) -> Json {
+        match job {
+            Job::Republish {
+                topic,
+                payload,
+                qos,
+            } => json!({"type": "republish", "topic": topic, "qos": qos,
+                "payload": String::from_utf8_lossy(payload)}),
+            Job::Webhook { url, headers, body } => json!({"type": "webhook", "url": url,
+                "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                "body": String::from_utf8_lossy(body)}),
+        }
+    }
+}
+
+struct ActiveRule {
+    id: Arc<str>,
+    compiled: Arc<CompiledRule>,
+    counters: Arc<RuleCounters>,
+    dead_letters: Arc<DeadLetters>,
+    /// Touched only by the evaluation task (the lock is never contended).
+    runner: Mutex<RuleRunner>,
+    actions: Vec<(Plan, ActionQueue)>,
+    error_action: Option<Arc<ErrorAction>>,
+}
+
+/// The error action of a rule, invoked with the error document.
+struct ErrorAction {
+    plan: Plan,
+    queue: ActionQueue,
+    counters: Arc<RuleCounters>,
+    dead_letters: Arc<DeadLetters>,
+}
+
+impl ErrorAction {
+    fn invoke(&self, doc: Json) {
+        self.counters.error_actions.fetch_add(1, Relaxed);
+        let topic = doc
+            .pointer("/input/topic")
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_string();
+        let tenant = doc
+            .get("tenant")
+            .and_then(Json::as_str)
+            .unwrap_or("")
+            .to_string();
+        let ctx = MessageContext::new(&tenant, &topic, &doc);
+        let job = self.plan.render(&ctx, &NoLookup, &doc);
+        if let Err(job) = self.queue.offer(job) {
+            self.queue.counters.dead_letters.fetch_add(1, Relaxed);
+            self.dead_letters.push(DeadLetter {
+                at_ms: now_ms(),
+                action: None,
+                attempts: 0,
+                error: "the error action's queue is full".into(),
+                target: target_of(&job),
+                payload: doc,
+            });
+        }
+    }
+}
+
+fn target_of(job: &Job) -> String {
+    match job {
+        Job::Republish { topic, .. } => topic.clone(),
+        Job::Webhook { url, .. } => url.clone(),
+    }
+}
+
+/// The rules of every tenant, running.
+pub struct RulesService {
+    store: Arc<dyn RuleStore>,
+    config: RulesConfig,
+    publisher: Arc<dyn Publisher>,
+    http: reqwest::Client,
+    /// Enabled rules by tenant (what the broker's offer and the evaluation task read).
+    active: RwLock<HashMap<Arc<str>, Vec<Arc<ActiveRule>>>>,
+    shared: Mutex<HashMap<(String, String), Arc<RuleShared>>>,
+    input: mpsc::Sender<Inbound>,
+    input_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
+    input_dropped: AtomicU64,
+}
+
+impl std::fmt::Debug for RulesService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RulesService").finish_non_exhaustive()
+    }
+}
+
+impl RulesService {
+    /// A service over `store`; call [`RulesService::start`] to load the rules and run.
+    pub fn new(
+        store: Arc<dyn RuleStore>,
+        publisher: Arc<dyn Publisher>,
+        config: RulesConfig,
+    ) -> Arc<RulesService> {
+        let (input, rx) = mpsc::channel(config.input_queue.max(1));
+        Arc::new(RulesService {
+            store,
+            publisher,
+            http: reqwest::Client::new(),
+            active: RwLock::new(HashMap::new()),
+            shared: Mutex::new(HashMap::new()),
+            input,
+            input_rx: Mutex::new(Some(rx)),
+            input_dropped: AtomicU64::new(0),
+            config,
+        })
+    }
+
+    /// Loads the enabled rules from the store (a stored rule that no longer compiles is logged
+    /// and skipped) and starts the evaluation task, which stops with `shutdown`.
+    pub async fn start(
+        self: &Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        for rule in self.store.list(None).await? {
+            if rule.enabled
+                && let Err(e) = self.activate(&rule)
+            {
+                tracing::warn!(tenant = rule.tenant, rule = rule.id, error = %e, "stored rule not started");
+            }
+        }
+        let rx = self.input_rx.lock().take();
+        let me = self.clone();
+        Ok(tokio::spawn(async move {
+            let Some(mut rx) = rx else { return };
+            let mut shutdown = std::pin::pin!(shutdown);
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = &mut shutdown => break,
+                    m = rx.recv() => match m {
+                        Some(m) => me.evaluate(&m),
+                        None => break,
+                    },
+                    _ = tick.tick() => me.tick(now_ms()),
+                }
+            }
+        }))
+    }
+
+    /// Offers a publication (called by the broker on the publisher's path; never blocks).
+    /// `make` builds the message only when an enabled rule of the tenant matches the topic.
+    /// Returns whether a rule wanted it.
+    pub fn offer(&self, tenant: &str, topic: &str, make: impl FnOnce() -> Inbound) -> bool {
+        let active = self.active.read();
+        let Some(rules) = active.get(tenant) else {
+            return false;
+        };
+        if !rules.iter().any(|r| r.compiled.matches_topic(topic)) {
+            return false;
+        }
+        if self.input.try_send(make()).is_err() {
+            self.input_dropped.fetch_add(1, Relaxed);
+            for r in rules.iter().filter(|r| r.compiled.matches_topic(topic)) {
+                r.counters.dropped_queue_full.fetch_add(1, Relaxed);
+            }
+        }
+        true
+    }
+
+    fn evaluate(&self, m: &Inbound) {
+        let rules: Vec<Arc<ActiveRule>> = match self.active.read().get(&*m.tenant) {
+            Some(r) => r.clone(),
+            None => return,
+        };
+        let payload = ferrohub_rules::parse_payload(&m.payload);
+        let mut ctx = MessageContext::new(&m.tenant, &m.topic, &payload).at(m.timestamp_ms);
+        ctx.client_id = m.client_id.as_deref().unwrap_or("");
+        ctx.principal = m.device.as_deref().or(m.client_id.as_deref()).unwrap_or("");
+        ctx.device = m.device.as_deref();
+        let mut outputs = Vec::new();
+        for rule in rules.iter().filter(|r| r.compiled.matches_topic(&m.topic)) {
+            rule.counters.matched.fetch_add(1, Relaxed);
+            let started = Instant::now();
+            let result = rule.runner.lock().on_message(&ctx, &NoLookup, &mut outputs);
+            rule.counters
+                .latency
+                .record(started.elapsed().as_micros() as u64);
+            match result {
+                Ok(()) => {
+                    if !outputs.is_empty() {
+                        rule.counters.passed.fetch_add(1, Relaxed);
+                    }
+                    for o in outputs.drain(..) {
+                        self.dispatch(rule, &ctx, &o.value);
+                    }
+                }
+                Err(e) => {
+                    outputs.clear();
+                    rule.counters.failed.fetch_add(1, Relaxed);
+                    if let Some(ea) = &rule.error_action {
+                        ea.invoke(json!({
+                            "rule": &*rule.id, "tenant": &*m.tenant, "error": e.to_string(),
+                            "input": {"topic": &*m.topic, "payload": payload,
+                                      "client_id": m.client_id.as_deref()},
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    fn tick(&self, now: i64) {
+        let all: Vec<(Arc<str>, Arc<ActiveRule>)> = self
+            .active
+            .read()
+            .iter()
+            .flat_map(|(t, rules)| rules.iter().map(|r| (t.clone(), r.clone())))
+            .filter(|(_, r)| r.compiled.window().is_some())
+            .collect();
+        let mut outputs = Vec::new();
+        for (tenant, rule) in all {
+            let _ = rule.runner.lock().tick(now, &NoLookup, &mut outputs);
+            if !outputs.is_empty() {
+                rule.counters.passed.fetch_add(1, Relaxed);
+            }
+            for o in outputs.drain(..) {
+                // Closed by time: templates see the output itself as the message.
+                let ctx = MessageContext::new(&tenant, "", &o.value).at(now);
+                self.dispatch(&rule, &ctx, &o.value);
+            }
+        }
+    }
+
+    fn dispatch(&self, rule: &ActiveRule, ctx: &MessageContext<'_>, output: &Json) {
+        for (i, (plan, queue)) in rule.actions.iter().enumerate() {
+            let job = plan.render(ctx, &NoLookup, output);
+            if let Err(job) = queue.offer(job) {
+                queue.counters.dead_letters.fetch_add(1, Relaxed);
+                let letter = DeadLetter {
+                    at_ms: now_ms(),
+                    action: Some(i),
+                    attempts: 0,
+                    error: "the action's queue is full".into(),
+                    target: target_of(&job),
+                    payload: output.clone(),
+                };
+                rule.dead_letters.push(letter.clone());
+                if let Some(ea) = &rule.error_action {
+                    ea.invoke(error_doc(&rule.id, ctx.tenant, i, &letter, ctx.topic));
+                }
+            }
+        }
+    }
+
+    fn shared(&self, tenant: &str, id: &str) -> Arc<RuleShared> {
+        self.shared
+            .lock()
+            .entry((tenant.to_string(), id.to_string()))
+            .or_insert_with(|| {
+                Arc::new(RuleShared {
+                    counters: Arc::new(RuleCounters::default()),
+                    dead_letters: Arc::new(DeadLetters::new(self.config.dead_letters)),
+                })
+            })
+            .clone()
+    }
+
+    fn worker(
+        &self,
+        tenant: &Arc<str>,
+        action: Option<usize>,
+        spec: &ActionSpec,
+        shared: &RuleShared,
+        failures: Option<mpsc::Sender<Failure>>,
+    ) -> ActionQueue {
+        let (webhook, kind) = match spec {
+            ActionSpec::Republish { .. } => (None, "republish"),
+            ActionSpec::Webhook(w) => (Some(w.clone()), "webhook"),
+        };
+        spawn_worker(
+            WorkerContext {
+                tenant: tenant.clone(),
+                action,
+                counters: Arc::new(ActionCounters::default()),
+                dead_letters: shared.dead_letters.clone(),
+                publisher: self.publisher.clone(),
+                http: self.http.clone(),
+                failures,
+            },
+            webhook,
+            self.config.action_queue,
+            kind,
+        )
+    }
+
+    /// Starts (or restarts with fresh state) a stored rule.
+    fn activate(&self, rule: &StoredRule) -> Result<()> {
+        let compiled = rule.spec.validate()?;
+        let tenant: Arc<str> = Arc::from(rule.tenant.as_str());
+        let id: Arc<str> = Arc::from(rule.id.as_str());
+        let shared = self.shared(&rule.tenant, &rule.id);
+        let error_action = match &rule.spec.error_action {
+            Some(spec) => Some(Arc::new(ErrorAction {
+                plan: Plan::new(spec)?,
+                queue: self.worker(&tenant, None, spec, &shared, None),
+                counters: shared.counters.clone(),
+                dead_letters: shared.dead_letters.clone(),
+            })),
+            None => None,
+        };
+        // Failures of the actions reach the error action through a bounded queue (full: the
+        // dead letter is still recorded; only the error action's call is missed).
+        let failures = error_action.as_ref().map(|ea| {
+            let (tx, mut rx) = mpsc::channel::<Failure>(self.config.action_queue.max(1));
+            let ea = ea.clone();
+            let (rid, t) = (id.clone(), tenant.clone());
+            tokio::spawn(async move {
+                while let Some(f) = rx.recv().await {
+                    let topic = String::new();
+                    ea.invoke(error_doc(
+                        &rid,
+                        &t,
+                        f.action.unwrap_or(0),
+                        &f.letter,
+                        &topic,
+                    ));
+                }
+            });
+            tx
+        });
+        let mut actions = Vec::new();
+        for (i, spec) in rule.spec.actions.iter().enumerate() {
+            actions.push((
+                Plan::new(spec)?,
+                self.worker(&tenant, Some(i), spec, &shared, failures.clone()),
+            ));
+        }
+        let active = Arc::new(ActiveRule {
+            id: id.clone(),
+            runner: Mutex::new(RuleRunner::new(compiled.clone(), self.config.limits)),
+            compiled,
+            counters: shared.counters.clone(),
+            dead_letters: shared.dead_letters.clone(),
+            actions,
+            error_action,
+        });
+        let mut map = self.active.write();
+        let rules = map.entry(tenant).or_default();
+        rules.retain(|r| r.id != id);
+        rules.push(active);
+        Ok(())
+    }
+
+    fn deactivate(&self, tenant: &str, id: &str) {
+        let mut map = self.active.write();
+        if let Some(rules) = map.get_mut(tenant) {
+            rules.retain(|r| &*r.id != id);
+            if rules.is_empty() {
+                map.remove(tenant);
+            }
+        }
+    }
+
+    /// The rules of a tenant.
+    pub async fn list(&self, tenant: &str) -> Result<Vec<StoredRule>> {
+        self.store.list(Some(tenant)).await
+    }
+
+    /// One rule.
+    pub async fn get(&self, tenant: &str, id: &str) -> Result<StoredRule> {
+        self.store
+            .get(tenant, id)
+            .await?
+            .ok_or_else(|| RulesError::NotFound(id.to_string()))
+    }
+
+    /// Creates a rule (validated: compile errors carry line and column).
+    pub async fn create(
+        &self,
+        tenant: &str,
+        id: &str,
+        spec: RuleSpec,
+        enabled: bool,
+    ) -> Result<StoredRule> {
+        validate_id(id)?;
+        spec.validate()?;
+        if self.store.list(Some(tenant)).await?.len() >= self.config.max_rules_per_tenant {
+            return Err(RulesError::Invalid(format!(
+                "a tenant has at most {} rules",
+                self.config.max_rules_per_tenant
+            )));
+        }
+        let rule = self
+            .store
+            .create(tenant, id, &spec, enabled, now_ms())
+            .await?;
+        if rule.enabled {
+            self.activate(&rule)?;
+        }
+        Ok(rule)
+    }
+
+    /// Replaces a rule's SQL and actions (new version; window state starts afresh).
+    pub async fn update(
+        &self,
+        tenant: &str,
+        id: &str,
+        spec: RuleSpec,
+        expected: Option<u64>,
+    ) -> Result<StoredRule> {
+        spec.validate()?;
+        let rule = self
+            .store
+            .update(tenant, id, Some(&spec), None, expected, now_ms())
+            .await?;
+        self.apply(&rule)?;
+        Ok(rule)
+    }
+
+    /// Enables or disables a rule (new version).
+    pub async fn set_enabled(
+        &self,
+        tenant: &str,
+        id: &str,
+        enabled: bool,
+        expected: Option<u64>,
+    ) -> Result<StoredRule> {
+        let rule = self
+            .store
+            .update(tenant, id, None, Some(enabled), expected, now_ms())
+            .await?;
+        self.apply(&rule)?;
+        Ok(rule)
+    }
+
+    fn apply(&self, rule: &StoredRule) -> Result<()> {
+        if rule.enabled {
+            self.activate(rule)
+        } else {
+            self.deactivate(&rule.tenant, &rule.id);
+            Ok(())
+        }
+    }
+
+    /// Deletes a rule, its counters and dead letters.
+    pub async fn delete(&self, tenant: &str, id: &str) -> Result<()> {
+        if !self.store.delete(tenant, id).await? {
+            return Err(RulesError::NotFound(id.to_string()));
+        }
+        self.deactivate(tenant, id);
+        self.shared
+            .lock()
+            .remove(&(tenant.to_string(), id.to_string()));
+        Ok(())
+    }
+
+    /// Deletes every rule of a tenant (the tenant was deleted).
+    pub async fn forget_tenant(&self, tenant: &str) -> Result<()> {
+        for r in self.store.list(Some(tenant)).await? {
+            self.delete(tenant, &r.id).await?;
+        }
+        Ok(())
+    }
+
+    /// Counters of a rule.
+    pub async fn stats(&self, tenant: &str, id: &str) -> Result<RuleStats> {
+        self.get(tenant, id).await?;
+        let shared = self.shared(tenant, id);
+        let c = &shared.counters;
+        let actions = self
+            .active
+            .read()
+            .get(tenant)
+            .and_then(|rules| rules.iter().find(|r| &*r.id == id).cloned())
+            .map(|r| {
+                r.actions
+                    .iter()
+                    .map(|(_, q)| q.counters.snapshot(q.kind))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(RuleStats {
+            matched: c.matched.load(Relaxed),
+            passed: c.passed.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            dropped_queue_full: c.dropped_queue_full.load(Relaxed),
+            error_actions: c.error_actions.load(Relaxed),
+            latency_p50_us: c.latency.quantile_micros(0.5),
+            latency_p99_us: c.latency.quantile_micros(0.99),
+            actions,
+            dead_letters_held: shared.dead_letters.len(),
+            dead_letters_evicted: shared.dead_letters.evicted.load(Relaxed),
+        })
+    }
+
+    /// The dead letters of a rule, oldest first.
+    pub async fn dead_letters(&self, tenant: &str, id: &str) -> Result<Vec<DeadLetter>> {
+        self.get(tenant, id).await?;
+        Ok(self.shared(tenant, id).dead_letters.list())
+    }
+
+    /// Evaluates `spec` against `sample` without state or side effects.
+    pub fn dry_run(&self, tenant: &str, spec: &RuleSpec, sample: &Sample) -> Result<DryRun> {
+        let compiled = spec.validate()?;
+        let topic_matches = compiled.matches_topic(&sample.topic);
+        let mut ctx = MessageContext::new(tenant, &sample.topic, &sample.payload)
+            .at(sample.timestamp.unwrap_or_else(now_ms));
+        ctx.client_id = sample.client_id.as_deref().unwrap_or("");
+        ctx.principal = ctx.client_id;
+        let mut runner = RuleRunner::new(compiled, self.config.limits);
+        let mut outputs = Vec::new();
+        if topic_matches {
+            runner
+                .on_message(&ctx, &NoLookup, &mut outputs)
+                .map_err(|e| RulesError::Invalid(format!("evaluation failed: {e}")))?;
+        }
+        let output = outputs.into_iter().next().map(|o| o.value);
+        let mut actions = Vec::new();
+        if let Some(out) = &output {
+            for spec in &spec.actions {
+                actions.push(Plan::describe(
+                    &Plan::new(spec)?.render(&ctx, &NoLookup, out),
+                ));
+            }
+        }
+        Ok(DryRun {
+            topic_matches,
+            output,
+            actions,
+        })
+    }
+
+    /// Prometheus text: per-rule series labelled `tenant` and `rule` (at most
+    /// `max_rules_per_tenant` rules per tenant), and the input queue's.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP ferrohub_rules_input_dropped_total Messages not evaluated because the rules input queue was full.\n\
+             # TYPE ferrohub_rules_input_dropped_total counter\n\
+             ferrohub_rules_input_dropped_total {}\n\
+             # HELP ferrohub_rules_input_queued Messages waiting for evaluation.\n\
+             # TYPE ferrohub_rules_input_queued gauge\n\
+             ferrohub_rules_input_queued {}",
+            self.input_dropped.load(Relaxed),
+            self.input.max_capacity() - self.input.capacity(),
+        );
+        let shared: Vec<((String, String), Arc<RuleShared>)> = self
+            .shared
+            .lock()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let action_totals: HashMap<(String, String), [u64; 4]> = self
+            .active
+            .read()
+            .iter()
+            .flat_map(|(t, rules)| rules.iter().map(move |r| (t, r)))
+            .map(|(t, r)| {
+                let mut sums = [0u64; 4];
+                for (_, q) in &r.actions {
+                    sums[0] += q.counters.successes.load(Relaxed);
+                    sums[1] += q.counters.errors.load(Relaxed);
+                    sums[2] += q.counters.retries.load(Relaxed);
+                    sums[3] += q.counters.dead_letters.load(Relaxed);
+                }
+                ((t.to_string(), r.id.to_string()), sums)
+            })
+            .collect();
+        let series: [(&str, &str, &str); 9] = [
+            (
+                "matched",
+                "counter",
+                "Messages whose topic matched the rule.",
+            ),
+            ("passed", "counter", "Evaluations that produced an output."),
+            ("failed", "counter", "Evaluations that failed."),
+            (
+                "dropped",
+                "counter",
+                "Matching messages dropped because the rules queue was full.",
+            ),
+            (
+                "action_successes",
+                "counter",
+                "Action deliveries that succeeded (since the rule's last change).",
+            ),
+            (
+                "action_errors",
+                "counter",
+                "Action attempts that failed (since the rule's last change).",
+            ),
+            (
+                "action_retries",
+                "counter",
+                "Action attempts after the first (since the rule's last change).",
+            ),
+            (
+                "dead_letters",
+                "counter",
+                "Messages an action gave up on (since the rule's last change).",
+            ),
+            (
+                "eval_latency_p99_microseconds",
+                "gauge",
+                "Evaluation latency p99 (power-of-two bucket bound).",
+            ),
+        ];
+        for (i, (name, kind, help)) in series.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "# HELP ferrohub_rule_{name} {help}\n# TYPE ferrohub_rule_{name} {kind}"
+            );
+            for ((tenant, id), s) in &shared {
+                let c = &s.counters;
+                let acts = action_totals
+                    .get(&(tenant.clone(), id.clone()))
+                    .copied()
+                    .unwrap_or_default();
+                let v = match i {
+                    0 => c.matched.load(Relaxed),
+                    1 => c.passed.load(Relaxed),
+                    2 => c.failed.load(Relaxed),
+                    3 => c.dropped_queue_full.load(Relaxed),
+                    4..=7 => acts[i - 4],
+                    _ => c.latency.quantile_micros(0.99),
+                };
+                let _ = writeln!(
+                    out,
+                    "ferrohub_rule_{name}{{tenant=\"{}\",rule=\"{}\"}} {v}",
+                    escape(tenant),
+                    escape(id)
+                );
+            }
+        }
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn error_doc(rule: &str, tenant: &str, action: usize, letter: &DeadLetter, topic: &str) -> Json {
+    json!({
+        "rule": rule, "tenant": tenant, "action": action, "error": letter.error,
+        "attempts": letter.attempts, "target": letter.target,
+        "input": {"topic": topic, "payload": letter.payload},
+    })
+}

@@ -1,0 +1,451 @@
+//! The rules service against a recording publisher and a real local HTTP server.
+
+#![allow(clippy::expect_used)] // test helpers: a failure is the test failing
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::time::Duration;
+
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use ferrohub_rules_service::{
+    ActionSpec, Inbound, Publisher, RuleSpec, RulesConfig, RulesError, RulesService, Sample,
+    SqliteRuleStore, WebhookSpec,
+};
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+
+type Published = Arc<Mutex<Vec<(String, String, Value)>>>;
+
+struct Recorder(Published);
+
+impl Publisher for Recorder {
+    fn publish(
+        &self,
+        tenant: &str,
+        topic: &str,
+        payload: Bytes,
+        _qos: u8,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        let v = serde_json::from_slice(&payload).unwrap_or(Value::Null);
+        self.0.lock().push((tenant.into(), topic.into(), v));
+        Box::pin(async { Ok(()) })
+    }
+}
+
+async fn service() -> (Arc<RulesService>, Published) {
+    let store = SqliteRuleStore::in_memory().await.expect("store");
+    let published: Published = Arc::default();
+    let svc = RulesService::new(
+        Arc::new(store),
+        Arc::new(Recorder(published.clone())),
+        RulesConfig::default(),
+    );
+    svc.start(std::future::pending()).await.expect("start");
+    (svc, published)
+}
+
+fn offer(svc: &RulesService, tenant: &str, topic: &str, payload: Value) -> bool {
+    svc.offer(tenant, topic, || Inbound {
+        tenant: Arc::from(tenant),
+        topic: Arc::from(topic),
+        payload: Bytes::from(payload.to_string()),
+        client_id: Some(Arc::from("c1")),
+        device: None,
+        timestamp_ms: 1_000,
+    })
+}
+
+async fn until<F: Fn() -> bool>(what: &str, f: F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn republish(sql: &str, topic: &str) -> RuleSpec {
+    RuleSpec {
+        sql: sql.into(),
+        description: String::new(),
+        actions: vec![ActionSpec::Republish {
+            topic: topic.into(),
+            qos: 1,
+        }],
+        error_action: None,
+    }
+}
+
+fn webhook(url: String, attempts: u32) -> WebhookSpec {
+    WebhookSpec {
+        url,
+        method: "POST".into(),
+        headers: BTreeMap::new(),
+        body: None,
+        max_attempts: attempts,
+        timeout_ms: 5_000,
+        backoff_ms: 10,
+    }
+}
+
+/// A local webhook receiver: answers the statuses in `script` in turn (then 200), after
+/// `delay`, recording every request's headers and body.
+struct Receiver {
+    url: String,
+    calls: Arc<Mutex<Vec<(HeaderMap, String)>>>,
+}
+
+async fn receiver(script: Vec<u16>, delay: Duration) -> Receiver {
+    let calls: Arc<Mutex<Vec<(HeaderMap, String)>>> = Arc::default();
+    let n = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let app = axum::Router::new().route(
+        "/{*path}",
+        axum::routing::any(move |headers: HeaderMap, body: String| {
+            let (c, n, script) = (c.clone(), n.clone(), script.clone());
+            async move {
+                tokio::time::sleep(delay).await;
+                c.lock().push((headers, body));
+                let i = n.fetch_add(1, SeqCst);
+                StatusCode::from_u16(*script.get(i).unwrap_or(&200)).unwrap_or(StatusCode::OK)
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Receiver {
+        url: format!("http://{addr}"),
+        calls,
+    }
+}
+
+#[tokio::test]
+async fn republishes_matching_messages_only_within_the_tenant() {
+    let (svc, published) = service().await;
+    svc.create(
+        "a",
+        "hot",
+        republish(
+            "SELECT temp AS t FROM 'devices/+/telemetry' WHERE temp > 30",
+            "alerts/${topic(2)}",
+        ),
+        true,
+    )
+    .await
+    .expect("create");
+    assert!(offer(
+        &svc,
+        "a",
+        "devices/d1/telemetry",
+        json!({"temp": 31})
+    ));
+    assert!(offer(
+        &svc,
+        "a",
+        "devices/d2/telemetry",
+        json!({"temp": 20})
+    ));
+    // Another tenant's message on the same topic is not even offered to the rule.
+    assert!(!offer(
+        &svc,
+        "b",
+        "devices/d3/telemetry",
+        json!({"temp": 99})
+    ));
+    assert!(!offer(&svc, "a", "other/topic", json!({"temp": 99})));
+    until("republished", || !published.lock().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        *published.lock(),
+        vec![("a".into(), "alerts/d1".into(), json!({"t": 31}))]
+    );
+    let stats = svc.stats("a", "hot").await.expect("stats");
+    assert_eq!((stats.matched, stats.passed, stats.failed), (2, 1, 0));
+    assert_eq!(stats.actions[0].successes, 1);
+}
+
+#[tokio::test]
+async fn webhook_gets_templated_body_and_headers() {
+    let (svc, _) = service().await;
+    let r = receiver(vec![], Duration::ZERO).await;
+    let mut w = webhook(format!("{}/hook/${{topic(2)}}", r.url), 3);
+    w.headers
+        .insert("x-device".into(), "${topic(2)}-${upper(kind)}".into());
+    w.body = Some(r#"{"device": "${topic(2)}", "t": ${temp}}"#.into());
+    let spec = RuleSpec {
+        sql: "SELECT * FROM 'devices/+/telemetry'".into(),
+        description: String::new(),
+        actions: vec![
+            ActionSpec::Webhook(w),
+            ActionSpec::Webhook(webhook(format!("{}/plain", r.url), 1)),
+        ],
+        error_action: None,
+    };
+    svc.create("a", "hook", spec, true).await.expect("create");
+    offer(
+        &svc,
+        "a",
+        "devices/d7/telemetry",
+        json!({"temp": 5, "kind": "x"}),
+    );
+    until("two calls", || r.calls.lock().len() == 2).await;
+    let calls = r.calls.lock().clone();
+    let templated = calls
+        .iter()
+        .find(|(h, _)| h.contains_key("x-device"))
+        .expect("templated call");
+    assert_eq!(templated.0["x-device"], "d7-X");
+    assert_eq!(
+        serde_json::from_str::<Value>(&templated.1).expect("json"),
+        json!({"device": "d7", "t": 5})
+    );
+    let plain = calls
+        .iter()
+        .find(|(h, _)| !h.contains_key("x-device"))
+        .expect("plain call");
+    assert_eq!(
+        serde_json::from_str::<Value>(&plain.1).expect("json"),
+        json!({"temp": 5, "kind": "x"})
+    );
+    assert_eq!(plain.0["content-type"], "application/json");
+}
+
+#[tokio::test]
+async fn webhook_retries_then_succeeds() {
+    let (svc, _) = service().await;
+    let r = receiver(vec![500, 503], Duration::ZERO).await;
+    let spec = RuleSpec {
+        sql: "SELECT * FROM 'x'".into(),
+        description: String::new(),
+        actions: vec![ActionSpec::Webhook(webhook(r.url.clone() + "/h", 3))],
+        error_action: None,
+    };
+    svc.create("a", "r", spec, true).await.expect("create");
+    offer(&svc, "a", "x", json!({"n": 1}));
+    until("three calls", || r.calls.lock().len() == 3).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while svc.stats("a", "r").await.expect("stats").actions[0].successes != 1 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "success not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s = svc.stats("a", "r").await.expect("stats");
+    assert_eq!(
+        (
+            s.actions[0].errors,
+            s.actions[0].retries,
+            s.actions[0].dead_letters
+        ),
+        (2, 2, 0)
+    );
+    assert!(svc.dead_letters("a", "r").await.expect("dl").is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failing_webhook_ends_in_dead_letters_and_fires_the_error_action() {
+    let (svc, published) = service().await;
+    let r = receiver(vec![500; 10], Duration::ZERO).await;
+    let spec = RuleSpec {
+        sql: "SELECT * FROM 'x'".into(),
+        description: String::new(),
+        actions: vec![ActionSpec::Webhook(webhook(r.url.clone() + "/h", 3))],
+        error_action: Some(ActionSpec::Republish {
+            topic: "errors/${rule}".into(),
+            qos: 0,
+        }),
+    };
+    svc.create("a", "r", spec, true).await.expect("create");
+    offer(&svc, "a", "x", json!({"n": 1}));
+    until("error action", || !published.lock().is_empty()).await;
+    assert_eq!(r.calls.lock().len(), 3);
+    let (tenant, topic, doc) = published.lock()[0].clone();
+    assert_eq!((tenant.as_str(), topic.as_str()), ("a", "errors/r"));
+    assert_eq!(doc["attempts"], 3);
+    assert_eq!(doc["error"], "HTTP 500 Internal Server Error");
+    assert_eq!(doc["input"]["payload"], json!({"n": 1}));
+    let letters = svc.dead_letters("a", "r").await.expect("dl");
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].attempts, 3);
+    assert_eq!(letters[0].payload, json!({"n": 1}));
+    let s = svc.stats("a", "r").await.expect("stats");
+    assert_eq!((s.actions[0].dead_letters, s.error_actions), (1, 1));
+}
+
+#[tokio::test]
+async fn a_slow_webhook_does_not_hold_up_other_rules() {
+    let (svc, published) = service().await;
+    let r = receiver(vec![], Duration::from_secs(2)).await;
+    let slow = RuleSpec {
+        sql: "SELECT * FROM 'x'".into(),
+        description: String::new(),
+        actions: vec![ActionSpec::Webhook(webhook(r.url.clone() + "/slow", 1))],
+        error_action: None,
+    };
+    svc.create("a", "slow", slow, true).await.expect("create");
+    svc.create("a", "fast", republish("SELECT n FROM 'x'", "out"), true)
+        .await
+        .expect("create");
+    let started = std::time::Instant::now();
+    for n in 0..20 {
+        offer(&svc, "a", "x", json!({"n": n}));
+    }
+    until("fast rule output", || published.lock().len() == 20).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "republish waited for the webhook: {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn validation_versions_and_dry_run() {
+    let (svc, published) = service().await;
+    let err = svc
+        .create("a", "bad", republish("SELECT avgg(x) FROM 'x'", "o"), true)
+        .await
+        .expect_err("must not compile");
+    let RulesError::Compile(e) = err else {
+        panic!("not a compile error: {err}")
+    };
+    assert_eq!((e.line, e.column), (1, 8));
+    assert!(matches!(
+        svc.create("a", "bad id", republish("SELECT * FROM 'x'", "o"), true)
+            .await,
+        Err(RulesError::Invalid(_))
+    ));
+    let r = svc
+        .create("a", "r", republish("SELECT * FROM 'x'", "o"), false)
+        .await
+        .expect("create");
+    assert_eq!((r.version, r.enabled), (1, false));
+    assert!(
+        !offer(&svc, "a", "x", json!({})),
+        "a disabled rule takes nothing"
+    );
+    let r = svc
+        .set_enabled("a", "r", true, Some(1))
+        .await
+        .expect("enable");
+    assert_eq!((r.version, r.enabled), (2, true));
+    assert!(matches!(
+        svc.update(
+            "a",
+            "r",
+            republish("SELECT 1 AS one FROM 'x'", "o2"),
+            Some(1)
+        )
+        .await,
+        Err(RulesError::VersionMismatch { current: 2, .. })
+    ));
+    let r = svc
+        .update(
+            "a",
+            "r",
+            republish("SELECT 1 AS one FROM 'x'", "o2"),
+            Some(2),
+        )
+        .await
+        .expect("update");
+    assert_eq!(r.version, 3);
+    offer(&svc, "a", "x", json!({}));
+    until("updated rule ran", || !published.lock().is_empty()).await;
+    assert_eq!(published.lock()[0].1, "o2");
+
+    let spec = republish(
+        "SELECT temp FROM 'devices/+/t' WHERE temp > 1",
+        "alerts/${topic(2)}",
+    );
+    let sample = |temp: i64| Sample {
+        topic: "devices/d9/t".into(),
+        payload: json!({"temp": temp}),
+        client_id: None,
+        timestamp: None,
+    };
+    let d = svc.dry_run("a", &spec, &sample(5)).expect("dry run");
+    assert_eq!(d.output, Some(json!({"temp": 5})));
+    assert_eq!(d.actions[0]["topic"], "alerts/d9");
+    let d = svc.dry_run("a", &spec, &sample(0)).expect("dry run");
+    assert_eq!(d.output, None);
+    svc.delete("a", "r").await.expect("delete");
+    assert!(matches!(
+        svc.get("a", "r").await,
+        Err(RulesError::NotFound(_))
+    ));
+}
+
+#[tokio::test]
+async fn rules_survive_a_restart() {
+    let dir = tempfile::tempdir().expect("dir");
+    let path = dir.path().join("rules.db");
+    let published: Published = Arc::default();
+    {
+        let store = SqliteRuleStore::open(&path, false).await.expect("open");
+        let svc = RulesService::new(
+            Arc::new(store.clone()),
+            Arc::new(Recorder(published.clone())),
+            RulesConfig::default(),
+        );
+        svc.create("a", "r", republish("SELECT * FROM 'x'", "o"), true)
+            .await
+            .expect("create");
+        store.close().await;
+    }
+    let store = SqliteRuleStore::open(&path, false).await.expect("reopen");
+    let svc = RulesService::new(
+        Arc::new(store),
+        Arc::new(Recorder(published.clone())),
+        RulesConfig::default(),
+    );
+    svc.start(std::future::pending()).await.expect("start");
+    assert!(offer(&svc, "a", "x", json!({"k": 1})));
+    until("output after restart", || published.lock().len() == 1).await;
+}
+
+#[tokio::test]
+async fn a_full_input_queue_drops_evaluations_visibly() {
+    let store = SqliteRuleStore::in_memory().await.expect("store");
+    let published: Published = Arc::default();
+    let config = RulesConfig {
+        input_queue: 2,
+        ..RulesConfig::default()
+    };
+    // Not started: nothing drains the input queue.
+    let svc = RulesService::new(Arc::new(store), Arc::new(Recorder(published)), config);
+    svc.create("a", "r", republish("SELECT * FROM 'x'", "o"), true)
+        .await
+        .expect("create");
+    svc.create("a", "other", republish("SELECT * FROM 'y'", "o"), true)
+        .await
+        .expect("create");
+    for n in 0..5 {
+        // The offer never blocks and still reports that a rule wanted the message.
+        assert!(offer(&svc, "a", "x", json!({ "n": n })));
+    }
+    let s = svc.stats("a", "r").await.expect("stats");
+    assert_eq!(s.dropped_queue_full, 3);
+    assert_eq!(
+        svc.stats("a", "other")
+            .await
+            .expect("stats")
+            .dropped_queue_full,
+        0
+    );
+    let mut text = String::new();
+    svc.render_metrics(&mut text);
+    assert!(
+        text.contains("ferrohub_rules_input_dropped_total 3"),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"ferrohub_rule_dropped{tenant="a",rule="r"} 3"#),
+        "{text}"
+    );
+}
