@@ -172,3 +172,27 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
             })
     }
 }
+
+/// Reads `If-Match: "7"` (or `W/"7"`; `*` and no header: `None`) as the version the caller
+/// saw; `resource` names the GET whose ETag to send (`"…/twins/{name}"`) in the error.
+pub(crate) fn if_match(headers: &HeaderMap, resource: &str) -> Result<Option<u64>, ApiError> {
+    let Some(v) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let v = v
+        .to_str()
+        .map_err(|_| ApiError::invalid("If-Match is not valid text"))?
+        .trim();
+    if v == "*" {
+        return Ok(None);
+    }
+    v.trim_start_matches("W/")
+        .trim_matches('"')
+        .parse()
+        .map(Some)
+        .map_err(|_| {
+            ApiError::invalid(format!(
+                "If-Match {v:?} is not an ETag of this API: send the ETag of GET {resource}, e.g. \"7\""
+            ))
+        })
+}

@@ -235,6 +235,9 @@ fn target_of(job: &Job) -> String {
     }
 }
 
+/// The enabled rules of one tenant.
+type TenantRules = Arc<[Arc<ActiveRule>]>;
+
 /// The rules of every tenant, running.
 pub struct RulesService {
     store: Arc<dyn RuleStore>,
@@ -242,7 +245,9 @@ pub struct RulesService {
     publisher: Arc<dyn Publisher>,
     http: reqwest::Client,
     /// Enabled rules by tenant (what the broker's offer and the evaluation task read).
-    active: RwLock<HashMap<Arc<str>, Vec<Arc<ActiveRule>>>>,
+    /// A tenant's list is replaced, never edited, so evaluation takes it with one `Arc` clone
+    /// per message instead of copying it.
+    active: RwLock<HashMap<Arc<str>, TenantRules>>,
     shared: Mutex<HashMap<(String, String), Arc<RuleShared>>>,
     input: mpsc::Sender<Inbound>,
     input_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
@@ -330,7 +335,7 @@ impl RulesService {
     }
 
     fn evaluate(&self, m: &Inbound) {
-        let rules: Vec<Arc<ActiveRule>> = match self.active.read().get(&*m.tenant) {
+        let rules: TenantRules = match self.active.read().get(&*m.tenant) {
             Some(r) => r.clone(),
             None => return,
         };
@@ -507,19 +512,25 @@ impl RulesService {
             error_action,
         });
         let mut map = self.active.write();
-        let rules = map.entry(tenant).or_default();
-        rules.retain(|r| r.id != id);
+        let mut rules: Vec<Arc<ActiveRule>> = map
+            .get(&tenant)
+            .map(|rules| rules.iter().filter(|r| r.id != id).cloned().collect())
+            .unwrap_or_default();
         rules.push(active);
+        map.insert(tenant, rules.into());
         Ok(())
     }
 
     fn deactivate(&self, tenant: &str, id: &str) {
         let mut map = self.active.write();
-        if let Some(rules) = map.get_mut(tenant) {
-            rules.retain(|r| &*r.id != id);
-            if rules.is_empty() {
-                map.remove(tenant);
-            }
+        let Some(rules) = map.get(tenant) else {
+            return;
+        };
+        let rest: Vec<Arc<ActiveRule>> = rules.iter().filter(|r| &*r.id != id).cloned().collect();
+        if rest.is_empty() {
+            map.remove(tenant);
+        } else if let Some(rules) = map.get_mut(tenant) {
+            *rules = rest.into();
         }
     }
 

@@ -15,7 +15,7 @@ use serde_json::json;
 
 use crate::ApiState;
 use crate::error::{ApiError, CommonErrors};
-use crate::extract::{ApiJson, ApiPath, Caller};
+use crate::extract::{ApiJson, ApiPath, Caller, if_match};
 
 /// An error of a rules route: the API's usual ones, and a rule that does not compile (400 with
 /// `line`, `column` and `hint` next to `code` and `message`).
@@ -84,29 +84,6 @@ fn with_etag(rule: StoredRule, status: StatusCode) -> Response {
         res.headers_mut().insert(header::ETAG, etag);
     }
     res
-}
-
-/// Reads `If-Match: "3"` (or `W/"3"`, or `*`).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let v = v
-        .to_str()
-        .map_err(|_| ApiError::invalid("If-Match is not valid text"))?
-        .trim();
-    if v == "*" {
-        return Ok(None);
-    }
-    v.trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .map(Some)
-        .map_err(|_| {
-            ApiError::invalid(format!(
-                "If-Match {v:?} is not a rule version: send the ETag of GET …/rules/{{id}}, e.g. \"3\""
-            ))
-        })
 }
 
 /// A new rule.
@@ -188,7 +165,7 @@ pub async fn update_rule(
     ApiJson(spec): ApiJson<RuleSpec>,
 ) -> RulesResult<Response> {
     c.actor.require(Role::Operator, Some(&tenant))?;
-    let expected = if_match(&headers)?;
+    let expected = if_match(&headers, "…/rules/{id}")?;
     let rule = rules_of(&state)?
         .update(&tenant, &id, spec, expected)
         .await?;
@@ -218,7 +195,7 @@ async fn set_enabled(
     enabled: bool,
 ) -> RulesResult<Response> {
     c.actor.require(Role::Operator, Some(&tenant))?;
-    let expected = if_match(&headers)?;
+    let expected = if_match(&headers, "…/rules/{id}")?;
     let rule = rules_of(&state)?
         .set_enabled(&tenant, &id, enabled, expected)
         .await?;

@@ -21,7 +21,7 @@ use utoipa::IntoParams;
 
 use crate::ApiState;
 use crate::error::{ApiError, ApiResult, CommonErrors};
-use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller};
+use crate::extract::{ApiJson, ApiPath, ApiQuery, Caller, if_match};
 
 impl From<TwinError> for ApiError {
     fn from(e: TwinError) -> ApiError {
@@ -106,29 +106,6 @@ pub struct PatchParams {
     pub client_token: Option<String>,
 }
 
-/// Reads `If-Match: "7"` (or `W/"7"`, or `*`).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
-    let Some(v) = headers.get(header::IF_MATCH) else {
-        return Ok(None);
-    };
-    let v = v
-        .to_str()
-        .map_err(|_| ApiError::invalid("If-Match is not valid text"))?
-        .trim();
-    if v == "*" {
-        return Ok(None);
-    }
-    v.trim_start_matches("W/")
-        .trim_matches('"')
-        .parse()
-        .map(Some)
-        .map_err(|_| {
-            ApiError::invalid(format!(
-                "If-Match {v:?} is not an ETag of this API: send the ETag of GET …/twins/{{name}}, e.g. \"7\""
-            ))
-        })
-}
-
 async fn patch_section(
     c: Caller,
     state: ApiState,
@@ -140,7 +117,7 @@ async fn patch_section(
 ) -> ApiResult<Response> {
     c.actor.require(Role::Operator, Some(&tenant))?;
     c.registry.device(&c.actor, &tenant, &device).await?;
-    let expected = match (if_match(&headers)?, params.version) {
+    let expected = match (if_match(&headers, "…/twins/{name}")?, params.version) {
         (Some(a), Some(b)) if a != b => {
             return Err(ApiError::invalid(
                 "If-Match and ?version= disagree: send one of them",

@@ -36,7 +36,7 @@ use super::generate::Value;
 use super::profile::Format;
 use super::recording::{Message, Recording, RecordingError, ScanOptions};
 use super::report::{Progress, ProgressMode, Summary};
-use super::run::{RunConfig, RunError, STRIPES, Shared};
+use super::run::{RunConfig, RunError, STRIPES, Shared, pause_or_stop};
 use super::{ReplayArgs, TopicTemplate};
 use crate::bench::fleet;
 use crate::bench::stats::Latency;
@@ -770,17 +770,6 @@ pub async fn replay(
             messages_dropped: dropped,
         },
     })
-}
-
-/// Sleeps `d` unless the replay stops first (then false).
-async fn pause_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    if *stop.borrow() {
-        return false;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => true,
-        _ = stop.wait_for(|s| *s) => false,
-    }
 }
 
 /// Connects `dev`, retrying with back-off (first connect: `connect_retries` times; reconnect:

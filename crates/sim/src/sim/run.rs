@@ -723,7 +723,7 @@ fn session_request(cfg: &RunConfig, first: bool, index: u64) -> ConnectRequest {
 }
 
 /// Sleeps `d` unless the run stops first (then false).
-async fn pause_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+pub(crate) async fn pause_or_stop(d: Duration, stop: &mut watch::Receiver<bool>) -> bool {
     if *stop.borrow() {
         return false;
     }
