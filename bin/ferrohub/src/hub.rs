@@ -134,72 +134,6 @@ impl ferrohub_adapters::mqtt::MessageSink for TelemetrySink {
     }
 }
 
-/// How rule actions publish: through the router as the hub itself, so no rule hears what a rule
-/// republished (loop protection). Reserved `$` topics are refused.
-struct RulesPublisher(std::sync::Weak<Broker>);
-
-impl ferrohub_rules_service::Publisher for RulesPublisher {
-    fn publish(
-        &self,
-        tenant: &str,
-        topic: &str,
-        payload: bytes::Bytes,
-        qos: u8,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
-        let (tenant, topic) = (TenantId::new(tenant), topic.to_string());
-        Box::pin(async move {
-            if topic.starts_with('$') {
-                return Err(format!(
-                    "`{topic}` is a reserved topic; rules may not publish there"
-                ));
-            }
-            if let Err(e) =
-                ferrohub_types::TopicName::new(&topic, &ferrohub_types::TopicLimits::default())
-            {
-                return Err(format!("`{topic}` is not a valid topic: {e}"));
-            }
-            let Some(broker) = self.0.upgrade() else {
-                return Err("the hub is shutting down".into());
-            };
-            let qos = if qos == 0 {
-                ferrohub_types::QoS::AtMostOnce
-            } else {
-                ferrohub_types::QoS::AtLeastOnce
-            };
-            let p = broker
-                .publish_from_service_with(&tenant, &topic, payload, qos, None)
-                .await;
-            if p.refused {
-                return Err("a subscriber's queue was full or the store refused it".into());
-            }
-            Ok(())
-        })
-    }
-}
-
-/// Shows ordinary client publications to the rules service (never blocks the publisher).
-struct RulesTap(Arc<ferrohub_rules_service::RulesService>);
-
-impl ferrohub_adapters::mqtt::MessageTap for RulesTap {
-    fn observe(
-        &self,
-        tenant: &TenantId,
-        message: &Arc<ferrohub_types::Message>,
-        origin: &ferrohub_adapters::mqtt::Origin,
-    ) {
-        self.0.offer(tenant.as_str(), message.topic.as_str(), || {
-            ferrohub_rules_service::Inbound {
-                tenant: Arc::from(tenant.as_str()),
-                topic: message.topic.as_arc().clone(),
-                payload: message.payload.clone(),
-                client_id: origin.client_id.clone(),
-                device: origin.device_id.clone(),
-                timestamp_ms: message.received_at as i64,
-            }
-        });
-    }
-}
-
 async fn bind(what: &str, addr: SocketAddr) -> Result<TcpListener> {
     let listener = TcpListener::bind(addr).await.with_context(|| {
         format!("cannot listen for {what} on {addr} (in use? try --{what}-listen 127.0.0.1:0)")
@@ -629,12 +563,21 @@ impl Hub {
                 .await
                 .context("opening the in-memory rules store")?
         };
+        let rules_hub = Arc::new(crate::rules_link::RulesHub {
+            broker: Arc::downgrade(&broker),
+            registry: registry.clone(),
+            twins: twins.clone(),
+            commands: commands.clone(),
+            telemetry: telemetry.clone(),
+            alarms: std::sync::OnceLock::new(),
+        });
         let rules = ferrohub_rules_service::RulesService::new(
             Arc::new(rules_store),
-            Arc::new(RulesPublisher(Arc::downgrade(&broker))),
+            rules_hub.clone(),
             config.rules.service_config(),
         );
-        broker.set_tap(Arc::new(RulesTap(rules.clone())));
+        broker.set_tap(Arc::new(crate::rules_link::RulesTap(rules.clone())));
+        crate::rules_link::forget_changed_twins(&twins, rules.clone());
         {
             let b = Arc::downgrade(&broker);
             registry.set_kicker(Arc::new(move |tenant: &TenantId, client_id: &str| {

@@ -6,3 +6,4 @@ pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod hub;
+pub mod rules_link;

@@ -15,21 +15,145 @@ use serde::Serialize;
 use serde_json::Value as Json;
 use tokio::sync::mpsc;
 
-use crate::model::WebhookSpec;
+use serde_json::json;
+
+use crate::model::{TwinSection, WebhookSpec};
 use crate::stats::ActionCounters;
 
-/// How the service publishes: the binary implements it over the broker, publishing as the hub
-/// (so no rule ever hears a republished message: loop protection by construction).
-pub trait Publisher: Send + Sync + 'static {
-    /// Publishes `payload` on `topic` in `tenant` with QoS 0 or 1; `Err` with a reason when the
-    /// topic is invalid or the broker refused it.
-    fn publish(
+/// Why an action failed, and whether trying again may help.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ActionError {
+    /// What went wrong, for the dead letter.
+    pub message: String,
+    /// A later attempt may succeed (a full queue, a timeout); else the job is given up at once.
+    pub retryable: bool,
+}
+
+impl ActionError {
+    /// A failure that retrying will not fix (invalid topic, unknown device, bad patch).
+    pub fn permanent(message: impl Into<String>) -> ActionError {
+        ActionError {
+            message: message.into(),
+            retryable: false,
+        }
+    }
+
+    /// A failure worth retrying after a back-off.
+    pub fn transient(message: impl Into<String>) -> ActionError {
+        ActionError {
+            message: message.into(),
+            retryable: true,
+        }
+    }
+}
+
+fn unavailable(what: &str) -> ActionError {
+    ActionError::permanent(format!("{what} is not available in this hub"))
+}
+
+/// A command a rule sends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRequest {
+    /// Command name.
+    pub name: String,
+    /// Payload bytes.
+    pub payload: Bytes,
+    /// Queued (durable) or direct.
+    pub queued: bool,
+    /// Lifetime of a queued command, seconds.
+    pub ttl_s: Option<u64>,
+}
+
+/// What an alarm action asks of the alarm service.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlarmRequest {
+    /// Raise, or fold into the open alarm with the same key.
+    Raise {
+        /// Dedup key.
+        key: String,
+        /// One of [`crate::model::SEVERITIES`].
+        severity: String,
+        /// The device it concerns.
+        device: Option<String>,
+        /// Human text.
+        message: String,
+        /// The rule's output.
+        details: Json,
+    },
+    /// Clear the open alarm with this key (nothing open: success).
+    Clear {
+        /// Dedup key.
+        key: String,
+    },
+}
+
+/// What rule actions and lookups reach in the hub. The binary implements it over the broker,
+/// telemetry, twins, commands, alarms and the registry; a method a hub does not implement fails
+/// permanently (lookups find nothing).
+#[async_trait::async_trait]
+pub trait HubLink: Send + Sync + 'static {
+    /// Publishes `payload` on `topic` with QoS 0 or 1, as the hub itself (so no rule ever hears
+    /// a republished message: loop protection by construction).
+    async fn publish(
         &self,
         tenant: &str,
         topic: &str,
         payload: Bytes,
         qos: u8,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+    ) -> Result<(), ActionError>;
+
+    /// Stores a device payload (a JSON object with a `ts` key) as telemetry of `device`.
+    async fn store_telemetry(
+        &self,
+        _tenant: &str,
+        _device: &str,
+        _payload: Json,
+    ) -> Result<(), ActionError> {
+        Err(unavailable("telemetry"))
+    }
+
+    /// Merges `patch` into a section of the device's default twin, written by `actor`.
+    async fn update_twin(
+        &self,
+        _tenant: &str,
+        _device: &str,
+        _section: TwinSection,
+        _patch: Json,
+        _actor: &str,
+    ) -> Result<(), ActionError> {
+        Err(unavailable("the twin service"))
+    }
+
+    /// Sends a command to a device on behalf of `actor`.
+    async fn send_command(
+        &self,
+        _tenant: &str,
+        _device: &str,
+        _command: CommandRequest,
+        _actor: &str,
+    ) -> Result<(), ActionError> {
+        Err(unavailable("the command service"))
+    }
+
+    /// Raises or clears an alarm from rule `source` (`rule:<id>`).
+    async fn alarm(
+        &self,
+        _tenant: &str,
+        _request: AlarmRequest,
+        _source: &str,
+    ) -> Result<(), ActionError> {
+        Err(unavailable("the alarm service"))
+    }
+
+    /// The device's default twin as operators see it (`twin(id)` in rules).
+    async fn twin(&self, _tenant: &str, _device: &str) -> Option<Json> {
+        None
+    }
+
+    /// The device's registry record (`device(id)` in rules).
+    async fn device(&self, _tenant: &str, _device: &str) -> Option<Json> {
+        None
+    }
 }
 
 /// A job for one action: everything already rendered on the evaluation task.
@@ -53,6 +177,99 @@ pub enum Job {
         /// Rendered body.
         body: Bytes,
     },
+    /// Telemetry of a device.
+    StoreTelemetry {
+        /// Device id.
+        device: String,
+        /// A device payload: metrics and `ts`.
+        payload: Json,
+    },
+    /// A twin merge patch.
+    UpdateTwin {
+        /// Device id.
+        device: String,
+        /// Section.
+        section: TwinSection,
+        /// The merge patch.
+        patch: Json,
+    },
+    /// A command.
+    Command {
+        /// Device id.
+        device: String,
+        /// What to send.
+        command: CommandRequest,
+    },
+    /// An alarm raise or clear (boxed: the largest job).
+    Alarm(Box<AlarmRequest>),
+}
+
+impl Job {
+    /// Where the job goes, for dead letters and dry runs: topic, URL, device or alarm key.
+    pub fn target(&self) -> String {
+        match self {
+            Job::Republish { topic, .. } => topic.clone(),
+            Job::Webhook { url, .. } => url.clone(),
+            Job::StoreTelemetry { device, .. } | Job::UpdateTwin { device, .. } => device.clone(),
+            Job::Command { device, command } => format!("{device}: {}", command.name),
+            Job::Alarm(a) => match &**a {
+                AlarmRequest::Raise { key, .. } | AlarmRequest::Clear { key } => key.clone(),
+            },
+        }
+    }
+
+    /// The job as JSON (dry runs show it; a dead letter keeps its `payload`).
+    pub fn describe(&self) -> Json {
+        match self {
+            Job::Republish {
+                topic,
+                payload,
+                qos,
+            } => json!({"type": "republish", "topic": topic, "qos": qos,
+                "payload": String::from_utf8_lossy(payload)}),
+            Job::Webhook { url, headers, body } => json!({"type": "webhook", "url": url,
+                "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
+                "body": String::from_utf8_lossy(body)}),
+            Job::StoreTelemetry { device, payload } => {
+                json!({"type": "store_telemetry", "device": device, "payload": payload})
+            }
+            Job::UpdateTwin {
+                device,
+                section,
+                patch,
+            } => json!({"type": "update_twin", "device": device, "section": section,
+                "patch": patch}),
+            Job::Command { device, command } => json!({"type": "command", "device": device,
+                "name": command.name, "payload": String::from_utf8_lossy(&command.payload),
+                "queued": command.queued, "ttl_s": command.ttl_s}),
+            Job::Alarm(a) => match &**a {
+                AlarmRequest::Raise {
+                    key,
+                    severity,
+                    device,
+                    message,
+                    details,
+                } => json!({"type": "alarm", "op": "raise", "key": key, "severity": severity,
+                    "device": device, "message": message, "details": details}),
+                AlarmRequest::Clear { key } => json!({"type": "alarm", "op": "clear", "key": key}),
+            },
+        }
+    }
+
+    /// What a dead letter keeps of the job.
+    fn payload(&self) -> Json {
+        match self {
+            Job::Republish { payload, .. } => payload_json(payload),
+            Job::Webhook { body, .. } => payload_json(body),
+            Job::StoreTelemetry { payload, .. } => payload.clone(),
+            Job::UpdateTwin { patch, .. } => patch.clone(),
+            Job::Command { command, .. } => payload_json(&command.payload),
+            Job::Alarm(a) => match &**a {
+                AlarmRequest::Raise { details, .. } => details.clone(),
+                AlarmRequest::Clear { .. } => Json::Null,
+            },
+        }
+    }
 }
 
 /// A message an action gave up on (API: `GET …/rules/{id}/dead-letters`).
@@ -159,7 +376,9 @@ pub(crate) struct WorkerContext {
     pub action: Option<usize>,
     pub counters: Arc<ActionCounters>,
     pub dead_letters: Arc<DeadLetters>,
-    pub publisher: Arc<dyn Publisher>,
+    /// `rule:<id>`: the actor of twin writes and commands, the source of alarms.
+    pub actor: Arc<str>,
+    pub hub: Arc<dyn HubLink>,
     pub http: reqwest::Client,
     /// Failures go here (to the error action); `None` for the error action itself, whose own
     /// failures only become dead letters (no error action of the error action).
@@ -196,28 +415,73 @@ pub(crate) fn spawn_worker(
     ActionQueue { tx, counters, kind }
 }
 
+/// Attempts and first back-off of actions other than webhooks (which set their own).
+const DEFAULT_ATTEMPTS: u32 = 3;
+const DEFAULT_BACKOFF_MS: u64 = 200;
+
+/// Runs a job, retrying what may succeed later; gives up into a dead letter.
 async fn run_job(ctx: &WorkerContext, webhook: Option<&WebhookSpec>, job: Job) {
+    let (max_attempts, backoff_ms) = webhook.map_or((DEFAULT_ATTEMPTS, DEFAULT_BACKOFF_MS), |w| {
+        (w.max_attempts, w.backoff_ms)
+    });
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        if attempt > 1 {
+            ctx.counters.retries.fetch_add(1, Relaxed);
+        }
+        match attempt_job(ctx, webhook, &job).await {
+            Ok(()) => {
+                ctx.counters.successes.fetch_add(1, Relaxed);
+                return;
+            }
+            Err(e) => {
+                ctx.counters.errors.fetch_add(1, Relaxed);
+                if !e.retryable || attempt >= max_attempts {
+                    give_up(ctx, attempt, e.message, job.target(), job.payload());
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(backoff(backoff_ms, attempt)).await;
+    }
+}
+
+async fn attempt_job(
+    ctx: &WorkerContext,
+    webhook: Option<&WebhookSpec>,
+    job: &Job,
+) -> Result<(), ActionError> {
+    let hub = &ctx.hub;
     match job {
         Job::Republish {
             topic,
             payload,
             qos,
-        } => match ctx
-            .publisher
-            .publish(&ctx.tenant, &topic, payload.clone(), qos)
-            .await
-        {
-            Ok(()) => {
-                ctx.counters.successes.fetch_add(1, Relaxed);
-            }
-            Err(error) => {
-                ctx.counters.errors.fetch_add(1, Relaxed);
-                give_up(ctx, 1, error, topic, &payload);
-            }
+        } => hub.publish(&ctx.tenant, topic, payload.clone(), *qos).await,
+        Job::Webhook { url, headers, body } => match webhook {
+            Some(spec) => send_webhook(ctx, spec, url, headers, body).await,
+            None => Err(ActionError::permanent("webhook job without a webhook spec")),
         },
-        Job::Webhook { url, headers, body } => {
-            let Some(spec) = webhook else { return };
-            send_webhook(ctx, spec, url, headers, body).await;
+        Job::StoreTelemetry { device, payload } => {
+            hub.store_telemetry(&ctx.tenant, device, payload.clone())
+                .await
+        }
+        Job::UpdateTwin {
+            device,
+            section,
+            patch,
+        } => {
+            hub.update_twin(&ctx.tenant, device, *section, patch.clone(), &ctx.actor)
+                .await
+        }
+        Job::Command { device, command } => {
+            hub.send_command(&ctx.tenant, device, command.clone(), &ctx.actor)
+                .await
+        }
+        Job::Alarm(request) => {
+            hub.alarm(&ctx.tenant, (**request).clone(), &ctx.actor)
+                .await
         }
     }
 }
@@ -228,7 +492,7 @@ pub(crate) fn give_up(
     attempts: u32,
     error: String,
     target: String,
-    payload: &[u8],
+    payload: Json,
 ) {
     let letter = DeadLetter {
         at_ms: now_ms(),
@@ -236,7 +500,7 @@ pub(crate) fn give_up(
         attempts,
         error: error.clone(),
         target,
-        payload: payload_json(payload),
+        payload,
     };
     ctx.counters.dead_letters.fetch_add(1, Relaxed);
     ctx.dead_letters.push(letter.clone());
@@ -258,55 +522,47 @@ fn backoff(base_ms: u64, attempt: u32) -> Duration {
     Duration::from_millis(((exp as f64) * jitter).min(30_000.0) as u64)
 }
 
+/// One webhook attempt: 2xx succeeds; 5xx, 408, 429, timeouts and connection errors are worth
+/// retrying; other 4xx will not get better.
 async fn send_webhook(
     ctx: &WorkerContext,
     spec: &WebhookSpec,
-    url: String,
-    headers: Vec<(String, String)>,
-    body: Bytes,
-) {
+    url: &str,
+    headers: &[(String, String)],
+    body: &Bytes,
+) -> Result<(), ActionError> {
     let method =
         reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::POST);
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        if attempt > 1 {
-            ctx.counters.retries.fetch_add(1, Relaxed);
-        }
-        let mut req = ctx
-            .http
-            .request(method.clone(), &url)
-            .timeout(Duration::from_millis(spec.timeout_ms))
-            .body(body.clone());
-        if !headers
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-        {
-            req = req.header("content-type", "application/json");
-        }
-        for (k, v) in &headers {
-            req = req.header(k.as_str(), v.as_str());
-        }
-        let (error, retryable) = match req.send().await {
-            Ok(resp) if resp.status().is_success() => {
-                ctx.counters.successes.fetch_add(1, Relaxed);
-                return;
+    let mut req = ctx
+        .http
+        .request(method, url)
+        .timeout(Duration::from_millis(spec.timeout_ms))
+        .body(body.clone());
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+    {
+        req = req.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    match req.send().await {
+        Ok(resp) if resp.status().is_success() => Ok(()),
+        Ok(resp) => {
+            let s = resp.status();
+            let error = format!("HTTP {s}");
+            if s.is_server_error() || s.as_u16() == 408 || s.as_u16() == 429 {
+                Err(ActionError::transient(error))
+            } else {
+                Err(ActionError::permanent(error))
             }
-            Ok(resp) => {
-                let s = resp.status();
-                // 4xx other than 408/429 will not get better by retrying.
-                let retryable = s.is_server_error() || s.as_u16() == 408 || s.as_u16() == 429;
-                (format!("HTTP {s}"), retryable)
-            }
-            Err(e) if e.is_timeout() => (format!("timed out after {} ms", spec.timeout_ms), true),
-            Err(e) => (format!("request failed: {e}"), true),
-        };
-        ctx.counters.errors.fetch_add(1, Relaxed);
-        if !retryable || attempt >= spec.max_attempts {
-            give_up(ctx, attempt, error, url, &body);
-            return;
         }
-        tokio::time::sleep(backoff(spec.backoff_ms, attempt)).await;
+        Err(e) if e.is_timeout() => Err(ActionError::transient(format!(
+            "timed out after {} ms",
+            spec.timeout_ms
+        ))),
+        Err(e) => Err(ActionError::transient(format!("request failed: {e}"))),
     }
 }
 

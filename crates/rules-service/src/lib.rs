@@ -5,18 +5,19 @@
 //! over the broker.
 
 pub mod error;
+mod lookup;
 pub mod model;
 pub mod store;
 pub mod template;
 
 pub use error::{Result, RulesError};
-pub use model::{ActionSpec, RuleSpec, StoredRule, WebhookSpec};
+pub use model::{ActionSpec, AlarmSpec, RuleSpec, StoredRule, TwinSection, WebhookSpec};
 pub use store::{RuleStore, SqliteRuleStore};
 pub use template::Template;
 pub mod actions;
 pub mod service;
 pub mod stats;
 
-pub use actions::{DeadLetter, Publisher};
+pub use actions::{ActionError, AlarmRequest, CommandRequest, DeadLetter, HubLink, Job};
 pub use service::{DryRun, Inbound, RulesConfig, RulesService, Sample};
 pub use stats::RuleStats;

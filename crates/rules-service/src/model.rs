@@ -29,8 +29,12 @@ pub struct RuleSpec {
     pub error_action: Option<ActionSpec>,
 }
 
-/// One action. Tagged by `type`; more kinds (store as telemetry, update a twin, send a command,
-/// alarms) are added as variants.
+/// One action, tagged by `type`.
+///
+/// `device`, `topic`, `url`, header, `body`, `name`, `key` and `message` are substitution
+/// templates (`${expr}`), rendered against the input message — or, for a windowed rule, against
+/// its output (a window's output has no single publisher). `metrics` and `raise_when` are
+/// expressions over the rule's output (field names as the SELECT gives them).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ActionSpec {
@@ -44,6 +48,97 @@ pub enum ActionSpec {
     },
     /// Send the output to an HTTP endpoint.
     Webhook(WebhookSpec),
+    /// Store the output (or chosen metrics of it) as telemetry of a device, at the message's
+    /// time.
+    StoreTelemetry {
+        /// Device template (default: the publisher's device).
+        #[serde(default)]
+        device: Option<String>,
+        /// Metric name → expression over the output; empty: every field of the output
+        /// (nested objects flattened to dotted names, as device payloads are).
+        #[serde(default)]
+        metrics: BTreeMap<String, String>,
+    },
+    /// Merge the output (or a rendered patch) into a section of a device's twin.
+    UpdateTwin {
+        /// Device template (default: the publisher's device).
+        #[serde(default)]
+        device: Option<String>,
+        /// `desired` (default), `reported` or `tags`.
+        #[serde(default)]
+        section: TwinSection,
+        /// Template rendering a JSON object (a merge patch); absent: the output.
+        #[serde(default)]
+        patch: Option<String>,
+    },
+    /// Send a command to a device (queued by default: durable, delivered when it is online).
+    Command {
+        /// Device template (default: the publisher's device).
+        #[serde(default)]
+        device: Option<String>,
+        /// Command name template.
+        name: String,
+        /// Payload template; absent: the output as JSON.
+        #[serde(default)]
+        payload: Option<String>,
+        /// Queued (true, default) or direct (false: sent only if the device is online; the
+        /// worker waits for its response).
+        #[serde(default = "yes")]
+        queued: bool,
+        /// Lifetime of a queued command in seconds (default: the hub's `commands` setting).
+        #[serde(default)]
+        ttl_s: Option<u64>,
+    },
+    /// Raise (or clear) an alarm, deduplicated by its key.
+    Alarm(AlarmSpec),
+}
+
+/// Which twin section a rule writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TwinSection {
+    /// What the device should be (the device gets the delta).
+    #[default]
+    Desired,
+    /// State derived on the device's behalf.
+    Reported,
+    /// Operator labels.
+    Tags,
+}
+
+/// An alarm action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AlarmSpec {
+    /// Dedup key template (`overheat:${topic(2)}`): a raise with the key of an open alarm
+    /// updates it instead of opening another.
+    pub key: String,
+    /// `critical`, `major` (default), `minor`, `warning` or `info`.
+    #[serde(default = "default_severity")]
+    pub severity: String,
+    /// Message template (default: the rule id and the output).
+    #[serde(default)]
+    pub message: Option<String>,
+    /// Device template (default: the publisher's device, if any).
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Expression over the output: true raises, false clears (one rule both raises and clears,
+    /// e.g. `"raise_when": "temp > 80"`). Absent: every output raises.
+    #[serde(default)]
+    pub raise_when: Option<String>,
+    /// Clear the alarm with this key instead of raising it.
+    #[serde(default)]
+    pub clear: bool,
+}
+
+/// Alarm severities, most severe first.
+pub const SEVERITIES: [&str; 5] = ["critical", "major", "minor", "warning", "info"];
+
+fn default_severity() -> String {
+    "major".into()
+}
+fn yes() -> bool {
+    true
 }
 
 /// An HTTP action.
@@ -171,8 +266,80 @@ impl ActionSpec {
                     ));
                 }
             }
+            ActionSpec::StoreTelemetry { device, metrics } => {
+                parse_opt(device)?;
+                for (name, expr) in metrics {
+                    if name.is_empty() || name.len() > 256 {
+                        return Err(RulesError::Invalid(format!(
+                            "store_telemetry metric name `{name}` must be 1 to 256 characters"
+                        )));
+                    }
+                    crate::template::Expression::parse(expr)?;
+                }
+            }
+            ActionSpec::UpdateTwin { device, patch, .. } => {
+                parse_opt(device)?;
+                parse_opt(patch)?;
+            }
+            ActionSpec::Command {
+                device,
+                name,
+                payload,
+                ttl_s,
+                ..
+            } => {
+                parse_opt(device)?;
+                crate::template::Template::parse(name)?;
+                parse_opt(payload)?;
+                if *ttl_s == Some(0) {
+                    return Err(RulesError::Invalid(
+                        "command ttl_s must be at least 1".into(),
+                    ));
+                }
+            }
+            ActionSpec::Alarm(a) => {
+                crate::template::Template::parse(&a.key)?;
+                parse_opt(&a.message)?;
+                parse_opt(&a.device)?;
+                if !SEVERITIES.contains(&a.severity.as_str()) {
+                    return Err(RulesError::Invalid(format!(
+                        "alarm severity `{}` must be one of {}",
+                        a.severity,
+                        SEVERITIES.join(", ")
+                    )));
+                }
+                if let Some(w) = &a.raise_when {
+                    if a.clear {
+                        return Err(RulesError::Invalid(
+                            "an alarm action has `raise_when` or `clear`, not both".into(),
+                        ));
+                    }
+                    crate::template::Expression::parse(w)?;
+                }
+            }
         }
         Ok(())
+    }
+}
+
+fn parse_opt(template: &Option<String>) -> Result<()> {
+    if let Some(t) = template {
+        crate::template::Template::parse(t)?;
+    }
+    Ok(())
+}
+
+impl ActionSpec {
+    /// The action's kind as its `type` tag.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ActionSpec::Republish { .. } => "republish",
+            ActionSpec::Webhook(_) => "webhook",
+            ActionSpec::StoreTelemetry { .. } => "store_telemetry",
+            ActionSpec::UpdateTwin { .. } => "update_twin",
+            ActionSpec::Command { .. } => "command",
+            ActionSpec::Alarm(_) => "alarm",
+        }
     }
 }
 

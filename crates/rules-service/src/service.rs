@@ -19,21 +19,24 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use ferrohub_rules::{CompiledRule, Lookup, MessageContext, NoLookup, RuleRunner, RunnerLimits};
+use ferrohub_rules::{
+    CompiledRule, Lookup, MessageContext, NoLookup, Output, RuleRunner, RunnerLimits,
+};
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value as Json, json};
 use tokio::sync::mpsc;
 
 use crate::actions::{
-    ActionQueue, DeadLetter, DeadLetters, Failure, Job, Publisher, WorkerContext, now_ms,
-    spawn_worker,
+    ActionQueue, AlarmRequest, CommandRequest, DeadLetter, DeadLetters, Failure, HubLink, Job,
+    WorkerContext, now_ms, spawn_worker,
 };
 use crate::error::{Result, RulesError};
-use crate::model::{ActionSpec, RuleSpec, StoredRule, validate_id};
+use crate::lookup::LookupCache;
+use crate::model::{ActionSpec, RuleSpec, StoredRule, TwinSection, validate_id};
 use crate::stats::{ActionCounters, RuleCounters, RuleStats};
 use crate::store::RuleStore;
-use crate::template::Template;
+use crate::template::{Expression, Template};
 
 /// Limits of the rules service.
 #[derive(Debug, Clone)]
@@ -48,6 +51,11 @@ pub struct RulesConfig {
     pub max_rules_per_tenant: usize,
     /// State limits of each rule.
     pub limits: RunnerLimits,
+    /// How long a fetched twin or registry record serves `twin()`/`device()` (a twin change
+    /// evicts it at once).
+    pub lookup_ttl: Duration,
+    /// Twin and registry records cached for lookups, all tenants.
+    pub lookup_capacity: usize,
 }
 
 impl Default for RulesConfig {
@@ -58,6 +66,8 @@ impl Default for RulesConfig {
             dead_letters: 100,
             max_rules_per_tenant: 1_000,
             limits: RunnerLimits::default(),
+            lookup_ttl: Duration::from_secs(5),
+            lookup_capacity: 100_000,
         }
     }
 }
@@ -113,6 +123,7 @@ struct RuleShared {
     dead_letters: Arc<DeadLetters>,
 }
 
+/// An action compiled: its templates and expressions parsed once.
 enum Plan {
     Republish {
         topic: Template,
@@ -123,10 +134,42 @@ enum Plan {
         headers: Vec<(String, Template)>,
         body: Option<Template>,
     },
+    StoreTelemetry {
+        device: Option<Template>,
+        metrics: Vec<(String, Expression)>,
+    },
+    UpdateTwin {
+        device: Option<Template>,
+        section: TwinSection,
+        patch: Option<Template>,
+    },
+    Command {
+        device: Option<Template>,
+        name: Template,
+        payload: Option<Template>,
+        queued: bool,
+        ttl_s: Option<u64>,
+    },
+    Alarm {
+        rule: Arc<str>,
+        key: Template,
+        severity: String,
+        message: Option<Template>,
+        device: Option<Template>,
+        raise_when: Option<Expression>,
+        clear: bool,
+    },
 }
 
+fn template(t: &Option<String>) -> Result<Option<Template>> {
+    t.as_deref().map(Template::parse).transpose()
+}
+
+/// The longest default alarm message (the rule id and its output).
+const MAX_DEFAULT_MESSAGE: usize = 1024;
+
 impl Plan {
-    fn new(spec: &ActionSpec) -> Result<Plan> {
+    fn new(spec: &ActionSpec, rule: &Arc<str>) -> Result<Plan> {
         Ok(match spec {
             ActionSpec::Republish { topic, qos } => Plan::Republish {
                 topic: Template::parse(topic)?,
@@ -139,13 +182,77 @@ impl Plan {
                     .iter()
                     .map(|(k, v)| Ok((k.clone(), Template::parse(v)?)))
                     .collect::<Result<_>>()?,
-                body: w.body.as_deref().map(Template::parse).transpose()?,
+                body: template(&w.body)?,
+            },
+            ActionSpec::StoreTelemetry { device, metrics } => Plan::StoreTelemetry {
+                device: template(device)?,
+                metrics: metrics
+                    .iter()
+                    .map(|(k, v)| Ok((k.clone(), Expression::parse(v)?)))
+                    .collect::<Result<_>>()?,
+            },
+            ActionSpec::UpdateTwin {
+                device,
+                section,
+                patch,
+            } => Plan::UpdateTwin {
+                device: template(device)?,
+                section: *section,
+                patch: template(patch)?,
+            },
+            ActionSpec::Command {
+                device,
+                name,
+                payload,
+                queued,
+                ttl_s,
+            } => Plan::Command {
+                device: template(device)?,
+                name: Template::parse(name)?,
+                payload: template(payload)?,
+                queued: *queued,
+                ttl_s: *ttl_s,
+            },
+            ActionSpec::Alarm(a) => Plan::Alarm {
+                rule: rule.clone(),
+                key: Template::parse(&a.key)?,
+                severity: a.severity.clone(),
+                message: template(&a.message)?,
+                device: template(&a.device)?,
+                raise_when: a.raise_when.as_deref().map(Expression::parse).transpose()?,
+                clear: a.clear,
             },
         })
     }
 
-    fn render(&self, msg: &MessageContext<'_>, lookup: &dyn Lookup, output: &Json) -> Job {
-        match self {
+    /// The job for one output. Templates see `msg` (the input message, or for a windowed rule
+    /// the output itself); `metrics` and `raise_when` see the output. `Ok(None)`: nothing to
+    /// do (`raise_when` neither true nor false); `Err`: the job cannot be built (no device, a
+    /// patch that is not a JSON object) and becomes a dead letter.
+    fn render(
+        &self,
+        msg: &MessageContext<'_>,
+        lookup: &dyn Lookup,
+        output: &Json,
+    ) -> std::result::Result<Option<Job>, String> {
+        let device = |t: &Option<Template>| -> std::result::Result<String, String> {
+            let d = match t {
+                Some(t) => t.render(msg, lookup),
+                None => msg.device.unwrap_or(msg.client_id).to_string(),
+            };
+            if d.is_empty() {
+                return Err(
+                    "no device: the message has no publishing device; set the action's `device`"
+                        .into(),
+                );
+            }
+            Ok(d)
+        };
+        let mut out_ctx = MessageContext::new(msg.tenant, msg.topic, output).at(msg.timestamp_ms);
+        out_ctx.client_id = msg.client_id;
+        out_ctx.principal = msg.principal;
+        out_ctx.device = msg.device;
+        Ok(Some(match self {
             Plan::Republish { topic, qos } => Job::Republish {
                 topic: topic.render(msg, lookup),
                 payload: Bytes::from(output.to_string()),
@@ -162,21 +269,128 @@ impl Plan {
                     None => output.to_string(),
                 }),
             },
-        }
+            Plan::StoreTelemetry { device: d, metrics } => {
+                let mut payload = if metrics.is_empty() {
+                    match output {
+                        Json::Object(o) => o.clone(),
+                        _ => {
+                            return Err(
+                                "store_telemetry needs an object output (or `metrics`)".into()
+                            );
+                        }
+                    }
+                } else {
+                    metrics
+                        .iter()
+                        .filter_map(|(k, e)| Some((k.clone(), e.eval(&out_ctx, lookup)?)))
+                        .collect()
+                };
+                if payload.is_empty() {
+                    return Ok(None);
+                }
+                if !["ts", "timestamp", "time"]
+                    .iter()
+                    .any(|k| payload.contains_key(*k))
+                {
+                    payload.insert("ts".into(), json!(msg.timestamp_ms));
+                }
+                Job::StoreTelemetry {
+                    device: device(d)?,
+                    payload: Json::Object(payload),
+                }
+            }
+            Plan::UpdateTwin {
+                device: d,
+                section,
+                patch,
+            } => {
+                let patch = match patch {
+                    Some(t) => serde_json::from_str(&t.render(msg, lookup))
+                        .map_err(|e| format!("the rendered twin patch is not JSON: {e}"))?,
+                    None => output.clone(),
+                };
+                if !patch.is_object() {
+                    return Err("a twin patch must be a JSON object".into());
+                }
+                Job::UpdateTwin {
+                    device: device(d)?,
+                    section: *section,
+                    patch,
+                }
+            }
+            Plan::Command {
+                device: d,
+                name,
+                payload,
+                queued,
+                ttl_s,
+            } => Job::Command {
+                device: device(d)?,
+                command: CommandRequest {
+                    name: name.render(msg, lookup),
+                    payload: Bytes::from(match payload {
+                        Some(p) => p.render(msg, lookup),
+                        None => output.to_string(),
+                    }),
+                    queued: *queued,
+                    ttl_s: *ttl_s,
+                },
+            },
+            Plan::Alarm {
+                rule,
+                key,
+                severity,
+                message,
+                device: d,
+                raise_when,
+                clear,
+            } => {
+                let key = key.render(msg, lookup);
+                if key.is_empty() {
+                    return Err("the alarm key rendered empty".into());
+                }
+                let raise = match raise_when {
+                    Some(e) => match e.eval(&out_ctx, lookup) {
+                        Some(Json::Bool(b)) => b,
+                        _ => return Ok(None),
+                    },
+                    None => !clear,
+                };
+                if !raise {
+                    Job::Alarm(Box::new(AlarmRequest::Clear { key }))
+                } else {
+                    let mut message = match message {
+                        Some(t) => t.render(msg, lookup),
+                        None => format!("rule {rule}: {output}"),
+                    };
+                    if message.len() > MAX_DEFAULT_MESSAGE && self.default_message() {
+                        let mut cut = MAX_DEFAULT_MESSAGE;
+                        while !message.is_char_boundary(cut) {
+                            cut -= 1;
+                        }
+                        message.truncate(cut);
+                    }
+                    Job::Alarm(Box::new(AlarmRequest::Raise {
+                        key,
+                        severity: severity.clone(),
+                        device: match d {
+                            Some(t) => Some(t.render(msg, lookup)).filter(|s| !s.is_empty()),
+                            None => msg
+                                .device
+                                .or(Some(msg.client_id))
+                                .filter(|s| !s.is_empty())
+                                .map(str::to_string),
+                        },
+                        message,
+                        details: output.clone(),
+                    }))
+                }
+            }
+        }))
     }
 
-    fn describe(job: &Job) -> Json {
-        match job {
-            Job::Republish {
-                topic,
-                payload,
-                qos,
-            } => json!({"type": "republish", "topic": topic, "qos": qos,
-                "payload": String::from_utf8_lossy(payload)}),
-            Job::Webhook { url, headers, body } => json!({"type": "webhook", "url": url,
-                "headers": headers.iter().map(|(k, v)| json!([k, v])).collect::<Vec<_>>(),
-                "body": String::from_utf8_lossy(body)}),
-        }
+    fn default_message(&self) -> bool {
+        matches!(self, Plan::Alarm { message: None, .. })
     }
 }
 
@@ -213,25 +427,23 @@ impl ErrorAction {
             .unwrap_or("")
             .to_string();
         let ctx = MessageContext::new(&tenant, &topic, &doc);
-        let job = self.plan.render(&ctx, &NoLookup, &doc);
-        if let Err(job) = self.queue.offer(job) {
-            self.queue.counters.dead_letters.fetch_add(1, Relaxed);
-            self.dead_letters.push(DeadLetter {
-                at_ms: now_ms(),
-                action: None,
-                attempts: 0,
-                error: "the error action's queue is full".into(),
-                target: target_of(&job),
-                payload: doc,
-            });
-        }
-    }
-}
-
-fn target_of(job: &Job) -> String {
-    match job {
-        Job::Republish { topic, .. } => topic.clone(),
-        Job::Webhook { url, .. } => url.clone(),
+        let (error, target) = match self.plan.render(&ctx, &NoLookup, &doc) {
+            Ok(None) => return,
+            Ok(Some(job)) => match self.queue.offer(job) {
+                Ok(()) => return,
+                Err(job) => ("the error action's queue is full".to_string(), job.target()),
+            },
+            Err(e) => (e, String::new()),
+        };
+        self.queue.counters.dead_letters.fetch_add(1, Relaxed);
+        self.dead_letters.push(DeadLetter {
+            at_ms: now_ms(),
+            action: None,
+            attempts: 0,
+            error,
+            target,
+            payload: doc,
+        });
     }
 }
 
@@ -242,7 +454,7 @@ type TenantRules = Arc<[Arc<ActiveRule>]>;
 pub struct RulesService {
     store: Arc<dyn RuleStore>,
     config: RulesConfig,
-    publisher: Arc<dyn Publisher>,
+    hub: Arc<dyn HubLink>,
     http: reqwest::Client,
     /// Enabled rules by tenant (what the broker's offer and the evaluation task read).
     /// A tenant's list is replaced, never edited, so evaluation takes it with one `Arc` clone
@@ -252,6 +464,7 @@ pub struct RulesService {
     input: mpsc::Sender<Inbound>,
     input_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
     input_dropped: AtomicU64,
+    lookups: LookupCache,
 }
 
 impl std::fmt::Debug for RulesService {
@@ -264,19 +477,20 @@ impl RulesService {
     /// A service over `store`; call [`RulesService::start`] to load the rules and run.
     pub fn new(
         store: Arc<dyn RuleStore>,
-        publisher: Arc<dyn Publisher>,
+        hub: Arc<dyn HubLink>,
         config: RulesConfig,
     ) -> Arc<RulesService> {
         let (input, rx) = mpsc::channel(config.input_queue.max(1));
         Arc::new(RulesService {
             store,
-            publisher,
+            hub: hub.clone(),
             http: reqwest::Client::new(),
             active: RwLock::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
             input,
             input_rx: Mutex::new(Some(rx)),
             input_dropped: AtomicU64::new(0),
+            lookups: LookupCache::new(hub.clone(), config.lookup_ttl, config.lookup_capacity),
             config,
         })
     }
@@ -305,7 +519,7 @@ impl RulesService {
                 tokio::select! {
                     _ = &mut shutdown => break,
                     m = rx.recv() => match m {
-                        Some(m) => me.evaluate(&m),
+                        Some(m) => me.evaluate(&m).await,
                         None => break,
                     },
                     _ = tick.tick() => me.tick(now_ms()),
@@ -334,7 +548,13 @@ impl RulesService {
         true
     }
 
-    fn evaluate(&self, m: &Inbound) {
+    /// Drops cached lookups: a device's twin (it changed); without a device, everything of the
+    /// tenant; without a tenant, everything.
+    pub fn forget_lookup(&self, tenant: Option<&str>, device: Option<&str>) {
+        self.lookups.forget(tenant, device);
+    }
+
+    async fn evaluate(&self, m: &Inbound) {
         let rules: TenantRules = match self.active.read().get(&*m.tenant) {
             Some(r) => r.clone(),
             None => return,
@@ -344,11 +564,23 @@ impl RulesService {
         ctx.client_id = m.client_id.as_deref().unwrap_or("");
         ctx.principal = m.device.as_deref().or(m.client_id.as_deref()).unwrap_or("");
         ctx.device = m.device.as_deref();
+        let mut keys = Vec::new();
+        for rule in rules.iter().filter(|r| r.compiled.uses_lookups()) {
+            if rule.compiled.matches_topic(&m.topic) {
+                rule.compiled.lookup_keys(&ctx, &mut keys);
+            }
+        }
+        if !keys.is_empty() {
+            self.lookups.prefetch(&m.tenant, &keys).await;
+        }
         let mut outputs = Vec::new();
         for rule in rules.iter().filter(|r| r.compiled.matches_topic(&m.topic)) {
             rule.counters.matched.fetch_add(1, Relaxed);
             let started = Instant::now();
-            let result = rule.runner.lock().on_message(&ctx, &NoLookup, &mut outputs);
+            let result = rule
+                .runner
+                .lock()
+                .on_message(&ctx, &self.lookups, &mut outputs);
             rule.counters
                 .latency
                 .record(started.elapsed().as_micros() as u64);
@@ -358,7 +590,7 @@ impl RulesService {
                         rule.counters.passed.fetch_add(1, Relaxed);
                     }
                     for o in outputs.drain(..) {
-                        self.dispatch(rule, &ctx, &o.value);
+                        self.dispatch(rule, &ctx, &o);
                     }
                 }
                 Err(e) => {
@@ -386,35 +618,49 @@ impl RulesService {
             .collect();
         let mut outputs = Vec::new();
         for (tenant, rule) in all {
-            let _ = rule.runner.lock().tick(now, &NoLookup, &mut outputs);
+            let _ = rule.runner.lock().tick(now, &self.lookups, &mut outputs);
             if !outputs.is_empty() {
                 rule.counters.passed.fetch_add(1, Relaxed);
             }
             for o in outputs.drain(..) {
-                // Closed by time: templates see the output itself as the message.
                 let ctx = MessageContext::new(&tenant, "", &o.value).at(now);
-                self.dispatch(&rule, &ctx, &o.value);
+                self.dispatch(&rule, &ctx, &o);
             }
         }
     }
 
-    fn dispatch(&self, rule: &ActiveRule, ctx: &MessageContext<'_>, output: &Json) {
+    fn dispatch(&self, rule: &ActiveRule, ctx: &MessageContext<'_>, output: &Output) {
+        let windowed;
+        let (ctx, output) = match output.window {
+            // A window's output has no single publisher: its actions' templates see the
+            // output, at the window's start (what `store_telemetry` stamps it with).
+            Some((start, _)) => {
+                windowed = MessageContext::new(ctx.tenant, "", &output.value).at(start);
+                (&windowed, &output.value)
+            }
+            None => (ctx, &output.value),
+        };
         for (i, (plan, queue)) in rule.actions.iter().enumerate() {
-            let job = plan.render(ctx, &NoLookup, output);
-            if let Err(job) = queue.offer(job) {
-                queue.counters.dead_letters.fetch_add(1, Relaxed);
-                let letter = DeadLetter {
-                    at_ms: now_ms(),
-                    action: Some(i),
-                    attempts: 0,
-                    error: "the action's queue is full".into(),
-                    target: target_of(&job),
-                    payload: output.clone(),
-                };
-                rule.dead_letters.push(letter.clone());
-                if let Some(ea) = &rule.error_action {
-                    ea.invoke(error_doc(&rule.id, ctx.tenant, i, &letter, ctx.topic));
-                }
+            let (error, target) = match plan.render(ctx, &self.lookups, output) {
+                Ok(None) => continue,
+                Ok(Some(job)) => match queue.offer(job) {
+                    Ok(()) => continue,
+                    Err(job) => ("the action's queue is full".to_string(), job.target()),
+                },
+                Err(e) => (e, String::new()),
+            };
+            queue.counters.dead_letters.fetch_add(1, Relaxed);
+            let letter = DeadLetter {
+                at_ms: now_ms(),
+                action: Some(i),
+                attempts: 0,
+                error,
+                target,
+                payload: output.clone(),
+            };
+            rule.dead_letters.push(letter.clone());
+            if let Some(ea) = &rule.error_action {
+                ea.invoke(error_doc(&rule.id, ctx.tenant, i, &letter, ctx.topic));
             }
         }
     }
@@ -432,31 +678,34 @@ impl RulesService {
             .clone()
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn worker(
         &self,
         tenant: &Arc<str>,
+        rule: &str,
         action: Option<usize>,
         spec: &ActionSpec,
         shared: &RuleShared,
         failures: Option<mpsc::Sender<Failure>>,
     ) -> ActionQueue {
-        let (webhook, kind) = match spec {
-            ActionSpec::Republish { .. } => (None, "republish"),
-            ActionSpec::Webhook(w) => (Some(w.clone()), "webhook"),
+        let webhook = match spec {
+            ActionSpec::Webhook(w) => Some(w.clone()),
+            _ => None,
         };
         spawn_worker(
             WorkerContext {
                 tenant: tenant.clone(),
+                actor: Arc::from(format!("rule:{rule}")),
                 action,
                 counters: Arc::new(ActionCounters::default()),
                 dead_letters: shared.dead_letters.clone(),
-                publisher: self.publisher.clone(),
+                hub: self.hub.clone(),
                 http: self.http.clone(),
                 failures,
             },
             webhook,
             self.config.action_queue,
-            kind,
+            spec.kind(),
         )
     }
 
@@ -468,8 +717,8 @@ impl RulesService {
         let shared = self.shared(&rule.tenant, &rule.id);
         let error_action = match &rule.spec.error_action {
             Some(spec) => Some(Arc::new(ErrorAction {
-                plan: Plan::new(spec)?,
-                queue: self.worker(&tenant, None, spec, &shared, None),
+                plan: Plan::new(spec, &id)?,
+                queue: self.worker(&tenant, &id, None, spec, &shared, None),
                 counters: shared.counters.clone(),
                 dead_letters: shared.dead_letters.clone(),
             })),
@@ -498,8 +747,8 @@ impl RulesService {
         let mut actions = Vec::new();
         for (i, spec) in rule.spec.actions.iter().enumerate() {
             actions.push((
-                Plan::new(spec)?,
-                self.worker(&tenant, Some(i), spec, &shared, failures.clone()),
+                Plan::new(spec, &id)?,
+                self.worker(&tenant, &id, Some(i), spec, &shared, failures.clone()),
             ));
         }
         let active = Arc::new(ActiveRule {
@@ -629,6 +878,7 @@ impl RulesService {
 
     /// Deletes every rule of a tenant (the tenant was deleted).
     pub async fn forget_tenant(&self, tenant: &str) -> Result<()> {
+        self.lookups.forget(Some(tenant), None);
         for r in self.store.list(Some(tenant)).await? {
             self.delete(tenant, &r.id).await?;
         }
@@ -675,6 +925,7 @@ impl RulesService {
     /// Evaluates `spec` against `sample` without state or side effects.
     pub fn dry_run(&self, tenant: &str, spec: &RuleSpec, sample: &Sample) -> Result<DryRun> {
         let compiled = spec.validate()?;
+        let compiled_window = compiled.window().is_some();
         let topic_matches = compiled.matches_topic(&sample.topic);
         let mut ctx = MessageContext::new(tenant, &sample.topic, &sample.payload)
             .at(sample.timestamp.unwrap_or_else(now_ms));
@@ -690,10 +941,18 @@ impl RulesService {
         let output = outputs.into_iter().next().map(|o| o.value);
         let mut actions = Vec::new();
         if let Some(out) = &output {
+            let rule: Arc<str> = Arc::from("dry-run");
+            let ctx = if compiled_window {
+                MessageContext::new(tenant, "", out).at(ctx.timestamp_ms)
+            } else {
+                ctx
+            };
             for spec in &spec.actions {
-                actions.push(Plan::describe(
-                    &Plan::new(spec)?.render(&ctx, &NoLookup, out),
-                ));
+                actions.push(match Plan::new(spec, &rule)?.render(&ctx, &NoLookup, out) {
+                    Ok(Some(job)) => job.describe(),
+                    Ok(None) => json!({"type": spec.kind(), "skipped": true}),
+                    Err(e) => json!({"type": spec.kind(), "error": e}),
+                });
             }
         }
         Ok(DryRun {
@@ -714,9 +973,21 @@ impl RulesService {
              ferrohub_rules_input_dropped_total {}\n\
              # HELP ferrohub_rules_input_queued Messages waiting for evaluation.\n\
              # TYPE ferrohub_rules_input_queued gauge\n\
-             ferrohub_rules_input_queued {}",
+             ferrohub_rules_input_queued {}\n\
+             # HELP ferrohub_rules_lookup_fetches_total Twin and registry records fetched for twin()/device().\n\
+             # TYPE ferrohub_rules_lookup_fetches_total counter\n\
+             ferrohub_rules_lookup_fetches_total {}\n\
+             # HELP ferrohub_rules_lookup_hits_total Lookups answered from the cache.\n\
+             # TYPE ferrohub_rules_lookup_hits_total counter\n\
+             ferrohub_rules_lookup_hits_total {}\n\
+             # HELP ferrohub_rules_lookup_cached Records held by the lookup cache.\n\
+             # TYPE ferrohub_rules_lookup_cached gauge\n\
+             ferrohub_rules_lookup_cached {}",
             self.input_dropped.load(Relaxed),
             self.input.max_capacity() - self.input.capacity(),
+            self.lookups.fetches.load(Relaxed),
+            self.lookups.hits.load(Relaxed),
+            self.lookups.len(),
         );
         let shared: Vec<((String, String), Arc<RuleShared>)> = self
             .shared

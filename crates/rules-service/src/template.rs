@@ -40,16 +40,10 @@ impl Template {
                     "template `{text}`: empty `${{}}`"
                 )));
             }
-            // The expression is compiled as a one-value rule; FROM is never consulted.
-            let compiled =
-                Rule::compile(&format!("SELECT VALUE {expr} FROM '#'")).map_err(|e| {
-                    RulesError::Invalid(format!(
-                        "template `{text}`: in `${{{expr}}}`: {}{}",
-                        e.message,
-                        e.hint.map(|h| format!(" — {h}")).unwrap_or_default()
-                    ))
-                })?;
-            parts.push(Part::Expr(Arc::new(compiled)));
+            let compiled = compile_expression(expr).map_err(|e| {
+                RulesError::Invalid(format!("template `{text}`: in `${{{expr}}}`: {e}"))
+            })?;
+            parts.push(Part::Expr(compiled));
             rest = &after[end + 1..];
         }
         if !rest.is_empty() {
@@ -79,6 +73,42 @@ impl Template {
         }
         out
     }
+}
+
+/// One rule expression evaluated on its own (`metrics`, `raise_when`): the value, not text.
+#[derive(Debug, Clone)]
+pub struct Expression(Arc<CompiledRule>);
+
+impl Expression {
+    /// Compiles `text` (any expression of the rule language).
+    pub fn parse(text: &str) -> Result<Expression> {
+        compile_expression(text.trim())
+            .map(Expression)
+            .map_err(|e| RulesError::Invalid(format!("expression `{text}`: {e}")))
+    }
+
+    /// The value against `msg`; `None` for Undefined or an evaluation error.
+    pub fn eval(&self, msg: &MessageContext<'_>, lookup: &dyn Lookup) -> Option<Json> {
+        self.0.evaluate(msg, lookup).ok().flatten()
+    }
+}
+
+/// An expression compiled as a one-value rule (FROM is never consulted); the error as text.
+fn compile_expression(expr: &str) -> std::result::Result<Arc<CompiledRule>, String> {
+    if expr.is_empty() {
+        return Err("empty expression".into());
+    }
+    let rule = Rule::compile(&format!("SELECT VALUE {expr} FROM '#'")).map_err(|e| {
+        format!(
+            "{}{}",
+            e.message,
+            e.hint.map(|h| format!(" — {h}")).unwrap_or_default()
+        )
+    })?;
+    if rule.is_stateful() {
+        return Err("stateful functions (lag, delta, windows…) belong in the rule's SELECT, not in an action".into());
+    }
+    Ok(Arc::new(rule))
 }
 
 /// Index of the `}` closing an expression (skipping quoted strings).

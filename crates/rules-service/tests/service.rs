@@ -10,27 +10,121 @@ use std::time::Duration;
 use axum::http::{HeaderMap, StatusCode};
 use bytes::Bytes;
 use ferrohub_rules_service::{
-    ActionSpec, Inbound, Publisher, RuleSpec, RulesConfig, RulesError, RulesService, Sample,
-    SqliteRuleStore, WebhookSpec,
+    ActionError, ActionSpec, AlarmRequest, CommandRequest, HubLink, Inbound, RuleSpec, RulesConfig,
+    RulesError, RulesService, Sample, SqliteRuleStore, TwinSection, WebhookSpec,
 };
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 
 type Published = Arc<Mutex<Vec<(String, String, Value)>>>;
 
-struct Recorder(Published);
+/// Records what actions do: publications as (tenant, topic, payload); other actions as
+/// (tenant, "kind:…", value). Twins of devices named `d*` exist for lookups; device `locked`
+/// refuses twin writes for good, device `busy` the first time only.
+struct Recorder(Published, AtomicUsize);
 
-impl Publisher for Recorder {
-    fn publish(
+#[async_trait::async_trait]
+impl HubLink for Recorder {
+    async fn publish(
         &self,
         tenant: &str,
         topic: &str,
         payload: Bytes,
         _qos: u8,
-    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+    ) -> Result<(), ActionError> {
         let v = serde_json::from_slice(&payload).unwrap_or(Value::Null);
         self.0.lock().push((tenant.into(), topic.into(), v));
-        Box::pin(async { Ok(()) })
+        Ok(())
+    }
+
+    async fn store_telemetry(
+        &self,
+        tenant: &str,
+        device: &str,
+        payload: Value,
+    ) -> Result<(), ActionError> {
+        self.0
+            .lock()
+            .push((tenant.into(), format!("telemetry:{device}"), payload));
+        Ok(())
+    }
+
+    async fn update_twin(
+        &self,
+        tenant: &str,
+        device: &str,
+        section: TwinSection,
+        patch: Value,
+        actor: &str,
+    ) -> Result<(), ActionError> {
+        match device {
+            "locked" => return Err(ActionError::permanent("twin locked")),
+            "busy" if self.1.fetch_add(1, SeqCst) == 0 => {
+                return Err(ActionError::transient("twin store busy"));
+            }
+            _ => {}
+        }
+        let section = serde_json::to_value(section).expect("section");
+        self.0.lock().push((
+            tenant.into(),
+            format!("twin:{}:{device}:{actor}", section.as_str().unwrap_or("")),
+            patch,
+        ));
+        Ok(())
+    }
+
+    async fn send_command(
+        &self,
+        tenant: &str,
+        device: &str,
+        command: CommandRequest,
+        _actor: &str,
+    ) -> Result<(), ActionError> {
+        let v = serde_json::from_slice(&command.payload).unwrap_or(Value::Null);
+        self.0.lock().push((
+            tenant.into(),
+            format!("command:{device}:{}:{}", command.name, command.queued),
+            v,
+        ));
+        Ok(())
+    }
+
+    async fn alarm(
+        &self,
+        tenant: &str,
+        request: AlarmRequest,
+        source: &str,
+    ) -> Result<(), ActionError> {
+        let entry = match request {
+            AlarmRequest::Raise {
+                key,
+                severity,
+                device,
+                message,
+                details,
+            } => (
+                format!(
+                    "alarm:raise:{key}:{severity}:{}:{source}",
+                    device.unwrap_or_default()
+                ),
+                json!({"message": message, "details": details}),
+            ),
+            AlarmRequest::Clear { key } => (format!("alarm:clear:{key}:{source}"), Value::Null),
+        };
+        self.0.lock().push((tenant.into(), entry.0, entry.1));
+        Ok(())
+    }
+
+    async fn twin(&self, tenant: &str, device: &str) -> Option<Value> {
+        device
+            .starts_with('d')
+            .then(|| json!({"reported": {"limit": 50, "of": device, "tenant": tenant}}))
+    }
+
+    async fn device(&self, _tenant: &str, device: &str) -> Option<Value> {
+        device
+            .starts_with('d')
+            .then(|| json!({"id": device, "tags": {"site": "plant-1"}}))
     }
 }
 
@@ -39,7 +133,7 @@ async fn service() -> (Arc<RulesService>, Published) {
     let published: Published = Arc::default();
     let svc = RulesService::new(
         Arc::new(store),
-        Arc::new(Recorder(published.clone())),
+        Arc::new(Recorder(published.clone(), AtomicUsize::new(0))),
         RulesConfig::default(),
     );
     svc.start(std::future::pending()).await.expect("start");
@@ -390,7 +484,7 @@ async fn rules_survive_a_restart() {
         let store = SqliteRuleStore::open(&path, false).await.expect("open");
         let svc = RulesService::new(
             Arc::new(store.clone()),
-            Arc::new(Recorder(published.clone())),
+            Arc::new(Recorder(published.clone(), AtomicUsize::new(0))),
             RulesConfig::default(),
         );
         svc.create("a", "r", republish("SELECT * FROM 'x'", "o"), true)
@@ -401,7 +495,7 @@ async fn rules_survive_a_restart() {
     let store = SqliteRuleStore::open(&path, false).await.expect("reopen");
     let svc = RulesService::new(
         Arc::new(store),
-        Arc::new(Recorder(published.clone())),
+        Arc::new(Recorder(published.clone(), AtomicUsize::new(0))),
         RulesConfig::default(),
     );
     svc.start(std::future::pending()).await.expect("start");
@@ -418,7 +512,11 @@ async fn a_full_input_queue_drops_evaluations_visibly() {
         ..RulesConfig::default()
     };
     // Not started: nothing drains the input queue.
-    let svc = RulesService::new(Arc::new(store), Arc::new(Recorder(published)), config);
+    let svc = RulesService::new(
+        Arc::new(store),
+        Arc::new(Recorder(published, AtomicUsize::new(0))),
+        config,
+    );
     svc.create("a", "r", republish("SELECT * FROM 'x'", "o"), true)
         .await
         .expect("create");
@@ -448,4 +546,249 @@ async fn a_full_input_queue_drops_evaluations_visibly() {
         text.contains(r#"ferrohub_rule_dropped{tenant="a",rule="r"} 3"#),
         "{text}"
     );
+}
+
+fn offer_from(svc: &RulesService, topic: &str, device: &str, ts: i64, payload: Value) -> bool {
+    svc.offer("a", topic, || Inbound {
+        tenant: Arc::from("a"),
+        topic: Arc::from(topic),
+        payload: Bytes::from(payload.to_string()),
+        client_id: Some(Arc::from(device)),
+        device: Some(Arc::from(device)),
+        timestamp_ms: ts,
+    })
+}
+
+fn with_actions(sql: &str, actions: Value) -> RuleSpec {
+    RuleSpec {
+        sql: sql.into(),
+        description: String::new(),
+        actions: serde_json::from_value(actions).expect("actions"),
+        error_action: None,
+    }
+}
+
+fn calls(published: &Published, prefix: &str) -> Vec<(String, Value)> {
+    published
+        .lock()
+        .iter()
+        .filter(|(_, t, _)| t.starts_with(prefix))
+        .map(|(_, t, v)| (t.clone(), v.clone()))
+        .collect()
+}
+
+#[tokio::test]
+async fn telemetry_twin_command_and_alarm_actions() {
+    let (svc, published) = service().await;
+    let spec = with_actions(
+        "SELECT temp, temp > 80 AS hot FROM 'devices/+/telemetry'",
+        json!([
+            {"type": "store_telemetry", "metrics": {"temp_f": "temp * 9 / 5 + 32", "gone": "nosuch"}},
+            {"type": "update_twin", "device": "${topic(2)}", "section": "reported"},
+            {"type": "command", "name": "cool", "payload": "{\"to\": ${temp - 10}}"},
+            {"type": "alarm", "key": "overheat:${topic(2)}", "severity": "critical",
+             "message": "${topic(2)} at ${temp}", "raise_when": "hot"},
+        ]),
+    );
+    svc.create("a", "r1", spec, true).await.expect("create");
+    assert!(offer_from(
+        &svc,
+        "devices/d1/telemetry",
+        "d1",
+        5_000,
+        json!({"temp": 90})
+    ));
+    until("four actions", || published.lock().len() >= 4).await;
+    assert_eq!(
+        calls(&published, "telemetry:"),
+        vec![("telemetry:d1".into(), json!({"temp_f": 194, "ts": 5_000}))],
+        "metrics are expressions over the output; an Undefined one is left out; ts is the message's"
+    );
+    assert_eq!(
+        calls(&published, "twin:"),
+        vec![(
+            "twin:reported:d1:rule:r1".into(),
+            json!({"temp": 90, "hot": true})
+        )]
+    );
+    assert_eq!(
+        calls(&published, "command:"),
+        vec![("command:d1:cool:true".into(), json!({"to": 80}))]
+    );
+    assert_eq!(
+        calls(&published, "alarm:"),
+        vec![(
+            "alarm:raise:overheat:d1:critical:d1:rule:r1".into(),
+            json!({"message": "d1 at 90", "details": {"temp": 90, "hot": true}})
+        )]
+    );
+    // Cooler: the same rule clears the alarm.
+    assert!(offer_from(
+        &svc,
+        "devices/d1/telemetry",
+        "d1",
+        6_000,
+        json!({"temp": 20})
+    ));
+    until("the clear", || !calls(&published, "alarm:clear").is_empty()).await;
+    assert_eq!(
+        calls(&published, "alarm:clear")[0].0,
+        "alarm:clear:overheat:d1:rule:r1"
+    );
+    let stats = svc.stats("a", "r1").await.expect("stats");
+    assert_eq!(
+        stats.actions.iter().map(|a| a.successes).sum::<u64>(),
+        8,
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
+async fn transient_action_errors_are_retried_permanent_ones_become_dead_letters() {
+    let (svc, published) = service().await;
+    let spec = with_actions(
+        "SELECT * FROM 'devices/+/state'",
+        json!([{"type": "update_twin", "device": "${topic(2)}"}]),
+    );
+    svc.create("a", "tw", spec, true).await.expect("create");
+    offer_from(
+        &svc,
+        "devices/busy/state",
+        "busy",
+        1,
+        json!({"mode": "eco"}),
+    );
+    offer_from(
+        &svc,
+        "devices/locked/state",
+        "locked",
+        2,
+        json!({"mode": "eco"}),
+    );
+    until("the retried write", || {
+        !calls(&published, "twin:desired:busy").is_empty()
+    })
+    .await;
+    until("the dead letter", || dead_letter_count(&svc, "tw") == 1).await;
+    let letters = svc.dead_letters("a", "tw").await.expect("letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].target, "locked");
+    assert_eq!(letters[0].attempts, 1, "a permanent error is not retried");
+    assert!(letters[0].error.contains("twin locked"), "{letters:?}");
+    let stats = svc.stats("a", "tw").await.expect("stats");
+    assert_eq!(stats.actions[0].retries, 1, "{stats:?}");
+    // No device to write to: a dead letter that says what to set.
+    let spec = with_actions(
+        "SELECT * FROM 'plain/#'",
+        json!([{"type": "store_telemetry"}]),
+    );
+    svc.create("a", "nodev", spec, true).await.expect("create");
+    svc.offer("a", "plain/x", || Inbound {
+        tenant: Arc::from("a"),
+        topic: Arc::from("plain/x"),
+        payload: Bytes::from_static(b"{\"v\": 1}"),
+        client_id: None,
+        device: None,
+        timestamp_ms: 1,
+    });
+    until("the no-device letter", || {
+        dead_letter_count(&svc, "nodev") == 1
+    })
+    .await;
+    let letters = svc.dead_letters("a", "nodev").await.expect("letters");
+    assert!(
+        letters[0].error.contains("set the action's `device`"),
+        "{letters:?}"
+    );
+}
+
+fn dead_letter_count(svc: &RulesService, rule: &str) -> usize {
+    let mut text = String::new();
+    svc.render_metrics(&mut text);
+    text.lines()
+        .find(|l| {
+            l.starts_with(&format!(
+                "ferrohub_rule_dead_letters{{tenant=\"a\",rule=\"{rule}\"}}"
+            ))
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn lookups_see_twins_and_registry_records() {
+    let (svc, published) = service().await;
+    svc.create(
+        "a",
+        "lim",
+        republish(
+            "SELECT temp, twin().reported.limit AS lim, device(topic(2)).tags.site AS site \
+             FROM 'devices/+/telemetry' WHERE temp > twin().reported.limit",
+            "over/${topic(2)}",
+        ),
+        true,
+    )
+    .await
+    .expect("create");
+    offer_from(&svc, "devices/d1/telemetry", "d1", 1, json!({"temp": 40}));
+    offer_from(&svc, "devices/x9/telemetry", "x9", 2, json!({"temp": 99}));
+    offer_from(&svc, "devices/d1/telemetry", "d1", 3, json!({"temp": 60}));
+    until("the output", || !published.lock().is_empty()).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let p = published.lock().clone();
+    assert_eq!(
+        p,
+        vec![(
+            "a".to_string(),
+            "over/d1".to_string(),
+            json!({"temp": 60, "lim": 50, "site": "plant-1"})
+        )],
+        "below the twin's limit: no output; a device without a twin: WHERE is not true"
+    );
+    let mut text = String::new();
+    svc.render_metrics(&mut text);
+    assert!(
+        text.contains("ferrohub_rules_lookup_hits_total 2"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn windowed_outputs_are_stored_per_key_at_the_window_start() {
+    let (svc, published) = service().await;
+    let spec = with_actions(
+        "SELECT topic(2) AS dev, avg(temp) AS avg_temp FROM 'devices/+/telemetry' \
+         GROUP BY topic(2) WINDOW TUMBLING(10)",
+        json!([{"type": "store_telemetry", "device": "${dev}", "metrics": {"temp_avg": "avg_temp"}}]),
+    );
+    svc.create("a", "avg", spec, true).await.expect("create");
+    for (ts, t) in [(1_000, 10), (2_000, 20), (12_000, 99)] {
+        offer_from(&svc, "devices/d1/telemetry", "d1", ts, json!({"temp": t}));
+    }
+    until("the window's point", || {
+        !calls(&published, "telemetry:").is_empty()
+    })
+    .await;
+    // The first window is closed by the message at 12 s; the second by the wall-clock tick.
+    let (target, point) = calls(&published, "telemetry:")[0].clone();
+    assert_eq!(target, "telemetry:d1");
+    assert_eq!(point["temp_avg"].as_f64(), Some(15.0), "{point}");
+    assert_eq!(point["ts"], json!(0), "stamped with the window's start");
+    // A windowed rule without a device: refused at dispatch with a message naming `device`.
+    let dry = svc
+        .dry_run(
+            "a",
+            &with_actions(
+                "SELECT count(*) AS n FROM 'x' WINDOW TUMBLING(10)",
+                json!([{"type": "alarm", "key": "k", "severity": "loud"}]),
+            ),
+            &Sample {
+                topic: "x".into(),
+                payload: json!({}),
+                client_id: None,
+                timestamp: None,
+            },
+        )
+        .expect_err("bad severity");
+    assert!(dry.to_string().contains("severity `loud`"), "{dry}");
 }

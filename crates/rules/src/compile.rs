@@ -7,7 +7,9 @@ use ferrohub_types::TopicFilter;
 use serde_json::Value as Json;
 
 use crate::error::{EvalError, RuleError};
-use crate::eval::{AggSpec, Emit, Env, FieldCache, NO_CALL, NO_FIELD, Node, RegexFn, Seg};
+use crate::eval::{
+    AggSpec, Emit, Env, FieldCache, LookupKind, NO_CALL, NO_FIELD, Node, RegexFn, Seg,
+};
 use crate::functions::FUNCTIONS;
 use crate::state::{AggKind, SlotKind, SlotState};
 use crate::syntax::{BinOp, Expr, Parser, Pos, SelectItem, Statement, WindowSpec};
@@ -71,6 +73,9 @@ pub struct CompiledRule {
     /// Message-only function calls of the rule, indexed by the call ids of [`Node::Call`], as
     /// structural keys (a [`crate::RuleSet`] evaluates a call shared by rules once per message).
     pub(crate) calls: Vec<String>,
+    /// `twin(…)`/`device(…)` lookups whose device id depends only on the message, with their id
+    /// expressions, so a caller can fetch the records before evaluating.
+    lookups: Vec<(LookupKind, Option<Node>)>,
 }
 
 /// Entry point of the language: `Rule::compile(sql)`.
@@ -642,7 +647,12 @@ impl CompiledRule {
                 id as u32
             });
         }
+        let mut lookups = Vec::new();
+        for n in &mut roots {
+            n.collect_lookups(&mut lookups);
+        }
         Ok(CompiledRule {
+            lookups,
             sql: sql.to_string(),
             filter,
             value: st.value,
@@ -671,6 +681,33 @@ impl CompiledRule {
     /// Whether a message on `topic` reaches this rule (MQTT filter matching, `+` and `#`).
     pub fn matches_topic(&self, topic: &str) -> bool {
         self.filter.matches(topic)
+    }
+
+    /// Whether the rule calls `twin(…)` or `device(…)`.
+    pub fn uses_lookups(&self) -> bool {
+        !self.lookups.is_empty()
+    }
+
+    /// The records the rule's lookups will ask for on `msg` (those whose device id depends only
+    /// on the message), so the caller can fetch them first: the `Lookup` trait is synchronous.
+    pub fn lookup_keys(&self, msg: &MessageContext<'_>, out: &mut Vec<(LookupKind, String)>) {
+        if self.lookups.is_empty() {
+            return;
+        }
+        let env = Env {
+            msg,
+            lookup: &crate::NoLookup,
+            emit: None,
+            seq: 0,
+            fields: None,
+        };
+        for (kind, id) in &self.lookups {
+            if let Some(dev) = Node::lookup_id(id.as_ref(), &env).filter(|d| !d.is_empty())
+                && !out.iter().any(|(k, d)| k == kind && *d == dev)
+            {
+                out.push((*kind, dev));
+            }
+        }
     }
 
     /// The window, if the rule aggregates over one.

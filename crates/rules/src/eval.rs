@@ -265,6 +265,9 @@ impl Node {
                     },
                     None => env.msg.device.unwrap_or(env.msg.client_id).to_string(),
                 };
+                if dev.is_empty() {
+                    return Val::Undefined;
+                }
                 let found = if matches!(self, Node::Twin(_)) {
                     env.lookup.twin(env.msg.tenant, &dev)
                 } else {
@@ -297,7 +300,58 @@ impl Node {
 /// arguments involve state, windows or lookups).
 pub(crate) const NO_CALL: u32 = u32::MAX;
 
+/// Which lookup an expression makes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LookupKind {
+    /// `twin(…)`: the device's twin document.
+    Twin,
+    /// `device(…)`: the device's registry record.
+    Device,
+}
+
 impl Node {
+    /// Collects every `twin(…)`/`device(…)` whose device id depends only on the message (no
+    /// state, window or nested lookup), with its id expression (`None`: the publisher).
+    pub(crate) fn collect_lookups(&mut self, out: &mut Vec<(LookupKind, Option<Node>)>) {
+        let found = match self {
+            Node::Twin(id) => Some((LookupKind::Twin, id.as_deref().cloned())),
+            Node::Device(id) => Some((LookupKind::Device, id.as_deref().cloned())),
+            _ => None,
+        };
+        if let Some((kind, id)) = found
+            && id.clone().is_none_or(|mut n| n.depends_on_message_only())
+        {
+            out.push((kind, id));
+        }
+        self.each_child(&mut |n| n.collect_lookups(out));
+    }
+
+    fn depends_on_message_only(&mut self) -> bool {
+        let mut ok = !matches!(
+            self,
+            Node::Stateful(..)
+                | Node::AggRef(_)
+                | Node::Carried(_)
+                | Node::WindowStart
+                | Node::WindowEnd
+                | Node::Twin(_)
+                | Node::Device(_)
+        );
+        self.each_child(&mut |n| ok &= n.depends_on_message_only());
+        ok
+    }
+
+    /// The device id a lookup's id expression gives for `env`'s message (as `twin(id)` does).
+    pub(crate) fn lookup_id(id: Option<&Node>, env: &Env<'_>) -> Option<String> {
+        match id {
+            Some(n) => match n.eval(env, &mut []) {
+                Val::Str(s) => Some(s.into_owned()),
+                v => v.text().map(|t| t.into_owned()),
+            },
+            None => Some(env.msg.device.unwrap_or(env.msg.client_id).to_string()),
+        }
+    }
+
     /// Applies `f` to each direct child.
     fn each_child(&mut self, f: &mut dyn FnMut(&mut Node)) {
         match self {

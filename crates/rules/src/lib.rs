@@ -29,6 +29,7 @@ mod value;
 
 pub use compile::{CompiledRule, Rule, Window, function_names};
 pub use error::{EvalError, RuleError};
+pub use eval::LookupKind;
 pub use set::RuleSet;
 pub use state::{Output, RuleRunner, RunnerLimits, RunnerStats};
 pub use syntax::Pos;

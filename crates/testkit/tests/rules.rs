@@ -539,3 +539,148 @@ async fn a_deleted_tenants_rules_go_with_it() {
     }
     hub.stop().await;
 }
+
+/// Polls `GET path` until `f` holds on the body (at most 10 s).
+async fn get_until(hub: &TestHub, path: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, body) = api(hub, reqwest::Method::GET, path, None).await;
+        if status == 200 && f(&body) {
+            return body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting until {what}: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn actions_write_telemetry_twins_and_commands_with_lookups() {
+    let hub = TestHub::start().await.unwrap();
+    let (status, body) = api(
+        &hub,
+        reqwest::Method::POST,
+        "/tenants/default/devices",
+        Some(json!({"id": "boiler-1", "tags": {"site": "plant-7"}})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api(
+        &hub,
+        reqwest::Method::POST,
+        "/tenants/default/devices/boiler-1/credentials",
+        Some(json!({"kind": "password", "secret": "boiler-1-secret-0123"})),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let (status, body) = api(
+        &hub,
+        reqwest::Method::PATCH,
+        "/tenants/default/devices/boiler-1/twins/default/desired",
+        Some(json!({"max_temp": 70})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    create_rule(&hub, "default", json!({
+        "id": "overheat",
+        "sql": "SELECT temp, twin().desired.max_temp AS max, device().tags.site AS site \
+                FROM 'devices/+/telemetry' WHERE temp > twin().desired.max_temp",
+        "actions": [
+            {"type": "store_telemetry", "metrics": {"overheat_margin": "temp - max"}},
+            {"type": "update_twin", "section": "tags", "patch": "{\"last_overheat\": ${temp}}"},
+            {"type": "command", "name": "cool_down", "payload": "{\"target\": ${twin().desired.max_temp}}"},
+            {"type": "republish", "topic": "sites/${device().tags.site}/overheat"},
+        ],
+    }))
+    .await;
+    let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("sites/#", QoS::AtLeastOnce).await;
+    let mut opts = v4_opts(&hub, "boiler-1");
+    opts.set_credentials("boiler-1", "boiler-1-secret-0123");
+    let mut device = V4::connect(opts).await;
+    for temp in [60, 80] {
+        device
+            .publish(
+                "devices/boiler-1/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"temp": {temp}}}"#).as_bytes(),
+            )
+            .await;
+    }
+    // The registry lookup made the topic; the twin lookup made WHERE and the output.
+    let p = tokio::time::timeout(WAIT, sub.recv_publish())
+        .await
+        .expect("republished");
+    assert_eq!(p.topic, "sites/plant-7/overheat");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&p.payload).unwrap(),
+        json!({"temp": 80, "max": 70, "site": "plant-7"})
+    );
+    let points = get_until(
+        &hub,
+        "/tenants/default/devices/boiler-1/telemetry/overheat_margin?from=0",
+        "the margin is stored",
+        |b| b.to_string().contains("10"),
+    )
+    .await;
+    assert!(!points.to_string().contains("60"), "{points}");
+    let twin = get_until(
+        &hub,
+        "/tenants/default/devices/boiler-1/twins/default",
+        "the tag is written",
+        |b| b["tags"]["last_overheat"] == 80,
+    )
+    .await;
+    assert_eq!(twin["desired"]["max_temp"], 70, "{twin}");
+    let queued = get_until(
+        &hub,
+        "/tenants/default/devices/boiler-1/queued-commands",
+        "the command is queued",
+        |b| b.to_string().contains("cool_down"),
+    )
+    .await;
+    assert!(queued.to_string().contains("\"target\":70"), "{queued}");
+    let s = stats_until(&hub, "default", "overheat", "four successes", |s| {
+        s["actions"]
+            .as_array()
+            .is_some_and(|a| a.iter().all(|a| a["successes"] == 1))
+    })
+    .await;
+    assert_eq!(
+        (s["matched"].as_u64(), s["passed"].as_u64()),
+        (Some(2), Some(1)),
+        "{s}"
+    );
+    // A rule naming a device that is not registered: a dead letter saying so.
+    create_rule(
+        &hub,
+        "default",
+        json!({
+            "id": "ghost",
+            "sql": "SELECT * FROM 'ghosts/+'",
+            "actions": [{"type": "update_twin", "device": "${topic(2)}"}],
+        }),
+    )
+    .await;
+    // (From an anonymous client: the device's policy keeps it to its own topics.)
+    sub.publish("ghosts/nobody", QoS::AtLeastOnce, false, br#"{"a": 1}"#)
+        .await;
+    let letters = get_until(
+        &hub,
+        "/tenants/default/rules/ghost/dead-letters",
+        "the dead letter",
+        |b| b.as_array().is_some_and(|a| !a.is_empty()),
+    )
+    .await;
+    assert!(
+        letters[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("device `nobody` is not registered"),
+        "{letters}"
+    );
+    hub.stop().await;
+}
