@@ -105,6 +105,11 @@ pub struct RulesSettings {
     pub dead_letters: usize,
     /// Rules per tenant (bounds the per-rule metric series).
     pub max_rules_per_tenant: usize,
+    /// How long a fetched twin or registry record serves `twin()`/`device()`, in ms (a twin
+    /// change evicts it at once).
+    pub lookup_ttl_ms: u64,
+    /// Twin and registry records cached for lookups, all tenants.
+    pub lookup_cache: usize,
 }
 
 impl Default for RulesSettings {
@@ -115,6 +120,8 @@ impl Default for RulesSettings {
             action_queue: d.action_queue,
             dead_letters: d.dead_letters,
             max_rules_per_tenant: d.max_rules_per_tenant,
+            lookup_ttl_ms: d.lookup_ttl.as_millis() as u64,
+            lookup_cache: d.lookup_capacity,
         }
     }
 }
@@ -127,6 +134,8 @@ impl RulesSettings {
             action_queue: self.action_queue.max(1),
             dead_letters: self.dead_letters.max(1),
             max_rules_per_tenant: self.max_rules_per_tenant.max(1),
+            lookup_ttl: std::time::Duration::from_millis(self.lookup_ttl_ms),
+            lookup_capacity: self.lookup_cache.max(1),
             ..ferrohub_rules_service::RulesConfig::default()
         }
     }

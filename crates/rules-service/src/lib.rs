@@ -15,9 +15,11 @@ pub use model::{ActionSpec, AlarmSpec, RuleSpec, StoredRule, TwinSection, Webhoo
 pub use store::{RuleStore, SqliteRuleStore};
 pub use template::Template;
 pub mod actions;
+pub mod replay;
 pub mod service;
 pub mod stats;
 
 pub use actions::{ActionError, AlarmRequest, CommandRequest, DeadLetter, HubLink, Job};
+pub use replay::{ReplayMessage, ReplayReport, ReplayRequest};
 pub use service::{DryRun, Inbound, RulesConfig, RulesService, Sample};
 pub use stats::RuleStats;

@@ -124,7 +124,7 @@ struct RuleShared {
 }
 
 /// An action compiled: its templates and expressions parsed once.
-enum Plan {
+pub(crate) enum Plan {
     Republish {
         topic: Template,
         qos: u8,
@@ -169,7 +169,7 @@ fn template(t: &Option<String>) -> Result<Option<Template>> {
 const MAX_DEFAULT_MESSAGE: usize = 1024;
 
 impl Plan {
-    fn new(spec: &ActionSpec, rule: &Arc<str>) -> Result<Plan> {
+    pub(crate) fn new(spec: &ActionSpec, rule: &Arc<str>) -> Result<Plan> {
         Ok(match spec {
             ActionSpec::Republish { topic, qos } => Plan::Republish {
                 topic: Template::parse(topic)?,
@@ -229,7 +229,7 @@ impl Plan {
     /// the output itself); `metrics` and `raise_when` see the output. `Ok(None)`: nothing to
     /// do (`raise_when` neither true nor false); `Err`: the job cannot be built (no device, a
     /// patch that is not a JSON object) and becomes a dead letter.
-    fn render(
+    pub(crate) fn render(
         &self,
         msg: &MessageContext<'_>,
         lookup: &dyn Lookup,
@@ -546,6 +546,14 @@ impl RulesService {
             }
         }
         true
+    }
+
+    pub(crate) fn config(&self) -> &RulesConfig {
+        &self.config
+    }
+
+    pub(crate) fn lookups(&self) -> &LookupCache {
+        &self.lookups
     }
 
     /// Drops cached lookups: a device's twin (it changed); without a device, everything of the

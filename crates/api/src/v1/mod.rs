@@ -178,6 +178,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(rules::dry_run_sql))
         .routes(routes!(rules::rule_stats))
         .routes(routes!(rules::rule_dead_letters))
+        .routes(routes!(rules::replay_rule))
 }
 
 /// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.

@@ -9,7 +9,9 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use ferrohub_registry::RegistryError;
 use ferrohub_registry::model::Role;
-use ferrohub_rules_service::{RuleSpec, RulesError, RulesService, Sample, StoredRule};
+use ferrohub_rules_service::{
+    ReplayMessage, ReplayRequest, RuleSpec, RulesError, RulesService, Sample, StoredRule,
+};
 use serde::Deserialize;
 use serde_json::json;
 
@@ -307,4 +309,86 @@ pub async fn rule_dead_letters(
 ) -> RulesResult<Response> {
     c.actor.require(Role::Viewer, Some(&tenant))?;
     Ok(Json(rules_of(&state)?.dead_letters(&tenant, &id).await?).into_response())
+}
+
+/// Replays a stored rule (enabled or not) against the tenant's stored telemetry in
+/// `[from, to)`: one message per device and timestamp, in time order, with fresh state. No
+/// action runs; each output shows what its actions would have done.
+#[utoipa::path(post, path = "/tenants/{tenant}/rules/{id}/replay", tag = "rules",
+    params(("tenant" = String, Path, description = "Tenant id"), ("id" = String, Path, description = "Rule id")),
+    request_body(content = serde_json::Value, description = "`{from, to, devices?, topic?, max_outputs?, max_messages?}` (Unix ms; `topic` default `devices/{device}/telemetry`)", content_type = "application/json"),
+    responses((status = 200, description = "`{messages, matched, outputs_total, failed, outputs: [{timestamp_ms, device, output, actions}], truncated, errors}`", body = serde_json::Value), CommonErrors))]
+pub async fn replay_rule(
+    c: Caller,
+    State(state): State<ApiState>,
+    ApiPath((tenant, id)): ApiPath<(String, String)>,
+    ApiJson(request): ApiJson<ReplayRequest>,
+) -> RulesResult<Response> {
+    c.actor.require(Role::Operator, Some(&tenant))?;
+    let rules = rules_of(&state)?;
+    let telemetry = super::telemetry::telemetry_of(&state)?;
+    let rule = rules.get(&tenant, &id).await?;
+    request.validate()?;
+    let (tid, req) = (ferrohub_types::TenantId::new(&tenant), request.clone());
+    let (messages, truncated) =
+        super::telemetry::blocking(move || rebuild_messages(telemetry.engine(), &tid, &req))
+            .await?;
+    let report = rules
+        .replay(&tenant, &rule.spec, &request, messages, truncated)
+        .await?;
+    Ok(Json(report).into_response())
+}
+
+/// Messages rebuilt from stored telemetry: one per (timestamp, device), metrics nested back,
+/// in time order; at most `max_messages` (then `true`: truncated).
+fn rebuild_messages(
+    engine: &ferrohub_tsdb::Engine,
+    tenant: &ferrohub_types::TenantId,
+    req: &ReplayRequest,
+) -> Result<(Vec<ReplayMessage>, bool), ferrohub_tsdb::TsdbError> {
+    use std::collections::BTreeMap;
+    let mut rows: BTreeMap<(i64, String), Vec<(String, serde_json::Value)>> = BTreeMap::new();
+    let mut truncated = false;
+    engine.scan(
+        tenant,
+        req.devices.as_deref(),
+        None,
+        req.from,
+        req.to,
+        |device, metric, ts, values| {
+            for (i, t) in ts.iter().enumerate() {
+                let key = (*t, device.to_string());
+                if !rows.contains_key(&key) && rows.len() >= req.max_messages {
+                    // Keep the earliest: a later series may still hold earlier points.
+                    match rows.last_key_value() {
+                        Some((last, _)) if *last > key => {
+                            rows.pop_last();
+                        }
+                        _ => {
+                            truncated = true;
+                            continue;
+                        }
+                    }
+                    truncated = true;
+                }
+                let v = match values.get(i) {
+                    ferrohub_types::telemetry::Value::Bool(b) => json!(b),
+                    ferrohub_types::telemetry::Value::Int(n) => json!(n),
+                    ferrohub_types::telemetry::Value::Float(f) => json!(f),
+                    ferrohub_types::telemetry::Value::Str(s) => json!(s),
+                };
+                rows.entry(key).or_default().push((metric.to_string(), v));
+            }
+            Ok(())
+        },
+    )?;
+    let messages = rows
+        .into_iter()
+        .map(|((ts, device), pairs)| ReplayMessage {
+            device,
+            timestamp_ms: ts,
+            payload: ferrohub_rules_service::replay::nest(pairs),
+        })
+        .collect();
+    Ok((messages, truncated))
 }

@@ -97,7 +97,7 @@ pub(crate) fn telemetry_of(state: &ApiState) -> Result<Arc<Telemetry>, ApiError>
 }
 
 /// Runs a blocking engine call off the async runtime.
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, TsdbError> + Send + 'static,
 ) -> ApiResult<T> {
     tokio::task::spawn_blocking(f)
