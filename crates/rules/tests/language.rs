@@ -710,3 +710,31 @@ fn compiled_rules_can_be_shared_across_threads() {
     send::<ferrohub_rules::RuleSet>();
     send_sync::<ferrohub_rules::RuleError>();
 }
+
+#[test]
+fn lookup_keys_name_the_records_a_message_needs() {
+    use ferrohub_rules::LookupKind;
+    let rule = ferrohub_rules::Rule::compile(
+        "SELECT twin().reported.fw AS fw, device(topic(2)).tags.site AS site, \
+         twin(lag(x)).reported.y AS stateful FROM 'devices/+/t' WHERE device(upper(owner)).tags.ok = 'y'",
+    )
+    .expect("compiles");
+    assert!(rule.uses_lookups());
+    let payload = serde_json::json!({"owner": "ops", "x": 1});
+    let mut msg = ferrohub_rules::MessageContext::new("t", "devices/d7/t", &payload);
+    msg.client_id = "client-7";
+    let mut keys = Vec::new();
+    rule.lookup_keys(&msg, &mut keys);
+    keys.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(
+        keys,
+        vec![
+            (LookupKind::Device, "OPS".to_string()),
+            (LookupKind::Twin, "client-7".to_string()),
+            (LookupKind::Device, "d7".to_string()),
+        ],
+        "an id from state (lag) cannot be known before evaluation; duplicates once"
+    );
+    let plain = ferrohub_rules::Rule::compile("SELECT * FROM '#'").expect("compiles");
+    assert!(!plain.uses_lookups());
+}
