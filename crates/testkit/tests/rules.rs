@@ -783,3 +783,81 @@ async fn a_rule_replays_against_stored_telemetry() {
     assert_eq!(status, 400, "{body}");
     hub.stop().await;
 }
+
+/// The rotating-machine profile's bearing fault, played 3000× faster, found by an EWMA z-score
+/// rule: every drifting machine is flagged, after the fault starts; no healthy one ever is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ewma_zscore_flags_the_simulated_bearing_fault_only() {
+    let hub = TestHub::start().await.unwrap();
+    create_rule(
+        &hub,
+        "default",
+        json!({
+            "id": "bearing",
+            "sql": "SELECT topic(2) AS dev, vibration_rms AS v FROM 'devices/+/telemetry' \
+                    WHERE ewma_zscore(vibration_rms, 0.01) > 5 GROUP BY topic(2)",
+            "actions": [{"type": "republish", "topic": "anomalies/${topic(2)}", "qos": 1}],
+        }),
+    )
+    .await;
+    let mut sub = V4::connect(v4_opts(&hub, &uid("sub"))).await;
+    sub.subscribe("anomalies/#", QoS::AtLeastOnce).await;
+    // The fault begins 6 simulated hours in: 7.2 s at 3000× (144 samples of 50 ms; the baseline
+    // warms up over 100); it then drifts 1.5 mm/s per simulated hour, 0.0625 per sample against
+    // noise of σ 0.12. (A drift much slower per sample than σ·α^½ is absorbed by the EWMA's
+    // variance before it crosses 3σ: see docs/rules.md on choosing alpha.)
+    let fleet = |prefix: &str, fraction: &str| {
+        common::sim_args(
+            hub.mqtt,
+            &format!(
+                "-n 4 --prefix {prefix} --profile rotating-machine --set bearing_fault_after=6h \
+                 --set bearing_fault_fraction={fraction} --time-scale 3000 --interval 50ms \
+                 --duration 13s --no-twin --no-commands --qos 0 --seed 7"
+            ),
+        )
+    };
+    let (faulty, healthy) = (fleet("bad", "1.0"), fleet("good", "0.0"));
+    let started = Instant::now();
+    let runs = tokio::spawn(async move {
+        tokio::join!(
+            common::try_sim_run(&faulty, Duration::from_secs(60)),
+            common::try_sim_run(&healthy, Duration::from_secs(60))
+        )
+    });
+    let mut first: std::collections::BTreeMap<String, Duration> = Default::default();
+    let deadline = started + Duration::from_secs(25);
+    while Instant::now() < deadline && first.len() < 4 {
+        let Ok(p) = tokio::time::timeout(Duration::from_secs(1), sub.recv_publish()).await else {
+            continue;
+        };
+        let dev = p.topic.trim_start_matches("anomalies/").to_string();
+        assert!(
+            dev.starts_with("bad"),
+            "a healthy machine was flagged: {dev}"
+        );
+        first.entry(dev).or_insert_with(|| started.elapsed());
+    }
+    let (a, b) = runs.await.unwrap();
+    a.unwrap();
+    b.unwrap();
+    assert_eq!(
+        first.len(),
+        4,
+        "every drifting machine is flagged: {first:?}"
+    );
+    for (dev, at) in &first {
+        assert!(
+            *at > Duration::from_millis(7_000),
+            "{dev} flagged at {at:?}, before its fault began"
+        );
+    }
+    // What was flagged after every faulty machine had been: still only faulty ones.
+    while let Ok(p) = tokio::time::timeout(Duration::from_millis(500), sub.recv_publish()).await {
+        assert!(
+            p.topic.starts_with("anomalies/bad"),
+            "a healthy machine was flagged: {}",
+            p.topic
+        );
+    }
+    hub.stop().await;
+}

@@ -118,7 +118,7 @@ impl DeviceSim {
             start_ms,
             start_tick: 0,
             interval_us: profile.interval.as_micros().max(1),
-            dt: profile.interval.as_secs_f64(),
+            dt: profile.interval.as_secs_f64() * profile.time_scale,
             tick: 0,
             states: vec![State::default(); n],
             route: RouteState::default(),
@@ -149,7 +149,7 @@ impl DeviceSim {
         self.start_tick = self.tick;
         self.start_ms = next_ms;
         self.interval_us = interval.as_micros().max(1);
-        self.dt = interval.as_secs_f64();
+        self.dt = interval.as_secs_f64() * self.profile.time_scale;
     }
 
     /// The next sample.

@@ -364,6 +364,11 @@ pub struct RunArgs {
     /// Override every profile's payload format.
     #[arg(long, value_enum, help_heading = "Fleet")]
     pub format: Option<Format>,
+    /// Simulated seconds per real second for the generators: with 60, a fault injected
+    /// `after = "2h"` starts after 2 real minutes and drifts 60 times faster (sines, walks and
+    /// counters too). Message timestamps stay real.
+    #[arg(long, default_value_t = 1.0, value_parser = parse_time_scale, help_heading = "Fleet")]
+    pub time_scale: f64,
 
     /// Stop after this long (e.g. 30s, 10m, 2h); without it and --messages-per-device, run
     /// until Ctrl-C.
@@ -756,7 +761,7 @@ fn parse_start(s: &str) -> anyhow::Result<i64> {
 fn preview_cmd(p: &PreviewArgs) -> anyhow::Result<()> {
     let overrides = Overrides::parse(&p.set)?;
     let mut mix = Mix::load(std::slice::from_ref(&p.profile), &overrides)?;
-    mix.override_all(p.interval, p.batch, p.format);
+    mix.override_all(p.interval, p.batch, p.format, 1.0);
     let prof = mix.pick(p.index).clone();
     check_interval(prof.interval)?;
     let start = match &p.start {
@@ -934,11 +939,20 @@ pub async fn run_args(a: &RunArgs, shutdown: impl Future<Output = ()>) -> anyhow
     Ok(run::run(cfg, devices, shutdown).await?)
 }
 
+fn parse_time_scale(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && (0.001..=1_000_000.0).contains(&x) => Ok(x),
+        _ => Err(format!(
+            "{s:?} is not a time scale between 0.001 and 1000000"
+        )),
+    }
+}
+
 /// The run's profiles and topic template, checked.
 fn profiles_and_topic(a: &RunArgs) -> anyhow::Result<(Mix, TopicTemplate)> {
     let overrides = Overrides::parse(&a.set)?;
     let mut mix = Mix::load(&a.profiles, &overrides)?;
-    mix.override_all(a.interval, a.batch, a.format);
+    mix.override_all(a.interval, a.batch, a.format, a.time_scale);
     let topic = TopicTemplate::parse(&a.topic)?;
     Ok((mix, topic))
 }

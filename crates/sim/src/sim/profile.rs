@@ -394,6 +394,9 @@ pub struct Profile {
     pub batch: u32,
     /// The parameters and their effective values (after `--set`), as TOML literals.
     pub params: BTreeMap<String, String>,
+    /// Simulated seconds per real second for the generators (`--time-scale`): drifts, sines,
+    /// walks and counters evolve this much faster; message timestamps stay real.
+    pub time_scale: f64,
     pub(crate) metrics: Vec<Metric>,
     pub(crate) route: Option<Route>,
 }
@@ -914,6 +917,7 @@ fn compile(spec: ProfileSpec, params: BTreeMap<String, String>) -> Result<Profil
         format: spec.format,
         batch: spec.batch,
         params,
+        time_scale: 1.0,
         metrics,
         route,
     })
@@ -1286,15 +1290,17 @@ impl Mix {
         self.entries.iter().map(|(p, _)| p)
     }
 
-    /// Applies run-wide overrides of interval, batch and format to every profile.
+    /// Applies run-wide overrides of interval, batch, format and time scale to every profile.
     pub fn override_all(
         &mut self,
         interval: Option<Duration>,
         batch: Option<u32>,
         format: Option<Format>,
+        time_scale: f64,
     ) {
         for (p, _) in &mut self.entries {
             let p = Arc::make_mut(p);
+            p.time_scale = time_scale;
             if let Some(i) = interval {
                 p.interval = i;
             }
