@@ -16,11 +16,11 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use ferrohub_rules::{
-    CompiledRule, Lookup, MessageContext, NoLookup, Output, RuleRunner, RunnerLimits,
+    CompiledRule, Lookup, MessageContext, NoLookup, Output, RuleRunner, RuleSet, RunnerLimits,
 };
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,9 @@ use crate::model::{ActionSpec, RuleSpec, StoredRule, TwinSection, validate_id};
 use crate::stats::{ActionCounters, RuleCounters, RuleStats};
 use crate::store::RuleStore;
 use crate::template::{Expression, Template};
+
+/// Messages taken from the input queue at once by the evaluation task.
+const EVAL_BATCH: usize = 256;
 
 /// Limits of the rules service.
 #[derive(Debug, Clone)]
@@ -399,8 +402,6 @@ struct ActiveRule {
     compiled: Arc<CompiledRule>,
     counters: Arc<RuleCounters>,
     dead_letters: Arc<DeadLetters>,
-    /// Touched only by the evaluation task (the lock is never contended).
-    runner: Mutex<RuleRunner>,
     actions: Vec<(Plan, ActionQueue)>,
     error_action: Option<Arc<ErrorAction>>,
 }
@@ -448,7 +449,26 @@ impl ErrorAction {
 }
 
 /// The enabled rules of one tenant.
-type TenantRules = Arc<[Arc<ActiveRule>]>;
+///
+/// The list is replaced, never edited, so evaluation takes it with one `Arc` clone per message.
+/// The [`RuleSet`] — every rule's state, and the per-message path cache shared by the rules —
+/// is carried over from list to list and locked by the evaluation task (contended only by a
+/// rule change).
+struct TenantRules {
+    rules: Box<[Arc<ActiveRule>]>,
+    by_id: HashMap<Arc<str>, Arc<ActiveRule>>,
+    set: Arc<Mutex<RuleSet>>,
+}
+
+impl TenantRules {
+    fn new(rules: Vec<Arc<ActiveRule>>, set: Arc<Mutex<RuleSet>>) -> TenantRules {
+        TenantRules {
+            by_id: rules.iter().map(|r| (r.id.clone(), r.clone())).collect(),
+            rules: rules.into(),
+            set,
+        }
+    }
+}
 
 /// The rules of every tenant, running.
 pub struct RulesService {
@@ -457,9 +477,7 @@ pub struct RulesService {
     hub: Arc<dyn HubLink>,
     http: reqwest::Client,
     /// Enabled rules by tenant (what the broker's offer and the evaluation task read).
-    /// A tenant's list is replaced, never edited, so evaluation takes it with one `Arc` clone
-    /// per message instead of copying it.
-    active: RwLock<HashMap<Arc<str>, TenantRules>>,
+    active: RwLock<HashMap<Arc<str>, Arc<TenantRules>>>,
     shared: Mutex<HashMap<(String, String), Arc<RuleShared>>>,
     input: mpsc::Sender<Inbound>,
     input_rx: Mutex<Option<mpsc::Receiver<Inbound>>>,
@@ -515,13 +533,19 @@ impl RulesService {
             let mut shutdown = std::pin::pin!(shutdown);
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // Drained in batches: one wake-up per batch, not per message.
+            let mut batch = Vec::with_capacity(EVAL_BATCH);
             loop {
                 tokio::select! {
                     _ = &mut shutdown => break,
-                    m = rx.recv() => match m {
-                        Some(m) => me.evaluate(&m).await,
-                        None => break,
-                    },
+                    n = rx.recv_many(&mut batch, EVAL_BATCH) => {
+                        if n == 0 {
+                            break;
+                        }
+                        for m in batch.drain(..) {
+                            me.evaluate(&m).await;
+                        }
+                    }
                     _ = tick.tick() => me.tick(now_ms()),
                 }
             }
@@ -533,9 +557,10 @@ impl RulesService {
     /// Returns whether a rule wanted it.
     pub fn offer(&self, tenant: &str, topic: &str, make: impl FnOnce() -> Inbound) -> bool {
         let active = self.active.read();
-        let Some(rules) = active.get(tenant) else {
+        let Some(tr) = active.get(tenant) else {
             return false;
         };
+        let rules = &tr.rules;
         if !rules.iter().any(|r| r.compiled.matches_topic(topic)) {
             return false;
         }
@@ -563,7 +588,7 @@ impl RulesService {
     }
 
     async fn evaluate(&self, m: &Inbound) {
-        let rules: TenantRules = match self.active.read().get(&*m.tenant) {
+        let tr: Arc<TenantRules> = match self.active.read().get(&*m.tenant) {
             Some(r) => r.clone(),
             None => return,
         };
@@ -573,7 +598,7 @@ impl RulesService {
         ctx.principal = m.device.as_deref().or(m.client_id.as_deref()).unwrap_or("");
         ctx.device = m.device.as_deref();
         let mut keys = Vec::new();
-        for rule in rules.iter().filter(|r| r.compiled.uses_lookups()) {
+        for rule in tr.rules.iter().filter(|r| r.compiled.uses_lookups()) {
             if rule.compiled.matches_topic(&m.topic) {
                 rule.compiled.lookup_keys(&ctx, &mut keys);
             }
@@ -582,58 +607,70 @@ impl RulesService {
             self.lookups.prefetch(&m.tenant, &keys).await;
         }
         let mut outputs = Vec::new();
-        for rule in rules.iter().filter(|r| r.compiled.matches_topic(&m.topic)) {
-            rule.counters.matched.fetch_add(1, Relaxed);
-            let started = Instant::now();
-            let result = rule
-                .runner
-                .lock()
-                .on_message(&ctx, &self.lookups, &mut outputs);
-            rule.counters
-                .latency
-                .record(started.elapsed().as_micros() as u64);
-            match result {
-                Ok(()) => {
-                    if !outputs.is_empty() {
-                        rule.counters.passed.fetch_add(1, Relaxed);
-                    }
-                    for o in outputs.drain(..) {
-                        self.dispatch(rule, &ctx, &o);
-                    }
+        let mut errors = Vec::new();
+        tr.set.lock().on_message_observed(
+            &ctx,
+            &self.lookups,
+            &mut outputs,
+            &mut errors,
+            &mut |id, took| {
+                if let Some(r) = tr.by_id.get(id) {
+                    r.counters.matched.fetch_add(1, Relaxed);
+                    r.counters.latency.record(took.as_micros() as u64);
                 }
-                Err(e) => {
-                    outputs.clear();
-                    rule.counters.failed.fetch_add(1, Relaxed);
-                    if let Some(ea) = &rule.error_action {
-                        ea.invoke(json!({
-                            "rule": &*rule.id, "tenant": &*m.tenant, "error": e.to_string(),
-                            "input": {"topic": &*m.topic, "payload": payload,
-                                      "client_id": m.client_id.as_deref()},
-                        }));
-                    }
-                }
+            },
+        );
+        self.dispatch_all(&tr, &ctx, outputs);
+        for (id, e) in errors {
+            let Some(rule) = tr.by_id.get(&id) else {
+                continue;
+            };
+            rule.counters.failed.fetch_add(1, Relaxed);
+            if let Some(ea) = &rule.error_action {
+                ea.invoke(json!({
+                    "rule": &*rule.id, "tenant": &*m.tenant, "error": e.to_string(),
+                    "input": {"topic": &*m.topic, "payload": payload,
+                              "client_id": m.client_id.as_deref()},
+                }));
             }
         }
     }
 
+    /// Runs the actions of each output; a rule with outputs counts one `passed`.
+    fn dispatch_all(
+        &self,
+        tr: &TenantRules,
+        ctx: &MessageContext<'_>,
+        outputs: Vec<(Arc<str>, Output)>,
+    ) {
+        let mut last: Option<Arc<str>> = None;
+        for (id, o) in outputs {
+            let Some(rule) = tr.by_id.get(&id) else {
+                continue;
+            };
+            // A rule's outputs for one message (or tick) are contiguous.
+            if last.as_ref() != Some(&id) {
+                rule.counters.passed.fetch_add(1, Relaxed);
+                last = Some(id);
+            }
+            self.dispatch(rule, ctx, &o);
+        }
+    }
+
     fn tick(&self, now: i64) {
-        let all: Vec<(Arc<str>, Arc<ActiveRule>)> = self
+        let all: Vec<(Arc<str>, Arc<TenantRules>)> = self
             .active
             .read()
             .iter()
-            .flat_map(|(t, rules)| rules.iter().map(|r| (t.clone(), r.clone())))
-            .filter(|(_, r)| r.compiled.window().is_some())
+            .filter(|(_, tr)| tr.rules.iter().any(|r| r.compiled.window().is_some()))
+            .map(|(t, tr)| (t.clone(), tr.clone()))
             .collect();
         let mut outputs = Vec::new();
-        for (tenant, rule) in all {
-            let _ = rule.runner.lock().tick(now, &self.lookups, &mut outputs);
-            if !outputs.is_empty() {
-                rule.counters.passed.fetch_add(1, Relaxed);
-            }
-            for o in outputs.drain(..) {
-                let ctx = MessageContext::new(&tenant, "", &o.value).at(now);
-                self.dispatch(&rule, &ctx, &o);
-            }
+        for (tenant, tr) in all {
+            tr.set.lock().tick(now, &self.lookups, &mut outputs);
+            let null = Json::Null;
+            let ctx = MessageContext::new(&tenant, "", &null).at(now);
+            self.dispatch_all(&tr, &ctx, std::mem::take(&mut outputs));
         }
     }
 
@@ -761,33 +798,43 @@ impl RulesService {
         }
         let active = Arc::new(ActiveRule {
             id: id.clone(),
-            runner: Mutex::new(RuleRunner::new(compiled.clone(), self.config.limits)),
-            compiled,
+            compiled: compiled.clone(),
             counters: shared.counters.clone(),
             dead_letters: shared.dead_letters.clone(),
             actions,
             error_action,
         });
         let mut map = self.active.write();
-        let mut rules: Vec<Arc<ActiveRule>> = map
-            .get(&tenant)
-            .map(|rules| rules.iter().filter(|r| r.id != id).cloned().collect())
-            .unwrap_or_default();
+        let (mut rules, set) = match map.get(&tenant) {
+            Some(tr) => (
+                tr.rules.iter().filter(|r| r.id != id).cloned().collect(),
+                tr.set.clone(),
+            ),
+            None => (
+                Vec::new(),
+                Arc::new(Mutex::new(RuleSet::new(self.config.limits))),
+            ),
+        };
+        // Replaces the rule's state too (a changed rule starts afresh).
+        set.lock().insert(&id, compiled);
         rules.push(active);
-        map.insert(tenant, rules.into());
+        map.insert(tenant, Arc::new(TenantRules::new(rules, set)));
         Ok(())
     }
 
     fn deactivate(&self, tenant: &str, id: &str) {
         let mut map = self.active.write();
-        let Some(rules) = map.get(tenant) else {
+        let Some(tr) = map.get(tenant) else {
             return;
         };
-        let rest: Vec<Arc<ActiveRule>> = rules.iter().filter(|r| &*r.id != id).cloned().collect();
+        tr.set.lock().remove(id);
+        let rest: Vec<Arc<ActiveRule>> =
+            tr.rules.iter().filter(|r| &*r.id != id).cloned().collect();
         if rest.is_empty() {
             map.remove(tenant);
-        } else if let Some(rules) = map.get_mut(tenant) {
-            *rules = rest.into();
+        } else {
+            let set = tr.set.clone();
+            map.insert(Arc::from(tenant), Arc::new(TenantRules::new(rest, set)));
         }
     }
 
@@ -902,7 +949,7 @@ impl RulesService {
             .active
             .read()
             .get(tenant)
-            .and_then(|rules| rules.iter().find(|r| &*r.id == id).cloned())
+            .and_then(|rules| rules.by_id.get(id).cloned())
             .map(|r| {
                 r.actions
                     .iter()
@@ -1007,7 +1054,7 @@ impl RulesService {
             .active
             .read()
             .iter()
-            .flat_map(|(t, rules)| rules.iter().map(move |r| (t, r)))
+            .flat_map(|(t, rules)| rules.rules.iter().map(move |r| (t, r)))
             .map(|(t, r)| {
                 let mut sums = [0u64; 4];
                 for (_, q) in &r.actions {

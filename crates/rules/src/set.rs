@@ -2,6 +2,7 @@
 
 use std::cell::OnceCell;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use ferrohub_types::TopicFilter;
 use smallvec::SmallVec;
@@ -23,6 +24,9 @@ struct Entry {
     /// appears in no other rule).
     calls: Box<[u32]>,
 }
+
+/// Told of each rule evaluated and how long it took.
+pub type Observer<'a> = &'a mut dyn FnMut(&Arc<str>, Duration);
 
 /// Per-message field cache slots kept inline (more distinct fields spill to the heap).
 type Slots<'a> = SmallVec<[Option<Option<&'a serde_json::Value>>; 32]>;
@@ -207,6 +211,30 @@ impl RuleSet {
         out: &mut Vec<(Arc<str>, Output)>,
         errors: &mut Vec<(Arc<str>, EvalError)>,
     ) {
+        self.offer(msg, lookup, out, errors, None);
+    }
+
+    /// [`RuleSet::on_message`], also calling `observe` with each rule whose filter matched and
+    /// the time its evaluation took (for per-rule counters and latency).
+    pub fn on_message_observed(
+        &mut self,
+        msg: &MessageContext<'_>,
+        lookup: &dyn Lookup,
+        out: &mut Vec<(Arc<str>, Output)>,
+        errors: &mut Vec<(Arc<str>, EvalError)>,
+        observe: Observer<'_>,
+    ) {
+        self.offer(msg, lookup, out, errors, Some(observe));
+    }
+
+    fn offer(
+        &mut self,
+        msg: &MessageContext<'_>,
+        lookup: &dyn Lookup,
+        out: &mut Vec<(Arc<str>, Output)>,
+        errors: &mut Vec<(Arc<str>, EvalError)>,
+        mut observe: Option<Observer<'_>>,
+    ) {
         self.matched.clear();
         self.matched.resize(self.filters.len(), 0);
         let mut buf = Vec::new();
@@ -238,8 +266,12 @@ impl RuleSet {
                 call_map: &e.calls,
                 calls: &calls,
             };
+            let started = observe.is_some().then(Instant::now);
             if let Err(err) = e.runner.process(msg, lookup, &mut buf, Some(&cache)) {
                 errors.push((Arc::clone(&e.id), err));
+            }
+            if let (Some(f), Some(t)) = (observe.as_mut(), started) {
+                f(&e.id, t.elapsed());
             }
             out.extend(buf.drain(..).map(|o| (Arc::clone(&e.id), o)));
         }
