@@ -45,6 +45,9 @@ pub enum ActionSpec {
         /// 0 or 1.
         #[serde(default)]
         qos: u8,
+        /// Payload template; absent: the output as JSON.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        payload: Option<String>,
     },
     /// Send the output to an HTTP endpoint.
     Webhook(WebhookSpec),
@@ -219,11 +222,16 @@ impl ActionSpec {
     /// Checks what can be checked without running it.
     pub fn validate(&self) -> Result<()> {
         match self {
-            ActionSpec::Republish { topic, qos } => {
+            ActionSpec::Republish {
+                topic,
+                qos,
+                payload,
+            } => {
                 if *qos > 1 {
                     return Err(RulesError::Invalid("republish qos must be 0 or 1".into()));
                 }
                 crate::template::Template::parse(topic)?;
+                parse_opt(payload)?;
             }
             ActionSpec::Webhook(w) => {
                 if !(w.url.starts_with("http://") || w.url.starts_with("https://")) {

@@ -131,6 +131,7 @@ pub(crate) enum Plan {
     Republish {
         topic: Template,
         qos: u8,
+        payload: Option<Template>,
     },
     Webhook {
         url: Template,
@@ -174,9 +175,14 @@ const MAX_DEFAULT_MESSAGE: usize = 1024;
 impl Plan {
     pub(crate) fn new(spec: &ActionSpec, rule: &Arc<str>) -> Result<Plan> {
         Ok(match spec {
-            ActionSpec::Republish { topic, qos } => Plan::Republish {
+            ActionSpec::Republish {
+                topic,
+                qos,
+                payload,
+            } => Plan::Republish {
                 topic: Template::parse(topic)?,
                 qos: *qos,
+                payload: template(payload)?,
             },
             ActionSpec::Webhook(w) => Plan::Webhook {
                 url: Template::parse(&w.url)?,
@@ -256,9 +262,16 @@ impl Plan {
         out_ctx.principal = msg.principal;
         out_ctx.device = msg.device;
         Ok(Some(match self {
-            Plan::Republish { topic, qos } => Job::Republish {
+            Plan::Republish {
+                topic,
+                qos,
+                payload,
+            } => Job::Republish {
                 topic: topic.render(msg, lookup),
-                payload: Bytes::from(output.to_string()),
+                payload: Bytes::from(match payload {
+                    Some(p) => p.render(msg, lookup),
+                    None => output.to_string(),
+                }),
                 qos: *qos,
             },
             Plan::Webhook { url, headers, body } => Job::Webhook {

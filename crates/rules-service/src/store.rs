@@ -281,6 +281,7 @@ mod tests {
             actions: vec![ActionSpec::Republish {
                 topic: "out/${topic(2)}".into(),
                 qos: 1,
+                payload: None,
             }],
             error_action: None,
         }

@@ -166,6 +166,7 @@ fn republish(sql: &str, topic: &str) -> RuleSpec {
         actions: vec![ActionSpec::Republish {
             topic: topic.into(),
             qos: 1,
+            payload: None,
         }],
         error_action: None,
     }
@@ -354,6 +355,7 @@ async fn failing_webhook_ends_in_dead_letters_and_fires_the_error_action() {
         error_action: Some(ActionSpec::Republish {
             topic: "errors/${rule}".into(),
             qos: 0,
+            payload: None,
         }),
     };
     svc.create("a", "r", spec, true).await.expect("create");
@@ -803,4 +805,25 @@ async fn windowed_outputs_are_stored_per_key_at_the_window_start() {
         )
         .expect_err("bad severity");
     assert!(dry.to_string().contains("severity `loud`"), "{dry}");
+}
+
+#[tokio::test]
+async fn republish_renders_a_payload_template() {
+    let (svc, published) = service().await;
+    let spec = with_actions(
+        "SELECT temp FROM 'devices/+/telemetry'",
+        json!([{"type": "republish", "topic": "plain/${topic(2)}",
+                "payload": "{\"device\": \"${topic(2)}\", \"f\": ${temp * 9 / 5 + 32}}"}]),
+    );
+    svc.create("a", "fmt", spec, true).await.expect("create");
+    offer_from(&svc, "devices/d3/telemetry", "d3", 1, json!({"temp": 100}));
+    until("the publication", || !published.lock().is_empty()).await;
+    assert_eq!(
+        published.lock()[0],
+        (
+            "a".into(),
+            "plain/d3".into(),
+            json!({"device": "d3", "f": 212})
+        )
+    );
 }
