@@ -110,6 +110,9 @@ pub struct RulesSettings {
     pub lookup_ttl_ms: u64,
     /// Twin and registry records cached for lookups, all tenants.
     pub lookup_cache: usize,
+    /// Refuse webhooks to loopback, private and link-local addresses (for hubs whose tenants'
+    /// operators must not reach the hub's own network).
+    pub webhook_deny_private: bool,
 }
 
 impl Default for RulesSettings {
@@ -122,6 +125,7 @@ impl Default for RulesSettings {
             max_rules_per_tenant: d.max_rules_per_tenant,
             lookup_ttl_ms: d.lookup_ttl.as_millis() as u64,
             lookup_cache: d.lookup_capacity,
+            webhook_deny_private: d.webhook_deny_private,
         }
     }
 }
@@ -136,6 +140,7 @@ impl RulesSettings {
             max_rules_per_tenant: self.max_rules_per_tenant.max(1),
             lookup_ttl: std::time::Duration::from_millis(self.lookup_ttl_ms),
             lookup_capacity: self.lookup_cache.max(1),
+            webhook_deny_private: self.webhook_deny_private,
             ..ferrohub_rules_service::RulesConfig::default()
         }
     }

@@ -379,6 +379,8 @@ pub(crate) struct WorkerContext {
     /// `rule:<id>`: the actor of twin writes and commands, the source of alarms.
     pub actor: Arc<str>,
     pub hub: Arc<dyn HubLink>,
+    /// Refuse private addresses (the client's resolver covers names; literals are checked here).
+    pub deny_private: bool,
     pub http: reqwest::Client,
     /// Failures go here (to the error action); `None` for the error action itself, whose own
     /// failures only become dead letters (no error action of the error action).
@@ -533,6 +535,13 @@ async fn send_webhook(
 ) -> Result<(), ActionError> {
     let method =
         reqwest::Method::from_bytes(spec.method.as_bytes()).unwrap_or(reqwest::Method::POST);
+    if ctx.deny_private {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| ActionError::permanent(format!("`{url}` is not a URL: {e}")))?;
+        if let Some(why) = crate::egress::private_literal(&parsed) {
+            return Err(ActionError::permanent(why));
+        }
+    }
     let mut req = ctx
         .http
         .request(method, url)
@@ -562,7 +571,21 @@ async fn send_webhook(
             "timed out after {} ms",
             spec.timeout_ms
         ))),
-        Err(e) => Err(ActionError::transient(format!("request failed: {e}"))),
+        Err(e) => {
+            // The resolver's and redirect policy's refusals are in the error's sources.
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(": ");
+                text.push_str(&s.to_string());
+                source = s.source();
+            }
+            if ctx.deny_private && text.contains("webhook_deny_private") {
+                Err(ActionError::permanent(format!("request refused: {text}")))
+            } else {
+                Err(ActionError::transient(format!("request failed: {text}")))
+            }
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! with bounded queues. It knows nothing of MQTT adapters: the binary implements its traits
 //! over the broker.
 
+pub mod egress;
 pub mod error;
 mod lookup;
 pub mod model;

@@ -59,6 +59,8 @@ pub struct RulesConfig {
     pub lookup_ttl: Duration,
     /// Twin and registry records cached for lookups, all tenants.
     pub lookup_capacity: usize,
+    /// Refuse webhooks to loopback, private and link-local addresses ([`crate::egress`]).
+    pub webhook_deny_private: bool,
 }
 
 impl Default for RulesConfig {
@@ -71,6 +73,7 @@ impl Default for RulesConfig {
             limits: RunnerLimits::default(),
             lookup_ttl: Duration::from_secs(5),
             lookup_capacity: 100_000,
+            webhook_deny_private: false,
         }
     }
 }
@@ -515,7 +518,7 @@ impl RulesService {
         Arc::new(RulesService {
             store,
             hub: hub.clone(),
-            http: reqwest::Client::new(),
+            http: crate::egress::client(config.webhook_deny_private),
             active: RwLock::new(HashMap::new()),
             shared: Mutex::new(HashMap::new()),
             input,
@@ -758,6 +761,7 @@ impl RulesService {
                 counters: Arc::new(ActionCounters::default()),
                 dead_letters: shared.dead_letters.clone(),
                 hub: self.hub.clone(),
+                deny_private: self.config.webhook_deny_private,
                 http: self.http.clone(),
                 failures,
             },

@@ -827,3 +827,50 @@ async fn republish_renders_a_payload_template() {
         )
     );
 }
+
+#[tokio::test]
+async fn webhooks_to_private_addresses_are_refused_when_configured() {
+    let store = SqliteRuleStore::in_memory().await.expect("store");
+    let published: Published = Arc::default();
+    let svc = RulesService::new(
+        Arc::new(store),
+        Arc::new(Recorder(published, AtomicUsize::new(0))),
+        RulesConfig {
+            webhook_deny_private: true,
+            ..RulesConfig::default()
+        },
+    );
+    svc.start(std::future::pending()).await.expect("start");
+    let rx = receiver(vec![], Duration::ZERO).await;
+    let port = rx.url.rsplit(':').next().expect("port").to_string();
+    let spec = RuleSpec {
+        sql: "SELECT * FROM 'x'".into(),
+        description: String::new(),
+        actions: vec![
+            ActionSpec::Webhook(webhook(rx.url.clone(), 3)),
+            ActionSpec::Webhook(webhook(format!("http://localhost:{port}/by-name"), 3)),
+        ],
+        error_action: None,
+    };
+    svc.create("a", "ssrf", spec, true).await.expect("create");
+    offer(&svc, "a", "x", json!({"v": 1}));
+    until("two dead letters", || dead_letter_count(&svc, "ssrf") == 2).await;
+    let letters = svc.dead_letters("a", "ssrf").await.expect("letters");
+    assert!(
+        letters.iter().all(|l| l.attempts == 1),
+        "not retried: {letters:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.error.contains("127.0.0.1 is a private address")),
+        "{letters:?}"
+    );
+    assert!(
+        letters
+            .iter()
+            .any(|l| l.error.contains("resolves only to private addresses")),
+        "{letters:?}"
+    );
+    assert!(rx.calls.lock().is_empty(), "the receiver was never reached");
+}
