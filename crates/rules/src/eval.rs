@@ -326,19 +326,9 @@ impl Node {
         self.each_child(&mut |n| n.collect_lookups(out));
     }
 
+    /// Whether the value depends only on the message: no state, window or lookup.
     fn depends_on_message_only(&mut self) -> bool {
-        let mut ok = !matches!(
-            self,
-            Node::Stateful(..)
-                | Node::AggRef(_)
-                | Node::Carried(_)
-                | Node::WindowStart
-                | Node::WindowEnd
-                | Node::Twin(_)
-                | Node::Device(_)
-        );
-        self.each_child(&mut |n| ok &= n.depends_on_message_only());
-        ok
+        self.message_only_with(false)
     }
 
     /// The device id a lookup's id expression gives for `env`'s message (as `twin(id)` does).
@@ -404,6 +394,11 @@ impl Node {
     /// Whether the value depends only on the message (no state, window, lookup or randomness),
     /// so that rules may share it.
     fn message_only(&mut self) -> bool {
+        self.message_only_with(true)
+    }
+
+    /// [`Node::message_only`]; `strict` also refuses calls that may not be shared (`newuuid()`).
+    fn message_only_with(&mut self, strict: bool) -> bool {
         let mut ok = !matches!(
             self,
             Node::Stateful(..)
@@ -413,9 +408,8 @@ impl Node {
                 | Node::WindowEnd
                 | Node::Twin(_)
                 | Node::Device(_)
-                | Node::Call(_, _, NO_CALL)
-        );
-        self.each_child(&mut |n| ok &= n.message_only());
+        ) && !(strict && matches!(self, Node::Call(_, _, NO_CALL)));
+        self.each_child(&mut |n| ok &= n.message_only_with(strict));
         ok
     }
 
