@@ -454,6 +454,7 @@ async fn without_a_registry_the_api_answers_503() {
             commands: None,
             telemetry: None,
             rules: None,
+            alarms: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
@@ -496,6 +497,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             commands: None,
             telemetry: None,
             rules: None,
+            alarms: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| {
                 let blocking = std::panic::catch_unwind(|| {
