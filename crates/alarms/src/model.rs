@@ -323,7 +323,7 @@ pub const MAX_PAGE: usize = 1000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct AlarmPage {
     /// The alarms, newest first.
-    pub alarms: Vec<Alarm>,
+    pub items: Vec<Alarm>,
     /// Give it as `cursor` for the next page; absent on the last page.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_cursor: Option<String>,

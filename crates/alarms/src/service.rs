@@ -618,7 +618,7 @@ mod tests {
             )
             .await
             .unwrap();
-        s.clear("t1", &first.alarms[0].id, "x", None).await.unwrap();
+        s.clear("t1", &first.items[0].id, "x", None).await.unwrap();
         let mut seen = Vec::new();
         let mut cursor = None;
         loop {
@@ -628,7 +628,7 @@ mod tests {
                 ..Default::default()
             };
             let p = s.list("t1", &q).await.unwrap();
-            seen.extend(p.alarms.iter().map(|a| a.key.clone()));
+            seen.extend(p.items.iter().map(|a| a.key.clone()));
             match p.next_cursor {
                 Some(c) => cursor = Some(c),
                 None => break,
@@ -644,22 +644,22 @@ mod tests {
             severity: Some(Severity::Major),
             ..Default::default()
         };
-        assert_eq!(s.list("t1", &q).await.unwrap().alarms.len(), 3);
+        assert_eq!(s.list("t1", &q).await.unwrap().items.len(), 3);
         let q = AlarmQuery {
             state: Some(StateFilter::Is(AlarmState::Cleared)),
             ..Default::default()
         };
-        assert_eq!(s.list("t1", &q).await.unwrap().alarms.len(), 1);
+        assert_eq!(s.list("t1", &q).await.unwrap().items.len(), 1);
         let q = AlarmQuery {
             device: Some("other".into()),
             ..Default::default()
         };
-        assert!(s.list("t1", &q).await.unwrap().alarms.is_empty());
+        assert!(s.list("t1", &q).await.unwrap().items.is_empty());
         let q = AlarmQuery {
             since_ms: Some(now_ms() + 60_000),
             ..Default::default()
         };
-        assert!(s.list("t1", &q).await.unwrap().alarms.is_empty());
+        assert!(s.list("t1", &q).await.unwrap().items.is_empty());
         let q = AlarmQuery {
             cursor: Some("garbage".into()),
             ..Default::default()

@@ -525,17 +525,14 @@ impl AlarmStore for SqliteAlarmStore {
         b.push(" ORDER BY created_ms DESC, id DESC LIMIT ")
             .push_bind(limit as i64 + 1);
         let rows = b.build().fetch_all(&self.pool).await?;
-        let mut alarms = rows.iter().map(row_to_alarm).collect::<Result<Vec<_>>>()?;
-        let next_cursor = if alarms.len() > limit {
-            alarms.truncate(limit);
-            alarms.last().map(|a| format!("{}:{}", a.created_ms, a.id))
+        let mut items = rows.iter().map(row_to_alarm).collect::<Result<Vec<_>>>()?;
+        let next_cursor = if items.len() > limit {
+            items.truncate(limit);
+            items.last().map(|a| format!("{}:{}", a.created_ms, a.id))
         } else {
             None
         };
-        Ok(AlarmPage {
-            alarms,
-            next_cursor,
-        })
+        Ok(AlarmPage { items, next_cursor })
     }
 
     async fn history(&self, tenant: &str, id: &str) -> Result<Vec<AlarmEvent>> {

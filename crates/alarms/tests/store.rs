@@ -111,7 +111,7 @@ async fn reopen_keeps_alarms_history_and_channels() {
     assert_eq!(ch.spec.description, "ops room");
     assert_eq!(ch.spec.min_severity, Severity::Major);
     let all = s.list("t1", &AlarmQuery::default()).await.unwrap();
-    assert_eq!(all.alarms.len(), 2);
+    assert_eq!(all.items.len(), 2);
 
     // A deleted tenant leaves nothing behind.
     s.forget_tenant("t1").await.unwrap();
@@ -119,7 +119,7 @@ async fn reopen_keeps_alarms_history_and_channels() {
         s.list("t1", &AlarmQuery::default())
             .await
             .unwrap()
-            .alarms
+            .items
             .is_empty()
     );
     assert!(s.channels("t1").is_empty());

@@ -81,7 +81,9 @@ impl IntoResponse for AlarmsApiError {
                 return (StatusCode::BAD_REQUEST, Json(body)).into_response();
             }
             AlarmError::NotFound(_) => ApiError::not_found(e.to_string()),
-            AlarmError::Conflict(_) => ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string()),
+            AlarmError::Conflict(_) => {
+                ApiError::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             AlarmError::Invalid(_) => ApiError::invalid(e.to_string()),
             AlarmError::Storage(_) => ApiError::internal(&e),
         };
@@ -119,10 +121,10 @@ pub struct ListParams {
 }
 
 /// Lists the tenant's alarms, newest first, with filters and cursor paging:
-/// `{alarms, next_cursor?}`.
+/// `{items, next_cursor?}`.
 #[utoipa::path(get, path = "/tenants/{tenant}/alarms", tag = "alarms",
     params(("tenant" = String, Path, description = "Tenant id"), ListParams),
-    responses((status = 200, description = "`{alarms, next_cursor?}`", body = serde_json::Value), CommonErrors))]
+    responses((status = 200, description = "`{items, next_cursor?}`", body = serde_json::Value), CommonErrors))]
 pub async fn list_alarms(
     c: Caller,
     State(state): State<ApiState>,
