@@ -238,6 +238,10 @@ pub struct ChannelDeliveries {
     pub deliveries: VecDeque<Delivery>,
 }
 
+/// (tenant, channel, alarm): the rate-limit table's key; its value is when a notification last
+/// went through, and the window.
+type RateKey = (String, String, String);
+
 struct Job {
     channel: Arc<Channel>,
     event: Arc<AlarmEvent>,
@@ -253,8 +257,7 @@ pub(crate) struct Notifier {
     kept: usize,
     http: reqwest::Client,
     env: minijinja::Environment<'static>,
-    /// (tenant, channel, alarm) → when a notification last went through, and the window.
-    rate: Mutex<HashMap<(String, String, String), (Instant, Duration)>>,
+    rate: Mutex<HashMap<RateKey, (Instant, Duration)>>,
     log: Mutex<HashMap<(String, String), ChannelDeliveries>>,
     pub counters: NotifyCounters,
 }
