@@ -66,6 +66,8 @@ pub struct HubConfig {
     pub telemetry: ferrohub_telemetry::service::TelemetryConfig,
     /// Rules running in the hub: queue bounds and limits.
     pub rules: RulesSettings,
+    /// Alarms: history kept, the notification queue and its workers.
+    pub alarms: AlarmsSettings,
     /// Logging.
     pub log: LogConfig,
 }
@@ -87,6 +89,7 @@ impl Default for HubConfig {
             telemetry: ferrohub_telemetry::service::TelemetryConfig::default(),
             commands: ferrohub_twins::commands::CommandsConfig::default(),
             rules: RulesSettings::default(),
+            alarms: AlarmsSettings::default(),
             log: LogConfig::default(),
         }
     }
@@ -142,6 +145,49 @@ impl RulesSettings {
             lookup_capacity: self.lookup_cache.max(1),
             webhook_deny_private: self.webhook_deny_private,
             ..ferrohub_rules_service::RulesConfig::default()
+        }
+    }
+}
+
+/// `[alarms]`: history and notification bounds of the alarms service (see `docs/alarms.md`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlarmsSettings {
+    /// History rows kept per alarm (the oldest are deleted).
+    pub history_per_alarm: usize,
+    /// Notifications waiting for a worker, all tenants; one that does not fit is recorded as a
+    /// failed delivery (`queue full`) and counted as dropped.
+    pub notification_queue: usize,
+    /// Notification workers (concurrent webhook calls).
+    pub workers: usize,
+    /// Deliveries kept per channel (in memory) for `GET …/alarm-channels/{id}/deliveries`.
+    pub deliveries_per_channel: usize,
+    /// Events buffered per tenant for alarm event streams; a slower reader is told it lagged.
+    pub stream_buffer: usize,
+}
+
+impl Default for AlarmsSettings {
+    fn default() -> Self {
+        let d = ferrohub_alarms::AlarmsConfig::default();
+        AlarmsSettings {
+            history_per_alarm: d.history_per_alarm,
+            notification_queue: d.notification_queue,
+            workers: d.workers,
+            deliveries_per_channel: d.deliveries_per_channel,
+            stream_buffer: d.stream_buffer,
+        }
+    }
+}
+
+impl AlarmsSettings {
+    /// The alarms service's configuration (zero bounds become 1).
+    pub fn service_config(&self) -> ferrohub_alarms::AlarmsConfig {
+        ferrohub_alarms::AlarmsConfig {
+            history_per_alarm: self.history_per_alarm.max(1),
+            notification_queue: self.notification_queue.max(1),
+            workers: self.workers.max(1),
+            deliveries_per_channel: self.deliveries_per_channel.max(1),
+            stream_buffer: self.stream_buffer.max(1),
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct Hub {
     pub telemetry: Option<Arc<Telemetry>>,
     /// The rules service.
     pub rules: Arc<ferrohub_rules_service::RulesService>,
+    /// The alarms service.
+    pub alarms: Arc<ferrohub_alarms::AlarmService>,
     /// The admin token generated at first start (shown once), if one was.
     pub bootstrap_token: Option<String>,
     trigger: ShutdownTrigger,
@@ -87,6 +89,23 @@ async fn open_telemetry(config: &HubConfig) -> Result<Arc<Telemetry>> {
     }
     Telemetry::start(engine, t.clone(), dir.join("settings.json"))
         .context("starting the telemetry service")
+}
+
+/// Opens `data_dir/alarms.db` (in memory without persistence) and the alarms service.
+async fn open_alarms(config: &HubConfig) -> Result<Arc<ferrohub_alarms::AlarmService>> {
+    let store = if config.storage.persistence {
+        let path = config.data_dir.join("alarms.db");
+        ferrohub_alarms::SqliteAlarmStore::open(&path, config.storage.fsync == FsyncMode::Always)
+            .await
+            .with_context(|| format!("opening the alarms database {}", path.display()))?
+    } else {
+        ferrohub_alarms::SqliteAlarmStore::in_memory()
+            .await
+            .context("opening the in-memory alarms store")?
+    };
+    ferrohub_alarms::AlarmService::open(Arc::new(store), config.alarms.service_config())
+        .await
+        .context("starting the alarms service")
 }
 
 /// The broker's message sink: telemetry publications go to the telemetry service on the
@@ -563,13 +582,14 @@ impl Hub {
                 .await
                 .context("opening the in-memory rules store")?
         };
+        let alarms = open_alarms(&config).await?;
         let rules_hub = Arc::new(crate::rules_link::RulesHub {
             broker: Arc::downgrade(&broker),
             registry: registry.clone(),
             twins: twins.clone(),
             commands: commands.clone(),
             telemetry: telemetry.clone(),
-            alarms: std::sync::OnceLock::new(),
+            alarms: alarms.clone(),
         });
         let rules = ferrohub_rules_service::RulesService::new(
             Arc::new(rules_store),
@@ -589,12 +609,20 @@ impl Hub {
             let t = twins.clone();
             let tm = telemetry.clone();
             let rl = rules.clone();
+            let al = alarms.clone();
             registry.set_purger(Arc::new(move |purge: Purge| {
                 let b = b.upgrade();
                 let t = t.clone();
                 let tm = tm.clone();
                 let rl = rl.clone();
+                let al = al.clone();
                 Box::pin(async move {
+                    // A deleted tenant's alarms, history and channels go with it.
+                    if let Purge::Tenant(tenant) = &purge
+                        && let Err(e) = al.forget_tenant(tenant.as_str()).await
+                    {
+                        tracing::error!(error = %e, "deleting a tenant's alarms failed");
+                    }
                     // A deleted tenant's rules stop and go (a tenant created later under the
                     // same id starts with none).
                     if let Purge::Tenant(tenant) = &purge
@@ -669,6 +697,10 @@ impl Hub {
                     .await
                     .context("starting the rules service")?,
             );
+        }
+        {
+            let mut sd = shutdown.clone();
+            tasks.push(alarms.start(async move { sd.wait().await }));
         }
         {
             let mut sd = shutdown.clone();
@@ -778,14 +810,17 @@ impl Hub {
                     }))
                 },
                 rules: Some(rules.clone()),
+                alarms: Some(alarms.clone()),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
                     let (t, c, d) = (twins.clone(), commands.clone(), device_api.clone());
                     let tm = telemetry.clone();
                     let rl = rules.clone();
+                    let al = alarms.clone();
                     Arc::new(move |out: &mut String| {
                         rl.render_metrics(out);
+                        al.render_metrics(out);
                         b.render_metrics(out);
                         r.metrics.render(out);
                         t.render_metrics(out);
@@ -834,6 +869,7 @@ impl Hub {
             commands,
             telemetry,
             rules,
+            alarms,
             bootstrap_token,
             trigger,
             tasks,

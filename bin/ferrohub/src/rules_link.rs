@@ -1,11 +1,12 @@
 //! How rules reach the rest of the hub: the broker's tap feeding the rules service, and the
 //! [`HubLink`] its actions and lookups use (broker, telemetry, twins, commands, alarms, registry).
 
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
 use ferrohub_adapters::mqtt::Broker;
+use ferrohub_alarms::{AlarmError, AlarmService, RaiseAlarm, Severity};
 use ferrohub_registry::Registry;
 use ferrohub_registry::service::Actor;
 use ferrohub_rules_service::{
@@ -35,20 +36,8 @@ pub struct RulesHub {
     pub commands: Arc<Commands>,
     /// `store_telemetry` (`None`: telemetry disabled).
     pub telemetry: Option<Arc<Telemetry>>,
-    /// Set once the alarm service is up.
-    pub alarms: OnceLock<Arc<dyn AlarmTarget>>,
-}
-
-/// What alarm actions call (the alarm service, set after both services exist).
-#[async_trait::async_trait]
-pub trait AlarmTarget: Send + Sync {
-    /// Raises or clears.
-    async fn apply(
-        &self,
-        tenant: &str,
-        request: AlarmRequest,
-        source: &str,
-    ) -> Result<(), ActionError>;
+    /// Alarm actions.
+    pub alarms: Arc<AlarmService>,
 }
 
 impl RulesHub {
@@ -220,12 +209,41 @@ impl HubLink for RulesHub {
         request: AlarmRequest,
         source: &str,
     ) -> Result<(), ActionError> {
-        match self.alarms.get() {
-            Some(a) => a.apply(tenant, request, source).await,
-            None => Err(ActionError::permanent(
-                "alarms are not available in this hub",
-            )),
-        }
+        let result = match request {
+            AlarmRequest::Raise {
+                key,
+                severity,
+                device,
+                message,
+                details,
+            } => {
+                let severity = Severity::parse(&severity)
+                    .map_err(|e| ActionError::permanent(e.to_string()))?;
+                self.alarms
+                    .raise(
+                        tenant,
+                        RaiseAlarm {
+                            key,
+                            severity,
+                            device,
+                            message,
+                            details,
+                            source: source.to_string(),
+                        },
+                    )
+                    .await
+                    .map(|_| ())
+            }
+            AlarmRequest::Clear { key } => self
+                .alarms
+                .clear_by_key(tenant, &key, source, None)
+                .await
+                .map(|_| ()),
+        };
+        result.map_err(|e| match e {
+            AlarmError::Storage(_) => ActionError::transient(e.to_string()),
+            other => ActionError::permanent(other.to_string()),
+        })
     }
 
     async fn twin(&self, tenant: &str, device: &str) -> Option<Json> {

@@ -1983,3 +1983,91 @@ fn rules() {
     run(&["rules", "delete", "hot"]).ok();
     assert_ne!(run(&["rules", "get", "hot"]).code, 0);
 }
+
+#[test]
+fn alarms() {
+    let hub = Hub::start();
+    let run = |args: &[&str]| ctl(&hub, ADMIN, "default", args);
+    let raised = run(&[
+        "alarms",
+        "raise",
+        "overheat:b17",
+        "--severity",
+        "major",
+        "--device",
+        "b17",
+        "--message",
+        "too hot",
+        "--details",
+        r#"{"temp": 97.5}"#,
+    ])
+    .ok();
+    assert!(raised.stdout.contains("overheat:b17"), "{}", raised.stdout);
+    let again = run(&[
+        "alarms",
+        "raise",
+        "overheat:b17",
+        "--severity",
+        "critical",
+        "-o",
+        "json",
+    ])
+    .ok()
+    .json();
+    assert_eq!(
+        (again["count"].as_u64(), again["severity"].as_str()),
+        (Some(2), Some("critical"))
+    );
+    let id = again["id"].as_str().unwrap().to_string();
+    let list = run(&["alarms", "list", "--state", "open"]).ok();
+    assert!(list.stdout.contains(&id), "{}", list.stdout);
+    let counts = run(&["alarms", "counts"]).ok();
+    assert!(counts.stdout.contains("critical"), "{}", counts.stdout);
+    run(&["alarms", "ack", &id, "--note", "on it"]).ok();
+    run(&["alarms", "clear", &id]).ok();
+    let twice = run(&["alarms", "clear", &id]);
+    assert_eq!(twice.code, 1);
+    assert!(twice.stderr.contains("already cleared"), "{}", twice.stderr);
+    let history = run(&["alarms", "history", &id, "-o", "json"]).ok().json();
+    let kinds: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["raised", "updated", "acknowledged", "cleared"]);
+    // A channel with a bad template names its line; a good one saves.
+    let bad = run(&[
+        "alarms",
+        "channels",
+        "put",
+        "ops",
+        "--webhook-url",
+        "http://127.0.0.1:9/x",
+        "--body",
+        "{\n{{ alarm.key ",
+    ]);
+    assert_eq!(bad.code, 1);
+    assert!(bad.stderr.contains("line 2"), "{}", bad.stderr);
+    run(&[
+        "alarms",
+        "channels",
+        "put",
+        "ops",
+        "--webhook-url",
+        "http://127.0.0.1:9/x",
+        "--events",
+        "raised,cleared",
+        "--rate-limit",
+        "60",
+    ])
+    .ok();
+    let list = run(&["alarms", "channels", "list"]).ok();
+    assert!(list.stdout.contains("raised,cleared"), "{}", list.stdout);
+    // Nothing listens on port 9: the test send fails and says so.
+    let test = run(&["alarms", "channels", "test", "ops"]);
+    assert_eq!(test.code, 1);
+    assert_eq!(test.json()["status"], "failed");
+    run(&["alarms", "channels", "deliveries", "ops"]).ok();
+    run(&["alarms", "channels", "delete", "ops"]).ok();
+}

@@ -67,6 +67,8 @@ pub struct ApiState {
     pub broker: Option<BrokerFiguresSource>,
     /// The rules service; `None` answers its routes with 503.
     pub rules: Option<Arc<ferrohub_rules_service::RulesService>>,
+    /// The alarms service; `None` answers its routes with 503.
+    pub alarms: Option<Arc<ferrohub_alarms::AlarmService>>,
 }
 
 /// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, the

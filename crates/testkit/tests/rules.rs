@@ -861,3 +861,92 @@ async fn ewma_zscore_flags_the_simulated_bearing_fault_only() {
     }
     hub.stop().await;
 }
+
+/// Issue 8's end-to-end alarm: an MQTT message → a rule's alarm action → the alarm raised
+/// (deduplicated on the next message) → a webhook channel called with its template; a cool
+/// message clears it and the channel hears that too.
+#[tokio::test]
+async fn an_mqtt_message_raises_an_alarm_that_calls_a_webhook_and_clears_it() {
+    let hub = TestHub::start().await.unwrap();
+    let rx = receiver(vec![], Duration::ZERO).await;
+    let (status, body) = api(
+        &hub,
+        reqwest::Method::PUT,
+        "/tenants/default/alarm-channels/ops",
+        Some(json!({
+            "kind": {"webhook": {
+                "url": format!("{}/hook", rx.url),
+                "body": "{\"text\": \"{{ alarm.severity }} {{ alarm.key }} {{ event.kind }} {{ alarm.message }}\"}",
+                "backoff_ms": 10
+            }},
+            "min_severity": "warning",
+            "events": ["raised", "cleared"],
+            "rate_limit_s": 0
+        })),
+    )
+    .await;
+    assert!(status == 201 || status == 200, "{status} {body}");
+    create_rule(
+        &hub,
+        "default",
+        json!({
+            "id": "overheat",
+            "sql": "SELECT temp FROM 'devices/+/telemetry'",
+            "actions": [{"type": "alarm", "key": "overheat:${topic(2)}", "severity": "critical",
+                         "message": "${topic(2)} at ${temp}", "raise_when": "temp > 80"}],
+        }),
+    )
+    .await;
+    let mut device = V4::connect(v4_opts(&hub, &uid("dev"))).await;
+    for temp in [90, 95] {
+        device
+            .publish(
+                "devices/press-4/telemetry",
+                QoS::AtLeastOnce,
+                false,
+                format!(r#"{{"temp": {temp}}}"#).as_bytes(),
+            )
+            .await;
+    }
+    let alarms = get_until(
+        &hub,
+        "/tenants/default/alarms?state=open",
+        "the alarm",
+        |b| b.to_string().contains("overheat:press-4") && b.to_string().contains("\"count\":2"),
+    )
+    .await;
+    let list = alarms["items"].as_array().unwrap();
+    assert_eq!(list.len(), 1, "deduplicated by key: {alarms}");
+    assert_eq!(list[0]["severity"], "critical");
+    assert_eq!(list[0]["source"], "rule:overheat");
+    wait_until(WAIT, "the raised notification", || {
+        !rx.calls.lock().is_empty()
+    })
+    .await;
+    let (_, first) = rx.calls.lock()[0].clone();
+    let first: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(
+        first["text"], "critical overheat:press-4 raised press-4 at 90",
+        "the template is rendered with the alarm and the event"
+    );
+    device
+        .publish(
+            "devices/press-4/telemetry",
+            QoS::AtLeastOnce,
+            false,
+            br#"{"temp": 40}"#,
+        )
+        .await;
+    get_until(
+        &hub,
+        "/tenants/default/alarms?state=cleared",
+        "the clear",
+        |b| b.to_string().contains("overheat:press-4"),
+    )
+    .await;
+    wait_until(WAIT, "the cleared notification", || {
+        rx.calls.lock().iter().any(|(_, b)| b.contains(" cleared "))
+    })
+    .await;
+    hub.stop().await;
+}

@@ -36,6 +36,7 @@ pub(crate) async fn dispatch(ctx: &Ctx, command: CtlCommand) -> Result<i32> {
         CtlCommand::Commands(c) => return super::device_commands::run(ctx, c).await,
         CtlCommand::Telemetry(c) => return super::telemetry::run(ctx, *c).await,
         CtlCommand::Rules(c) => return super::rules::run(ctx, c).await,
+        CtlCommand::Alarms(c) => return super::alarms::run(ctx, c).await,
     }
     Ok(0)
 }

@@ -6,6 +6,7 @@
 //! printed alone on stdout so that `$(ferrohub ctl ...)` captures it. Errors print the API's
 //! message and a hint, and exit with status 1.
 
+mod alarms;
 mod client;
 mod commands;
 mod device_commands;
@@ -147,6 +148,10 @@ enum CtlCommand {
     /// stats and dead letters.
     #[command(subcommand)]
     Rules(rules::RulesCmd),
+    /// Alarms: list, show, raise, acknowledge, clear, history, counts, and their notification
+    /// channels (webhooks) with test sends and deliveries.
+    #[command(subcommand)]
+    Alarms(alarms::AlarmsCmd),
 }
 
 // ---- tenants -------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 //! declarations (every route is registered with `utoipa_axum::routes!`, which takes the method
 //! and path from the handler's `#[utoipa::path]`, so the router and the document cannot diverge).
 
+pub mod alarms;
 pub mod catalog;
 pub mod commands;
 pub mod credentials;
@@ -81,6 +82,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "telemetry", description = "Telemetry: writes (device payloads, InfluxDB line protocol), raw points, aggregates, fleet snapshots and aggregates, retention and ingest settings"),
         (name = "overview", description = "Fleet overview figures of the console, once or streamed"),
         (name = "rules", description = "Rules running in the hub: SQL, actions (republish, webhook), versions, dry runs, stats, dead letters"),
+        (name = "alarms", description = "Alarms: raise, acknowledge, clear, query, history, counts, event stream; notification channels (webhooks with templates and rate limits) and their deliveries"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -179,6 +181,21 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(rules::rule_stats))
         .routes(routes!(rules::rule_dead_letters))
         .routes(routes!(rules::replay_rule))
+        .routes(routes!(alarms::list_alarms, alarms::raise_alarm))
+        .routes(routes!(alarms::alarm_counts))
+        .routes(routes!(alarms::alarm_stream))
+        .routes(routes!(alarms::get_alarm))
+        .routes(routes!(alarms::acknowledge_alarm))
+        .routes(routes!(alarms::clear_alarm))
+        .routes(routes!(alarms::alarm_history))
+        .routes(routes!(alarms::list_channels))
+        .routes(routes!(
+            alarms::get_channel,
+            alarms::put_channel,
+            alarms::delete_channel
+        ))
+        .routes(routes!(alarms::test_channel))
+        .routes(routes!(alarms::channel_deliveries))
 }
 
 /// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.

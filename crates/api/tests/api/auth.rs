@@ -116,6 +116,23 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tenants/{tenant}/rules:dry-run"),
     ("GET", "/tenants/{tenant}/rules/{rule}/stats"),
     ("GET", "/tenants/{tenant}/rules/{rule}/dead-letters"),
+    ("GET", "/tenants/{tenant}/alarms"),
+    ("POST", "/tenants/{tenant}/alarms"),
+    ("GET", "/tenants/{tenant}/alarms/counts"),
+    ("GET", "/tenants/{tenant}/alarms/stream"),
+    ("GET", "/tenants/{tenant}/alarms/{alarm}"),
+    ("POST", "/tenants/{tenant}/alarms/{alarm}/acknowledge"),
+    ("POST", "/tenants/{tenant}/alarms/{alarm}/clear"),
+    ("GET", "/tenants/{tenant}/alarms/{alarm}/history"),
+    ("GET", "/tenants/{tenant}/alarm-channels"),
+    ("GET", "/tenants/{tenant}/alarm-channels/{channel}"),
+    ("PUT", "/tenants/{tenant}/alarm-channels/{channel}"),
+    ("DELETE", "/tenants/{tenant}/alarm-channels/{channel}"),
+    ("POST", "/tenants/{tenant}/alarm-channels/{channel}/test"),
+    (
+        "GET",
+        "/tenants/{tenant}/alarm-channels/{channel}/deliveries",
+    ),
 ];
 
 /// Routes outside /api/v1 that the OpenAPI document also describes (full paths).
@@ -200,11 +217,12 @@ async fn openapi_document_lists_every_route_the_router_serves() {
 
         // The router serves every documented operation: without a token each answers 401
         // (openapi.json 200), never the router's 404/405.
-        let values: BTreeMap<&str, String> =
-            ["tenant", "device", "id", "group", "name", "metric", "rule"]
-                .into_iter()
-                .map(|k| (k, "x".to_string()))
-                .collect();
+        let values: BTreeMap<&str, String> = [
+            "tenant", "device", "id", "group", "name", "metric", "rule", "alarm", "channel",
+        ]
+        .into_iter()
+        .map(|k| (k, "x".to_string()))
+        .collect();
         for (method, path) in &documented {
             if !path.starts_with("/api/v1/") {
                 // The InfluxDB write API answers in InfluxDB's error shape.
@@ -254,7 +272,8 @@ async fn openapi_document_lists_every_route_the_router_serves() {
                 let bodyless = path.ends_with("/members/{device}")
                     || path.ends_with("/retention/apply")
                     || path.ends_with("/enable")
-                    || path.ends_with("/disable");
+                    || path.ends_with("/disable")
+                    || path.ends_with("/alarm-channels/{channel}/test");
                 if matches!(m, "post" | "put" | "patch") && !bodyless {
                     assert!(
                         op.get("requestBody").is_some(),
@@ -454,6 +473,7 @@ async fn without_a_registry_the_api_answers_503() {
             commands: None,
             telemetry: None,
             rules: None,
+            alarms: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
@@ -496,6 +516,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             commands: None,
             telemetry: None,
             rules: None,
+            alarms: None,
             ready: Arc::new(AtomicBool::new(true)),
             metrics: Arc::new(|out: &mut String| {
                 let blocking = std::panic::catch_unwind(|| {

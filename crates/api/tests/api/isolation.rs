@@ -93,6 +93,8 @@ fn request(
     values.insert("id", id);
     values.insert("metric", "temp".to_string());
     values.insert("rule", "r1".to_string());
+    values.insert("alarm", "01JALARM0000000000000000AA".to_string());
+    values.insert("channel", "ops".to_string());
     values.entry("id").or_insert_with(|| "1".to_string());
     values.remove("cred");
     let path = fill(template.trim_start_matches("/api/v1"), &values);
@@ -119,6 +121,9 @@ fn request(
             Some(json!({"sql": "SELECT * FROM 'a'", "sample": {"topic": "a"}}))
         }
         ("PUT", "{rule}") => Some(json!({"sql": "SELECT * FROM 'a'"})),
+        ("POST", "alarms") => Some(json!({"key": "intruder", "severity": "critical"})),
+        ("POST", "acknowledge" | "clear" | "test") => None,
+        ("PUT", "{channel}") => Some(json!({"kind": {"webhook": {"url": "http://127.0.0.1:9/"}}})),
         ("PUT", _) if template.contains("/policies/") => Some(policy()),
         ("PUT", _) if template.contains("/cas/") => Some(json!({"certificate_pem": ca_pem})),
         ("PUT", _) if template.contains("/token-keys/") => Some(json!({"pem": "not checked"})),
