@@ -399,16 +399,18 @@ impl Node {
 
     /// [`Node::message_only`]; `strict` also refuses calls that may not be shared (`newuuid()`).
     fn message_only_with(&mut self, strict: bool) -> bool {
-        let mut ok = !matches!(
-            self,
-            Node::Stateful(..)
-                | Node::AggRef(_)
-                | Node::Carried(_)
-                | Node::WindowStart
-                | Node::WindowEnd
-                | Node::Twin(_)
-                | Node::Device(_)
-        ) && !(strict && matches!(self, Node::Call(_, _, NO_CALL)));
+        let unshared = strict && matches!(self, Node::Call(_, _, NO_CALL));
+        let mut ok = !unshared
+            && !matches!(
+                self,
+                Node::Stateful(..)
+                    | Node::AggRef(_)
+                    | Node::Carried(_)
+                    | Node::WindowStart
+                    | Node::WindowEnd
+                    | Node::Twin(_)
+                    | Node::Device(_)
+            );
         self.each_child(&mut |n| ok &= n.message_only_with(strict));
         ok
     }
