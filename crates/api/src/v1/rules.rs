@@ -314,8 +314,8 @@ pub async fn rule_dead_letters(
 /// Replays a stored rule (enabled or not) against the tenant's stored telemetry in
 /// `[from, to)`: one message per device and timestamp, in time order, with fresh state. No
 /// action runs; each output shows what its actions would have done.
-#[utoipa::path(post, path = "/tenants/{tenant}/rules/{id}/replay", tag = "rules",
-    params(("tenant" = String, Path, description = "Tenant id"), ("id" = String, Path, description = "Rule id")),
+#[utoipa::path(post, path = "/tenants/{tenant}/rules/{rule}/replay", tag = "rules",
+    params(("tenant" = String, Path, description = "Tenant id"), ("rule" = String, Path, description = "Rule id")),
     request_body(content = serde_json::Value, description = "`{from, to, devices?, topic?, max_outputs?, max_messages?}` (Unix ms; `topic` default `devices/{device}/telemetry`)", content_type = "application/json"),
     responses((status = 200, description = "`{messages, matched, outputs_total, failed, outputs: [{timestamp_ms, device, output, actions}], truncated, errors}`", body = serde_json::Value), CommonErrors))]
 pub async fn replay_rule(

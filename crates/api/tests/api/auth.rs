@@ -116,6 +116,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tenants/{tenant}/rules:dry-run"),
     ("GET", "/tenants/{tenant}/rules/{rule}/stats"),
     ("GET", "/tenants/{tenant}/rules/{rule}/dead-letters"),
+    ("POST", "/tenants/{tenant}/rules/{rule}/replay"),
     ("GET", "/tenants/{tenant}/alarms"),
     ("POST", "/tenants/{tenant}/alarms"),
     ("GET", "/tenants/{tenant}/alarms/counts"),

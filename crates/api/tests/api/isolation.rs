@@ -117,6 +117,7 @@ fn request(
         ("POST", "rules") => Some(json!({"id": "intruder", "sql": "SELECT * FROM 'a'"})),
         ("POST", "enable" | "disable") => None,
         ("POST", "dry-run") => Some(json!({"topic": "a", "payload": {}})),
+        ("POST", "replay") => Some(json!({"from": 0, "to": 1})),
         ("POST", "rules:dry-run") => {
             Some(json!({"sql": "SELECT * FROM 'a'", "sample": {"topic": "a"}}))
         }
