@@ -48,6 +48,8 @@ function summary(a) {
   return target ? `${a.type} → ${target}` : a.type;
 }
 
+// replaceChildren without the nulls of conditional children (it would show them as "null").
+function fill(el, ...children) { el.replaceChildren(...children.filter(c => c !== null && c !== undefined && c !== false)); }
 function truncate(s, n) { return s.length > n ? s.slice(0, n - 1) + '…' : s; }
 function num(v) { return v === undefined || v === null ? '–' : Number(v).toLocaleString(); }
 function pretty(v) { return JSON.stringify(v, null, 2); }
@@ -232,6 +234,7 @@ function ruleForm(ctx, { rule, readOnly, sample, onSaved }) {
   const { h, tenant: t } = ctx;
   const idInput = h('input', { id: 'rule-id', required: true, pattern: '[A-Za-z0-9_.\\-]{1,128}', autocomplete: 'off', readonly: !!rule, value: rule ? rule.id : '' });
   const description = h('input', { id: 'rule-description', readonly: readOnly, value: rule ? rule.description : '', autocomplete: 'off' });
+  const enabled = h('input', { id: 'rule-enabled', type: 'checkbox', checked: true });
   const validation = h('div', { id: 'rule-validation', class: 'validation', role: 'status', 'aria-live': 'polite' });
   const saveStatus = h('div', { id: 'rule-save-status', class: 'save-status', role: 'status', 'aria-live': 'polite' });
   let loaded = rule; // the version the edit started from
@@ -243,7 +246,7 @@ function ruleForm(ctx, { rule, readOnly, sample, onSaved }) {
     const text = err.message.replace(/^the rule does not compile: /, '')
       .replace(new RegExp(` at ${err.line}:${err.column}( — .*)?$`), '');
     validation.className = 'validation bad';
-    validation.replaceChildren(
+    fill(validation,
       h('button', { type: 'button', class: 'link', id: 'rule-error-position', onclick: () => sql.goTo(err.line, err.column) }, `Line ${err.line}, column ${err.column}`),
       ': ', h('span', { id: 'rule-error-message' }, text),
       err.hint ? h('div', { id: 'rule-error-hint', class: 'hint' }, 'Hint: ', err.hint) : null);
@@ -332,7 +335,7 @@ function ruleForm(ctx, { rule, readOnly, sample, onSaved }) {
       try {
         const r = rule
           ? await call('PUT', path`/tenants/${t}/rules/${rule.id}`, { body, headers: { 'If-Match': `"${loaded.version}"` } })
-          : await call('POST', path`/tenants/${t}/rules`, { body: { id: idInput.value.trim(), enabled: true, ...body } });
+          : await call('POST', path`/tenants/${t}/rules`, { body: { id: idInput.value.trim(), enabled: enabled.checked, ...body } });
         loaded = r.body;
         saveStatus.className = 'save-status ok';
         saveStatus.textContent = `Saved (version ${r.body.version}).`;
@@ -358,7 +361,8 @@ function ruleForm(ctx, { rule, readOnly, sample, onSaved }) {
   },
   h('div', { class: 'filters' },
     h('label', { for: 'rule-id' }, 'Id', idInput),
-    h('label', { for: 'rule-description', class: 'grow' }, 'Description', description)),
+    h('label', { for: 'rule-description', class: 'grow' }, 'Description', description),
+    rule ? null : h('label', { for: 'rule-enabled', class: 'check' }, enabled, 'Start it at once')),
   h('div', { class: 'sql-label' }, h('label', { for: 'rule-sql' }, 'SQL'), sql.caret),
   sql.el, validation,
   h('h3', {}, 'Actions'),
@@ -396,7 +400,7 @@ function dryRunPanel(ctx, { spec }) {
       run.disabled = true;
       try {
         const { body } = await call('POST', path`/tenants/${t}/rules:dry-run`, { body: { sql: s.sql, actions: s.actions, sample: { topic: topic.value.trim(), payload: p } } });
-        out.replaceChildren(
+        fill(out,
           h('p', { id: 'dry-run-topic', class: body.topic_matches ? 'ok' : 'error' }, body.topic_matches ? '✓ The topic matches the rule\'s FROM.' : '✗ The topic does not match the rule\'s FROM.'),
           h('h4', {}, 'Output'),
           h('pre', { class: 'json', id: 'dry-run-output', tabindex: 0 }, body.output === null ? 'null — no output (WHERE was false, or a windowed rule emits at window close)' : pretty(body.output)),
@@ -437,7 +441,7 @@ function replayPanel(ctx, { id, canReplay, version }) {
       try {
         const { body: r } = await call('POST', path`/tenants/${t}/rules/${id}/replay`, { body });
         const stat = (label, v, key) => [h('dt', {}, label), h('dd', { 'data-replay': key }, v)];
-        out.replaceChildren(
+        fill(out,
           h('dl', { class: 'kv replay-counts' },
             stat('Messages', num(r.messages), 'messages'), stat('Matched', num(r.matched), 'matched'),
             stat('Outputs', num(r.outputs_total), 'outputs_total'), stat('Failed', num(r.failed), 'failed'),
@@ -465,7 +469,7 @@ function replayPanel(ctx, { id, canReplay, version }) {
     h('label', { for: 'replay-max' }, 'Outputs shown', max)),
   h('small', { id: 'replay-devices-help', class: 'notice' }, 'Comma-separated device ids; empty: every device.'),
   h('div', { class: 'row' }, run, canReplay ? null : h('span', { class: 'notice' }, 'Replay needs the operator role.')));
-  return h('div', {}, h('h3', {}, 'Replay over stored telemetry'),
+  return h('div', {}, h('h2', { id: 'replay-title' }, 'Replay over stored telemetry'),
     h('p', { class: 'notice', id: 'replay-version' }, `Runs the saved rule (version ${version}) with fresh state over the tenant's stored telemetry; no action runs.`),
     form, out);
 }
@@ -494,8 +498,9 @@ function renderRule(ctx, id) {
   const statsCard = h('section', { class: 'card', 'aria-labelledby': 'stats-title' }, h('h2', { id: 'stats-title' }, 'Stats'), h('p', { class: 'loading' }, 'Loading…'));
   const editorCard = h('section', { class: 'card', 'aria-labelledby': 'editor-title' }, h('h2', { id: 'editor-title' }, 'Rule'));
   const tryCard = h('section', { class: 'card', 'aria-labelledby': 'try-title' }, h('h2', { id: 'try-title' }, 'Try it'));
+  const replayCard = h('section', { class: 'card', 'aria-labelledby': 'replay-title' }, h('h2', { id: 'replay-title' }, 'Replay over stored telemetry'), h('p', { class: 'loading' }, 'Loading…'));
   const deadCard = h('section', { class: 'card', 'aria-labelledby': 'dead-title' }, h('h2', { id: 'dead-title' }, 'Dead letters'), h('p', { class: 'loading' }, 'Loading…'));
-  ctx.setView(`Rule ${id}`, h('p', {}, h('a', { href: '#/rules' }, '← Rules')), h('h1', {}, id), head, statsCard, h('div', { class: 'rule-grid' }, editorCard, tryCard), deadCard);
+  ctx.setView(`Rule ${id}`, h('p', {}, h('a', { href: '#/rules' }, '← Rules')), h('h1', {}, id), head, statsCard, h('div', { class: 'rule-grid' }, editorCard, tryCard), replayCard, deadCard);
   const ctrl = new AbortController();
   ctx.onCleanup(() => ctrl.abort());
   const signal = ctrl.signal;
@@ -570,7 +575,8 @@ function renderRule(ctx, id) {
     form = ruleForm(ctx, { rule, readOnly: !canWrite, sample: dry.sample, onSaved });
     editor = form;
     editorCard.replaceChildren(h('h2', { id: 'editor-title' }, 'Rule'), form.form);
-    tryCard.replaceChildren(h('h2', { id: 'try-title' }, 'Try it'), dry.el, replayPanel(ctx, { id, canReplay: canWrite, version: rule.version }));
+    tryCard.replaceChildren(h('h2', { id: 'try-title' }, 'Try it'), dry.el);
+    replayCard.replaceChildren(replayPanel(ctx, { id, canReplay: canWrite, version: rule.version }));
   };
 
   let heldBefore = -1;
@@ -585,7 +591,7 @@ function renderRule(ctx, id) {
         h('thead', {}, h('tr', {}, ...['Action', 'Successes', 'Errors', 'Retries', 'Dead letters', 'Queued'].map((x, i) => h('th', { scope: 'col', class: i ? 'num' : null }, x)))),
         h('tbody', {}, s.actions.length
           ? s.actions.map((a, i) => h('tr', {}, h('td', {}, `${i + 1}. ${a.kind}`), ...[a.successes, a.errors, a.retries, a.dead_letters, a.queued].map(v => h('td', { class: 'num' }, num(v)))))
-          : h('tr', {}, h('td', { colspan: 6, class: 'notice' }, 'No actions.'))))),
+          : h('tr', {}, h('td', { colspan: 6, class: 'notice' }, rule && !rule.enabled ? 'No action counters while the rule is disabled.' : 'No actions.'))))),
       h('p', { class: 'notice' }, `Error actions run: ${num(s.error_actions)} · dead letters held ${num(s.dead_letters_held)}, evicted ${num(s.dead_letters_evicted)} · refreshed every ${REFRESH_MS / 1000} s`));
     if (s.dead_letters_held !== heldBefore || s.dead_letters_evicted) { heldBefore = s.dead_letters_held; await deadLetters(); }
   };
@@ -617,7 +623,7 @@ function renderRule(ctx, id) {
       head.replaceChildren(e instanceof ApiError && e.status === 404
         ? h('p', { class: 'error', role: 'alert' }, `There is no rule ${id} in tenant ${t}. `, h('a', { href: '#/rules' }, 'Back to the rules'))
         : ctx.errorBox(e));
-      editorCard.hidden = tryCard.hidden = statsCard.hidden = deadCard.hidden = true;
+      editorCard.hidden = tryCard.hidden = replayCard.hidden = statsCard.hidden = deadCard.hidden = true;
     }
   }
   load();
