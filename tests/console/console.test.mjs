@@ -204,3 +204,231 @@ test('keyboard only on a tablet-sized screen: skip link, search, open a device',
   assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth));
   await shot('10-tablet-device');
 });
+
+// ---- Rules page ---------------------------------------------------------------------------------
+
+const RULE = 'hot-e2e';
+const TYPO_SQL = "SELECT temperature, topic(2) AS device\nFROM 'devices/+/telemetry'\nWHERE isNumbr(temperature)";
+const GOOD_SQL = "SELECT temperature, topic(2) AS device\nFROM 'devices/+/telemetry'\nWHERE isNumber(temperature)";
+
+// Signed in on the demo tenant, whether or not the earlier tests ran (a name filter may skip them).
+async function signedInOnDemo(hash) {
+  await page.goto(hub.url + '/' + hash);
+  await page.waitForFunction(() => document.querySelector('#token') || document.querySelector('#main h1'));
+  if (await page.locator('#token').count()) {
+    await page.getByLabel('Operator API token').fill(ADMIN_TOKEN);
+    await page.getByRole('button', { name: 'Sign in' }).click();
+    await page.locator('#main h1').waitFor();
+  }
+  if ((await page.locator('#tenant-select').inputValue()) !== 'demo') await page.locator('#tenant-select').selectOption('demo');
+}
+
+const counter = async sel => Number((await page.locator(sel).textContent()).replace(/[^0-9]/g, '') || 0);
+
+test('rules: create one with a typo (line:column shown), fix it, save it, see it count demo telemetry', async () => {
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await signedInOnDemo('#/rules');
+  await page.getByRole('heading', { name: 'Rules — demo' }).waitFor();
+  await page.getByRole('link', { name: 'Create your first rule' }).waitFor();
+  await shot('11-rules-empty');
+  await page.getByRole('link', { name: 'Create your first rule' }).click();
+  await page.getByRole('heading', { name: 'New rule — demo' }).waitFor();
+  await page.getByLabel('Id', { exact: true }).fill(RULE);
+  await page.getByLabel('Description').fill('Environment sensors, republished');
+  const sql = page.getByLabel('SQL', { exact: true });
+  await sql.fill(TYPO_SQL);
+  // The compile error, debounced, from POST …/rules:dry-run: position, message, hint, the line marked.
+  await page.locator('#rule-error-position', { hasText: 'Line 3, column 7' }).waitFor();
+  assert.match(await page.locator('#rule-error-message').textContent(), /unknown function .isnumbr./i);
+  assert.match(await page.locator('#rule-error-hint').textContent(), /isnumber/i);
+  assert.equal(await page.locator('.sql-gutter span.bad').textContent(), '3');
+  assert.ok(await page.locator('.sql-band').isVisible());
+  // The position is a button that puts the caret there.
+  await page.locator('#rule-error-position').click();
+  assert.equal(await page.locator('#rule-caret').textContent(), 'Ln 3, Col 7');
+  await shot('12-rule-typo');
+  await sql.fill(GOOD_SQL);
+  await page.getByText('✓ The SQL compiles').waitFor();
+  assert.equal(await page.locator('.sql-gutter span.bad').count(), 0);
+  // An action from a template: republish (already there) plus an alarm skeleton, then removed.
+  await page.locator('#rule-add-type').selectOption('alarm');
+  await page.getByRole('button', { name: 'Add action' }).click();
+  assert.match(await page.getByLabel('Action 2', { exact: true }).inputValue(), /"type": "alarm"/);
+  await page.getByRole('button', { name: 'Remove Action 2' }).click();
+  assert.equal(await page.locator('.action-item textarea.action-json').count(), 2); // action 1 and the error action
+  await page.getByRole('button', { name: 'Create rule' }).click();
+  await page.getByRole('heading', { name: RULE, exact: true }).waitFor();
+  const stored = await api('GET', `/tenants/demo/rules/${RULE}`);
+  assert.equal(stored.status, 200);
+  assert.equal(stored.body.sql, GOOD_SQL);
+  assert.deepEqual(stored.body.actions, [{ type: 'republish', topic: 'alerts/${topic(2)}', qos: 0 }]);
+  // The demo fleet publishes every 2 s: the page's counters grow without a reload.
+  await eventually('matched > 0', async () => (await counter('#rs-matched')) > 0);
+  const first = await counter('#rs-matched');
+  await eventually('matched growing', async () => (await counter('#rs-matched')) > first, 15000);
+  await eventually('passed > 0', async () => (await counter('#rs-passed')) > 0);
+  await eventually('republish successes', async () => Number(await page.locator('#rule-action-stats tbody td.num').first().textContent().then(t => t.replace(/[^0-9]/g, ''))) > 0);
+  await shot('13-rule-stats');
+});
+
+test('rules: dry-run a sample and replay the last hour', async () => {
+  await page.getByLabel('Sample topic').fill('devices/demo-03/telemetry');
+  await page.getByLabel('Sample payload (JSON)').fill('{"temperature": 42.5}');
+  await page.getByRole('button', { name: 'Dry run' }).click();
+  await page.locator('#dry-run-topic', { hasText: 'The topic matches' }).waitFor();
+  assert.deepEqual(JSON.parse(await page.locator('#dry-run-output').textContent()), { temperature: 42.5, device: 'demo-03' });
+  assert.match(await page.locator('#dry-run-actions').textContent(), /alerts\/demo-03/);
+  // A topic outside FROM: no output.
+  await page.getByLabel('Sample topic').fill('other/demo-03');
+  await page.getByRole('button', { name: 'Dry run' }).click();
+  await page.locator('#dry-run-topic', { hasText: 'does not match' }).waitFor();
+  await shot('14-rule-dry-run');
+  // Replay (1 h, the default preset) over what the demo fleet stored since the hub started.
+  assert.equal(await page.getByRole('button', { name: '1 h' }).getAttribute('aria-pressed'), 'true');
+  // Two devices whose profile reports a temperature (the rule's WHERE wants one).
+  const hot = [];
+  for (let i = 0; i < 50 && hot.length < 2; i++) {
+    const id = `demo-${String(i).padStart(2, '0')}`;
+    const series = (await api('GET', `/tenants/demo/devices/${id}/telemetry`)).body || [];
+    if (series.some(s => s.metric === 'temperature')) hot.push(id);
+  }
+  assert.equal(hot.length, 2);
+  await page.getByLabel('Devices (optional)').fill(hot.join(', '));
+  await page.getByRole('button', { name: 'Replay' }).click();
+  await page.locator('#replay-outputs').waitFor();
+  assert.ok(Number((await page.locator('[data-replay="outputs_total"]').textContent()).replace(/[^0-9]/g, '')) > 0);
+  assert.ok(Number((await page.locator('[data-replay="messages"]').textContent()).replace(/[^0-9]/g, '')) > 0);
+  assert.equal(await page.locator('[data-replay="truncated"]').textContent(), 'no');
+  const devices = await page.locator('#replay-outputs tbody td:nth-child(2)').allTextContents();
+  assert.ok(devices.length > 0 && devices.every(d => hot.includes(d)), devices.join());
+  assert.match(await page.locator('#replay-outputs tbody').textContent(), new RegExp(`alerts/(${hot.join('|')})`));
+  await shot('15-rule-replay');
+});
+
+test('rules: a concurrent change is explained on save', async () => {
+  await page.getByLabel('Description').fill('My edit');
+  const other = await api('PUT', `/tenants/demo/rules/${RULE}`, { sql: GOOD_SQL, description: 'Someone else', actions: [{ type: 'republish', topic: 'alerts/${topic(2)}' }] });
+  assert.equal(other.status, 200);
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+  await page.getByText('This rule was changed by someone else since you loaded it.').waitFor();
+  await shot('16-rule-conflict');
+  await page.getByRole('button', { name: 'Reload the rule' }).click();
+  await eventually('the other description loaded', async () => (await page.getByLabel('Description').inputValue()) === 'Someone else');
+  // Saving again works on the fresh version.
+  await page.getByLabel('Description').fill('Environment sensors, republished');
+  await page.getByRole('button', { name: 'Save', exact: true }).click();
+  await page.getByText(/Saved \(version \d+\)/).waitFor();
+  assert.equal((await api('GET', `/tenants/demo/rules/${RULE}`)).body.description, 'Environment sensors, republished');
+});
+
+test('rules: the list counts live; disable the rule there; delete it (Escape cancels)', async () => {
+  await page.getByRole('link', { name: 'Rules', exact: true }).click();
+  await page.getByRole('heading', { name: 'Rules — demo' }).waitFor();
+  const row = page.locator(`tr[data-rule="${RULE}"]`);
+  await row.waitFor();
+  assert.match(await row.locator('.actions-cell').textContent(), /republish → alerts/);
+  const matched = row.locator('[data-counter="matched"]');
+  await eventually('a count in the list', async () => Number((await matched.textContent()).replace(/[^0-9]/g, '')) > 0);
+  const before = Number((await matched.textContent()).replace(/[^0-9]/g, ''));
+  await eventually('the list refreshing', async () => Number((await matched.textContent()).replace(/[^0-9]/g, '')) > before, 15000);
+  const sw = row.getByRole('switch', { name: `Rule ${RULE} enabled` });
+  assert.equal(await sw.getAttribute('aria-checked'), 'true');
+  await sw.click();
+  await eventually('switched off', async () => (await sw.getAttribute('aria-checked')) === 'false');
+  assert.equal((await api('GET', `/tenants/demo/rules/${RULE}`)).body.enabled, false);
+  await shot('17-rules-list-disabled');
+  // Disabled: the counter stops.
+  await new Promise(r => setTimeout(r, 4000));
+  const stopped = (await api('GET', `/tenants/demo/rules/${RULE}/stats`)).body.matched;
+  await new Promise(r => setTimeout(r, 4000));
+  assert.equal((await api('GET', `/tenants/demo/rules/${RULE}/stats`)).body.matched, stopped);
+
+  // At tablet width the rule's page fits the screen.
+  await page.setViewportSize({ width: 768, height: 1024 });
+  await row.getByRole('link', { name: RULE }).click();
+  await page.getByRole('heading', { name: RULE, exact: true }).waitFor();
+  await page.locator('#rule-state', { hasText: 'disabled' }).waitFor();
+  await page.locator('#rs-matched').waitFor();
+  assert.ok(await page.evaluate(() => document.documentElement.scrollWidth <= window.innerWidth));
+  await shot('18-rule-tablet');
+  await page.setViewportSize({ width: 1280, height: 900 });
+
+  await page.locator('#rule-delete').click();
+  const dialog = page.getByRole('dialog', { name: `Delete rule ${RULE}?` });
+  await dialog.waitFor();
+  await shot('19-rule-delete-confirm');
+  await page.keyboard.press('Escape');
+  await dialog.waitFor({ state: 'detached' });
+  assert.equal(await page.evaluate(() => document.activeElement.id), 'rule-delete');
+  assert.equal((await api('GET', `/tenants/demo/rules/${RULE}`)).status, 200);
+  await page.locator('#rule-delete').click();
+  await page.locator('#rule-delete-confirm').click();
+  await page.getByRole('link', { name: 'Create your first rule' }).waitFor();
+  assert.equal((await api('GET', `/tenants/demo/rules/${RULE}`)).status, 404);
+});
+
+test('rules: a viewer sees a rule read-only and may dry-run it; a change is refused with a clear message', async () => {
+  const rule = await api('POST', '/tenants/demo/rules', { id: 'viewer-e2e', sql: GOOD_SQL, actions: [{ type: 'republish', topic: 'alerts/${topic(2)}' }], enabled: false });
+  assert.equal(rule.status, 201);
+  const token = await api('POST', '/tokens', { name: 'console-e2e-viewer', role: 'viewer', tenant: 'demo' });
+  assert.equal(token.status, 201);
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const viewer = await context.newPage();
+  viewer.on('pageerror', e => console.error('page error:', e));
+  try {
+    await viewer.goto(hub.url + '/#/rules/viewer-e2e');
+    await viewer.getByLabel('Operator API token').fill(token.body.secret);
+    await viewer.getByRole('button', { name: 'Sign in' }).click();
+    await viewer.getByRole('heading', { name: 'viewer-e2e', exact: true }).waitFor();
+    await viewer.locator('#rule-state', { hasText: 'disabled' }).waitFor();
+    // A dry run is a read: allowed.
+    await viewer.getByRole('button', { name: 'Dry run' }).click();
+    await viewer.locator('#dry-run-topic', { hasText: 'The topic matches' }).waitFor();
+    // With GET /api/v1/me the page knows the role and hides changes; without it the API's 403
+    // is explained where the change was tried.
+    const toggle = viewer.locator('#rule-toggle');
+    if (await toggle.isVisible()) {
+      await toggle.click();
+      await viewer.getByText("Your token's role may not enable or disable rules (the operator role is needed).").waitFor();
+    } else {
+      assert.equal(await viewer.locator('#rule-save').count(), 0);
+      assert.equal(await viewer.locator('#rule-delete').isVisible(), false);
+      assert.equal(await viewer.getByLabel('SQL', { exact: true }).getAttribute('readonly'), '');
+    }
+    await viewer.screenshot({ path: join(ARTIFACTS, '20-rule-viewer.png'), fullPage: true });
+    assert.equal((await api('GET', '/tenants/demo/rules/viewer-e2e')).body.enabled, false);
+  } finally {
+    await context.close();
+    await api('DELETE', '/tenants/demo/rules/viewer-e2e');
+  }
+});
+
+test('rules: every action template is a valid skeleton (dry run, then saved disabled)', async () => {
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await signedInOnDemo('#/rules?create');
+  await page.getByRole('heading', { name: 'New rule — demo' }).waitFor();
+  await page.getByLabel('Id', { exact: true }).fill('templates-e2e');
+  await page.getByLabel('Start it at once').uncheck();
+  for (const type of ['webhook', 'store_telemetry', 'update_twin', 'command', 'alarm']) {
+    await page.locator('#rule-add-type').selectOption(type);
+    await page.getByRole('button', { name: 'Add action' }).click();
+  }
+  // The first action's picker replaces its JSON; the error action gets its own template.
+  await page.getByLabel('Template for Action 1').selectOption('republish');
+  await page.getByLabel('Template for Error action (optional)').selectOption('error');
+  await page.getByText('✓ The SQL compiles').waitFor();
+  await page.getByLabel('Sample payload (JSON)').fill('{"temperature": 35}');
+  await page.getByRole('button', { name: 'Dry run' }).click();
+  await page.locator('#dry-run-actions', { hasText: 'alarm' }).waitFor();
+  const rendered = JSON.parse(await page.locator('#dry-run-actions').textContent());
+  assert.deepEqual(rendered.map(a => a.type), ['republish', 'webhook', 'store_telemetry', 'update_twin', 'command', 'alarm']);
+  assert.ok(rendered.every(a => !a.error), JSON.stringify(rendered));
+  await shot('21-rule-templates');
+  await page.getByRole('button', { name: 'Create rule' }).click();
+  await page.getByRole('heading', { name: 'templates-e2e', exact: true }).waitFor();
+  const stored = (await api('GET', '/tenants/demo/rules/templates-e2e')).body;
+  assert.equal(stored.enabled, false);
+  assert.equal(stored.actions.length, 6);
+  assert.equal(stored.error_action.topic, 'rule-errors/${rule}');
+  assert.equal((await api('DELETE', '/tenants/demo/rules/templates-e2e')).status, 204);
+});

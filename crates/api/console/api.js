@@ -6,10 +6,11 @@ const TOKEN_KEY = 'ferrohub.token';
 const TENANT_KEY = 'ferrohub.tenant';
 
 export class ApiError extends Error {
-  constructor(status, code, message) {
+  constructor(status, code, message, detail = null) {
     super(message);
     this.status = status;
     this.code = code;
+    this.detail = detail; // the whole JSON error (e.g. invalid_rule's line, column, hint)
   }
 }
 
@@ -30,13 +31,13 @@ export function path(strings, ...values) {
 }
 
 async function errorOf(res) {
-  let code = 'http_' + res.status, message = res.statusText || 'request failed';
+  let code = 'http_' + res.status, message = res.statusText || 'request failed', body = null;
   try {
-    const body = await res.json();
+    body = await res.json();
     code = body.code || code;
     message = body.message || message;
   } catch { /* not the API's JSON error */ }
-  return new ApiError(res.status, code, message);
+  return new ApiError(res.status, code, message, body);
 }
 
 // Calls the API; resolves to {body, headers} or throws ApiError (status 0: network failure).

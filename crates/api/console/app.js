@@ -4,6 +4,7 @@
 
 import { ApiError, call, get, path, session, setUnauthenticatedHandler, stream } from './api.js';
 import { LineChart, fmtValue } from './chart.js';
+import { renderRules } from './rules.js';
 
 const main = document.getElementById('main');
 const top = document.getElementById('top');
@@ -61,6 +62,7 @@ async function route() {
   if (!tenant()) { setView('No tenant', h('h1', {}, 'No tenant'), h('p', { class: 'notice' }, 'This token sees no tenant. Create one with POST /api/v1/tenants or ferrohub ctl.')); return; }
   if (parts[0] === 'devices' && parts[1]) renderDevice(parts[1]);
   else if (parts[0] === 'devices') renderDevices(query);
+  else if (parts[0] === 'rules') renderRules({ h, setView, onCleanup, announce, errorBox, when, tenant: tenant() }, parts.slice(1), query);
   else renderOverview();
   main.focus({ preventScroll: true });
 }

@@ -142,6 +142,7 @@ async fn assets_have_their_content_types_etags_304s_and_gzip() {
             ("app.js", "text/javascript; charset=utf-8"),
             ("api.js", "text/javascript; charset=utf-8"),
             ("chart.js", "text/javascript; charset=utf-8"),
+            ("rules.js", "text/javascript; charset=utf-8"),
             ("app.css", "text/css; charset=utf-8"),
             ("favicon.svg", "image/svg+xml"),
         ] {
