@@ -164,6 +164,8 @@ pub struct AlarmsSettings {
     pub deliveries_per_channel: usize,
     /// Events buffered per tenant for alarm event streams; a slower reader is told it lagged.
     pub stream_buffer: usize,
+    /// Days a cleared alarm (and its history) is kept; 0 keeps them forever.
+    pub cleared_retention_days: u64,
 }
 
 impl Default for AlarmsSettings {
@@ -175,6 +177,7 @@ impl Default for AlarmsSettings {
             workers: d.workers,
             deliveries_per_channel: d.deliveries_per_channel,
             stream_buffer: d.stream_buffer,
+            cleared_retention_days: d.cleared_retention_days,
         }
     }
 }
@@ -188,6 +191,7 @@ impl AlarmsSettings {
             workers: self.workers.max(1),
             deliveries_per_channel: self.deliveries_per_channel.max(1),
             stream_buffer: self.stream_buffer.max(1),
+            cleared_retention_days: self.cleared_retention_days,
         }
     }
 }

@@ -343,6 +343,69 @@ async fn acknowledged_registry_writes_survive_kill9() {
     hub.kill9();
 }
 
+/// Every alarm change answered 2xx — raises, a folded re-raise, an acknowledgement, a clear —
+/// survives `kill -9` with its history (alarms.db: one committed transaction per change).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_alarm_changes_survive_kill9() {
+    let dir = tempfile::tempdir().unwrap();
+    let hub = HubProcess::start(dir.path(), "always");
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        let (status, body) = http(
+            hub.http,
+            "POST",
+            "/api/v1/tenants/default/alarms",
+            &format!(r#"{{"key":"k{i}","severity":"major","message":"m{i}"}}"#),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        ids.push(v["id"].as_str().unwrap().to_string());
+    }
+    let (status, body) = http(
+        hub.http,
+        "POST",
+        "/api/v1/tenants/default/alarms",
+        r#"{"key":"k0","severity":"critical","message":"again"}"#,
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let ack = format!("/api/v1/tenants/default/alarms/{}/acknowledge", ids[1]);
+    let (status, body) = http(hub.http, "POST", &ack, "").await;
+    assert_eq!(status, 200, "{body}");
+    let clear = format!("/api/v1/tenants/default/alarms/{}/clear", ids[2]);
+    let (status, body) = http(hub.http, "POST", &clear, r#"{"note":"done"}"#).await;
+    assert_eq!(status, 200, "{body}");
+    hub.kill9();
+
+    let hub = HubProcess::start(dir.path(), "always");
+    let get = |id: &str| format!("/api/v1/tenants/default/alarms/{id}");
+    for (i, id) in ids.iter().enumerate() {
+        let (status, body) = http(hub.http, "GET", &get(id), "").await;
+        assert_eq!(status, 200, "alarm {i} lost: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let want = match i {
+            0 => ("active", "critical", 2),
+            1 => ("acknowledged", "major", 1),
+            2 => ("cleared", "major", 1),
+            _ => ("active", "major", 1),
+        };
+        assert_eq!(
+            (
+                v["state"].as_str().unwrap(),
+                v["severity"].as_str().unwrap(),
+                v["count"].as_u64().unwrap()
+            ),
+            want,
+            "alarm {i}"
+        );
+    }
+    let (status, body) = http(hub.http, "GET", &format!("{}/history", get(&ids[2])), "").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains(r#""note":"done""#), "{body}");
+    hub.kill9();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_qos1_survives_kill9_with_fsync() {
     kill_and_check("always", QoS::AtLeastOnce).await;

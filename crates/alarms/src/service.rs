@@ -34,6 +34,9 @@ pub struct AlarmsConfig {
     pub deliveries_per_channel: usize,
     /// Events buffered per tenant for event streams; a slower reader is told it lagged.
     pub stream_buffer: usize,
+    /// Cleared alarms (with their history) are deleted this many days after they were cleared;
+    /// 0 keeps them forever. Open alarms are never deleted.
+    pub cleared_retention_days: u64,
 }
 
 impl Default for AlarmsConfig {
@@ -44,6 +47,7 @@ impl Default for AlarmsConfig {
             workers: 4,
             deliveries_per_channel: 100,
             stream_buffer: 256,
+            cleared_retention_days: 90,
         }
     }
 }
@@ -130,8 +134,8 @@ impl AlarmService {
         }))
     }
 
-    /// Starts the notification workers; they stop when `shutdown` resolves (an attempt in hand
-    /// gets up to 3 s, then it is aborted).
+    /// Starts the notification workers and the hourly retention sweep of cleared alarms; they
+    /// stop when `shutdown` resolves (an attempt in hand gets up to 3 s, then it is aborted).
     pub fn start(
         self: &Arc<Self>,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
@@ -140,11 +144,53 @@ impl AlarmService {
             .notifier
             .start(self.stop.subscribe(), Duration::from_secs(3));
         let stop = self.stop.clone();
+        let me = self.clone();
         tokio::spawn(async move {
-            shutdown.await;
+            let mut shutdown = std::pin::pin!(shutdown);
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    _ = tick.tick() => {
+                        if let Err(e) = me.apply_retention(now_ms()).await {
+                            tracing::error!(error = %e, "deleting old cleared alarms failed");
+                        }
+                    }
+                }
+            }
             let _ = stop.send(true);
             let _ = workers.await;
         })
+    }
+
+    /// Deletes alarms cleared more than `cleared_retention_days` before `now_ms`, in batches
+    /// of 1000 (each one transaction); how many were deleted.
+    pub async fn apply_retention(&self, now_ms: i64) -> Result<u64> {
+        let days = self.config.cleared_retention_days;
+        if days == 0 {
+            return Ok(0);
+        }
+        let before = now_ms.saturating_sub((days.min(1_000_000) * 86_400_000) as i64);
+        let mut total = 0;
+        loop {
+            let n = {
+                let _w = self.write.lock().await;
+                self.store.delete_cleared_before(before, 1000).await?
+            };
+            total += n;
+            if n < 1000 {
+                break;
+            }
+        }
+        if total > 0 {
+            tracing::info!(
+                alarms = total,
+                days,
+                "deleted cleared alarms past retention"
+            );
+        }
+        Ok(total)
     }
 
     /// Stops the notification workers now (as when the start's `shutdown` resolves).
@@ -726,6 +772,36 @@ mod tests {
             .unwrap();
         }
         assert!(matches!(sub.next().await, Some(StreamItem::Lagged(3))));
+    }
+
+    #[tokio::test]
+    async fn retention_deletes_only_old_cleared_alarms() {
+        let s = service().await;
+        let old = s
+            .raise("t1", raise("old", Severity::Info, "x"))
+            .await
+            .unwrap();
+        s.clear("t1", &old.id, "x", None).await.unwrap();
+        let open = s
+            .raise("t1", raise("open", Severity::Info, "x"))
+            .await
+            .unwrap();
+        // Not 90 days yet: nothing goes.
+        assert_eq!(s.apply_retention(now_ms()).await.unwrap(), 0);
+        let later = now_ms() + 91 * 86_400_000;
+        assert_eq!(s.apply_retention(later).await.unwrap(), 1);
+        assert!(matches!(
+            s.get("t1", &old.id).await,
+            Err(AlarmError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.history("t1", &old.id).await,
+            Err(AlarmError::NotFound(_))
+        ));
+        assert_eq!(
+            s.get("t1", &open.id).await.unwrap().state,
+            AlarmState::Active
+        );
     }
 
     #[tokio::test]

@@ -85,6 +85,9 @@ pub trait AlarmStore: Send + Sync + 'static {
     async fn delete_channel(&self, tenant: &str, id: &str) -> Result<bool>;
     /// Deletes a tenant's alarms, history and channels; how many of its alarms were open.
     async fn delete_tenant(&self, tenant: &str) -> Result<u64>;
+    /// Deletes alarms (of every tenant) cleared before `before_ms`, with their history; at most
+    /// `limit` per call (so one sweep never holds the writer long); how many were deleted.
+    async fn delete_cleared_before(&self, before_ms: i64, limit: usize) -> Result<u64>;
 }
 
 const SCHEMA_VERSION: i64 = 1;
@@ -115,6 +118,7 @@ CREATE INDEX IF NOT EXISTS alarms_created ON alarms (tenant, created_ms, id);
 CREATE INDEX IF NOT EXISTS alarms_state ON alarms (tenant, state, created_ms, id);
 CREATE INDEX IF NOT EXISTS alarms_device ON alarms (tenant, device, created_ms, id);
 CREATE INDEX IF NOT EXISTS alarms_key ON alarms (tenant, key, created_ms, id);
+CREATE INDEX IF NOT EXISTS alarms_cleared ON alarms (cleared_ms) WHERE state = 'cleared';
 CREATE TABLE IF NOT EXISTS alarm_events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     tenant TEXT NOT NULL,
@@ -648,5 +652,31 @@ impl AlarmStore for SqliteAlarmStore {
         }
         tx.commit().await?;
         Ok(open.max(0) as u64)
+    }
+
+    async fn delete_cleared_before(&self, before_ms: i64, limit: usize) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT tenant, id FROM alarms WHERE state = 'cleared' AND cleared_ms < ?1 LIMIT ?2",
+        )
+        .bind(before_ms)
+        .bind(limit.max(1) as i64)
+        .fetch_all(&mut *tx)
+        .await?;
+        for row in &rows {
+            let (tenant, id): (String, String) = (row.try_get("tenant")?, row.try_get("id")?);
+            sqlx::query("DELETE FROM alarm_events WHERE tenant = ?1 AND alarm_id = ?2")
+                .bind(&tenant)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM alarms WHERE tenant = ?1 AND id = ?2")
+                .bind(&tenant)
+                .bind(&id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
     }
 }
