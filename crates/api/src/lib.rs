@@ -65,7 +65,7 @@ pub struct TailMessage {
     pub inbound: bool,
     /// When (ms since the epoch).
     pub at: u64,
-    /// Copies dropped just before this one because the tail's queue was full.
+    /// Copies dropped since the previous message because the tail's queue was full.
     pub skipped_before: u64,
 }
 

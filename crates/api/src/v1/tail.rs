@@ -57,7 +57,7 @@ pub struct TailEvent {
     pub payload: String,
     /// The payload is not UTF-8 and is given in base64.
     pub base64: bool,
-    /// Messages skipped just before this one (the tail's queue was full).
+    /// Messages skipped since the previous event (the tail's queue was full).
     pub skipped: u64,
 }
 
