@@ -935,7 +935,9 @@ impl ferrohub_api::DeviceTails for BrokerTails {
         let (rx, guard) = self
             .0
             .watch_device(&TenantId::new(tenant), device, capacity)
-            .map_err(|_| ferrohub_api::TailRefused::TooMany(ferrohub_adapters::mqtt::MAX_WATCHERS))?;
+            .map_err(|_| {
+                ferrohub_api::TailRefused::TooMany(ferrohub_adapters::mqtt::MAX_WATCHERS)
+            })?;
         // The guard lives in the stream: the watch ends when the HTTP response is dropped.
         let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
             let m = rx.recv().await?;

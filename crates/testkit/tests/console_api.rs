@@ -642,9 +642,14 @@ async fn a_flooded_tail_reports_every_message_it_skipped() {
         const SENT: u64 = 2000;
         let payload = vec![b'x'; 2048];
         for _ in 0..SENT {
-            c.publish("devices/f1/flood", rumqttc::QoS::AtMostOnce, false, payload.clone())
-                .await
-                .unwrap();
+            c.publish(
+                "devices/f1/flood",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
         }
         let (mut received, mut skipped) = (0u64, 0u64);
         while received + skipped < SENT {
@@ -654,7 +659,11 @@ async fn a_flooded_tail_reports_every_message_it_skipped() {
                 assert_eq!(e["size"], 2048);
             }
         }
-        assert_eq!(received + skipped, SENT, "each message arrived or was counted");
+        assert_eq!(
+            received + skipped,
+            SENT,
+            "each message arrived or was counted"
+        );
         assert!(skipped > 0, "a queue of one skipped some of {SENT}");
         let metrics = reqwest::get(format!("{}/metrics", origin(&hub)))
             .await

@@ -31,11 +31,12 @@ pub use config::{ClientIdCharset, MqttConfig};
 pub use metrics::{BrokerMetrics, DropReason};
 pub use session::Kick;
 pub use sys::spawn_sys_publisher;
-pub use watch::{
-    Direction, MAX_WATCHERS, WATCH_PAYLOAD_CAP, WatchError, WatchGuard, WatchReceiver, WatchedMessage,
-};
 pub use transport::{
     TlsSetupError, Transport, WsIo, run_listener, tls_acceptor, tls_acceptor_with_verifier,
+};
+pub use watch::{
+    Direction, MAX_WATCHERS, WATCH_PAYLOAD_CAP, WatchError, WatchGuard, WatchReceiver,
+    WatchedMessage,
 };
 
 impl Broker {

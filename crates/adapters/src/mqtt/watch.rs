@@ -277,7 +277,10 @@ mod tests {
         assert!(!w.any());
         publish(&w, &t, "d1", &m);
         assert_eq!(w.lookups(), 2, "the watch is gone: back to no lookups");
-        assert!(rx.recv().await.is_none(), "the receiver ends with its guard");
+        assert!(
+            rx.recv().await.is_none(),
+            "the receiver ends with its guard"
+        );
     }
 
     #[tokio::test]

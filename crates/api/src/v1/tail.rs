@@ -125,15 +125,16 @@ pub async fn device_message_stream(
     // 404 for an unknown device (and another tenant's, which the registry hides the same way).
     c.registry.device(&c.actor, &tenant, &device).await?;
     let tails = state.tails.clone().ok_or_else(ApiError::unavailable)?;
-    let messages = tails
-        .watch(&tenant, &device, capacity)
-        .map_err(|TailRefused::TooMany(max)| {
-            ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too_many_streams",
-                format!("{max} message tails are open in this hub; close one and retry"),
-            )
-        })?;
+    let messages =
+        tails
+            .watch(&tenant, &device, capacity)
+            .map_err(|TailRefused::TooMany(max)| {
+                ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    format!("{max} message tails are open in this hub; close one and retry"),
+                )
+            })?;
     let closing = Box::pin(async move {
         match closing {
             Some(Extension(c)) => c.wait().await,
@@ -152,7 +153,10 @@ pub async fn device_message_stream(
             Ok(event)
         })
         .take_until(closing);
-    Ok(Sse::new(first.chain(events)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+    Ok(
+        Sse::new(first.chain(events))
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15))),
+    )
 }
 
 #[cfg(test)]
@@ -177,12 +181,18 @@ mod tests {
     #[test]
     fn text_stays_text_binary_becomes_base64_and_a_cut_character_is_dropped() {
         let e = TailEvent::from(message(b"{\"t\":1}", 7));
-        assert_eq!((e.payload.as_str(), e.base64, e.truncated), ("{\"t\":1}", false, false));
+        assert_eq!(
+            (e.payload.as_str(), e.base64, e.truncated),
+            ("{\"t\":1}", false, false)
+        );
         assert_eq!(e.skipped, 2);
         let e = TailEvent::from(message(&[0xff, 0x00, 0x10], 3));
         assert_eq!((e.payload.as_str(), e.base64), ("/wAQ", true));
         // "é" is 0xc3 0xa9; the cap cut it after its first byte.
         let e = TailEvent::from(message(b"ab\xc3", 10));
-        assert_eq!((e.payload.as_str(), e.base64, e.truncated), ("ab", false, true));
+        assert_eq!(
+            (e.payload.as_str(), e.base64, e.truncated),
+            ("ab", false, true)
+        );
     }
 }
