@@ -96,6 +96,8 @@ curl -s -o /dev/null "${AUTH[@]}" -X POST "$API/tenants/bench/devices/$D/credent
     -H 'Content-Type: application/json' -d '{"kind": "password"}'
 
 CALLS=(
+    "console shell /|@/"
+    "console app.js (gzip)|@/console/app.js"
     "devices, first page (sort id, 50)|/tenants/bench/devices?limit=50&sort=id&order=asc"
     "devices, sort name|/tenants/bench/devices?limit=50&sort=name&order=asc"
     "devices, sort last_seen desc|/tenants/bench/devices?limit=50&sort=last_seen&order=desc"
@@ -117,24 +119,27 @@ CALLS=(
     "device series list|/tenants/bench/devices/$D/telemetry"
 )
 
+# Prints "status seconds bytes"; a URL starting with @ is outside the API.
 time_call() {
-    curl -s -o /dev/null -w '%{http_code} %{time_total}\n' "${AUTH[@]}" "$API$1"
+    local url=$API$1
+    [[ $1 == @* ]] && url=http://127.0.0.1:$HTTP_PORT${1#@}
+    curl -s --compressed -o /dev/null -w '%{http_code} %{time_total} %{size_download}\n' "${AUTH[@]}" "$url"
 }
 
-echo "| call | status | cold | median of $RUNS |"
-echo "|---|---:|---:|---:|"
+echo "| call | status | bytes | cold | median of $RUNS |"
+echo "|---|---:|---:|---:|---:|"
 for entry in "${CALLS[@]}"; do
     label=${entry%%|*}
     url=${entry#*|}
     [[ $label == overview ]] && sleep 1.1
-    read -r code cold < <(time_call "$url")
+    read -r code cold bytes < <(time_call "$url")
     times=()
     for _ in $(seq "$RUNS"); do
         [[ $label == overview ]] && sleep 1.1
-        read -r _ t < <(time_call "$url")
+        read -r _ t _ < <(time_call "$url")
         times+=("$t")
     done
     median=$(printf '%s\n' "${times[@]}" | sort -n | awk '{ a[NR] = $1 } END { print a[int((NR + 1) / 2)] }')
-    printf '| %s | %s | %.1f ms | %.1f ms |\n' "$label" "$code" "$(echo "$cold * 1000" | bc)" "$(echo "$median * 1000" | bc)"
+    printf '| %s | %s | %s | %.1f ms | %.1f ms |\n' "$label" "$code" "$bytes" "$(echo "$cold * 1000" | bc)" "$(echo "$median * 1000" | bc)"
 done | tee "$OUT/table.md"
 echo "raw: $OUT" >&2
