@@ -9,7 +9,8 @@
 # tenant `bench` and imports N devices through POST /api/v1/tenants/bench/devices/import (CSV
 # batches: ids dev-0000000…, a name, tags site=s00…s99 (1 % each) and model=m00…m19 (5 %)), then
 # times with curl every call the console makes for its pages: the devices list (first page of
-# the default sort, each sort key, a tag filter, an id prefix search, deep cursor pages), the
+# the default sort, each sort key, a tag filter, an id prefix search, filters matching no device
+# (online: none is connected; disabled), deep cursor pages), the
 # overview, and a device page (device, connectivity, credentials, twin, series list). Each call
 # is made once cold, then RUNS times; prints a Markdown table of the cold time and the median.
 # The overview is spaced 1.1 s apart: the hub reuses a device count for one second.
@@ -108,6 +109,12 @@ CALLS=(
     "devices, id prefix (one match)|/tenants/bench/devices?limit=50&sort=id&order=asc&id_prefix=$mid"
     "devices, status enabled|/tenants/bench/devices?limit=50&sort=id&order=asc&status=enabled"
     "devices, offline|/tenants/bench/devices?limit=50&sort=id&order=asc&online=false"
+    "devices, online (none are)|/tenants/bench/devices?limit=50&sort=id&order=asc&online=true"
+    "devices, online, sort name|/tenants/bench/devices?limit=50&sort=name&order=asc&online=true"
+    "devices, disabled (none are)|/tenants/bench/devices?limit=50&sort=id&order=asc&status=disabled"
+    "devices, disabled, sort last_seen desc|/tenants/bench/devices?limit=50&sort=last_seen&order=desc&status=disabled"
+    "devices, tag + disabled|/tenants/bench/devices?limit=50&sort=id&order=asc&tag=site:s42&status=disabled"
+    "devices, two tags matching none|/tenants/bench/devices?limit=50&sort=id&order=asc&tag=site:s42&tag=model:m03"
     "devices, cursor at 90 % (sort id)|/tenants/bench/devices?limit=50&sort=id&order=asc&cursor=$(cursor "[\"\",\"$deep\"]")"
     "devices, tag + cursor at 90 %|/tenants/bench/devices?limit=50&sort=id&order=asc&tag=site:s42&cursor=$(cursor "[\"\",\"$deep\"]")"
     "devices, cursor mid (sort name)|/tenants/bench/devices?limit=50&sort=name&order=asc&cursor=$(cursor "[\"Machine 5\",\"$mid\"]")"
