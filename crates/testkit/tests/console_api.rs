@@ -1,8 +1,10 @@
 //! The operator console's HTTP surface against an in-process hub: the shell at `/` (and at any
 //! non-API path) with its Content-Security-Policy, the assets' content types, ETag/304 and gzip,
 //! the fleet overview (once and as a Server-Sent Events stream: auth, tenant scope, bounds, end at
-//! shutdown) and the device listing's `id_prefix` search the console uses. Every test is bounded
-//! in time and stops its hub.
+//! shutdown), the device listing's `id_prefix` search the console uses, a device's live message
+//! tail (publishes, deliveries, base64, skipped counts, the watcher cap, tenant scope, shutdown, no
+//! watch-table lookups while nobody watches) and `GET /me`. Every test is bounded in time and
+//! stops its hub.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -791,6 +793,74 @@ async fn me_tells_the_token_its_role_and_tenant() {
             doc["paths"]["/api/v1/tenants/{tenant}/devices/{device}/messages/stream"]["get"]
                 .is_object()
         );
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwatched_traffic_never_looks_up_the_watch_table() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        create_devices(&hub, "default", &["u1", "u1-other"]).await;
+        let broker = hub.hub().broker.clone();
+        let (sub, mut sub_rx, sub_task) = mqtt_client(&hub, "u1", None);
+        sub.subscribe("devices/u1/#", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        // Publishes and deliveries (the subscriber gets its own messages back) with nobody
+        // watching: no lookup at all.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut got = 0;
+        while got < 20 {
+            sub.publish("devices/u1/x", rumqttc::QoS::AtLeastOnce, false, "m")
+                .await
+                .unwrap();
+            if let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(200), sub_rx.recv()).await
+            {
+                got += 1;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no deliveries");
+        }
+        assert_eq!(broker.watch_lookups(), 0, "nobody watches: no lookup");
+        // Someone watches another device: each publish and delivery looks once (and finds
+        // nothing for u1); after the tail closes, none again.
+        let tail = open_tail(&hub, "default", "u1-other", "", TEST_ADMIN_TOKEN).await;
+        sub.publish("devices/u1/x", rumqttc::QoS::AtLeastOnce, false, "m")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let watched = broker.watch_lookups();
+        assert!(
+            watched >= 2,
+            "a publish and a delivery looked up: {watched}"
+        );
+        drop(tail);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut before;
+        loop {
+            before = broker.watch_lookups();
+            sub.publish("devices/u1/x", rumqttc::QoS::AtLeastOnce, false, "m")
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), sub_rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if broker.watch_lookups() == before {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the closed tail's watch went away"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sub_task.abort();
         hub.stop().await;
     })
     .await;
