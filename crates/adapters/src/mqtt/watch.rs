@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use bytes::Bytes;
 use ferrohub_types::{Message, QoS, TenantId};
 use hashbrown::HashMap;
-use parking_lot::Mutex;
+use parking_lot::RwLock;
 use tokio::sync::mpsc;
 
 /// How many watchers may be open at once in a hub.
@@ -75,6 +75,16 @@ pub enum WatchError {
 
 type Key = (TenantId, Arc<str>);
 
+/// Looks a [`Key`] up without allocating one: hashes like the tuple (each field in order).
+#[derive(Hash)]
+struct KeyRef<'a>(&'a TenantId, &'a str);
+
+impl hashbrown::Equivalent<Key> for KeyRef<'_> {
+    fn equivalent(&self, key: &Key) -> bool {
+        *self.0 == key.0 && self.1 == &*key.1
+    }
+}
+
 struct Watcher {
     id: u64,
     tx: mpsc::Sender<WatchedMessage>,
@@ -86,7 +96,8 @@ struct Watcher {
 pub(crate) struct Watches {
     /// Open watchers, all devices: the publish path's gate.
     active: AtomicUsize,
-    map: Mutex<HashMap<Key, Vec<Watcher>>>,
+    /// Read-locked by the message path (many connections at once), written by (un)watching.
+    map: RwLock<HashMap<Key, Vec<Watcher>>>,
     next_id: AtomicU64,
     /// Copies dropped because a watcher's queue was full.
     dropped: AtomicU64,
@@ -121,7 +132,7 @@ pub struct WatchGuard {
 
 impl Drop for WatchGuard {
     fn drop(&mut self) {
-        let mut map = self.watches.map.lock();
+        let mut map = self.watches.map.write();
         if let Some(list) = map.get_mut(&self.key) {
             let before = list.len();
             list.retain(|w| w.id != self.id);
@@ -145,7 +156,7 @@ impl Watches {
         capacity: usize,
     ) -> Result<(WatchReceiver, WatchGuard), WatchError> {
         let key: Key = (tenant.clone(), Arc::from(device));
-        let mut map = self.map.lock();
+        let mut map = self.map.write();
         // Counted under the map's lock, so that concurrent opens cannot pass the cap together.
         if self.active.load(Relaxed) >= MAX_WATCHERS {
             return Err(WatchError::TooMany);
@@ -187,8 +198,8 @@ impl Watches {
         direction: Direction,
     ) {
         self.lookups.fetch_add(1, Relaxed);
-        let map = self.map.lock();
-        let Some(list) = map.get(&(tenant.clone(), Arc::from(device))) else {
+        let map = self.map.read();
+        let Some(list) = map.get(&KeyRef(tenant, device)) else {
             return;
         };
         let payload = &message.payload;
