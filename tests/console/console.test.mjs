@@ -431,4 +431,66 @@ test('rules: every action template is a valid skeleton (dry run, then saved disa
   assert.equal(stored.actions.length, 6);
   assert.equal(stored.error_action.topic, 'rule-errors/${rule}');
   assert.equal((await api('DELETE', '/tenants/demo/rules/templates-e2e')).status, 204);
+test('a device page tails live messages, revokes a credential, and a viewer cannot edit', async () => {
+  await page.setViewportSize({ width: 1280, height: 900 });
+  // A spare password to revoke (the demo device keeps connecting with its own).
+  const spare = await api('POST', `/tenants/demo/devices/${DEVICE}/credentials`, { kind: 'password' });
+  assert.equal(spare.status, 201);
+  const spareId = spare.body.credential.id;
+  await page.goto(hub.url + `/#/devices/${DEVICE}`);
+  await page.getByRole('heading', { name: DEVICE, exact: true }).waitFor();
+  assert.match(await page.locator('#role-name').textContent(), /admin/);
+  // Live: the demo device publishes telemetry every 2 s ("in")...
+  await page.locator('#tail-state').getByText('Live').waitFor();
+  await eventually('a published message in the tail', async () => (await page.locator('#tail-list li[data-direction="in"]').count()) > 0);
+  // ...and a command sent to it is a delivery ("out").
+  await page.getByLabel('Name', { exact: true }).fill('ping');
+  await page.getByLabel('Payload (JSON)').fill('{"tail": true}');
+  await page.getByRole('button', { name: 'Invoke' }).click();
+  await eventually('a delivery in the tail', async () => (await page.locator('#tail-list li[data-direction="out"]').count()) > 0);
+  assert.match(await page.locator('#tail-list li[data-direction="out"]').first().textContent(), /commands/);
+  // Newest first, and paused means no redraw while messages keep being counted.
+  await page.locator('#tail-pause').click();
+  const frozen = await page.locator('#tail-list li').count();
+  await eventually('a message counted while paused', async () => /paused, [1-9]\d* new/.test(await page.locator('#tail-counts').textContent()));
+  assert.equal(await page.locator('#tail-list li').count(), frozen);
+  await page.locator('#tail-pause').click();
+  await shot('11-device-tail');
+
+  // The spare password is listed and revoked (after confirming).
+  const row = page.locator(`#credentials tr[data-credential="${spareId}"]`);
+  await eventually('the spare password listed', async () => (await row.getAttribute('data-state')) === 'active');
+  page.once('dialog', d => d.accept());
+  await row.locator('[data-revoke]').click();
+  await eventually('the password revoked', async () => (await row.getAttribute('data-state')) === 'revoked');
+  const listed = (await api('GET', `/tenants/demo/devices/${DEVICE}/credentials`)).body;
+  assert.ok(listed.find(c => c.id === spareId).revoked_at, 'revoked in the registry');
+  // A new password appears in the list at once.
+  const before = await page.locator('#credentials tbody tr').count();
+  await page.getByRole('button', { name: 'New password' }).click();
+  await eventually('the new password listed', async () => (await page.locator('#credentials tbody tr').count()) === before + 1);
+  await shot('12-credentials-list');
+
+  // A viewer: sees the device and its tail, and every change is disabled with the role it needs.
+  const viewer = await api('POST', '/tokens', { name: 'console viewer', role: 'viewer', tenant: 'demo' });
+  assert.equal(viewer.status, 201);
+  await page.locator('#sign-out').click();
+  await page.getByLabel('Operator API token').fill(viewer.body.secret);
+  await page.getByRole('button', { name: 'Sign in' }).click();
+  // Signed in where it was: the device page.
+  await page.getByRole('heading', { name: DEVICE, exact: true }).waitFor();
+  assert.match(await page.locator('#role-name').textContent(), /viewer · demo/);
+  await page.locator('#device-delete').waitFor();
+  for (const sel of ['#device-toggle', '#device-delete', '#new-password', '#new-certificate', '#desired-save', '#command-invoke']) {
+    assert.equal(await page.locator(sel).isDisabled(), true, `${sel} is disabled for a viewer`);
+    assert.match(await page.locator(sel).getAttribute('title'), /Needs the operator role/, `${sel} says why`);
+  }
+  assert.equal(await page.locator('#desired-editor').evaluate(e => e.readOnly), true);
+  await eventually('revoke buttons listed', async () => (await page.locator('#credentials [data-revoke]').count()) > 0);
+  for (const b of await page.locator('#credentials [data-revoke]').all()) assert.equal(await b.isDisabled(), true);
+  await eventually('the viewer sees the tail', async () => (await page.locator('#tail-list li[data-direction]').count()) > 0);
+  await page.locator('[data-nav="devices"]').click();
+  await page.getByRole('heading', { name: 'Devices — demo' }).waitFor();
+  assert.equal(await page.locator('#create-device').isDisabled(), true);
+  await shot('13-viewer-device');
 });

@@ -811,6 +811,7 @@ impl Hub {
                 },
                 rules: Some(rules.clone()),
                 alarms: Some(alarms.clone()),
+                tails: Some(Arc::new(BrokerTails(broker.clone()))),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();
@@ -897,5 +898,41 @@ impl Hub {
             let _ = tokio::task::spawn_blocking(move || engine.close()).await;
         }
         tracing::info!("stopped");
+    }
+}
+
+/// The console's device message tails over the broker's per-device watches.
+struct BrokerTails(Arc<Broker>);
+
+impl ferrohub_api::DeviceTails for BrokerTails {
+    fn watch(
+        &self,
+        tenant: &str,
+        device: &str,
+        capacity: usize,
+    ) -> Result<ferrohub_api::TailStream, ferrohub_api::TailRefused> {
+        let (rx, guard) = self
+            .0
+            .watch_device(&TenantId::new(tenant), device, capacity)
+            .map_err(|_| {
+                ferrohub_api::TailRefused::TooMany(ferrohub_adapters::mqtt::MAX_WATCHERS)
+            })?;
+        // The guard lives in the stream: the watch ends when the HTTP response is dropped.
+        let stream = futures_util::stream::unfold((rx, guard), |(mut rx, guard)| async move {
+            let m = rx.recv().await?;
+            let skipped_before = rx.take_skipped();
+            let message = ferrohub_api::TailMessage {
+                topic: m.topic,
+                payload: m.payload,
+                size: m.size,
+                qos: m.qos as u8,
+                retain: m.retain,
+                inbound: m.direction == ferrohub_adapters::mqtt::Direction::In,
+                at: m.at,
+                skipped_before,
+            };
+            Some((message, (rx, guard)))
+        });
+        Ok(Box::pin(stream))
     }
 }

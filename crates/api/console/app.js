@@ -5,6 +5,8 @@
 import { ApiError, call, get, path, session, setUnauthenticatedHandler, stream } from './api.js';
 import { LineChart, fmtValue } from './chart.js';
 import { renderRules } from './rules.js';
+import { renderCredentials, renderTail } from './device-panels.js';
+import { can, gate, setMe } from './role.js';
 
 const main = document.getElementById('main');
 const top = document.getElementById('top');
@@ -74,7 +76,15 @@ setUnauthenticatedHandler(() => signOut('Your session ended: the token is no lon
 
 // ---- sign-in, tenants, sign-out ----------------------------------------------------------------
 
+// The token's role and scope (GET /me): actions it may not take are disabled, the role is shown.
+async function loadMe(token) {
+  const me = await get('/me', { token }).catch(() => null);
+  setMe(me);
+  document.getElementById('role-name').textContent = me ? `${me.role}${me.tenant ? ' · ' + me.tenant : ''}` : '';
+}
+
 async function loadTenants(token) {
+  await loadMe(token);
   const list = await get('/tenants', { token });
   tenants = list.map(t => t.id);
   if (!tenants.includes(session.tenant)) session.tenant = tenants[0] || null;
@@ -94,6 +104,7 @@ document.getElementById('sign-out').addEventListener('click', () => signOut('You
 
 function signOut(message) {
   session.clear();
+  setMe(null);
   tenants = [];
   top.hidden = true;
   renderSignIn(null, message);
@@ -267,7 +278,7 @@ function renderCreateDevice(t) {
           location.hash = '#/devices/' + encodeURIComponent(id.value.trim());
         } catch (err) { out.replaceChildren(errorBox(err)); }
       },
-    }, h('label', { for: 'new-id' }, 'Id', id), h('label', { for: 'new-name' }, 'Name', name), h('button', { type: 'submit' }, 'Create')),
+    }, h('label', { for: 'new-id' }, 'Id', id), h('label', { for: 'new-name' }, 'Name', name), gate(h('button', { type: 'submit', id: 'create-device' }, 'Create'), 'operator')),
     out);
 }
 
@@ -280,24 +291,28 @@ function renderDevice(id) {
   const twin = h('section', { class: 'card', 'aria-labelledby': 'twin-title' }, h('h2', { id: 'twin-title' }, 'Twin'), h('p', { class: 'loading' }, 'Loading the twin…'));
   const command = renderCommand(base);
   const charts = h('section', { class: 'card', 'aria-labelledby': 'telemetry-title' }, h('h2', { id: 'telemetry-title' }, 'Telemetry'), h('p', { class: 'loading' }, 'Loading series…'));
-  setView(id, h('p', {}, h('a', { href: '#/devices' }, '← Devices')), h('h1', {}, id), info, twin, command, charts);
+  const creds = h('section', { class: 'card', id: 'device-credentials', 'aria-labelledby': 'credentials-title' });
+  const tail = h('section', { class: 'card', id: 'device-tail', 'aria-labelledby': 'tail-title' });
+  setView(id, h('p', {}, h('a', { href: '#/devices' }, '← Devices')), h('h1', {}, id), info, creds, tail, twin, command, charts);
   const ctrl = new AbortController();
   onCleanup(() => ctrl.abort());
   const signal = ctrl.signal;
+  const credentials = renderCredentials(creds, base, signal);
+  renderTail(tail, base + '/messages/stream', signal);
 
   const loadInfo = async () => {
     const [d, conn] = await Promise.all([get(base, { signal }), get(base + '/connectivity?limit=10', { signal }).catch(() => null)]);
     const c = d.connectivity;
     const actions = h('div', { class: 'row' },
-      h('button', { type: 'button', class: 'secondary', onclick: async () => {
+      gate(h('button', { type: 'button', class: 'secondary', id: 'device-toggle', onclick: async () => {
         try { await call('PATCH', base, { body: { status: d.status === 'enabled' ? 'disabled' : 'enabled' } }); announce('Device status changed'); loadInfo(); } catch (e) { info.append(errorBox(e)); }
-      } }, d.status === 'enabled' ? 'Disable' : 'Enable'),
-      h('button', { type: 'button', class: 'secondary', onclick: () => resetPassword(d) }, 'New password'),
-      h('button', { type: 'button', class: 'secondary', onclick: () => issueCertificate(d) }, 'New certificate'),
-      h('button', { type: 'button', class: 'secondary', onclick: async () => {
+      } }, d.status === 'enabled' ? 'Disable' : 'Enable'), 'operator'),
+      gate(h('button', { type: 'button', class: 'secondary', id: 'new-password', onclick: () => resetPassword(d) }, 'New password'), 'operator'),
+      gate(h('button', { type: 'button', class: 'secondary', id: 'new-certificate', onclick: () => issueCertificate(d) }, 'New certificate'), 'operator'),
+      gate(h('button', { type: 'button', class: 'secondary', id: 'device-delete', onclick: async () => {
         if (!confirm(`Delete device ${d.id}? Its credentials and twin go with it.`)) return;
         try { await call('DELETE', base); location.hash = '#/devices'; } catch (e) { info.append(errorBox(e)); }
-      } }, 'Delete'));
+      } }, 'Delete'), 'operator'));
     info.replaceChildren(
       h('h2', {}, 'Device'),
       h('dl', { class: 'kv' },
@@ -321,6 +336,7 @@ function renderDevice(id) {
       const cmd = `mosquitto_pub -h ${host} -p 1883 -u ${t}/${d.id} -P '${body.secret}' -i ${d.id} -q 1 -t devices/${d.id}/telemetry -m '{"temp": 21.5}'`;
       out.replaceChildren(h('p', {}, 'New password (shown only now; the device\'s older passwords stay valid until revoked):'),
         h('pre', { class: 'json' }, cmd));
+      credentials.reload();
     } catch (e) { out.replaceChildren(errorBox(e)); }
   };
 
@@ -340,6 +356,7 @@ function renderDevice(id) {
       out.replaceChildren(h('p', {}, 'New certificate (download the key now: it is not kept). Files: ',
         file(`${d.id}.pem`, body.certificate_pem), ' · ', file(`${d.id}.key`, body.private_key_pem), ' · ', file('ca.pem', body.ca_pem)),
       h('pre', { class: 'json' }, cmd));
+      credentials.reload();
     } catch (e) { out.replaceChildren(errorBox(e)); }
   };
 
@@ -382,7 +399,7 @@ function renderTwin(section, base, t, id, signal) {
       // validation itself wrote.
       if (dirty) { status.textContent = 'Unsaved changes.'; status.className = 'notice'; }
       else if (status.className === 'error' || status.textContent === 'Unsaved changes.') { status.textContent = ''; status.className = 'notice'; }
-      save.disabled = false;
+      save.disabled = !can('operator');
       return v;
     } catch (e) {
       status.textContent = 'Not valid JSON: ' + e.message;
@@ -448,9 +465,9 @@ function renderTwin(section, base, t, id, signal) {
       status.replaceChildren(errorBox(new Error('The twin keeps changing; try saving again.')));
     },
   },
-  h('label', { for: 'desired-editor' }, 'Desired (JSON)'), desired,
+  h('label', { for: 'desired-editor' }, 'Desired (JSON)'), gate(desired, 'operator'),
   h('small', { id: 'desired-help', class: 'notice' }, 'Saved as a merge patch against the version shown; a key you remove is deleted.'),
-  h('div', { class: 'row' }, save, version), status);
+  h('div', { class: 'row' }, gate(save, 'operator'), version), status);
   section.replaceChildren(h('h2', { id: 'twin-title' }, 'Twin'),
     h('div', { class: 'grid3' },
       h('div', {}, form),
@@ -468,7 +485,8 @@ function renderCommand(base) {
   const payload = h('textarea', { id: 'command-payload', spellcheck: 'false', class: 'mono' }, '{}');
   payload.style.minHeight = '4rem';
   const result = h('pre', { class: 'json', id: 'command-result', 'aria-live': 'polite', tabindex: 0 }, 'No command sent yet.');
-  const send = h('button', { type: 'submit' }, 'Invoke');
+  const send = gate(h('button', { type: 'submit', id: 'command-invoke' }, 'Invoke'), 'operator');
+  gate(payload, 'operator');
   return h('section', { class: 'card', 'aria-labelledby': 'command-title' }, h('h2', { id: 'command-title' }, 'Command'),
     h('div', { class: 'grid2' },
       h('form', {
@@ -482,7 +500,7 @@ function renderCommand(base) {
             const r = await call('POST', base + '/commands/' + encodeURIComponent(name.value.trim()) + '?timeout=10', { body: JSON.stringify(body) });
             result.textContent = `status ${r.body.status}\n` + json(r.body.payload);
           } catch (err) { result.textContent = errorText(err); }
-          send.disabled = false;
+          send.disabled = !can('operator');
         },
       }, h('label', { for: 'command-name' }, 'Name', name), h('label', { for: 'command-payload' }, 'Payload (JSON)', payload), h('div', { class: 'row' }, send)),
       h('div', {}, h('h3', {}, 'Response'), result)));

@@ -71,6 +71,16 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../console/rules.js"),
     },
     Asset {
+        name: "device-panels.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../console/device-panels.js"),
+    },
+    Asset {
+        name: "role.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../console/role.js"),
+    },
+    Asset {
         name: "favicon.svg",
         content_type: "image/svg+xml",
         body: include_bytes!("../console/favicon.svg"),

@@ -48,6 +48,44 @@ pub struct BrokerFigures {
 /// Reads [`BrokerFigures`] (cheap: a few atomic loads).
 pub type BrokerFiguresSource = Arc<dyn Fn() -> BrokerFigures + Send + Sync>;
 
+/// One message of a device's live tail ([`DeviceTails`]).
+#[derive(Debug, Clone)]
+pub struct TailMessage {
+    /// The topic.
+    pub topic: Arc<str>,
+    /// The payload's first bytes (the broker keeps up to 4 KiB).
+    pub payload: axum::body::Bytes,
+    /// The payload's full size in bytes.
+    pub size: usize,
+    /// QoS (0, 1 or 2).
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// Published by the device (`true`) or delivered to it.
+    pub inbound: bool,
+    /// When (ms since the epoch).
+    pub at: u64,
+    /// Copies dropped since the previous message because the tail's queue was full.
+    pub skipped_before: u64,
+}
+
+/// A device's live tail: its messages until the stream is dropped (which ends the watch).
+pub type TailStream = std::pin::Pin<Box<dyn futures_util::Stream<Item = TailMessage> + Send>>;
+
+/// Why a tail could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TailRefused {
+    /// The hub's cap on open tails is reached.
+    TooMany(usize),
+}
+
+/// Live copies of one device's MQTT traffic (the binary implements it over the broker).
+pub trait DeviceTails: Send + Sync + 'static {
+    /// Starts watching `device` of `tenant` with a queue of `capacity` messages.
+    fn watch(&self, tenant: &str, device: &str, capacity: usize)
+    -> Result<TailStream, TailRefused>;
+}
+
 /// What the HTTP handlers need.
 #[derive(Clone)]
 pub struct ApiState {
@@ -69,6 +107,8 @@ pub struct ApiState {
     pub rules: Option<Arc<ferrohub_rules_service::RulesService>>,
     /// The alarms service; `None` answers its routes with 503.
     pub alarms: Option<Arc<ferrohub_alarms::AlarmService>>,
+    /// Live device message tails; `None` answers `…/messages/stream` with 503.
+    pub tails: Option<Arc<dyn DeviceTails>>,
 }
 
 /// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, the

@@ -260,6 +260,18 @@ CREATE INDEX IF NOT EXISTS devices_by_name ON devices (tenant, name, id);
 CREATE INDEX IF NOT EXISTS devices_by_created ON devices (tenant, created_at, id);
 CREATE INDEX IF NOT EXISTS devices_by_last_seen ON devices (tenant, last_seen, id);
 CREATE INDEX IF NOT EXISTS devices_by_type ON devices (tenant, type, id);
+-- The console's connection and status filters, in each sort order: an equality then the order,
+-- so a page is an index range whatever share of the fleet matches. (Without them a filter that
+-- matches few devices walks the whole tenant: 2.7 s for online=true sorted by name at 1,000,000
+-- devices.) Created on open, so existing databases get them too.
+CREATE INDEX IF NOT EXISTS devices_by_online ON devices (tenant, online, id);
+CREATE INDEX IF NOT EXISTS devices_by_online_name ON devices (tenant, online, name, id);
+CREATE INDEX IF NOT EXISTS devices_by_online_created ON devices (tenant, online, created_at, id);
+CREATE INDEX IF NOT EXISTS devices_by_online_last_seen ON devices (tenant, online, last_seen, id);
+CREATE INDEX IF NOT EXISTS devices_by_status ON devices (tenant, status, id);
+CREATE INDEX IF NOT EXISTS devices_by_status_name ON devices (tenant, status, name, id);
+CREATE INDEX IF NOT EXISTS devices_by_status_created ON devices (tenant, status, created_at, id);
+CREATE INDEX IF NOT EXISTS devices_by_status_last_seen ON devices (tenant, status, last_seen, id);
 CREATE TABLE IF NOT EXISTS device_tags (
     tenant TEXT NOT NULL,
     key TEXT NOT NULL,

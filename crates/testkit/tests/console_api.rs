@@ -1,8 +1,10 @@
 //! The operator console's HTTP surface against an in-process hub: the shell at `/` (and at any
 //! non-API path) with its Content-Security-Policy, the assets' content types, ETag/304 and gzip,
 //! the fleet overview (once and as a Server-Sent Events stream: auth, tenant scope, bounds, end at
-//! shutdown) and the device listing's `id_prefix` search the console uses. Every test is bounded
-//! in time and stops its hub.
+//! shutdown), the device listing's `id_prefix` search the console uses, a device's live message
+//! tail (publishes, deliveries, base64, skipped counts, the watcher cap, tenant scope, shutdown, no
+//! watch-table lookups while nobody watches) and `GET /me`. Every test is bounded in time and
+//! stops its hub.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
@@ -484,6 +486,382 @@ async fn the_device_listing_searches_by_id_prefix() {
         assert!(params.iter().any(|p| p["name"] == "id_prefix"));
         assert!(doc["paths"]["/api/v1/tenants/{tenant}/overview/stream"]["get"].is_object());
         assert!(doc["paths"]["/api/v1/tenants/{tenant}/overview"]["get"].is_object());
+        hub.stop().await;
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A device's live message tail and /me
+// ---------------------------------------------------------------------------------------------
+
+fn tail_request(
+    hub: &TestHub,
+    tenant: &str,
+    device: &str,
+    query: &str,
+    token: &str,
+) -> reqwest::RequestBuilder {
+    reqwest::Client::new()
+        .get(format!(
+            "{}/tenants/{tenant}/devices/{device}/messages/stream{query}",
+            hub.api_url()
+        ))
+        .bearer_auth(token)
+}
+
+/// Opens a tail and waits for its `ready` event (the watch is in place from then on).
+async fn open_tail(
+    hub: &TestHub,
+    tenant: &str,
+    device: &str,
+    query: &str,
+    token: &str,
+) -> reqwest::Response {
+    let mut res = tail_request(hub, tenant, device, query, token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()[header::CONTENT_TYPE], "text/event-stream");
+    read_events(&mut res, "ready", 1).await;
+    res
+}
+
+/// An MQTT 3.1.1 client whose event loop runs in a task; the receiver gets its PUBLISHes.
+fn mqtt_client(
+    hub: &TestHub,
+    client_id: &str,
+    credentials: Option<(&str, &str)>,
+) -> (
+    rumqttc::AsyncClient,
+    tokio::sync::mpsc::UnboundedReceiver<rumqttc::Publish>,
+    tokio::task::JoinHandle<()>,
+) {
+    let mut o = rumqttc::MqttOptions::new(client_id, "127.0.0.1", hub.mqtt.port());
+    o.set_keep_alive(Duration::from_secs(30));
+    if let Some((user, pass)) = credentials {
+        o.set_credentials(user, pass);
+    }
+    let (client, mut events) = rumqttc::AsyncClient::new(o, 4096);
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(async move {
+        while let Ok(e) = events.poll().await {
+            if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = e {
+                let _ = tx.send(p);
+            }
+        }
+    });
+    (client, rx, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_tail_shows_its_publishes_and_deliveries_binary_as_base64() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        create_devices(&hub, "default", &["d1"]).await;
+        admin(
+            &hub,
+            Method::POST,
+            "/tenants/default/devices/d1/credentials",
+            Some(json!({"kind": "password", "secret": "secret-d1-0123"})),
+        )
+        .await;
+        // A viewer may watch.
+        let viewer = scoped_token(&hub, "default", "viewer").await;
+        let mut tail = open_tail(&hub, "default", "d1", "", &viewer).await;
+
+        let (dev, mut dev_rx, dev_task) = mqtt_client(&hub, "d1", Some(("d1", "secret-d1-0123")));
+        dev.subscribe("devices/d1/cmd", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        dev.publish(
+            "devices/d1/status",
+            rumqttc::QoS::AtLeastOnce,
+            false,
+            "{\"ok\":true}",
+        )
+        .await
+        .unwrap();
+        dev.publish(
+            "devices/d1/raw",
+            rumqttc::QoS::AtMostOnce,
+            false,
+            vec![0xffu8, 0x00, 0x10],
+        )
+        .await
+        .unwrap();
+        let got = read_events(&mut tail, "message", 2).await;
+        assert_eq!(got[0]["direction"], "in");
+        assert_eq!(got[0]["topic"], "devices/d1/status");
+        assert_eq!(got[0]["payload"], "{\"ok\":true}");
+        assert_eq!(got[0]["base64"], false);
+        assert_eq!(got[0]["qos"], 1);
+        assert_eq!(got[0]["size"], 11);
+        assert_eq!(got[1]["topic"], "devices/d1/raw");
+        assert_eq!(got[1]["payload"], "/wAQ");
+        assert_eq!(got[1]["base64"], true);
+
+        // A message another client sends to the device shows as delivered ("out"), once the
+        // device has it. (Waiting for the SUBACK: the subscription is in place.)
+        let (other, _other_rx, other_task) = mqtt_client(&hub, "console-test-sender", None);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            other
+                .publish("devices/d1/cmd", rumqttc::QoS::AtLeastOnce, false, "reboot")
+                .await
+                .unwrap();
+            if let Ok(Some(p)) =
+                tokio::time::timeout(Duration::from_millis(500), dev_rx.recv()).await
+            {
+                assert_eq!(&p.payload[..], b"reboot");
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no delivery");
+        }
+        let out = read_events(&mut tail, "message", 1).await;
+        assert_eq!(out[0]["direction"], "out");
+        assert_eq!(out[0]["topic"], "devices/d1/cmd");
+        assert_eq!(out[0]["payload"], "reboot");
+        // What the other client published is not d1's traffic.
+        assert_ne!(out[0]["direction"], "in");
+        drop(tail);
+        dev_task.abort();
+        other_task.abort();
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_tail_reports_every_message_it_skipped() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        create_devices(&hub, "default", &["f1"]).await;
+        // A tail of one message: nearly everything of a burst is skipped, and counted.
+        let mut tail = open_tail(&hub, "default", "f1", "?capacity=1", TEST_ADMIN_TOKEN).await;
+        // Anonymous clients are watched under their client id.
+        let (c, _rx, task) = mqtt_client(&hub, "f1", None);
+        const SENT: u64 = 2000;
+        let payload = vec![b'x'; 2048];
+        for _ in 0..SENT {
+            c.publish(
+                "devices/f1/flood",
+                rumqttc::QoS::AtMostOnce,
+                false,
+                payload.clone(),
+            )
+            .await
+            .unwrap();
+        }
+        let (mut received, mut skipped) = (0u64, 0u64);
+        while received + skipped < SENT {
+            for e in read_events(&mut tail, "message", 1).await {
+                received += 1;
+                skipped += e["skipped"].as_u64().unwrap();
+                assert_eq!(e["size"], 2048);
+            }
+        }
+        assert_eq!(
+            received + skipped,
+            SENT,
+            "each message arrived or was counted"
+        );
+        assert!(skipped > 0, "a queue of one skipped some of {SENT}");
+        let metrics = reqwest::get(format!("{}/metrics", origin(&hub)))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        assert!(
+            metrics.contains(&format!("ferrohub_watch_dropped_total {skipped}")),
+            "the skipped copies are in the metrics"
+        );
+        drop(tail);
+        task.abort();
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tails_are_capped_scoped_to_their_tenant_and_end_at_shutdown() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        admin(&hub, Method::POST, "/tenants", Some(json!({"id": "acme"}))).await;
+        create_devices(&hub, "default", &["d1"]).await;
+        create_devices(&hub, "acme", &["a1"]).await;
+        // Another tenant's device and an unknown device look the same: 404.
+        let acme_viewer = scoped_token(&hub, "acme", "viewer").await;
+        let res = tail_request(&hub, "default", "d1", "", &acme_viewer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        let res = tail_request(&hub, "acme", "nobody", "", &acme_viewer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        let res = tail_request(&hub, "acme", "d1", "", TEST_ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND, "d1 is not acme's");
+        let res = tail_request(&hub, "acme", "a1", "?capacity=0", &acme_viewer)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+        // No token: 401.
+        let res = reqwest::get(format!(
+            "{}/tenants/acme/devices/a1/messages/stream",
+            hub.api_url()
+        ))
+        .await
+        .unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+
+        // 64 tails per hub; the 65th is refused until one closes.
+        let mut open = Vec::new();
+        for _ in 0..ferrohub_adapters::mqtt::MAX_WATCHERS {
+            open.push(open_tail(&hub, "acme", "a1", "", &acme_viewer).await);
+        }
+        let (status, body) = {
+            let res = tail_request(&hub, "acme", "a1", "", &acme_viewer)
+                .send()
+                .await
+                .unwrap();
+            let status = res.status();
+            (status, res.json::<Value>().await.unwrap())
+        };
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(body["code"], "too_many_streams");
+        open.pop();
+        // The watch goes with the response; the server notices when it next writes or polls.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut last = loop {
+            let res = tail_request(&hub, "acme", "a1", "", &acme_viewer)
+                .send()
+                .await
+                .unwrap();
+            if res.status() == StatusCode::OK {
+                break res;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "a slot frees up");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        read_events(&mut last, "ready", 1).await;
+
+        // Shutdown ends every tail.
+        tokio::time::timeout(Duration::from_secs(15), hub.stop())
+            .await
+            .expect("the hub stops with tails open");
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Ok(Some(_)) = last.chunk().await {}
+        })
+        .await;
+        assert!(end.is_ok(), "the tail ended");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn me_tells_the_token_its_role_and_tenant() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        admin(&hub, Method::POST, "/tenants", Some(json!({"id": "acme"}))).await;
+        let me = admin(&hub, Method::GET, "/me", None).await;
+        assert_eq!(me["role"], "admin");
+        assert!(me["tenant"].is_null());
+        assert!(me["actor"].as_str().unwrap().starts_with("token:"));
+        let viewer = scoped_token(&hub, "acme", "viewer").await;
+        let (status, me) = api(&hub, &viewer, Method::GET, "/me", None).await;
+        assert_eq!(status, 200, "{me}");
+        assert_eq!(me["role"], "viewer");
+        assert_eq!(me["tenant"], "acme");
+        assert_eq!(me["name"], "viewer of acme");
+        assert_eq!(
+            me["actor"].as_str().unwrap(),
+            format!("token:{}", me["token_id"].as_str().unwrap())
+        );
+        let (status, _) = api(&hub, "fh_wrong_token_0000000000", Method::GET, "/me", None).await;
+        assert_eq!(status, 401);
+        let doc = admin(&hub, Method::GET, "/openapi.json", None).await;
+        assert!(doc["paths"]["/api/v1/me"]["get"].is_object());
+        assert!(
+            doc["paths"]["/api/v1/tenants/{tenant}/devices/{device}/messages/stream"]["get"]
+                .is_object()
+        );
+        hub.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unwatched_traffic_never_looks_up_the_watch_table() {
+    bounded(async {
+        let hub = TestHub::start().await.unwrap();
+        create_devices(&hub, "default", &["u1", "u1-other"]).await;
+        let broker = hub.hub().broker.clone();
+        let (sub, mut sub_rx, sub_task) = mqtt_client(&hub, "u1", None);
+        sub.subscribe("devices/u1/#", rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        // Publishes and deliveries (the subscriber gets its own messages back) with nobody
+        // watching: no lookup at all.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut got = 0;
+        while got < 20 {
+            sub.publish("devices/u1/x", rumqttc::QoS::AtLeastOnce, false, "m")
+                .await
+                .unwrap();
+            if let Ok(Some(_)) =
+                tokio::time::timeout(Duration::from_millis(200), sub_rx.recv()).await
+            {
+                got += 1;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no deliveries");
+        }
+        assert_eq!(broker.watch_lookups(), 0, "nobody watches: no lookup");
+        // Someone watches another device: each publish and delivery looks once (and finds
+        // nothing for u1); after the tail closes, none again.
+        let tail = open_tail(&hub, "default", "u1-other", "", TEST_ADMIN_TOKEN).await;
+        sub.publish("devices/u1/x", rumqttc::QoS::AtLeastOnce, false, "m")
+            .await
+            .unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sub_rx.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        let watched = broker.watch_lookups();
+        assert!(
+            watched >= 2,
+            "a publish and a delivery looked up: {watched}"
+        );
+        drop(tail);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        let mut before;
+        loop {
+            before = broker.watch_lookups();
+            sub.publish("devices/u1/x", rumqttc::QoS::AtLeastOnce, false, "m")
+                .await
+                .unwrap();
+            tokio::time::timeout(Duration::from_secs(5), sub_rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if broker.watch_lookups() == before {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the closed tail's watch went away"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sub_task.abort();
         hub.stop().await;
     })
     .await;

@@ -225,6 +225,8 @@ pub struct Broker {
     sink: std::sync::OnceLock<Arc<dyn MessageSink>>,
     /// The message tap (rules), if one is installed.
     tap: std::sync::OnceLock<Arc<dyn MessageTap>>,
+    /// Live tails of single devices' traffic (see `watch.rs`).
+    pub(crate) watches: Arc<super::watch::Watches>,
 }
 
 impl Broker {
@@ -254,6 +256,7 @@ impl Broker {
             delivery_filters: RwLock::new(Vec::new()),
             sink: std::sync::OnceLock::new(),
             tap: std::sync::OnceLock::new(),
+            watches: Arc::default(),
         });
         broker.restore(recovered);
         broker
@@ -1243,5 +1246,28 @@ impl Broker {
     /// Validates a subscription filter (plain or `$share/{group}/…`) under the configured limits.
     pub(crate) fn parse_filter(&self, filter: &str) -> Option<SharedFilter> {
         parse_shared(filter, &self.config.topic_limits()).ok()
+    }
+}
+
+/// Live tails of one device's messages (the console's device page).
+impl Broker {
+    /// Watches `device` of `tenant`: the receiver gets a copy of every PUBLISH its connection
+    /// sends and of every message delivered to it, while the guard lives. A registered device is
+    /// matched on the device it authenticated as, any other client on its client id. The queue
+    /// holds `capacity` copies (1 to 4096); copies that do not fit are dropped and counted
+    /// ([`super::watch::WatchReceiver::take_skipped`]). At most 64 watchers per hub.
+    pub fn watch_device(
+        &self,
+        tenant: &TenantId,
+        device: &str,
+        capacity: usize,
+    ) -> Result<(super::watch::WatchReceiver, super::watch::WatchGuard), super::watch::WatchError>
+    {
+        self.watches.watch(tenant, device, capacity)
+    }
+
+    /// Map lookups the message path has made for watches (zero while nobody ever watched).
+    pub fn watch_lookups(&self) -> u64 {
+        self.watches.lookups()
     }
 }

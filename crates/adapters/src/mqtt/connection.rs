@@ -33,6 +33,7 @@ use super::auth::{
 use super::broker::{Broker, Origin, PendingWill, SessionEvent, SinkOutcome, SinkWait, now_millis};
 use super::metrics::DropReason;
 use super::session::{Inflight, InflightState, Kick, Outgoing, Session};
+use super::watch::Direction;
 
 /// Stop reading from a client while this much output is waiting for it.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
@@ -1113,6 +1114,17 @@ impl Connection {
                 packet_id: p.packet_id,
             });
         }
+        // A live tail (console) sees what the device published; unwatched: one relaxed load.
+        if self.broker.watches.any() {
+            self.broker.watches.offer(
+                &self.session.tenant,
+                self.acting_device(),
+                &message,
+                message.qos,
+                message.retain,
+                Direction::In,
+            );
+        }
         // Services hear reserved topics only; only they need to know who published.
         let origin = (message.topic.as_str().starts_with('$') || self.broker.has_sink())
             .then(|| self.origin());
@@ -1341,6 +1353,7 @@ impl Connection {
         }
         let batch = std::mem::take(&mut self.batch);
         let mut too_large = Vec::new();
+        let watched = self.broker.watches.any();
         for (out, pid, dup) in &batch {
             let mut publish = self.publish_packet(out, *pid, *dup);
             // Aliases go on fresh sends only, and are registered only if the packet is sent.
@@ -1378,6 +1391,16 @@ impl Connection {
                     }
                     self.write(&packet);
                     self.broker.metrics.sent[out.qos as usize].add(1);
+                    if watched {
+                        self.broker.watches.offer(
+                            &self.session.tenant,
+                            self.acting_device(),
+                            &out.message,
+                            out.qos,
+                            out.retain,
+                            Direction::Out,
+                        );
+                    }
                     // Recording the packet id lets a restarted hub resend with the same id and DUP.
                     if out.qos != QoS::AtMostOnce && out.message_id != 0 {
                         self.store_ops.push(StoreOp::Sent {
@@ -1582,6 +1605,13 @@ impl Connection {
                 .await;
         }
         Ok(())
+    }
+
+    /// The device this connection acts as: the registered device, else its client id.
+    fn acting_device(&self) -> &str {
+        self.access
+            .as_ref()
+            .map_or(&*self.session.client_id, |a| a.device_id())
     }
 
     /// Who this connection is, for services.

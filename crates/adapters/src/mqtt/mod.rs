@@ -17,6 +17,7 @@ mod metrics;
 mod session;
 mod sys;
 mod transport;
+mod watch;
 
 pub use auth::{
     Access, Admission, AuthConfig, Authenticator, Credentials, Grant, PeerCertificates, Refusal,
@@ -32,6 +33,10 @@ pub use session::Kick;
 pub use sys::spawn_sys_publisher;
 pub use transport::{
     TlsSetupError, Transport, WsIo, run_listener, tls_acceptor, tls_acceptor_with_verifier,
+};
+pub use watch::{
+    Direction, MAX_WATCHERS, WATCH_PAYLOAD_CAP, WatchError, WatchGuard, WatchReceiver,
+    WatchedMessage,
 };
 
 impl Broker {
@@ -59,5 +64,6 @@ impl Broker {
     pub fn render_metrics(&self, out: &mut String) {
         self.metrics
             .render_prometheus(out, self.router.subscription_count());
+        self.watches.render(out);
     }
 }

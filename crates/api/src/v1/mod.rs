@@ -11,6 +11,7 @@ pub mod import;
 pub mod overview;
 pub mod pki;
 pub mod rules;
+pub mod tail;
 pub mod telemetry;
 pub mod tenants;
 pub mod tokens;
@@ -66,7 +67,7 @@ impl utoipa::Modify for BearerAuth {
     ),
     modifiers(&BearerAuth),
     security(("bearer" = [])),
-    components(schemas(ErrorBody, SortKey, DeviceStatus, AuditResult, Role)),
+    components(schemas(ErrorBody, SortKey, DeviceStatus, AuditResult, Role, tail::TailEvent)),
     tags(
         (name = "tenants", description = "Isolated namespaces"),
         (name = "devices", description = "The device registry"),
@@ -116,6 +117,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(list_devices, create_device))
         .routes(routes!(get_device, update_device, delete_device))
         .routes(routes!(get_connectivity))
+        .routes(routes!(tail::device_message_stream))
         .routes(
             routes!(import::import_devices).layer(DefaultBodyLimit::max(import::IMPORT_BODY_LIMIT)),
         )
@@ -142,6 +144,7 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(put_token_key))
         .routes(routes!(list_tokens, create_token))
         .routes(routes!(revoke_token))
+        .routes(routes!(me))
         .routes(routes!(query_audit))
         .routes(routes!(twins::list_twins))
         .routes(routes!(twins::get_twin))

@@ -3,6 +3,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
+use ferrohub_registry::RegistryStore as _;
 use ferrohub_registry::model::{ApiToken, AuditEvent, AuditQuery, AuditResult, Millis, Role};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -132,5 +133,47 @@ pub async fn query_audit(
     Ok(Json(AuditPage {
         items,
         next_before_seq,
+    }))
+}
+
+/// Who the caller is: the token's identity, role and tenant scope.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct Me {
+    /// The actor as the audit log names it (`token:<id>`).
+    pub actor: String,
+    /// The token's id.
+    pub token_id: Option<String>,
+    /// The token's name.
+    pub name: Option<String>,
+    /// `viewer`, `operator` or `admin`.
+    pub role: Role,
+    /// The tenant the token is confined to; absent for a platform-wide token.
+    pub tenant: Option<String>,
+    /// When the token expires (ms since the epoch); absent for no expiry.
+    pub expires_at: Option<Millis>,
+}
+
+/// The calling token: its name, role and tenant scope (any role; the console uses it to show
+/// only the actions the token may take).
+#[utoipa::path(get, path = "/me", tag = "tokens",
+    responses((status = 200, description = "The caller", body = Me), CommonErrors))]
+pub async fn me(c: Caller) -> ApiResult<Json<Me>> {
+    let token_id = c.actor.name.strip_prefix("token:").map(str::to_string);
+    let token = match &token_id {
+        Some(id) => c
+            .registry
+            .store()
+            .token(id)
+            .await
+            .map_err(|e| ApiError::internal(&e))?,
+        None => None,
+    };
+    Ok(Json(Me {
+        actor: c.actor.name.clone(),
+        token_id,
+        name: token.as_ref().map(|t| t.name.clone()),
+        role: c.actor.role,
+        tenant: c.actor.tenant.clone(),
+        expires_at: token.and_then(|t| t.expires_at),
     }))
 }

@@ -20,6 +20,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("PATCH", "/tenants/{tenant}/devices/{device}"),
     ("DELETE", "/tenants/{tenant}/devices/{device}"),
     ("GET", "/tenants/{tenant}/devices/{device}/connectivity"),
+    ("GET", "/tenants/{tenant}/devices/{device}/messages/stream"),
     ("POST", "/tenants/{tenant}/devices/import"),
     ("GET", "/tenants/{tenant}/devices/{device}/credentials"),
     ("POST", "/tenants/{tenant}/devices/{device}/credentials"),
@@ -57,6 +58,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/tokens"),
     ("POST", "/tokens"),
     ("DELETE", "/tokens/{id}"),
+    ("GET", "/me"),
     ("GET", "/audit"),
     ("GET", "/tenants/{tenant}/overview"),
     ("GET", "/tenants/{tenant}/overview/stream"),
@@ -479,6 +481,7 @@ async fn without_a_registry_the_api_answers_503() {
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
             broker: None,
+            tails: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
@@ -531,6 +534,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             }),
             registry: None,
             broker: None,
+            tails: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
