@@ -431,6 +431,9 @@ test('rules: every action template is a valid skeleton (dry run, then saved disa
   assert.equal(stored.actions.length, 6);
   assert.equal(stored.error_action.topic, 'rule-errors/${rule}');
   assert.equal((await api('DELETE', '/tenants/demo/rules/templates-e2e')).status, 204);
+});
+
+
 test('a device page tails live messages, revokes a credential, and a viewer cannot edit', async () => {
   await page.setViewportSize({ width: 1280, height: 900 });
   // A spare password to revoke (the demo device keeps connecting with its own).
