@@ -1281,12 +1281,17 @@ impl Registry {
         limit: u32,
         before: Option<i64>,
     ) -> Result<ConnectivityHistory> {
-        let d = self.device(actor, tenant, device_id).await?;
+        // Access is checked first; the events are read before the device's current state so
+        // that a connectivity flush landing between the two reads can only make `current`
+        // newer than the events, never older (it was the other way round: a page whose newest
+        // event was a disconnect with a `current` still showing the connect before it).
+        self.device(actor, tenant, device_id).await?;
         let limit = limit.clamp(1, 1000);
         let mut events = self
             .store
             .connectivity_events(tenant, device_id, before, limit + 1)
             .await?;
+        let d = self.device(actor, tenant, device_id).await?;
         let next = if events.len() > limit as usize {
             events.truncate(limit as usize);
             events.last().map(|e| e.seq)
