@@ -835,6 +835,7 @@ impl Hub {
                     }))
                 },
                 rules: Some(rules.clone()),
+                broker_view: Some(Arc::new(crate::broker_view::HubBrokerView(broker.clone()))),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();

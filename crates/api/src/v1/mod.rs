@@ -2,6 +2,7 @@
 //! declarations (every route is registered with `utoipa_axum::routes!`, which takes the method
 //! and path from the handler's `#[utoipa::path]`, so the router and the document cannot diverge).
 
+pub mod broker;
 pub mod catalog;
 pub mod commands;
 pub mod credentials;
@@ -81,6 +82,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "telemetry", description = "Telemetry: writes (device payloads, InfluxDB line protocol), raw points, aggregates, fleet snapshots and aggregates, retention and ingest settings"),
         (name = "overview", description = "Fleet overview figures of the console, once or streamed"),
         (name = "rules", description = "Rules running in the hub: SQL, actions (republish, webhook), versions, dry runs, stats, dead letters"),
+        (name = "broker", description = "The MQTT broker: sessions (kick, discard), subscriptions, retained messages, per-tenant figures and top talkers, $SYS figures"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -178,6 +180,13 @@ fn routes() -> OpenApiRouter<ApiState> {
         .routes(routes!(rules::dry_run_sql))
         .routes(routes!(rules::rule_stats))
         .routes(routes!(rules::rule_dead_letters))
+        .routes(routes!(broker::list_sessions))
+        .routes(routes!(broker::get_session, broker::end_session))
+        .routes(routes!(broker::list_subscriptions))
+        .routes(routes!(broker::list_retained))
+        .routes(routes!(broker::get_retained, broker::delete_retained))
+        .routes(routes!(broker::broker_stats))
+        .routes(routes!(broker::broker_sys))
 }
 
 /// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.

@@ -458,6 +458,7 @@ async fn without_a_registry_the_api_answers_503() {
             metrics: Arc::new(|out: &mut String| out.push_str("# nothing\n")),
             registry: None,
             broker: None,
+            broker_view: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
@@ -509,6 +510,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             }),
             registry: None,
             broker: None,
+            broker_view: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
