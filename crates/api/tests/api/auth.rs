@@ -116,6 +116,15 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/tenants/{tenant}/rules:dry-run"),
     ("GET", "/tenants/{tenant}/rules/{rule}/stats"),
     ("GET", "/tenants/{tenant}/rules/{rule}/dead-letters"),
+    ("GET", "/tenants/{tenant}/broker/sessions"),
+    ("GET", "/tenants/{tenant}/broker/sessions/{client_id}"),
+    ("DELETE", "/tenants/{tenant}/broker/sessions/{client_id}"),
+    ("GET", "/tenants/{tenant}/broker/subscriptions"),
+    ("GET", "/tenants/{tenant}/broker/retained"),
+    ("GET", "/tenants/{tenant}/broker/retained/{topic}"),
+    ("DELETE", "/tenants/{tenant}/broker/retained/{topic}"),
+    ("GET", "/tenants/{tenant}/broker/stats"),
+    ("GET", "/broker/sys"),
 ];
 
 /// Routes outside /api/v1 that the OpenAPI document also describes (full paths).
@@ -200,11 +209,20 @@ async fn openapi_document_lists_every_route_the_router_serves() {
 
         // The router serves every documented operation: without a token each answers 401
         // (openapi.json 200), never the router's 404/405.
-        let values: BTreeMap<&str, String> =
-            ["tenant", "device", "id", "group", "name", "metric", "rule"]
-                .into_iter()
-                .map(|k| (k, "x".to_string()))
-                .collect();
+        let values: BTreeMap<&str, String> = [
+            "tenant",
+            "device",
+            "id",
+            "group",
+            "name",
+            "metric",
+            "rule",
+            "client_id",
+            "topic",
+        ]
+        .into_iter()
+        .map(|k| (k, "x".to_string()))
+        .collect();
         for (method, path) in &documented {
             if !path.starts_with("/api/v1/") {
                 // The InfluxDB write API answers in InfluxDB's error shape.

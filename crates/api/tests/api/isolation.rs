@@ -93,6 +93,8 @@ fn request(
     values.insert("id", id);
     values.insert("metric", "temp".to_string());
     values.insert("rule", "r1".to_string());
+    values.insert("client_id", "dev".to_string());
+    values.insert("topic", "devices%2Fdev%2Fstate".to_string());
     values.entry("id").or_insert_with(|| "1".to_string());
     values.remove("cred");
     let path = fill(template.trim_start_matches("/api/v1"), &values);
