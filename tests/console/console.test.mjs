@@ -497,3 +497,92 @@ test('a device page tails live messages, revokes a credential, and a viewer cann
   assert.equal(await page.locator('#create-device').isDisabled(), true);
   await shot('13-viewer-device');
 });
+
+
+// A minimal MQTT 3.1.1 client over TCP (CONNECT with a user name and password and a persistent
+// session, QoS 0 PUBLISH):
+// the suite has no MQTT library, and a retained message and a session of our own are all it needs.
+async function rawMqtt(addr, clientId, username, password) {
+  const net = await import('node:net');
+  const [host, port] = [addr.slice(0, addr.lastIndexOf(':')), Number(addr.slice(addr.lastIndexOf(':') + 1))];
+  const str = s => { const b = Buffer.from(s, 'utf8'); return Buffer.concat([Buffer.from([b.length >> 8, b.length & 0xff]), b]); };
+  const packet = (first, body) => {
+    const len = [];
+    let n = body.length;
+    do { let d = n % 128; n = Math.floor(n / 128); if (n > 0) d |= 0x80; len.push(d); } while (n > 0);
+    return Buffer.concat([Buffer.from([first, ...len]), body]);
+  };
+  const socket = net.connect({ host, port });
+  const closed = new Promise(r => socket.once('close', r));
+  const connack = new Promise((ok, fail) => {
+    socket.once('data', d => (d[0] === 0x20 && d[3] === 0 ? ok() : fail(new Error('CONNACK refused: ' + d.toString('hex')))));
+    socket.once('error', fail);
+  });
+  await new Promise(r => socket.once('connect', r));
+  socket.write(packet(0x10, Buffer.concat([str('MQTT'), Buffer.from([4, 0xc0, 0, 60]), str(clientId), str(username), str(password)])));
+  await connack;
+  return {
+    closed,
+    publishRetained(topic, payload) { socket.write(packet(0x31, Buffer.concat([str(topic), Buffer.from(payload)]))); },
+    end() { socket.destroy(); },
+  };
+}
+
+test('broker page: a demo device\'s session and subscriptions, a retained message, kick, $SYS, top talkers', async () => {
+  await page.setViewportSize({ width: 1280, height: 900 });
+  // A client of our own: it retains a message and is the session we kick.
+  const tool = 'console-tool';
+  assert.equal((await api('POST', '/tenants/demo/devices', { id: tool })).status, 201);
+  const secret = 'console-tool-secret-0123456789';
+  assert.equal((await api('POST', `/tenants/demo/devices/${tool}/credentials`, { kind: 'password', secret })).status, 201);
+  const client = await rawMqtt(hub.mqtt, tool, `demo/${tool}`, secret);
+  client.publishRetained(`devices/${tool}/status`, JSON.stringify({ state: 'ready', firmware: '1.2.3' }));
+  await eventually('the retained message stored', async () =>
+    (await api('GET', `/tenants/demo/broker/retained/${encodeURIComponent(`devices/${tool}/status`)}`)).status === 200);
+
+  // Sessions: find the demo device, open it, see its subscriptions.
+  await page.goto(hub.url + '/#/overview');
+  await page.getByRole('link', { name: 'Broker' }).click();
+  await page.getByRole('heading', { name: 'Broker — demo' }).waitFor();
+  await page.getByLabel('Client id starts with').fill(DEVICE);
+  await page.getByRole('button', { name: 'Search' }).click();
+  await page.getByRole('link', { name: DEVICE, exact: true }).first().waitFor();
+  await shot('11-broker-sessions');
+  await page.locator('tbody a', { hasText: DEVICE }).first().click();
+  await page.getByRole('heading', { name: `Session ${DEVICE}` }).waitFor();
+  await eventually('the device\'s subscriptions', async () => (await page.locator('table').textContent()).includes(`$devices/${DEVICE}/commands/req/#`));
+  assert.match(await page.locator('.card dl').textContent(), /MQTT 5\.0 over tcp/);
+  await shot('12-broker-session');
+
+  // Retained: search by topic filter, open the message, see its payload.
+  await page.getByRole('link', { name: 'Retained' }).click();
+  await page.getByLabel('Topic filter').fill('devices/#');
+  await page.getByRole('button', { name: 'Search' }).click();
+  await page.getByRole('link', { name: `devices/${tool}/status` }).click();
+  await eventually('the payload', async () => (await page.locator('#retained-payload').textContent()).includes('"firmware": "1.2.3"'));
+  await shot('13-broker-retained');
+
+  // Kick our client (confirmed): its connection ends, the session stays (offline).
+  await page.goto(hub.url + `/#/broker/sessions/${tool}`);
+  await page.getByRole('heading', { name: `Session ${tool}` }).waitFor();
+  await eventually('Kick enabled', async () => !(await page.locator('#session-kick').isDisabled()));
+  page.once('dialog', d => d.accept());
+  await page.locator('#session-kick').click();
+  await page.getByText('Client kicked.').waitFor();
+  await Promise.race([client.closed, new Promise((_, fail) => setTimeout(() => fail(new Error('the kicked client is still connected')), 10000))]);
+  await eventually('shown offline', async () => (await page.locator('.card dl').textContent()).includes('offline'));
+  await shot('14-broker-kicked');
+
+  // $SYS: the whole hub's figures, refreshed.
+  await page.getByRole('link', { name: '$SYS' }).click();
+  await eventually('the version', async () => (await page.locator('#sys-version').textContent()).startsWith('ferrohub'));
+  await eventually('clients connected', async () => Number((await page.locator('#sys-clients_connected').textContent()).replace(/[^0-9]/g, '')) > 0);
+  await shot('15-broker-sys');
+
+  // The overview names the tenant's top talkers (the demo fleet publishes every few seconds).
+  await page.getByRole('link', { name: 'Overview' }).click();
+  await eventually('top talkers', async () => (await page.locator('#top-talkers a').count()) > 0);
+  await eventually('connections by protocol', async () => (await page.locator('section').filter({ hasText: 'Connections by protocol' }).textContent()).includes('MQTT 5.0'));
+  await shot('16-overview-broker');
+  client.end();
+});

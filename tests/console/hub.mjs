@@ -42,6 +42,7 @@ export async function startHub() {
   });
   return {
     url: `http://${addrs.http}`,
+    mqtt: addrs.mqtt,
     async stop() {
       if (proc.exitCode === null) {
         const exited = new Promise(r => proc.once('exit', r));

@@ -812,6 +812,7 @@ impl Hub {
                 rules: Some(rules.clone()),
                 alarms: Some(alarms.clone()),
                 tails: Some(Arc::new(BrokerTails(broker.clone()))),
+                broker_view: Some(Arc::new(crate::broker_view::HubBrokerView(broker.clone()))),
                 ready: ready.clone(),
                 metrics: {
                     let r = registry.clone();

@@ -7,6 +7,7 @@ import { LineChart, fmtValue } from './chart.js';
 import { renderRules } from './rules.js';
 import { renderCredentials, renderTail } from './device-panels.js';
 import { can, gate, setMe } from './role.js';
+import { renderBroker, tenantBrokerSection } from './broker.js';
 
 const main = document.getElementById('main');
 const top = document.getElementById('top');
@@ -65,6 +66,7 @@ async function route() {
   if (parts[0] === 'devices' && parts[1]) renderDevice(parts[1]);
   else if (parts[0] === 'devices') renderDevices(query);
   else if (parts[0] === 'rules') renderRules({ h, setView, onCleanup, announce, errorBox, when, tenant: tenant() }, parts.slice(1), query);
+  else if (parts[0] === 'broker') renderBroker({ h, setView, onCleanup, errorBox, announce, when }, parts, query);
   else renderOverview();
   main.focus({ preventScroll: true });
 }
@@ -157,10 +159,12 @@ function renderOverview() {
   const hubStats = h('section', { 'aria-labelledby': 'hub-title', hidden: true },
     h('h2', { id: 'hub-title' }, 'Whole hub (all tenants)'),
     h('div', { class: 'stats' }, stat('Messages in / s', 'stat-in'), stat('Messages out / s', 'stat-out'), stat('MQTT connections', 'stat-connections')));
+  const tenantBroker = tenantBrokerSection({ h });
   setView('Overview',
     h('h1', {}, `Fleet overview — ${t}`),
     h('div', { class: 'stats', 'aria-live': 'polite' }, stat('Devices', 'stat-total'), stat('Online', 'stat-online'), stat('Offline', 'stat-offline')),
     hubStats,
+    tenantBroker.el,
     state);
   const ctrl = new AbortController();
   onCleanup(() => ctrl.abort());
@@ -177,6 +181,7 @@ function renderOverview() {
       document.getElementById('stat-out').textContent = rate(o.hub.messages_out_per_sec);
       document.getElementById('stat-connections').textContent = o.hub.connections.toLocaleString();
     }
+    tenantBroker.update(o.broker);
     state.textContent = `Live · updated ${new Date(o.at).toLocaleTimeString()}`;
   }, {
     signal: ctrl.signal,

@@ -81,6 +81,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../console/role.js"),
     },
     Asset {
+        name: "broker.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../console/broker.js"),
+    },
+    Asset {
         name: "favicon.svg",
         content_type: "image/svg+xml",
         body: include_bytes!("../console/favicon.svg"),

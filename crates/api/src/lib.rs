@@ -8,6 +8,7 @@
 //! operator console at `/` ([`console`]).
 //! Like every server in Ferrohub it takes an already-bound listener and a shutdown future.
 
+pub mod broker;
 pub mod console;
 pub mod error;
 pub mod extract;
@@ -109,6 +110,9 @@ pub struct ApiState {
     pub alarms: Option<Arc<ferrohub_alarms::AlarmService>>,
     /// Live device message tails; `None` answers `…/messages/stream` with 503.
     pub tails: Option<Arc<dyn DeviceTails>>,
+    /// The broker's sessions, subscriptions, retained messages and figures; `None` answers the
+    /// `/broker` routes with 503 and leaves the overview's per-tenant broker figures out.
+    pub broker_view: Option<broker::BrokerViewRef>,
 }
 
 /// The HTTP routes: health, readiness and metrics, the operator API under `/api/v1`, the

@@ -204,7 +204,10 @@ pub(crate) struct Attached {
 pub struct Broker {
     pub(crate) config: MqttConfig,
     pub(crate) router: Router<Session>,
+    /// Lock order: this map, then a tenant's session index (`introspect.rs`).
     sessions: Mutex<HashMap<SessionKey, Arc<Session>>>,
+    /// Per-tenant operator views: counters, session index, figures (`introspect.rs`).
+    pub(crate) tenant_states: RwLock<HashMap<TenantId, Arc<super::introspect::TenantState>>>,
     pub(crate) store: BrokerStore,
     next_message_id: AtomicU64,
     next_subscriber_id: AtomicU64,
@@ -243,6 +246,7 @@ impl Broker {
             config,
             router: Router::new(),
             sessions: Mutex::new(HashMap::new()),
+            tenant_states: RwLock::new(HashMap::new()),
             store,
             next_message_id: AtomicU64::new(recovered.next_message_id.max(1)),
             next_subscriber_id: AtomicU64::new(1),
@@ -319,6 +323,7 @@ impl Broker {
                 (session.tenant.clone(), session.client_id.clone()),
                 session.clone(),
             );
+            self.index_session(&session);
             self.metrics.persistent_sessions.fetch_add(1, Relaxed);
             self.schedule_expiry(&session, 0, Duration::from_secs(remaining));
         }
@@ -326,6 +331,7 @@ impl Broker {
 
     fn new_session(&self, tenant: TenantId, client_id: Arc<str>) -> Arc<Session> {
         self.metrics.sessions.fetch_add(1, Relaxed);
+        let tenant_counters = self.tenant_state(&tenant).counters.clone();
         Arc::new(Session::new(
             self.next_subscriber_id.fetch_add(1, Relaxed),
             tenant,
@@ -333,6 +339,7 @@ impl Broker {
             self.config.max_queued_messages,
             self.config.queue_qos0_offline,
             self.metrics.clone(),
+            tenant_counters,
         ))
     }
 
@@ -410,6 +417,8 @@ impl Broker {
                         continue;
                     }
                     map.insert(key.clone(), s.clone());
+                    // Under the map's lock, so that the index never misses a session the map has.
+                    self.index_session(&s);
                     s
                 }
             };
@@ -557,6 +566,7 @@ impl Broker {
             match map.get(&key) {
                 Some(s) if Arc::ptr_eq(s, session) => {
                     map.remove(&key);
+                    self.unindex_session(session);
                 }
                 _ => return,
             }

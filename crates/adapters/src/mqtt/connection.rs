@@ -31,6 +31,7 @@ use super::auth::{
     Access, Admission, AuthExchange, AuthStep, Credentials, Grant, PeerCertificates, Refusal,
 };
 use super::broker::{Broker, Origin, PendingWill, SessionEvent, SinkOutcome, SinkWait, now_millis};
+use super::introspect::ConnectionFacts;
 use super::metrics::DropReason;
 use super::session::{Inflight, InflightState, Kick, Outgoing, Session};
 use super::watch::Direction;
@@ -479,6 +480,15 @@ impl Connection {
             .attach(&grant.tenant, &client_id, connect.clean_start, expiry)
             .await;
         let session = attached.session;
+        session.control.lock().connection = Some(Box::new(ConnectionFacts {
+            protocol: if v5 { "5.0" } else { "3.1.1" },
+            transport: ConnectionFacts::transport_of(info.protocol),
+            remote: info.peer,
+            connected_at: now_millis(),
+            keep_alive_secs: keep_alive,
+            clean_start: connect.clean_start,
+            device_id: grant.access.as_ref().map(|a| Arc::from(a.device_id())),
+        }));
         let ack = ConnAck {
             session_present: attached.session_present,
             code: reason::SUCCESS,
@@ -940,6 +950,7 @@ impl Connection {
         let v5 = self.version.is_v5();
         let cfg = &self.broker.config;
         self.broker.metrics.received[p.qos as usize].add(1);
+        self.session.count_in();
         // Topic, resolving v5 topic aliases.
         let topic_str: Arc<str> = match p.properties.topic_alias {
             Some(_) if !v5 => {
@@ -1401,6 +1412,7 @@ impl Connection {
                             Direction::Out,
                         );
                     }
+                    self.session.count_out();
                     // Recording the packet id lets a restarted hub resend with the same id and DUP.
                     if out.qos != QoS::AtMostOnce && out.message_id != 0 {
                         self.store_ops.push(StoreOp::Sent {

@@ -13,6 +13,7 @@ pub mod auth;
 mod broker;
 mod config;
 mod connection;
+mod introspect;
 mod metrics;
 mod session;
 mod sys;
@@ -28,6 +29,10 @@ pub use broker::{
     SinkOutcome, SinkWait,
 };
 pub use config::{ClientIdCharset, MqttConfig};
+pub use introspect::{
+    ConnectionCount, ConnectionFacts, MAX_PAGE, Page, RetainedQueryError, SessionView,
+    SubscriptionView, SysFigures, TOP_TALKERS, Talker, TenantFigures,
+};
 pub use metrics::{BrokerMetrics, DropReason};
 pub use session::Kick;
 pub use sys::spawn_sys_publisher;

@@ -18,6 +18,7 @@ use parking_lot::Mutex;
 use smallvec::SmallVec;
 use tokio::sync::{Notify, oneshot};
 
+use super::introspect::{ConnectionFacts, SessionCounters, TenantCounters};
 use super::metrics::{BrokerMetrics, DropReason};
 
 /// A message on its way to one session.
@@ -130,6 +131,8 @@ pub struct SessionControl {
     /// A Will Message waiting out its Will Delay Interval: published when the delay passes or the
     /// session ends, whichever comes first; cancelled when a client resumes the session.
     pub pending_will: Option<Box<Message>>,
+    /// The connection serving the session, or the last one (operators' session view).
+    pub connection: Option<Box<ConnectionFacts>>,
 }
 
 /// One MQTT session.
@@ -152,6 +155,10 @@ pub struct Session {
     pub generation: AtomicU64,
     /// Connect/subscribe-time state.
     pub control: Mutex<SessionControl>,
+    /// Messages in and out of this session (operators' session view, top talkers).
+    pub counters: SessionCounters,
+    /// The tenant's message counters.
+    tenant_counters: Arc<TenantCounters>,
     max_queued: usize,
     queue_qos0_offline: bool,
     metrics: Arc<BrokerMetrics>,
@@ -166,6 +173,7 @@ impl Session {
         max_queued: usize,
         queue_qos0_offline: bool,
         metrics: Arc<BrokerMetrics>,
+        tenant_counters: Arc<TenantCounters>,
     ) -> Session {
         Session {
             id,
@@ -177,10 +185,26 @@ impl Session {
             expiry_secs: AtomicU32::new(0),
             generation: AtomicU64::new(0),
             control: Mutex::new(SessionControl::default()),
+            counters: SessionCounters::default(),
+            tenant_counters,
             max_queued,
             queue_qos0_offline,
             metrics,
         }
+    }
+
+    /// Counts a PUBLISH received from the client (session and tenant counters).
+    #[inline]
+    pub fn count_in(&self) {
+        self.counters.messages_in.fetch_add(1, Relaxed);
+        self.tenant_counters.messages_in.add(1);
+    }
+
+    /// Counts a PUBLISH sent to the client (session and tenant counters).
+    #[inline]
+    pub fn count_out(&self) {
+        self.counters.messages_out.fetch_add(1, Relaxed);
+        self.tenant_counters.messages_out.add(1);
     }
 
     /// Whether QoS 1/2 deliveries to this session must be persisted.
@@ -297,7 +321,15 @@ mod tests {
     #[test]
     fn an_ended_session_gives_messages_back() {
         let metrics = Arc::new(BrokerMetrics::default());
-        let s = Session::new(1, TenantId::new("t"), "c".into(), 10, true, metrics.clone());
+        let s = Session::new(
+            1,
+            TenantId::new("t"),
+            "c".into(),
+            10,
+            true,
+            metrics.clone(),
+            Arc::default(),
+        );
         assert_eq!(
             s.offer(outgoing(QoS::AtLeastOnce)).ok(),
             Some(PushOutcome::Queued)

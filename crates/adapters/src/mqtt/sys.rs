@@ -2,7 +2,6 @@
 //! default tenant (the names follow Mosquitto's, which tools such as MQTT Explorer understand).
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -25,55 +24,40 @@ pub fn spawn_sys_publisher(broker: Arc<Broker>) -> Option<tokio::task::JoinHandl
                 _ = shutdown.wait() => break,
                 _ = tick.tick() => {}
             }
-            let m = &broker.metrics;
+            let f = broker.sys_figures();
             let stats: [(&str, String); 14] = [
-                (
-                    "$SYS/broker/version",
-                    format!("ferrohub {}", env!("CARGO_PKG_VERSION")),
-                ),
-                (
-                    "$SYS/broker/uptime",
-                    format!("{} seconds", broker.started.elapsed().as_secs()),
-                ),
+                ("$SYS/broker/version", f.version),
+                ("$SYS/broker/uptime", format!("{} seconds", f.uptime_secs)),
                 (
                     "$SYS/broker/clients/connected",
-                    m.connections.load(Relaxed).to_string(),
+                    f.clients_connected.to_string(),
                 ),
-                (
-                    "$SYS/broker/clients/total",
-                    broker.session_count().to_string(),
-                ),
-                (
-                    "$SYS/broker/clients/maximum",
-                    broker.config.max_connections.to_string(),
-                ),
+                ("$SYS/broker/clients/total", f.clients_total.to_string()),
+                ("$SYS/broker/clients/maximum", f.clients_maximum.to_string()),
                 (
                     "$SYS/broker/messages/received",
-                    m.received_total().to_string(),
+                    f.messages_received.to_string(),
                 ),
-                ("$SYS/broker/messages/sent", m.sent_total().to_string()),
+                ("$SYS/broker/messages/sent", f.messages_sent.to_string()),
                 (
                     "$SYS/broker/messages/dropped",
-                    m.dropped_total().to_string(),
+                    f.messages_dropped.to_string(),
                 ),
                 (
                     "$SYS/broker/messages/inflight",
-                    m.inflight.get().to_string(),
+                    f.messages_inflight.to_string(),
                 ),
-                ("$SYS/broker/messages/queued", m.queued.get().to_string()),
+                ("$SYS/broker/messages/queued", f.messages_queued.to_string()),
                 (
                     "$SYS/broker/retained messages/count",
-                    m.retained.load(Relaxed).to_string(),
+                    f.retained_count.to_string(),
                 ),
                 (
                     "$SYS/broker/subscriptions/count",
-                    broker.router.subscription_count().to_string(),
+                    f.subscription_count.to_string(),
                 ),
-                (
-                    "$SYS/broker/bytes/received",
-                    m.bytes_received.get().to_string(),
-                ),
-                ("$SYS/broker/bytes/sent", m.bytes_sent.get().to_string()),
+                ("$SYS/broker/bytes/received", f.bytes_received.to_string()),
+                ("$SYS/broker/bytes/sent", f.bytes_sent.to_string()),
             ];
             for (topic, value) in stats {
                 broker

@@ -3,6 +3,7 @@
 //! and path from the handler's `#[utoipa::path]`, so the router and the document cannot diverge).
 
 pub mod alarms;
+pub mod broker;
 pub mod catalog;
 pub mod commands;
 pub mod credentials;
@@ -84,6 +85,7 @@ impl utoipa::Modify for BearerAuth {
         (name = "overview", description = "Fleet overview figures of the console, once or streamed"),
         (name = "rules", description = "Rules running in the hub: SQL, actions (republish, webhook), versions, dry runs, stats, dead letters"),
         (name = "alarms", description = "Alarms: raise, acknowledge, clear, query, history, counts, event stream; notification channels (webhooks with templates and rate limits) and their deliveries"),
+        (name = "broker", description = "The MQTT broker: sessions (kick, discard), subscriptions, retained messages, per-tenant figures and top talkers, $SYS figures"),
         (name = "meta", description = "This document"),
     )
 )]
@@ -199,6 +201,13 @@ fn routes() -> OpenApiRouter<ApiState> {
         ))
         .routes(routes!(alarms::test_channel))
         .routes(routes!(alarms::channel_deliveries))
+        .routes(routes!(broker::list_sessions))
+        .routes(routes!(broker::get_session, broker::end_session))
+        .routes(routes!(broker::list_subscriptions))
+        .routes(routes!(broker::list_retained))
+        .routes(routes!(broker::get_retained, broker::delete_retained))
+        .routes(routes!(broker::broker_stats))
+        .routes(routes!(broker::broker_sys))
 }
 
 /// The API's routes under [`PREFIX`] and the InfluxDB v2 write route, and their OpenAPI document.

@@ -1,5 +1,6 @@
 //! `/tenants/{tenant}/overview` and `/tenants/{tenant}/overview/stream`: the fleet overview of
-//! the console — device counts now, once or as a Server-Sent Events stream.
+//! the console — device counts and the tenant's broker figures (rates, connections by protocol,
+//! top talkers) now, once or as a Server-Sent Events stream.
 //!
 //! The stream is bounded: at most [`MAX_OVERVIEW_STREAMS`] are open in the process (more: 429),
 //! each sends one figure every `interval` seconds (1 to 60), and all end when the server shuts
@@ -21,6 +22,7 @@ use ferrohub_registry::{Actor, Registry, RegistryStore};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use crate::broker::{BrokerStats, BrokerViewRef};
 use crate::error::{ApiError, ApiResult, CommonErrors};
 use crate::extract::{ApiPath, ApiQuery, Caller};
 use crate::{ApiState, BrokerFiguresSource, Closing};
@@ -71,6 +73,10 @@ pub struct Overview {
     /// Hub-wide broker figures: only for platform-wide tokens (they span every tenant).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hub: Option<HubFigures>,
+    /// The tenant's broker figures: messages in/out per second, connections by protocol and
+    /// transport, top talkers (absent when the hub has no broker view).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerStats>,
 }
 
 /// How long a tenant's device total is reused: counting is a scan of the tenant's index (about
@@ -107,6 +113,7 @@ async fn take(
     registry: &Registry,
     actor: &Actor,
     broker: Option<&BrokerFiguresSource>,
+    view: Option<&BrokerViewRef>,
     tenant: &str,
     previous: Option<&Overview>,
 ) -> Result<Overview, ApiError> {
@@ -141,6 +148,7 @@ async fn take(
             offline: total - online,
         },
         hub,
+        broker: view.map(|v| v.stats(tenant)),
     })
 }
 
@@ -155,7 +163,15 @@ pub async fn get_overview(
 ) -> ApiResult<Json<Overview>> {
     c.actor.require(Role::Viewer, Some(&tenant))?;
     Ok(Json(
-        take(&c.registry, &c.actor, state.broker.as_ref(), &tenant, None).await?,
+        take(
+            &c.registry,
+            &c.actor,
+            state.broker.as_ref(),
+            state.broker_view.as_ref(),
+            &tenant,
+            None,
+        )
+        .await?,
     ))
 }
 
@@ -173,6 +189,7 @@ struct Source {
     registry: Arc<Registry>,
     actor: Actor,
     broker: Option<BrokerFiguresSource>,
+    view: Option<BrokerViewRef>,
     tenant: Arc<str>,
     previous: Option<Overview>,
 }
@@ -245,6 +262,7 @@ pub async fn overview_stream(
         registry,
         actor: c.actor,
         broker: state.broker,
+        view: state.broker_view,
         tenant,
         previous: None,
     };
@@ -259,6 +277,7 @@ pub async fn overview_stream(
             &source.registry,
             &source.actor,
             source.broker.as_ref(),
+            source.view.as_ref(),
             &source.tenant,
             source.previous.as_ref(),
         )

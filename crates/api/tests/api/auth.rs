@@ -136,6 +136,15 @@ const ROUTES: &[(&str, &str)] = &[
         "GET",
         "/tenants/{tenant}/alarm-channels/{channel}/deliveries",
     ),
+    ("GET", "/tenants/{tenant}/broker/sessions"),
+    ("GET", "/tenants/{tenant}/broker/sessions/{client_id}"),
+    ("DELETE", "/tenants/{tenant}/broker/sessions/{client_id}"),
+    ("GET", "/tenants/{tenant}/broker/subscriptions"),
+    ("GET", "/tenants/{tenant}/broker/retained"),
+    ("GET", "/tenants/{tenant}/broker/retained/{topic}"),
+    ("DELETE", "/tenants/{tenant}/broker/retained/{topic}"),
+    ("GET", "/tenants/{tenant}/broker/stats"),
+    ("GET", "/broker/sys"),
 ];
 
 /// Routes outside /api/v1 that the OpenAPI document also describes (full paths).
@@ -221,7 +230,17 @@ async fn openapi_document_lists_every_route_the_router_serves() {
         // The router serves every documented operation: without a token each answers 401
         // (openapi.json 200), never the router's 404/405.
         let values: BTreeMap<&str, String> = [
-            "tenant", "device", "id", "group", "name", "metric", "rule", "alarm", "channel",
+            "tenant",
+            "device",
+            "id",
+            "group",
+            "name",
+            "metric",
+            "rule",
+            "alarm",
+            "channel",
+            "client_id",
+            "topic",
         ]
         .into_iter()
         .map(|k| (k, "x".to_string()))
@@ -482,6 +501,7 @@ async fn without_a_registry_the_api_answers_503() {
             registry: None,
             broker: None,
             tails: None,
+            broker_view: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(
@@ -535,6 +555,7 @@ async fn metrics_are_rendered_on_a_blocking_thread() {
             registry: None,
             broker: None,
             tails: None,
+            broker_view: None,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(ferrohub_api::serve(

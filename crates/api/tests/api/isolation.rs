@@ -95,6 +95,8 @@ fn request(
     values.insert("rule", "r1".to_string());
     values.insert("alarm", "01JALARM0000000000000000AA".to_string());
     values.insert("channel", "ops".to_string());
+    values.insert("client_id", "dev".to_string());
+    values.insert("topic", "devices%2Fdev%2Fstate".to_string());
     values.entry("id").or_insert_with(|| "1".to_string());
     values.remove("cred");
     let path = fill(template.trim_start_matches("/api/v1"), &values);
