@@ -122,6 +122,9 @@ impl Part {
 }
 
 /// Parts per tenant per day, each day's parts ordered by `seq`.
+/// The ids a flush or compaction sealed a tenant's series from, by (device, metric).
+pub(crate) type KnownIds = HashMap<(String, String), SeriesId>;
+
 pub(crate) type PartSet = HashMap<TenantId, BTreeMap<i64, Vec<Arc<Part>>>>;
 
 /// The active head and the frozen ones being sealed (oldest first).
@@ -348,19 +351,27 @@ impl Inner {
         (seq, self.partition_dir(tenant, day).join(part_name(seq)))
     }
 
-    /// Opens a part file and maps its series into the catalog.
+    /// Opens a part file and maps its series into the catalog. `known` holds the ids the writer
+    /// sealed the series from (a flush or a compaction): those are kept even when a purge
+    /// forgot them meanwhile, so a purged series never comes back under a fresh id (and the
+    /// purge's rewrite finds it). Without `known` (start-up) series are resolved by name.
     pub(crate) fn load_part(
         &self,
         tenant: &TenantId,
         day: i64,
         seq: u64,
         path: &Path,
+        known: Option<&KnownIds>,
     ) -> Result<Part, TsdbError> {
         let (file, index) = PartFile::open(path)?;
         let mut series = Vec::with_capacity(index.series.len());
         let mut points = 0;
         for (pos, s) in index.series.into_iter().enumerate() {
-            let (id, kind) = self.catalog.resolve(tenant, &s.device, &s.metric, s.kind);
+            let sealed_from = known.and_then(|k| k.get(&(s.device.clone(), s.metric.clone())));
+            let (id, kind) = match sealed_from.and_then(|&id| self.catalog.get(id)) {
+                Some(info) => (info.id, info.kind),
+                None => self.catalog.resolve(tenant, &s.device, &s.metric, s.kind),
+            };
             if kind != s.kind {
                 tracing::warn!(
                     part = %path.display(), device = %s.device, metric = %s.metric,
@@ -418,6 +429,7 @@ impl Inner {
     fn flush(&self, job: &FlushJob) -> Result<(), TsdbError> {
         let started = Instant::now();
         let mut groups: BTreeMap<(TenantId, i64), Vec<SeriesData>> = BTreeMap::new();
+        let mut known: HashMap<TenantId, KnownIds> = HashMap::new();
         for id in job.head.series_ids() {
             // A purged tenant's points are dropped, not sealed.
             let Some(info) = self.catalog.get(id).filter(|_| self.catalog.is_live(id)) else {
@@ -428,6 +440,10 @@ impl Inner {
                 continue;
             };
             let first_kept = self.first_kept_day(&info.tenant);
+            known
+                .entry(info.tenant.clone())
+                .or_default()
+                .insert((info.device.to_string(), info.metric.to_string()), id);
             let mut start = 0;
             while start < ts.len() {
                 let day = ts[start].div_euclid(DAY_MS);
@@ -462,7 +478,13 @@ impl Inner {
             }
             w.finish()?;
             self.stats.parts_written.fetch_add(1, Ordering::Relaxed);
-            new_parts.push(Arc::new(self.load_part(&tenant, day, seq, &path)?));
+            new_parts.push(Arc::new(self.load_part(
+                &tenant,
+                day,
+                seq,
+                &path,
+                known.get(&tenant),
+            )?));
         }
         {
             let mut parts = self.parts.write();
@@ -1147,7 +1169,7 @@ fn load_parts(inner: &Arc<Inner>, report: &mut RecoveryReport) -> Result<(), Tsd
                     continue;
                 };
                 max_seq = max_seq.max(seq);
-                match inner.load_part(&tenant, day, seq, &f.path()) {
+                match inner.load_part(&tenant, day, seq, &f.path(), None) {
                     Ok(p) => loaded.push(p),
                     Err(e) => {
                         tracing::error!(part = %f.path().display(), error = %e,

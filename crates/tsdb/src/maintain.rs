@@ -194,7 +194,7 @@ pub(crate) fn merge_run(
         .collect();
     order.sort();
     let mut w = PartWriter::create(&path, inner.cfg.fsync)?;
-    for (device, metric, id) in order {
+    for (device, metric, id) in order.iter().cloned() {
         let mut sources: Vec<(Vec<i64>, Values)> = Vec::new();
         for p in run {
             let Some(meta) = p.find(id) else { continue };
@@ -238,7 +238,11 @@ pub(crate) fn merge_run(
         return Ok(0);
     }
     let size = w.finish()?;
-    let merged = Arc::new(inner.load_part(tenant, day, seq, &path)?);
+    let known: crate::engine::KnownIds = order
+        .iter()
+        .map(|(device, metric, id)| ((device.to_string(), metric.to_string()), *id))
+        .collect();
+    let merged = Arc::new(inner.load_part(tenant, day, seq, &path, Some(&known))?);
     {
         let mut parts = inner.parts.write();
         if let Some(list) = parts.get_mut(tenant).and_then(|d| d.get_mut(&day)) {

@@ -609,6 +609,39 @@ fn device_purge_deletes_its_points_and_only_them() {
     e.close();
 }
 
+/// A flush (or compaction) that sealed a device's points before it was purged must not bring
+/// them back when it maps the new part: the CI once saw a decommissioned device's points again.
+#[test]
+fn a_purge_racing_a_flush_never_brings_the_points_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = std::sync::Arc::new(Engine::open(cfg(dir.path())).unwrap());
+    let t = TenantId::new("acme");
+    let base = now() - 10 * 60_000;
+    for round in 0..60 {
+        let device = format!("gone-{round}");
+        let points: Vec<Point> = (0..2_000)
+            .map(|i| p(&device, "v", base + i * 100, Value::Float(i as f64)))
+            .collect();
+        e.write_blocking(&t, points).unwrap();
+        let flusher = {
+            let e = e.clone();
+            std::thread::spawn(move || e.flush_blocking().unwrap())
+        };
+        // Let the flush start in some rounds, race its start in others.
+        std::thread::sleep(Duration::from_micros((round % 6) * 150));
+        e.purge_device(&t, &device).unwrap();
+        flusher.join().unwrap();
+        assert!(
+            raw_all(&e, &t, &device, "v").is_empty(),
+            "round {round}: purged points visible again"
+        );
+        e.finish_purges().unwrap();
+        assert!(raw_all(&e, &t, &device, "v").is_empty(), "round {round}");
+    }
+    let listed = e.list_series(&t, None);
+    assert!(listed.is_empty(), "{} series left", listed.len());
+}
+
 /// The timestamp of the only point of `gone/v`.
 fn now_floor(e: &Engine, t: &TenantId) -> i64 {
     raw_all(e, t, "gone", "v")
