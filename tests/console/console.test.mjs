@@ -586,3 +586,167 @@ test('broker page: a demo device\'s session and subscriptions, a retained messag
   await shot('16-overview-broker');
   client.end();
 });
+
+// ---- alarms (alarms.js) ------------------------------------------------------------------------
+
+test('alarms: the overview counts them, the list shows a new one live, acknowledge there, clear with a note on its page', async () => {
+  await page.setViewportSize({ width: 1280, height: 900 });
+  await signedInOnDemo('#/overview');
+  await page.getByRole('heading', { name: 'Fleet overview — demo' }).waitFor();
+  const raise = body => api('POST', '/tenants/demo/alarms', body);
+  assert.equal((await raise({ key: 'e2e:disk', severity: 'minor', device: DEVICE, message: 'disk 91 % full' })).status, 201);
+  // The overview's card follows the overview stream.
+  await eventually('the overview counting the alarm', async () => (await page.locator('#ov-alarms-total').textContent()) === '1');
+  await shot('21-overview-alarms');
+
+  await page.getByRole('link', { name: 'Alarms', exact: true }).click();
+  await page.getByRole('heading', { name: 'Alarms — demo' }).waitFor();
+  await page.locator('tr[data-state="active"]', { hasText: 'e2e:disk' }).waitFor();
+  await page.getByText('Live: new alarms and changes show as they happen.').waitFor();
+  // Raised while the list is open: it appears at the top without a reload; raised again, its
+  // count goes up in place.
+  assert.equal((await raise({ key: 'e2e:overheat', severity: 'critical', device: DEVICE, message: 'bearing 92 °C', details: { temperature: 92 } })).status, 201);
+  const overheat = page.locator('tbody tr', { hasText: 'e2e:overheat' });
+  await overheat.waitFor();
+  assert.match(await page.locator('tbody tr').first().textContent(), /e2e:overheat/);
+  assert.equal((await raise({ key: 'e2e:overheat', severity: 'critical', device: DEVICE, message: 'bearing 95 °C', details: { temperature: 95 } })).status, 200);
+  await eventually('the count raised in place', async () => (await overheat.locator('td.num').textContent()) === '2');
+  await eventually('the counts', async () => (await page.locator('#alarm-count-critical').textContent()) === '1'
+    && (await page.locator('#alarm-count-unacknowledged').textContent()) === '2');
+  await shot('22-alarms-live');
+
+  // Filter by severity (in the URL, so it can be bookmarked).
+  await page.getByLabel('Severity').selectOption('critical');
+  await page.getByRole('button', { name: 'Filter' }).click();
+  await eventually('only the critical one', async () => (await page.locator('tbody tr').count()) === 1
+    && (await page.locator('tbody').textContent()).includes('e2e:overheat'));
+  assert.match(page.url(), /severity=critical/);
+
+  // Acknowledge in the list: the row changes state, the API agrees.
+  await page.getByRole('button', { name: 'Acknowledge e2e:overheat' }).click();
+  await page.locator('tr[data-state="acknowledged"]', { hasText: 'e2e:overheat' }).waitFor();
+  const listed = (await api('GET', '/tenants/demo/alarms?key=e2e:overheat')).body.items[0];
+  assert.equal(listed.state, 'acknowledged');
+  assert.ok(listed.acknowledged_by, 'who acknowledged it is recorded');
+
+  // Its page: facts, details, history; clear it with a note.
+  await page.getByRole('link', { name: 'e2e:overheat' }).click();
+  await page.getByRole('heading', { name: /e2e:overheat/ }).waitFor();
+  await eventually('the details', async () => (await page.locator('#alarm-details').textContent()).includes('"temperature": 95'));
+  assert.equal(await page.locator('#alarm-ack').isDisabled(), true, 'already acknowledged');
+  await eventually('three history rows', async () => (await page.locator('section', { hasText: 'History' }).locator('tbody tr').count()) === 3);
+  await page.getByLabel('Note (kept in the history)').fill('bearing replaced');
+  await page.locator('#alarm-clear').click();
+  await page.getByText('Cleared.').waitFor();
+  await eventually('the clear in the history', async () => (await page.locator('section', { hasText: 'History' }).locator('tbody tr').first().textContent()).includes('bearing replaced'));
+  assert.match(await page.locator('[data-field="state"]').textContent(), /cleared/);
+  assert.equal(await page.locator('#alarm-clear').isDisabled(), true);
+  await shot('23-alarm-cleared');
+
+  // Cleared elsewhere while its page is open: shown at once. A second clear is explained.
+  await page.goto(hub.url + '/#/alarms?state=all&key=e2e:disk');
+  await page.getByRole('link', { name: 'e2e:disk' }).click();
+  await page.getByRole('heading', { name: /e2e:disk/ }).waitFor();
+  await eventually('Clear enabled', async () => !(await page.locator('#alarm-clear').isDisabled()));
+  const disk = (await api('GET', '/tenants/demo/alarms?key=e2e:disk')).body.items[0];
+  assert.equal((await api('POST', `/tenants/demo/alarms/${disk.id}/clear`, { note: 'cleaned up' })).status, 200);
+  await eventually('the clear shown live', async () => (await page.locator('[data-field="state"]').textContent()).includes('cleared'));
+  await eventually('the overview back to none', async () => (await api('GET', '/tenants/demo/alarms/counts')).body.total === 0);
+});
+
+test('alarms: a viewer may look but not acknowledge, and does not see the channels', async () => {
+  const raised = await api('POST', '/tenants/demo/alarms', { key: 'e2e:viewer', severity: 'warning', message: 'look only' });
+  assert.equal(raised.status, 201);
+  const token = await api('POST', '/tokens', { name: 'console-e2e-alarm-viewer', role: 'viewer', tenant: 'demo' });
+  assert.equal(token.status, 201);
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  const viewer = await context.newPage();
+  viewer.on('pageerror', e => console.error('page error:', e));
+  try {
+    await viewer.goto(hub.url + '/#/alarms');
+    await viewer.getByLabel('Operator API token').fill(token.body.secret);
+    await viewer.getByRole('button', { name: 'Sign in' }).click();
+    await viewer.getByRole('heading', { name: 'Alarms — demo' }).waitFor();
+    const ack = viewer.getByRole('button', { name: 'Acknowledge e2e:viewer' });
+    await ack.waitFor();
+    assert.equal(await ack.isDisabled(), true);
+    assert.match(await ack.getAttribute('title'), /Needs the operator role/);
+    await viewer.getByRole('link', { name: 'Notification channels' }).click();
+    await viewer.getByText(/only admins see them/).waitFor();
+    await viewer.screenshot({ path: join(ARTIFACTS, '24-alarms-viewer.png'), fullPage: true });
+    assert.equal((await api('GET', `/tenants/demo/alarms/${raised.body.id}`)).body.state, 'active');
+  } finally {
+    await context.close();
+    await api('POST', `/tenants/demo/alarms/${raised.body.id}/clear`);
+  }
+});
+
+test('alarm channels: a template error points at its field, a test reaches a local webhook, a raised alarm notifies, delete', async () => {
+  const { createServer } = await import('node:http');
+  const received = [];
+  const server = createServer((req, res) => {
+    let body = '';
+    req.on('data', c => { body += c; });
+    req.on('end', () => { received.push({ url: req.url, headers: req.headers, body }); res.writeHead(204); res.end(); });
+  });
+  await new Promise(r => server.listen(0, '127.0.0.1', r));
+  const hookUrl = `http://127.0.0.1:${server.address().port}/hook`;
+  try {
+    await page.setViewportSize({ width: 1280, height: 900 });
+    await signedInOnDemo('#/alarms/channels');
+    await page.getByRole('heading', { name: 'Notification channels — demo' }).waitFor();
+    await page.getByText(/No channels yet/).waitFor();
+    await page.locator('#channel-create').click();
+    await page.getByRole('heading', { name: 'New notification channel' }).waitFor();
+    await page.getByLabel('Id (letters, digits, _ - .)').fill('ops-e2e');
+    await page.getByLabel('Webhook URL (a template)').fill(hookUrl + '/{{ alarm.severity }}');
+    await page.getByLabel('Minimum severity').selectOption('major');
+    await page.getByLabel('Rate limit per alarm (s, 0: none)').fill('0');
+    await page.getByLabel('Headers (JSON object of name → template)').fill('{"x-alarm-key": "{{ alarm.key }}"}');
+    // A template that does not parse: refused, the message names the field.
+    await page.getByLabel('Body template (minijinja over alarm, event, tenant, channel)').fill('{"text": "{{ alarm.key "}');
+    await page.locator('#channel-save').click();
+    await eventually('the template error', async () => /body/.test(await page.locator('#channel-status').textContent()));
+    await shot('25-channel-template-error');
+    await page.getByLabel('Body template (minijinja over alarm, event, tenant, channel)').fill('{"text": "{{ alarm.severity }}: {{ alarm.key }} {{ event.kind }}"}');
+    await page.locator('#channel-save').click();
+    await page.getByRole('heading', { name: 'Channel ops-e2e' }).waitFor();
+
+    // A test goes out now and is logged.
+    await page.locator('#channel-test').click();
+    await page.getByText(/Test sent: HTTP 204/).waitFor();
+    await eventually('the test delivery logged', async () => (await page.locator('tr[data-status="sent"]').count()) === 1);
+    assert.equal(received.length, 1);
+    assert.equal(received[0].url, '/hook/critical');
+
+    // A major alarm notifies through the template; a minor one is below the channel's minimum.
+    assert.equal((await api('POST', '/tenants/demo/alarms', { key: 'e2e:pump', severity: 'minor' })).status, 201);
+    assert.equal((await api('POST', '/tenants/demo/alarms', { key: 'e2e:valve', severity: 'major', device: DEVICE })).status, 201);
+    await eventually('the webhook called for the major alarm', async () => received.length === 2);
+    assert.equal(received[1].url, '/hook/major');
+    assert.equal(received[1].headers['x-alarm-key'], 'e2e:valve');
+    assert.equal(JSON.parse(received[1].body).text, 'major: e2e:valve raised');
+    await page.reload();
+    await eventually('two deliveries listed', async () => (await page.locator('tr[data-status="sent"]').count()) === 2);
+    assert.match(await page.locator('#channel-counters').textContent(), /Sent 2/);
+    await shot('26-channel-deliveries');
+
+    // The list shows it; Escape cancels a delete, Delete removes it.
+    await page.getByRole('link', { name: '← Notification channels' }).click();
+    await page.locator('tr[data-channel="ops-e2e"] [data-counter="sent"]', { hasText: '2' }).waitFor();
+    await page.getByRole('link', { name: 'ops-e2e' }).click();
+    await page.locator('#channel-delete').click();
+    await page.keyboard.press('Escape');
+    assert.equal((await api('GET', '/tenants/demo/alarm-channels/ops-e2e')).status, 200);
+    await page.locator('#channel-delete').click();
+    await page.locator('#channel-delete-confirm').click();
+    await page.getByText(/No channels yet/).waitFor();
+    assert.equal((await api('GET', '/tenants/demo/alarm-channels/ops-e2e')).status, 404);
+  } finally {
+    server.close();
+    for (const key of ['e2e:pump', 'e2e:valve']) {
+      const a = (await api('GET', `/tenants/demo/alarms?key=${key}&state=open`)).body?.items?.[0];
+      if (a) await api('POST', `/tenants/demo/alarms/${a.id}/clear`);
+    }
+  }
+});

@@ -8,6 +8,7 @@ import { renderRules } from './rules.js';
 import { renderCredentials, renderTail } from './device-panels.js';
 import { can, gate, setMe } from './role.js';
 import { renderBroker, tenantBrokerSection } from './broker.js';
+import { overviewAlarmsSection, renderAlarms } from './alarms.js';
 
 const main = document.getElementById('main');
 const top = document.getElementById('top');
@@ -66,6 +67,7 @@ async function route() {
   if (parts[0] === 'devices' && parts[1]) renderDevice(parts[1]);
   else if (parts[0] === 'devices') renderDevices(query);
   else if (parts[0] === 'rules') renderRules({ h, setView, onCleanup, announce, errorBox, when, tenant: tenant() }, parts.slice(1), query);
+  else if (parts[0] === 'alarms') renderAlarms({ h, setView, onCleanup, errorBox, announce, when }, parts, query);
   else if (parts[0] === 'broker') renderBroker({ h, setView, onCleanup, errorBox, announce, when }, parts, query);
   else renderOverview();
   main.focus({ preventScroll: true });
@@ -160,9 +162,11 @@ function renderOverview() {
     h('h2', { id: 'hub-title' }, 'Whole hub (all tenants)'),
     h('div', { class: 'stats' }, stat('Messages in / s', 'stat-in'), stat('Messages out / s', 'stat-out'), stat('MQTT connections', 'stat-connections')));
   const tenantBroker = tenantBrokerSection({ h });
+  const alarms = overviewAlarmsSection({ h });
   setView('Overview',
     h('h1', {}, `Fleet overview — ${t}`),
     h('div', { class: 'stats', 'aria-live': 'polite' }, stat('Devices', 'stat-total'), stat('Online', 'stat-online'), stat('Offline', 'stat-offline')),
+    alarms.el,
     hubStats,
     tenantBroker.el,
     state);
@@ -182,6 +186,7 @@ function renderOverview() {
       document.getElementById('stat-connections').textContent = o.hub.connections.toLocaleString();
     }
     tenantBroker.update(o.broker);
+    alarms.update(o.alarms);
     state.textContent = `Live · updated ${new Date(o.at).toLocaleTimeString()}`;
   }, {
     signal: ctrl.signal,

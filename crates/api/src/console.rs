@@ -81,6 +81,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../console/role.js"),
     },
     Asset {
+        name: "alarms.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../console/alarms.js"),
+    },
+    Asset {
         name: "broker.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../console/broker.js"),

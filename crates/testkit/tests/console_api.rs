@@ -139,15 +139,26 @@ async fn assets_have_their_content_types_etags_304s_and_gzip() {
     bounded(async {
         let hub = TestHub::start().await.unwrap();
         let http = reqwest::Client::new();
-        for (file, content_type) in [
-            ("index.html", "text/html; charset=utf-8"),
-            ("app.js", "text/javascript; charset=utf-8"),
-            ("api.js", "text/javascript; charset=utf-8"),
-            ("chart.js", "text/javascript; charset=utf-8"),
-            ("rules.js", "text/javascript; charset=utf-8"),
-            ("app.css", "text/css; charset=utf-8"),
-            ("favicon.svg", "image/svg+xml"),
-        ] {
+        // Every file of the console's source folder is served (a module added there but not to
+        // the asset table would break the page that imports it).
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/console");
+        let mut files: Vec<(String, &str)> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .map(|name| {
+                let content_type = match name.rsplit('.').next() {
+                    Some("html") => "text/html; charset=utf-8",
+                    Some("js") => "text/javascript; charset=utf-8",
+                    Some("css") => "text/css; charset=utf-8",
+                    Some("svg") => "image/svg+xml",
+                    other => panic!("{name}: no content type known for {other:?}"),
+                };
+                (name, content_type)
+            })
+            .collect();
+        files.sort();
+        assert!(files.len() >= 10, "{files:?}");
+        for (file, content_type) in files {
             let url = format!("{}/console/{file}", origin(&hub));
             let res = http.get(&url).send().await.unwrap();
             assert_eq!(res.status(), StatusCode::OK, "{file}");
@@ -267,6 +278,7 @@ async fn the_overview_counts_devices_once_and_as_a_stream() {
         assert_eq!(o["tenant"], "acme");
         assert_eq!(o["devices"], json!({"total": 3, "online": 0, "offline": 3}));
         assert!(o["at"].as_u64().unwrap() > 0);
+        assert_eq!(o["alarms"]["total"], 0, "{o}");
 
         let mut res = stream_request(&hub, "acme", "?interval=1", Some(TEST_ADMIN_TOKEN))
             .send()
@@ -283,22 +295,30 @@ async fn the_overview_counts_devices_once_and_as_a_stream() {
             first[0]
         );
         assert!(first[0]["hub"].get("messages_in_per_sec").is_none());
-        // A device created meanwhile shows in a later figure, without a new request.
+        // A device created and an alarm raised meanwhile show in a later figure, without a new
+        // request.
         create_devices(&hub, "acme", &["d4"]).await;
-        let mut seen = 3;
+        let alarm = json!({"key": "overheat:d4", "severity": "major", "device": "d4"});
+        admin(&hub, Method::POST, "/tenants/acme/alarms", Some(alarm)).await;
+        let mut seen = (3, 0);
         for _ in 0..5 {
             let next = read_events(&mut res, "overview", 1).await;
-            seen = next[0]["devices"]["total"].as_u64().unwrap();
+            let alarms = &next[0]["alarms"];
+            seen = (
+                next[0]["devices"]["total"].as_u64().unwrap(),
+                alarms["major"].as_u64().unwrap(),
+            );
             assert!(
                 next[0]["hub"]["messages_in_per_sec"].is_f64(),
                 "{}",
                 next[0]
             );
-            if seen == 4 {
+            if seen == (4, 1) {
+                assert_eq!(alarms["unacknowledged"], 1, "{alarms}");
                 break;
             }
         }
-        assert_eq!(seen, 4);
+        assert_eq!(seen, (4, 1));
         drop(res);
         hub.stop().await;
     })

@@ -1,6 +1,6 @@
 //! `/tenants/{tenant}/overview` and `/tenants/{tenant}/overview/stream`: the fleet overview of
-//! the console — device counts and the tenant's broker figures (rates, connections by protocol,
-//! top talkers) now, once or as a Server-Sent Events stream.
+//! the console — device counts, the tenant's broker figures (rates, connections by protocol,
+//! top talkers) and its open alarms by severity — now, once or as a Server-Sent Events stream.
 //!
 //! The stream is bounded: at most [`MAX_OVERVIEW_STREAMS`] are open in the process (more: 429),
 //! each sends one figure every `interval` seconds (1 to 60), and all end when the server shuts
@@ -17,6 +17,7 @@ use axum::extract::Extension;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use ferrohub_alarms::{AlarmCounts, AlarmService};
 use ferrohub_registry::model::Role;
 use ferrohub_registry::{Actor, Registry, RegistryStore};
 use serde::{Deserialize, Serialize};
@@ -77,6 +78,11 @@ pub struct Overview {
     /// transport, top talkers (absent when the hub has no broker view).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub broker: Option<BrokerStats>,
+    /// The tenant's open alarms by severity (absent when the hub has no alarms service, or
+    /// when counting failed: the figures above still come).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub alarms: Option<AlarmCounts>,
 }
 
 /// How long a tenant's device total is reused: counting is a scan of the tenant's index (about
@@ -114,6 +120,7 @@ async fn take(
     actor: &Actor,
     broker: Option<&BrokerFiguresSource>,
     view: Option<&BrokerViewRef>,
+    alarms: Option<&Arc<AlarmService>>,
     tenant: &str,
     previous: Option<&Overview>,
 ) -> Result<Overview, ApiError> {
@@ -149,6 +156,14 @@ async fn take(
         },
         hub,
         broker: view.map(|v| v.stats(tenant)),
+        alarms: match alarms {
+            Some(a) => a
+                .counts(tenant)
+                .await
+                .inspect_err(|e| tracing::warn!(error = %e, "counting open alarms failed"))
+                .ok(),
+            None => None,
+        },
     })
 }
 
@@ -168,6 +183,7 @@ pub async fn get_overview(
             &c.actor,
             state.broker.as_ref(),
             state.broker_view.as_ref(),
+            state.alarms.as_ref(),
             &tenant,
             None,
         )
@@ -190,6 +206,7 @@ struct Source {
     actor: Actor,
     broker: Option<BrokerFiguresSource>,
     view: Option<BrokerViewRef>,
+    alarms: Option<Arc<AlarmService>>,
     tenant: Arc<str>,
     previous: Option<Overview>,
 }
@@ -263,6 +280,7 @@ pub async fn overview_stream(
         actor: c.actor,
         broker: state.broker,
         view: state.broker_view,
+        alarms: state.alarms,
         tenant,
         previous: None,
     };
@@ -278,6 +296,7 @@ pub async fn overview_stream(
             &source.actor,
             source.broker.as_ref(),
             source.view.as_ref(),
+            source.alarms.as_ref(),
             &source.tenant,
             source.previous.as_ref(),
         )
