@@ -458,7 +458,7 @@ test('a device page tails live messages, revokes a credential, and a viewer cann
   await eventually('a message counted while paused', async () => /paused, [1-9]\d* new/.test(await page.locator('#tail-counts').textContent()));
   assert.equal(await page.locator('#tail-list li').count(), frozen);
   await page.locator('#tail-pause').click();
-  await shot('11-device-tail');
+  await shot('22-device-tail');
 
   // The spare password is listed and revoked (after confirming).
   const row = page.locator(`#credentials tr[data-credential="${spareId}"]`);
@@ -472,7 +472,7 @@ test('a device page tails live messages, revokes a credential, and a viewer cann
   const before = await page.locator('#credentials tbody tr').count();
   await page.getByRole('button', { name: 'New password' }).click();
   await eventually('the new password listed', async () => (await page.locator('#credentials tbody tr').count()) === before + 1);
-  await shot('12-credentials-list');
+  await shot('23-credentials-list');
 
   // A viewer: sees the device and its tail, and every change is disabled with the role it needs.
   const viewer = await api('POST', '/tokens', { name: 'console viewer', role: 'viewer', tenant: 'demo' });
@@ -495,7 +495,10 @@ test('a device page tails live messages, revokes a credential, and a viewer cann
   await page.locator('[data-nav="devices"]').click();
   await page.getByRole('heading', { name: 'Devices — demo' }).waitFor();
   assert.equal(await page.locator('#create-device').isDisabled(), true);
-  await shot('13-viewer-device');
+  await shot('24-viewer-device');
+  // Signed out again: the tests after this one sign in as the admin.
+  await page.locator('#sign-out').click();
+  await page.getByLabel('Operator API token').waitFor();
 });
 
 
@@ -541,18 +544,18 @@ test('broker page: a demo device\'s session and subscriptions, a retained messag
     (await api('GET', `/tenants/demo/broker/retained/${encodeURIComponent(`devices/${tool}/status`)}`)).status === 200);
 
   // Sessions: find the demo device, open it, see its subscriptions.
-  await page.goto(hub.url + '/#/overview');
+  await signedInOnDemo('#/overview');
   await page.getByRole('link', { name: 'Broker' }).click();
   await page.getByRole('heading', { name: 'Broker — demo' }).waitFor();
   await page.getByLabel('Client id starts with').fill(DEVICE);
   await page.getByRole('button', { name: 'Search' }).click();
   await page.getByRole('link', { name: DEVICE, exact: true }).first().waitFor();
-  await shot('11-broker-sessions');
+  await shot('25-broker-sessions');
   await page.locator('tbody a', { hasText: DEVICE }).first().click();
   await page.getByRole('heading', { name: `Session ${DEVICE}` }).waitFor();
   await eventually('the device\'s subscriptions', async () => (await page.locator('table').textContent()).includes(`$devices/${DEVICE}/commands/req/#`));
   assert.match(await page.locator('.card dl').textContent(), /MQTT 5\.0 over tcp/);
-  await shot('12-broker-session');
+  await shot('26-broker-session');
 
   // Retained: search by topic filter, open the message, see its payload.
   await page.getByRole('link', { name: 'Retained' }).click();
@@ -560,7 +563,7 @@ test('broker page: a demo device\'s session and subscriptions, a retained messag
   await page.getByRole('button', { name: 'Search' }).click();
   await page.getByRole('link', { name: `devices/${tool}/status` }).click();
   await eventually('the payload', async () => (await page.locator('#retained-payload').textContent()).includes('"firmware": "1.2.3"'));
-  await shot('13-broker-retained');
+  await shot('27-broker-retained');
 
   // Kick our client (confirmed): its connection ends, the session stays (offline).
   await page.goto(hub.url + `/#/broker/sessions/${tool}`);
@@ -571,19 +574,19 @@ test('broker page: a demo device\'s session and subscriptions, a retained messag
   await page.getByText('Client kicked.').waitFor();
   await Promise.race([client.closed, new Promise((_, fail) => setTimeout(() => fail(new Error('the kicked client is still connected')), 10000))]);
   await eventually('shown offline', async () => (await page.locator('.card dl').textContent()).includes('offline'));
-  await shot('14-broker-kicked');
+  await shot('28-broker-kicked');
 
   // $SYS: the whole hub's figures, refreshed.
   await page.getByRole('link', { name: '$SYS' }).click();
   await eventually('the version', async () => (await page.locator('#sys-version').textContent()).startsWith('ferrohub'));
   await eventually('clients connected', async () => Number((await page.locator('#sys-clients_connected').textContent()).replace(/[^0-9]/g, '')) > 0);
-  await shot('15-broker-sys');
+  await shot('29-broker-sys');
 
   // The overview names the tenant's top talkers (the demo fleet publishes every few seconds).
   await page.getByRole('link', { name: 'Overview' }).click();
   await eventually('top talkers', async () => (await page.locator('#top-talkers a').count()) > 0);
   await eventually('connections by protocol', async () => (await page.locator('section').filter({ hasText: 'Connections by protocol' }).textContent()).includes('MQTT 5.0'));
-  await shot('16-overview-broker');
+  await shot('30-overview-broker');
   client.end();
 });
 
@@ -597,7 +600,7 @@ test('alarms: the overview counts them, the list shows a new one live, acknowled
   assert.equal((await raise({ key: 'e2e:disk', severity: 'minor', device: DEVICE, message: 'disk 91 % full' })).status, 201);
   // The overview's card follows the overview stream.
   await eventually('the overview counting the alarm', async () => (await page.locator('#ov-alarms-total').textContent()) === '1');
-  await shot('21-overview-alarms');
+  await shot('31-overview-alarms');
 
   await page.getByRole('link', { name: 'Alarms', exact: true }).click();
   await page.getByRole('heading', { name: 'Alarms — demo' }).waitFor();
@@ -613,7 +616,7 @@ test('alarms: the overview counts them, the list shows a new one live, acknowled
   await eventually('the count raised in place', async () => (await overheat.locator('td.num').textContent()) === '2');
   await eventually('the counts', async () => (await page.locator('#alarm-count-critical').textContent()) === '1'
     && (await page.locator('#alarm-count-unacknowledged').textContent()) === '2');
-  await shot('22-alarms-live');
+  await shot('32-alarms-live');
 
   // Filter by severity (in the URL, so it can be bookmarked).
   await page.getByLabel('Severity').selectOption('critical');
@@ -641,7 +644,7 @@ test('alarms: the overview counts them, the list shows a new one live, acknowled
   await eventually('the clear in the history', async () => (await page.locator('section', { hasText: 'History' }).locator('tbody tr').first().textContent()).includes('bearing replaced'));
   assert.match(await page.locator('[data-field="state"]').textContent(), /cleared/);
   assert.equal(await page.locator('#alarm-clear').isDisabled(), true);
-  await shot('23-alarm-cleared');
+  await shot('33-alarm-cleared');
 
   // Cleared elsewhere while its page is open: shown at once. A second clear is explained.
   await page.goto(hub.url + '/#/alarms?state=all&key=e2e:disk');
@@ -673,7 +676,7 @@ test('alarms: a viewer may look but not acknowledge, and does not see the channe
     assert.match(await ack.getAttribute('title'), /Needs the operator role/);
     await viewer.getByRole('link', { name: 'Notification channels' }).click();
     await viewer.getByText(/only admins see them/).waitFor();
-    await viewer.screenshot({ path: join(ARTIFACTS, '24-alarms-viewer.png'), fullPage: true });
+    await viewer.screenshot({ path: join(ARTIFACTS, '34-alarms-viewer.png'), fullPage: true });
     assert.equal((await api('GET', `/tenants/demo/alarms/${raised.body.id}`)).body.state, 'active');
   } finally {
     await context.close();
@@ -707,7 +710,7 @@ test('alarm channels: a template error points at its field, a test reaches a loc
     await page.getByLabel('Body template (minijinja over alarm, event, tenant, channel)').fill('{"text": "{{ alarm.key "}');
     await page.locator('#channel-save').click();
     await eventually('the template error', async () => /body/.test(await page.locator('#channel-status').textContent()));
-    await shot('25-channel-template-error');
+    await shot('35-channel-template-error');
     await page.getByLabel('Body template (minijinja over alarm, event, tenant, channel)').fill('{"text": "{{ alarm.severity }}: {{ alarm.key }} {{ event.kind }}"}');
     await page.locator('#channel-save').click();
     await page.getByRole('heading', { name: 'Channel ops-e2e' }).waitFor();
@@ -729,7 +732,7 @@ test('alarm channels: a template error points at its field, a test reaches a loc
     await page.reload();
     await eventually('two deliveries listed', async () => (await page.locator('tr[data-status="sent"]').count()) === 2);
     assert.match(await page.locator('#channel-counters').textContent(), /Sent 2/);
-    await shot('26-channel-deliveries');
+    await shot('36-channel-deliveries');
 
     // The list shows it; Escape cancels a delete, Delete removes it.
     await page.getByRole('link', { name: '← Notification channels' }).click();
