@@ -4,6 +4,7 @@
 #   scripts/bench-console.sh                       # 1,000,000 devices, batches of 50,000
 #   scripts/bench-console.sh --devices 200000 --batch 20000 --runs 5
 #   scripts/bench-console.sh --keep DIR            # reuse (or keep) the hub's data directory
+#   scripts/bench-console.sh --alarms 100000       # alarms raised for the Alarms page (default 100,000)
 #
 # Starts a release hub (fsync never: the API's reads are measured, not the disk), creates the
 # tenant `bench` and imports N devices through POST /api/v1/tenants/bench/devices/import (CSV
@@ -11,7 +12,10 @@
 # times with curl every call the console makes for its pages: the devices list (first page of
 # the default sort, each sort key, a tag filter, an id prefix search, filters matching no device
 # (online: none is connected; disabled), deep cursor pages), the
-# overview, and a device page (device, connectivity, credentials, twin, series list). Each call
+# overview, a device page (device, connectivity, credentials, twin, series list) and the Alarms
+# pages (ALARMS alarms raised through the API over the devices, severities in turn; a quarter then
+# acknowledged and a quarter cleared: the open list, filtered by severity, device, key and state,
+# the counts, one alarm and its history). Each call
 # is made once cold, then RUNS times; prints a Markdown table of the cold time and the median.
 # The overview is spaced 1.1 s apart: the hub reuses a device count for one second.
 set -euo pipefail
@@ -23,6 +27,7 @@ HTTP_PORT=${HTTP_PORT:-28098}
 DEVICES=1000000
 BATCH=50000
 RUNS=5
+ALARMS=100000
 KEEP=
 TOKEN=bench-console-admin-token-0123456789
 
@@ -32,7 +37,8 @@ while [[ $# -gt 0 ]]; do
         --batch) BATCH=$2; shift ;;
         --runs) RUNS=$2; shift ;;
         --keep) KEEP=$2; shift ;;
-        -h|--help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --alarms) ALARMS=$2; shift ;;
+        -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "bench-console.sh: unknown option $1" >&2; exit 2 ;;
     esac
     shift
@@ -96,6 +102,43 @@ curl -s -o /dev/null "${AUTH[@]}" -X PATCH "$API/tenants/bench/devices/$D/twins/
 curl -s -o /dev/null "${AUTH[@]}" -X POST "$API/tenants/bench/devices/$D/credentials" \
     -H 'Content-Type: application/json' -d '{"kind": "password"}'
 
+# Alarms: raised over one keep-alive connection (a process per call would measure curl), then a
+# quarter acknowledged and a quarter cleared.
+if [[ $(curl -sf "${AUTH[@]}" "$API/tenants/bench/alarms?state=all&limit=1") == '{"items":[]}' ]]; then
+    python3 - "$HTTP_PORT" "$TOKEN" "$ALARMS" "$DEVICES" <<'PY' >&2
+import http.client, json, sys, time
+port, token, n, devices = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+conn = http.client.HTTPConnection("127.0.0.1", port)
+headers = {"Authorization": "Bearer " + token, "Content-Type": "application/json"}
+def post(path, body=None):
+    conn.request("POST", "/api/v1/tenants/bench" + path, body=json.dumps(body) if body is not None else None, headers=headers)
+    r = conn.getresponse()
+    data = r.read()
+    if r.status >= 300:
+        sys.exit(f"{path}: {r.status} {data[:200]!r}")
+    return json.loads(data)
+severities = ["critical", "major", "minor", "warning", "info"]
+t0 = time.time()
+ids = []
+for i in range(n):
+    a = post("/alarms", {"key": f"overheat:{i:07d}", "severity": severities[i % 5],
+                         "device": f"dev-{(i * 7919) % devices:07d}", "message": f"temperature {60 + i % 40} C",
+                         "details": {"temperature": 60 + i % 40}})
+    ids.append(a["id"])
+print(f"raised {n} alarms in {time.time() - t0:.1f} s", flush=True)
+t0 = time.time()
+for i, id in enumerate(ids):
+    if i % 4 == 1:
+        post(f"/alarms/{id}/acknowledge", {"note": "on it"})
+    elif i % 4 == 2:
+        post(f"/alarms/{id}/clear")
+print(f"acknowledged and cleared {n // 2} in {time.time() - t0:.1f} s", flush=True)
+PY
+fi
+A=$(curl -sf "${AUTH[@]}" "$API/tenants/bench/alarms?limit=1&key=overheat:$(printf '%07d' $((ALARMS / 2)))" \
+    | sed -n 's/.*"id":"\([0-9A-Z]*\)".*/\1/p')
+AD=$(printf 'dev-%07d' $(((ALARMS / 2 * 7919) % DEVICES)))
+
 CALLS=(
     "console shell /|@/"
     "console app.js (gzip)|@/console/app.js"
@@ -124,6 +167,15 @@ CALLS=(
     "device credentials|/tenants/bench/devices/$D/credentials"
     "device twin|/tenants/bench/devices/$D/twins/default"
     "device series list|/tenants/bench/devices/$D/telemetry"
+    "alarms, open, first page (50)|/tenants/bench/alarms?limit=50&state=open"
+    "alarms, any state|/tenants/bench/alarms?limit=50"
+    "alarms, open critical|/tenants/bench/alarms?limit=50&state=open&severity=critical"
+    "alarms, cleared|/tenants/bench/alarms?limit=50&state=cleared"
+    "alarms, one device|/tenants/bench/alarms?limit=50&state=open&device=$AD"
+    "alarms, one key|/tenants/bench/alarms?limit=50&state=all&key=overheat:$(printf '%07d' $((ALARMS / 2)))"
+    "alarm counts|/tenants/bench/alarms/counts"
+    "alarm|/tenants/bench/alarms/$A"
+    "alarm history|/tenants/bench/alarms/$A/history"
 )
 
 # Prints "status seconds bytes"; a URL starting with @ is outside the API.

@@ -218,7 +218,9 @@ async function signedInOnDemo(hash) {
   if (await page.locator('#token').count()) {
     await page.getByLabel('Operator API token').fill(ADMIN_TOKEN);
     await page.getByRole('button', { name: 'Sign in' }).click();
-    await page.locator('#main h1').waitFor();
+    // Signed in once the header shows (the sign-in form's own h1 is there before), so the
+    // tenant picker below holds this session's tenants, not the previous one's.
+    await page.locator('#sign-out').waitFor();
   }
   if ((await page.locator('#tenant-select').inputValue()) !== 'demo') await page.locator('#tenant-select').selectOption('demo');
 }

@@ -6,6 +6,7 @@
 
 import { ApiError, call, get, path, session, stream } from './api.js';
 import { can, gate, needsText } from './role.js';
+import { confirmDialog } from './confirm.js';
 
 const PAGE_SIZE = 50;
 const SEVERITIES = ['critical', 'major', 'minor', 'warning', 'info'];
@@ -525,28 +526,18 @@ function renderChannel(ui, id) {
     formCard.replaceChildren(h('h2', { id: 'channel-form-title' }, creating ? 'New channel' : 'Settings'), el);
   };
 
-  const confirmDelete = () => {
-    const opener = document.getElementById('channel-delete');
-    const dialog = h('dialog', { class: 'confirm', 'aria-labelledby': 'channel-delete-title' },
-      h('h2', { id: 'channel-delete-title' }, `Delete channel ${id}?`),
-      h('p', {}, 'It stops notifying at once; its delivery log goes with it.'));
-    const cancel = h('button', { type: 'button', class: 'secondary', onclick: () => dialog.close() }, 'Cancel');
-    const confirm = h('button', { type: 'button', class: 'danger', id: 'channel-delete-confirm', onclick: async () => {
-      confirm.disabled = true;
-      try {
-        await call('DELETE', base);
-        dialog.close();
-        announce(`Channel ${id} deleted`);
-        location.hash = '#/alarms/channels';
-      } catch (e) { dialog.close(); status.replaceChildren(problem(ui, e, 'delete channels', 'admin')); }
-    } }, 'Delete');
-    dialog.append(h('div', { class: 'row' }, cancel, confirm));
-    dialog.addEventListener('close', () => { dialog.remove(); opener?.focus(); });
-    document.body.append(dialog);
-    ui.onCleanup(() => { if (dialog.open) dialog.close(); });
-    dialog.showModal();
-    cancel.focus();
-  };
+  const confirmDelete = () => confirmDialog(ui, {
+    title: `Delete channel ${id}?`,
+    text: 'It stops notifying at once; its delivery log goes with it.',
+    confirmId: 'channel-delete-confirm',
+    opener: document.getElementById('channel-delete'),
+    onConfirm: async () => {
+      await call('DELETE', base);
+      announce(`Channel ${id} deleted`);
+      location.hash = '#/alarms/channels';
+    },
+    onError: e => status.replaceChildren(problem(ui, e, 'delete channels', 'admin')),
+  });
 
   if (creating) { showForm(null); return; }
   get(base, { signal }).then(c => { showForm(c); loadDeliveries(); }).catch(e => {

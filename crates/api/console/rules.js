@@ -4,6 +4,7 @@
 // helpers in `ctx`, so this module shares no state with the other pages.
 
 import { ApiError, call, get, path, session } from './api.js';
+import { confirmDialog } from './confirm.js';
 
 const REFRESH_MS = 3000;
 const VALIDATE_DEBOUNCE_MS = 400;
@@ -534,32 +535,19 @@ function renderRule(ctx, id) {
       h('div', { class: 'row' }, toggle, del), status);
   };
 
-  // A modal <dialog>: Escape and Cancel close it, focus returns to the Delete button.
-  const confirmDelete = status => {
-    const opener = document.getElementById('rule-delete');
-    const dialog = h('dialog', { class: 'confirm', 'aria-labelledby': 'delete-title' },
-      h('h2', { id: 'delete-title' }, `Delete rule ${id}?`),
-      h('p', {}, 'It stops at once; its stats and dead letters are deleted with it. This cannot be undone.'));
-    const cancel = h('button', { type: 'button', class: 'secondary', onclick: () => dialog.close() }, 'Cancel');
-    const confirm = h('button', { type: 'button', class: 'danger', id: 'rule-delete-confirm', onclick: async () => {
-      confirm.disabled = true;
-      try {
-        await call('DELETE', base);
-        dialog.close();
-        ctx.announce(`Rule ${id} deleted`);
-        location.hash = '#/rules';
-      } catch (e) {
-        dialog.close();
-        status.replaceChildren(problem(ctx, e, 'delete rules'));
-      }
-    } }, 'Delete');
-    dialog.append(h('div', { class: 'row' }, cancel, confirm));
-    dialog.addEventListener('close', () => { dialog.remove(); opener?.focus(); });
-    document.body.append(dialog);
-    ctx.onCleanup(() => { if (dialog.open) dialog.close(); });
-    dialog.showModal();
-    cancel.focus();
-  };
+  // Confirmed in a modal dialog (confirm.js).
+  const confirmDelete = status => confirmDialog(ctx, {
+    title: `Delete rule ${id}?`,
+    text: 'It stops at once; its stats and dead letters are deleted with it. This cannot be undone.',
+    confirmId: 'rule-delete-confirm',
+    opener: document.getElementById('rule-delete'),
+    onConfirm: async () => {
+      await call('DELETE', base);
+      ctx.announce(`Rule ${id} deleted`);
+      location.hash = '#/rules';
+    },
+    onError: e => status.replaceChildren(problem(ctx, e, 'delete rules')),
+  });
 
   let editor = null;
   const showEditor = () => {

@@ -81,6 +81,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../console/role.js"),
     },
     Asset {
+        name: "confirm.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../console/confirm.js"),
+    },
+    Asset {
         name: "alarms.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../console/alarms.js"),
