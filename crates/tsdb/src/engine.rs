@@ -122,9 +122,6 @@ impl Part {
 }
 
 /// Parts per tenant per day, each day's parts ordered by `seq`.
-/// The ids a flush or compaction sealed a tenant's series from, by (device, metric).
-pub(crate) type KnownIds = HashMap<(String, String), SeriesId>;
-
 pub(crate) type PartSet = HashMap<TenantId, BTreeMap<i64, Vec<Arc<Part>>>>;
 
 /// The active head and the frozen ones being sealed (oldest first).
@@ -351,24 +348,28 @@ impl Inner {
         (seq, self.partition_dir(tenant, day).join(part_name(seq)))
     }
 
-    /// Opens a part file and maps its series into the catalog. `known` holds the ids the writer
-    /// sealed the series from (a flush or a compaction): those are kept even when a purge
-    /// forgot them meanwhile, so a purged series never comes back under a fresh id (and the
-    /// purge's rewrite finds it). Without `known` (start-up) series are resolved by name.
+    /// Opens a part file and maps its series into the catalog. `sealed` holds the ids a flush or
+    /// a compaction wrote the series from, in the order it wrote them: those are kept even when
+    /// a purge forgot them meanwhile, so a purged series never comes back under a fresh id (and
+    /// the purge's rewrite finds it). Without `sealed` (start-up) series are resolved by name.
     pub(crate) fn load_part(
         &self,
         tenant: &TenantId,
         day: i64,
         seq: u64,
         path: &Path,
-        known: Option<&KnownIds>,
+        sealed: Option<&[SeriesId]>,
     ) -> Result<Part, TsdbError> {
         let (file, index) = PartFile::open(path)?;
         let mut series = Vec::with_capacity(index.series.len());
         let mut points = 0;
         for (pos, s) in index.series.into_iter().enumerate() {
-            let sealed_from = known.and_then(|k| k.get(&(s.device.clone(), s.metric.clone())));
-            let (id, kind) = match sealed_from.and_then(|&id| self.catalog.get(id)) {
+            // Checked by name, so a writer's order that ever differed falls back to resolving.
+            let sealed_from = sealed
+                .and_then(|ids| ids.get(pos))
+                .and_then(|&id| self.catalog.get(id))
+                .filter(|info| *info.device == *s.device && *info.metric == *s.metric);
+            let (id, kind) = match sealed_from {
                 Some(info) => (info.id, info.kind),
                 None => self.catalog.resolve(tenant, &s.device, &s.metric, s.kind),
             };
@@ -428,8 +429,7 @@ impl Inner {
     /// Seals a frozen head into parts and swaps them in.
     fn flush(&self, job: &FlushJob) -> Result<(), TsdbError> {
         let started = Instant::now();
-        let mut groups: BTreeMap<(TenantId, i64), Vec<SeriesData>> = BTreeMap::new();
-        let mut known: HashMap<TenantId, KnownIds> = HashMap::new();
+        let mut groups: BTreeMap<(TenantId, i64), Vec<(SeriesId, SeriesData)>> = BTreeMap::new();
         for id in job.head.series_ids() {
             // A purged tenant's points are dropped, not sealed.
             let Some(info) = self.catalog.get(id).filter(|_| self.catalog.is_live(id)) else {
@@ -440,31 +440,28 @@ impl Inner {
                 continue;
             };
             let first_kept = self.first_kept_day(&info.tenant);
-            known
-                .entry(info.tenant.clone())
-                .or_default()
-                .insert((info.device.to_string(), info.metric.to_string()), id);
             let mut start = 0;
             while start < ts.len() {
                 let day = ts[start].div_euclid(DAY_MS);
                 let end = start + ts[start..].partition_point(|&t| t.div_euclid(DAY_MS) == day);
                 if day >= first_kept {
-                    groups
-                        .entry((info.tenant.clone(), day))
-                        .or_default()
-                        .push(SeriesData {
+                    groups.entry((info.tenant.clone(), day)).or_default().push((
+                        id,
+                        SeriesData {
                             device: info.device.clone(),
                             metric: info.metric.clone(),
                             ts: ts[start..end].to_vec(),
                             values: values.slice(start..end),
-                        });
+                        },
+                    ));
                 }
                 start = end;
             }
         }
         let mut new_parts = Vec::new();
-        for ((tenant, day), mut series) in groups {
-            series.sort_by(|a, b| (&a.device, &a.metric).cmp(&(&b.device, &b.metric)));
+        for ((tenant, day), mut group) in groups {
+            group.sort_by(|(_, a), (_, b)| (&a.device, &a.metric).cmp(&(&b.device, &b.metric)));
+            let (sealed, series): (Vec<SeriesId>, Vec<SeriesData>) = group.into_iter().unzip();
             let (seq, path) = self.next_part_path(&tenant, day);
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir)
@@ -483,7 +480,7 @@ impl Inner {
                 day,
                 seq,
                 &path,
-                known.get(&tenant),
+                Some(&sealed),
             )?));
         }
         {

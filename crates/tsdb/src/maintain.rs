@@ -194,7 +194,8 @@ pub(crate) fn merge_run(
         .collect();
     order.sort();
     let mut w = PartWriter::create(&path, inner.cfg.fsync)?;
-    for (device, metric, id) in order.iter().cloned() {
+    let mut sealed = Vec::with_capacity(order.len());
+    for (device, metric, id) in order {
         let mut sources: Vec<(Vec<i64>, Values)> = Vec::new();
         for p in run {
             let Some(meta) = p.find(id) else { continue };
@@ -222,6 +223,7 @@ pub(crate) fn merge_run(
             ts,
             values,
         })?;
+        sealed.push(id);
     }
     if w.series() == 0 {
         drop(w);
@@ -238,11 +240,7 @@ pub(crate) fn merge_run(
         return Ok(0);
     }
     let size = w.finish()?;
-    let known: crate::engine::KnownIds = order
-        .iter()
-        .map(|(device, metric, id)| ((device.to_string(), metric.to_string()), *id))
-        .collect();
-    let merged = Arc::new(inner.load_part(tenant, day, seq, &path, Some(&known))?);
+    let merged = Arc::new(inner.load_part(tenant, day, seq, &path, Some(&sealed))?);
     {
         let mut parts = inner.parts.write();
         if let Some(list) = parts.get_mut(tenant).and_then(|d| d.get_mut(&day)) {
